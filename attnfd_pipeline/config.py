@@ -1,0 +1,330 @@
+"""Configuration: frozen, validated dataclasses loaded from TOML plus ``--set key=value`` overrides.
+
+A config file is one dataset recipe (``configs/voc.toml``, ``configs/demo.toml`` …). Every section maps
+to a dataclass below; unknown keys and wrong types are errors naming the key. The resolved config is
+written beside every output (``write_resolved``) so each checkpoint, cache and run describes itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+POINTS = ("B", "E", "D")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "demo"  # a name from attnfd_pipeline.data.list_datasets()
+    root: str = "data/demo"  # dataset folder in its public layout
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = 2  # DataLoader workers (0 = load in the main process)
+
+    def __post_init__(self):
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """SPEC §6 training augmentation; replayed exactly from (seed, image index, aug seed)."""
+
+    crop_size: tuple[int, int] = (96, 96)  # (height, width) of the training crop
+    base_size: int = 128  # random short side is drawn in [scale_min, scale_max] × base_size
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    flip_p: float = 0.5
+    blur_p: float = 0.5
+    blur_radius_max: float = 1.0  # Gaussian blur sigma ~ U(0, blur_radius_max)
+    seed: int = 0  # global augmentation seed: part of every replay key
+
+    def __post_init__(self):
+        _check(len(self.crop_size) == 2 and min(self.crop_size) > 0, "augment.crop_size", "must be two positive ints")
+        _check(self.base_size > 0, "augment.base_size", "must be > 0")
+        _check(0 < self.scale_min <= self.scale_max, "augment.scale_min", "need 0 < scale_min <= scale_max")
+        _check(0 <= self.flip_p <= 1 and 0 <= self.blur_p <= 1, "augment.flip_p/blur_p", "probabilities in [0, 1]")
+        _check(self.blur_radius_max >= 0, "augment.blur_radius_max", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "deeplabv3plus_resnet18"  # a name from attnfd_pipeline.models.list_models()
+    output_stride: int = 16
+    backbone_weights: str = ""  # torchvision-format ImageNet state dict on disk ("" = random init)
+
+    def __post_init__(self):
+        _check(self.output_stride in (8, 16), "model.output_stride", "must be 8 or 16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 0.01  # backbone lr; the head uses lr × head_lr_mult
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["poly", "cosine"] = "poly"  # stepped per iteration
+    poly_power: float = 0.9
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    val_batch_size: int = 8
+    amp: bool = True  # autocast on CUDA only
+    seed: int = 0  # run seed: init, data order, per-epoch aug-seed choice
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+
+    def __post_init__(self):
+        _check(self.epochs > 0, "train.epochs", "must be > 0")
+        _check(self.batch_size > 0 and self.val_batch_size > 0, "train.batch_size", "must be > 0")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.eval_every > 0, "train.eval_every", "must be > 0")
+        _check(self.weight_decay >= 0 and self.momentum >= 0, "train.weight_decay", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name="deeplabv3plus_resnet101"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cbam_mode: Literal["inpath", "fitted", "parameter_free", "untrained"] = "inpath"  # SPEC §4
+    points: tuple[str, ...] = POINTS  # where teacher CBAMs sit
+    fit_epochs: int = 2  # "fitted" mode: epochs of side-branch CBAM fitting on the frozen teacher
+    fit_lr: float = 0.01
+
+    def __post_init__(self):
+        _check_points(self.points, "teacher.points")
+        _check(self.fit_epochs > 0, "teacher.fit_epochs", "must be > 0")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    root: str = "cache"  # cache root: one sub-directory per fingerprint
+    K: int = 4  # augmentation seeds cached per training image
+    points: tuple[str, ...] = POINTS  # refined maps F'' stored as arrays "B", "E", "D"
+    extra: tuple[str, ...] = ()  # optional extra targets: "logits", "raw" (raw_B, raw_E, raw_D)
+    codec: Literal["zstd", "blosc", "none"] = "zstd"
+    level: int = 1  # higher levels buy nothing for float16 (TECH-NOTES)
+    mantissa_bits: int = 0  # 0 = keep float16's 10 bits; 1..9 = round the mantissa (lossy, recorded)
+    shard_size: int = 8  # samples (images) per shard; one writer owns whole shards
+    batch_size: int = 8  # teacher inference batch
+
+    def __post_init__(self):
+        _check(self.K > 0, "cache.K", "must be > 0")
+        _check_points(self.points, "cache.points")
+        for e in self.extra:
+            _check(e in ("logits", "raw"), "cache.extra", f"unknown extra target {e!r}; known: logits, raw")
+        _check(0 <= self.mantissa_bits <= 10, "cache.mantissa_bits", "must be in [0, 10]")
+        _check(self.shard_size > 0 and self.batch_size > 0, "cache.shard_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: str = "attnfd"  # distillation method (losses registry)
+    alpha: float = 2.0  # weight of the distillation term; 0 = plain student
+    norm: Literal["batch", "sample", "channel"] = "batch"  # L_Attn normalisation (SPEC §5)
+    points: tuple[str, ...] = POINTS
+    connector_warmup_epochs: int = 0  # reference: 1 epoch training only the connectors
+    mode: Literal["cached", "online"] = "cached"
+
+    def __post_init__(self):
+        _check(self.alpha >= 0, "student.alpha", "must be >= 0")
+        _check_points(self.points, "student.points")
+        _check(self.connector_warmup_epochs >= 0, "student.connector_warmup_epochs", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "demo"  # run folder name under runs_root
+    runs_root: str = "runs"
+    num_classes: int = 0  # 0 = take it from the dataset definition
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+    @property
+    def run_root(self) -> Path:
+        return Path(self.runs_root) / self.name
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.run_root / "teacher"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check_points(points, key: str) -> None:
+    _check(len(points) > 0, key, "needs at least one point")
+    for p in points:
+        _check(p in POINTS, key, f"unknown point {p!r}; known: {', '.join(POINTS)}")
+    _check(len(set(points)) == len(points), key, "points repeat")
+
+
+def _to_plain(obj):
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# building dataclasses from plain dicts, with type checks
+
+
+def from_dict(cls, data: dict[str, Any], where: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, _join(where, key))
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not fit {tp}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this module
+
+
+# ---------------------------------------------------------------------------------------------
+# files and overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"student.train.lr=0.01"`` → (["student", "train", "lr"], 0.01). Values are TOML literals;
+    anything that is not valid TOML is taken as a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. student.alpha=2")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def _deep_set(data: dict, path: list[str], value) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a table")
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML config file (None = all defaults) and apply ``KEY=VALUE`` overrides."""
+    data: dict[str, Any] = {}
+    where = ""
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        _deep_set(data, keys, value)
+    try:
+        return from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+
+def dump_toml(cfg: Config) -> str:
+    """Serialise a config as TOML (readable back by ``load_config``)."""
+    lines: list[str] = []
+
+    def emit(prefix: str, obj: dict):
+        scalars = {k: v for k, v in obj.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in obj.items() if isinstance(v, dict)}
+        if prefix and scalars:
+            lines.append(f"\n[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+        for k, v in tables.items():
+            emit(f"{prefix}.{k}" if prefix else k, v)
+
+    emit("", cfg.to_dict())
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def write_resolved(cfg: Config, directory: str | Path) -> Path:
+    """Write ``config.resolved.toml`` into ``directory`` atomically; returns its path."""
+    from attnfd_pipeline.utils import atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(directory / "config.resolved.toml", dump_toml(cfg))

@@ -1,0 +1,193 @@
+"""The training engine shared by the teacher and the student: ``train_one_epoch``, ``evaluate``, ``fit``.
+
+A *task* supplies what differs between stages (which modules train, how a batch becomes a loss,
+how to predict); the engine owns the loop, the optimiser and schedule, AMP, evaluation,
+checkpoints (best + last, atomic), ``--resume`` and the Parquet metrics log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from attnfd_pipeline.config import TrainConfig
+from attnfd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
+from attnfd_pipeline.engine.metrics import confusion_matrix, metrics_from_confusion
+from attnfd_pipeline.engine.optim import build_optimizer, build_scheduler
+from attnfd_pipeline.progress import Progress
+from attnfd_pipeline.utils import atomic_write_bytes, atomic_write_json, rng_state, set_rng_state
+
+
+class Task(Protocol):
+    modules: nn.Module  # every trainable module; its state_dict is what checkpoints hold
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict]: ...
+
+    def train_step(self, batch: dict, epoch: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def on_epoch_start(self, epoch: int) -> None: ...
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    epochs_done: int
+    best_miou: float
+    last_metrics: dict
+    seconds: float
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, dict):
+            out[k] = to_device(v, device)
+        else:
+            out[k] = v
+    return out
+
+
+def train_one_epoch(task: Task, loader, optimizer, scheduler, scaler, device, epoch: int, *, amp: bool,
+                    desc: str = "train", progress: bool = True) -> dict[str, float]:
+    task.modules.train()
+    task.on_epoch_start(epoch)
+    sums: dict[str, float] = {}
+    n = 0
+    bar = Progress(len(loader), f"{desc} epoch {epoch + 1}", "it", enabled=progress)
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast_for(device, amp):
+            loss, logs = task.train_step(batch, epoch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch + 1}: loss is {loss.item()} (not finite); lower the lr "
+                                     f"or check the inputs")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        logs = {"loss": float(loss.detach()), **logs}
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+        bar.update(1, loss=round(sums["loss"] / n, 4), lr=optimizer.param_groups[0]["lr"])
+    bar.close()
+    return {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, num_classes: int, device, *,
+             class_names=None, amp: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Confusion matrix over the whole loader → metrics (``predict`` returns logits at label size)."""
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    bar = Progress(len(loader), "eval", "it", enabled=progress)
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        with autocast_for(device, amp):
+            logits = predict(images)
+        cm += confusion_matrix(logits.argmax(1).cpu(), batch["label"], num_classes)
+        bar.update(1)
+    bar.close()
+    out = metrics_from_confusion(cm, class_names)
+    out["confusion"] = cm.tolist()
+    return out
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def read_log(path: str | Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: TrainConfig, run_dir: str | Path,
+        num_classes: int, device: torch.device, config_dict: dict, class_names=None, resume: bool = False,
+        extra_state: dict | None = None, progress: bool = True, desc: str = "train",
+        stop_after_epochs: int | None = None) -> FitResult:
+    """Train ``task`` for ``cfg.epochs`` epochs; evaluate every ``cfg.eval_every`` epochs and after the
+    last; keep ``last.pt`` (full state, for ``resume``) and ``best.pt`` (best val mIoU).
+    ``stop_after_epochs`` ends the call early (tests use it to simulate an interrupted run)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path, log_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.parquet"
+    iters_per_epoch = len(train_loader_for(0))
+    optimizer = build_optimizer(task.param_groups(cfg), cfg)
+    scheduler = build_scheduler(optimizer, cfg, cfg.epochs * iters_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
+    start_epoch, step, best, rows = 0, 0, -math.inf, []
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        task.modules.load_state_dict(state["modules"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, step, best = state["epoch"], state["step"], state["best"]
+        rows = read_log(log_path) if log_path.is_file() else []
+        rows = [r for r in rows if r["epoch"] <= start_epoch]
+    elif (last_path.is_file() or log_path.is_file()) and not resume:
+        for p in (last_path, best_path, log_path):
+            p.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    last_metrics: dict = rows[-1] if rows else {}
+    epochs_run = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+            break
+        te = time.perf_counter()
+        train_logs = train_one_epoch(task, train_loader_for(epoch), optimizer, scheduler, scaler, device, epoch,
+                                     amp=cfg.amp, desc=desc, progress=progress)
+        step += iters_per_epoch
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                               "epoch_seconds": time.perf_counter() - te, **train_logs}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            task.modules.eval()
+            m = evaluate(task.predict, val_loader, num_classes, device, class_names=class_names, amp=cfg.amp)
+            row.update({k: m[k] for k in ("miou", "pixel_acc", "class_acc", "fwiou", "per_class_iou")})
+            if m["miou"] > best:
+                best = m["miou"]
+                save_checkpoint(best_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
+                                config=config_dict, extra={**(extra_state or {}), "metrics": m})
+            print(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {train_logs['train_loss']:.4f} "
+                  f"val mIoU {m['miou'] * 100:.2f} pixel acc {m['pixel_acc'] * 100:.2f}", flush=True)
+        rows.append(row)
+        _write_log(log_path, rows)
+        save_checkpoint(last_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        epoch=epoch + 1, step=step, best=best, rng=rng_state(), config=config_dict,
+                        extra=extra_state)
+        last_metrics = row
+        epochs_run += 1
+    done = start_epoch + epochs_run
+    summary = {"epochs_done": done, "best_miou": best, "last": last_metrics,
+               "seconds_this_call": time.perf_counter() - t0}
+    atomic_write_json(run_dir / "summary.json", summary)
+    return FitResult(run_dir, done, best, last_metrics, time.perf_counter() - t0)
