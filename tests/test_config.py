@@ -1,0 +1,75 @@
+import pytest
+
+from attnfd_pipeline.config import Config, ConfigError, dump_toml, load_config, parse_override, write_resolved
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["student.alpha=3", "augment.crop_size=[64, 80]", "student.train.lr=0.5",
+                             "data.root=some/where"])
+    assert cfg.student.alpha == 3.0 and isinstance(cfg.student.alpha, float)
+    assert cfg.augment.crop_size == (64, 80)
+    assert cfg.student.train.lr == 0.5
+    assert cfg.data.root == "some/where"  # not TOML → taken as a string
+
+
+@pytest.mark.parametrize("name", ["demo", "voc", "voc_aug", "cityscapes", "camvid", "coco"])
+def test_shipped_configs_load(name):
+    cfg = load_config(f"configs/{name}.toml")
+    assert cfg.name == name
+    assert cfg.teacher.model.name == "deeplabv3plus_resnet101"
+
+
+def test_paper_recipes():
+    voc, cs, cam, coco = (load_config(f"configs/{n}.toml") for n in ("voc", "cityscapes", "camvid", "coco"))
+    assert (voc.augment.crop_size, voc.student.train.batch_size, voc.student.train.epochs, voc.student.train.lr,
+            voc.student.alpha) == ((513, 513), 6, 120, 0.007, 2.0)
+    assert (cs.augment.crop_size, cs.student.train.batch_size, cs.student.train.epochs, cs.student.train.lr,
+            cs.student.alpha) == ((512, 1024), 4, 50, 0.01, 15.0)
+    assert (cam.augment.crop_size, cam.student.train.lr, cam.student.train.epochs) == ((360, 360), 0.02, 120)
+    assert (coco.student.train.epochs, coco.student.train.lr) == (10, 0.1)
+    for cfg in (voc, cs, cam, coco):
+        t = cfg.student.train
+        assert (t.momentum, t.nesterov, t.weight_decay, t.head_lr_mult) == (0.9, True, 5e-4, 10.0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.bogus=1", "student.bogus: unknown key"),
+    ("student.alpha=\"x\"", "student.alpha: expected a number"),
+    ("student.alpha=-1", "student.alpha: must be >= 0"),
+    ("cache.K=0", "cache.K: must be > 0"),
+    ("student.norm=\"l1\"", "student.norm: 'l1' is not one of"),
+    ("student.points=[\"Q\"]", "unknown point 'Q'"),
+    ("augment.crop_size=[0, 3]", "augment.crop_size"),
+    ("teacher.train.epochs=1.5", "teacher.train.epochs: expected an integer"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.toml: config file not found"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[student]\nalpah = 2\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: student.alpah: unknown key"):
+        load_config(bad)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[student\n")
+    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+        load_config(broken)
+
+
+def test_override_syntax():
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("novalue")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("configs/voc.toml", ["student.alpha=7"])
+    path = write_resolved(cfg, tmp_path)
+    again = load_config(path)
+    assert again == cfg
+    assert dump_toml(again) == dump_toml(cfg)
+    assert isinstance(Config(), Config)
