@@ -117,7 +117,8 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, num_classe
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist(rows)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # evaluation columns exist only on eval epochs
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())

@@ -1,0 +1,227 @@
+"""Stage 1b: run the frozen teacher on every (image, aug seed) and commit the targets shard by shard.
+
+For each shard a writer owns (``range(rank, n_shards, world)``) and that has no committed manifest
+part: replay ``AugmentParams(i, k)`` for its images and seeds, run the teacher in batches of
+``cache.batch_size`` crops (eval, no_grad; batches never cross a shard, so a resumed or multi-writer
+build feeds the teacher exactly the batches of an uninterrupted one and ends bitwise identical), then
+hand the shard to the background ``ShardWriter``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnfd_pipeline import augment
+from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
+from attnfd_pipeline.cache.lock import BuildLock
+from attnfd_pipeline.cache.manifest import committed_shards
+from attnfd_pipeline.cache.schema import (DTYPE, FORMAT, LOCK_NAME, CacheError, ShardRange,
+                                          cache_target_names, lossy_steps, num_shards, paths, shard_range,
+                                          target_kind, target_point)
+from attnfd_pipeline.cache.writer import ShardBuffer, ShardWriter, create_store
+from attnfd_pipeline.progress import Progress
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    fingerprint: str
+    shards_total: int
+    shards_written: int
+    shards_skipped: int  # already committed (resume) or owned by another rank
+    samples_written: int
+    bytes_written: int  # compressed bytes on disk of the shards written now
+    seconds: float
+    teacher_seconds: float  # main-thread time inside teacher.targets (incl. the copy to host)
+    load_seconds: float  # image load + augmentation + normalisation (loader thread, overlapped)
+    writer_seconds: float  # background thread: float16 step, checksums, compression, I/O
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples_written / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def teacher_samples_per_s(self) -> float:
+        return self.samples_written / self.teacher_seconds if self.teacher_seconds > 0 else 0.0
+
+
+def teacher_device(teacher: Any) -> torch.device:
+    try:
+        return next(teacher.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+def _stride(crop: int, size: int) -> int | float:
+    s = crop / size
+    return int(s) if s == int(s) else round(s, 6)
+
+
+def cache_info_dict(cfg, teacher: Any, source: Any, specs: dict[str, Sequence[int]]) -> dict:
+    """The ``cache.json`` of the cache this config, teacher and source produce (deterministic)."""
+    c = cfg.cache
+    inputs = cache_inputs(cfg, teacher, source)
+    fp = fingerprint_of(inputs)
+    names = cache_target_names(c)
+    crop_h, crop_w = cfg.augment.crop_size
+    missing = [n for n in names if n not in specs]
+    if missing:
+        raise CacheError(f"teacher gives no spec for target(s) {missing}")
+    targets = {}
+    for n in names:
+        C, H, W = (int(v) for v in specs[n])
+        targets[n] = {"chw": [C, H, W], "kind": target_kind(n), "point": target_point(n),
+                      "stride": _stride(crop_h, H), "bytes_per_sample": C * H * W * 2}
+    n_images = len(source)
+    info_fn = getattr(teacher, "info", None)
+    teacher_info = info_fn() if callable(info_fn) else {"sha256": inputs["teacher_sha256"]}
+    return {
+        "format": FORMAT,
+        "fingerprint": fp,
+        "inputs": inputs,
+        "teacher": json.loads(json.dumps(teacher_info)),
+        "num_images": n_images,
+        "K": c.K,
+        "shard_size": c.shard_size,
+        "num_shards": num_shards(n_images, c.shard_size),
+        "crop_size": [crop_h, crop_w],
+        "target_names": names,  # array order (JSON objects are written with sorted keys)
+        "targets": targets,
+        "dtype": DTYPE,
+        "codec": c.codec,
+        "level": inputs["level"],
+        "mantissa_bits": inputs["mantissa_bits"],
+        "lossy": lossy_steps(inputs["mantissa_bits"]),
+        "teacher_batch_size": c.batch_size,
+    }
+
+
+def lock_path(cache_dir: Path, rank: int, world: int) -> Path:
+    return cache_dir / (LOCK_NAME if world == 1 else f"{LOCK_NAME}.{rank}of{world}")
+
+
+def replay_sample(aug_cfg, source, index: int, aug_seed: int, image=None, label=None):
+    """(params, augmented uint8 image, augmented uint8 label) of sample (index, aug_seed)."""
+    if image is None:
+        image, label = source.load(index)
+    params = augment.draw(aug_cfg, index, aug_seed, tuple(image.shape[-2:]))
+    img, lab = augment.apply(params, image, label)
+    return params, img, lab
+
+
+def _shard_samples(cfg, source, shard: ShardRange, ids) -> tuple[list[dict], list[torch.Tensor], float]:
+    """Replay every (image, seed) of a shard: manifest rows (no checksums yet) and normalised crops."""
+    t0 = time.perf_counter()
+    rows, crops = [], []
+    for i in range(shard.start, shard.stop):
+        image, label = source.load(i)
+        h, w = image.shape[-2:]
+        for k in range(cfg.cache.K):
+            params, img, lab = replay_sample(cfg.augment, source, i, k, image, label)
+            rows.append({"image_id": str(ids[i]), "image_index": i, "aug_seed": k, "image_h": int(h),
+                         "image_w": int(w), **params.as_dict(), "image_hash": augment.content_hash(img),
+                         "label_hash": augment.content_hash(lab)})
+            crops.append(augment.normalize(img))
+    return rows, crops, time.perf_counter() - t0
+
+
+def run_teacher(teacher, crops: Sequence[torch.Tensor], names: Sequence[str], batch_size: int,
+                device: torch.device) -> tuple[dict[str, np.ndarray], float]:
+    """Teacher targets of ``crops`` in batches of ``batch_size``: float32 numpy (n, C, H, W) per name."""
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    seconds = 0.0
+    for b in range(0, len(crops), batch_size):
+        x = torch.stack(list(crops[b:b + batch_size])).to(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            got = teacher.targets(x, list(names))
+        for n in names:
+            if n not in got:
+                raise CacheError(f"teacher returned no target {n!r} (got {sorted(got)})")
+            outs[n].append(got[n].detach().float().cpu().numpy())
+        seconds += time.perf_counter() - t0
+    return {n: np.concatenate(v) for n, v in outs.items()}, seconds
+
+
+def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1, progress: bool = True,
+                lock_wait: float = 0.0, device: torch.device | str | None = None) -> BuildResult:
+    """Build (or resume) the cache of ``cfg`` for ``teacher`` on ``source``; this writer commits shards
+    ``range(rank, n_shards, world)`` that are not committed yet. Returns a ``BuildResult``.
+
+    Raises ``CacheError`` for refused values (non-finite / float16 overflow, naming image, seed and
+    target), a held lock, or an inconsistent existing directory. Interrupted builds resume from the
+    committed shards and end bitwise identical to an uninterrupted build."""
+    if not (0 <= rank < world):
+        raise CacheError(f"rank {rank} not in [0, world={world})")
+    start_time = time.perf_counter()
+    names = cache_target_names(cfg.cache)
+    if len(source) == 0:
+        raise CacheError("the sample source is empty: nothing to cache")
+    specs = teacher.target_specs(tuple(cfg.augment.crop_size), names)
+    info = cache_info_dict(cfg, teacher, source, specs)
+    fp = info["fingerprint"]
+    cache_dir = cache_dir_for(cfg, fp)
+    device = torch.device(device) if device is not None else teacher_device(teacher)
+    n_shards = info["num_shards"]
+    S, K = cfg.cache.shard_size, cfg.cache.K
+    ids = source.ids
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with BuildLock(lock_path(cache_dir, rank, world), wait=lock_wait):
+        create_store(cache_dir, info)
+        manifest_dir = paths(cache_dir)["manifest"]
+        for tmp in manifest_dir.glob(".part-*"):  # temp parts left by a killed writer of our shards
+            s = tmp.name[len(".part-"):len(".part-") + 5]
+            if s.isdigit() and int(s) % world == rank:
+                tmp.unlink(missing_ok=True)
+        done = committed_shards(manifest_dir, fp)
+        todo = [s for s in range(rank, n_shards, world) if s not in done]
+        todo_samples = sum((shard_range(s, S, len(source))[1] - shard_range(s, S, len(source))[0]) * K
+                           for s in todo)
+        bar = Progress(todo_samples, desc=f"cache {fp[:8]} rank {rank}/{world}", unit="samples", enabled=progress)
+
+        def on_commit(buf: ShardBuffer, nbytes: int, seconds: float) -> None:
+            bar.update(len(buf.rows), counters={"MB": nbytes / 1e6})
+
+        writer = ShardWriter(cache_dir, info, rank=rank, on_commit=on_commit)
+        teacher_s = load_s = 0.0
+        # one shard of images is loaded and augmented ahead, in a thread, while the teacher runs
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-loader")
+
+        def prepare(s: int):
+            start, stop = shard_range(s, S, len(source))
+            return loader.submit(_shard_samples, cfg, source, ShardRange(s, start, stop), ids)
+
+        try:
+            pending = prepare(todo[0]) if todo else None
+            for j, s in enumerate(todo):
+                start, stop = shard_range(s, S, len(source))
+                rows, crops, dt = pending.result()
+                pending = prepare(todo[j + 1]) if j + 1 < len(todo) else None
+                load_s += dt
+                outs, dt = run_teacher(teacher, crops, names, cfg.cache.batch_size, device)
+                teacher_s += dt
+                arrays = {}
+                for n in names:
+                    if tuple(outs[n].shape[1:]) != tuple(info["targets"][n]["chw"]):
+                        raise CacheError(f"teacher target {n!r} has shape {tuple(outs[n].shape[1:])}, expected "
+                                         f"{tuple(info['targets'][n]['chw'])} (from target_specs)")
+                    arrays[n] = outs[n].reshape(stop - start, K, *outs[n].shape[1:])
+                writer.submit(ShardBuffer(s, start, stop, arrays, rows))
+        finally:
+            loader.shutdown(wait=True, cancel_futures=True)
+            try:
+                writer.close()
+            finally:
+                bar.close()
+    return BuildResult(cache_dir, fp, n_shards, len(todo), n_shards - len(todo), todo_samples,
+                       writer.bytes_written, time.perf_counter() - start_time, teacher_s, load_s, writer.seconds)

@@ -1,0 +1,88 @@
+"""Cache fingerprint: a hash of every input that decides what a cache contains.
+
+Same inputs → same directory (reused, resumed); any change → a new directory, never mixed. The
+fingerprint is computable without loading the teacher (only its recorded weights hash is needed), so
+Stage 2 can find its cache from a config, the teacher bundle's metadata and the dataset listing.
+
+Inputs: teacher weights hash (incl. CBAMs and CBAM mode), dataset identity, the full augmentation
+recipe (crop size, scales, seed …), K, target names, dtype, codec + level, mantissa bits, shard size,
+package version and cache format. Not included: teacher batch size and device (eval-mode targets do
+not depend on the batch; float rounding differences between devices are within float16 tolerance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import attnfd_pipeline
+from attnfd_pipeline.cache.schema import DTYPE, FORMAT, CacheError, cache_target_names
+
+
+def teacher_sha256(teacher: Any) -> str:
+    """Accept a teacher object (``.sha256``), its info dict (``["sha256"]``) or the hash itself."""
+    if isinstance(teacher, str):
+        sha = teacher
+    elif isinstance(teacher, dict):
+        sha = teacher.get("sha256")
+    else:
+        sha = getattr(teacher, "sha256", None)
+    if not isinstance(sha, str) or not sha:
+        raise CacheError("teacher weights hash (sha256) missing: cannot compute the cache fingerprint")
+    return sha
+
+
+def dataset_identity(source: Any) -> dict:
+    """Accept a sample source (``.identity()``) or an identity dict."""
+    ident = source if isinstance(source, dict) else source.identity()
+    return json.loads(json.dumps(ident))  # plain JSON types (tuples → lists)
+
+
+def cache_inputs(cfg, teacher: Any, source: Any) -> dict[str, Any]:
+    """Everything the fingerprint hashes, as plain JSON. ``teacher``: object, info dict or sha256;
+    ``source``: sample source or its identity dict."""
+    c = cfg.cache
+    return {
+        "format": FORMAT,
+        "package_version": attnfd_pipeline.__version__,
+        "teacher_sha256": teacher_sha256(teacher),
+        "dataset": dataset_identity(source),
+        "augment": json.loads(json.dumps(dataclasses.asdict(cfg.augment))),
+        "K": c.K,
+        "targets": cache_target_names(c),
+        "dtype": DTYPE,
+        "codec": c.codec,
+        "level": c.level if c.codec != "none" else 0,
+        "mantissa_bits": 10 if c.mantissa_bits in (0, 10) else c.mantissa_bits,
+        "shard_size": c.shard_size,
+    }
+
+
+def fingerprint_of(inputs: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``inputs``."""
+    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_fingerprint(cfg, teacher: Any, source: Any) -> str:
+    return fingerprint_of(cache_inputs(cfg, teacher, source))
+
+
+def cache_dir_for(cfg, fingerprint: str) -> Path:
+    return Path(cfg.cache.root) / fingerprint[:16]
+
+
+def diff_inputs(recorded: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable list of the fields that differ (recursing into tables)."""
+    out = []
+    for key in sorted(set(recorded) | set(expected)):
+        a, b = recorded.get(key, "<absent>"), expected.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_inputs(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: cache has {a!r}, config gives {b!r}")
+    return out

@@ -1,0 +1,194 @@
+"""``attnfd cache plan``: what a build will cost before anything is written.
+
+Samples, float16 bytes per sample per target, the compressed total (measured by compressing a few
+real teacher outputs with the configured codec when a teacher is given; ratio 1 otherwise), free disk,
+and the time (measured on a few teacher batches). Storage is the first-class cost of this design
+(TECH-NOTES: ~13.5 MB per (image, seed) at paper scale), so a plan that does not fit refuses.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnfd_pipeline.cache.build import _shard_samples, run_teacher, teacher_device
+from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
+from attnfd_pipeline.cache.manifest import list_parts
+from attnfd_pipeline.cache.schema import (CacheError, ShardRange, cache_target_names, num_shards, paths,
+                                          shard_range, to_float16)
+
+# per chunk: crc32c (4 B) + shard index entry (16 B); per shard: index crc (4 B)
+_CHUNK_OVERHEAD = 20
+_MB = 1e6
+
+
+@dataclass
+class Plan:
+    cache_dir: Path
+    fingerprint: str
+    num_images: int
+    K: int
+    samples: int
+    samples_committed: int
+    targets: dict[str, dict] = field(default_factory=dict)  # name → chw, bytes (float16), ratio
+    free_bytes: int = 0
+    measured: bool = False  # ratio and time measured on real teacher outputs
+    seconds_per_sample: float | None = None  # teacher + load/augment, main thread
+    probe_samples: int = 0
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return sum(t["bytes"] for t in self.targets.values())
+
+    @property
+    def compressed_bytes_per_sample(self) -> float:
+        return sum(t["bytes"] / t["ratio"] + _CHUNK_OVERHEAD for t in self.targets.values())
+
+    @property
+    def estimated_bytes(self) -> int:
+        return int(self.compressed_bytes_per_sample * self.samples)
+
+    @property
+    def remaining_bytes(self) -> int:
+        return int(self.compressed_bytes_per_sample * (self.samples - self.samples_committed))
+
+    @property
+    def estimated_seconds(self) -> float | None:
+        if self.seconds_per_sample is None:
+            return None
+        return self.seconds_per_sample * (self.samples - self.samples_committed)
+
+    @property
+    def fits(self) -> bool:
+        return self.remaining_bytes <= self.free_bytes
+
+    def check(self) -> None:
+        if not self.fits:
+            raise CacheError(f"cache {self.cache_dir} needs about {self.remaining_bytes / _MB:,.1f} MB more but only "
+                             f"{self.free_bytes / _MB:,.1f} MB are free there; lower cache.K, choose fewer "
+                             f"cache.points, set cache.mantissa_bits or a codec, or free disk space")
+
+    def lines(self) -> list[str]:
+        out = [f"cache dir: {self.cache_dir} (fingerprint {self.fingerprint[:16]})",
+               f"samples: {self.num_images} images × K={self.K} = {self.samples}"
+               + (f" ({self.samples_committed} already committed)" if self.samples_committed else "")]
+        for name, t in self.targets.items():
+            C, H, W = t["chw"]
+            line = (f"  {name:>8}: {C}×{H}×{W} float16 = {t['bytes'] / 1e3:,.1f} kB/sample, "
+                    f"compression ×{t['ratio']:.2f}{'' if self.measured else ' (assumed)'}")
+            if "rel_error" in t:
+                line += f", rel. L2 error of channel-normalised maps {t['rel_error']:.1e}"
+                if t["tiny_channels"] > 0:
+                    line += (f"; WARNING {t['tiny_channels'] * 100:.1f}% of channels have RMS < 1e-4 "
+                             f"(float16 keeps few significant bits there)")
+            out.append(line)
+        out.append(f"bytes per sample: {self.bytes_per_sample / 1e3:,.1f} kB float16, "
+                   f"~{self.compressed_bytes_per_sample / 1e3:,.1f} kB on disk")
+        out.append(f"estimated total: {self.estimated_bytes / _MB:,.1f} MB "
+                   f"(still to write: {self.remaining_bytes / _MB:,.1f} MB); free: {self.free_bytes / _MB:,.1f} MB")
+        if self.estimated_seconds is not None:
+            out.append(f"estimated time: {self.estimated_seconds:,.0f} s "
+                       f"({1 / self.seconds_per_sample:,.1f} samples/s measured on {self.probe_samples} samples)")
+        out.append("fits on disk" if self.fits else "DOES NOT FIT on disk")
+        return out
+
+
+def _free_bytes(path: Path) -> int:
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def compression_ratio(x16: np.ndarray, codec: str, level: int) -> float:
+    """Raw / compressed size of float16 samples ``(n, C, H, W)``, each compressed alone as in the store."""
+    if codec == "none":
+        return 1.0
+    import numcodecs
+
+    comp = numcodecs.Zstd(level=level) if codec == "zstd" else numcodecs.Blosc(
+        cname="lz4", clevel=level, shuffle=numcodecs.Blosc.SHUFFLE)
+    raw = sum(x.nbytes for x in x16)
+    packed = sum(len(comp.encode(np.ascontiguousarray(x))) for x in x16)
+    return raw / max(packed, 1)
+
+
+def precision_stats(x32: np.ndarray, x16: np.ndarray) -> dict[str, float]:
+    """Relative L2 error of channel-normalised maps (each (sample, channel) map scaled to unit L2 norm,
+    all-zero maps left out) after the lossy step, and the fraction of channels whose RMS is below
+    1e-4 but not zero (float16 keeps few significant bits there: TECH-NOTES)."""
+    a = x32.astype(np.float64).reshape(x32.shape[0] * x32.shape[1], -1)
+    b = x16.astype(np.float64).reshape(a.shape)
+    na = np.linalg.norm(a, axis=1)
+    keep = na > 0
+    a, b, na = a[keep], b[keep], na[keep][:, None]
+    ref = a / na
+    err = b / na - ref  # same scale for both, so a global scale error is counted too
+    rel = float(np.sqrt((err ** 2).sum() / max((ref ** 2).sum(), 1e-300))) if len(a) else 0.0
+    rms = na[:, 0] / np.sqrt(a.shape[1]) if len(a) else np.zeros(0)
+    tiny = float((rms < 1e-4).sum() / max(x32.shape[0] * x32.shape[1], 1))
+    return {"rel_error": rel, "tiny_channels": tiny}
+
+
+def plan_cache(cfg, source: Any, *, teacher: Any = None, teacher_info: Any = None,
+               target_specs: dict[str, tuple[int, int, int]] | None = None, probe_samples: int | None = None,
+               check: bool = True) -> Plan:
+    """Estimate the cache of ``cfg`` on ``source``. With ``teacher``: measured compression and time on
+    the first ``probe_samples`` samples (default two teacher batches). Without: needs ``teacher_info``
+    (dict or sha256, for the fingerprint) and ``target_specs``; ratio 1, no time. ``check``: raise
+    CacheError when it does not fit on disk."""
+    c = cfg.cache
+    names = cache_target_names(c)
+    if teacher is not None:
+        target_specs = teacher.target_specs(tuple(cfg.augment.crop_size), names)
+        teacher_info = teacher
+    if teacher_info is None or target_specs is None:
+        raise CacheError("plan_cache needs a teacher, or its info/sha256 and the target specs")
+    fp = fingerprint_of(cache_inputs(cfg, teacher_info, source))
+    d = cache_dir_for(cfg, fp)
+    N = len(source)
+    committed = 0
+    for s in list_parts(paths(d)["manifest"]):
+        if s < num_shards(N, c.shard_size):
+            a, b = shard_range(s, c.shard_size, N)
+            committed += (b - a) * c.K
+    plan = Plan(d, fp, N, c.K, N * c.K, committed, free_bytes=_free_bytes(d))
+    for n in names:
+        C, H, W = (int(v) for v in target_specs[n])
+        plan.targets[n] = {"chw": [C, H, W], "bytes": C * H * W * 2, "ratio": 1.0}
+
+    if teacher is not None and N > 0:
+        n_probe = probe_samples or 2 * c.batch_size
+        n_img = min(N, max(1, -(-n_probe // c.K)))
+        rows, crops, load_s = _shard_samples(cfg, source, ShardRange(0, 0, n_img), source.ids)
+        crops = crops[:n_probe]
+        device = teacher_device(teacher)
+        # first batch warms up (allocations, kernel selection); time the rest when there is a rest
+        warm = crops[:c.batch_size]
+        t0 = time.perf_counter()
+        outs, _ = run_teacher(teacher, warm, names, c.batch_size, device)
+        warm_s = time.perf_counter() - t0
+        rest = crops[c.batch_size:]
+        if rest:
+            more, teacher_s = run_teacher(teacher, rest, names, c.batch_size, device)
+            outs = {n: np.concatenate([outs[n], more[n]]) for n in names}
+            timed = len(rest)
+        else:
+            teacher_s, timed = warm_s, len(warm)
+        ids = [r["image_id"] for r in rows][:len(crops)]
+        seeds = [r["aug_seed"] for r in rows][:len(crops)]
+        for n in names:
+            x16 = to_float16(outs[n], c.mantissa_bits, target=n, ids=ids, seeds=seeds)
+            plan.targets[n]["ratio"] = compression_ratio(x16, c.codec, c.level)
+            plan.targets[n].update(precision_stats(outs[n], x16))
+        plan.seconds_per_sample = teacher_s / timed + load_s / max(len(rows), 1)
+        plan.probe_samples = len(crops)
+        plan.measured = True
+    if check:
+        plan.check()
+    return plan

@@ -1,0 +1,262 @@
+"""Reading side, safe in DataLoader workers (TECH-NOTES "Reading in DataLoader workers").
+
+``CacheReader`` holds only paths, a dict and numpy arrays (no per-row Python objects), opens the Zarr
+group lazily on first use in each process and re-opens it after a fork (``os.getpid()`` changes), and
+drops the open handles when pickled (spawn / forkserver workers). Every read is checked against the
+manifest checksum of that (image, seed, target).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from attnfd_pipeline.augment import AugmentParams
+from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, diff_inputs, fingerprint_of
+from attnfd_pipeline.cache.manifest import list_parts, read_manifest
+from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, PARAM_FIELDS, CacheError, params_from_row, paths,
+                                          sample_checksum)
+
+
+def load_info(cache_dir: str | Path) -> dict:
+    p = paths(cache_dir)["info"]
+    if not p.is_file():
+        raise CacheError(f"{cache_dir}: not a cache (no cache.json); run `attnfd cache build`")
+    return json.loads(p.read_text())
+
+
+class CacheReader:
+    """Read targets, augmentation parameters and stored hashes of committed (image, seed) samples."""
+
+    def __init__(self, path: str | Path, *, verify: bool = True):
+        self.path = Path(path)
+        self.verify = verify
+        self.info: dict = load_info(self.path)
+        self.fingerprint: str = self.info["fingerprint"]
+        self.targets: tuple[str, ...] = tuple(self.info["target_names"])
+        self.num_images: int = int(self.info["num_images"])
+        self.K: int = int(self.info["K"])
+        table = read_manifest(paths(self.path)["manifest"], self.fingerprint)
+        n_slots = self.num_images * self.K
+        # row of sample (i, k) in the columns below, -1 where not committed
+        self._row = np.full(n_slots, -1, dtype=np.int64)
+        self._cols: dict[str, np.ndarray] = {}
+        if table is not None:
+            idx = table.column("image_index").to_numpy().astype(np.int64)
+            seed = table.column("aug_seed").to_numpy().astype(np.int64)
+            if (idx >= self.num_images).any() or (seed >= self.K).any() or (idx < 0).any() or (seed < 0).any():
+                raise CacheError(f"{self.path}: manifest rows outside (num_images={self.num_images}, K={self.K})")
+            self._row[idx * self.K + seed] = np.arange(len(idx))
+            for name in table.column_names:
+                col = table.column(name)
+                if pa.types.is_string(col.type):
+                    self._cols[name] = np.asarray(col.to_pylist(), dtype=str)  # fixed-width unicode, no objects
+                else:
+                    self._cols[name] = col.to_numpy()
+        self.num_committed = int((self._row >= 0).sum())
+        self._group = None
+        self._pid = None
+
+    # -- process-local store handle -------------------------------------------------------------
+    def _store(self):
+        if self._group is None or self._pid != os.getpid():
+            import zarr
+
+            self._group = zarr.open_group(paths(self.path)["features"], mode="r")
+            self._pid = os.getpid()
+        return self._group
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_group"] = None
+        state["_pid"] = None
+        return state
+
+    # -- lookups ---------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return self.num_committed == self.num_images * self.K
+
+    def has(self, index: int, aug_seed: int) -> bool:
+        return 0 <= index < self.num_images and 0 <= aug_seed < self.K and self._row[index * self.K + aug_seed] >= 0
+
+    def _row_of(self, index: int, aug_seed: int) -> int:
+        if not (0 <= index < self.num_images and 0 <= aug_seed < self.K):
+            raise CacheError(f"{self.path}: sample (index {index}, aug seed {aug_seed}) outside the cache "
+                             f"({self.num_images} images × K={self.K})")
+        row = int(self._row[index * self.K + aug_seed])
+        if row < 0:
+            raise CacheError(f"{self.path}: sample (index {index}, aug seed {aug_seed}) is not committed "
+                             f"(its shard was never written; resume with `attnfd cache build`)")
+        return row
+
+    def image_id(self, index: int, aug_seed: int = 0) -> str:
+        return str(self._cols["image_id"][self._row_of(index, aug_seed)])
+
+    def params(self, index: int, aug_seed: int) -> AugmentParams:
+        """The augmentation this sample's targets were computed on."""
+        return params_from_row(self._cols, self._row_of(index, aug_seed))
+
+    def hashes(self, index: int, aug_seed: int) -> tuple[str, str]:
+        """(image_hash, label_hash) of the augmented uint8 crop the teacher saw."""
+        row = self._row_of(index, aug_seed)
+        return str(self._cols["image_hash"][row]), str(self._cols["label_hash"][row])
+
+    def read(self, index: int, aug_seed: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """float16 ``(C, H, W)`` targets of sample (index, aug_seed), checksum-verified."""
+        row = self._row_of(index, aug_seed)
+        names = self.targets if names is None else tuple(names)
+        group = self._store()
+        out = {}
+        for name in names:
+            if name not in self.targets:
+                raise CacheError(f"{self.path}: no target {name!r} in this cache (has {', '.join(self.targets)})")
+            where = (f"image {str(self._cols['image_id'][row])!r} (index {index}), aug seed {aug_seed}, "
+                     f"target {name!r}")
+            try:
+                x = group[name][index, aug_seed]
+            except Exception as e:  # noqa: BLE001 - crc32c mismatch, truncated shard …
+                raise CacheError(f"{self.path}: unreadable data for {where}: {e}") from None
+            if self.verify and sample_checksum(x) != self._cols[CHECKSUM_PREFIX + name][row]:
+                raise CacheError(f"{self.path}: checksum mismatch for {where} (data changed after it was written)")
+            out[name] = x
+        return out
+
+    def replay(self, source: Any, index: int, aug_seed: int, *, check: bool = True):
+        """The augmented uint8 (image, label) the teacher saw for this sample, rebuilt from the stored
+        parameters; with ``check``, its content hashes must equal the stored ones."""
+        from attnfd_pipeline import augment
+
+        params = self.params(index, aug_seed)
+        image, label = source.load(index)
+        img, lab = augment.apply(params, image, label)
+        if check:
+            ih, lh = self.hashes(index, aug_seed)
+            for what, got, want in (("image", augment.content_hash(img), ih), ("label", augment.content_hash(lab), lh)):
+                if got != want:
+                    raise CacheError(f"{self.path}: replayed {what} of image {self.image_id(index, aug_seed)!r} "
+                                     f"(index {index}), aug seed {aug_seed} differs from the cached one (dataset "
+                                     f"files or augmentation code changed since the cache was built)")
+        return img, lab
+
+    def augment_config(self):
+        """The AugmentConfig the cache was built with (from cache.json)."""
+        from attnfd_pipeline.config import AugmentConfig, from_dict
+
+        return from_dict(AugmentConfig, self.info["inputs"]["augment"], "cache.json inputs.augment")
+
+    def manifest(self) -> pa.Table:
+        """All committed rows (sorted by image index, seed); an empty table when nothing is committed."""
+        table = read_manifest(paths(self.path)["manifest"], self.fingerprint)
+        if table is None:
+            from attnfd_pipeline.cache.schema import manifest_schema
+
+            return manifest_schema(self.targets, self.fingerprint, 0).empty_table()
+        return table
+
+    def __len__(self) -> int:
+        return self.num_committed
+
+    def __repr__(self) -> str:
+        return (f"CacheReader({str(self.path)!r}, {self.num_committed}/{self.num_images * self.K} samples, "
+                f"targets {list(self.targets)})")
+
+
+# -----------------------------------------------------------------------------------------------
+# finding a cache from a config, and checking a cache fits a config
+
+
+def find_cache(cfg, teacher: Any, source: Any, *, require_complete: bool = False) -> Path:
+    """The cache directory of ``cfg`` for ``teacher`` (object, info dict or sha256 — the teacher is never
+    loaded) and ``source`` (object or identity dict). Raises CacheError if absent or incomplete."""
+    fp = fingerprint_of(cache_inputs(cfg, teacher, source))
+    d = cache_dir_for(cfg, fp)
+    if not paths(d)["info"].is_file():
+        others = list_caches(cfg.cache.root)
+        hint = ""
+        if others:
+            hint = f"; caches under {cfg.cache.root}: " + ", ".join(p.name for p in others)
+        raise CacheError(f"no cache {d} for this config/teacher/dataset (fingerprint {fp[:16]}); "
+                         f"run `attnfd cache build`{hint}")
+    info = load_info(d)
+    if info.get("fingerprint") != fp:
+        raise CacheError(f"{d}: cache.json fingerprint {str(info.get('fingerprint'))[:16]} does not match its "
+                         f"directory ({fp[:16]})")
+    if require_complete:
+        n = committed_count(d)
+        if n < info["num_shards"]:
+            raise CacheError(f"{d}: incomplete cache ({n}/{info['num_shards']} shards committed); "
+                             f"resume with `attnfd cache build`")
+    return d
+
+
+def list_caches(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if paths(p)["info"].is_file())
+
+
+def committed_count(cache_dir: str | Path) -> int:
+    return len(list_parts(paths(cache_dir)["manifest"]))
+
+
+def check_compatible(cfg, info: dict | str | Path, *, teacher: Any = None, source: Any = None) -> None:
+    """Raise CacheError naming every field where the cache (``cache.json`` dict or cache directory)
+    differs from what ``cfg`` would produce. Teacher and dataset are compared only when given."""
+    if not isinstance(info, dict):
+        info = load_info(info)
+    recorded = dict(info["inputs"])
+    expected = cache_inputs(cfg, teacher if teacher is not None else recorded["teacher_sha256"],
+                            source if source is not None else recorded["dataset"])
+    diffs = diff_inputs(recorded, expected)
+    if diffs:
+        raise CacheError(f"cache {info['fingerprint'][:16]} does not match the config:\n  " + "\n  ".join(diffs))
+
+
+def describe_cache(cache_dir: str | Path) -> dict:
+    """Summary for ``attnfd cache info``: size on disk, shapes, fingerprint, completeness, codec."""
+    d = Path(cache_dir)
+    info = load_info(d)
+    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    committed = committed_count(d)
+    N, K = info["num_images"], info["K"]
+    raw = sum(t["bytes_per_sample"] for t in info["targets"].values())
+    targets = {}
+    for name in info["target_names"]:
+        t = info["targets"][name]
+        arr_dir = paths(d)["features"] / name
+        nbytes = sum(f.stat().st_size for f in arr_dir.rglob("*") if f.is_file())
+        targets[name] = {"shape": [N, K, *t["chw"]], "stride": t["stride"], "bytes_on_disk": nbytes,
+                         "float16_bytes_per_sample": t["bytes_per_sample"]}
+    parts = list_parts(paths(d)["manifest"])
+    samples_done = sum(max(0, min(N, (s + 1) * info["shard_size"]) - s * info["shard_size"]) * K for s in parts)
+    return {
+        "path": str(d),
+        "fingerprint": info["fingerprint"],
+        "size_bytes": size,
+        "targets": targets,
+        "num_images": N,
+        "K": K,
+        "shards_committed": committed,
+        "shards_total": info["num_shards"],
+        "complete": committed == info["num_shards"],
+        "codec": info["codec"],
+        "level": info["level"],
+        "dtype": info["dtype"],
+        "mantissa_bits": info["mantissa_bits"],
+        "float16_bytes_per_sample": raw,
+        "samples_committed": samples_done,
+        "teacher_sha256": info["inputs"]["teacher_sha256"],
+        "dataset": info["inputs"]["dataset"],
+    }
+
+
+__all__ = ["CacheReader", "find_cache", "check_compatible", "describe_cache", "list_caches", "load_info",
+           "PARAM_FIELDS"]

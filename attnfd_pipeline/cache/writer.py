@@ -1,0 +1,203 @@
+"""Writing side: create the store's metadata once, then commit whole shards from a background thread.
+
+Each shard is buffered in full (S images × K seeds, float32 from the teacher) and handed to
+``ShardWriter``, whose thread does the lossy float16 step with its checks, the per-sample checksums,
+compression and I/O (``arr[s0:s1] = buf``, one slice per target), and finally writes the shard's
+manifest part — the commit record. The bounded queue lets the teacher run on the next shard while the
+previous one is compressed and written (TECH-NOTES: whole-shard writes are ~10× faster than
+per-sample writes, and two writers in one shard lose data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from attnfd_pipeline.cache.manifest import write_part
+from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, DTYPE, FEATURES_DIR, FILL_VALUE, CacheError,
+                                          compressors, effective_mantissa_bits, lossy_steps, paths,
+                                          sample_checksum, to_float16)
+from attnfd_pipeline.utils import atomic_write_json
+
+
+def array_attributes(info: dict, name: str) -> dict:
+    t = info["targets"][name]
+    return {
+        "target": name,
+        "kind": t["kind"],
+        "point": t["point"],
+        "stride": t["stride"],
+        "layout": ["image", "aug_seed", "channel", "y", "x"],
+        "dtype": DTYPE,
+        "source_dtype": "float32",
+        "lossy": lossy_steps(info["mantissa_bits"]),
+        "mantissa_bits": effective_mantissa_bits(info["mantissa_bits"]),
+        "fill_value_meaning": "NaN = sample never written (its shard is not committed)",
+        "fingerprint": info["fingerprint"],
+    }
+
+
+def create_store(cache_dir: str | Path, info: dict) -> None:
+    """Create the Zarr group and one array per target if missing, then ``cache.json``. Idempotent and
+    deterministic (no timestamps), so every writer may call it; an existing ``cache.json`` must agree."""
+    import zarr
+
+    p = paths(cache_dir)
+    p["dir"].mkdir(parents=True, exist_ok=True)
+    p["manifest"].mkdir(exist_ok=True)
+    if p["info"].is_file():
+        recorded = json.loads(p["info"].read_text())
+        for key in ("fingerprint", "target_names", "targets", "num_images"):
+            if recorded.get(key) != info.get(key):
+                raise CacheError(f"{p['info']}: recorded {key} differs from this build's "
+                                 f"({recorded.get(key)!r} vs {info.get(key)!r}); the cache directory is not "
+                                 f"consistent with its fingerprint — remove it and rebuild")
+    group = zarr.open_group(p["features"], mode="a",
+                            attributes={"format": info["format"], "fingerprint": info["fingerprint"]})
+    existing = set(group.array_keys())
+    N, K, S = info["num_images"], info["K"], info["shard_size"]
+    for name in info["target_names"]:
+        C, H, W = info["targets"][name]["chw"]
+        if name in existing:
+            arr = group[name]
+            if tuple(arr.shape) != (N, K, C, H, W) or str(arr.dtype) != DTYPE:
+                raise CacheError(f"{p['features'] / name}: shape {arr.shape} / {arr.dtype} differs from the "
+                                 f"expected {(N, K, C, H, W)} {DTYPE}")
+            continue
+        try:
+            group.create_array(name, shape=(N, K, C, H, W), dtype=DTYPE, chunks=(1, 1, C, H, W),
+                               shards=(S, K, C, H, W), compressors=compressors(info["codec"], info["level"]),
+                               fill_value=FILL_VALUE, attributes=array_attributes(info, name),
+                               dimension_names=["image", "aug_seed", "channel", "y", "x"])
+        except Exception as e:  # another writer created it between our listing and now
+            if "exist" not in str(e).lower():
+                raise
+    if not p["info"].is_file():
+        atomic_write_json(p["info"], info)
+
+
+def shard_file(cache_dir: str | Path, name: str, shard: int) -> Path:
+    """The file holding shard ``shard`` of array ``name`` (default v3 chunk keys)."""
+    return Path(cache_dir) / FEATURES_DIR / name / "c" / str(shard) / "0" / "0" / "0" / "0"
+
+
+@dataclass
+class ShardBuffer:
+    """One shard's teacher outputs (float32, (n_images, K, C, H, W) per target) and manifest rows
+    (sorted by image index then seed; checksums filled in by the writer)."""
+
+    shard: int
+    start: int
+    stop: int
+    arrays: dict[str, np.ndarray]
+    rows: list[dict] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardWriter:
+    """Background thread committing ``ShardBuffer``s: float16 step + checks, checksums, one slice write
+    per target, then the manifest part. Errors are re-raised in the submitting thread."""
+
+    def __init__(self, cache_dir: str | Path, info: dict, *, rank: int = 0, max_queue: int = 1,
+                 on_commit: Callable[[ShardBuffer, int, float], None] | None = None):
+        import zarr
+
+        self.dir = Path(cache_dir)
+        self.info = info
+        self.rank = rank
+        self.targets: Sequence[str] = list(info["target_names"])
+        group = zarr.open_group(paths(cache_dir)["features"], mode="r+")
+        self.arrays = {name: group[name] for name in self.targets}
+        self.on_commit = on_commit
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.error: BaseException | None = None
+        self.seconds = 0.0  # time spent converting, compressing and writing
+        self.bytes_written = 0
+        self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, buf: ShardBuffer) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self.queue.put(buf, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Commit everything queued, stop the thread, re-raise its error if any."""
+        if self._thread.is_alive():
+            while self._thread.is_alive():
+                try:
+                    self.queue.put(_STOP, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _STOP:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; the submitter raises it
+            try:
+                t0 = time.perf_counter()
+                nbytes = self.commit(item)
+                self.seconds += time.perf_counter() - t0
+                self.bytes_written += nbytes
+                if self.on_commit is not None:
+                    self.on_commit(item, nbytes, time.perf_counter() - t0)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+
+    def commit(self, buf: ShardBuffer) -> int:
+        """Write one shard (all targets) then its manifest part; returns the bytes on disk."""
+        ids = [r["image_id"] for r in buf.rows]
+        seeds = [r["aug_seed"] for r in buf.rows]
+        converted = {}
+        for name in self.targets:
+            x = buf.arrays[name]
+            n, K = x.shape[:2]
+            flat = x.reshape(n * K, *x.shape[2:])
+            y = to_float16(flat, self.info["mantissa_bits"], target=name, ids=ids, seeds=seeds)
+            for j, row in enumerate(buf.rows):
+                row[CHECKSUM_PREFIX + name] = sample_checksum(y[j])
+            converted[name] = y.reshape(x.shape)
+        for row in buf.rows:
+            row["rank"] = self.rank
+        nbytes = 0
+        for name, y in converted.items():  # all checks passed before anything is written
+            self.arrays[name][buf.start:buf.stop] = y
+            f = shard_file(self.dir, name, buf.shard)
+            if f.exists():  # zarr's LocalStore renames but does not fsync: make the data durable
+                nbytes += f.stat().st_size  # before the commit record that vouches for it
+                _fsync(f)
+        write_part(paths(self.dir)["manifest"], buf.shard, buf.rows, self.targets, self.info["fingerprint"])
+        return nbytes

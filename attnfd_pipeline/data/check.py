@@ -1,0 +1,147 @@
+"""Dataset sanity check: every listed file exists, decodes, has matching sizes and legal labels.
+
+``check_dataset(info_or_name, root, splits) -> list[Problem]`` (empty list = all good);
+``format_problems(problems) -> str`` for people.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+
+from .datasets import DataError, DatasetInfo, SplitFiles, get_dataset_info, list_split
+
+__all__ = ["Problem", "check_dataset", "check_split", "format_problems"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+def _fmt_values(values: Sequence[int], limit: int = 12) -> str:
+    vals = [int(v) for v in values]
+    shown = ", ".join(str(v) for v in vals[:limit])
+    more = f", ... ({len(vals)} values)" if len(vals) > limit else ""
+    return "{" + shown + more + "}"
+
+
+def _fmt_valid(valid: np.ndarray) -> str:
+    """Describe a bool (256,) set as '[0, 21) ∪ {255}' style text."""
+    parts, i = [], 0
+    while i < 256:
+        if valid[i]:
+            j = i
+            while j + 1 < 256 and valid[j + 1]:
+                j += 1
+            parts.append("{" + str(i) + "}" if i == j else f"[{i}, {j + 1})")
+            i = j + 1
+        else:
+            i += 1
+    return " ∪ ".join(parts) if parts else "{}"
+
+
+def _check_sample(info: DatasetInfo, img_path: str, lbl_path: str) -> list[Problem]:
+    from .io import read_image, read_label_raw
+
+    problems: list[Problem] = []
+    img_ok = os.path.isfile(img_path)
+    lbl_ok = os.path.isfile(lbl_path)
+    if not img_ok:
+        problems.append(Problem(img_path, "listed image file is missing"))
+    if not lbl_ok:
+        problems.append(Problem(lbl_path, "listed label file is missing"))
+    image_hw = raw = None
+    if img_ok:
+        try:
+            image_hw = tuple(read_image(img_path).shape[1:])
+        except DataError as e:
+            problems.append(Problem(img_path, f"unreadable image: {e}"))
+    if lbl_ok:
+        try:
+            raw = read_label_raw(lbl_path)
+        except DataError as e:
+            problems.append(Problem(lbl_path, f"unreadable label: {e}"))
+    if image_hw is not None and raw is not None and image_hw != raw.shape:
+        problems.append(
+            Problem(
+                lbl_path,
+                f"size mismatch: label is {raw.shape[1]}x{raw.shape[0]}, image {img_path} is "
+                f"{image_hw[1]}x{image_hw[0]} (width x height)",
+            )
+        )
+    if raw is not None:
+        present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+        valid = info.valid_stored_values(lbl_path)
+        bad = present[~valid[present]]
+        if bad.size:
+            raw_encoded = info.raw_to_train is not None and not info.is_train_id_file(lbl_path)
+            what = "raw label values" if raw_encoded else "label values"
+            extra = f" (the known raw ids of {info.name})" if raw_encoded else ""
+            problems.append(Problem(lbl_path, f"{what} {_fmt_values(bad)} outside {_fmt_valid(valid)}{extra}"))
+    return problems
+
+
+def check_split(info_or_name: Union[str, DatasetInfo], files: SplitFiles, *, threads: int = 4) -> list[Problem]:
+    """Check the samples of an already listed split."""
+    info = get_dataset_info(info_or_name)
+    if len(files) == 0:
+        return [Problem(files.source, f"split {files.split!r} of {info.name} is empty")]
+    n = len(files)
+
+    def one(i: int) -> list[Problem]:
+        return _check_sample(info, str(files.images[i]), str(files.labels[i]))
+
+    threads = max(1, min(int(threads), n))
+    if threads == 1:
+        results = [one(i) for i in range(n)]
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            results = list(ex.map(one, range(n), chunksize=max(1, n // (threads * 16))))
+    return [p for r in results for p in r]
+
+
+def check_dataset(
+    info_or_name: Union[str, DatasetInfo],
+    root: Union[str, os.PathLike],
+    splits: Union[str, Iterable[str], None] = None,
+    *,
+    threads: int = 4,
+) -> list[Problem]:
+    """All problems found in ``splits`` (default: the dataset's usual splits) of the dataset
+    at ``root``: missing list file/folder, empty split, missing or unreadable files, image/label
+    size mismatch, label values outside ``[0, C) ∪ {ignore}`` (raw-encoded datasets: outside
+    their known raw ids). Decoding runs in ``threads`` threads. ``[]`` means all good."""
+    info = get_dataset_info(info_or_name)
+    if splits is None:
+        splits = info.splits
+    elif isinstance(splits, str):
+        splits = (splits,)
+    problems: list[Problem] = []
+    for split in splits:
+        try:
+            files = list_split(info, root, split)
+        except DataError as e:
+            problems.append(Problem(e.path, str(e)))
+            continue
+        problems.extend(check_split(info, files, threads=threads))
+    return problems
+
+
+def format_problems(problems: Sequence[Problem], limit: int = 50) -> str:
+    if not problems:
+        return "no problems found"
+    n = len(problems)
+    lines = [f"{n} problem{'s' if n != 1 else ''} found:"]
+    lines += [f"  {p.path}: {p.message}" for p in problems[:limit]]
+    if n > limit:
+        lines.append(f"  ... and {n - limit} more")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""torch Datasets and DataLoaders over a sample source.
+
+Samplers yield ``(epoch, index)`` pairs, so the augmentation of a sample is a pure function of the
+pair (and the config) even with persistent workers: nothing about the epoch lives in worker state.
+Datasets hold only a source (numpy arrays of paths) and small frozen configs, so they fork cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from attnfd_pipeline import augment
+from attnfd_pipeline.config import AugmentConfig
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)``; order = permutation keyed by (seed, epoch). With ``world > 1`` each
+    rank takes every world-th index of the (padded) permutation, like DistributedSampler."""
+
+    def __init__(self, n: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 drop_last: bool = False):
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> np.ndarray:
+        if self.shuffle:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, 0x5A3]))
+            order = rng.permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        if self.world > 1:
+            if self.drop_last:
+                order = order[: len(order) - len(order) % self.world]
+            else:
+                pad = (-len(order)) % self.world
+                order = np.concatenate([order, order[:pad]])
+            order = order[self.rank :: self.world]
+        return order
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, int(i)) for i in self._order()])
+
+    def __len__(self) -> int:
+        return len(self._order())
+
+
+@dataclass(frozen=True)
+class FreshSeeds:
+    """Teacher training / online distillation with fresh augmentation: one new replayable draw per
+    epoch (aug seed = offset + epoch, outside the cached range [0, K))."""
+
+    offset: int = augment.ONLINE_AUG_OFFSET
+
+    def __call__(self, epoch: int, index: int) -> int:
+        return self.offset + epoch
+
+
+@dataclass(frozen=True)
+class CachedSeeds:
+    """Stage 2: image ``index`` in ``epoch`` is shown with cached aug seed f(run_seed, epoch, index) mod K."""
+
+    run_seed: int
+    K: int
+
+    def __call__(self, epoch: int, index: int) -> int:
+        return augment.choose_aug_seed(self.run_seed, epoch, index, self.K)
+
+
+class AugmentedDataset(Dataset):
+    """Training crops: replay ``augment.draw(cfg, index, seed_fn(epoch, index))`` on the source image."""
+
+    def __init__(self, source, cfg: AugmentConfig, seed_fn):
+        self.source, self.cfg, self.seed_fn = source, cfg, seed_fn
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def crop(self, epoch: int, index: int):
+        image, label = self.source.load(index)
+        k = self.seed_fn(epoch, index)
+        params = augment.draw(self.cfg, index, k, tuple(image.shape[-2:]))
+        image, label = augment.apply(params, image, label)
+        return image, label, k
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        image, label, k = self.crop(epoch, index)
+        return {"image": augment.normalize(image), "label": label.long(), "index": index, "aug_seed": k}
+
+
+class ValDataset(Dataset):
+    """Validation: resize the short side to the crop and centre-crop (reference), no randomness."""
+
+    def __init__(self, source, crop_size: Sequence[int]):
+        self.source, self.crop_size = source, tuple(crop_size)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.source.load(index)
+        image, label = augment.val_transform(image, label, self.crop_size)
+        return {"image": augment.normalize(image), "label": label.long(), "index": index}
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler=None, shuffle: bool = False,
+                drop_last: bool = False, device: torch.device | None = None) -> DataLoader:
+    """DataLoader with the settings TECH-NOTES recommends: persistent workers, forkserver context
+    (zarr/torch threads in the parent make plain fork fragile), pinned memory on CUDA."""
+    kwargs = {}
+    if workers > 0:
+        kwargs = {"persistent_workers": True, "multiprocessing_context": "forkserver", "prefetch_factor": 2}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
+                      num_workers=workers, drop_last=drop_last,
+                      pin_memory=bool(device is not None and device.type == "cuda"), **kwargs)

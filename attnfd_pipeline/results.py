@@ -1,0 +1,48 @@
+"""Result tables from run directories: teacher + every student run of a config."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import numpy as np
+
+from attnfd_pipeline.config import Config
+
+
+def collect_results(cfg: Config) -> list[dict]:
+    rows = []
+    teacher = cfg.teacher_dir / "result.json"
+    if teacher.is_file():
+        r = json.loads(teacher.read_text())
+        rows.append({"role": "teacher", "model": cfg.teacher.model.name, "method": f"CE ({cfg.teacher.cbam_mode} CBAM)",
+                     "alpha": None, "mode": "", "seed": cfg.teacher.train.seed, "miou": r["miou"],
+                     "pixel_acc": r["pixel_acc"], "seconds": r["seconds"]})
+    for path in sorted((cfg.run_root / "student").glob("*/result.json")):
+        r = json.loads(path.read_text())
+        rows.append({"role": "student", "model": r["model"], "method": r["method"], "alpha": r["alpha"],
+                     "mode": r["mode"] if r["alpha"] else "", "seed": r["seed"], "miou": r["final_miou"],
+                     "pixel_acc": r["final_pixel_acc"], "seconds": r["train_seconds"]})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table; runs that differ only by seed are merged into mean ± std."""
+    if not rows:
+        return "no results yet (run `make demo` or the stages)"
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["role"], r["model"], r["method"], r["alpha"], r["mode"])].append(r)
+    baseline = [g for k, g in groups.items() if k[0] == "student" and k[2] == "none"]
+    base_miou = float(np.mean([r["miou"] for r in baseline[0]])) if baseline else None
+    lines = ["| role | model | method | α | mode | seeds | mIoU % | Δ vs student | pixel acc % | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (role, model, method, alpha, mode), g in groups.items():
+        m = np.array([r["miou"] for r in g]) * 100
+        miou = f"{m.mean():.2f}" + (f" ± {m.std(ddof=1):.2f}" if len(m) > 1 else "")
+        delta = "" if (base_miou is None or role == "teacher" or method == "none") else f"{m.mean() - base_miou * 100:+.2f}"
+        acc = np.mean([r["pixel_acc"] for r in g]) * 100
+        secs = np.mean([r["seconds"] for r in g])
+        lines.append(f"| {role} | {model} | {method} | {'' if alpha is None else f'{alpha:g}'} | {mode} | "
+                     f"{len(g)} | {miou} | {delta} | {acc:.2f} | {secs:.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,247 @@
+"""Stage 1a: train the teacher, fit its CBAMs (SPEC §4), freeze both into one self-describing bundle.
+
+Teacher CBAM modes:
+- ``inpath`` (default): CBAM sits in the teacher's forward path at each point while the teacher
+  trains with CE (the authors: "generally achieves better performance"), then everything is frozen.
+- ``fitted``: the teacher trains (or is imported) without CBAM; then, with it frozen in eval mode,
+  side-branch CBAMs are fitted with an auxiliary 1×1 classifier + CE on each refined map F''.
+- ``parameter_free``: channel gate sigmoid(avg+max), spatial gate sigmoid(max+mean), no weights.
+- ``untrained``: side-branch CBAMs that keep their (seeded) initial weights — what the released
+  reference code effectively does.
+
+The bundle (``teacher_bundle.pt`` + a ``teacher_bundle.json`` sidecar with everything but the
+weights) is what Stage 1b fingerprints; Stage 2 reads only the sidecar and never builds the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attnfd_pipeline
+from attnfd_pipeline.config import Config, write_resolved
+from attnfd_pipeline.engine.optim import param_groups
+from attnfd_pipeline.layers import build_attention
+from attnfd_pipeline.models import build_model
+from attnfd_pipeline.utils import atomic_torch_save, atomic_write_json, sha256_state_dict
+
+BUNDLE_FORMAT = "attnfd-teacher-bundle/1"
+BUNDLE_NAME = "teacher_bundle.pt"
+RAW_PREFIX = "raw_"
+
+
+def bundle_path(cfg: Config) -> Path:
+    return cfg.teacher_dir / BUNDLE_NAME
+
+
+def build_teacher_model(cfg: Config, num_classes: int) -> nn.Module:
+    t = cfg.teacher
+    return build_model(t.model.name, num_classes, output_stride=t.model.output_stride,
+                       backbone_weights=t.model.backbone_weights or None,
+                       inpath_attention=t.points if t.cbam_mode == "inpath" else None)
+
+
+def build_side_attention(cfg: Config, model: nn.Module) -> nn.ModuleDict | None:
+    """Side-branch attention for the non-inpath modes (seeded, so ``untrained`` is reproducible)."""
+    mode = cfg.teacher.cbam_mode
+    if mode == "inpath":
+        return None
+    kind = "parameter_free" if mode == "parameter_free" else "cbam"
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.teacher.train.seed)
+        return nn.ModuleDict({p: build_attention(kind, model.taps[p].channels) for p in cfg.teacher.points})
+
+
+class SegTask:
+    """Plain supervised segmentation: CE (ignore 255) on the model's "out"."""
+
+    def __init__(self, model: nn.Module):
+        self.model = self.modules = model
+
+    def param_groups(self, cfg):
+        return param_groups(self.model.backbone_parameters(), self.model.head_parameters(), cfg)
+
+    def train_step(self, batch, epoch):
+        out = self.model(batch["image"])["out"]
+        return F.cross_entropy(out.float(), batch["label"], ignore_index=255), {}
+
+    def predict(self, images):
+        return self.model(images)["out"]
+
+    def on_epoch_start(self, epoch):
+        pass
+
+
+class CBAMFitTask:
+    """``fitted`` mode: the frozen teacher feeds side-branch CBAMs, each followed by an auxiliary 1×1
+    classifier; CE on every point's prediction trains the CBAMs to keep class evidence."""
+
+    def __init__(self, teacher_model: nn.Module, attention: nn.ModuleDict, num_classes: int):
+        self.teacher = teacher_model.eval().requires_grad_(False)
+        aux = nn.ModuleDict({p: nn.Conv2d(teacher_model.taps[p].channels, num_classes, 1) for p in attention})
+        self.modules = nn.ModuleDict({"attention": attention, "aux": aux})
+
+    def param_groups(self, cfg):
+        return [{"params": list(self.modules.parameters()), "lr": cfg.lr, "name": "cbam"}]
+
+    def _logits(self, images):
+        with torch.no_grad():
+            self.teacher.eval()
+            feats = self.teacher(images)
+        size = images.shape[-2:]
+        out = {}
+        for p, att in self.modules["attention"].items():
+            logits = self.modules["aux"][p](att(feats[p]))
+            out[p] = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+        return out
+
+    def train_step(self, batch, epoch):
+        logits = self._logits(batch["image"])
+        losses = {p: F.cross_entropy(v.float(), batch["label"], ignore_index=255) for p, v in logits.items()}
+        return sum(losses.values()), {f"ce_{p}": float(v.detach()) for p, v in losses.items()}
+
+    def predict(self, images):
+        return sum(v.softmax(1) for v in self._logits(images).values())
+
+    def on_epoch_start(self, epoch):
+        self.teacher.eval()
+
+
+class FrozenTeacher(nn.Module):
+    """The frozen teacher + its CBAMs. Stays in eval mode whatever ``train()`` is called with, has no
+    trainable parameters, and computes targets under ``no_grad``: a target depends only on (weights,
+    image, augmentation), never on the batch (SPEC §4)."""
+
+    def __init__(self, model: nn.Module, attention: nn.ModuleDict | None, mode: str, points: Sequence[str],
+                 info: dict):
+        super().__init__()
+        self.model = model
+        self.attention = attention
+        self.mode = mode
+        self.points = tuple(points)
+        self._info = dict(info)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True):  # noqa: D401 - frozen by construction
+        return super().train(False)
+
+    @property
+    def sha256(self) -> str:
+        return self._info["sha256"]
+
+    def info(self) -> dict:
+        return dict(self._info)
+
+    @property
+    def num_classes(self) -> int:
+        return self._info["num_classes"]
+
+    def target_names(self, points: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+        names = list(points)
+        if "logits" in extra:
+            names.append("logits")
+        if "raw" in extra:
+            names += [RAW_PREFIX + p for p in points]
+        return names
+
+    @torch.no_grad()
+    def targets(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        out = self.model(x)
+        result = {}
+        for name in names:
+            if name == "logits":
+                result[name] = out["logits"].float()
+            elif name.startswith(RAW_PREFIX):
+                result[name] = out[name[len(RAW_PREFIX):]].float()
+            elif name in self.points:
+                if self.attention is None:
+                    result[name] = out[f"{name}_refined"].float()
+                else:
+                    result[name] = self.attention[name](out[name]).float()
+            else:
+                raise KeyError(f"teacher has no target {name!r} (points {self.points}, plus logits, raw_*)")
+        return result
+
+    @torch.no_grad()
+    def target_specs(self, crop_hw: Sequence[int], names: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+        """(C, H, W) of each target for a crop of ``crop_hw`` (one dry forward on zeros)."""
+        device = next(self.model.parameters()).device
+        t = self.targets(torch.zeros(1, 3, *crop_hw, device=device), names)
+        return {k: tuple(v.shape[1:]) for k, v in t.items()}
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def _weights_sha(model: nn.Module, attention: nn.ModuleDict | None, mode: str) -> str:
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if attention is not None:
+        state.update({f"attention.{k}": v for k, v in attention.state_dict().items()})
+    state["cbam_mode"] = mode
+    return sha256_state_dict(state)
+
+
+def save_bundle(path: str | Path, cfg: Config, model: nn.Module, attention: nn.ModuleDict | None, num_classes: int,
+                metrics: dict | None = None) -> Path:
+    path = Path(path)
+    t = cfg.teacher
+    info = {
+        "format": BUNDLE_FORMAT,
+        "model": t.model.name,
+        "output_stride": t.model.output_stride,
+        "num_classes": num_classes,
+        "cbam_mode": t.cbam_mode,
+        "points": list(t.points),
+        "sha256": _weights_sha(model, attention, t.cbam_mode),
+        "package_version": attnfd_pipeline.__version__,
+        "metrics": {k: v for k, v in (metrics or {}).items() if k != "confusion"},
+        "config": cfg.to_dict(),
+    }
+    state = {**info, "model_state": model.state_dict(),
+             "attention_state": attention.state_dict() if attention is not None else None}
+    atomic_torch_save(state, path)
+    atomic_write_json(path.with_suffix(".json"), info)
+    return path
+
+
+def load_teacher_info(path: str | Path) -> dict:
+    """The bundle's metadata (sha256, model, mode, points…) from its JSON sidecar — no weights."""
+    path = Path(path)
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        raise FileNotFoundError(f"{side}: teacher bundle metadata not found (run `make teacher` first)")
+    info = json.loads(side.read_text())
+    if info.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{side}: not a teacher bundle (format {info.get('format')!r})")
+    return info
+
+
+def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> FrozenTeacher:
+    """Rebuild the frozen teacher from its bundle; the weights' hash must match the recorded one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: teacher bundle not found (run `make teacher` first)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: not a teacher bundle")
+    model = build_model(state["model"], state["num_classes"], output_stride=state["output_stride"],
+                        inpath_attention=state["points"] if state["cbam_mode"] == "inpath" else None)
+    model.load_state_dict(state["model_state"])
+    attention = None
+    if state["attention_state"] is not None:
+        kind = "parameter_free" if state["cbam_mode"] == "parameter_free" else "cbam"
+        attention = nn.ModuleDict({p: build_attention(kind, model.taps[p].channels) for p in state["points"]})
+        attention.load_state_dict(state["attention_state"])
+    sha = _weights_sha(model, attention, state["cbam_mode"])
+    if sha != state["sha256"]:
+        raise ValueError(f"{path}: weights hash {sha[:12]} does not match the recorded {state['sha256'][:12]} "
+                         f"(file modified or corrupt)")
+    info = {k: state[k] for k in ("model", "output_stride", "num_classes", "cbam_mode", "points", "sha256",
+                                  "package_version")}
+    return FrozenTeacher(model, attention, state["cbam_mode"], state["points"], info).to(device)

@@ -1,0 +1,159 @@
+"""`attnfd cache …`: Stage 1b — plan, build, describe and verify the teacher-feature cache.
+
+Command bodies only compose library calls (``attnfd_pipeline.cache``); the three loaders below are
+module-level so tests can swap in a fake teacher and dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
+
+app = typer.Typer(help="Stage 1b: the teacher-feature cache (plan, build, info, verify).", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+TeacherOpt = Annotated[Optional[Path], typer.Option(
+    "--teacher", help="Teacher bundle (default: <runs_root>/<name>/teacher/teacher_bundle.pt).")]
+PathOpt = Annotated[Optional[Path], typer.Option(
+    "--path", help="Cache directory (default: the one the config, teacher and dataset fingerprint to).")]
+
+
+# -- loaders (monkeypatched in tests) ------------------------------------------------------------
+def load_teacher(path: Path, device: str):
+    from attnfd_pipeline.teacher import load_teacher as _load
+
+    return _load(path, device)
+
+
+def load_teacher_info(path: Path) -> dict:
+    from attnfd_pipeline.teacher import load_teacher_info as _info
+
+    return _info(path)
+
+
+def make_source(cfg):
+    from attnfd_pipeline.data.source import ImageSource
+
+    return ImageSource.from_config(cfg, split=cfg.data.train_split)
+
+
+def _teacher_path(cfg, teacher: Path | None) -> Path:
+    if teacher is not None:
+        return teacher
+    from attnfd_pipeline.teacher import bundle_path
+
+    return bundle_path(cfg)
+
+
+def _device(cfg, device: str | None):
+    from attnfd_pipeline.utils import resolve_device
+
+    return resolve_device(device or cfg.teacher.train.device)
+
+
+def _locate(cfg, teacher: Path | None, path: Path | None) -> Path:
+    from attnfd_pipeline.cache import find_cache
+
+    if path is not None:
+        return path
+    info = load_teacher_info(_teacher_path(cfg, teacher))
+    return find_cache(cfg, info, make_source(cfg))
+
+
+# -- commands ------------------------------------------------------------------------------------
+@app.command("plan")
+def plan_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: TeacherOpt = None,
+             device: Annotated[Optional[str], typer.Option(help="Teacher device (default: teacher.train.device).")] = None):
+    """Before writing anything: samples, bytes per sample per target, estimated size (compression
+    measured on a few real teacher outputs), free disk, estimated time. Exit 2 if it does not fit."""
+    from attnfd_pipeline.cache import plan_cache
+
+    cfg = load(config, set_)
+    with errors():
+        source = make_source(cfg)
+        t = load_teacher(_teacher_path(cfg, teacher), _device(cfg, device))
+        plan = plan_cache(cfg, source, teacher=t, check=False)
+        typer.echo("\n".join(plan.lines()))
+        plan.check()
+
+
+@app.command("build")
+def build_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: TeacherOpt = None,
+              device: Annotated[Optional[str], typer.Option(help="Teacher device (default: teacher.train.device).")] = None,
+              rank: Annotated[int, typer.Option(help="This writer's rank: it owns shards rank, rank+world, …")] = 0,
+              world: Annotated[int, typer.Option(help="Number of writers.")] = 1,
+              wait: Annotated[float, typer.Option(help="Seconds to wait for another build's lock.")] = 0.0,
+              progress: Annotated[bool, typer.Option(help="Show the progress line.")] = True):
+    """Build (or resume) the cache: plan first (refuses if it does not fit), then commit every shard
+    this writer owns that is not committed yet."""
+    from attnfd_pipeline.cache import build_cache, plan_cache
+
+    cfg = load(config, set_)
+    with errors():
+        source = make_source(cfg)
+        t = load_teacher(_teacher_path(cfg, teacher), _device(cfg, device))
+        plan = plan_cache(cfg, source, teacher=t, check=False)
+        typer.echo("\n".join(plan.lines()))
+        plan.check()
+        r = build_cache(cfg, t, source, rank=rank, world=world, progress=progress, lock_wait=wait)
+    typer.echo(f"cache: {r.path}")
+    typer.echo(f"shards written {r.shards_written}, skipped {r.shards_skipped} of {r.shards_total}; "
+               f"{r.samples_written} samples, {r.bytes_written / 1e6:.1f} MB in {r.seconds:.1f} s "
+               f"({r.samples_per_s:.1f} samples/s; teacher alone {r.teacher_samples_per_s:.1f} samples/s)")
+
+
+@app.command("info")
+def info_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: TeacherOpt = None,
+             path: PathOpt = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False):
+    """Size on disk, shapes, fingerprint, completeness and codec of a cache."""
+    from attnfd_pipeline.cache import describe_cache
+
+    cfg = load(config, set_)
+    with errors():
+        d = describe_cache(_locate(cfg, teacher, path))
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    typer.echo(f"cache: {d['path']}")
+    typer.echo(f"fingerprint: {d['fingerprint']}")
+    typer.echo(f"size on disk: {d['size_bytes'] / 1e6:.2f} MB")
+    typer.echo(f"complete: {'yes' if d['complete'] else 'no'} ({d['shards_committed']}/{d['shards_total']} shards, "
+               f"{d['samples_committed']}/{d['num_images'] * d['K']} samples)")
+    typer.echo(f"codec: {d['codec']} level {d['level']}, {d['dtype']}, mantissa bits {d['mantissa_bits']}")
+    for name, t in d["targets"].items():
+        typer.echo(f"  {name:>8}: shape {tuple(t['shape'])}, stride {t['stride']}, "
+                   f"{t['float16_bytes_per_sample'] / 1e3:.1f} kB/sample float16, {t['bytes_on_disk'] / 1e6:.2f} MB on disk")
+
+
+@app.command("verify")
+def verify_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: TeacherOpt = None,
+               path: PathOpt = None,
+               replay: Annotated[int, typer.Option(help="Rows to re-augment and compare with the stored hashes.")] = 8,
+               workers: Annotated[int, typer.Option(help="Threads reading shards in parallel.")] = 2,
+               allow_incomplete: Annotated[bool, typer.Option(help="Exit 0 on a correct but incomplete cache.")] = False):
+    """Re-read every committed sample: chunk checksums, NaN scan, manifest ↔ arrays, replay check.
+    Exit 1 naming every bad (image, seed, target)."""
+    from attnfd_pipeline.cache import verify_cache
+
+    cfg = load(config, set_)
+    with errors():
+        d = _locate(cfg, teacher, path)
+        source = make_source(cfg) if replay > 0 or path is None else None
+        report = verify_cache(d, source=source, replay=replay, workers=workers)
+    typer.echo("\n".join(report.lines()))
+    if not report.ok:
+        raise typer.Exit(1)
+    if not report.complete and not allow_incomplete:
+        typer.secho(f"incomplete: {report.shards_committed}/{report.shards_total} shards committed "
+                    f"(resume with `attnfd cache build`, or pass --allow-incomplete)", err=True)
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,103 @@
+"""The `attnfd` command line: one sub-command per stage; bodies only call the library."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
+from stages.student import student
+from stages.teacher import teacher
+
+app = typer.Typer(help="AttnFD pipeline: teacher → cache → student.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: generate the embedded demo, validate a dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.command("teacher")(teacher)
+app.command("student")(student)
+
+try:  # the cache sub-app
+    from stages.cache import app as cache_app
+
+    app.add_typer(cache_app, name="cache")
+except ImportError:  # pragma: no cover
+    pass
+
+
+@data_app.command("demo")
+def data_demo(out: Annotated[Path, typer.Option(help="Output folder (VOC layout).")] = Path("data/demo"),
+              seed: int = 0, n_train: int = 600, n_val: int = 120, workers: int = 2):
+    """Generate the embedded demo dataset (deterministic by seed; skipped when already there)."""
+    from attnfd_pipeline.data.demo import generate_demo
+
+    with errors():
+        path = generate_demo(out, seed=seed, n_train=n_train, n_val=n_val, workers=workers)
+    typer.echo(f"demo dataset: {path}")
+
+
+@data_app.command("prepare")
+def data_prepare(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
+    """Make the config's dataset ready: generate the embedded demo if needed, then check the dataset."""
+    from attnfd_pipeline.data.check import check_dataset, format_problems
+    from attnfd_pipeline.data.demo import generate_demo
+
+    cfg = load(config, set_)
+    with errors():
+        if cfg.data.dataset == "demo":
+            generate_demo(cfg.data.root, seed=cfg.augment.seed)
+        problems = check_dataset(cfg.data.dataset, cfg.data.root, [cfg.data.train_split, cfg.data.val_split])
+    if problems:
+        typer.echo(format_problems(problems), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{cfg.data.dataset} at {cfg.data.root}: ready")
+
+
+@data_app.command("check")
+def data_check(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+               split: Annotated[Optional[list[str]], typer.Option(help="Splits to check (default: train and val).")] = None):
+    """Validate a dataset before anything trains; every problem is reported with its file."""
+    from attnfd_pipeline.data.check import check_dataset, format_problems
+
+    cfg = load(config, set_)
+    splits = split or [cfg.data.train_split, cfg.data.val_split]
+    with errors():
+        problems = check_dataset(cfg.data.dataset, cfg.data.root, splits)
+    if problems:
+        typer.echo(format_problems(problems), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{cfg.data.dataset} at {cfg.data.root}: splits {', '.join(splits)} OK")
+
+
+@app.command("evaluate")
+def evaluate_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+                 bundle: Annotated[Optional[Path], typer.Option(help="Teacher bundle (default: the config's).")] = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="Print all metrics as JSON.")] = False):
+    """Evaluate the teacher bundle on the validation split: mIoU, pixel acc, class acc, FWIoU."""
+    from attnfd_pipeline.runs import evaluate_bundle
+    from attnfd_pipeline.teacher import bundle_path
+
+    cfg = load(config, set_)
+    with errors():
+        m = evaluate_bundle(cfg, bundle or bundle_path(cfg))
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in m.items() if k != "confusion"}, indent=2))
+    else:
+        typer.echo(f"mIoU {m['miou'] * 100:.2f}  pixel acc {m['pixel_acc'] * 100:.2f}  "
+                   f"class acc {m['class_acc'] * 100:.2f}  FWIoU {m['fwiou'] * 100:.2f}")
+
+
+@app.command("results")
+def results_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
+    """Print the result table (teacher, students) of the config's runs as Markdown."""
+    from attnfd_pipeline.results import collect_results, format_table
+
+    cfg = load(config, set_)
+    with errors():
+        typer.echo(format_table(collect_results(cfg)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

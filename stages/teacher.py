@@ -1,0 +1,29 @@
+"""`attnfd teacher` / `python -m stages.teacher`: Stage 1a — train the teacher, fit its CBAMs, freeze, bundle."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from attnfd_pipeline.runs import run_teacher
+from stages.common import DEFAULT_CONFIG, ConfigOpt, SeedOpt, SetOpt, errors, load
+
+
+def teacher(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedOpt = None,
+            resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False):
+    """Train the teacher (CE) with its CBAMs per teacher.cbam_mode, then freeze both into teacher_bundle.pt."""
+    overrides = list(set_ or []) + ([f"teacher.train.seed={seed}"] if seed is not None else [])
+    cfg = load(config, overrides)
+    with errors():
+        path = run_teacher(cfg, resume=resume)
+    typer.echo(f"teacher bundle: {path}")
+
+
+def main():  # pragma: no cover - thin entry point
+    typer.run(teacher)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

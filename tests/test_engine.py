@@ -1,0 +1,73 @@
+import torch
+
+from attnfd_pipeline.data.loaders import AugmentedDataset, EpochSampler, FreshSeeds, ValDataset, make_loader
+from attnfd_pipeline.data.source import ImageSource
+from attnfd_pipeline.engine.train import fit, read_log
+from attnfd_pipeline.models import build_model
+from attnfd_pipeline.teacher import SegTask
+from attnfd_pipeline.utils import seed_everything
+
+
+def _setup(cfg):
+    src = ImageSource.from_config(cfg)
+    val = ImageSource.from_config(cfg, cfg.data.val_split)
+    ds = AugmentedDataset(src, cfg.augment, FreshSeeds())
+    sampler = EpochSampler(len(ds), seed=0)
+    loader = make_loader(ds, batch_size=4, workers=0, sampler=sampler, drop_last=True)
+
+    def loader_for(epoch):
+        sampler.set_epoch(epoch)
+        return loader
+
+    return src, loader_for, make_loader(ValDataset(val, cfg.augment.crop_size), batch_size=4, workers=0)
+
+
+def _train(cfg, run_dir, **kw):
+    seed_everything(0)
+    model = build_model("deeplabv3plus_mobilenetv2", 11)
+    src, loader_for, val = _setup(cfg)
+    res = fit(SegTask(model), train_loader_for=loader_for, val_loader=val, cfg=cfg.teacher.train, run_dir=run_dir,
+              num_classes=11, device=torch.device("cpu"), config_dict=cfg.to_dict(), progress=False, **kw)
+    return model, res
+
+
+def test_loss_goes_down(tiny_data, tmp_path):
+    from conftest import make_cfg
+
+    cfg = make_cfg(tiny_data, tmp_path, "teacher.train.epochs=6", "teacher.train.eval_every=6")
+    _, res = _train(cfg, tmp_path / "run")
+    log = read_log(tmp_path / "run" / "metrics.parquet")
+    losses = [r["train_loss"] for r in log]
+    assert len(log) == 6 and losses[-1] < 0.8 * losses[0]
+    assert 0.0 <= res.best_miou <= 1.0 and log[-1]["miou"] is not None
+    assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    from conftest import make_cfg
+
+    cfg = make_cfg(tiny_data, tmp_path, "teacher.train.epochs=2")
+    full, _ = _train(cfg, tmp_path / "full")
+    _train(cfg, tmp_path / "cut", stop_after_epochs=1)  # "killed" after epoch 1
+    resumed, res = _train(cfg, tmp_path / "cut", resume=True)
+    assert res.epochs_done == 2
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    full_log, cut_log = read_log(tmp_path / "full" / "metrics.parquet"), read_log(tmp_path / "cut" / "metrics.parquet")
+    assert [r["train_loss"] for r in full_log] == [r["train_loss"] for r in cut_log]
+    assert full_log[-1]["miou"] == cut_log[-1]["miou"]
+
+
+def test_epoch_sampler_is_pure_and_partitions():
+    s = EpochSampler(10, seed=3)
+    s.set_epoch(2)
+    a = list(s)
+    s.set_epoch(2)
+    assert list(s) == a and sorted(i for _, i in a) == list(range(10)) and all(e == 2 for e, _ in a)
+    s.set_epoch(3)
+    assert list(s) != a
+    ranks = [EpochSampler(10, seed=3, rank=r, world=3) for r in range(3)]
+    for r in ranks:
+        r.set_epoch(2)
+    union = sorted(i for r in ranks for _, i in r)
+    assert len(union) == 12 and set(union) == set(range(10))

@@ -1,0 +1,147 @@
+import dataclasses
+
+import pytest
+import torch
+
+import attnfd_pipeline.teacher as teacher_mod
+from attnfd_pipeline.cache import CacheError, CacheReader, find_cache
+from attnfd_pipeline.config import load_config
+from attnfd_pipeline.data.source import ImageSource
+from attnfd_pipeline.student import StudentDataset, StudentTask, run_student, student_dir
+from attnfd_pipeline.data.loaders import CachedSeeds
+from attnfd_pipeline.teacher import load_teacher, load_teacher_info
+
+
+def _with(cfg, tmp_path, *overrides):
+    """Same config, fresh runs root, plus overrides (caches and teacher stay shared)."""
+    from attnfd_pipeline.config import dump_toml
+
+    p = tmp_path / "cfg.toml"
+    p.write_text(dump_toml(cfg))
+    return load_config(p, list(overrides))
+
+
+def _share_teacher(cfg, new):
+    import shutil
+
+    shutil.copytree(cfg.teacher_dir, new.teacher_dir, dirs_exist_ok=True)
+
+
+def test_cached_student_never_builds_the_teacher(tiny_pipeline, tmp_path, monkeypatch):
+    cfg, _ = tiny_pipeline
+    new = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"')
+    _share_teacher(cfg, new)
+
+    def forbidden(*a, **k):
+        raise AssertionError("Stage 2 from cache must not load or build the teacher")
+
+    monkeypatch.setattr("attnfd_pipeline.student.load_teacher", forbidden)
+    monkeypatch.setattr(teacher_mod, "load_teacher", forbidden)
+    monkeypatch.setattr(teacher_mod, "build_teacher_model", forbidden)
+    result = run_student(new, progress=False)
+    assert result["mode"] == "cached" and result["cache"] and 0 <= result["best_miou"] <= 1
+    assert (student_dir(new) / "config.resolved.toml").is_file()
+
+
+def test_cached_targets_equal_online_targets(tiny_pipeline):
+    """What Stage 2 reads from the cache is what the teacher computes online on the same crop, up to
+    float16 storage (relative error ≤ 2^-11 per value, 1e-3 on the whole map)."""
+    cfg, bundle = tiny_pipeline
+    src = ImageSource.from_config(cfg)
+    reader = CacheReader(find_cache(cfg, load_teacher_info(bundle), src))
+    teacher = load_teacher(bundle)
+    ds = StudentDataset(src, cfg.augment, CachedSeeds(0, cfg.cache.K), reader, ("B", "E", "D"))
+    for epoch, index in [(0, 0), (1, 3), (2, 7)]:
+        item = ds[(epoch, index)]
+        online = teacher.targets(item["image"][None], ["B", "E", "D"])
+        for p in "BED":
+            cached = item["targets"][p].float()
+            ref = online[p][0]
+            assert cached.dtype == torch.float32 and cached.shape == ref.shape
+            assert torch.allclose(cached, ref, rtol=2 ** -10, atol=1e-4)
+            assert ((cached - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_online_and_cached_losses_agree(tiny_pipeline):
+    cfg, bundle = tiny_pipeline
+    src = ImageSource.from_config(cfg)
+    reader = CacheReader(find_cache(cfg, load_teacher_info(bundle), src))
+    teacher = load_teacher(bundle)
+    ds = StudentDataset(src, cfg.augment, CachedSeeds(0, cfg.cache.K), reader, ("B", "E", "D"))
+    batch = torch.utils.data.default_collate([ds[(0, i)] for i in range(4)])
+    from attnfd_pipeline.distill import Distiller
+    from attnfd_pipeline.models import build_model
+
+    torch.manual_seed(0)
+    d = Distiller(build_model("deeplabv3plus_resnet18", 11), ("B", "E", "D"), {"B": 512, "E": 256, "D": 256}).eval()
+    cached = StudentTask(d, alpha=2.0, norm="batch")
+    online = StudentTask(d, alpha=2.0, norm="batch", teacher=teacher)
+    feats = d(batch["image"])
+    lc = cached.distill_loss(feats, cached._targets(batch))
+    lo = online.distill_loss(feats, online._targets(batch))
+    assert lc.item() == pytest.approx(lo.item(), rel=1e-3)
+
+
+def test_alpha_zero_is_exactly_the_plain_student(tiny_pipeline, tmp_path):
+    cfg, _ = tiny_pipeline
+    a0 = _with(cfg, tmp_path, f'runs_root="{tmp_path / "a0"}"', "student.alpha=0")
+    r = run_student(a0, progress=False)
+    assert r["method"] == "none" and r["cache"] is None
+    # the same run by hand: plain CE on the same crops, no distiller
+    from attnfd_pipeline.data.loaders import EpochSampler, ValDataset, make_loader
+    from attnfd_pipeline.engine.train import fit
+    from attnfd_pipeline.models import build_model
+    from attnfd_pipeline.teacher import SegTask
+    from attnfd_pipeline.utils import seed_everything
+
+    src = ImageSource.from_config(a0)
+    seed_everything(0)
+    model = build_model("deeplabv3plus_resnet18", 11)
+    ds = StudentDataset(src, a0.augment, CachedSeeds(0, a0.cache.K))
+    sampler = EpochSampler(len(ds), seed=0)
+    loader = make_loader(ds, batch_size=4, workers=0, sampler=sampler, drop_last=True)
+    val = make_loader(ValDataset(ImageSource.from_config(a0, "val"), a0.augment.crop_size), batch_size=4, workers=0)
+    fit(SegTask(model), train_loader_for=lambda e: loader, val_loader=val, cfg=a0.student.train,
+        run_dir=tmp_path / "plain", num_classes=11, device=torch.device("cpu"), config_dict={}, progress=False)
+    saved = torch.load(student_dir(a0) / "last.pt", weights_only=False)["modules"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(saved[f"student.{k}"], v), k
+
+
+def test_refuses_a_cache_that_does_not_match(tiny_pipeline, tmp_path):
+    cfg, _ = tiny_pipeline
+    new = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "cache.K=3")
+    _share_teacher(cfg, new)
+    with pytest.raises(CacheError, match="K"):
+        run_student(new, progress=False)
+
+
+def test_replay_hash_mismatch_names_the_image(tiny_pipeline, tmp_path):
+    cfg, bundle = tiny_pipeline
+    src = ImageSource.from_config(cfg)
+    reader = CacheReader(find_cache(cfg, load_teacher_info(bundle), src))
+
+    class Changed:  # the dataset changed after the cache was built
+        def __init__(self, s):
+            self.s = s
+
+        def load(self, i):
+            img, lab = self.s.load(i)
+            return 255 - img, lab
+
+        def __len__(self):
+            return len(self.s)
+
+    ds = StudentDataset(Changed(src), cfg.augment, CachedSeeds(0, cfg.cache.K), reader, ("D",))
+    with pytest.raises(CacheError, match=r"replayed image of image 'train_00002'.*aug seed"):
+        ds[(0, 2)]
+
+
+def test_online_mode_runs(tiny_pipeline, tmp_path):
+    cfg, _ = tiny_pipeline
+    new = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', 'student.mode="online"',
+                "student.connector_warmup_epochs=1", "student.train.epochs=2")
+    _share_teacher(cfg, new)
+    r = run_student(new, progress=False)
+    assert r["mode"] == "online" and r["epochs"] == 2
+    assert dataclasses.replace(new.student, mode="cached") != new.student
