@@ -543,3 +543,36 @@ def test_plan_precision_stats():
     clean = np.delete(x.reshape(12, 8, 8), [5, 6], axis=0).reshape(2, 5, 8, 8)
     st = precision_stats(clean, to_float16(clean, 0, target="D", ids=["a"] * 2, seeds=[0] * 2))
     assert st["tiny_channels"] == 0 and st["rel_error"] < 3e-4
+
+
+def test_float16_cast_matches_numpy_bitwise():
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.standard_normal(20000).astype(np.float32) * s for s in (1e-8, 1e-5, 1e-2, 1, 3e4)]).clip(-65504, 65504)
+    x = np.concatenate([x, np.array([65504, 65503.9, -65504, 6.1e-5, 5.96e-8, 2.98e-8, 8.94e-8, 0, -0.0],
+                                    np.float32)]).reshape(1, 1, 1, -1)
+    y = to_float16(x, 0, target="D", ids=["a"], seeds=[0])
+    with np.errstate(over="ignore"):
+        assert np.array_equal(y.view(np.uint16), x.astype(np.float16).view(np.uint16))
+
+
+class _CachedItems(torch.utils.data.Dataset):
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, j):
+        return {n: torch.from_numpy(v) for n, v in self.reader.read(j // 2, j % 2).items()}
+
+
+def test_reader_in_forked_dataloader_workers(built):
+    _, _, _, r = built
+    reader = CacheReader(r.path)
+    reader.read(0, 0)  # parent opened the store before the fork
+    loader = torch.utils.data.DataLoader(_CachedItems(reader), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork", persistent_workers=True)
+    for _ in range(2):  # second epoch on the same persistent workers
+        for j, item in enumerate(loader):
+            want = reader.read(j // 2, j % 2)
+            assert all(np.array_equal(item[n].numpy(), want[n]) for n in want)

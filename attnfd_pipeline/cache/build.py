@@ -134,6 +134,9 @@ def _shard_samples(cfg, source, shard: ShardRange, ids) -> tuple[list[dict], lis
     return rows, crops, time.perf_counter() - t0
 
 
+shard_samples = _shard_samples  # public name (bench.py uses the underscored one)
+
+
 def run_teacher(teacher, crops: Sequence[torch.Tensor], names: Sequence[str], batch_size: int,
                 device: torch.device) -> tuple[dict[str, np.ndarray], float]:
     """Teacher targets of ``crops`` in batches of ``batch_size``: float32 numpy (n, C, H, W) per name."""
@@ -184,9 +187,8 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
             if s.isdigit() and int(s) % world == rank:
                 tmp.unlink(missing_ok=True)
         done = committed_shards(manifest_dir, fp)
-        todo = [s for s in range(rank, n_shards, world) if s not in done]
-        todo_samples = sum((shard_range(s, S, len(source))[1] - shard_range(s, S, len(source))[0]) * K
-                           for s in todo)
+        todo = [ShardRange(s, *shard_range(s, S, len(source))) for s in range(rank, n_shards, world) if s not in done]
+        todo_samples = sum((sh.stop - sh.start) * K for sh in todo)
         bar = Progress(todo_samples, desc=f"cache {fp[:8]} rank {rank}/{world}", unit="samples", enabled=progress)
 
         def on_commit(buf: ShardBuffer, nbytes: int, seconds: float) -> None:
@@ -197,14 +199,12 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
         # one shard of images is loaded and augmented ahead, in a thread, while the teacher runs
         loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-loader")
 
-        def prepare(s: int):
-            start, stop = shard_range(s, S, len(source))
-            return loader.submit(_shard_samples, cfg, source, ShardRange(s, start, stop), ids)
+        def prepare(shard: ShardRange):
+            return loader.submit(_shard_samples, cfg, source, shard, ids)
 
         try:
             pending = prepare(todo[0]) if todo else None
-            for j, s in enumerate(todo):
-                start, stop = shard_range(s, S, len(source))
+            for j, (s, start, stop) in enumerate(todo):
                 rows, crops, dt = pending.result()
                 pending = prepare(todo[j + 1]) if j + 1 < len(todo) else None
                 load_s += dt

@@ -20,7 +20,7 @@ import pyarrow as pa
 from attnfd_pipeline.augment import AugmentParams
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, diff_inputs, fingerprint_of
 from attnfd_pipeline.cache.manifest import list_parts, read_manifest
-from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, PARAM_FIELDS, CacheError, params_from_row, paths,
+from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, CacheError, params_from_row, paths,
                                           sample_checksum)
 
 
@@ -55,7 +55,9 @@ class CacheReader:
             self._row[idx * self.K + seed] = np.arange(len(idx))
             for name in table.column_names:
                 col = table.column(name)
-                if pa.types.is_string(col.type):
+                if name.startswith(CHECKSUM_PREFIX) or name.endswith("_hash"):
+                    self._cols[name] = np.asarray(col.to_pylist(), dtype=np.bytes_)  # hex: 1 byte per char
+                elif pa.types.is_string(col.type):
                     self._cols[name] = np.asarray(col.to_pylist(), dtype=str)  # fixed-width unicode, no objects
                 else:
                     self._cols[name] = col.to_numpy()
@@ -106,7 +108,7 @@ class CacheReader:
     def hashes(self, index: int, aug_seed: int) -> tuple[str, str]:
         """(image_hash, label_hash) of the augmented uint8 crop the teacher saw."""
         row = self._row_of(index, aug_seed)
-        return str(self._cols["image_hash"][row]), str(self._cols["label_hash"][row])
+        return self._cols["image_hash"][row].decode(), self._cols["label_hash"][row].decode()
 
     def read(self, index: int, aug_seed: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """float16 ``(C, H, W)`` targets of sample (index, aug_seed), checksum-verified."""
@@ -123,7 +125,7 @@ class CacheReader:
                 x = group[name][index, aug_seed]
             except Exception as e:  # noqa: BLE001 - crc32c mismatch, truncated shard …
                 raise CacheError(f"{self.path}: unreadable data for {where}: {e}") from None
-            if self.verify and sample_checksum(x) != self._cols[CHECKSUM_PREFIX + name][row]:
+            if self.verify and sample_checksum(x).encode() != self._cols[CHECKSUM_PREFIX + name][row]:
                 raise CacheError(f"{self.path}: checksum mismatch for {where} (data changed after it was written)")
             out[name] = x
         return out
@@ -258,5 +260,4 @@ def describe_cache(cache_dir: str | Path) -> dict:
     }
 
 
-__all__ = ["CacheReader", "find_cache", "check_compatible", "describe_cache", "list_caches", "load_info",
-           "PARAM_FIELDS"]
+__all__ = ["CacheReader", "find_cache", "check_compatible", "describe_cache", "list_caches", "load_info"]

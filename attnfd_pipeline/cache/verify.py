@@ -65,7 +65,7 @@ class VerifyReport:
         return out
 
 
-def _check_shard(arr, name: str, s0: int, s1: int, ids: np.ndarray, sums: np.ndarray) -> list[tuple]:
+def _check_shard(arr, s0: int, s1: int, sums: np.ndarray) -> list[tuple]:
     """Read one shard of one target; (index, seed, reason) for each bad sample. ``sums``: (n, K)."""
     K = arr.shape[1]
     bad = []
@@ -173,7 +173,7 @@ def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, 
         ids = np.asarray(t.column("image_id").to_pylist(), dtype=str).reshape(s1 - s0, K)
         for name in targets:
             sums = np.asarray(t.column(CHECKSUM_PREFIX + name).to_pylist(), dtype=str).reshape(s1 - s0, K)
-            tasks.append(dask.delayed(_check_shard)(arrays[name], name, s0, s1, ids, sums))
+            tasks.append(dask.delayed(_check_shard)(arrays[name], s0, s1, sums))
             keys.append((s, name, ids))
         report.samples_checked += (s1 - s0) * K
     results = dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers)) if tasks else []
