@@ -8,13 +8,15 @@ CONFIG ?= configs/demo.toml
 SEED ?= 0
 ALPHA ?=
 NPROC ?= 1
+ALPHAS ?= 0.1,1,2,10
+SEEDS ?= 0
 # Stamps record that a stage ran for a config; a stage reruns when its config or its inputs change.
 STAMPS := .make
 CFG_NAME := $(basename $(notdir $(CONFIG)))
 STUDENT_ARGS := --seed $(SEED) $(if $(ALPHA),--alpha $(ALPHA),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo data teacher cache student baseline results test clean-runs
+.PHONY: help install demo data teacher cache student baseline results test clean-runs sweep bench chaos bench
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,8 +64,14 @@ demo: $(STAMPS)/cache-$(CFG_NAME) ## Everything on the embedded dataset: teacher
 	$(ATTNFD) student --config $(CONFIG) --seed $(SEED)
 	$(ATTNFD) results --config $(CONFIG)
 
+bench: $(VENV)/.installed ## Measure what caching buys (step time, memory, build/read throughput, storage) -> bench/results.{json,md}
+	$(ATTNFD) bench --out bench
+
 test: $(VENV)/.installed ## Run the test suite
 	$(BIN)/python -m pytest -q
 
 clean-runs: ## Delete runs/, data/demo, cache contents and stamps (asks nothing: be sure)
 	rm -rf runs data/demo $(STAMPS) && find cache -mindepth 1 ! -name README.md -exec rm -rf {} +
+
+sweep: $(STAMPS)/cache-$(CFG_NAME) ## α × seed grid on one cache via dask (ALPHAS=0.1,1,2,10 SEEDS=0,1,2)
+	$(ATTNFD) sweep --config $(CONFIG) --alpha $(ALPHAS) --seed $(SEEDS)

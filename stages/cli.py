@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from stages.bench import bench
 from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
-from stages.student import student
+from stages.student import student, sweep
 from stages.teacher import teacher
 
 app = typer.Typer(help="AttnFD pipeline: teacher → cache → student.", no_args_is_help=True,
@@ -18,6 +19,8 @@ data_app = typer.Typer(help="Datasets: generate the embedded demo, validate a da
 app.add_typer(data_app, name="data")
 app.command("teacher")(teacher)
 app.command("student")(student)
+app.command("sweep")(sweep)
+app.command("bench")(bench)
 
 try:  # the cache sub-app
     from stages.cache import app as cache_app

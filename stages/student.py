@@ -33,3 +33,21 @@ def main():  # pragma: no cover - thin entry point
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def sweep(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+          alpha: Annotated[str, typer.Option(help="Comma-separated α values, e.g. 0.1,1,2,10.")] = "0.1,1,2,10",
+          seed: Annotated[str, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = "0",
+          scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler.")] = None,
+          workers: Annotated[int, typer.Option(help="LocalCluster worker processes (no --scheduler).")] = 1,
+          gpus_per_run: Annotated[int, typer.Option(help="GPU resource each run claims on the cluster.")] = 0):
+    """Run an α × seed grid on one cache on a dask.distributed cluster; finished runs are skipped."""
+    from attnfd_pipeline.results import collect_results, format_table
+    from attnfd_pipeline.sweep import parse_list, run_sweep
+
+    cfg = load(config, set_)
+    with errors():
+        alphas, seeds = parse_list(alpha, float), parse_list(seed, int)
+        done = run_sweep(cfg, alphas, seeds, scheduler=scheduler, workers=workers, gpus_per_run=gpus_per_run)
+    typer.echo(f"{len(done)} runs trained ({len(alphas) * len(seeds) - len(done)} already done)")
+    typer.echo(format_table(collect_results(cfg)))

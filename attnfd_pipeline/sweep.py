@@ -1,0 +1,91 @@
+"""α × seed sweeps on one cache, scheduled on a ``dask.distributed`` cluster.
+
+Each run gets its own directory (``runs/<name>/student/<run>/``) with its resolved config; a run whose
+``result.json`` exists is skipped, so a rerun of the same sweep only does what is missing. By default
+a ``LocalCluster`` of ``workers`` single-threaded processes is started; ``scheduler`` connects to an
+existing cluster instead (one GPU per run: start workers with ``--resources GPU=1`` and pass
+``gpus_per_run=1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from attnfd_pipeline.config import Config
+
+
+def parse_list(text: str, kind=float) -> list:
+    """``"0.1,1,2"`` → [0.1, 1.0, 2.0] (clear error naming the bad item)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"empty list {text!r}")
+    out = []
+    for t in items:
+        try:
+            out.append(kind(t))
+        except ValueError:
+            raise ValueError(f"{t!r} in {text!r} is not a {kind.__name__}") from None
+    return out
+
+
+def sweep_configs(cfg: Config, alphas: Sequence[float], seeds: Sequence[int]) -> list[Config]:
+    """One config per (α, seed), everything else shared (so all runs read the same cache)."""
+    out = []
+    for alpha in alphas:
+        if alpha < 0:
+            raise ValueError(f"alpha {alpha} must be >= 0")
+        for seed in seeds:
+            train = dataclasses.replace(cfg.student.train, seed=int(seed))
+            student = dataclasses.replace(cfg.student, alpha=float(alpha), train=train)
+            out.append(dataclasses.replace(cfg, student=student))
+    return out
+
+
+def is_done(cfg: Config) -> bool:
+    from attnfd_pipeline.student import student_dir
+
+    return (student_dir(cfg) / "result.json").is_file()
+
+
+def _run_one(cfg: Config) -> dict:
+    import torch
+
+    from attnfd_pipeline.student import run_student
+
+    torch.set_num_threads(1)  # one run per single-threaded worker: runs don't fight over cores
+    return run_student(cfg, resume=True, progress=False)
+
+
+def run_sweep(cfg: Config, alphas: Sequence[float], seeds: Sequence[int], *, scheduler: str | None = None,
+              workers: int = 1, gpus_per_run: int = 0) -> list[dict]:
+    """Run every missing (α, seed) run on a dask cluster; returns the results of the runs it ran."""
+    import dask
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    todo = [c for c in sweep_configs(cfg, alphas, seeds) if not is_done(c)]
+    if not todo:
+        return []
+    # Runs start DataLoader worker processes: dask workers must not be daemonic.
+    with dask.config.set({"distributed.worker.daemon": False}):
+        if scheduler:
+            client = Client(scheduler)
+            cluster = None
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+            client = Client(cluster)
+        try:
+            resources = {"GPU": gpus_per_run} if gpus_per_run else None
+            futures = [client.submit(_run_one, c, key=f"attnfd-{c.name}-a{c.student.alpha:g}-s{c.student.train.seed}",
+                                     resources=resources, pure=False) for c in todo]
+            results = []
+            for fut in as_completed(futures):
+                r = fut.result()
+                print(f"[sweep] {r['run']}: best mIoU {r['best_miou'] * 100:.2f}", flush=True)
+                results.append(r)
+            return results
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()

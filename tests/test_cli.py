@@ -1,0 +1,76 @@
+"""The `attnfd` CLI end to end on tiny data: exit codes, messages, files written."""
+
+import json
+import re
+
+from typer.testing import CliRunner
+
+from stages.cli import app
+
+runner = CliRunner()
+
+
+def _opts(cfg_path):
+    return ["--config", str(cfg_path)]
+
+
+def _write_cfg(cfg, tmp_path):
+    from attnfd_pipeline.config import dump_toml
+
+    p = tmp_path / "tiny.toml"
+    p.write_text(dump_toml(cfg))
+    return p
+
+
+def test_teacher_evaluate_student_results(tiny_cfg, tmp_path):
+    p = _write_cfg(tiny_cfg, tmp_path)
+    r = runner.invoke(app, ["teacher", *_opts(p)])
+    assert r.exit_code == 0, r.output
+    assert (tiny_cfg.teacher_dir / "teacher_bundle.pt").is_file()
+    r = runner.invoke(app, ["evaluate", *_opts(p), "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)
+    assert 0 <= m["miou"] <= 1 and len(m["per_class_iou"]) == 11
+    r = runner.invoke(app, ["evaluate", *_opts(p)])
+    assert re.search(r"mIoU \d+\.\d\d", r.output)
+    r = runner.invoke(app, ["cache", "build", *_opts(p)])
+    assert r.exit_code == 0, r.output
+    for alpha in ("0", "2"):
+        r = runner.invoke(app, ["student", *_opts(p), "--alpha", alpha, "--seed", "1"])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["results", *_opts(p)])
+    assert r.exit_code == 0
+    lines = [line for line in r.output.splitlines() if line.startswith("| ")]
+    assert len(lines) == 2 + 3  # header, rule, teacher, baseline, attnfd
+    assert "baseline" not in r.output and "| student | deeplabv3plus_resnet18 | attnfd | 2 | cached |" in r.output
+
+
+def test_bad_config_and_missing_teacher_are_one_clear_line(tiny_cfg, tmp_path):
+    p = _write_cfg(tiny_cfg, tmp_path)
+    r = runner.invoke(app, ["teacher", *_opts(p), "--set", "teacher.train.lr=-1"])
+    assert r.exit_code == 2 and "teacher.train.lr: must be > 0" in r.output
+    r = runner.invoke(app, ["student", *_opts(p), "--set", "student.bogus=1"])
+    assert r.exit_code == 2 and "student.bogus: unknown key" in r.output
+    r = runner.invoke(app, ["student", *_opts(p), "--alpha", "2"])
+    assert r.exit_code == 2 and "teacher_bundle.json" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["evaluate", *_opts(p)])
+    assert r.exit_code == 2 and "teacher bundle" in r.output
+
+
+def test_data_demo_prepare_and_check(tmp_path):
+    from attnfd_pipeline.config import load_config, dump_toml
+
+    root = tmp_path / "demo"
+    r = runner.invoke(app, ["data", "demo", "--out", str(root), "--n-train", "6", "--n-val", "2"])
+    assert r.exit_code == 0, r.output
+    assert len(list((root / "JPEGImages").glob("*.jpg"))) == 8
+    cfg = load_config(None, [f'data.root="{root}"'])
+    p = tmp_path / "c.toml"
+    p.write_text(dump_toml(cfg))
+    r = runner.invoke(app, ["data", "check", "--config", str(p)])
+    assert r.exit_code == 0, r.output
+    (root / "JPEGImages" / "train_00001.jpg").write_bytes(b"not a jpeg")
+    (root / "SegmentationClass" / "val_00000.png").unlink()
+    r = runner.invoke(app, ["data", "check", "--config", str(p)])
+    assert r.exit_code == 1
+    assert "train_00001.jpg" in r.output and "val_00000.png" in r.output
