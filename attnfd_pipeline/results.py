@@ -26,6 +26,24 @@ def collect_results(cfg: Config) -> list[dict]:
     return rows
 
 
+def collect_stages(cfg: Config) -> list[str]:
+    """One line per finished stage: time, and the cache's size on disk."""
+    lines = []
+    teacher = cfg.teacher_dir / "result.json"
+    if teacher.is_file():
+        r = json.loads(teacher.read_text())
+        lines.append(f"teacher: {r['epochs']} epochs in {r['seconds']:.0f} s")
+    build = cfg.run_root / "cache_build.json"
+    if build.is_file():
+        from pathlib import Path
+
+        r = json.loads(build.read_text())
+        size = sum(f.stat().st_size for f in Path(r["path"]).rglob("*") if f.is_file()) if Path(r["path"]).is_dir() else 0
+        lines.append(f"cache: {r['samples_written']} samples in {r['seconds']:.0f} s "
+                     f"({r['samples_per_s']:.1f} samples/s), {size / 1e6:.1f} MB on disk at {r['path']}")
+    return lines
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown table; runs that differ only by seed are merged into mean ± std."""
     if not rows:

@@ -58,8 +58,9 @@ def _run_one(cfg: Config) -> dict:
 
 
 def run_sweep(cfg: Config, alphas: Sequence[float], seeds: Sequence[int], *, scheduler: str | None = None,
-              workers: int = 1, gpus_per_run: int = 0) -> list[dict]:
-    """Run every missing (α, seed) run on a dask cluster; returns the results of the runs it ran."""
+              workers: int = 1, gpus_per_run: int = 0, processes: bool = True) -> list[dict]:
+    """Run every missing (α, seed) run on a dask cluster; returns the results of the runs it ran.
+    ``processes=False`` runs the LocalCluster's workers as threads of this process (tests)."""
     import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -72,7 +73,7 @@ def run_sweep(cfg: Config, alphas: Sequence[float], seeds: Sequence[int], *, sch
             client = Client(scheduler)
             cluster = None
         else:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
                                    dashboard_address=None)
             client = Client(cluster)
         try:

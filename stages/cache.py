@@ -56,6 +56,23 @@ def _device(cfg, device: str | None):
     return resolve_device(device or cfg.teacher.train.device)
 
 
+def _check_inputs(cfg, source, teacher_path: Path, t) -> None:
+    """Before anything is written: a real dataset's files are usable, and the teacher bundle was trained
+    for the dataset's number of classes."""
+    from attnfd_pipeline.data.source import ImageSource
+
+    if not isinstance(source, ImageSource):  # test fakes
+        return
+    from attnfd_pipeline.runs import check_dataset_inputs
+
+    check_dataset_inputs(cfg, [cfg.data.train_split])
+    info = t.info() if callable(getattr(t, "info", None)) else {}
+    nc = info.get("num_classes")
+    if nc is not None and nc != source.info.num_classes:
+        raise ValueError(f"{teacher_path}: teacher bundle has {nc} classes, dataset {source.info.name!r} has "
+                         f"{source.info.num_classes}")
+
+
 def _locate(cfg, teacher: Path | None, path: Path | None) -> Path:
     from attnfd_pipeline.cache import find_cache
 
@@ -97,6 +114,7 @@ def build_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: 
     with errors():
         source = make_source(cfg)
         t = load_teacher(_teacher_path(cfg, teacher), _device(cfg, device))
+        _check_inputs(cfg, source, _teacher_path(cfg, teacher), t)
         plan = plan_cache(cfg, source, teacher=t, check=False)
         typer.echo("\n".join(plan.lines()))
         plan.check()
@@ -105,6 +123,13 @@ def build_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: 
     typer.echo(f"shards written {r.shards_written}, skipped {r.shards_skipped} of {r.shards_total}; "
                f"{r.samples_written} samples, {r.bytes_written / 1e6:.1f} MB in {r.seconds:.1f} s "
                f"({r.samples_per_s:.1f} samples/s; teacher alone {r.teacher_samples_per_s:.1f} samples/s)")
+    if r.shards_written:
+        from attnfd_pipeline.utils import atomic_write_json
+
+        atomic_write_json(cfg.run_root / "cache_build.json", {
+            "path": str(r.path), "seconds": r.seconds, "samples_written": r.samples_written,
+            "bytes_written": r.bytes_written, "samples_per_s": r.samples_per_s,
+            "teacher_samples_per_s": r.teacher_samples_per_s, "resumed": r.shards_skipped > 0})
 
 
 @app.command("info")

@@ -10,6 +10,7 @@ import typer
 
 from stages.bench import bench
 from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
+from stages.report import report, visualize
 from stages.student import student, sweep
 from stages.teacher import teacher
 
@@ -21,6 +22,8 @@ app.command("teacher")(teacher)
 app.command("student")(student)
 app.command("sweep")(sweep)
 app.command("bench")(bench)
+app.command("report")(report)
+app.command("visualize")(visualize)
 
 try:  # the cache sub-app
     from stages.cache import app as cache_app
@@ -95,11 +98,13 @@ def evaluate_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
 @app.command("results")
 def results_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
     """Print the result table (teacher, students) of the config's runs as Markdown."""
-    from attnfd_pipeline.results import collect_results, format_table
+    from attnfd_pipeline.results import collect_results, collect_stages, format_table
 
     cfg = load(config, set_)
     with errors():
         typer.echo(format_table(collect_results(cfg)))
+        for line in collect_stages(cfg):
+            typer.echo(line)
 
 
 if __name__ == "__main__":  # pragma: no cover
