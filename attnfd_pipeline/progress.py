@@ -28,6 +28,7 @@ class Progress:
         self.n = 0
         self.start = self._last = time.perf_counter()
         self.postfix: dict[str, str] = {}
+        self._shown = -1  # count at the last printed line
         self.counters: dict[str, float] = {}
 
     def update(self, n: int = 1, *, counters: dict[str, float] | None = None, **postfix) -> None:
@@ -54,15 +55,15 @@ class Progress:
     def _render(self, final: bool) -> None:
         if not self.enabled:
             return
+        self._shown = self.n
         end = "\n" if (final or not self.tty) else ""
         prefix = "\r" if self.tty else ""
         self.stream.write(prefix + self.line() + end)
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
-            self._render(final=True)
-        elif self.n and self._last != time.perf_counter():
+        """Finish the line on a terminal; in a log, print the final count unless it was just printed."""
+        if self.tty or (self.n and self._shown != self.n):
             self._render(final=True)
 
     def __enter__(self):

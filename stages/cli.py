@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover
 
 @data_app.command("demo")
 def data_demo(out: Annotated[Path, typer.Option(help="Output folder (VOC layout).")] = Path("data/demo"),
-              seed: int = 0, n_train: int = 600, n_val: int = 120, workers: int = 2):
+              seed: int = 0, n_train: int = 500, n_val: int = 100, workers: int = 2):
     """Generate the embedded demo dataset (deterministic by seed; skipped when already there)."""
     from attnfd_pipeline.data.demo import generate_demo
 

@@ -406,7 +406,7 @@ def _files_present(out: Path, ids: dict[str, list[str]]) -> bool:
     return True
 
 
-def demo_is_complete(out_dir: Union[str, os.PathLike], *, seed: int = 0, n_train: int = 600, n_val: int = 120,
+def demo_is_complete(out_dir: Union[str, os.PathLike], *, seed: int = 0, n_train: int = 500, n_val: int = 100,
                      min_size: int = 96, max_size: int = 160) -> bool:  # fmt: skip
     """True when ``out_dir`` holds a finished demo dataset generated with these parameters."""
     out = Path(out_dir)
@@ -418,8 +418,8 @@ def generate_demo(
     out_dir: Union[str, os.PathLike],
     *,
     seed: int = 0,
-    n_train: int = 600,
-    n_val: int = 120,
+    n_train: int = 500,
+    n_val: int = 100,
     min_size: int = 96,
     max_size: int = 160,
     workers: int = 2,
