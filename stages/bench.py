@@ -1,0 +1,43 @@
+"""`attnfd bench` / `make bench`: what caching buys — step time, memory, cache build and read throughput,
+storage — measured side by side in one run (issue 5); writes ``results.json`` and ``results.md``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors
+
+
+def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+          out: Annotated[Path, typer.Option(help="Folder for results.json and results.md.")] = Path("bench"),
+          quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (seconds): keeps the harness working; "
+                                                              "figures are not meaningful.")] = False,
+          repeats: Annotated[Optional[int], typer.Option(help="Interleaved repeats (default: 3, quick: 1).")] = None,
+          work_dir: Annotated[Optional[Path], typer.Option(help="Where the temporary dataset, teacher and cache "
+                                                                "go (default: the system temp dir).")] = None):
+    """Benchmark plain vs cached vs online distillation: step time, peak memory, cache build and read
+    throughput, storage, sweep economics (interleaved ratios, medians over repeats)."""
+    from attnfd_pipeline.bench import run_bench
+
+    with errors():
+        res = run_bench(out, quick=quick, repeats=repeats, recipe=config, overrides=list(set_ or []),
+                        work_dir=work_dir)
+    for key in ("step_ratio_cached_over_plain", "step_ratio_online_over_cached", "saving_efficiency",
+                "peak_mem_ratio_cached_over_plain", "peak_mem_ratio_online_over_plain",
+                "cache_build_over_teacher_inference", "reader_over_consumer", "storage"):
+        m = res[key]
+        v = m.get("value")
+        goal = f"  (goal {m['goal']}: {'met' if m.get('met') else 'MISSED'})" if "goal" in m else ""
+        typer.echo(f"{key:36s} {v if v is None else round(v, 3)}{goal}")
+    typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
+
+
+def main():  # pragma: no cover - thin entry point
+    typer.run(bench)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
