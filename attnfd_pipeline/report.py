@@ -1,0 +1,508 @@
+"""Paper-style reports from run results (``attnfd report``).
+
+Reads every ``runs/<name>/student/*/result.json`` of a config (and of any extra run roots, e.g. the
+runs of other teacher CBAM modes, which need their own teacher and so their own ``name``) plus the
+teachers' ``result.json`` and bundle sidecars, and writes into ``out/``:
+
+- ``report.md`` — the paper-style table (teacher, student, student + each method: mean ± std over
+  seeds, n, gain over the student, mIoU and pixel accuracy), then the studies: α sweep, K (cached
+  augmentation seeds) vs online, distillation points, normalisation, teacher CBAM mode, per-class IoU
+  of the best method vs the student. A study without runs says "no runs".
+- ``alpha_sweep.png``, ``k_study.png``, ``per_class_iou.png`` (when their study has runs);
+- ``report.json`` — the rows behind every table.
+
+A study varies one factor of AttnFD (cached) and holds the others at the config's values (the
+*reference*: α, norm, points, K, teacher CBAM mode, student model). mIoU is each run's final-epoch
+validation mIoU; ± is the sample standard deviation over seeds (shown when n > 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from attnfd_pipeline.config import Config
+from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
+
+DISPLAY = {"attnfd": "AttnFD", "kd": "KD", "lad": "LAD", "aicsd": "AICSD", "afdcd": "Af-DCD", "cirkd": "CIRKD"}
+METHOD_ORDER = ["kd", "lad", "aicsd", "afdcd", "cirkd", "attnfd"]  # paper table order: rivals, then AttnFD
+# which run settings a method's result depends on (the others are ignored when matching the reference)
+USES = {"attnfd": {"points", "norm"}, "lad": {"points", "norm"}, "afdcd": {"points"}, "cirkd": {"points"},
+        "kd": set(), "aicsd": set()}
+CBAM_MODES = ("inpath", "fitted", "parameter_free", "untrained")
+NORM_ORDER = ("batch", "sample", "channel")
+NO_RUNS = "no runs"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading runs
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def _teacher_record(root: Path) -> dict | None:
+    res = root / "teacher" / "result.json"
+    if not res.is_file():
+        return None
+    r = json.loads(res.read_text())
+    side = root / "teacher" / "teacher_bundle.json"
+    info = json.loads(side.read_text()) if side.is_file() else {}
+    cfg = _read_toml(root / "teacher" / "config.resolved.toml")
+    metrics = info.get("metrics", {})
+    return {
+        "root": str(root), "model": info.get("model") or cfg.get("teacher", {}).get("model", {}).get("name"),
+        "cbam_mode": info.get("cbam_mode") or cfg.get("teacher", {}).get("cbam_mode"),
+        "miou": r.get("miou"), "pixel_acc": r.get("pixel_acc"), "per_class_iou": metrics.get("per_class_iou"),
+        "class_names": metrics.get("class_names"), "seconds": r.get("seconds"),
+    }
+
+
+def _student_record(path: Path, root: Path, teacher: dict | None) -> dict:
+    """A result.json, with what older results lack filled from the run's resolved config."""
+    r = json.loads(path.read_text())
+    cfg = _read_toml(path.parent / "config.resolved.toml")
+    s = cfg.get("student", {})
+    alpha = float(r.get("alpha", s.get("alpha", 0.0)))
+    method = r.get("method") or (s.get("method", "attnfd") if alpha > 0 else "none")
+    if alpha == 0:
+        method = "none"
+    t_info = r.get("teacher") or {}
+    mode = t_info.get("cbam_mode") or (teacher or {}).get("cbam_mode") or cfg.get("teacher", {}).get("cbam_mode")
+    return {
+        "run": r.get("run", path.parent.name), "root": str(root),
+        "model": r.get("model", s.get("model", {}).get("name")),
+        "method": method, "alpha": alpha, "norm": r.get("norm", s.get("norm")),
+        "points": tuple(r.get("points") or s.get("points") or ()), "mode": r.get("mode", s.get("mode", "cached")),
+        "seed": r.get("seed", s.get("train", {}).get("seed")), "K": r.get("K", cfg.get("cache", {}).get("K")),
+        "teacher_mode": mode if alpha > 0 else None,
+        "miou": r.get("final_miou"), "pixel_acc": r.get("final_pixel_acc"), "best_miou": r.get("best_miou"),
+        "per_class_iou": r.get("per_class_iou"), "class_names": r.get("class_names"),
+        "seconds": r.get("train_seconds"), "epochs": r.get("epochs"),
+    }
+
+
+def collect_runs(cfg: Config, extra_roots: Iterable[str | Path] = ()) -> tuple[list[dict], list[dict]]:
+    """(teachers, students) of ``cfg.run_root`` and of every extra run root (a run folder such as
+    ``runs/demo_fitted``). Runs without a final mIoU (unfinished) are left out."""
+    roots, seen = [], set()
+    for root in [cfg.run_root, *map(Path, extra_roots)]:
+        key = Path(root).resolve()
+        if key not in seen:
+            seen.add(key)
+            roots.append(Path(root))
+    teachers, students = [], []
+    for root in roots:
+        teacher = _teacher_record(root)
+        if teacher is not None:
+            teachers.append(teacher)
+        for path in sorted((root / "student").glob("*/result.json")):
+            rec = _student_record(path, root, teacher)
+            if rec["miou"] is not None:
+                students.append(rec)
+    return teachers, students
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics and formatting
+
+
+@dataclass
+class Stat:
+    n: int
+    mean: float
+    std: float | None  # sample std (ddof = 1) when n > 1
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> "Stat | None":
+        v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64) * 100
+        if v.size == 0:
+            return None
+        return cls(int(v.size), float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None)
+
+    def fmt(self) -> str:
+        return f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.std is not None else "")
+
+
+def _fmt(stat: Stat | None) -> str:
+    return stat.fmt() if stat is not None else "–"
+
+
+def _delta(stat: Stat | None, base: Stat | None) -> str:
+    if stat is None or base is None:
+        return ""
+    return f"{stat.mean - base.mean:+.2f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def method_label(method: str, mode: str = "cached") -> str:
+    if method == "none":
+        return "Student"
+    names = " + ".join(DISPLAY.get(m, m) for m in method.split("+"))
+    return f"S + {names}" + (" (online)" if mode == "online" else "")
+
+
+def _points_label(points: Sequence[str]) -> str:
+    return "+".join(points)
+
+
+def _method_sort_key(method: str, mode: str):
+    parts = method.split("+")
+    first = METHOD_ORDER.index(parts[0]) if parts[0] in METHOD_ORDER else len(METHOD_ORDER)
+    return (len(parts) > 1, first, method, mode == "online")
+
+
+# ---------------------------------------------------------------------------------------------
+# selecting runs
+
+
+@dataclass(frozen=True)
+class Reference:
+    model: str
+    alpha: float
+    norm: str
+    points: tuple[str, ...]
+    K: int
+    teacher_mode: str
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Reference":
+        s = cfg.student
+        return cls(s.model.name, float(s.alpha), s.norm, tuple(s.points), int(cfg.cache.K), cfg.teacher.cbam_mode)
+
+
+def _uses(method: str) -> set[str]:
+    out: set[str] = set()
+    for m in method.split("+"):
+        out |= USES.get(m, {"points", "norm"})
+    return out
+
+
+def _matches(r: dict, ref: Reference, *, vary: str = "", method_aware: bool = False) -> bool:
+    """Run ``r`` is at the reference in every factor but ``vary`` (``method_aware``: only in the factors
+    its method depends on; K only for cached runs)."""
+    uses = _uses(r["method"]) if method_aware else {"points", "norm"}
+    if r["model"] != ref.model:
+        return False
+    if vary != "norm" and "norm" in uses and r["norm"] != ref.norm:
+        return False
+    if vary != "points" and "points" in uses and tuple(r["points"]) != ref.points:
+        return False
+    if vary != "K" and r["mode"] == "cached" and r["K"] is not None and r["K"] != ref.K:
+        return False
+    if vary != "teacher_mode" and r["teacher_mode"] is not None and r["teacher_mode"] != ref.teacher_mode:
+        return False
+    return True
+
+
+def _baseline(students: list[dict], ref: Reference) -> list[dict]:
+    """Plain-student runs (α = 0) of the reference model, at the reference K when there are such runs."""
+    base = [r for r in students if r["method"] == "none" and r["model"] == ref.model]
+    at_k = [r for r in base if r["K"] == ref.K]
+    return at_k or base
+
+
+def _teacher_at_ref(teachers: list[dict], cfg: Config) -> dict | None:
+    root = str(cfg.run_root)
+    for t in teachers:
+        if t["root"] == root:
+            return t
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables
+
+
+def main_table(teachers: list[dict], students: list[dict], cfg: Config) -> tuple[str, list[dict]]:
+    ref = Reference.of(cfg)
+    base = _baseline(students, ref)
+    base_m, base_a = Stat.of([r["miou"] for r in base]), Stat.of([r["pixel_acc"] for r in base])
+    rows: list[dict] = []
+    teacher = _teacher_at_ref(teachers, cfg)
+    if teacher is not None:
+        rows.append({"label": f"Teacher ({teacher['model']}, {teacher['cbam_mode']} CBAM)", "method": "teacher",
+                     "alpha": None, "mode": "", "runs": [teacher]})
+    if base:
+        rows.append({"label": f"Student ({ref.model})", "method": "none", "alpha": 0.0, "mode": "", "runs": base})
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in students:
+        if r["method"] != "none" and _matches(r, ref, method_aware=True):
+            groups[(r["method"], r["mode"])].append(r)
+    for (method, mode) in sorted(groups, key=lambda k: _method_sort_key(*k)):
+        runs = groups[(method, mode)]
+        by_alpha: dict[float, list[dict]] = defaultdict(list)
+        for r in runs:
+            by_alpha[r["alpha"]].append(r)
+        if ref.alpha in by_alpha:
+            alpha = ref.alpha
+        else:  # the α with the most seeds (then the best mean)
+            alpha = max(by_alpha, key=lambda a: (len(by_alpha[a]), Stat.of([r["miou"] for r in by_alpha[a]]).mean))
+        rows.append({"label": method_label(method, mode), "method": method, "alpha": alpha, "mode": mode,
+                     "runs": by_alpha[alpha]})
+    out_rows, table = [], []
+    for row in rows:
+        m = Stat.of([r["miou"] for r in row["runs"]])
+        a = Stat.of([r["pixel_acc"] for r in row["runs"]])
+        is_method = row["method"] not in ("teacher", "none")
+        table.append([row["label"], "" if row["alpha"] is None else f"{row['alpha']:g}", m.n if m else 0, _fmt(m),
+                      _delta(m, base_m) if is_method else "", _fmt(a), _delta(a, base_a) if is_method else ""])
+        out_rows.append({"label": row["label"], "method": row["method"], "alpha": row["alpha"], "mode": row["mode"],
+                         "n": m.n if m else 0, "miou": _stat_dict(m), "pixel_acc": _stat_dict(a),
+                         "runs": [r.get("run", "teacher") for r in row["runs"]]})
+    if not table:
+        return NO_RUNS, []
+    md = _table(["Method", "α", "n", "mIoU (%)", "Δ mIoU", "pixel acc (%)", "Δ acc"], table)
+    return md, out_rows
+
+
+def _stat_dict(s: Stat | None) -> dict | None:
+    return None if s is None else {"n": s.n, "mean": s.mean, "std": s.std}
+
+
+def _study(students: list[dict], ref: Reference, vary: str, key, order: Sequence | None = None, *,
+           mode: str = "cached") -> list[tuple[Any, list[dict]]]:
+    """AttnFD runs at the reference except for ``vary``, grouped by ``key(run)``."""
+    groups: dict[Any, list[dict]] = defaultdict(list)
+    for r in students:
+        if r["method"] != "attnfd" or r["mode"] != mode or not _matches(r, ref, vary=vary):
+            continue
+        if vary != "alpha" and r["alpha"] != ref.alpha:
+            continue
+        groups[key(r)].append(r)
+    keys = sorted(groups, key=lambda k: (order.index(k) if order is not None and k in order else len(order or ()), k))
+    return [(k, groups[k]) for k in keys]
+
+
+def alpha_study(students, ref, base_m) -> tuple[str, list[dict], dict]:
+    cached = _study(students, ref, "alpha", lambda r: r["alpha"])
+    online = _study(students, ref, "alpha", lambda r: r["alpha"], mode="online")
+    if not cached and not online:
+        return NO_RUNS, [], {}
+    rows, data = [], []
+    if base_m is not None:
+        rows.append(["0 (student)", "", base_m.n, base_m.fmt(), ""])
+    for mode, groups in (("cached", cached), ("online", online)):
+        for alpha, runs in groups:
+            m = Stat.of([r["miou"] for r in runs])
+            rows.append([f"{alpha:g}", mode, m.n, m.fmt(), _delta(m, base_m)])
+            data.append({"alpha": alpha, "mode": mode, "miou": _stat_dict(m)})
+    md = _table(["α", "mode", "n", "mIoU (%)", "Δ vs student"], rows)
+    return md, data, {"cached": cached, "online": online}
+
+
+def k_study(students, ref, base_by_k) -> tuple[str, list[dict], dict]:
+    cached = _study(students, ref, "K", lambda r: r["K"])
+    online = _study(students, ref, "K", lambda r: "online", mode="online")
+    if not cached and not online:
+        return NO_RUNS, [], {}
+    rows, data = [], []
+    for k, runs in cached:
+        m = Stat.of([r["miou"] for r in runs])
+        b = base_by_k.get(k)
+        rows.append([k, m.n, m.fmt(), _fmt(b), _delta(m, b)])
+        data.append({"K": k, "miou": _stat_dict(m), "student": _stat_dict(b)})
+    for _, runs in online:
+        m = Stat.of([r["miou"] for r in runs])
+        rows.append(["online", m.n, m.fmt(), "", ""])
+        data.append({"K": "online", "miou": _stat_dict(m)})
+    md = _table(["K (cached seeds)", "n", "AttnFD mIoU (%)", "student (α = 0) at this K", "Δ"], rows)
+    return md, data, {"cached": cached, "online": online}
+
+
+def simple_study(students, ref, base_m, vary: str, key, order, header: str) -> tuple[str, list[dict]]:
+    groups = _study(students, ref, vary, key, order)
+    if not groups:
+        return NO_RUNS, []
+    rows, data = [], []
+    for k, runs in groups:
+        m = Stat.of([r["miou"] for r in runs])
+        label = _points_label(k) if vary == "points" else k
+        rows.append([label, m.n, m.fmt(), _delta(m, base_m)])
+        data.append({vary: label, "miou": _stat_dict(m)})
+    return _table([header, "n", "AttnFD mIoU (%)", "Δ vs student"], rows), data
+
+
+def cbam_study(students, teachers, ref, base_m) -> tuple[str, list[dict]]:
+    groups = _study(students, ref, "teacher_mode", lambda r: r["teacher_mode"], CBAM_MODES)
+    if not groups:
+        return NO_RUNS, []
+    teacher_by_mode: dict[str, list[dict]] = defaultdict(list)
+    for t in teachers:
+        teacher_by_mode[t["cbam_mode"]].append(t)
+    rows, data = [], []
+    for mode, runs in groups:
+        m = Stat.of([r["miou"] for r in runs])
+        t = Stat.of([x["miou"] for x in teacher_by_mode.get(mode, [])])
+        rows.append([mode, _fmt(t), m.n, m.fmt(), _delta(m, base_m)])
+        data.append({"teacher_cbam_mode": mode, "teacher_miou": _stat_dict(t), "miou": _stat_dict(m)})
+    return _table(["teacher CBAM mode", "teacher mIoU (%)", "n", "AttnFD mIoU (%)", "Δ vs student"], rows), data
+
+
+def _per_class(runs: list[dict]) -> tuple[np.ndarray | None, list[str] | None]:
+    arrs = [np.array([np.nan if v is None else v for v in r["per_class_iou"]], dtype=np.float64)
+            for r in runs if r.get("per_class_iou")]
+    if not arrs or len({a.size for a in arrs}) != 1:
+        return None, None
+    names = next((r["class_names"] for r in runs if r.get("class_names")), None)
+    with warnings.catch_warnings():  # a class absent from every run stays nan
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(np.stack(arrs), axis=0) * 100
+    return mean, names
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str | Path] = ()) -> dict[str, Path]:
+    """Write ``report.md``, ``report.json`` and the figures into ``out_dir``; returns their paths."""
+    from attnfd_pipeline import plotting
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teachers, students = collect_runs(cfg, extra_roots)
+    ref = Reference.of(cfg)
+    base = _baseline(students, ref)
+    base_m = Stat.of([r["miou"] for r in base])
+    base_by_k = {}
+    for k in sorted({r["K"] for r in students if r["method"] == "none" and r["K"] is not None}):
+        base_by_k[k] = Stat.of([r["miou"] for r in students if r["method"] == "none" and r["model"] == ref.model
+                                and r["K"] == k])
+    teacher = _teacher_at_ref(teachers, cfg)
+    files: dict[str, Path] = {}
+    data: dict[str, Any] = {"reference": ref.__dict__ | {"points": list(ref.points)}, "runs": len(students)}
+
+    md = [f"# {cfg.name}: distillation results", "",
+          f"{len(students)} student runs, {len(teachers)} teacher(s). Reference setting: student "
+          f"`{ref.model}`, α = {ref.alpha:g}, norm `{ref.norm}`, points {_points_label(ref.points)}, K = {ref.K}, "
+          f"teacher CBAM `{ref.teacher_mode}`. mIoU / pixel accuracy: final-epoch validation, mean ± sample std "
+          f"over seeds (n runs per row); Δ: percentage points over the plain student.", ""]
+
+    table, rows = main_table(teachers, students, cfg)
+    data["main"] = rows
+    md += ["## Methods", "", table, ""]
+    if "+" in "".join(r["method"] for r in rows if r["method"] not in ("teacher", "none")):
+        md += ["(A method joined with `+` is a combination; its weights are `student.<method>.weight`.)", ""]
+
+    # α sweep
+    table, rows, groups = alpha_study(students, ref, base_m)
+    data["alpha"] = rows
+    md += ["## α sweep (AttnFD)", "", table, ""]
+    if groups:
+        series = []
+        for mode, color in (("cached", plotting.COLORS[0]), ("online", plotting.COLORS[1])):
+            g = [(a, runs) for a, runs in groups[mode] if a > 0]
+            if g:
+                stats = [Stat.of([r["miou"] for r in runs]) for _, runs in g]
+                series.append(plotting.Series(f"AttnFD ({mode})", [a for a, _ in g], [s.mean for s in stats],
+                                              [s.std if s.std is not None else float("nan") for s in stats], color))
+        hlines = _reference_lines(base_m, teacher)
+        if series:
+            files["alpha_sweep"] = plotting.line_plot(
+                out_dir / "alpha_sweep.png", series, title="mIoU vs alpha (AttnFD)", xlabel="alpha (log scale)",
+                ylabel="val mIoU (%)", logx=True, hlines=hlines)
+            md += ["![mIoU vs α](alpha_sweep.png)", ""]
+
+    # K study
+    table, rows, groups = k_study(students, ref, base_by_k)
+    data["K"] = rows
+    md += ["## Cached augmentation seeds K vs online distillation", "", table, ""]
+    if groups and groups["cached"]:
+        ks = [k for k, _ in groups["cached"]]
+        stats = [Stat.of([r["miou"] for r in runs]) for _, runs in groups["cached"]]
+        series = [plotting.Series("AttnFD (cached)", ks, [s.mean for s in stats],
+                                  [s.std if s.std is not None else float("nan") for s in stats])]
+        bk = [(k, base_by_k[k]) for k in ks if base_by_k.get(k) is not None]
+        if bk:
+            series.append(plotting.Series("student (alpha = 0)", [k for k, _ in bk], [s.mean for _, s in bk],
+                                          [s.std if s.std is not None else float("nan") for _, s in bk],
+                                          plotting.COLORS[7]))
+        hlines = []
+        for _, runs in groups["online"]:
+            hlines.append(plotting.HLine("AttnFD (online)", Stat.of([r["miou"] for r in runs]).mean,
+                                         plotting.COLORS[1]))
+        if teacher is not None and teacher["miou"] is not None:
+            hlines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.COLORS[3], dashed=False))
+        files["k_study"] = plotting.line_plot(out_dir / "k_study.png", series, title="mIoU vs cached seeds K",
+                                              xlabel="K (log scale)", ylabel="val mIoU (%)", logx=True,
+                                              hlines=hlines, xticks=ks)
+        md += ["![mIoU vs K](k_study.png)", ""]
+
+    # points, norm, teacher CBAM mode
+    table, rows = simple_study(students, ref, base_m, "points", lambda r: tuple(r["points"]),
+                               [("B",), ("E",), ("D",), ("B", "E"), ("B", "D"), ("E", "D"), ("B", "E", "D")],
+                               "points")
+    data["points"] = rows
+    md += ["## Distillation points (paper Table 5)", "", table, ""]
+    table, rows = simple_study(students, ref, base_m, "norm", lambda r: r["norm"], NORM_ORDER, "norm")
+    data["norm"] = rows
+    md += ["## Normalisation of L_Attn", "", table, ""]
+    table, rows = cbam_study(students, teachers, ref, base_m)
+    data["teacher_cbam_mode"] = rows
+    md += ["## Teacher CBAM mode (SPEC §4)", "", table, ""]
+
+    # per-class IoU: best method vs the student
+    md += ["## Per-class IoU: best method vs student (paper Fig. 7)", ""]
+    methods = [r for r in data["main"] if r["method"] not in ("teacher", "none") and r["miou"]]
+    best = max(methods, key=lambda r: r["miou"]["mean"]) if methods else None
+    by_run = {r["run"]: r for r in students}
+    student_pc, names = _per_class(base)
+    best_pc, best_names = _per_class([by_run[n] for n in best["runs"] if n in by_run]) if best else (None, None)
+    if best is None or student_pc is None or best_pc is None or student_pc.size != best_pc.size:
+        md += [NO_RUNS + " (needs student runs and at least one method with per-class IoU)", ""]
+        data["per_class"] = None
+    else:
+        names = names or best_names or [f"class {i}" for i in range(student_pc.size)]
+        rows = [[n, _num(a), _num(b), f"{b - a:+.2f}" if np.isfinite(a) and np.isfinite(b) else "–"]
+                for n, a, b in zip(names, student_pc, best_pc)]
+        md += [f"Best method: **{best['label']}** (α = {best['alpha']:g}, n = {best['n']}); "
+               f"student n = {len(base)}.", "",
+               _table(["class", "student IoU (%)", f"{best['label']} IoU (%)", "Δ"], rows), ""]
+        files["per_class_iou"] = plotting.barh_plot(
+            out_dir / "per_class_iou.png", list(names),
+            [("student", [float(v) for v in student_pc]), (best["label"], [float(v) for v in best_pc])],
+            title="Per-class IoU", xlabel="IoU (%)", x_max=100.0)
+        md += ["![per-class IoU](per_class_iou.png)", ""]
+        data["per_class"] = {"classes": list(names), "student": [_nan_none(v) for v in student_pc],
+                             "best": best["label"], "best_values": [_nan_none(v) for v in best_pc]}
+
+    files["report"] = atomic_write_text(out_dir / "report.md", "\n".join(md).rstrip() + "\n")
+    files["json"] = atomic_write_json(out_dir / "report.json", data)
+    return files
+
+
+def _reference_lines(base_m: Stat | None, teacher: dict | None) -> list:
+    from attnfd_pipeline import plotting
+
+    lines = []
+    if base_m is not None:
+        lines.append(plotting.HLine("student (alpha = 0)", base_m.mean))
+    if teacher is not None and teacher["miou"] is not None:
+        lines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.COLORS[3], dashed=False))
+    return lines
+
+
+def _num(v: float) -> str:
+    return f"{v:.2f}" if np.isfinite(v) else "–"
+
+
+def _nan_none(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None

@@ -1,0 +1,39 @@
+"""`attnfd report` and `attnfd visualize`: paper-style tables and figures from finished runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
+
+
+def report(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+           out: Annotated[Optional[Path], typer.Option(help="Output folder (default: reports/<config name>/).")] = None,
+           runs: Annotated[Optional[list[str]], typer.Option(
+               "--runs", help="Extra run roots to include, e.g. runs/demo_fitted (repeatable).")] = None):
+    """Markdown tables + PNG figures from every run of the config: methods, α, K, points, norm, CBAM mode."""
+    from attnfd_pipeline.report import build_report
+
+    cfg = load(config, set_)
+    with errors():
+        files = build_report(cfg, out or Path("reports") / cfg.name, extra_roots=runs or [])
+    for name, path in files.items():
+        typer.echo(f"{name}: {path}")
+
+
+def visualize(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+              image_index: Annotated[int, typer.Option("--image-index", help="Validation image index.")] = 0,
+              out: Annotated[Optional[Path], typer.Option(
+                  help="PNG to write (default: reports/<name>/attention_<N>.png).")] = None,
+              run: Annotated[Optional[str], typer.Option(
+                  help="Student run folder or name (default: the config's run).")] = None):
+    """Image, raw feature map and refined map F'' for teacher and student (paper Fig. 1)."""
+    from attnfd_pipeline.visualize import visualize as draw
+
+    cfg = load(config, set_)
+    with errors():
+        path = draw(cfg, image_index, out or Path("reports") / cfg.name / f"attention_{image_index}.png", run_dir=run)
+    typer.echo(f"attention picture: {path}")
