@@ -75,3 +75,6 @@ clean-runs: ## Delete runs/, data/demo, cache contents and stamps (asks nothing:
 
 sweep: $(STAMPS)/cache-$(CFG_NAME) ## α × seed grid on one cache via dask (ALPHAS=0.1,1,2,10 SEEDS=0,1,2)
 	$(ATTNFD) sweep --config $(CONFIG) --alpha $(ALPHAS) --seed $(SEEDS)
+
+chaos: $(VENV)/.installed ## SIGKILL `cache build` 20× at random moments, resume, compare bitwise; prints the tally
+	$(BIN)/python scripts/chaos.py --kills 20

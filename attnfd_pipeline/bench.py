@@ -82,12 +82,13 @@ class Workload:
     K: int = 1
     shard_size: int = 4  # images per cache shard
     image_scale: tuple[float, float] = (1.0, 1.25)  # generated image sides, × crop
-    repeats: int = 3  # interleaved repeats of every timed block
+    repeats: int = 4  # interleaved repeats of every timed block
     warmup_steps: int = 1  # steps skipped at the start of each block (loader refill after the reset)
-    timed_steps: int = 3  # timed training steps per variant per repeat
+    timed_steps: int = 4  # timed training steps per variant per repeat
     reader_batches: int = 12  # batches timed per reader block
     memory_steps: int = 2  # training steps in each peak-memory process
-    memory_parallel: bool = False  # run the three peak-memory processes at once (quick: saves time)
+    memory_mode: str = "each"  # "each" | "parallel" | "one" (see measure_memory)
+    threads: int = 0  # torch intra-op threads (0 = auto: the cores the loader workers leave, at least 1)
     calib_batches: int = 2  # teacher BatchNorm calibration batches (random weights)
     mantissa_options: tuple[int, ...] = (9, 8)  # storage options with the mantissa rounded
     profile: bool = True  # torch.profiler on one step of each variant
@@ -99,7 +100,7 @@ class Workload:
 
 DEFAULT = Workload()
 QUICK = Workload(teacher="deeplabv3plus_resnet18", crop=48, batch_size=2, workers=0, n_train=4, K=1, shard_size=2,
-                 repeats=1, warmup_steps=1, timed_steps=2, reader_batches=2, memory_steps=1, memory_parallel=True,
+                 repeats=1, warmup_steps=1, timed_steps=2, reader_batches=2, memory_steps=1, memory_mode="one", threads=1,
                  calib_batches=1,
                  mantissa_options=(9,), profile_rows=6)
 
@@ -203,7 +204,8 @@ def make_teacher_bundle(cfg, num_classes: int, source, calib_batches: int, batch
     model = build_teacher_model(cfg, num_classes)
     ds = AugmentedDataset(source, cfg.augment, FreshSeeds())
     n = len(source)
-    batches = [torch.stack([ds[(0, (b * batch_size + j) % n)]["image"] for j in range(batch_size)])
+    per = max(2, batch_size)  # BatchNorm in train mode needs more than one value per channel (image pool)
+    batches = [torch.stack([ds[(0, (b * per + j) % n)]["image"] for j in range(per)])
                for b in range(max(1, calib_batches))]
     calibrate_batchnorm(model, batches)
     attention = build_side_attention(cfg, model)
@@ -455,86 +457,114 @@ def topk_ops(prof, n: int, device: torch.device) -> list[dict]:
 # peak memory: one process per setup
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def memory_child(spec_path: str) -> None:
-    """Entry point of a peak-memory process: build one setup, train ``steps`` steps, report peaks."""
+    """Entry point of a peak-memory process: for each variant of the spec, build its setup, train
+    ``len(keys) / batch`` steps, report the peaks. One variant per process is the measurement; several
+    (``--quick``) reset the peak between variants, so later ones also count what earlier ones left."""
+    import gc
+
     from attnfd_pipeline.config import load_config
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
     cfg = load_config(spec["config"])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    hwm0 = peak_rss_bytes()
-    setup = build_setup(cfg, spec["variant"], num_classes=spec["num_classes"], bundle=spec["bundle"],
-                        cache_dir=spec["cache_dir"], device=device)
-    hwm_setup = peak_rss_bytes()
-    if device.type == "cuda":
-        setup_alloc = torch.cuda.max_memory_allocated(device)
     keys = [tuple(k) for k in spec["keys"]]
-    records, _ = train_block(setup, keys, warmup=0)
-    pids = worker_pids(setup)
-    worker_hwm = [_proc_kb(p, "VmHWM") for p in pids]
-    worker_hwm = [k * 1024 for k in worker_hwm if k is not None]
-    out = {
-        "variant": spec["variant"],
-        "steps": len(records),
-        "rss_peak_bytes": peak_rss_bytes(),
-        "rss_peak_source": "VmHWM" if _proc_kb("self", "VmHWM") is not None else "ru_maxrss",
-        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_after_imports_bytes": hwm0,
-        "rss_after_setup_bytes": hwm_setup,
-        "workers": len(pids),
-        "workers_rss_peak_bytes": worker_hwm,
-        "workers_rss_peak_sum_bytes": sum(worker_hwm) if worker_hwm else None,
-        "step_s": [r["total"] for r in records],
-    }
-    if device.type == "cuda":
-        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        out["cuda_setup_allocated_bytes"] = setup_alloc
-    shutdown(setup)
-    Path(spec["out"]).write_text(json.dumps(out))
+    results = {}
+    for i, variant in enumerate(spec["variants"]):
+        if i > 0:
+            gc.collect()
+            reset_peak_rss()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        hwm0 = peak_rss_bytes()
+        setup = build_setup(cfg, variant, num_classes=spec["num_classes"], bundle=spec["bundle"],
+                            cache_dir=spec["cache_dir"], device=device)
+        hwm_setup = peak_rss_bytes()
+        setup_alloc = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        records, _ = train_block(setup, keys, warmup=0)
+        pids = worker_pids(setup)
+        worker_hwm = [_proc_kb(p, "VmHWM") for p in pids]
+        worker_hwm = [k * 1024 for k in worker_hwm if k is not None]
+        out = {
+            "variant": variant,
+            "process": "own" if len(spec["variants"]) == 1 else f"shared ({i + 1}/{len(spec['variants'])})",
+            "steps": len(records),
+            "rss_peak_bytes": peak_rss_bytes(),
+            "rss_peak_source": "VmHWM" if _proc_kb("self", "VmHWM") is not None else "ru_maxrss",
+            "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_before_setup_bytes": hwm0,
+            "rss_after_setup_bytes": hwm_setup,
+            "workers": len(pids),
+            "workers_rss_peak_bytes": worker_hwm,
+            "workers_rss_peak_sum_bytes": sum(worker_hwm) if worker_hwm else None,
+            "step_s": [r["total"] for r in records],
+        }
+        if device.type == "cuda":
+            out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            out["cuda_setup_allocated_bytes"] = setup_alloc
+        shutdown(setup)
+        del setup, records
+        results[variant] = out
+    Path(spec["out"]).write_text(json.dumps(results))
 
 
 def measure_memory(cfg, variants: Sequence[str], *, num_classes: int, bundle: Path, cache_dir: Path,
-                   device: torch.device, keys: Sequence[tuple[int, int]], work: Path, parallel: bool = False
+                   device: torch.device, keys: Sequence[tuple[int, int]], work: Path, mode: str = "each"
                    ) -> dict[str, dict]:
-    """Peak memory of each variant's training process, each in a fresh interpreter (one after the
-    other, or all at once with ``parallel``: peaks are per process, so only the wall time changes)."""
+    """Peak memory of each variant's training process in a fresh interpreter: ``each`` (one process per
+    variant, one after the other: the measurement), ``parallel`` (one per variant, all at once: same
+    peaks, less wall time, more load) or ``one`` (a single process for all, peak reset between them:
+    only keeps the harness working in ``--quick``)."""
     from attnfd_pipeline.config import dump_toml
 
+    if mode not in ("each", "parallel", "one"):
+        raise ValueError(f"memory mode {mode!r}: expected each, parallel or one")
     cfg_path = work / "mem.toml"
     cfg_path.write_text(dump_toml(cfg))
 
-    def start(variant):
-        out = work / f"mem-{variant}.json"
-        spec = {"config": str(cfg_path), "variant": variant, "num_classes": num_classes, "bundle": str(bundle),
+    def start(group: Sequence[str]):
+        tag = "-".join(group)
+        out = work / f"mem-{tag}.json"
+        spec = {"config": str(cfg_path), "variants": list(group), "num_classes": num_classes, "bundle": str(bundle),
                 "cache_dir": str(cache_dir), "device": str(device), "threads": torch.get_num_threads(),
                 "keys": [list(k) for k in keys], "out": str(out)}
-        spec_path = work / f"mem-{variant}.spec.json"
+        spec_path = work / f"mem-{tag}.spec.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, "-c",
                "import sys; from attnfd_pipeline.bench import memory_child; memory_child(sys.argv[1])", str(spec_path)]
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
 
-    def finish(variant, proc, out):
+    def finish(group, proc, out):
         _, err = proc.communicate()
         if proc.returncode != 0:
-            raise RuntimeError(f"peak-memory process for {variant!r} failed (exit {proc.returncode}):\n{err[-4000:]}")
+            raise RuntimeError(f"peak-memory process for {'/'.join(group)} failed (exit {proc.returncode}):\n"
+                               f"{err[-4000:]}")
         res = json.loads(out.read_text())
-        log(f"memory {variant}: peak RSS {res['rss_peak_bytes'] / 2**20:.0f} MiB"
-            + (f", workers {res['workers_rss_peak_sum_bytes'] / 2**20:.0f} MiB"
-               if res.get("workers_rss_peak_sum_bytes") else ""))
+        for v, r in res.items():
+            log(f"memory {v}: peak RSS {r['rss_peak_bytes'] / 2**20:.0f} MiB"
+                + (f", workers {r['workers_rss_peak_sum_bytes'] / 2**20:.0f} MiB"
+                   if r.get("workers_rss_peak_sum_bytes") else ""))
         return res
 
-    results = {}
-    if parallel:
-        running = {v: start(v) for v in variants}
-        for v, (proc, out) in running.items():
-            results[v] = finish(v, proc, out)
+    groups = [list(variants)] if mode == "one" else [[v] for v in variants]
+    results: dict[str, dict] = {}
+    if mode == "parallel":
+        running = [(g, *start(g)) for g in groups]
+        for g, proc, out in running:
+            results.update(finish(g, proc, out))
     else:
-        for v in variants:
-            results[v] = finish(v, *start(v))
+        for g in groups:
+            results.update(finish(g, *start(g)))
     return results
 
 
@@ -638,8 +668,12 @@ def storage_analysis(outs: dict[str, np.ndarray], options: Sequence[dict], recip
 
 def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: int | None = None,
               recipe: str | Path | None = "configs/demo.toml", workload: Workload | None = None,
-              overrides: Sequence[str] = (), work_dir: str | Path | None = None) -> dict:
-    """Measure everything, write ``results.json`` and ``results.md`` into ``out_dir``, return the dict."""
+              overrides: Sequence[str] = (), work_dir: str | Path | None = None, threads: int | None = None) -> dict:
+    """Measure everything, write ``results.json`` and ``results.md`` into ``out_dir``, return the dict.
+
+    ``workload`` (default ``QUICK`` or ``DEFAULT``) sets the sizes; ``repeats`` and ``threads`` override
+    it; ``recipe`` + ``overrides`` give the augmentation, codec, loss norm, optimiser and the sweep's
+    epochs and K; the dataset, teacher bundle and caches live in a temp dir under ``work_dir``."""
     from attnfd_pipeline.config import load_config
     from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
@@ -648,14 +682,21 @@ def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: in
         if repeats < 1:
             raise ValueError("repeats must be >= 1")
         w = dataclasses.replace(w, repeats=repeats)
+    if threads is not None:
+        if threads < 0:
+            raise ValueError("threads must be >= 0 (0 = auto)")
+        w = dataclasses.replace(w, threads=threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe_cfg = load_config(recipe, list(overrides))
     t_start = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="attnfd-bench-", dir=work_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(w.threads or auto_threads(w.workers))
     try:
         results = _measure(w, Path(tmp.name), recipe, recipe_cfg, overrides, quick)
     finally:
+        torch.set_num_threads(threads)
         tmp.cleanup()
     results["samples"]["wall_s"] = time.perf_counter() - t_start
     missing = set(TOP_KEYS) ^ set(results)
@@ -665,6 +706,14 @@ def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: in
     log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} "
         f"({results['samples']['wall_s']:.0f} s)")
     return results
+
+
+def auto_threads(workers: int) -> int:
+    """Intra-op threads that leave one core per loader worker: on a small CPU machine a 2-thread team
+    sharing 2 cores with 2 workers (or other load) stalls at every barrier, and step times then vary
+    several-fold between identical steps (measured here: 2 threads 4–10 s, 1 thread 2.3–3 s per teacher
+    batch under load)."""
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - max(0, workers)))
 
 
 def _device_info(device: torch.device) -> dict:
@@ -797,7 +846,7 @@ def _measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool
     # -- 3. peak memory, one process per variant ------------------------------------------------------
     mem_keys = block_keys(cfg, len(source), max(1, w.memory_steps) * bs, first_epoch=77_000)
     memory = measure_memory(cfg, VARIANTS, num_classes=w.num_classes, bundle=bundle, cache_dir=cache_dir,
-                            device=device, keys=mem_keys, work=work, parallel=w.memory_parallel)
+                            device=device, keys=mem_keys, work=work, mode=w.memory_mode)
 
     # -- derived figures ------------------------------------------------------------------------------
     per_rep = {v: [median([x["total"] for x in recs]) for recs in steps[v]] for v in VARIANTS}
@@ -1014,6 +1063,9 @@ def format_markdown(res: dict) -> str:
         cu_s = f"{cu / 2**20:.0f} MiB" if cu is not None else "–"
         L.append(f"| {v} | {m['rss_peak_bytes'] / 2**20:.0f} MiB | {m['rss_after_setup_bytes'] / 2**20:.0f} MiB | "
                  f"{wk_s} | {cu_s} |")
+    if any(str(mem[v].get("process", "own")) != "own" for v in VARIANTS):
+        L += ["", "(The three setups shared one process here, peak reset between them: the figures only keep the "
+              "harness working; `make bench` runs each setup in its own process.)"]
     L += ["", f"Ratios with the workers' peaks added: cached/plain "
           f"{_fmt(res['peak_mem_ratio_cached_over_plain']['with_workers_ratio'])}, online/plain "
           f"{_fmt(res['peak_mem_ratio_online_over_plain']['with_workers_ratio'])} (RSS counts shared library pages "

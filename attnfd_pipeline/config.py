@@ -52,6 +52,11 @@ class AugmentConfig:
         _check(len(self.crop_size) == 2 and min(self.crop_size) > 0, "augment.crop_size", "must be two positive ints")
         _check(self.base_size > 0, "augment.base_size", "must be > 0")
         _check(0 < self.scale_min <= self.scale_max, "augment.scale_min", "need 0 < scale_min <= scale_max")
+        largest = int(self.base_size * self.scale_max)  # the longest short side a random scale can give
+        _check(min(self.crop_size) <= largest, "augment.crop_size",
+               f"{list(self.crop_size)} is larger than any scaled image can fill (short side at most base_size × "
+               f"scale_max = {largest} px): every crop would be partly padding; lower the crop or raise "
+               f"augment.base_size / augment.scale_max")
         _check(0 <= self.flip_p <= 1 and 0 <= self.blur_p <= 1, "augment.flip_p/blur_p", "probabilities in [0, 1]")
         _check(self.blur_radius_max >= 0, "augment.blur_radius_max", "must be >= 0")
 
@@ -82,6 +87,7 @@ class TrainConfig:
     amp: bool = True  # autocast on CUDA only
     seed: int = 0  # run seed: init, data order, per-epoch aug-seed choice
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over all ranks' batches (SyncBatchNorm)
 
     def __post_init__(self):
         _check(self.epochs > 0, "train.epochs", "must be > 0")
@@ -126,21 +132,136 @@ class CacheConfig:
         _check(self.shard_size > 0 and self.batch_size > 0, "cache.shard_size", "must be > 0")
 
 
+# ---------------------------------------------------------------------------------------------
+# distillation methods (attnfd_pipeline.losses): one section per method, ``student.<name>``; a section
+# is used only when its method is in ``student.method``. Stage 2's loss is
+#     ce_weight(epoch) · CE + α · Σ_m weight_m · L_m
+
+
+@dataclass(frozen=True)
+class AttnFDConfig:
+    """AttnFD (SPEC §5); its normalisation is ``student.norm``."""
+
+    weight: float = 1.0  # weight inside a method combination (× student.alpha)
+
+    def __post_init__(self):
+        _check(self.weight >= 0, "student.attnfd.weight", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LADConfig:
+    """LAD: normalised MSE between raw features (AttnFD without CBAM); normalisation = ``student.norm``."""
+
+    weight: float = 1.0
+
+    def __post_init__(self):
+        _check(self.weight >= 0, "student.lad.weight", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Hinton KD on pixel logits; needs ``cache.extra = ["logits"]``."""
+
+    weight: float = 1.0
+    temperature: float = 1.0  # softmax temperature T; the loss is multiplied by T²
+
+    def __post_init__(self):
+        _check(self.weight >= 0, "student.kd.weight", "must be >= 0")
+        _check(self.temperature > 0, "student.kd.temperature", "must be > 0")
+
+
+@dataclass(frozen=True)
+class AICSDConfig:
+    """AICSD: inter-class similarity + pixel KL on logits, adaptive CE/distillation weighting."""
+
+    weight: float = 1.0
+    temperature: float = 1.0  # of both the spatial (per-class) and the pixel-wise softmax
+    ics_weight: float = 1.0  # λ of the inter-class-similarity MSE
+    kd_weight: float = 1.0  # λ of the pixel-wise KL
+    adaptive: bool = True  # adaptive loss weighting: a·CE + (1 − a)·distillation, a growing over epochs
+    alw_start: float = 0.5  # a at epoch 0 …
+    alw_end: float = 1.0  # … growing linearly towards this value at the end of training
+
+    def __post_init__(self):
+        _check(self.weight >= 0 and self.ics_weight >= 0 and self.kd_weight >= 0, "student.aicsd.weight",
+               "weights must be >= 0")
+        _check(self.temperature > 0, "student.aicsd.temperature", "must be > 0")
+        _check(0 <= self.alw_start <= self.alw_end <= 1, "student.aicsd.alw_start",
+               "need 0 <= alw_start <= alw_end <= 1")
+
+
+@dataclass(frozen=True)
+class AfDCDConfig:
+    """Af-DCD: masked feature mimicking + omni-contrastive loss on raw features."""
+
+    weight: float = 1.0
+    fd_weight: float = 1.0  # masked feature mimicking (MSE, mean over elements)
+    ctr_weight: float = 0.01  # contrastive term (mean over anchors); ≈ the reference's 0.005 : 1e-6 ratio
+    mask_ratio: float = 0.75  # fraction of student pixels zeroed before the projector
+    tau: float = 0.07  # contrastive temperature
+    groups: int = 16  # channel partitions M
+    patch: int = 4  # spatial partition: patch side (positions contrasted together)
+    pool: int = 4  # max-pool factor before contrasting (reduced when the map is too small)
+
+    def __post_init__(self):
+        _check(self.weight >= 0 and self.fd_weight >= 0 and self.ctr_weight >= 0, "student.afdcd.weight",
+               "weights must be >= 0")
+        _check(0 <= self.mask_ratio < 1, "student.afdcd.mask_ratio", "must be in [0, 1)")
+        _check(self.tau > 0, "student.afdcd.tau", "must be > 0")
+        _check(self.groups >= 1 and self.patch >= 1 and self.pool >= 1, "student.afdcd.groups",
+               "groups, patch and pool must be >= 1")
+
+
+@dataclass(frozen=True)
+class CIRKDConfig:
+    """CIRKD (mini-batch pixel-to-pixel part): cross-image pixel relations on raw features."""
+
+    weight: float = 1.0
+    tau: float = 0.1  # temperature of the similarity softmax
+    pool: int = 2  # max-pool factor before relating pixels (memory grows as (N·H·W)²)
+
+    def __post_init__(self):
+        _check(self.weight >= 0, "student.cirkd.weight", "must be >= 0")
+        _check(self.tau > 0, "student.cirkd.tau", "must be > 0")
+        _check(self.pool >= 1, "student.cirkd.pool", "must be >= 1")
+
+
 @dataclass(frozen=True)
 class StudentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    method: str = "attnfd"  # distillation method (losses registry)
+    method: str = "attnfd"  # distillation method(s) from the losses registry; combine with "+", e.g. "attnfd+kd"
     alpha: float = 2.0  # weight of the distillation term; 0 = plain student
     norm: Literal["batch", "sample", "channel"] = "batch"  # L_Attn normalisation (SPEC §5)
     points: tuple[str, ...] = POINTS
     connector_warmup_epochs: int = 0  # reference: 1 epoch training only the connectors
     mode: Literal["cached", "online"] = "cached"
+    # per-method weights and hyper-parameters (see the method sections above)
+    attnfd: AttnFDConfig = field(default_factory=AttnFDConfig)
+    lad: LADConfig = field(default_factory=LADConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    aicsd: AICSDConfig = field(default_factory=AICSDConfig)
+    afdcd: AfDCDConfig = field(default_factory=AfDCDConfig)
+    cirkd: CIRKDConfig = field(default_factory=CIRKDConfig)
 
     def __post_init__(self):
         _check(self.alpha >= 0, "student.alpha", "must be >= 0")
         _check_points(self.points, "student.points")
         _check(self.connector_warmup_epochs >= 0, "student.connector_warmup_epochs", "must be >= 0")
+        from attnfd_pipeline.losses import parse_methods  # the registry (torch); imported when validating
+
+        try:
+            parse_methods(self.method)
+        except ValueError as e:
+            raise ConfigError(f"student.method: {e}") from None
+
+    def method_params(self, name: str):
+        """The config section of method ``name`` (None for a method without one)."""
+        return getattr(self, name, None) if name in METHOD_SECTIONS else None
+
+
+# config sections of the registered methods (a new method adds its section here)
+METHOD_SECTIONS = ("attnfd", "lad", "kd", "aicsd", "afdcd", "cirkd")
 
 
 @dataclass(frozen=True)
@@ -205,11 +326,26 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+        raise ConfigError(_qualify(where, str(e))) from None
 
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
+
+
+def _qualify(where: str, message: str) -> str:
+    """Give a ``__post_init__`` message its full key: in table ``teacher.train``, "train.lr: must be > 0"
+    becomes "teacher.train.lr: must be > 0"; a message already starting with the full key is kept."""
+    if not where:
+        return message
+    key, sep, rest = message.partition(": ")
+    if sep and " " not in key:
+        if key.startswith(where + "."):
+            return message
+        parent, _, last = where.rpartition(".")
+        if key.split(".")[0] == last:
+            return f"{_join(parent, key)}: {rest}"
+    return f"{where}: {message}"
 
 
 def _coerce(tp, value, key: str):

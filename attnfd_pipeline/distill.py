@@ -1,7 +1,10 @@
-"""Student side of AttnFD (SPEC §3, §5): a trainable CBAM at each distillation point, then a
-connector (1×1 conv student → teacher channels + BN), then bilinear resizing to the teacher's map.
+"""The module Stage 2 trains (and checkpoints): the student plus the distillation methods' modules.
 
-``Distiller`` wraps the student so that one module holds everything Stage 2 trains (and checkpoints).
+``Distiller(student, points, teacher_channels)`` is AttnFD (SPEC §3, §5): a trainable CBAM at each
+distillation point, then a connector (1×1 conv student → teacher channels + BN), then bilinear resizing
+to the teacher's map. ``Distiller(student, points, methods={...})`` holds any set of registered methods
+(``attnfd_pipeline.losses``) — KD, LAD, AICSD, Af-DCD, CIRKD or a combination; ``methods={}`` is the
+plain student.
 """
 
 from __future__ import annotations
@@ -9,44 +12,67 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from attnfd_pipeline.layers import CBAM
+from attnfd_pipeline.losses import AttnFD, DistillMethod, MethodContext
+from attnfd_pipeline.losses.base import connector, match_size
 
-
-def connector(in_ch: int, out_ch: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+__all__ = ["Distiller", "connector", "match_size"]
 
 
 class Distiller(nn.Module):
-    def __init__(self, student: nn.Module, points: Sequence[str], teacher_channels: Mapping[str, int]):
+    def __init__(self, student: nn.Module, points: Sequence[str], teacher_channels: Mapping[str, int] | None = None,
+                 *, methods: Mapping[str, DistillMethod] | None = None):
         super().__init__()
         self.student = student
         self.points = tuple(points)
-        self.attention = nn.ModuleDict({p: CBAM(student.taps[p].channels) for p in self.points})
-        self.connectors = nn.ModuleDict({p: connector(student.taps[p].channels, teacher_channels[p])
-                                         for p in self.points})
+        if methods is None:  # AttnFD, the default
+            if teacher_channels is None:
+                raise ValueError("Distiller needs teacher_channels (AttnFD) or methods")
+            ctx = MethodContext(self.points, {p: student.taps[p].channels for p in self.points},
+                                {p: (int(teacher_channels[p]), 0, 0) for p in self.points})
+            methods = {"attnfd": AttnFD(ctx)}
+        self.methods = nn.ModuleDict(dict(methods))
+
+    # -- AttnFD's modules, by their historical names ------------------------------------------------
+    def _attnfd(self) -> AttnFD:
+        if "attnfd" not in self.methods:
+            raise AttributeError(f"this distiller has no attnfd method (methods: {list(self.methods)})")
+        return self.methods["attnfd"]
+
+    @property
+    def attention(self) -> nn.ModuleDict:
+        return self._attnfd().attention
+
+    @property
+    def connectors(self) -> nn.ModuleDict:
+        return self._attnfd().connectors
+
+    def refine(self, feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Student F'' at each point, passed through its connector (teacher channels) — AttnFD."""
+        return self._attnfd().refine(feats)
+
+    # -- what the methods need and do ---------------------------------------------------------------
+    def required_targets(self) -> list[str]:
+        """Union (in order) of the teacher targets the methods read."""
+        out: list[str] = []
+        for m in self.methods.values():
+            out += [t for t in m.targets() if t not in out]
+        return out
+
+    def ce_weight(self, epoch: int) -> float:
+        w = 1.0
+        for m in self.methods.values():
+            w *= m.ce_weight(epoch)
+        return w
 
     def backbone_parameters(self):
         return self.student.backbone_parameters()
 
     def head_parameters(self):
-        """Student head + every student CBAM (MLP included) + connectors: all trainable, none left out."""
+        """Student head + every method's modules (CBAMs with their MLPs, connectors, projectors)."""
         yield from self.student.head_parameters()
-        yield from self.attention.parameters()
-        yield from self.connectors.parameters()
-
-    def refine(self, feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Student F'' at each point, passed through its connector (teacher channels)."""
-        return {p: self.connectors[p](self.attention[p](feats[p])) for p in self.points}
+        yield from self.methods.parameters()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.student(x)
-
-
-def match_size(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bilinear resize of ``x`` to ``like``'s spatial size (no-op when equal)."""
-    if x.shape[-2:] == like.shape[-2:]:
-        return x
-    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)

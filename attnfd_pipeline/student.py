@@ -1,5 +1,9 @@
 """Stage 2: train the student with L = CE + α Σ_points L_Attn against cached teacher targets (SPEC §5).
 
+Other distillation methods (``student.method``: ``kd``, ``lad``, ``aicsd``, ``afdcd``, ``cirkd``, or
+combinations such as ``attnfd+kd``) read other cached targets through the same path; the loss is then
+``ce_weight(epoch) · CE + α · Σ_m w_m L_m`` (``attnfd_pipeline.losses``).
+
 Each epoch ``e`` shows image ``i`` with cached augmentation seed ``k = f(run_seed, e, i) mod K``; the
 crop is rebuilt from the manifest's parameters and its hash checked before the targets are used.
 ``mode = "online"`` runs the same schedule on the same crops with the frozen teacher computing the
@@ -9,6 +13,9 @@ same crops, same order, same initialisation, no targets read.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import re
 import time
 from pathlib import Path
@@ -17,13 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from attnfd_pipeline.cache import CacheError, CacheReader, check_compatible, find_cache, list_caches
-from attnfd_pipeline.config import Config, write_resolved
+from attnfd_pipeline.cache.schema import target_names as cache_target_names
+from attnfd_pipeline.config import Config, StudentConfig, write_resolved
 from attnfd_pipeline.data.loaders import AugmentedDataset, CachedSeeds, EpochSampler, ValDataset, make_loader
 from attnfd_pipeline.data.source import ImageSource
-from attnfd_pipeline.distill import Distiller, match_size
+from attnfd_pipeline.distill import Distiller
+from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.engine.train import fit
-from attnfd_pipeline.losses import attnfd_loss
+from attnfd_pipeline.losses import MethodContext, build_methods, parse_methods, required_targets
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, resolve_device, seed_everything
@@ -51,38 +60,69 @@ class StudentDataset(AugmentedDataset):
 
 
 class StudentTask:
-    def __init__(self, distiller: Distiller, *, alpha: float, norm: str, warmup_epochs: int = 0, teacher=None):
+    """L = ce_weight(epoch) · CE + α · Σ_m w_m · L_m over the distiller's methods (AttnFD by default).
+
+    ``norm`` (when given) is set on the methods that normalise features (attnfd, lad); ``weights`` maps
+    method names to w_m (default 1). With ``teacher`` the targets are computed online every step."""
+
+    def __init__(self, distiller: Distiller, *, alpha: float, norm: str | None = None, warmup_epochs: int = 0,
+                 teacher=None, weights: dict[str, float] | None = None):
         self.distiller = self.modules = distiller
-        self.alpha, self.norm, self.warmup_epochs, self.teacher = alpha, norm, warmup_epochs, teacher
+        self.alpha, self.warmup_epochs, self.teacher = alpha, warmup_epochs, teacher
+        self.norm = norm
+        if norm is not None:
+            for m in distiller.methods.values():
+                if hasattr(m, "norm"):
+                    m.norm = norm
+        unknown = sorted(set(weights or {}) - set(distiller.methods))
+        if unknown:
+            raise ValueError(f"weights for methods {unknown} that are not in use ({list(distiller.methods)})")
+        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in distiller.methods}
+        self.target_names = distiller.required_targets()
 
     def param_groups(self, cfg):
         return param_groups(self.distiller.backbone_parameters(), self.distiller.head_parameters(), cfg)
 
     def _targets(self, batch) -> dict[str, torch.Tensor]:
         if self.teacher is not None:
-            return self.teacher.targets(batch["image"], self.distiller.points)
+            return self.teacher.targets(batch["image"], self.target_names)
         return batch["targets"]
 
-    def distill_loss(self, feats, targets) -> torch.Tensor:
-        refined = self.distiller.refine(feats)
-        return sum(attnfd_loss(match_size(refined[p], targets[p]), targets[p], self.norm) for p in self.distiller.points)
+    def distill_terms(self, out, targets, epoch: int = 0, batch=None, *, warmup: bool = False):
+        """Σ_m w_m L_m and the logs (each method's loss and its own sub-terms)."""
+        total, logs = None, {}
+        for name, method in self.distiller.methods.items():
+            if warmup and not method.has_parameters():
+                continue  # nothing of this method learns while the student is frozen
+            fn = method.warmup_loss if warmup else method
+            loss, sub = fn(out, targets, epoch, batch)
+            w = self.weights[name]
+            total = w * loss if total is None else total + w * loss
+            logs[name] = float(loss.detach())
+            logs.update({f"{name}_{k}": v for k, v in sub.items()})
+        return total, logs
+
+    def distill_loss(self, feats, targets, epoch: int = 0, batch=None) -> torch.Tensor:
+        """The weighted distillation loss Σ_m w_m L_m (a tensor)."""
+        loss, _ = self.distill_terms(feats, targets, epoch, batch)
+        return loss if loss is not None else torch.zeros((), device=feats["out"].device)
 
     def train_step(self, batch, epoch):
-        if self.alpha > 0 and epoch < self.warmup_epochs:
-            # connector warm-up (reference): only the connectors learn, from frozen student features
+        learnable = any(m.has_parameters() for m in self.distiller.methods.values())
+        if self.alpha > 0 and epoch < self.warmup_epochs and learnable:
+            # connector warm-up (reference): only the methods' modules learn, from frozen student features
             with torch.no_grad():
-                feats = self.distiller(batch["image"])
-                feats = {p: self.distiller.attention[p](feats[p]) for p in self.distiller.points}
-            targets = self._targets(batch)
-            loss = sum(attnfd_loss(match_size(self.distiller.connectors[p](feats[p]), targets[p]), targets[p], self.norm)
-                       for p in self.distiller.points)
-            return self.alpha * loss, {"distill": float(loss.detach())}
+                out = self.distiller(batch["image"])
+            loss, logs = self.distill_terms(out, self._targets(batch), epoch, batch, warmup=True)
+            return self.alpha * loss, {"distill": float(loss.detach()), **logs}
         out = self.distiller(batch["image"])
         ce = F.cross_entropy(out["out"].float(), batch["label"], ignore_index=255)
-        if self.alpha == 0:
+        if self.alpha == 0 or not self.distiller.methods:
             return ce, {"ce": float(ce.detach())}
-        dl = self.distill_loss(out, self._targets(batch))
-        return ce + self.alpha * dl, {"ce": float(ce.detach()), "distill": float(dl.detach())}
+        dl, logs = self.distill_terms(out, self._targets(batch), epoch, batch)
+        cw = self.distiller.ce_weight(epoch)
+        loss = ce if cw == 1.0 else cw * ce
+        return loss + self.alpha * dl, {"ce": float(ce.detach()), "distill": float(dl.detach()), **logs}
 
     def predict(self, images):
         return self.distiller(images)["out"]
@@ -91,11 +131,63 @@ class StudentTask:
         pass
 
 
+def method_weights(s: StudentConfig) -> dict[str, float]:
+    """w_m of every method of ``student.method`` (``student.<m>.weight``, 1 without a section)."""
+    return {n: float(getattr(s.method_params(n), "weight", 1.0)) for n in parse_methods(s.method)}
+
+
+def method_settings(s: StudentConfig) -> dict[str, dict]:
+    """The config sections of the methods in use (what a run's result records)."""
+    out = {}
+    for n in parse_methods(s.method):
+        params = s.method_params(n)
+        out[n] = dataclasses.asdict(params) if params is not None else {}
+    return out
+
+
+def method_targets(s: StudentConfig) -> list[str]:
+    """Teacher targets the configured methods read at ``student.points``."""
+    return required_targets(s.method, s.points)
+
+
+def build_distiller(student: torch.nn.Module, s: StudentConfig, target_shapes: dict[str, tuple[int, int, int]],
+                    num_classes: int, *, distill: bool = True) -> Distiller:
+    """The student wrapped with the modules of the methods of ``student.method`` (none when ``distill``
+    is false: the plain student). ``target_shapes``: (C, H, W) of each teacher target they read."""
+    if not distill:
+        return Distiller(student, s.points, methods={})
+
+    def context(name: str) -> MethodContext:
+        return MethodContext(points=tuple(s.points), student_channels={p: t.channels for p, t in student.taps.items()},
+                             target_shapes=target_shapes, num_classes=num_classes, epochs=s.train.epochs,
+                             norm=s.norm, params=s.method_params(name))
+
+    return Distiller(student, s.points, methods=build_methods(s.method, context))
+
+
+def _settings_tag(s: StudentConfig) -> str:
+    """Short hash of the method sections that differ from their defaults ('' when none do)."""
+    changed = {}
+    for n, params in method_settings(s).items():
+        default = dataclasses.asdict(type(s.method_params(n))()) if s.method_params(n) is not None else {}
+        if params != default:
+            changed[n] = params
+    if not changed:
+        return ""
+    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def run_name(cfg: Config) -> str:
+    """Run folder name: everything that makes runs differ (method, α, norm, points, mode, K, method
+    settings when not the defaults, seed)."""
     s = cfg.student
-    tag = f"{s.model.name}_{s.method}_a{s.alpha:g}_{s.norm}_{'-'.join(s.points)}_{s.mode}_s{s.train.seed}"
+    tag = f"{s.model.name}_{s.method}_a{s.alpha:g}_{s.norm}_{'-'.join(s.points)}_{s.mode}_K{cfg.cache.K}"
+    settings = _settings_tag(s)
+    if settings:
+        tag += f"_p{settings}"
+    tag += f"_s{s.train.seed}"
     if s.alpha == 0:
-        tag = f"{s.model.name}_baseline_s{s.train.seed}"
+        tag = f"{s.model.name}_baseline_K{cfg.cache.K}_s{s.train.seed}"
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", tag)
 
 
@@ -103,79 +195,115 @@ def student_dir(cfg: Config) -> Path:
     return cfg.run_root / "student" / run_name(cfg)
 
 
-def open_cache(cfg: Config, teacher_info: dict, source: ImageSource) -> CacheReader:
-    """The cache this config and teacher produce; if there is none, name how existing caches differ."""
+def open_cache(cfg: Config, teacher_info: dict, source: ImageSource, names=None) -> CacheReader:
+    """The cache this config and teacher produce; if there is none, name how existing caches differ.
+    ``names``: the targets Stage 2 will read (default: what ``student.method`` needs); a cache (or a
+    cache config) without one of them is refused with the fix."""
+    s = cfg.student
+    names = list(names) if names is not None else method_targets(s)
+    configured = cache_target_names(cfg.cache.points, cfg.cache.extra)
+    missing = [n for n in names if n not in configured]
+    if missing:
+        raise CacheError(f"student.method {s.method!r} at points {list(s.points)} needs cached target(s) {missing}, "
+                         f"but the cache config (cache.points = {list(cfg.cache.points)}, cache.extra = "
+                         f"{list(cfg.cache.extra)}) does not produce them: {_cache_fix(missing, cfg)}")
     try:
         path = find_cache(cfg, teacher_info, source, require_complete=True)
-    except CacheError as missing:
+    except CacheError as missing_cache:
         for other in list_caches(cfg.cache.root)[::-1]:
             try:
                 check_compatible(cfg, other, teacher=teacher_info, source=source)
             except CacheError as diff:
-                raise CacheError(f"{missing}\nclosest existing cache {other}: {diff}") from None
+                raise CacheError(f"{missing_cache}\nclosest existing cache {other}: {diff}") from None
         raise
     reader = CacheReader(path)
-    missing_points = [p for p in cfg.student.points if p not in reader.targets]
-    if missing_points:
-        raise CacheError(f"{path}: student.points {missing_points} are not cached (cache has {list(reader.targets)})")
+    missing = [n for n in names if n not in reader.targets]
+    if missing:
+        raise CacheError(f"{path}: student.method {s.method!r} needs target(s) {missing}, not in this cache "
+                         f"(it has {list(reader.targets)}): {_cache_fix(missing, cfg)}")
     return reader
+
+
+def _cache_fix(missing: list[str], cfg: Config) -> str:
+    extra = list(cfg.cache.extra)
+    if "logits" in missing and "logits" not in extra:
+        extra.append("logits")
+    if any(n.startswith("raw_") for n in missing) and "raw" not in extra:
+        extra.append("raw")
+    points = list(dict.fromkeys([*cfg.cache.points, *(n.removeprefix("raw_") for n in missing if n != "logits")]))
+    return (f"set cache.extra = {json.dumps(extra)}" + (f" and cache.points = {json.dumps(points)}"
+                                                          if points != list(cfg.cache.points) else "")
+            + " and run `attnfd cache build`")
 
 
 def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """Train one student run; returns its result dict (also written to ``result.json``)."""
     s = cfg.student
-    device = resolve_device(s.train.device)
+    ctx = distributed.setup(s.train.device)  # torchrun: process group from the env (engine.distributed)
+    device = ctx.device
     train_src = ImageSource.from_config(cfg, cfg.data.train_split)
     val_src = ImageSource.from_config(cfg, cfg.data.val_split)
     nc = train_src.info.num_classes
     out_dir = student_dir(cfg)
-    reader, teacher, teacher_channels = None, None, {}
+    reader, teacher, target_shapes, teacher_info = None, None, {}, None
+    names = method_targets(s)
     if s.alpha > 0:
         teacher_info = load_teacher_info(bundle_path(cfg))
         if teacher_info["num_classes"] != nc:
             raise ValueError(f"{bundle_path(cfg)}: teacher has {teacher_info['num_classes']} classes, dataset "
                              f"{train_src.info.name!r} has {nc}")
         if s.mode == "cached":
-            reader = open_cache(cfg, teacher_info, train_src)
-            teacher_channels = {p: reader.info["targets"][p]["chw"][0] for p in s.points}
+            reader = open_cache(cfg, teacher_info, train_src, names)
+            target_shapes = {n: tuple(reader.info["targets"][n]["chw"]) for n in names}
         else:
             teacher = load_teacher(bundle_path(cfg), device)
-            specs = teacher.target_specs(cfg.augment.crop_size, s.points)
-            teacher_channels = {p: specs[p][0] for p in s.points}
-    write_resolved(cfg, out_dir)
+            target_shapes = teacher.target_specs(cfg.augment.crop_size, names)
+    if ctx.is_main:
+        write_resolved(cfg, out_dir)
     seed_everything(s.train.seed)
     student = build_model(s.model.name, nc, output_stride=s.model.output_stride,
                           backbone_weights=s.model.backbone_weights or None)
     # Distillation modules draw their init from a forked RNG: the student's init and its dropout
     # stream are the plain student's, so α = 0 is exactly the baseline run.
-    channels = teacher_channels or {p: student.taps[p].channels for p in s.points}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.train.seed + 1)
-        distiller = Distiller(student, s.points, channels)
+        distiller = build_distiller(student, s, target_shapes, nc, distill=s.alpha > 0)
     distiller = distiller.to(device)
-    task = StudentTask(distiller, alpha=s.alpha, norm=s.norm, warmup_epochs=s.connector_warmup_epochs, teacher=teacher)
+    task = StudentTask(distiller, alpha=s.alpha, norm=s.norm, warmup_epochs=s.connector_warmup_epochs, teacher=teacher,
+                       weights=method_weights(s) if s.alpha > 0 else None)
     seeds = CachedSeeds(s.train.seed, cfg.cache.K)
-    train_ds = StudentDataset(train_src, cfg.augment, seeds, reader, s.points if reader is not None else ())
-    sampler = EpochSampler(len(train_ds), seed=s.train.seed, shuffle=True)
+    train_ds = StudentDataset(train_src, cfg.augment, seeds, reader, task.target_names if reader is not None else ())
+    sampler = EpochSampler(len(train_ds), seed=s.train.seed, shuffle=True, rank=ctx.rank, world=ctx.world)
     train_loader = make_loader(train_ds, batch_size=s.train.batch_size, workers=cfg.data.num_workers,
-                               sampler=sampler, drop_last=len(train_ds) > s.train.batch_size, device=device)
+                               sampler=sampler, drop_last=len(sampler) > s.train.batch_size, device=device)
 
     def train_loader_for(epoch):
         sampler.set_epoch(epoch)
         return train_loader
 
-    val_loader = make_loader(ValDataset(val_src, cfg.augment.crop_size), batch_size=s.train.val_batch_size,
-                             workers=min(cfg.data.num_workers, 1), device=device)
+    val_ds = ValDataset(val_src, cfg.augment.crop_size)
+    val_loader = make_loader(val_ds, batch_size=s.train.val_batch_size, workers=min(cfg.data.num_workers, 1),
+                             sampler=distributed.eval_sampler(len(val_ds), ctx), device=device)
     t0 = time.perf_counter()
     result = fit(task, train_loader_for=train_loader_for, val_loader=val_loader, cfg=s.train, run_dir=out_dir,
                  num_classes=nc, device=device, config_dict=cfg.to_dict(), class_names=train_src.info.class_names,
                  resume=resume, progress=progress, desc=f"student a={s.alpha:g}")
+    last = result.last_metrics
+    distilled = s.alpha > 0
     summary = {
-        "run": run_name(cfg), "model": s.model.name, "method": s.method if s.alpha > 0 else "none",
+        "run": run_name(cfg), "model": s.model.name, "method": s.method if distilled else "none",
+        "methods": list(parse_methods(s.method)) if distilled else [],
+        "weights": method_weights(s) if distilled else {}, "method_settings": method_settings(s) if distilled else {},
         "alpha": s.alpha, "norm": s.norm, "points": list(s.points), "mode": s.mode, "seed": s.train.seed,
-        "epochs": result.epochs_done, "best_miou": result.best_miou,
-        "final_miou": result.last_metrics.get("miou"), "final_pixel_acc": result.last_metrics.get("pixel_acc"),
+        "K": cfg.cache.K, "targets": task.target_names if distilled else [],
+        "teacher": ({k: teacher_info.get(k) for k in ("model", "cbam_mode", "sha256", "points")}
+                    if teacher_info is not None else None),
+        "dataset": train_src.info.name, "epochs": result.epochs_done, "best_miou": result.best_miou,
+        "final_miou": last.get("miou"), "final_pixel_acc": last.get("pixel_acc"),
+        "final_class_acc": last.get("class_acc"), "final_fwiou": last.get("fwiou"),
+        "per_class_iou": last.get("per_class_iou"), "class_names": list(train_src.info.class_names or []),
         "train_seconds": time.perf_counter() - t0, "cache": str(reader.path) if reader is not None else None,
     }
-    atomic_write_json(out_dir / "result.json", summary)
+    if ctx.is_main:
+        atomic_write_json(out_dir / "result.json", summary)
     return summary

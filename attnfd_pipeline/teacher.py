@@ -216,9 +216,12 @@ def load_teacher_info(path: str | Path) -> dict:
     side = path.with_suffix(".json")
     if not side.is_file():
         raise FileNotFoundError(f"{side}: teacher bundle metadata not found (run `make teacher` first)")
-    info = json.loads(side.read_text())
-    if info.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{side}: not a teacher bundle (format {info.get('format')!r})")
+    try:
+        info = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{side}: unreadable teacher bundle metadata ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{side}: not a teacher bundle (format {info.get('format') if isinstance(info, dict) else None!r})")
     return info
 
 
@@ -227,17 +230,22 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Frozen
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: teacher bundle not found (run `make teacher` first)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from attnfd_pipeline.engine.checkpoint import load_modules
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt file
+        raise ValueError(f"{path}: unreadable teacher bundle ({e})") from None
     if not isinstance(state, dict) or state.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path}: not a teacher bundle")
     model = build_model(state["model"], state["num_classes"], output_stride=state["output_stride"],
                         inpath_attention=state["points"] if state["cbam_mode"] == "inpath" else None)
-    model.load_state_dict(state["model_state"])
+    load_modules(model, state["model_state"], path)  # a clear error naming the file if it does not fit
     attention = None
     if state["attention_state"] is not None:
         kind = "parameter_free" if state["cbam_mode"] == "parameter_free" else "cbam"
         attention = nn.ModuleDict({p: build_attention(kind, model.taps[p].channels) for p in state["points"]})
-        attention.load_state_dict(state["attention_state"])
+        load_modules(attention, state["attention_state"], path)
     sha = _weights_sha(model, attention, state["cbam_mode"])
     if sha != state["sha256"]:
         raise ValueError(f"{path}: weights hash {sha[:12]} does not match the recorded {state['sha256'][:12]} "

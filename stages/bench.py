@@ -15,7 +15,9 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
           out: Annotated[Path, typer.Option(help="Folder for results.json and results.md.")] = Path("bench"),
           quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (seconds): keeps the harness working; "
                                                               "figures are not meaningful.")] = False,
-          repeats: Annotated[Optional[int], typer.Option(help="Interleaved repeats (default: 3, quick: 1).")] = None,
+          repeats: Annotated[Optional[int], typer.Option(help="Interleaved repeats (default: 4, quick: 1).")] = None,
+          threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (default: the cores the "
+                                                              "loader workers leave, at least 1).")] = None,
           work_dir: Annotated[Optional[Path], typer.Option(help="Where the temporary dataset, teacher and cache "
                                                                 "go (default: the system temp dir).")] = None):
     """Benchmark plain vs cached vs online distillation: step time, peak memory, cache build and read
@@ -24,7 +26,7 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
 
     with errors():
         res = run_bench(out, quick=quick, repeats=repeats, recipe=config, overrides=list(set_ or []),
-                        work_dir=work_dir)
+                        work_dir=work_dir, threads=threads)
     for key in ("step_ratio_cached_over_plain", "step_ratio_online_over_cached", "saving_efficiency",
                 "peak_mem_ratio_cached_over_plain", "peak_mem_ratio_online_over_plain",
                 "cache_build_over_teacher_inference", "reader_over_consumer", "storage"):

@@ -103,14 +103,50 @@ def plan_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: T
 def build_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: TeacherOpt = None,
               device: Annotated[Optional[str], typer.Option(help="Teacher device (default: teacher.train.device).")] = None,
               rank: Annotated[int, typer.Option(help="This writer's rank: it owns shards rank, rank+world, …")] = 0,
-              world: Annotated[int, typer.Option(help="Number of writers.")] = 1,
+              world: Annotated[int, typer.Option(help="Number of writers (with --scheduler: default one per "
+                                                      "dask worker).")] = 1,
               wait: Annotated[float, typer.Option(help="Seconds to wait for another build's lock.")] = 0.0,
-              progress: Annotated[bool, typer.Option(help="Show the progress line.")] = True):
+              progress: Annotated[bool, typer.Option(help="Show the progress line.")] = True,
+              scheduler: Annotated[Optional[str], typer.Option(help="Address of a dask scheduler: one writer task "
+                                                                    "per rank, the teacher loaded in the workers.")] = None,
+              workers: Annotated[int, typer.Option(help="Writers on a dask LocalCluster of this many worker "
+                                                        "processes (0 = no dask).")] = 0,
+              gpus_per_writer: Annotated[int, typer.Option(help="GPU resource each dask writer task claims "
+                                                                "(workers started with --resources GPU=1).")] = 0):
     """Build (or resume) the cache: plan first (refuses if it does not fit), then commit every shard
-    this writer owns that is not committed yet."""
+    this writer owns that is not committed yet. Many writers: under torchrun (one per rank), on dask
+    (--scheduler ADDRESS or --workers N), or by hand (--rank/--world in N processes)."""
+    cfg = load(config, set_)
+    from attnfd_pipeline.engine import distributed
+
+    env_world = distributed.env_ranks()[1]
+    if scheduler or workers > 0:
+        if env_world > 1 or rank != 0:
+            _usage("--scheduler/--workers run every writer as a dask task: drop --rank and do not launch "
+                   "under torchrun")
+        _build_dask(cfg, teacher, device, world, wait, scheduler, workers, gpus_per_writer)
+    elif env_world > 1:
+        if rank != 0 or world != 1:
+            _usage("under torchrun each rank is one writer (RANK/WORLD_SIZE from the environment): drop "
+                   "--rank/--world")
+        _build_torchrun(cfg, teacher, device, wait, progress)
+    else:
+        _build_one(cfg, teacher, device, rank, world, wait, progress)
+
+
+def _usage(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+def _checked(cfg, teacher_path: Path, t, source) -> None:
+    """``prepare_store``'s hook: the input checks, where the teacher and source are loaded."""
+    _check_inputs(cfg, source, teacher_path, t)
+
+
+def _build_one(cfg, teacher, device, rank, world, wait, progress) -> None:
     from attnfd_pipeline.cache import build_cache, plan_cache
 
-    cfg = load(config, set_)
     with errors():
         source = make_source(cfg)
         t = load_teacher(_teacher_path(cfg, teacher), _device(cfg, device))
@@ -119,17 +155,64 @@ def build_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: 
         typer.echo("\n".join(plan.lines()))
         plan.check()
         r = build_cache(cfg, t, source, rank=rank, world=world, progress=progress, lock_wait=wait)
+    _report(cfg, r)
+
+
+def _build_torchrun(cfg, teacher, device, wait, progress) -> None:
+    import functools
+
+    from attnfd_pipeline.cache.distributed import build_cache_torchrun
+    from attnfd_pipeline.engine import distributed
+
+    with errors(), distributed.launched():
+        # gloo whatever the device: writers only exchange small objects (metadata ready, results)
+        ctx = distributed.setup(device or cfg.teacher.train.device, backend="gloo")
+        source = make_source(cfg)
+        t = load_teacher(_teacher_path(cfg, teacher), ctx.device)
+        r = build_cache_torchrun(cfg, t, source, progress=progress and ctx.is_main, lock_wait=wait, plan=True,
+                                 before=functools.partial(_checked, cfg, _teacher_path(cfg, teacher)))
+    if ctx.is_main:
+        typer.echo("\n".join(r.plan_lines))
+        _report(cfg, r, f"{r.world} torchrun writers")
+
+
+def _worker_teacher(path: Path, device_spec: str):
+    """The teacher, loaded in a dask worker on the device ``device_spec`` resolves to there."""
+    from attnfd_pipeline.utils import resolve_device
+
+    return load_teacher(path, resolve_device(device_spec))
+
+
+def _build_dask(cfg, teacher, device, world, wait, scheduler, workers, gpus_per_writer) -> None:
+    import functools
+
+    from attnfd_pipeline.cache.distributed import build_cache_dask
+
+    path = _teacher_path(cfg, teacher)
+    dev = device or cfg.teacher.train.device  # resolved in each worker (its own GPU, if any)
+    with errors():
+        r = build_cache_dask(cfg, functools.partial(_worker_teacher, path, dev), functools.partial(make_source, cfg),
+                             scheduler=scheduler, workers=workers, world=world if world > 1 else None,
+                             gpus_per_writer=gpus_per_writer, lock_wait=wait, plan=True,
+                             before=functools.partial(_checked, cfg, path))
+    typer.echo("\n".join(r.plan_lines))
+    _report(cfg, r, f"{r.world} dask writers" + (f" on {scheduler}" if scheduler else f", {workers} local workers"))
+
+
+def _report(cfg, r, writers: str | None = None) -> None:
     typer.echo(f"cache: {r.path}")
     typer.echo(f"shards written {r.shards_written}, skipped {r.shards_skipped} of {r.shards_total}; "
                f"{r.samples_written} samples, {r.bytes_written / 1e6:.1f} MB in {r.seconds:.1f} s "
-               f"({r.samples_per_s:.1f} samples/s; teacher alone {r.teacher_samples_per_s:.1f} samples/s)")
+               f"({r.samples_per_s:.1f} samples/s; teacher alone {r.teacher_samples_per_s:.1f} samples/s"
+               f"{' per writer' if writers else ''})" + (f" with {writers}" if writers else ""))
     if r.shards_written:
         from attnfd_pipeline.utils import atomic_write_json
 
         atomic_write_json(cfg.run_root / "cache_build.json", {
             "path": str(r.path), "seconds": r.seconds, "samples_written": r.samples_written,
             "bytes_written": r.bytes_written, "samples_per_s": r.samples_per_s,
-            "teacher_samples_per_s": r.teacher_samples_per_s, "resumed": r.shards_skipped > 0})
+            "teacher_samples_per_s": r.teacher_samples_per_s, "resumed": r.shards_skipped > 0,
+            "writers": getattr(r, "world", 1)})
 
 
 @app.command("info")
@@ -165,10 +248,12 @@ def verify_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher:
     """Re-read every committed sample: chunk checksums, NaN scan, manifest ↔ arrays, replay check.
     Exit 1 naming every bad (image, seed, target)."""
     from attnfd_pipeline.cache import verify_cache
+    from attnfd_pipeline.cache.reader import load_info
 
     cfg = load(config, set_)
     with errors():
         d = _locate(cfg, teacher, path)
+        load_info(d)  # a path that is not a cache is named before the dataset is even listed
         source = make_source(cfg) if replay > 0 or path is None else None
         report = verify_cache(d, source=source, replay=replay, workers=workers)
     typer.echo("\n".join(report.lines()))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -37,5 +39,30 @@ def errors():
     try:
         yield
     except known as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {message_of(e)}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        typer.secho(f"error: disk full: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+
+
+_EXC_LINE = re.compile(r"(?:\w+\.)*\w+: ")
+
+
+def message_of(e: BaseException) -> str:
+    """The message of ``e``; for an error re-raised from a DataLoader worker ("Caught DataError in
+    DataLoader worker process 0. Original Traceback …"), the worker's own message without the traceback."""
+    text = str(e)
+    _, marker, tb = text.partition("Original Traceback")
+    if not marker:
+        return text
+    lines = tb.splitlines()
+    frames = [j for j, line in enumerate(lines) if line.startswith('  File "')]
+    j = frames[-1] + 1 if frames else 1
+    while j < len(lines) and lines[j].startswith(" "):  # the frame's source lines
+        j += 1
+    if j < len(lines) and _EXC_LINE.match(lines[j]):  # "package.module.DataError: message …"
+        return "\n".join([_EXC_LINE.sub("", lines[j], count=1), *lines[j + 1:]]).strip()
+    return text

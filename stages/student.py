@@ -21,8 +21,15 @@ def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
     overrides += [f"student.alpha={alpha}"] if alpha is not None else []
     overrides += [f'student.mode="{mode}"'] if mode is not None else []
     cfg = load(config, overrides)
-    with errors():
+    from attnfd_pipeline.engine import distributed
+
+    with errors(), distributed.launched():  # under torchrun: one DDP rank (process group from the env)
+        from attnfd_pipeline.runs import check_student_inputs
+
+        check_student_inputs(cfg)  # dataset files, backbone weights: before anything is written
         result = run_student(cfg, resume=resume)
+    if not distributed.is_main():
+        return
     typer.echo(f"{result['run']}: best mIoU {result['best_miou'] * 100:.2f} "
                f"({result['epochs']} epochs, {result['train_seconds']:.0f} s)")
 

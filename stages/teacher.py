@@ -15,9 +15,12 @@ def teacher(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
     """Train the teacher (CE) with its CBAMs per teacher.cbam_mode, then freeze both into teacher_bundle.pt."""
     overrides = list(set_ or []) + ([f"teacher.train.seed={seed}"] if seed is not None else [])
     cfg = load(config, overrides)
-    with errors():
+    from attnfd_pipeline.engine import distributed
+
+    with errors(), distributed.launched():  # under torchrun: one DDP rank (process group from the env)
         path = run_teacher(cfg, resume=resume)
-    typer.echo(f"teacher bundle: {path}")
+    if distributed.is_main():
+        typer.echo(f"teacher bundle: {path}")
 
 
 def main():  # pragma: no cover - thin entry point

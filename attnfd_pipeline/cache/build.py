@@ -22,11 +22,11 @@ import torch
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
-from attnfd_pipeline.cache.lock import BuildLock
+from attnfd_pipeline.cache.lock import BuildLock, holder_alive
 from attnfd_pipeline.cache.manifest import committed_shards
-from attnfd_pipeline.cache.schema import (DTYPE, FORMAT, LOCK_NAME, CacheError, ShardRange,
-                                          cache_target_names, lossy_steps, num_shards, paths, shard_range,
-                                          target_kind, target_point)
+from attnfd_pipeline.cache.schema import (CACHE_JSON, DTYPE, FORMAT, LOCK_NAME, CacheError, ShardRange,
+                                          cache_target_names, disk_full_error, is_disk_full, lossy_steps,
+                                          num_shards, paths, shard_range, target_kind, target_point)
 from attnfd_pipeline.cache.writer import ShardBuffer, ShardWriter, create_store
 from attnfd_pipeline.progress import Progress
 
@@ -109,6 +109,60 @@ def lock_path(cache_dir: Path, rank: int, world: int) -> Path:
     return cache_dir / (LOCK_NAME if world == 1 else f"{LOCK_NAME}.{rank}of{world}")
 
 
+def _lock_world(name: str) -> int | None:
+    """``world`` of a lock file name from ``lock_path`` (None for anything else)."""
+    if name == LOCK_NAME:
+        return 1
+    rest = name[len(LOCK_NAME) + 1:] if name.startswith(LOCK_NAME + ".") else ""
+    r, sep, w = rest.partition("of")
+    return int(w) if sep and r.isdigit() and w.isdigit() else None
+
+
+def check_no_other_layout(cache_dir: Path, own_lock: Path, world: int) -> None:
+    """Refuse while a live build with a different ``world`` holds a lock here: its shards overlap ours
+    (rank r of W owns shards r, r+W, …), and two writers in one shard lose data. Called after taking our
+    own lock, so of two such builds starting together at least one sees the other."""
+    for p in sorted(cache_dir.glob(LOCK_NAME + "*")):
+        w = _lock_world(p.name)
+        if p == own_lock or w is None or w == world:
+            continue
+        holder = BuildLock._holder_at(p)
+        if holder is None:  # being written this instant, or garbage: look once more
+            time.sleep(0.05)
+            holder = BuildLock._holder_at(p)
+            if holder is None:
+                continue
+        if holder_alive(holder):
+            raise CacheError(f"{cache_dir}: cache is being built by pid {holder.get('pid')} on host "
+                             f"{holder.get('host')} with {w} writer(s) (lock {p}), this build has {world}: their "
+                             f"shards overlap. Wait for it to finish (or use the same --world), or delete the "
+                             f"lock file if that process is gone")
+
+
+def remove_debris(cache_dir: Path, rank: int, world: int) -> None:
+    """Delete temp files a killed writer of our shards left behind: manifest-part temps (``.part-*``),
+    zarr's ``*.partial`` chunk/metadata temps and, with a single writer, a ``cache.json`` temp. None of
+    them is ever read; removing them keeps a resumed store bitwise equal to an uninterrupted one."""
+    p = paths(cache_dir)
+    if p["manifest"].is_dir():
+        for tmp in p["manifest"].glob(".part-*"):
+            s = tmp.name[len(".part-"):len(".part-") + 5]
+            if s.isdigit() and int(s) % world == rank:
+                tmp.unlink(missing_ok=True)
+    if p["features"].is_dir():
+        for tmp in p["features"].rglob("*.partial"):
+            rel = tmp.relative_to(p["features"]).parts  # (array, "c", shard, …) for shard data
+            if len(rel) >= 3 and rel[1] == "c" and rel[2].isdigit():
+                mine = int(rel[2]) % world == rank
+            else:
+                mine = world == 1  # metadata: may be in flight from another rank
+            if mine:
+                tmp.unlink(missing_ok=True)
+    if world == 1:
+        for tmp in cache_dir.glob(f".{CACHE_JSON}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def replay_sample(aug_cfg, source, index: int, aug_seed: int, image=None, label=None):
     """(params, augmented uint8 image, augmented uint8 label) of sample (index, aug_seed)."""
     if image is None:
@@ -161,8 +215,9 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
     ``range(rank, n_shards, world)`` that are not committed yet. Returns a ``BuildResult``.
 
     Raises ``CacheError`` for refused values (non-finite / float16 overflow, naming image, seed and
-    target), a held lock, or an inconsistent existing directory. Interrupted builds resume from the
-    committed shards and end bitwise identical to an uninterrupted build."""
+    target), a held lock (also one of a build with another ``world``), a full disk, or an inconsistent
+    existing directory. Interrupted builds (killed, failed, disk full) resume from the committed shards
+    and end bitwise identical to an uninterrupted build."""
     if not (0 <= rank < world):
         raise CacheError(f"rank {rank} not in [0, world={world})")
     start_time = time.perf_counter()
@@ -171,21 +226,30 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
         raise CacheError("the sample source is empty: nothing to cache")
     specs = teacher.target_specs(tuple(cfg.augment.crop_size), names)
     info = cache_info_dict(cfg, teacher, source, specs)
-    fp = info["fingerprint"]
-    cache_dir = cache_dir_for(cfg, fp)
+    cache_dir = cache_dir_for(cfg, info["fingerprint"])
     device = torch.device(device) if device is not None else teacher_device(teacher)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return _build_locked(cfg, teacher, source, info, cache_dir, names, device, rank=rank, world=world,
+                             progress=progress, lock_wait=lock_wait, start_time=start_time)
+    except OSError as e:
+        if is_disk_full(e):  # metadata, lock or anything outside a shard commit
+            raise disk_full_error(cache_dir, e, "writing the cache") from e
+        raise
+
+
+def _build_locked(cfg, teacher, source, info: dict, cache_dir: Path, names: list[str], device: torch.device, *,
+                  rank: int, world: int, progress: bool, lock_wait: float, start_time: float) -> BuildResult:
+    fp = info["fingerprint"]
     n_shards = info["num_shards"]
     S, K = cfg.cache.shard_size, cfg.cache.K
     ids = source.ids
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with BuildLock(lock_path(cache_dir, rank, world), wait=lock_wait):
+    own_lock = lock_path(cache_dir, rank, world)
+    with BuildLock(own_lock, wait=lock_wait):
+        check_no_other_layout(cache_dir, own_lock, world)
+        remove_debris(cache_dir, rank, world)
         create_store(cache_dir, info)
         manifest_dir = paths(cache_dir)["manifest"]
-        for tmp in manifest_dir.glob(".part-*"):  # temp parts left by a killed writer of our shards
-            s = tmp.name[len(".part-"):len(".part-") + 5]
-            if s.isdigit() and int(s) % world == rank:
-                tmp.unlink(missing_ok=True)
         done = committed_shards(manifest_dir, fp)
         todo = [ShardRange(s, *shard_range(s, S, len(source))) for s in range(rank, n_shards, world) if s not in done]
         todo_samples = sum((sh.stop - sh.start) * K for sh in todo)

@@ -22,6 +22,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def holder_alive(holder: dict | None) -> bool:
+    """Whether the process named by a lock's content may still be writing: one on this host is alive iff
+    its pid is; one on another host cannot be checked and counts as alive; no content counts as alive
+    (the file is being written this instant)."""
+    if holder is None:
+        return True
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        pid = int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    return pid > 0 and _pid_alive(pid)
+
+
 class BuildLock:
     """Context manager around an exclusive lock file."""
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 from attnfd_pipeline.augment import AugmentParams
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, diff_inputs, fingerprint_of
 from attnfd_pipeline.cache.manifest import list_parts, read_manifest
-from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, CacheError, params_from_row, paths,
+from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, FORMAT, CacheError, params_from_row, paths,
                                           sample_checksum)
 
 
@@ -28,7 +28,15 @@ def load_info(cache_dir: str | Path) -> dict:
     p = paths(cache_dir)["info"]
     if not p.is_file():
         raise CacheError(f"{cache_dir}: not a cache (no cache.json); run `attnfd cache build`")
-    return json.loads(p.read_text())
+    try:
+        info = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheError(f"{p}: unreadable cache.json ({e}); {cache_dir} is not a usable cache") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("fingerprint"), str):
+        fmt = info.get("format") if isinstance(info, dict) else None
+        raise CacheError(f"{p}: not an attnfd cache description (format {fmt!r}, expected {FORMAT!r}); "
+                         f"{cache_dir} is not a cache")
+    return info
 
 
 class CacheReader:

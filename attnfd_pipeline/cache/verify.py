@@ -163,8 +163,12 @@ def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, 
         tables[s] = t
     for s in range(n_shards):
         if s not in parts and any(shard_file(d, n, s).exists() for n in targets):
-            report.notes.append(f"shard {s} holds data but is not committed (interrupted build; "
-                                f"`attnfd cache build` rewrites it)")
+            s0, s1 = shard_range(s, S, N)
+            who = (", ".join(repr(str(x)) for x in src_ids[s0:s1]) if src_ids is not None
+                   else f"indices {s0}..{s1 - 1}")
+            report.notes.append(f"shard {s} holds data but is not committed: no manifest part for images {who} × "
+                                f"aug seeds 0..{K - 1}, targets {', '.join(targets)} (interrupted build or deleted "
+                                f"part; `attnfd cache build` rewrites it)")
 
     # every committed sample of every target, shards in parallel
     tasks, keys = [], []

@@ -23,8 +23,8 @@ import numpy as np
 
 from attnfd_pipeline.cache.manifest import write_part
 from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, DTYPE, FEATURES_DIR, FILL_VALUE, CacheError,
-                                          compressors, effective_mantissa_bits, lossy_steps, paths,
-                                          sample_checksum, to_float16)
+                                          compressors, disk_full_error, effective_mantissa_bits, is_disk_full,
+                                          lossy_steps, paths, sample_checksum, to_float16)
 from attnfd_pipeline.utils import atomic_write_json
 
 
@@ -193,11 +193,17 @@ class ShardWriter:
         for row in buf.rows:
             row["rank"] = self.rank
         nbytes = 0
-        for name, y in converted.items():  # all checks passed before anything is written
-            self.arrays[name][buf.start:buf.stop] = y
-            f = shard_file(self.dir, name, buf.shard)
-            if f.exists():  # zarr's LocalStore renames but does not fsync: make the data durable
-                nbytes += f.stat().st_size  # before the commit record that vouches for it
-                _fsync(f)
-        write_part(paths(self.dir)["manifest"], buf.shard, buf.rows, self.targets, self.info["fingerprint"])
+        try:
+            for name, y in converted.items():  # all checks passed before anything is written
+                self.arrays[name][buf.start:buf.stop] = y
+                f = shard_file(self.dir, name, buf.shard)
+                if f.exists():  # zarr's LocalStore renames but does not fsync: make the data durable
+                    nbytes += f.stat().st_size  # before the commit record that vouches for it
+                    _fsync(f)
+            # the commit record comes last: a shard whose data did not fully land has no part
+            write_part(paths(self.dir)["manifest"], buf.shard, buf.rows, self.targets, self.info["fingerprint"])
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(self.dir, e, f"writing shard {buf.shard} (images {buf.start}..{buf.stop - 1})") from e
+            raise
         return nbytes

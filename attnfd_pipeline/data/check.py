@@ -49,8 +49,24 @@ def _fmt_valid(valid: np.ndarray) -> str:
     return " ∪ ".join(parts) if parts else "{}"
 
 
-def _check_sample(info: DatasetInfo, img_path: str, lbl_path: str) -> list[Problem]:
-    from .io import read_image, read_label_raw
+def _image_hw(img_path: str, decode: bool) -> tuple[int, int]:
+    """(H, W) of an image: fully decoded, or from its header only (``decode=False``, ~100× cheaper)."""
+    from .io import read_image
+
+    if decode:
+        return tuple(read_image(img_path).shape[1:])
+    from PIL import Image
+
+    try:
+        with Image.open(img_path) as im:
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(img_path, f"cannot decode image {img_path}: {e}") from e
+    return h, w
+
+
+def _check_sample(info: DatasetInfo, img_path: str, lbl_path: str, decode_images: bool = True) -> list[Problem]:
+    from .io import read_label_raw
 
     problems: list[Problem] = []
     img_ok = os.path.isfile(img_path)
@@ -62,7 +78,7 @@ def _check_sample(info: DatasetInfo, img_path: str, lbl_path: str) -> list[Probl
     image_hw = raw = None
     if img_ok:
         try:
-            image_hw = tuple(read_image(img_path).shape[1:])
+            image_hw = _image_hw(img_path, decode_images)
         except DataError as e:
             problems.append(Problem(img_path, f"unreadable image: {e}"))
     if lbl_ok:
@@ -90,15 +106,17 @@ def _check_sample(info: DatasetInfo, img_path: str, lbl_path: str) -> list[Probl
     return problems
 
 
-def check_split(info_or_name: Union[str, DatasetInfo], files: SplitFiles, *, threads: int = 4) -> list[Problem]:
-    """Check the samples of an already listed split."""
+def check_split(info_or_name: Union[str, DatasetInfo], files: SplitFiles, *, threads: int = 4,
+                decode_images: bool = True) -> list[Problem]:
+    """Check the samples of an already listed split (``decode_images=False``: images are only opened
+    for their header — existence, format and size — labels are always decoded)."""
     info = get_dataset_info(info_or_name)
     if len(files) == 0:
         return [Problem(files.source, f"split {files.split!r} of {info.name} is empty")]
     n = len(files)
 
     def one(i: int) -> list[Problem]:
-        return _check_sample(info, str(files.images[i]), str(files.labels[i]))
+        return _check_sample(info, str(files.images[i]), str(files.labels[i]), decode_images)
 
     threads = max(1, min(int(threads), n))
     if threads == 1:
@@ -115,11 +133,13 @@ def check_dataset(
     splits: Union[str, Iterable[str], None] = None,
     *,
     threads: int = 4,
+    decode_images: bool = True,
 ) -> list[Problem]:
     """All problems found in ``splits`` (default: the dataset's usual splits) of the dataset
     at ``root``: missing list file/folder, empty split, missing or unreadable files, image/label
     size mismatch, label values outside ``[0, C) ∪ {ignore}`` (raw-encoded datasets: outside
-    their known raw ids). Decoding runs in ``threads`` threads. ``[]`` means all good."""
+    their known raw ids). Decoding runs in ``threads`` threads; ``decode_images=False`` reads only the
+    image headers (what a stage checks before it writes anything). ``[]`` means all good."""
     info = get_dataset_info(info_or_name)
     if splits is None:
         splits = info.splits
@@ -132,7 +152,7 @@ def check_dataset(
         except DataError as e:
             problems.append(Problem(e.path, str(e)))
             continue
-        problems.extend(check_split(info, files, threads=threads))
+        problems.extend(check_split(info, files, threads=threads, decode_images=decode_images))
     return problems
 
 

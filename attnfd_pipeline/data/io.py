@@ -150,6 +150,12 @@ def read_label(path: PathLike, info: Union[str, DatasetInfo]) -> "torch.Tensor":
     raw = read_label_raw(path)
     if info.raw_to_train is None or info.is_train_id_file(path):
         out = raw  # identity table: skip the gather
+        legal = info.valid_stored_values(path)  # [0, C) ∪ {ignore}: anything else would crash (or corrupt) the loss
+        if not legal[out].all():
+            bad = np.flatnonzero(np.bincount(out.ravel(), minlength=256) * ~legal)
+            shown = ", ".join(str(int(v)) for v in bad[:12])
+            raise DataError(os.fspath(path), f"label {os.fspath(path)} has values {{{shown}}} outside the "
+                                             f"{info.num_classes} classes of {info.name} and {info.ignore_index} (ignore)")
     else:
         out = info.lut_for(path)[raw]
     return torch.from_numpy(np.ascontiguousarray(out))

@@ -42,3 +42,35 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not an attnfd checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
     return state
+
+
+def check_fits(modules: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """Raise ``ValueError`` naming ``path`` when a checkpoint's module state does not fit ``modules``
+    (missing / unexpected keys, shapes — e.g. written for another number of classes or model)."""
+    own = modules.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for kind, keys in (("shape mismatch", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            problems.append(f"{kind}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not fit this model ({'; '.join(problems)}); it was written for "
+                         f"another model, number of classes or set of points — use another run directory or "
+                         f"delete the checkpoint to start over")
+
+
+def load_modules(modules: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """``modules.load_state_dict(state)`` with a clear error naming ``path`` when it does not fit."""
+    check_fits(modules, state, path)
+    modules.load_state_dict(state)
+
+
+def check_resume(path: str | Path, modules: torch.nn.Module) -> None:
+    """Before a resumed run writes anything: its ``last.pt`` (if any) is readable and fits ``modules``."""
+    if Path(path).is_file():
+        check_fits(modules, load_checkpoint(path)["modules"], path)
+

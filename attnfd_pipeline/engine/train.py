@@ -3,6 +3,10 @@
 A *task* supplies what differs between stages (which modules train, how a batch becomes a loss,
 how to predict); the engine owns the loop, the optimiser and schedule, AMP, evaluation,
 checkpoints (best + last, atomic), ``--resume`` and the Parquet metrics log.
+
+Under torchrun (``engine.distributed``) the same loop runs on every rank: the training step is wrapped
+in DistributedDataParallel, train logs and val confusion matrices are summed over ranks, and only
+rank 0 writes files. A single process takes exactly the code path it took before.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 from torch import nn
 
 from attnfd_pipeline.config import TrainConfig
-from attnfd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
+from attnfd_pipeline.engine import distributed
+from attnfd_pipeline.engine.checkpoint import load_checkpoint, load_modules, save_checkpoint
 from attnfd_pipeline.engine.metrics import confusion_matrix, metrics_from_confusion
 from attnfd_pipeline.engine.optim import build_optimizer, build_scheduler
 from attnfd_pipeline.progress import Progress
@@ -67,7 +72,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def train_one_epoch(task: Task, loader, optimizer, scheduler, scaler, device, epoch: int, *, amp: bool,
-                    desc: str = "train", progress: bool = True) -> dict[str, float]:
+                    desc: str = "train", progress: bool = True, step: Callable | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean of each logged value (over all ranks' steps).
+    ``step``: what computes ``(loss, logs)`` from a batch (default ``task.train_step``; the DDP wrapper
+    of a distributed run)."""
+    step = step or task.train_step
     task.modules.train()
     task.on_epoch_start(epoch)
     sums: dict[str, float] = {}
@@ -76,7 +85,7 @@ def train_one_epoch(task: Task, loader, optimizer, scheduler, scaler, device, ep
     for batch in loader:
         batch = to_device(batch, device)
         with autocast_for(device, amp):
-            loss, logs = task.train_step(batch, epoch)
+            loss, logs = step(batch, epoch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch + 1}: loss is {loss.item()} (not finite); lower the lr "
                                      f"or check the inputs")
@@ -95,13 +104,20 @@ def train_one_epoch(task: Task, loader, optimizer, scheduler, scaler, device, ep
         n += 1
         bar.update(1, loss=round(sums["loss"] / n, 4), lr=optimizer.param_groups[0]["lr"])
     bar.close()
+    if distributed.world_size() > 1:  # means over every rank's steps (the same keys on every rank)
+        keys = sorted(sums)
+        total = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64))
+        sums, n = dict(zip(keys, total[:-1].tolist())), int(total[-1])
     return {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
 
 
 @torch.no_grad()
 def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, num_classes: int, device, *,
              class_names=None, amp: bool = True, progress: bool = False) -> dict[str, Any]:
-    """Confusion matrix over the whole loader → metrics (``predict`` returns logits at label size)."""
+    """Confusion matrix over the whole loader → metrics (``predict`` returns logits at label size).
+
+    A loader over this rank's part of the split (``distributed.RankPartitionSampler``) contributes its
+    matrix to the sum over ranks: every rank returns the metrics of the whole split."""
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     bar = Progress(len(loader), "eval", "it", enabled=progress)
     for batch in loader:
@@ -111,6 +127,8 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, num_classe
         cm += confusion_matrix(logits.argmax(1).cpu(), batch["label"], num_classes)
         bar.update(1)
     bar.close()
+    if distributed.is_rank_partition(loader):
+        cm = distributed.all_reduce_sum(cm)
     out = metrics_from_confusion(cm, class_names)
     out["confusion"] = cm.tolist()
     return out
@@ -134,10 +152,21 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
         stop_after_epochs: int | None = None) -> FitResult:
     """Train ``task`` for ``cfg.epochs`` epochs; evaluate every ``cfg.eval_every`` epochs and after the
     last; keep ``last.pt`` (full state, for ``resume``) and ``best.pt`` (best val mIoU).
-    ``stop_after_epochs`` ends the call early (tests use it to simulate an interrupted run)."""
+    ``stop_after_epochs`` ends the call early (tests use it to simulate an interrupted run).
+    In a distributed run every rank calls ``fit``; only rank 0 writes into ``run_dir``."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    world = distributed.world_size()
+    main = distributed.rank() == 0
+    progress = progress and main
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ValueError("train.sync_bn: SyncBatchNorm needs CUDA devices (PyTorch has no CPU implementation); "
+                         "set train.sync_bn=false for a CPU run")
     last_path, best_path, log_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.parquet"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("last.pt", "best.pt", "metrics.parquet", "summary.json"):
+            for tmp in run_dir.glob(f".{name}.*.tmp"):  # left by a run killed while writing (never read)
+                tmp.unlink(missing_ok=True)
     iters_per_epoch = len(train_loader_for(0))
     optimizer = build_optimizer(task.param_groups(cfg), cfg)
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs * iters_per_epoch)
@@ -145,7 +174,7 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
     start_epoch, step, best, rows = 0, 0, -math.inf, []
     if resume and last_path.is_file():
         state = load_checkpoint(last_path)
-        task.modules.load_state_dict(state["modules"])
+        load_modules(task.modules, state["modules"], last_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
@@ -154,9 +183,17 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
         start_epoch, step, best = state["epoch"], state["step"], state["best"]
         rows = read_log(log_path) if log_path.is_file() else []
         rows = [r for r in rows if r["epoch"] <= start_epoch]
-    elif (last_path.is_file() or log_path.is_file()) and not resume:
+    elif (last_path.is_file() or log_path.is_file()) and not resume and main:
         for p in (last_path, best_path, log_path):
             p.unlink(missing_ok=True)
+    step_fn, swapped = None, []
+    if world > 1:
+        if cfg.sync_bn:
+            swapped = distributed.to_sync_batchnorm(task.modules)
+        # DDP broadcasts rank 0's weights and buffers here; a task whose every step uses every trainable
+        # parameter may say so (``ddp_find_unused_parameters = False``) and save a graph traversal per step
+        step_fn = distributed.wrap_task(task, device,
+                                        find_unused_parameters=getattr(task, "ddp_find_unused_parameters", True))
     t0 = time.perf_counter()
     last_metrics: dict = rows[-1] if rows else {}
     epochs_run = 0
@@ -165,30 +202,40 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
             break
         te = time.perf_counter()
         train_logs = train_one_epoch(task, train_loader_for(epoch), optimizer, scheduler, scaler, device, epoch,
-                                     amp=cfg.amp, desc=desc, progress=progress)
+                                     amp=cfg.amp, desc=desc, progress=progress, step=step_fn)
         step += iters_per_epoch
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                "epoch_seconds": time.perf_counter() - te, **train_logs}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             task.modules.eval()
+            distributed.broadcast_buffers(task.modules)  # every rank evaluates rank 0's (checkpointed) state
             m = evaluate(task.predict, val_loader, num_classes, device, class_names=class_names, amp=cfg.amp)
             row.update({k: m[k] for k in ("miou", "pixel_acc", "class_acc", "fwiou", "per_class_iou")})
-            if m["miou"] > best:
+            if m["miou"] > best:  # the same decision on every rank: the metrics are of the whole split
                 best = m["miou"]
-                save_checkpoint(best_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler,
-                                scaler=scaler, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
-                                config=config_dict, extra={**(extra_state or {}), "metrics": m})
-            print(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {train_logs['train_loss']:.4f} "
-                  f"val mIoU {m['miou'] * 100:.2f} pixel acc {m['pixel_acc'] * 100:.2f}", flush=True)
+                if main:
+                    save_checkpoint(best_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=scaler, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
+                                    config=config_dict, extra={**(extra_state or {}), "metrics": m})
+            if main:
+                print(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {train_logs['train_loss']:.4f} "
+                      f"val mIoU {m['miou'] * 100:.2f} pixel acc {m['pixel_acc'] * 100:.2f}", flush=True)
         rows.append(row)
-        _write_log(log_path, rows)
-        save_checkpoint(last_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        epoch=epoch + 1, step=step, best=best, rng=rng_state(), config=config_dict,
-                        extra=extra_state)
+        if main:
+            _write_log(log_path, rows)
+            save_checkpoint(last_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler,
+                            scaler=scaler, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
+                            config=config_dict, extra=extra_state)
         last_metrics = row
         epochs_run += 1
     done = start_epoch + epochs_run
     summary = {"epochs_done": done, "best_miou": best, "last": last_metrics,
                "seconds_this_call": time.perf_counter() - t0}
-    atomic_write_json(run_dir / "summary.json", summary)
+    if world > 1:
+        distributed.broadcast_buffers(task.modules)  # leave every rank with rank 0's model
+        distributed.restore_batchnorm(swapped)
+        summary["world_size"] = world
+    if main:
+        atomic_write_json(run_dir / "summary.json", summary)
+    distributed.barrier()  # rank 0's files are complete before any rank reads them (e.g. best.pt)
     return FitResult(run_dir, done, best, last_metrics, time.perf_counter() - t0)

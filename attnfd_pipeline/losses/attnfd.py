@@ -10,11 +10,20 @@
 - ``"channel"`` (the paper's text): each pixel's C-vector divided by its L2 norm; the squared
   difference is summed over channels and averaged over pixels and samples.
 Each is invariant to rescaling its unit (whole batch, one sample, one pixel) of either input.
+
+``AttnFD`` (registered as ``"attnfd"``) is the method: a trainable student CBAM at each point, then a
+connector (1×1 conv student → teacher channels + BN, SPEC §5), bilinear resizing to the teacher's map,
+and ``attnfd_loss`` against the cached teacher F''. During the connector warm-up epochs only the
+connectors learn (the reference).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from attnfd_pipeline.layers import CBAM
+from attnfd_pipeline.losses.base import DistillMethod, MethodContext, connector, match_size, register
 
 NORMS = ("batch", "sample", "channel")
 EPS = 1e-12
@@ -37,3 +46,45 @@ def attnfd_loss(student: torch.Tensor, teacher: torch.Tensor, norm: str = "batch
     if norm == "channel":
         return (_unit(s, (1,)) - _unit(t, (1,))).pow(2).sum(1).mean()
     raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the method: a trainable CBAM at each point, then a connector (1×1 conv + BN) to the teacher's channels
+
+
+@register
+class AttnFD(DistillMethod):
+    """AttnFD (Mansourian et al., "Attention-guided Feature Distillation for Semantic Segmentation"):
+    L = Σ_points L_Attn(connector(CBAM_S(F_S)), F''_T) against the teacher's refined maps F''_T."""
+
+    name = "attnfd"
+    paper = "Mansourian et al., Attention-guided Feature Distillation for Semantic Segmentation (AttnFD)"
+
+    @classmethod
+    def required_targets(cls, points):
+        return tuple(points)
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__(ctx)
+        self.norm = ctx.norm
+        # built in this order (all CBAMs, then all connectors) so that a seeded build draws the same weights
+        self.attention = nn.ModuleDict({p: CBAM(ctx.student_channels[p]) for p in self.points})
+        self.connectors = nn.ModuleDict({p: connector(ctx.student_channels[p], int(ctx.target_shapes[p][0]))
+                                         for p in self.points})
+
+    def refine(self, feats):
+        """Student F'' at each point, passed through its connector (teacher channels)."""
+        return {p: self.connectors[p](self.attention[p](feats[p])) for p in self.points}
+
+    def _loss(self, mapped, targets):
+        per = {p: attnfd_loss(match_size(mapped[p], targets[p]), targets[p], self.norm) for p in self.points}
+        return sum(per.values()), {f"L_{p}": float(v.detach()) for p, v in per.items()}
+
+    def forward(self, out, targets, epoch=0, batch=None):
+        return self._loss(self.refine(out), targets)
+
+    def warmup_loss(self, out, targets, epoch=0, batch=None):
+        # reference connector warm-up: only the connectors learn, from frozen student features and CBAMs
+        with torch.no_grad():
+            refined = {p: self.attention[p](out[p]) for p in self.points}
+        return self._loss({p: self.connectors[p](refined[p]) for p in self.points}, targets)

@@ -1,0 +1,166 @@
+"""What a distillation method is, and the registry that finds one by name.
+
+A method (a ``DistillMethod`` subclass, registered with ``@register``) declares
+
+- ``required_targets(points)``: the teacher targets it reads, named as in the cache — ``"B"``, ``"E"``,
+  ``"D"`` (refined F''), ``"raw_B"`` … (raw teacher features), ``"logits"`` (teacher logits at the
+  decoder's resolution). Stage 2 refuses a cache that lacks one of them;
+- its trainable modules (connectors, projectors …), built in ``__init__`` from a ``MethodContext``
+  (student tap channels, teacher target shapes, its config section);
+- its loss: ``forward(out, targets, epoch, batch) -> (loss, logs)`` where ``out`` is the student's output
+  dict ("out", "logits", raw taps "B", "E", "D") and ``targets`` the teacher targets (float16 from the
+  cache or float32 online; methods compute in float32).
+
+Stage 2's loss is ``ce_weight(epoch) · CE + α · Σ_m w_m · L_m`` over the methods of ``student.method``
+(``"attnfd"``, ``"attnfd+kd"`` …) with ``w_m = student.<m>.weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RAW_PREFIX = "raw_"
+LOGITS = "logits"
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Everything a method's modules are built from."""
+
+    points: tuple[str, ...]  # student.points: the distillation points the method works at
+    student_channels: Mapping[str, int]  # student tap → channels ("B", "E", "D")
+    target_shapes: Mapping[str, tuple[int, int, int]]  # teacher target name → (C, H, W); H, W may be 0 if unknown
+    num_classes: int = 0
+    epochs: int = 1  # total training epochs (schedules such as AICSD's adaptive weighting)
+    norm: str = "batch"  # feature normalisation of the mimicking losses (attnfd, lad), SPEC §5
+    params: Any = None  # the method's config section (``student.<name>``); None = its defaults
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class DistillMethod(nn.Module):
+    """Base class: a named loss with its own trainable modules."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""  # short citation, shown by ``list_methods(verbose=True)``
+    params_type: ClassVar[type | None] = None  # config dataclass of the method's hyper-parameters
+
+    def __init__(self, ctx: MethodContext):
+        super().__init__()
+        self.points = tuple(ctx.points)
+        self.params = ctx.params if ctx.params is not None else (self.params_type() if self.params_type else None)
+
+    @classmethod
+    def required_targets(cls, points: Sequence[str]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def targets(self) -> tuple[str, ...]:
+        return type(self).required_targets(self.points)
+
+    def forward(self, out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], epoch: int = 0,
+                batch: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def warmup_loss(self, out, targets, epoch: int = 0, batch=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss during the connector warm-up epochs, where the student is frozen (``out`` computed under
+        ``no_grad``): by default the method's own loss, which then trains only the method's modules."""
+        return self(out, targets, epoch, batch)
+
+    def ce_weight(self, epoch: int) -> float:
+        """Factor on the segmentation CE in ``epoch`` (1 unless the method re-weights it, e.g. AICSD)."""
+        return 1.0
+
+    def has_parameters(self) -> bool:
+        return any(True for _ in self.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# small shared pieces
+
+
+def connector(in_ch: int, out_ch: int) -> nn.Sequential:
+    """AttnFD's connector (SPEC §5): 1×1 conv student → teacher channels (no bias) + BN."""
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+
+
+def match_size(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize of ``x`` to ``like``'s spatial size (no-op when equal)."""
+    if x.shape[-2:] == like.shape[-2:]:
+        return x
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 (cached targets, autocast outputs) → float32; float32 / float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def raw_name(point: str) -> str:
+    return RAW_PREFIX + point
+
+
+def target_channels(ctx: MethodContext, name: str) -> int:
+    if name not in ctx.target_shapes:
+        raise KeyError(f"no shape for teacher target {name!r} (have {', '.join(ctx.target_shapes)})")
+    return int(ctx.target_shapes[name][0])
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+_REGISTRY: dict[str, type[DistillMethod]] = {}
+SEPARATOR = "+"
+
+
+def register(cls: type[DistillMethod]) -> type[DistillMethod]:
+    """Class decorator: make ``cls`` available as ``student.method = cls.name``."""
+    if not cls.name or SEPARATOR in cls.name:
+        raise ValueError(f"method class {cls.__name__} needs a name without {SEPARATOR!r}")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """Registered method names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> type[DistillMethod]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown distillation method {name!r}; known: {', '.join(_REGISTRY)}") from None
+
+
+def parse_methods(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``"attnfd+kd"`` (or ``["attnfd", "kd"]``) → ``("attnfd", "kd")``; unknown or repeated names raise."""
+    names = [n.strip() for n in (spec.split(SEPARATOR) if isinstance(spec, str) else spec)]
+    if not names or any(not n for n in names):
+        raise ValueError(f"method {spec!r}: expected names joined by {SEPARATOR!r}, e.g. 'attnfd+kd'")
+    for n in names:
+        get_method(n)
+    if len(set(names)) != len(names):
+        raise ValueError(f"method {spec!r}: a method repeats")
+    return tuple(names)
+
+
+def required_targets(spec: str | Sequence[str], points: Sequence[str]) -> list[str]:
+    """Union (in order) of the teacher targets the methods of ``spec`` read at ``points``."""
+    out: list[str] = []
+    for n in parse_methods(spec):
+        for t in get_method(n).required_targets(tuple(points)):
+            if t not in out:
+                out.append(t)
+    return out
+
+
+def build_methods(spec: str | Sequence[str], context_for: Callable[[str], MethodContext]) -> dict[str, DistillMethod]:
+    """Instantiate every method of ``spec`` (in order) with its context."""
+    return {n: get_method(n)(context_for(n)) for n in parse_methods(spec)}

@@ -1,0 +1,196 @@
+"""`attnfd report` on synthetic result.json files, and `attnfd visualize` on a tiny teacher + student."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from attnfd_pipeline.config import dump_toml, load_config
+from attnfd_pipeline.report import build_report, collect_runs
+
+CLASSES = ["background", "circle", "square"]
+
+
+def _student(root, *, method="attnfd", alpha=2.0, seed=0, miou=0.6, acc=0.9, K=4, norm="batch",
+             points=("B", "E", "D"), mode="cached", teacher_mode="inpath", per_class=None,
+             model="deeplabv3plus_resnet18"):
+    name = f"{method}_a{alpha:g}_{norm}_{'-'.join(points)}_{mode}_K{K}_{teacher_mode}_s{seed}"
+    d = root / "student" / name
+    d.mkdir(parents=True)
+    distilled = alpha > 0
+    rec = {"run": name, "model": model, "method": method if distilled else "none",
+           "methods": method.split("+") if distilled else [], "alpha": alpha, "norm": norm, "points": list(points),
+           "mode": mode, "seed": seed, "K": K, "teacher": {"cbam_mode": teacher_mode} if distilled else None,
+           "final_miou": miou, "final_pixel_acc": acc, "best_miou": miou,
+           "per_class_iou": per_class if per_class is not None else [miou, miou, None], "class_names": CLASSES,
+           "train_seconds": 1.0, "epochs": 1}
+    (d / "result.json").write_text(json.dumps(rec))
+
+
+def _teacher(root, miou=0.8, mode="inpath"):
+    d = root / "teacher"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"miou": miou, "pixel_acc": 0.95, "seconds": 3.0, "epochs": 1}))
+    (d / "teacher_bundle.json").write_text(json.dumps({"model": "deeplabv3plus_resnet101", "cbam_mode": mode,
+                                                       "metrics": {"per_class_iou": [0.9, 0.8, 0.7]}}))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs" / "demo"
+    _teacher(root)
+    for seed, (m, a) in enumerate([(0.50, 0.80), (0.52, 0.82), (0.54, 0.84)]):
+        _student(root, alpha=0, seed=seed, miou=m, acc=a, per_class=[0.9, 0.4, 0.2])
+    for seed, m in enumerate([0.60, 0.61, 0.62]):
+        _student(root, seed=seed, miou=m, per_class=[0.95, 0.6, 0.25])
+    _student(root, method="kd", alpha=1.0, miou=0.55)  # no run at the reference α: its own α is used
+    _student(root, method="attnfd+kd", miou=0.59)
+    _student(root, mode="online", miou=0.605)
+    for alpha, m in ((0.1, 0.52), (10.0, 0.58)):
+        _student(root, alpha=alpha, miou=m)
+    for K, m in ((1, 0.57), (2, 0.59)):
+        _student(root, K=K, miou=m)
+    _student(root, alpha=0, K=1, miou=0.49)
+    _student(root, points=("D",), miou=0.58)
+    _student(root, norm="channel", miou=0.57)
+    _student(root, norm="channel", points=("D",), miou=0.3)  # varies two factors: in no study
+    other = tmp_path / "runs" / "demo_fitted"  # another teacher CBAM mode lives in its own run root
+    _teacher(other, miou=0.78, mode="fitted")
+    _student(other, teacher_mode="fitted", miou=0.63)
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "cache.K=4"])
+    return cfg, other
+
+
+def _rows(md: str, section: str) -> list[list[str]]:
+    block = md.split(f"## {section}")[1].split("\n## ")[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()
+            if line.startswith("|") and not line.startswith("| ---") and "---" not in line][1:]
+
+
+def test_report_tables_figures_and_json(runs, tmp_path):
+    cfg, other = runs
+    files = build_report(cfg, tmp_path / "report", extra_roots=[other])
+    md = files["report"].read_text()
+    main = {r[0]: r for r in _rows(md, "Methods")}
+    assert main["Teacher (deeplabv3plus_resnet101, inpath CBAM)"][3] == "80.00"
+    student = main["Student (deeplabv3plus_resnet18)"]
+    assert student[2] == "3" and student[3] == f"52.00 ± {statistics.stdev([50, 52, 54]):.2f}"
+    assert student[5] == "82.00 ± 2.00"
+    attnfd = main["S + AttnFD"]
+    assert attnfd[1:5] == ["2", "3", "61.00 ± 1.00", "+9.00"]
+    assert main["S + KD"][1:5] == ["1", "1", "55.00", "+3.00"]
+    assert main["S + AttnFD + KD"][3] == "59.00" and main["S + AttnFD (online)"][3] == "60.50"
+    assert list(main)[:3] == ["Teacher (deeplabv3plus_resnet101, inpath CBAM)", "Student (deeplabv3plus_resnet18)",
+                              "S + KD"]  # rivals first, AttnFD last, combinations after single methods
+    alpha = {(r[0], r[1]): r for r in _rows(md, "α sweep")}
+    assert set(alpha) == {("0 (student)", ""), ("0.1", "cached"), ("2", "cached"), ("10", "cached"), ("2", "online")}
+    assert alpha[("10", "cached")][3:] == ["58.00", "+6.00"]
+    k = {r[0]: r for r in _rows(md, "Cached augmentation seeds K")}
+    assert list(k) == ["1", "2", "4", "online"]
+    assert k["1"][2:] == ["57.00", "49.00", "+8.00"] and k["4"][2] == "61.00 ± 1.00"
+    points = {r[0]: r[2] for r in _rows(md, "Distillation points")}
+    assert points == {"D": "58.00", "B+E+D": "61.00 ± 1.00"}
+    assert {r[0]: r[2] for r in _rows(md, "Normalisation")} == {"batch": "61.00 ± 1.00", "channel": "57.00"}
+    cbam = {r[0]: r for r in _rows(md, "Teacher CBAM mode")}
+    assert cbam["inpath"][1] == "80.00" and cbam["fitted"][1:4] == ["78.00", "1", "63.00"]
+    per_class = {r[0]: r for r in _rows(md, "Per-class IoU")}
+    assert "Best method: **S + AttnFD**" in md
+    assert per_class["circle"][1:] == ["40.00", "60.00", "+20.00"] and per_class["square"][3] == "+5.00"
+    for name, (w, min_h) in {"alpha_sweep": (760, 460), "k_study": (760, 460), "per_class_iou": (760, 100)}.items():
+        assert f"({name}.png)" in md
+        with Image.open(files[name]) as im:
+            im.load()
+            assert im.format == "PNG" and im.size[0] == w and im.size[1] >= min_h
+            assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 5  # not blank
+    data = json.loads(files["json"].read_text())
+    assert data["main"][1]["miou"]["n"] == 3 and data["per_class"]["best"] == "S + AttnFD"
+
+
+def test_report_without_runs_says_so(tmp_path):
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"'])
+    files = build_report(cfg, tmp_path / "out")
+    md = files["report"].read_text()
+    for section in ("Methods", "α sweep", "Cached augmentation seeds K", "Distillation points", "Normalisation",
+                    "Teacher CBAM mode", "Per-class IoU"):
+        assert re.search(rf"## {section}[^\n]*\n\nno runs", md), section
+    assert set(files) == {"report", "json"}
+    # a single study with runs: the others still say "no runs"
+    _student(tmp_path / "runs" / "demo", alpha=0, miou=0.5)
+    md = build_report(cfg, tmp_path / "out")["report"].read_text()
+    assert "| Student (deeplabv3plus_resnet18) |  | 1 | 50.00 |" not in md  # α column shows 0
+    assert "| Student (deeplabv3plus_resnet18) | 0 | 1 | 50.00 |" in md and md.count("no runs") == 6
+
+
+def test_collect_fills_old_results_from_the_resolved_config(tmp_path):
+    root = tmp_path / "runs" / "demo"
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "cache.K=3"])
+    d = root / "student" / "old"
+    d.mkdir(parents=True)
+    (d / "config.resolved.toml").write_text(dump_toml(cfg))
+    (d / "result.json").write_text(json.dumps({"run": "old", "model": "deeplabv3plus_resnet18", "method": "attnfd",
+                                               "alpha": 2.0, "norm": "batch", "points": ["B"], "mode": "cached",
+                                               "seed": 0, "final_miou": 0.5, "final_pixel_acc": 0.8}))
+    (root / "student" / "unfinished").mkdir()
+    (root / "student" / "unfinished" / "result.json").write_text(json.dumps({"alpha": 2.0, "final_miou": None}))
+    _, students = collect_runs(cfg)
+    assert len(students) == 1 and students[0]["K"] == 3 and students[0]["teacher_mode"] == "inpath"
+
+
+def test_report_cli(runs, tmp_path):
+    from stages.cli import app
+
+    cfg, other = runs
+    p = tmp_path / "cfg.toml"
+    p.write_text(dump_toml(cfg))
+    r = CliRunner().invoke(app, ["report", "--config", str(p), "--out", str(tmp_path / "rep"), "--runs", str(other)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "report.md").is_file() and "report.md" in r.output
+    assert "fitted" in (tmp_path / "rep" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# attention pictures
+
+
+def test_visualize_teacher_and_student_maps(tiny_pipeline, tmp_path):
+    from stages.cli import app
+
+    from attnfd_pipeline.student import run_student, student_dir
+    from attnfd_pipeline.visualize import attention_maps, visualize
+
+    cfg, _ = tiny_pipeline
+    p = tmp_path / "cfg.toml"
+    p.write_text(dump_toml(cfg))
+    run = load_config(p, [f'runs_root="{tmp_path / "runs"}"', 'student.points=["E", "D"]'])
+    import shutil
+
+    shutil.copytree(cfg.teacher_dir, run.teacher_dir, dirs_exist_ok=True)
+    run_student(run, progress=False)
+    maps = attention_maps(run, image_index=1)
+    assert maps["points"] == ["E", "D"] and maps["image"].shape == (48, 48, 3) and maps["image"].dtype == np.uint8
+    for who in ("teacher", "student"):
+        for kind in ("raw", "refined"):
+            for pt in ("E", "D"):
+                m = maps[who][kind][pt]
+                assert m.ndim == 2 and np.isfinite(m).all()
+    # the student's refined map is its CBAM output: not the raw map
+    assert not np.allclose(maps["student"]["raw"]["D"], maps["student"]["refined"]["D"])
+    out = visualize(run, 1, tmp_path / "fig" / "attn.png", cell=64)
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 5 * 64 and im.size[1] > 2 * 64
+    # CLI, with the run given explicitly
+    p2 = tmp_path / "run.toml"
+    p2.write_text(dump_toml(run))
+    r = CliRunner().invoke(app, ["visualize", "--config", str(p2), "--image-index", "0", "--out",
+                                 str(tmp_path / "cli.png"), "--run", str(student_dir(run))])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "cli.png").is_file()
+    r = CliRunner().invoke(app, ["visualize", "--config", str(p2), "--image-index", "99", "--out",
+                                 str(tmp_path / "bad.png")])
+    assert r.exit_code == 2 and "image index 99" in r.output
