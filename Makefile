@@ -14,13 +14,20 @@ SEEDS ?= 0
 STAMPS := .make
 CFG_NAME := $(basename $(notdir $(CONFIG)))
 STUDENT_ARGS := --seed $(SEED) $(if $(ALPHA),--alpha $(ALPHA),)
+# NPROC > 1: teacher, cache and student run under torchrun on this node, one process per GPU (DDP with
+# NCCL; gloo on CPU); the cache gets one writer per process. NPROC = 1: the plain command.
+TORCHRUN := $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC)
+MULTI := $(filter-out 0 1,$(NPROC))
+RUN_TEACHER := $(if $(MULTI),$(TORCHRUN) -m stages.teacher,$(ATTNFD) teacher)
+RUN_CACHE := $(if $(MULTI),$(TORCHRUN) -m stages.cache build,$(ATTNFD) cache build)
+RUN_STUDENT := $(if $(MULTI),$(TORCHRUN) -m stages.student,$(ATTNFD) student)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo data teacher cache student baseline results test clean-runs sweep bench chaos bench
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "  variables: CONFIG=$(CONFIG) SEED=$(SEED) ALPHA=$(ALPHA)"
+	@echo "  variables: CONFIG=$(CONFIG) SEED=$(SEED) ALPHA=$(ALPHA) NPROC=$(NPROC)"
 
 install: $(VENV)/.installed ## Create .venv and install the package with its test extras
 
@@ -41,17 +48,17 @@ $(STAMPS)/data-$(CFG_NAME): $(CONFIG) | $(VENV)/.installed
 teacher: $(STAMPS)/teacher-$(CFG_NAME) ## Stage 1a: train the teacher + CBAMs, freeze into a bundle
 
 $(STAMPS)/teacher-$(CFG_NAME): $(CONFIG) $(STAMPS)/data-$(CFG_NAME)
-	$(ATTNFD) teacher --config $(CONFIG) --resume
+	$(RUN_TEACHER) --config $(CONFIG) --resume
 	touch $@
 
 cache: $(STAMPS)/cache-$(CFG_NAME) ## Stage 1b: write the teacher's CBAM-refined maps to a Zarr v3 cache
 
 $(STAMPS)/cache-$(CFG_NAME): $(CONFIG) $(STAMPS)/teacher-$(CFG_NAME)
-	$(ATTNFD) cache build --config $(CONFIG)
+	$(RUN_CACHE) --config $(CONFIG)
 	touch $@
 
-student: $(STAMPS)/cache-$(CFG_NAME) ## Stage 2: train the student from the cache (ALPHA=, SEED=)
-	$(ATTNFD) student --config $(CONFIG) $(STUDENT_ARGS)
+student: $(STAMPS)/cache-$(CFG_NAME) ## Stage 2: train the student from the cache (ALPHA=, SEED=, NPROC=)
+	$(RUN_STUDENT) --config $(CONFIG) $(STUDENT_ARGS)
 
 baseline: $(STAMPS)/data-$(CFG_NAME) ## The student alone (alpha = 0), same crops and schedule
 	$(ATTNFD) student --config $(CONFIG) --seed $(SEED) --alpha 0

@@ -174,3 +174,31 @@ def test_dask_cache_build_equals_single_process(tiny_pipeline, reference_cache, 
                 *set_args(overrides)])
     assert "shards written 3, skipped 0 of 3" in proc.stdout and "with 2 dask writers" in proc.stdout
     assert_same_cache(Path(cfg.cache.root) / reference_cache.name, reference_cache, RANKS_OF_TWO_WRITERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# cache roots given as fsspec URLs
+
+
+def test_file_url_cache_root_round_trips_and_object_stores_are_refused(tmp_path):
+    import dataclasses
+
+    from test_cache import FakeSource, FakeTeacher, make_cfg
+
+    from attnfd_pipeline.cache import CacheError, CacheReader, build_cache, find_cache
+
+    plain = build_cache(make_cfg(tmp_path / "plain"), FakeTeacher(), FakeSource(), progress=False)
+    cfg = make_cfg(tmp_path / "x")
+    cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, root=(tmp_path / "url").as_uri()))
+    assert cfg.cache.root.startswith("file:///")
+    r = build_cache(cfg, FakeTeacher(), FakeSource(), progress=False)
+    assert r.path == tmp_path / "url" / plain.path.name
+    assert find_cache(cfg, FakeTeacher(), FakeSource(), require_complete=True) == r.path
+    got, ref = CacheReader(r.path), CacheReader(plain.path)
+    assert got.complete and got.manifest().equals(ref.manifest())
+    for k in range(2):
+        a, b = got.read(3, k), ref.read(3, k)
+        assert all(a[n].tobytes() == b[n].tobytes() for n in ref.targets)
+    mem = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, root="memory://attnfd/cache"))
+    with pytest.raises(CacheError, match=r"memory:// does not give"):
+        build_cache(mem, FakeTeacher(), FakeSource(), progress=False)

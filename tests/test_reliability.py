@@ -284,6 +284,7 @@ class DiskBudget:
         monkeypatch.setattr(manifest, "atomic_write_bytes", write_part)
 
 
+@pytest.mark.filterwarnings("ignore:Object at .* is not recognized as a component of a Zarr hierarchy")
 def test_disk_full_clear_error_nothing_half_committed_rerun_equal(tmp_path, built, monkeypatch):  # noqa: F811
     """ENOSPC at five points of a build (early metadata, inside shards' chunk writes, inside a manifest
     part): a CacheError naming the disk and the cache path; every committed shard verifies (no part for

@@ -71,8 +71,25 @@ def cache_fingerprint(cfg, teacher: Any, source: Any) -> str:
     return fingerprint_of(cache_inputs(cfg, teacher, source))
 
 
+def cache_root_path(root: str | Path) -> Path:
+    """``cache.root`` as a local directory: a path, or an fsspec ``file://`` URL (e.g. a shared POSIX
+    mount, ``file:///mnt/shared/cache``). Other fsspec stores (``s3://``, ``gs://``, ``memory://`` …) are
+    refused with the reason: the build's commit protocol needs exclusive-create locks, rename and fsync."""
+    if isinstance(root, Path):
+        return root
+    from fsspec.core import split_protocol
+
+    protocol, rest = split_protocol(str(root))
+    if protocol in (None, "file", "local"):
+        return Path(rest)
+    raise CacheError(f"cache.root = {root!r}: only local paths and file:// URLs (any POSIX file system, e.g. a "
+                     f"shared NFS/Lustre mount) are supported; the cache's commit protocol needs exclusive-create "
+                     f"lock files, atomic rename and fsync, which {protocol}:// does not give. Build on a shared "
+                     f"file system and copy the finished cache to object storage for archiving")
+
+
 def cache_dir_for(cfg, fingerprint: str) -> Path:
-    return Path(cfg.cache.root) / fingerprint[:16]
+    return cache_root_path(cfg.cache.root) / fingerprint[:16]
 
 
 def diff_inputs(recorded: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:

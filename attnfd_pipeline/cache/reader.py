@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from attnfd_pipeline.augment import AugmentParams
-from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, diff_inputs, fingerprint_of
+from attnfd_pipeline.cache.fingerprint import (cache_dir_for, cache_inputs, cache_root_path, diff_inputs,
+                                               fingerprint_of)
 from attnfd_pipeline.cache.manifest import list_parts, read_manifest
 from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, FORMAT, CacheError, params_from_row, paths,
                                           sample_checksum)
@@ -207,7 +208,7 @@ def find_cache(cfg, teacher: Any, source: Any, *, require_complete: bool = False
 
 
 def list_caches(root: str | Path) -> list[Path]:
-    root = Path(root)
+    root = cache_root_path(root)
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if paths(p)["info"].is_file())
