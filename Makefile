@@ -23,10 +23,10 @@ RUN_CACHE := $(if $(MULTI),$(TORCHRUN) -m stages.cache build,$(ATTNFD) cache bui
 RUN_STUDENT := $(if $(MULTI),$(TORCHRUN) -m stages.student,$(ATTNFD) student)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo data teacher cache student baseline results test clean-runs sweep bench chaos bench
+.PHONY: help install demo data teacher cache student baseline results test clean-runs sweep bench bench-accuracy chaos
 
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: CONFIG=$(CONFIG) SEED=$(SEED) ALPHA=$(ALPHA) NPROC=$(NPROC)"
 
 install: $(VENV)/.installed ## Create .venv and install the package with its test extras
@@ -73,6 +73,9 @@ demo: $(STAMPS)/cache-$(CFG_NAME) ## Everything on the embedded dataset: teacher
 
 bench: $(VENV)/.installed ## Measure what caching buys (step time, memory, build/read throughput, storage) -> bench/results.{json,md}
 	$(ATTNFD) bench --out bench
+
+bench-accuracy: $(STAMPS)/cache-$(CFG_NAME) ## Teacher, student, KD/LAD/AICSD/Af-DCD/AttnFD (cached + online) on the config's data, goals checked (resumable) -> bench/accuracy.{json,md}
+	$(ATTNFD) bench-accuracy --config $(CONFIG) --out bench
 
 test: $(VENV)/.installed ## Run the test suite
 	$(BIN)/python -m pytest -q

@@ -629,7 +629,7 @@ def storage_options(codec: str, level: int, mantissa_options: Sequence[int]) -> 
     return opts
 
 
-def storage_analysis(outs: dict[str, np.ndarray], options: Sequence[dict], recipe_codec: str) -> dict:
+def storage_analysis(outs: dict[str, np.ndarray], options: Sequence[dict]) -> dict:
     """Bytes per sample, compression vs float32 and rel. L2 error (channel-normalised) per option and
     target, with the cache's own lossy step (``schema.to_float16``) and per-sample compression
     (``plan.compression_ratio``, each sample compressed alone as in the store)."""
@@ -752,7 +752,6 @@ def _measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool
     from attnfd_pipeline.teacher import load_teacher
     from attnfd_pipeline.utils import resolve_device
 
-    device_info: dict
     data_root = make_dataset(w, work / "data")
     cfg = workload_config(w, data_root, work, recipe, overrides)
     device = resolve_device(cfg.student.train.device)
@@ -780,7 +779,8 @@ def _measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool
                 _sync(device)
                 row["target_specs_seconds"] = time.perf_counter() - t0
                 root = work / "cache" if r == 0 else work / f"cache-r{r}"
-                cfg_r = cfg if r == 0 else dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, root=str(root)))
+                cfg_r = cfg if r == 0 else dataclasses.replace(
+                    cfg, cache=dataclasses.replace(cfg.cache, root=str(root)))
                 res = build_cache(cfg_r, teacher, source, progress=False)
                 row.update({"build_samples_per_s": res.samples_per_s, "build_seconds": res.seconds,
                             "build_samples": res.samples_written, "teacher_seconds": res.teacher_seconds,
@@ -802,8 +802,7 @@ def _measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool
             f"bare teacher {row['bare_samples_per_s']:.2f} samples/s (ratio {row['ratio']:.3f})")
     samples["cache_build"] = build_rows
     del teacher
-    storage = storage_analysis(outs32, storage_options(cfg.cache.codec, cfg.cache.level, w.mantissa_options),
-                               cfg.cache.codec)
+    storage = storage_analysis(outs32, storage_options(cfg.cache.codec, cfg.cache.level, w.mantissa_options))
     disk = describe_cache(cache_dir)
     storage["on_disk"] = {"codec": disk["codec"], "mantissa_bits": disk["mantissa_bits"],
                           "bytes_per_sample": {k: v["bytes_on_disk"] / max(1, len(source) * w.K)
@@ -838,7 +837,7 @@ def _measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool
             + f"; reader {rd['samples_per_s']:.1f} samples/s")
 
     # reader breakdown (main process, one sample at a time): replay + hash vs target read
-    reader_breakdown = _reader_breakdown(setups["cached"], setups["plain"], source, cfg, n=min(len(source), 2 * bs))
+    reader_breakdown = _reader_breakdown(setups["cached"], setups["plain"], source, n=min(len(source), 2 * bs))
 
     # profile one step of each variant
     profiles: dict[str, list[dict]] = {}
@@ -964,7 +963,7 @@ def _param_counts(setups: dict[str, Setup]) -> dict:
     return out
 
 
-def _reader_breakdown(cached: Setup, plain: Setup, source, cfg, n: int) -> dict:
+def _reader_breakdown(cached: Setup, plain: Setup, source, n: int) -> dict:
     """Per-sample ms in one process: the plain crop (load + augment), the cached replay (load + augment +
     hash check) and the target read (decode + checksum), so a slow reader can be attributed."""
     from attnfd_pipeline import augment
@@ -1037,7 +1036,8 @@ def format_markdown(res: dict) -> str:
           f"Reproduce: {repro}. Device: {dev['type']} ({dev_s}, "
           f"{dev.get('torch_threads')} torch threads, {dev.get('cpu_count')} CPUs), torch {res['torch_version']}; "
           f"wall time {_fmt(s.get('wall_s'), '.0f')} s.", "",
-          f"Workload: teacher `{w['teacher']}`, student `{w['student']}`, {w['num_classes']} classes, crop {w['crop']}, "
+          f"Workload: teacher `{w['teacher']}`, student `{w['student']}`, {w['num_classes']} classes, "
+          f"crop {w['crop']}, "
           f"batch {w['batch_size']}, targets {'+'.join(w['points'])}, {w['workers']} DataLoader workers; "
           f"{c['train_images']} generated images × K={c['K']} cached; random weights. Every ratio is of two figures "
           f"measured in this run, interleaved (plain/cached/online, reversed on odd repeats), median over "
@@ -1066,7 +1066,8 @@ def format_markdown(res: dict) -> str:
     L += ["", "Phase columns are medians over all timed steps (they need not add up to the total, a median of "
           "per-repeat medians). CPU seconds per step (training process + its loader workers) barely depend on "
           "what else runs on the machine: their ratios, cached/plain "
-          f"{_fmt(sc.get('cpu_ratio'))} and online/cached {_fmt(res['step_ratio_online_over_cached'].get('cpu_ratio'))}, "
+          f"{_fmt(sc.get('cpu_ratio'))} and online/cached "
+          f"{_fmt(res['step_ratio_online_over_cached'].get('cpu_ratio'))}, "
           "cross-check the wall-clock ratios above on a shared machine. Load average at start "
           f"{_fmt((res['device'].get('load_average_start') or [None])[0], '.1f')}, at end "
           f"{_fmt((s.get('load_average_end') or [None])[0], '.1f')}.", ""]
@@ -1106,16 +1107,19 @@ def format_markdown(res: dict) -> str:
           f"- cached DataLoader ({ro['workers']} workers, nothing consuming) {_fmt(ro['reader_samples_per_s'], '.1f')} "
           f"samples/s vs {_fmt(ro['consumer_samples_per_s'], '.2f')} samples/s consumed by the cached step.",
           f"- per sample in one process: plain crop {_fmt(rb['plain_crop_ms'], '.1f')} ms, cached replay + hash check "
-          f"{_fmt(rb['cached_replay_ms'], '.1f')} ms, target read (decode + checksum) {_fmt(rb['target_read_ms'], '.1f')} ms.",
+          f"{_fmt(rb['cached_replay_ms'], '.1f')} ms, target read (decode + checksum) "
+          f"{_fmt(rb['target_read_ms'], '.1f')} ms.",
           ""]
 
     L += ["## Storage per sample (teacher outputs of this run)", "",
           "| option | " + " | ".join(f"{t} bytes" for t in st["options"][st["recipe_option"]]["targets"])
           + " | total bytes | × vs float32 | max rel_error |",
-          "| --- | " + " | ".join("---" for _ in st["options"][st["recipe_option"]]["targets"]) + " | --- | --- | --- |"]
+          "| --- | " + " | ".join("---" for _ in st["options"][st["recipe_option"]]["targets"])
+          + " | --- | --- | --- |"]
     for name, o in st["options"].items():
         L.append(f"| `{name}` | " + " | ".join(f"{t['bytes_per_sample'] / 1e3:,.1f} kB" for t in o["targets"].values())
-                 + f" | {o['bytes_per_sample'] / 1e3:,.1f} kB | {o['compression_vs_float32']:.2f} | {o['rel_error']:.1e} |")
+                 + f" | {o['bytes_per_sample'] / 1e3:,.1f} kB | {o['compression_vs_float32']:.2f} | "
+                   f"{o['rel_error']:.1e} |")
     od = st["on_disk"]
     L += ["", f"On disk (the built cache, `{od['codec']}`, mantissa bits {od['mantissa_bits']}): "
           + ", ".join(f"{k} {v / 1e3:,.1f} kB" for k, v in od["bytes_per_sample"].items())
@@ -1126,7 +1130,8 @@ def format_markdown(res: dict) -> str:
     a = sw["assumptions"]
     L += [f"## Sweep economics (α sweep of N runs, {a['epochs_per_run']} epochs each, cache K={a['K']}; "
           f"seconds per training image)", "",
-          "| N | cache + N cached runs | N online runs | online / cached | N plain runs |", "| --- | --- | --- | --- | --- |"]
+          "| N | cache + N cached runs | N online runs | online / cached | N plain runs |",
+          "| --- | --- | --- | --- | --- |"]
     for n, r in sw["N"].items():
         L.append(f"| {n} | {_fmt(r['cached_s_per_image'], '.2f')} | {_fmt(r['online_s_per_image'], '.2f')} | "
                  f"{_fmt(r['online_over_cached'], '.2f')} | {_fmt(r['plain_s_per_image'], '.2f')} |")
@@ -1244,7 +1249,8 @@ def where_it_goes(res: dict) -> list[str]:
                      f"and normalisation at every point (profile below). Would close it: fewer or coarser points, "
                      f"a fused loss, or a GPU where these ops are a negligible share of the step.")
         if prof.get("cached"):
-            L += ["", "Top ops of one cached step (torch.profiler, self time):", ""] + _profile_table(prof["cached"], dev)
+            L += ["", "Top ops of one cached step (torch.profiler, self time):", ""]
+            L += _profile_table(prof["cached"], dev)
         if prof.get("plain"):
             L += ["", "Top ops of one plain step:", ""] + _profile_table(prof["plain"], dev)
         L.append("")
@@ -1301,8 +1307,8 @@ def where_it_goes(res: dict) -> list[str]:
         why = []
         if tsec > 1.05 * bare:
             why.append(f"the teacher itself ran {tsec / bare:.2f}× slower inside the build than alone: the "
-                       f"loader and writer threads compete for the cores its intra-op threads use"
-                       + (" (on a GPU they would not)" if dev == "cpu" else ""))
+                       f"loader and writer threads compete with it for the CPU cores (here shared with the machine's "
+                       f"other load too)" + (" — on a GPU they would not" if dev == "cpu" else ""))
         rest = bsec - tsec
         if rest > 0.05 * bsec:
             why.append(f"{rest:.1f} s of the build is outside the teacher's batches: fixed per-build costs — a dry "

@@ -236,6 +236,9 @@ class StudentConfig:
     points: tuple[str, ...] = POINTS
     connector_warmup_epochs: int = 0  # reference: 1 epoch training only the connectors
     mode: Literal["cached", "online"] = "cached"
+    # mode "online" only: a fresh augmentation draw every epoch (FreshSeeds, as the teacher trains) instead of
+    # replaying the K cached seeds; false keeps online exactly comparable to cached (same crops)
+    online_fresh: bool = False
     # per-method weights and hyper-parameters (see the method sections above)
     attnfd: AttnFDConfig = field(default_factory=AttnFDConfig)
     lad: LADConfig = field(default_factory=LADConfig)
@@ -248,6 +251,9 @@ class StudentConfig:
         _check(self.alpha >= 0, "student.alpha", "must be >= 0")
         _check_points(self.points, "student.points")
         _check(self.connector_warmup_epochs >= 0, "student.connector_warmup_epochs", "must be >= 0")
+        _check(not (self.online_fresh and self.mode != "online"), "student.online_fresh",
+               f"fresh augmentation needs the teacher online: set student.mode = \"online\" (it is {self.mode!r}) "
+               f"or student.online_fresh = false")
         from attnfd_pipeline.losses import parse_methods  # the registry (torch); imported when validating
 
         try:

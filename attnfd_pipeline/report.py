@@ -14,6 +14,11 @@ teachers' ``result.json`` and bundle sidecars, and writes into ``out/``:
 A study varies one factor of AttnFD (cached) and holds the others at the config's values (the
 *reference*: α, norm, points, K, teacher CBAM mode, student model). mIoU is each run's final-epoch
 validation mIoU; ± is the sample standard deviation over seeds (shown when n > 1).
+
+A run's mode is ``cached``, ``online`` (teacher online on the replayed cached crops: equal to cached up to
+float16) or ``online-fresh`` (``student.online_fresh``: a fresh augmentation every epoch, result.json
+``"augment": "fresh"``) — the "online (fresh augmentation)" reference of the K study. Results without
+``augment`` (older runs) replayed the cached seeds.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ USES = {"attnfd": {"points", "norm"}, "lad": {"points", "norm"}, "afdcd": {"poin
 CBAM_MODES = ("inpath", "fitted", "parameter_free", "untrained")
 NORM_ORDER = ("batch", "sample", "channel")
 NO_RUNS = "no runs"
+MODES = ("cached", "online", "online-fresh")
+FRESH = "online-fresh"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,11 +77,19 @@ def _teacher_record(root: Path) -> dict | None:
     }
 
 
+def _mode_of(r: dict, s: dict) -> str:
+    """``cached``, ``online`` or ``online-fresh`` from a result.json (``augment``) or its resolved config."""
+    mode = r.get("mode", s.get("mode", "cached"))
+    augment = r.get("augment") or ("fresh" if mode == "online" and s.get("online_fresh") else "replay")
+    return FRESH if mode == "online" and augment == "fresh" else mode
+
+
 def _student_record(path: Path, root: Path, teacher: dict | None) -> dict:
     """A result.json, with what older results lack filled from the run's resolved config."""
     r = json.loads(path.read_text())
     cfg = _read_toml(path.parent / "config.resolved.toml")
     s = cfg.get("student", {})
+    mode_tag = _mode_of(r, s)
     alpha = float(r.get("alpha", s.get("alpha", 0.0)))
     method = r.get("method") or (s.get("method", "attnfd") if alpha > 0 else "none")
     if alpha == 0:
@@ -85,7 +100,8 @@ def _student_record(path: Path, root: Path, teacher: dict | None) -> dict:
         "run": r.get("run", path.parent.name), "root": str(root),
         "model": r.get("model", s.get("model", {}).get("name")),
         "method": method, "alpha": alpha, "norm": r.get("norm", s.get("norm")),
-        "points": tuple(r.get("points") or s.get("points") or ()), "mode": r.get("mode", s.get("mode", "cached")),
+        "points": tuple(r.get("points") or s.get("points") or ()), "mode": mode_tag,
+        "augment": "fresh" if mode_tag == FRESH else "replay",
         "seed": r.get("seed", s.get("train", {}).get("seed")), "K": r.get("K", cfg.get("cache", {}).get("K")),
         "teacher_mode": mode if alpha > 0 else None,
         "miou": r.get("final_miou"), "pixel_acc": r.get("final_pixel_acc"), "best_miou": r.get("best_miou"),
@@ -156,7 +172,8 @@ def method_label(method: str, mode: str = "cached") -> str:
     if method == "none":
         return "Student"
     names = " + ".join(DISPLAY.get(m, m) for m in method.split("+"))
-    return f"S + {names}" + (" (online)" if mode == "online" else "")
+    suffix = {"online": " (online)", FRESH: " (online, fresh augmentation)"}.get(mode, "")
+    return f"S + {names}{suffix}"
 
 
 def _points_label(points: Sequence[str]) -> str:
@@ -166,7 +183,7 @@ def _points_label(points: Sequence[str]) -> str:
 def _method_sort_key(method: str, mode: str):
     parts = method.split("+")
     first = METHOD_ORDER.index(parts[0]) if parts[0] in METHOD_ORDER else len(METHOD_ORDER)
-    return (len(parts) > 1, first, method, mode == "online")
+    return (len(parts) > 1, first, method, MODES.index(mode) if mode in MODES else len(MODES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +230,9 @@ def _matches(r: dict, ref: Reference, *, vary: str = "", method_aware: bool = Fa
 
 
 def _baseline(students: list[dict], ref: Reference) -> list[dict]:
-    """Plain-student runs (α = 0) of the reference model, at the reference K when there are such runs."""
-    base = [r for r in students if r["method"] == "none" and r["model"] == ref.model]
+    """Plain-student runs (α = 0) of the reference model on the cached crops, at the reference K when
+    there are such runs."""
+    base = [r for r in students if r["method"] == "none" and r["model"] == ref.model and r["mode"] != FRESH]
     at_k = [r for r in base if r["K"] == ref.K]
     return at_k or base
 
@@ -292,39 +310,53 @@ def _study(students: list[dict], ref: Reference, vary: str, key, order: Sequence
 
 
 def alpha_study(students, ref, base_m) -> tuple[str, list[dict], dict]:
-    cached = _study(students, ref, "alpha", lambda r: r["alpha"])
-    online = _study(students, ref, "alpha", lambda r: r["alpha"], mode="online")
-    if not cached and not online:
+    by_mode = {mode: _study(students, ref, "alpha", lambda r: r["alpha"], mode=mode) for mode in MODES}
+    if not any(by_mode.values()):
         return NO_RUNS, [], {}
     rows, data = [], []
     if base_m is not None:
         rows.append(["0 (student)", "", base_m.n, base_m.fmt(), ""])
-    for mode, groups in (("cached", cached), ("online", online)):
+    for mode, groups in by_mode.items():
         for alpha, runs in groups:
             m = Stat.of([r["miou"] for r in runs])
             rows.append([f"{alpha:g}", mode, m.n, m.fmt(), _delta(m, base_m)])
             data.append({"alpha": alpha, "mode": mode, "miou": _stat_dict(m)})
     md = _table(["α", "mode", "n", "mIoU (%)", "Δ vs student"], rows)
-    return md, data, {"cached": cached, "online": online}
+    return md, data, by_mode
+
+
+FRESH_LABEL = "online (fresh augmentation)"
 
 
 def k_study(students, ref, base_by_k) -> tuple[str, list[dict], dict]:
+    """AttnFD at each cached K (and the student at that K), then the online references: ``online``
+    (teacher online on the replayed crops) and ``online (fresh augmentation)`` — a new crop every epoch,
+    what the K cached seeds approximate."""
     cached = _study(students, ref, "K", lambda r: r["K"])
     online = _study(students, ref, "K", lambda r: "online", mode="online")
-    if not cached and not online:
+    fresh = _study(students, ref, "K", lambda r: FRESH, mode=FRESH)
+    if not cached and not online and not fresh:
         return NO_RUNS, [], {}
+    fresh_m = Stat.of([r["miou"] for _, runs in fresh for r in runs])
     rows, data = [], []
     for k, runs in cached:
         m = Stat.of([r["miou"] for r in runs])
         b = base_by_k.get(k)
-        rows.append([k, m.n, m.fmt(), _fmt(b), _delta(m, b)])
-        data.append({"K": k, "miou": _stat_dict(m), "student": _stat_dict(b)})
-    for _, runs in online:
-        m = Stat.of([r["miou"] for r in runs])
-        rows.append(["online", m.n, m.fmt(), "", ""])
-        data.append({"K": "online", "miou": _stat_dict(m)})
-    md = _table(["K (cached seeds)", "n", "AttnFD mIoU (%)", "student (α = 0) at this K", "Δ"], rows)
-    return md, data, {"cached": cached, "online": online}
+        rows.append([k, m.n, m.fmt(), _fmt(b), _delta(m, b)] + ([_delta(m, fresh_m)] if fresh else []))
+        data.append({"K": k, "miou": _stat_dict(m), "student": _stat_dict(b)}
+                    | ({"vs_fresh": m.mean - fresh_m.mean} if fresh else {}))
+    for label, key, groups in (("online", "online", online), (FRESH_LABEL, FRESH, fresh)):
+        for _, runs in groups:
+            m = Stat.of([r["miou"] for r in runs])
+            rows.append([label, m.n, m.fmt(), "", ""] + ([""] if fresh else []))
+            data.append({"K": key, "miou": _stat_dict(m)})
+    header = ["K (cached seeds)", "n", "AttnFD mIoU (%)", "student (α = 0) at this K", "Δ"]
+    md = _table(header + (["Δ vs online (fresh)"] if fresh else []), rows)
+    if fresh:
+        md += ("\n\n`online`: the teacher computes the targets every step on the replayed cached crops (equal to "
+               "cached at that K up to float16); `online (fresh augmentation)`: a new augmentation every epoch "
+               "(`student.online_fresh`), the reference the K cached seeds approximate.")
+    return md, data, {"cached": cached, "online": online, FRESH: fresh}
 
 
 def simple_study(students, ref, base_m, vary: str, key, order, header: str) -> tuple[str, list[dict]]:
@@ -383,9 +415,9 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     base = _baseline(students, ref)
     base_m = Stat.of([r["miou"] for r in base])
     base_by_k = {}
-    for k in sorted({r["K"] for r in students if r["method"] == "none" and r["K"] is not None}):
-        base_by_k[k] = Stat.of([r["miou"] for r in students if r["method"] == "none" and r["model"] == ref.model
-                                and r["K"] == k])
+    cached_base = [r for r in students if r["method"] == "none" and r["mode"] != FRESH]
+    for k in sorted({r["K"] for r in cached_base if r["K"] is not None}):
+        base_by_k[k] = Stat.of([r["miou"] for r in cached_base if r["model"] == ref.model and r["K"] == k])
     teacher = _teacher_at_ref(teachers, cfg)
     files: dict[str, Path] = {}
     data: dict[str, Any] = {"reference": ref.__dict__ | {"points": list(ref.points)}, "runs": len(students)}
@@ -408,7 +440,8 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     md += ["## α sweep (AttnFD)", "", table, ""]
     if groups:
         series = []
-        for mode, color in (("cached", plotting.COLORS[0]), ("online", plotting.COLORS[1])):
+        for mode, color in (("cached", plotting.COLORS[0]), ("online", plotting.COLORS[1]),
+                            (FRESH, plotting.COLORS[2])):
             g = [(a, runs) for a, runs in groups[mode] if a > 0]
             if g:
                 stats = [Stat.of([r["miou"] for r in runs]) for _, runs in g]
@@ -439,6 +472,9 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
         for _, runs in groups["online"]:
             hlines.append(plotting.HLine("AttnFD (online)", Stat.of([r["miou"] for r in runs]).mean,
                                          plotting.COLORS[1]))
+        for _, runs in groups[FRESH]:
+            hlines.append(plotting.HLine("AttnFD (online, fresh aug.)", Stat.of([r["miou"] for r in runs]).mean,
+                                         plotting.COLORS[2]))
         if teacher is not None and teacher["miou"] is not None:
             hlines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.COLORS[3], dashed=False))
         files["k_study"] = plotting.line_plot(out_dir / "k_study.png", series, title="mIoU vs cached seeds K",

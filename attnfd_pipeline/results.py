@@ -20,8 +20,10 @@ def collect_results(cfg: Config) -> list[dict]:
                      "pixel_acc": r["pixel_acc"], "seconds": r["seconds"]})
     for path in sorted((cfg.run_root / "student").glob("*/result.json")):
         r = json.loads(path.read_text())
+        fresh = r.get("augment") == "fresh"  # online with a fresh augmentation every epoch
+        mode = ("online-fresh" if fresh else r["mode"]) if r["alpha"] else ("fresh" if fresh else "")
         rows.append({"role": "student", "model": r["model"], "method": r["method"], "alpha": r["alpha"],
-                     "mode": r["mode"] if r["alpha"] else "", "seed": r["seed"], "miou": r["final_miou"],
+                     "mode": mode, "seed": r["seed"], "miou": r["final_miou"],
                      "pixel_acc": r["final_pixel_acc"], "seconds": r["train_seconds"]})
     return rows
 

@@ -7,8 +7,11 @@ combinations such as ``attnfd+kd``) read other cached targets through the same p
 Each epoch ``e`` shows image ``i`` with cached augmentation seed ``k = f(run_seed, e, i) mod K``; the
 crop is rebuilt from the manifest's parameters and its hash checked before the targets are used.
 ``mode = "online"`` runs the same schedule on the same crops with the frozen teacher computing the
-targets every step (the reference for correctness and speed). α = 0 is exactly the plain student:
-same crops, same order, same initialisation, no targets read.
+targets every step (the reference for correctness and speed). With ``online_fresh = true`` the online
+student instead sees a fresh augmentation draw every epoch (``FreshSeeds``, as the teacher trained): the
+reference the K cached seeds approximate (run name ``…_online-fresh_…``, ``"augment": "fresh"`` in
+result.json). α = 0 is exactly the plain student: same crops, same order, same initialisation, no
+targets read.
 """
 
 from __future__ import annotations
@@ -26,23 +29,26 @@ import torch.nn.functional as F
 from attnfd_pipeline.cache import CacheError, CacheReader, check_compatible, find_cache, list_caches
 from attnfd_pipeline.cache.schema import target_names as cache_target_names
 from attnfd_pipeline.config import Config, StudentConfig, write_resolved
-from attnfd_pipeline.data.loaders import AugmentedDataset, CachedSeeds, EpochSampler, ValDataset, make_loader
+from attnfd_pipeline.data.loaders import (AugmentedDataset, CachedSeeds, EpochSampler, FreshSeeds, ValDataset,
+                                          make_loader)
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.distill import Distiller
 from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.optim import param_groups
+from attnfd_pipeline.engine.checkpoint import check_resume
 from attnfd_pipeline.engine.train import fit
 from attnfd_pipeline.losses import MethodContext, build_methods, parse_methods, required_targets
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
-from attnfd_pipeline.utils import atomic_write_json, resolve_device, seed_everything
+from attnfd_pipeline.utils import atomic_write_json, seed_everything
 
 
 class StudentDataset(AugmentedDataset):
-    """Training crops at the cached seeds; with a ``reader``, the crop is the replay of the stored
-    parameters (hash-checked against the manifest) and the sample carries its cached targets."""
+    """Training crops at the cached seeds (or fresh ones, ``FreshSeeds``, for an online run with
+    ``student.online_fresh``); with a ``reader``, the crop is the replay of the stored parameters
+    (hash-checked against the manifest) and the sample carries its cached targets."""
 
-    def __init__(self, source, cfg, seeds: CachedSeeds, reader: CacheReader | None = None, names=()):
+    def __init__(self, source, cfg, seeds: CachedSeeds | FreshSeeds, reader: CacheReader | None = None, names=()):
         super().__init__(source, cfg, seeds)
         self.reader, self.names = reader, tuple(names)
 
@@ -177,17 +183,41 @@ def _settings_tag(s: StudentConfig) -> str:
     return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def fresh_augmentation(s: StudentConfig) -> bool:
+    """Whether the training crops are fresh draws every epoch (online mode with ``online_fresh``) rather
+    than replays of the K cached augmentation seeds."""
+    return s.mode == "online" and s.online_fresh
+
+
+def augment_kind(s: StudentConfig) -> str:
+    """``"fresh"`` or ``"replay"`` (what result.json records as ``augment``)."""
+    return "fresh" if fresh_augmentation(s) else "replay"
+
+
+def mode_tag(s: StudentConfig) -> str:
+    """``cached``, ``online`` (teacher online on the replayed crops) or ``online-fresh``."""
+    return "online-fresh" if fresh_augmentation(s) else s.mode
+
+
+def train_seeds(cfg: Config) -> CachedSeeds | FreshSeeds:
+    """The aug seed of image ``index`` in ``epoch``: one of the K cached seeds, or a fresh draw per epoch."""
+    if fresh_augmentation(cfg.student):
+        return FreshSeeds()
+    return CachedSeeds(cfg.student.train.seed, cfg.cache.K)
+
+
 def run_name(cfg: Config) -> str:
-    """Run folder name: everything that makes runs differ (method, α, norm, points, mode, K, method
-    settings when not the defaults, seed)."""
+    """Run folder name: everything that makes runs differ (method, α, norm, points, mode — ``online-fresh``
+    for fresh augmentation —, K, method settings when not the defaults, seed)."""
     s = cfg.student
-    tag = f"{s.model.name}_{s.method}_a{s.alpha:g}_{s.norm}_{'-'.join(s.points)}_{s.mode}_K{cfg.cache.K}"
+    tag = f"{s.model.name}_{s.method}_a{s.alpha:g}_{s.norm}_{'-'.join(s.points)}_{mode_tag(s)}_K{cfg.cache.K}"
     settings = _settings_tag(s)
     if settings:
         tag += f"_p{settings}"
     tag += f"_s{s.train.seed}"
-    if s.alpha == 0:
-        tag = f"{s.model.name}_baseline_K{cfg.cache.K}_s{s.train.seed}"
+    if s.alpha == 0:  # the plain student: only its crops (cached seeds at K, or fresh) set it apart
+        crops = "fresh" if fresh_augmentation(s) else f"K{cfg.cache.K}"
+        tag = f"{s.model.name}_baseline_{crops}_s{s.train.seed}"
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", tag)
 
 
@@ -258,8 +288,6 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         else:
             teacher = load_teacher(bundle_path(cfg), device)
             target_shapes = teacher.target_specs(cfg.augment.crop_size, names)
-    if ctx.is_main:
-        write_resolved(cfg, out_dir)
     seed_everything(s.train.seed)
     student = build_model(s.model.name, nc, output_stride=s.model.output_stride,
                           backbone_weights=s.model.backbone_weights or None)
@@ -269,9 +297,13 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         torch.manual_seed(s.train.seed + 1)
         distiller = build_distiller(student, s, target_shapes, nc, distill=s.alpha > 0)
     distiller = distiller.to(device)
+    if resume:  # before anything is written: the checkpoint must fit these modules
+        check_resume(out_dir / "last.pt", distiller)
+    if ctx.is_main:
+        write_resolved(cfg, out_dir)
     task = StudentTask(distiller, alpha=s.alpha, norm=s.norm, warmup_epochs=s.connector_warmup_epochs, teacher=teacher,
                        weights=method_weights(s) if s.alpha > 0 else None)
-    seeds = CachedSeeds(s.train.seed, cfg.cache.K)
+    seeds = train_seeds(cfg)
     train_ds = StudentDataset(train_src, cfg.augment, seeds, reader, task.target_names if reader is not None else ())
     sampler = EpochSampler(len(train_ds), seed=s.train.seed, shuffle=True, rank=ctx.rank, world=ctx.world)
     train_loader = make_loader(train_ds, batch_size=s.train.batch_size, workers=cfg.data.num_workers,
@@ -294,8 +326,8 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         "run": run_name(cfg), "model": s.model.name, "method": s.method if distilled else "none",
         "methods": list(parse_methods(s.method)) if distilled else [],
         "weights": method_weights(s) if distilled else {}, "method_settings": method_settings(s) if distilled else {},
-        "alpha": s.alpha, "norm": s.norm, "points": list(s.points), "mode": s.mode, "seed": s.train.seed,
-        "K": cfg.cache.K, "targets": task.target_names if distilled else [],
+        "alpha": s.alpha, "norm": s.norm, "points": list(s.points), "mode": s.mode, "augment": augment_kind(s),
+        "seed": s.train.seed, "K": cfg.cache.K, "targets": task.target_names if distilled else [],
         "teacher": ({k: teacher_info.get(k) for k in ("model", "cbam_mode", "sha256", "points")}
                     if teacher_info is not None else None),
         "dataset": train_src.info.name, "epochs": result.epochs_done, "best_miou": result.best_miou,

@@ -1,5 +1,8 @@
 """`attnfd bench` / `make bench`: what caching buys — step time, memory, cache build and read throughput,
-storage — measured side by side in one run (issue 5); writes ``results.json`` and ``results.md``."""
+storage — measured side by side in one run (issue 5); writes ``results.json`` and ``results.md``.
+
+`attnfd bench-accuracy` / `make bench-accuracy`: what distillation buys — teacher, student and every
+method on the config's data (``attnfd_pipeline.accuracy``); writes ``accuracy.json`` and ``accuracy.md``."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors
+from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
 
 
 def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
@@ -35,6 +38,32 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
         goal = f"  (goal {m['goal']}: {'met' if m.get('met') else 'MISSED'})" if "goal" in m else ""
         typer.echo(f"{key:36s} {v if v is None else round(v, 3)}{goal}")
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
+
+
+AccuracyOutOpt = Annotated[Path, typer.Option("--out", help="Folder for accuracy.json and accuracy.md.")]
+
+
+def bench_accuracy(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+                   seeds: Annotated[int, typer.Option(help="Seeds of the student and of AttnFD (cached).")] = 3,
+                   extra_seeds: Annotated[int, typer.Option(help="Seeds of KD, LAD, AICSD, Af-DCD and AttnFD "
+                                                                 "(online).")] = 1,
+                   out: AccuracyOutOpt = Path("bench")):
+    """Accuracy of the teacher, the student and the student with KD, LAD, AICSD, Af-DCD and AttnFD (cached
+    and online) on the config's data; checks the goals. Resumable: finished runs are skipped."""
+    import shlex
+
+    from attnfd_pipeline.accuracy import goals, run_accuracy_bench
+
+    cfg = load(config, set_)
+    command = " ".join(["attnfd bench-accuracy", "--config", shlex.quote(str(config)),
+                        *(f"--set {shlex.quote(o)}" for o in set_ or []), f"--seeds {seeds}",
+                        f"--extra-seeds {extra_seeds}", "--out", shlex.quote(str(out))])
+    with errors():
+        results = run_accuracy_bench(cfg, out, seeds=seeds, extra_seeds=extra_seeds, command=command)
+    for g in goals(results):
+        value = "–" if g.value is None else f"{g.value:.2f}"
+        typer.echo(f"{g.text}: {value} ({g.status})")
+    typer.echo(f"results: {out / 'accuracy.json'}, {out / 'accuracy.md'}")
 
 
 def main():  # pragma: no cover - thin entry point

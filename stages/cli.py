@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.bench import bench
+from stages.bench import bench, bench_accuracy
 from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
 from stages.report import report, visualize
 from stages.student import student, sweep
@@ -22,6 +22,7 @@ app.command("teacher")(teacher)
 app.command("student")(student)
 app.command("sweep")(sweep)
 app.command("bench")(bench)
+app.command("bench-accuracy")(bench_accuracy)
 app.command("report")(report)
 app.command("visualize")(visualize)
 

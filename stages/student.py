@@ -12,6 +12,8 @@ from stages.common import DEFAULT_CONFIG, ConfigOpt, SeedOpt, SetOpt, errors, lo
 def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedOpt = None,
             alpha: Annotated[Optional[float], typer.Option(help="Distillation weight α (0 = plain student).")] = None,
             mode: Annotated[Optional[str], typer.Option(help="cached (default) or online (teacher every step).")] = None,
+            online_fresh: Annotated[bool, typer.Option("--online-fresh", help="With --mode online: fresh augmentation "
+                                                       "every epoch instead of replaying the K cached seeds.")] = False,
             resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False):
     """Train the student with L = CE + α·L_Attn against the cached teacher targets."""
     from attnfd_pipeline.student import run_student
@@ -20,6 +22,7 @@ def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
     overrides += [f"student.train.seed={seed}"] if seed is not None else []
     overrides += [f"student.alpha={alpha}"] if alpha is not None else []
     overrides += [f'student.mode="{mode}"'] if mode is not None else []
+    overrides += ["student.online_fresh=true"] if online_fresh else []
     cfg = load(config, overrides)
     from attnfd_pipeline.engine import distributed
 

@@ -58,6 +58,28 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert full_log[-1]["miou"] == cut_log[-1]["miou"]
 
 
+def test_resume_refuses_another_recipe(tiny_data, tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from conftest import make_cfg
+
+    cfg = make_cfg(tiny_data, tmp_path, "teacher.train.epochs=2")
+    _train(cfg, tmp_path / "cut", stop_after_epochs=1)
+    before = (tmp_path / "cut" / "last.pt").read_bytes()
+    changed = dataclasses.replace(cfg, teacher=dataclasses.replace(
+        cfg.teacher, train=dataclasses.replace(cfg.teacher.train, lr=cfg.teacher.train.lr * 2)))
+    with pytest.raises(ValueError, match=r"last\.pt: cannot resume.*train\.lr"):
+        _train(changed, tmp_path / "cut", resume=True)
+    assert (tmp_path / "cut" / "last.pt").read_bytes() == before  # nothing overwritten
+    # where it runs and how often it evaluates may change
+    moved = dataclasses.replace(cfg, teacher=dataclasses.replace(
+        cfg.teacher, train=dataclasses.replace(cfg.teacher.train, eval_every=2, device="cpu")))
+    _, res = _train(moved, tmp_path / "cut", resume=True)
+    assert res.epochs_done == 2
+
+
 def test_epoch_sampler_is_pure_and_partitions():
     s = EpochSampler(10, seed=3)
     s.set_epoch(2)

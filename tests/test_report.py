@@ -142,6 +142,35 @@ def test_collect_fills_old_results_from_the_resolved_config(tmp_path):
     assert len(students) == 1 and students[0]["K"] == 3 and students[0]["teacher_mode"] == "inpath"
 
 
+def test_fresh_online_runs_are_the_k_study_reference(runs, tmp_path):
+    """An online run with fresh augmentation ("augment": "fresh") is its own row: the K study's
+    "online (fresh augmentation)" reference; replayed online runs (and older results) stay "online"."""
+    cfg, _ = runs
+    root = cfg.run_root
+    for seed, m in enumerate([0.64, 0.66]):
+        _student(root, mode="online-fresh", seed=seed, miou=m)
+        d = root / "student" / f"attnfd_a2_batch_B-E-D_online-fresh_K4_inpath_s{seed}"
+        rec = json.loads((d / "result.json").read_text())
+        (d / "result.json").write_text(json.dumps(rec | {"mode": "online", "augment": "fresh"}))
+    _student(root, alpha=0, mode="online", seed=9, miou=0.10)  # a fresh-crop plain student: not the baseline
+    d = root / "student" / "attnfd_a0_batch_B-E-D_online_K4_inpath_s9"
+    (d / "result.json").write_text(json.dumps(json.loads((d / "result.json").read_text()) | {"augment": "fresh"}))
+    files = build_report(cfg, tmp_path / "report")
+    md = files["report"].read_text()
+    k = {r[0]: r for r in _rows(md, "Cached augmentation seeds K")}
+    assert list(k) == ["1", "2", "4", "online", "online (fresh augmentation)"]
+    assert k["online (fresh augmentation)"][1:3] == ["2", "65.00 ± 1.41"] and k["online"][2] == "60.50"
+    assert k["4"][5] == "-4.00" and k["1"][5] == "-8.00"  # cached K vs the fresh reference
+    main = {r[0]: r for r in _rows(md, "Methods")}
+    assert main["S + AttnFD (online, fresh augmentation)"][3] == "65.00 ± 1.41"
+    assert main["S + AttnFD (online)"][3] == "60.50" and main["Student (deeplabv3plus_resnet18)"][2] == "3"
+    alpha = {(r[0], r[1]) for r in _rows(md, "α sweep")}
+    assert ("2", "online-fresh") in alpha and ("2", "online") in alpha
+    data = json.loads(files["json"].read_text())
+    assert data["K"][-1] == {"K": "online-fresh",
+                             "miou": {"n": 2, "mean": pytest.approx(65.0), "std": pytest.approx(1.4142, abs=1e-4)}}
+
+
 def test_report_cli(runs, tmp_path):
     from stages.cli import app
 

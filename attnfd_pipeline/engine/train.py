@@ -12,6 +12,7 @@ rank 0 writes files. A single process takes exactly the code path it took before
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -146,6 +147,24 @@ def read_log(path: str | Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+# TrainConfig fields a resumed run may change: where it runs and how often it evaluates. Anything else
+# (lr, epochs — the poly schedule's length —, batch size, seed, …) would splice two different runs.
+RESUMABLE_CHANGES = frozenset({"device", "eval_every", "val_batch_size"})
+
+
+def check_recipe(state: dict, cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint written under another training recipe, naming the keys that differ."""
+    old = (state.get("extra") or {}).get("train_recipe")
+    if old is None:  # written before recipes were recorded
+        return
+    new = dataclasses.asdict(cfg)
+    diff = [f"train.{k}: {old.get(k)!r} -> {new[k]!r}" for k in new
+            if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    if diff:
+        raise ValueError(f"{path}: cannot resume, the training recipe changed ({'; '.join(diff)}); restore those "
+                         f"settings, or rerun without --resume to start this run over")
+
+
 def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: TrainConfig, run_dir: str | Path,
         num_classes: int, device: torch.device, config_dict: dict, class_names=None, resume: bool = False,
         extra_state: dict | None = None, progress: bool = True, desc: str = "train",
@@ -162,6 +181,7 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
         raise ValueError("train.sync_bn: SyncBatchNorm needs CUDA devices (PyTorch has no CPU implementation); "
                          "set train.sync_bn=false for a CPU run")
     last_path, best_path, log_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.parquet"
+    extra = {**(extra_state or {}), "train_recipe": dataclasses.asdict(cfg)}
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("last.pt", "best.pt", "metrics.parquet", "summary.json"):
@@ -174,6 +194,7 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
     start_epoch, step, best, rows = 0, 0, -math.inf, []
     if resume and last_path.is_file():
         state = load_checkpoint(last_path)
+        check_recipe(state, cfg, last_path)
         load_modules(task.modules, state["modules"], last_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -216,7 +237,7 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
                 if main:
                     save_checkpoint(best_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler,
                                     scaler=scaler, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
-                                    config=config_dict, extra={**(extra_state or {}), "metrics": m})
+                                    config=config_dict, extra={**extra, "metrics": m})
             if main:
                 print(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {train_logs['train_loss']:.4f} "
                       f"val mIoU {m['miou'] * 100:.2f} pixel acc {m['pixel_acc'] * 100:.2f}", flush=True)
@@ -225,7 +246,7 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
             _write_log(log_path, rows)
             save_checkpoint(last_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler,
                             scaler=scaler, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
-                            config=config_dict, extra=extra_state)
+                            config=config_dict, extra=extra)
         last_metrics = row
         epochs_run += 1
     done = start_epoch + epochs_run

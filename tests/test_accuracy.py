@@ -1,0 +1,151 @@
+"""`attnfd bench-accuracy`: the plan, a tiny resumable bench run, and the table / goals arithmetic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+
+import pytest
+from typer.testing import CliRunner
+
+import attnfd_pipeline.accuracy as acc
+from attnfd_pipeline.config import dump_toml, load_config, write_resolved
+from attnfd_pipeline.student import run_name, student_dir
+
+REQUIRED = {"method", "seed", "miou", "pixel_acc"}
+
+
+def _with(cfg, tmp_path, *overrides):
+    """``cfg`` plus overrides, and a config file holding the result (for the CLI)."""
+    p = tmp_path / "cfg.toml"
+    p.write_text(dump_toml(cfg))
+    new = load_config(p, list(overrides))
+    p.write_text(dump_toml(new))
+    return new, p
+
+
+def test_plan_has_every_method_with_its_seeds():
+    cfg = load_config("configs/demo.toml", ["student.train.seed=5"])
+    plan = acc.plan_runs(cfg, seeds=3, extra_seeds=1)
+    seeds = {p.method: p.seeds for p in plan}
+    assert set(seeds) == set(acc.METHODS) - {"teacher"}
+    assert seeds["student"] == seeds["attnfd"] == (5, 6, 7)
+    assert all(seeds[m] == (5,) for m in ("kd", "lad", "aicsd", "afdcd", "attnfd_online"))
+    assert {p.method: len(p.seeds) for p in acc.plan_runs(cfg, seeds=2, extra_seeds=2)}["kd"] == 2
+    bench = acc.bench_config(cfg, plan)
+    assert bench.cache.extra == ("logits", "raw") and bench.cache.K == cfg.cache.K == 4
+    runs = acc.schedule(bench, plan)
+    assert len(runs) == 3 + 3 + 5 and len({run_name(c) for _, c in runs}) == len(runs)
+    assert [m for m, _ in runs[:7]] == ["student", "kd", "lad", "aicsd", "afdcd", "attnfd", "attnfd_online"]
+    by = {(m, c.student.train.seed): c.student for m, c in runs}
+    assert by[("student", 7)].alpha == 0
+    for m in ("kd", "lad", "aicsd", "afdcd", "attnfd"):
+        s = by[(m, 5)]
+        assert (s.method, s.alpha, s.mode, s.online_fresh) == (m, cfg.student.alpha, "cached", False)
+    online = by[("attnfd_online", 5)]
+    assert (online.method, online.mode, online.online_fresh, online.alpha) == ("attnfd", "online", True, 2.0)
+    with pytest.raises(ValueError, match="--seeds 0"):
+        acc.plan_runs(cfg, seeds=0)
+    with pytest.raises(ValueError, match="--extra-seeds 0"):
+        acc.plan_runs(cfg, extra_seeds=0)
+
+
+def test_tiny_bench_writes_results_and_resumes(tiny_pipeline, tmp_path, monkeypatch):
+    base, _ = tiny_pipeline
+    # 32 px crops (the bundle does not depend on the crop): 7 one-epoch runs on 10 images stay fast
+    cfg, cfg_file = _with(base, tmp_path, f'runs_root="{tmp_path / "runs"}"', f'cache.root="{tmp_path / "cache"}"',
+                          "augment.crop_size=[32, 32]", "augment.base_size=32")
+    shutil.copytree(base.teacher_dir, cfg.teacher_dir)  # the teacher is reused, not retrained
+    monkeypatch.setattr(acc, "run_teacher", _forbidden)
+    out = tmp_path / "bench"
+    results = acc.run_accuracy_bench(cfg, out, seeds=1, extra_seeds=1, progress=False)
+
+    rows = json.loads((out / "accuracy.json").read_text())
+    assert rows == results and all(REQUIRED <= set(r) for r in rows)
+    count = {m: sum(r["method"] == m for r in rows) for m in acc.METHODS}
+    assert count == dict.fromkeys(acc.METHODS, 1)
+    assert all(0 <= r["miou"] <= 1 and 0 <= r["pixel_acc"] <= 1 for r in rows)
+    online = next(r for r in rows if r["method"] == "attnfd_online")
+    assert online["augment"] == "fresh" and online["mode"] == "online"
+    assert {r["student_method"] for r in rows if r["method"] in ("kd", "lad")} == {"kd", "lad"}
+    cache = json.loads((out / "accuracy_cache.json").read_text())
+    assert cache["extra"] == ["logits", "raw"] and cache["seconds"] > 0
+    md = (out / "accuracy.md").read_text()
+    for text in ("teacher − student ≥ 5 mIoU", "AttnFD (cached) − student ≥ 2 mIoU",
+                 "|AttnFD cached − AttnFD online| ≤ 1 mIoU", "| S + Af-DCD | 1 | 0 |", "cache build (K = 2"):
+        assert text in md
+
+    # second call: everything is done, nothing trains or builds (also through the CLI)
+    for name in ("run_student", "run_teacher", "build_cache", "load_teacher"):
+        monkeypatch.setattr(acc, name, _forbidden)
+    assert acc.run_accuracy_bench(cfg, out, seeds=1, extra_seeds=1, progress=False) == results
+    from stages.cli import app
+
+    r = CliRunner().invoke(app, ["bench-accuracy", "--config", str(cfg_file), "--set", "student.train.device=\"cpu\"",
+                                 "--seeds", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "teacher − student ≥ 5 mIoU" in r.output and "accuracy.md" in r.output
+    assert (f"Reproduce: `attnfd bench-accuracy --config {cfg_file} --set 'student.train.device=\"cpu\"' --seeds 1 "
+            f"--extra-seeds 1 --out {out}`") in (out / "accuracy.md").read_text()
+    assert json.loads((out / "accuracy.json").read_text()) == results
+
+
+def _forbidden(*a, **k):
+    raise AssertionError("a finished bench must not train or build anything")
+
+
+def test_a_finished_run_from_another_config_is_refused(tmp_path):
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"'])
+    plan = acc.plan_runs(cfg, 1, 1)
+    run_cfg = acc.run_config(cfg, plan[0], 0)
+    d = student_dir(run_cfg)
+    write_resolved(load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "student.alpha=0",
+                                                     "student.train.epochs=9"]), d)
+    (d / "result.json").write_text(json.dumps({"run": d.name, "seed": 0, "final_miou": 0.5, "final_pixel_acc": 0.8,
+                                               "alpha": 0.0, "method": "none", "mode": "cached"}))
+    with pytest.raises(ValueError, match=rf"student/.*baseline.*student\.train\.epochs: 9 → {cfg.student.train.epochs}"):
+        acc.finished_result(run_cfg, "student", None)
+    write_resolved(run_cfg, d)
+    assert acc.finished_result(run_cfg, "student", None)["final_miou"] == 0.5
+
+
+def _rows(method, mious, accs=None, seconds=10.0):
+    accs = accs or [0.9] * len(mious)
+    return [{"method": method, "seed": i, "miou": m, "pixel_acc": a, "run": f"{method}_s{i}",
+             "train_seconds": seconds} for i, (m, a) in enumerate(zip(mious, accs))]
+
+
+def test_format_markdown_statistics_and_goals():
+    results = (_rows("teacher", [0.80], [0.95], 100.0) + _rows("student", [0.50, 0.52, 0.54], [0.80, 0.82, 0.84])
+               + _rows("kd", [0.53]) + _rows("attnfd", [0.56, 0.57, 0.58]) + _rows("attnfd_online", [0.555]))
+    md = acc.format_markdown(results, {"command": "make bench-accuracy", "planned": {"lad": 1, "student": 3},
+                                       "cache": {"path": "cache/x", "seconds": 30.0, "K": 4, "extra": ["logits"]},
+                                       "wall_seconds": 5.0})
+    lines = md.split("## Goals")[0].splitlines()
+    cells = ([x.strip() for x in line.strip("|").split("|")] for line in lines if line.startswith("| "))
+    table = {c[0]: c for c in cells}
+    assert table["Teacher"][1:] == ["1", "0", "80.00", "", "95.00"]
+    assert table["Student (α = 0)"][1:] == ["3", "0, 1, 2", f"52.00 ± {statistics.stdev([50, 52, 54]):.2f}", "",
+                                            "82.00 ± 2.00"]
+    assert table["S + AttnFD (cached)"][3:5] == ["57.00 ± 1.00", "+5.00"]
+    assert table["S + KD"][3:5] == ["53.00", "+1.00"]
+    assert table["S + AttnFD (online, fresh augmentation)"][3:5] == ["55.50", "+3.50"]
+    assert table["S + LAD"][1:4] == ["0 of 1", "", "–"]  # planned, not run yet
+    assert "S + AICSD" not in table  # neither planned nor run
+    assert "- teacher − student ≥ 5 mIoU: **28.00** — met" in md
+    assert "- AttnFD (cached) − student ≥ 2 mIoU (means over seeds), and more than twice the std over seeds: " \
+           "**5.00** — met" in md and "twice the larger std = 4.00" in md
+    assert "- |AttnFD cached − AttnFD online| ≤ 1 mIoU: **1.50** — missed" in md
+    assert "Reproduce: `make bench-accuracy`" in md
+    assert "Total 210 s" in md and "| cache build (K = 4, extra: logits) |  | `cache/x` | 30 |" in md
+
+    g = {x.text.split(" ≥")[0].split(" ≤")[0]: x for x in acc.goals(results)}
+    assert g["AttnFD (cached) − student"].value == pytest.approx(5.0)
+    # a gain within twice the seed std is missed; one seed per row cannot be judged; no online run yet
+    noisy = _rows("student", [0.50, 0.52, 0.54]) + _rows("attnfd", [0.51, 0.55, 0.59])
+    assert [x.met for x in acc.goals(noisy)] == [None, False, None]  # gain 3.00 < 2 × std 4.00
+    single = _rows("student", [0.50]) + _rows("attnfd", [0.60]) + _rows("attnfd_online", [0.605])
+    got = acc.goals(single)
+    assert got[1].met is None and got[1].value == pytest.approx(10.0) and got[2].met is True
+    assert "not measured yet" in acc.format_markdown(single)
