@@ -118,7 +118,8 @@ def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
     if ctx.is_main:
         save_bundle(path, cfg, model.cpu(), attention.cpu() if attention is not None else None, nc, metrics)
         atomic_write_json(out_dir / "result.json", {"miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
-                                                    "seconds": time.perf_counter() - t0, "epochs": result.epochs_done,
+                                                    "seconds": result.train_seconds + (time.perf_counter() - t0 - result.seconds),
+                                                    "epochs": result.epochs_done,
                                                     "bundle": str(path),
                                                     **({"world_size": ctx.world} if ctx.distributed else {})})
     distributed.barrier()  # the bundle exists before any rank goes on

@@ -334,7 +334,7 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         "final_miou": last.get("miou"), "final_pixel_acc": last.get("pixel_acc"),
         "final_class_acc": last.get("class_acc"), "final_fwiou": last.get("fwiou"),
         "per_class_iou": last.get("per_class_iou"), "class_names": list(train_src.info.class_names or []),
-        "train_seconds": time.perf_counter() - t0, "cache": str(reader.path) if reader is not None else None,
+        "train_seconds": result.train_seconds + (time.perf_counter() - t0 - result.seconds), "cache": str(reader.path) if reader is not None else None,
     }
     if ctx.is_main:
         atomic_write_json(out_dir / "result.json", summary)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from attnfd_pipeline.data.loaders import AugmentedDataset, EpochSampler, FreshSeeds, ValDataset, make_loader
@@ -51,6 +52,10 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     _train(cfg, tmp_path / "cut", stop_after_epochs=1)  # "killed" after epoch 1
     resumed, res = _train(cfg, tmp_path / "cut", resume=True)
     assert res.epochs_done == 2
+    # the run's time counts both calls' epochs (and evaluations), not just the resumed call's
+    cut_rows = read_log(tmp_path / "cut" / "metrics.parquet")
+    assert res.train_seconds == pytest.approx(sum(r["epoch_seconds"] + r["eval_seconds"] for r in cut_rows))
+    assert len(cut_rows) == 2 and all(r["epoch_seconds"] > 0 for r in cut_rows)
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     full_log, cut_log = read_log(tmp_path / "full" / "metrics.parquet"), read_log(tmp_path / "cut" / "metrics.parquet")

@@ -51,7 +51,8 @@ class FitResult:
     epochs_done: int
     best_miou: float
     last_metrics: dict
-    seconds: float
+    seconds: float  # this call
+    train_seconds: float = 0.0  # every epoch of the run, evaluations included, across resumed calls (from the log)
 
 
 def autocast_for(device: torch.device, enabled: bool):
@@ -226,12 +227,14 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
                                      amp=cfg.amp, desc=desc, progress=progress, step=step_fn)
         step += iters_per_epoch
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                               "epoch_seconds": time.perf_counter() - te, **train_logs}
+                               "epoch_seconds": time.perf_counter() - te, "eval_seconds": 0.0, **train_logs}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            te = time.perf_counter()
             task.modules.eval()
             distributed.broadcast_buffers(task.modules)  # every rank evaluates rank 0's (checkpointed) state
             m = evaluate(task.predict, val_loader, num_classes, device, class_names=class_names, amp=cfg.amp)
             row.update({k: m[k] for k in ("miou", "pixel_acc", "class_acc", "fwiou", "per_class_iou")})
+            row["eval_seconds"] = time.perf_counter() - te
             if m["miou"] > best:  # the same decision on every rank: the metrics are of the whole split
                 best = m["miou"]
                 if main:
@@ -259,4 +262,5 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
     if main:
         atomic_write_json(run_dir / "summary.json", summary)
     distributed.barrier()  # rank 0's files are complete before any rank reads them (e.g. best.pt)
-    return FitResult(run_dir, done, best, last_metrics, time.perf_counter() - t0)
+    train_seconds = sum(float(r.get("epoch_seconds") or 0.0) + float(r.get("eval_seconds") or 0.0) for r in rows)
+    return FitResult(run_dir, done, best, last_metrics, time.perf_counter() - t0, train_seconds)
