@@ -44,7 +44,7 @@ def test_plan_has_every_method_with_its_seeds():
         s = by[(m, 5)]
         assert (s.method, s.alpha, s.mode, s.online_fresh) == (m, cfg.student.alpha, "cached", False)
     online = by[("attnfd_online", 5)]
-    assert (online.method, online.mode, online.online_fresh, online.alpha) == ("attnfd", "online", True, 2.0)
+    assert (online.method, online.mode, online.online_fresh, online.alpha) == ("attnfd", "online", True, cfg.student.alpha)
     with pytest.raises(ValueError, match="--seeds 0"):
         acc.plan_runs(cfg, seeds=0)
     with pytest.raises(ValueError, match="--extra-seeds 0"):

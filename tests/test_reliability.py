@@ -169,7 +169,7 @@ def _write_cfg(cfg, path: Path) -> Path:
 
 
 def _rows(path: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in read_log(path)]
+    return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "eval_seconds")} for r in read_log(path)]
 
 
 def test_teacher_killed_at_random_moment_resumes_to_identical_weights(tiny_data, tmp_path):

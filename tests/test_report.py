@@ -63,7 +63,7 @@ def runs(tmp_path):
     other = tmp_path / "runs" / "demo_fitted"  # another teacher CBAM mode lives in its own run root
     _teacher(other, miou=0.78, mode="fitted")
     _student(other, teacher_mode="fitted", miou=0.63)
-    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "cache.K=4"])
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "student.alpha=2", "cache.K=4"])
     return cfg, other
 
 
@@ -113,7 +113,7 @@ def test_report_tables_figures_and_json(runs, tmp_path):
 
 
 def test_report_without_runs_says_so(tmp_path):
-    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"'])
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "student.alpha=2"])
     files = build_report(cfg, tmp_path / "out")
     md = files["report"].read_text()
     for section in ("Methods", "α sweep", "Cached augmentation seeds K", "Distillation points", "Normalisation",
@@ -129,7 +129,7 @@ def test_report_without_runs_says_so(tmp_path):
 
 def test_collect_fills_old_results_from_the_resolved_config(tmp_path):
     root = tmp_path / "runs" / "demo"
-    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "cache.K=3"])
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "student.alpha=2", "cache.K=3"])
     d = root / "student" / "old"
     d.mkdir(parents=True)
     (d / "config.resolved.toml").write_text(dump_toml(cfg))
