@@ -202,7 +202,7 @@ def mode_tag(s: StudentConfig) -> str:
 def train_seeds(cfg: Config) -> CachedSeeds | FreshSeeds:
     """The aug seed of image ``index`` in ``epoch``: one of the K cached seeds, or a fresh draw per epoch."""
     if fresh_augmentation(cfg.student):
-        return FreshSeeds()
+        return FreshSeeds(run_seed=cfg.student.train.seed)
     return CachedSeeds(cfg.student.train.seed, cfg.cache.K)
 
 

@@ -49,6 +49,10 @@ def test_fresh_seeds_and_crops_differ_from_the_replayed_ones(tiny_cfg, tmp_path)
     assert len(names) == 3 and "_online-fresh_" in run_name(fresh_cfg)
     base = [_with(c, tmp_path, "student.alpha=0") for c in (tiny_cfg, fresh_cfg)]
     assert run_name(base[0]) != run_name(base[1]) and "baseline_fresh" in run_name(base[1])
+    # another run seed draws other fresh crops (never one of seed 0's, nor a cached one)
+    other = train_seeds(_with(fresh_cfg, tmp_path, "student.train.seed=3"))
+    seen0 = {fresh(e, 0) for e in range(50)}
+    assert all(other(e, 0) not in seen0 and other(e, 0) >= K for e in range(50))
 
 
 def test_online_fresh_run_trains_on_fresh_crops(tiny_pipeline, tmp_path, monkeypatch):

@@ -56,12 +56,17 @@ class EpochSampler(Sampler):
 @dataclass(frozen=True)
 class FreshSeeds:
     """Teacher training / online distillation with fresh augmentation: one new replayable draw per
-    epoch (aug seed = offset + epoch, outside the cached range [0, K))."""
+    epoch (aug seed = offset + run_seed × FRESH_SEED_STRIDE + epoch, outside the cached range [0, K)),
+    so runs with different seeds see different crops, and run seed 0 keeps ``offset + epoch``."""
 
+    run_seed: int = 0
     offset: int = augment.ONLINE_AUG_OFFSET
 
     def __call__(self, epoch: int, index: int) -> int:
-        return self.offset + epoch
+        return self.offset + self.run_seed * FRESH_SEED_STRIDE + epoch
+
+
+FRESH_SEED_STRIDE = 100_000  # epochs per run seed before two runs' fresh draws could meet
 
 
 @dataclass(frozen=True)
