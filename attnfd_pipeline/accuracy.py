@@ -11,8 +11,9 @@ seeds) on the config's own run folder, so the demo teacher and finished runs are
 3. the student runs, one seed of every method first, then the remaining seeds: the student (α = 0) and
    AttnFD (cached) with ``seeds`` seeds, KD, LAD, AICSD, Af-DCD and AttnFD online (fresh augmentation,
    ``student.online_fresh``) with ``extra_seeds``; methods use the config's α and their own config
-   section (``student.<method>``). A run whose ``result.json`` exists is skipped (``sweep.is_done``),
-   an interrupted one resumes from its ``last.pt``.
+   section (``student.<method>``). A finished run is reused (``sweep.is_done``) unless it was trained
+   under another config (``student.finished_result`` refuses it), an interrupted one resumes from its
+   ``last.pt``.
 
 After the teacher and after every run, ``accuracy.json`` (a list of runs: ``method``, ``seed``, ``miou``,
 ``pixel_acc`` as fractions, plus ``run``, ``train_seconds`` …) and ``accuracy.md`` (``format_markdown``:
@@ -30,12 +31,12 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from attnfd_pipeline.cache import CacheError, build_cache, find_cache
-from attnfd_pipeline.config import Config, ConfigError, load_config
+from attnfd_pipeline.config import Config, ConfigError
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.losses import required_targets
 from attnfd_pipeline.report import Stat
 from attnfd_pipeline.runs import check_student_inputs, evaluate_bundle, run_teacher
-from attnfd_pipeline.student import run_student, student_dir
+from attnfd_pipeline.student import finished_result, run_student
 from attnfd_pipeline.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -182,54 +183,6 @@ def run_entry(method: str, result: dict) -> dict:
             "train_seconds": result.get("train_seconds")}
 
 
-def stale_reason(cfg: Config, teacher_sha: str | None) -> str | None:
-    """Why the finished run of ``cfg`` does not belong to this bench (None when it does): its resolved
-    config trains differently (student, augmentation, K) or its teacher is not the current bundle."""
-    run_dir = student_dir(cfg)
-    result = json.loads((run_dir / "result.json").read_text())
-    recorded = (result.get("teacher") or {}).get("sha256")
-    if cfg.student.alpha > 0 and teacher_sha and recorded and recorded != teacher_sha:
-        return f"distilled from teacher {recorded[:12]}, the bundle is now {teacher_sha[:12]}"
-    resolved = run_dir / "config.resolved.toml"
-    if not resolved.is_file():
-        return None
-    try:
-        old = load_config(resolved)
-    except (ConfigError, ValueError):
-        return None  # written by another version: nothing to compare
-    diff = _diff("student", dataclasses.asdict(old.student), dataclasses.asdict(cfg.student))
-    diff += _diff("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
-    diff += [] if old.cache.K == cfg.cache.K else [f"cache.K: {old.cache.K} → {cfg.cache.K}"]
-    return "; ".join(diff) or None
-
-
-def _diff(prefix: str, old: dict, new: dict) -> list[str]:
-    out = []
-    for k in new:
-        if isinstance(new[k], dict) and isinstance(old.get(k), dict):
-            out += _diff(f"{prefix}.{k}", old[k], new[k])
-        elif device_key(f"{prefix}.{k}"):
-            continue
-        elif old.get(k) != new[k]:
-            out.append(f"{prefix}.{k}: {old.get(k)!r} → {new[k]!r}")
-    return out
-
-
-def device_key(key: str) -> bool:
-    """Settings that move a run without changing what it computes (a finished run stays valid)."""
-    return key.endswith((".device", ".val_batch_size", ".eval_every"))
-
-
-def finished_result(cfg: Config, method: str, teacher_sha: str | None) -> dict:
-    """The result.json of a finished run, refused (naming the folder and what differs) when it was
-    trained under another config: the run would silently stand in for this bench's."""
-    reason = stale_reason(cfg, teacher_sha)
-    if reason:
-        raise ValueError(f"{student_dir(cfg)}: finished run for {method!r} does not match this bench ({reason}); "
-                         f"move or delete that folder to retrain it")
-    return json.loads((student_dir(cfg) / "result.json").read_text())
-
-
 def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extra_seeds: int = 1,
                        progress: bool = True, command: str | None = None,
                        echo: Callable[[str], None] | None = None) -> list[dict]:
@@ -247,7 +200,6 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
     if progress and not bundle_path(cfg).is_file():
         say(f"[bench-accuracy] no teacher bundle at {bundle_path(cfg)}: training the teacher")
     bundle = ensure_teacher(cfg, progress=progress)
-    teacher_sha = load_teacher_info(bundle).get("sha256")
     results = [teacher_entry(cfg, bundle)]
     record = _cache_record(out_dir)
 
@@ -257,7 +209,7 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
 
     publish()
     # finished runs are checked before anything trains: one from another config stops the bench now
-    finished = {i: finished_result(c, m, teacher_sha) for i, (m, c) in enumerate(runs, 1) if is_done(c)}
+    finished = {i: finished_result(c) for i, (_, c) in enumerate(runs, 1) if is_done(c)}
     pending = [(m, c) for i, (m, c) in enumerate(runs, 1) if i not in finished]
     if pending:
         check_student_inputs(cfg)  # dataset files, backbone weights: before any run writes

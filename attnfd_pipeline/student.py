@@ -28,15 +28,15 @@ import torch.nn.functional as F
 
 from attnfd_pipeline.cache import CacheError, CacheReader, check_compatible, find_cache, list_caches
 from attnfd_pipeline.cache.schema import target_names as cache_target_names
-from attnfd_pipeline.config import Config, StudentConfig, write_resolved
+from attnfd_pipeline.config import Config, ConfigError, StudentConfig, load_config, write_resolved
 from attnfd_pipeline.data.loaders import (AugmentedDataset, CachedSeeds, EpochSampler, FreshSeeds, ValDataset,
                                           make_loader)
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.distill import Distiller
 from attnfd_pipeline.engine import distributed
-from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.engine.checkpoint import check_resume
-from attnfd_pipeline.engine.train import fit
+from attnfd_pipeline.engine.optim import param_groups
+from attnfd_pipeline.engine.train import RESUMABLE_CHANGES, fit
 from attnfd_pipeline.losses import MethodContext, build_methods, parse_methods, required_targets
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
@@ -225,6 +225,52 @@ def student_dir(cfg: Config) -> Path:
     return cfg.run_root / "student" / run_name(cfg)
 
 
+def finished_run_differences(cfg: Config) -> str | None:
+    """Why the finished run in ``student_dir(cfg)`` is not the run ``cfg`` describes (None when it is): it
+    was distilled from another teacher bundle, or its resolved config trains differently (student and
+    augmentation settings, K). The run name does not encode everything (lr, epochs, crop …), so a sweep or
+    a bench must not let such a run silently stand in. Where it ran and how often it evaluated may differ
+    (``engine.train.RESUMABLE_CHANGES``)."""
+    run_dir = student_dir(cfg)
+    result = json.loads((run_dir / "result.json").read_text())
+    recorded = (result.get("teacher") or {}).get("sha256")
+    if cfg.student.alpha > 0 and recorded and bundle_path(cfg).is_file():
+        current = load_teacher_info(bundle_path(cfg)).get("sha256")
+        if current and recorded != current:
+            return f"distilled from teacher {recorded[:12]}, the bundle is now {current[:12]}"
+    resolved = run_dir / "config.resolved.toml"
+    if not resolved.is_file():
+        return None
+    try:
+        old = load_config(resolved)
+    except (ConfigError, ValueError):
+        return None  # written by another version: nothing to compare
+    diff = _differences("student", dataclasses.asdict(old.student), dataclasses.asdict(cfg.student))
+    diff += _differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
+    diff += [] if old.cache.K == cfg.cache.K else [f"cache.K: {old.cache.K} → {cfg.cache.K}"]
+    return "; ".join(diff) or None
+
+
+def _differences(prefix: str, old: dict, new: dict) -> list[str]:
+    out = []
+    for k in new:
+        if isinstance(new[k], dict) and isinstance(old.get(k), dict):
+            out += _differences(f"{prefix}.{k}", old[k], new[k])
+        elif k not in RESUMABLE_CHANGES and old.get(k) != new[k]:
+            out.append(f"{prefix}.{k}: {old.get(k)!r} → {new[k]!r}")
+    return out
+
+
+def finished_result(cfg: Config) -> dict:
+    """The result.json of the finished run of ``cfg``; ``ValueError`` naming the folder and what differs
+    when it was trained under another config (``finished_run_differences``)."""
+    reason = finished_run_differences(cfg)
+    if reason:
+        raise ValueError(f"{student_dir(cfg)}: a finished run with another config ({reason}); move or delete "
+                         f"that folder to retrain it")
+    return json.loads((student_dir(cfg) / "result.json").read_text())
+
+
 def open_cache(cfg: Config, teacher_info: dict, source: ImageSource, names=None) -> CacheReader:
     """The cache this config and teacher produce; if there is none, name how existing caches differ.
     ``names``: the targets Stage 2 will read (default: what ``student.method`` needs); a cache (or a
@@ -334,7 +380,8 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         "final_miou": last.get("miou"), "final_pixel_acc": last.get("pixel_acc"),
         "final_class_acc": last.get("class_acc"), "final_fwiou": last.get("fwiou"),
         "per_class_iou": last.get("per_class_iou"), "class_names": list(train_src.info.class_names or []),
-        "train_seconds": result.train_seconds + (time.perf_counter() - t0 - result.seconds), "cache": str(reader.path) if reader is not None else None,
+        "train_seconds": result.train_seconds + (time.perf_counter() - t0 - result.seconds),  # resumes included
+        "cache": str(reader.path) if reader is not None else None,
     }
     if ctx.is_main:
         atomic_write_json(out_dir / "result.json", summary)

@@ -64,7 +64,13 @@ def run_sweep(cfg: Config, alphas: Sequence[float], seeds: Sequence[int], *, sch
     import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
-    todo = [c for c in sweep_configs(cfg, alphas, seeds) if not is_done(c)]
+    from attnfd_pipeline.student import finished_result
+
+    configs = sweep_configs(cfg, alphas, seeds)
+    for c in configs:  # before anything runs: a finished run from another config must not stand in
+        if is_done(c):
+            finished_result(c)
+    todo = [c for c in configs if not is_done(c)]
     if not todo:
         return []
     # Runs start DataLoader worker processes: dask workers must not be daemonic.

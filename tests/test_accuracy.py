@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import attnfd_pipeline.accuracy as acc
 from attnfd_pipeline.config import dump_toml, load_config, write_resolved
-from attnfd_pipeline.student import run_name, student_dir
+from attnfd_pipeline.student import finished_result, run_name, student_dir
 
 REQUIRED = {"method", "seed", "miou", "pixel_acc"}
 
@@ -105,9 +105,9 @@ def test_a_finished_run_from_another_config_is_refused(tmp_path):
     (d / "result.json").write_text(json.dumps({"run": d.name, "seed": 0, "final_miou": 0.5, "final_pixel_acc": 0.8,
                                                "alpha": 0.0, "method": "none", "mode": "cached"}))
     with pytest.raises(ValueError, match=rf"student/.*baseline.*student\.train\.epochs: 9 → {cfg.student.train.epochs}"):
-        acc.finished_result(run_cfg, "student", None)
+        finished_result(run_cfg)
     write_resolved(run_cfg, d)
-    assert acc.finished_result(run_cfg, "student", None)["final_miou"] == 0.5
+    assert finished_result(run_cfg)["final_miou"] == 0.5
 
 
 def _rows(method, mious, accs=None, seconds=10.0):

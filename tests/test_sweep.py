@@ -39,3 +39,35 @@ def test_sweep_reuses_one_cache_without_the_teacher(tiny_pipeline, monkeypatch):
     assert sorted((r["alpha"], r["seed"]) for r in done) == [(1.0, 5), (1.0, 6), (2.0, 5), (2.0, 6)]
     assert len({r["cache"] for r in done}) == 1
     assert run_sweep(cfg, [1.0, 2.0], [5, 6], workers=1, processes=False) == []
+
+
+def test_sweep_refuses_a_finished_run_trained_otherwise(tiny_pipeline, tmp_path, monkeypatch):
+    """A finished run whose folder name matches but whose recipe or teacher differs must not be skipped as
+    done: the sweep stops before running anything, naming the folder and the difference."""
+    import dataclasses
+    import json
+    import shutil
+
+    import attnfd_pipeline.sweep as sweep_mod
+    from attnfd_pipeline.config import write_resolved
+    from attnfd_pipeline.student import student_dir
+
+    cfg, _ = tiny_pipeline
+    cfg = dataclasses.replace(cfg, runs_root=str(tmp_path / "runs"))
+    shutil.copytree(tiny_pipeline[0].teacher_dir, cfg.teacher_dir)  # the same teacher bundle
+    (run,) = sweep_configs(cfg, [2.0], [5])
+    d = student_dir(run)
+    other_lr = dataclasses.replace(run, student=dataclasses.replace(
+        run.student, train=dataclasses.replace(run.student.train, lr=run.student.train.lr * 3)))
+    write_resolved(other_lr, d)
+    (d / "result.json").write_text(json.dumps({"run": d.name, "seed": 5, "alpha": 2.0, "final_miou": 0.5}))
+    monkeypatch.setattr(sweep_mod, "_run_one", lambda c: (_ for _ in ()).throw(AssertionError("ran")))
+    with pytest.raises(ValueError, match=rf"{d.name}: a finished run with another config \(student\.train\.lr"):
+        run_sweep(cfg, [2.0], [5], processes=False)
+    write_resolved(run, d)  # same recipe, but distilled from another teacher
+    (d / "result.json").write_text(json.dumps({"run": d.name, "seed": 5, "alpha": 2.0, "final_miou": 0.5,
+                                               "teacher": {"sha256": "f" * 64}}))
+    with pytest.raises(ValueError, match=r"distilled from teacher ffffffffffff, the bundle is now"):
+        run_sweep(cfg, [2.0], [5], processes=False)
+    (d / "result.json").write_text(json.dumps({"run": d.name, "seed": 5, "alpha": 2.0, "final_miou": 0.5}))
+    assert run_sweep(cfg, [2.0], [5], processes=False) == []  # the matching finished run is skipped
