@@ -145,3 +145,23 @@ def test_online_mode_runs(tiny_pipeline, tmp_path):
     r = run_student(new, progress=False)
     assert r["mode"] == "online" and r["epochs"] == 2
     assert dataclasses.replace(new.student, mode="cached") != new.student
+
+
+def test_resume_with_a_checkpoint_that_does_not_fit_writes_nothing(tiny_pipeline, tmp_path):
+    """--resume checks that last.pt fits the student before the run folder is touched."""
+    from attnfd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, _ = tiny_pipeline
+    a0 = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "student.alpha=0")
+    d = student_dir(a0)
+    d.mkdir(parents=True)
+    other = torch.nn.Conv2d(3, 4, 1)  # a checkpoint of some other model
+    opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    save_checkpoint(d / "last.pt", modules=other, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 1.0), scaler=None, epoch=1, step=1, best=0.0, rng={}, config={})
+    before = (d / "last.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"last\.pt: checkpoint does not fit this model"):
+        run_student(a0, resume=True, progress=False)
+    assert sorted(p.name for p in d.iterdir()) == ["last.pt"]  # no resolved config, log or result written
+    assert (d / "last.pt").read_bytes() == before
+    assert load_checkpoint(d / "last.pt")["epoch"] == 1
