@@ -19,8 +19,9 @@ app = typer.Typer(help="Stage 1b: the teacher-feature cache (plan, build, info, 
 
 TeacherOpt = Annotated[Optional[Path], typer.Option(
     "--teacher", help="Teacher bundle (default: <runs_root>/<name>/teacher/teacher_bundle.pt).")]
-PathOpt = Annotated[Optional[Path], typer.Option(
-    "--path", help="Cache directory (default: the one the config, teacher and dataset fingerprint to).")]
+PathOpt = Annotated[Optional[str], typer.Option(
+    "--path", help="Cache directory or fsspec URL, e.g. s3://bucket/cache/<fingerprint> (default: the one the "
+                   "config, teacher and dataset fingerprint to).")]
 
 
 # -- loaders (monkeypatched in tests) ------------------------------------------------------------
@@ -73,7 +74,8 @@ def _check_inputs(cfg, source, teacher_path: Path, t) -> None:
                          f"{source.info.num_classes}")
 
 
-def _locate(cfg, teacher: Path | None, path: Path | None) -> Path:
+def _locate(cfg, teacher: Path | None, path: str | None):
+    """A cache location: ``--path`` as given (a directory or an fsspec URL), else the fingerprinted one."""
     from attnfd_pipeline.cache import find_cache
 
     if path is not None:

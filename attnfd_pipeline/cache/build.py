@@ -14,26 +14,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from attnfd_pipeline import augment
+from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.lock import BuildLock, holder_alive
 from attnfd_pipeline.cache.manifest import committed_shards
 from attnfd_pipeline.cache.schema import (CACHE_JSON, DTYPE, FORMAT, LOCK_NAME, CacheError, ShardRange,
                                           cache_target_names, disk_full_error, is_disk_full, lossy_steps,
                                           num_shards, paths, shard_range, target_kind, target_point)
+from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import ShardBuffer, ShardWriter, create_store
 from attnfd_pipeline.progress import Progress
 
 
 @dataclass
 class BuildResult:
-    path: Path
+    path: Location  # a Path for a local cache, the URL on an fsspec store
     fingerprint: str
     shards_total: int
     shards_written: int
@@ -105,8 +106,8 @@ def cache_info_dict(cfg, teacher: Any, source: Any, specs: dict[str, Sequence[in
     }
 
 
-def lock_path(cache_dir: Path, rank: int, world: int) -> Path:
-    return cache_dir / (LOCK_NAME if world == 1 else f"{LOCK_NAME}.{rank}of{world}")
+def lock_path(cache_dir: Location, rank: int, world: int) -> Location:
+    return storage.join(cache_dir, LOCK_NAME if world == 1 else f"{LOCK_NAME}.{rank}of{world}")
 
 
 def _lock_world(name: str) -> int | None:
@@ -118,12 +119,12 @@ def _lock_world(name: str) -> int | None:
     return int(w) if sep and r.isdigit() and w.isdigit() else None
 
 
-def check_no_other_layout(cache_dir: Path, own_lock: Path, world: int) -> None:
+def check_no_other_layout(cache_dir: Location, own_lock: Location, world: int) -> None:
     """Refuse while a live build with a different ``world`` holds a lock here: its shards overlap ours
     (rank r of W owns shards r, r+W, …), and two writers in one shard lose data. Called after taking our
     own lock, so of two such builds starting together at least one sees the other."""
-    for p in sorted(cache_dir.glob(LOCK_NAME + "*")):
-        w = _lock_world(p.name)
+    for lock_name in sorted(n for n in storage.listdir(cache_dir) if n.startswith(LOCK_NAME)):
+        w, p = _lock_world(lock_name), storage.join(cache_dir, lock_name)
         if p == own_lock or w is None or w == world:
             continue
         holder = BuildLock._holder_at(p)
@@ -135,32 +136,34 @@ def check_no_other_layout(cache_dir: Path, own_lock: Path, world: int) -> None:
         if holder_alive(holder):
             raise CacheError(f"{cache_dir}: cache is being built by pid {holder.get('pid')} on host "
                              f"{holder.get('host')} with {w} writer(s) (lock {p}), this build has {world}: their "
-                             f"shards overlap. Wait for it to finish (or use the same --world), or delete the "
-                             f"lock file if that process is gone")
+                             f"shards overlap. Wait for it to finish (or use the same --world), or "
+                             f"{storage.stale_lock_hint(p)}")
 
 
-def remove_debris(cache_dir: Path, rank: int, world: int) -> None:
+def remove_debris(cache_dir: Location, rank: int, world: int) -> None:
     """Delete temp files a killed writer of our shards left behind: manifest-part temps (``.part-*``),
     zarr's ``*.partial`` chunk/metadata temps and, with a single writer, a ``cache.json`` temp. None of
-    them is ever read; removing them keeps a resumed store bitwise equal to an uninterrupted one."""
+    them is ever read; removing them keeps a resumed store bitwise equal to an uninterrupted one. (On an
+    object store every write is one whole-object put: there are none.)"""
     p = paths(cache_dir)
-    if p["manifest"].is_dir():
-        for tmp in p["manifest"].glob(".part-*"):
-            s = tmp.name[len(".part-"):len(".part-") + 5]
-            if s.isdigit() and int(s) % world == rank:
-                tmp.unlink(missing_ok=True)
-    if p["features"].is_dir():
-        for tmp in p["features"].rglob("*.partial"):
-            rel = tmp.relative_to(p["features"]).parts  # (array, "c", shard, …) for shard data
-            if len(rel) >= 3 and rel[1] == "c" and rel[2].isdigit():
-                mine = int(rel[2]) % world == rank
-            else:
-                mine = world == 1  # metadata: may be in flight from another rank
-            if mine:
-                tmp.unlink(missing_ok=True)
+    for name in storage.listdir(p["manifest"]):
+        s = name[len(".part-"):len(".part-") + 5]
+        if name.startswith(".part-") and s.isdigit() and int(s) % world == rank:
+            storage.remove(storage.join(p["manifest"], name))
+    for rel in storage.files(p["features"]):
+        if not rel.endswith(".partial"):
+            continue
+        parts = rel.split("/")  # (array, "c", shard, …) for shard data
+        if len(parts) >= 3 and parts[1] == "c" and parts[2].isdigit():
+            mine = int(parts[2]) % world == rank
+        else:
+            mine = world == 1  # metadata: may be in flight from another rank
+        if mine:
+            storage.remove(storage.join(p["features"], *parts))
     if world == 1:
-        for tmp in cache_dir.glob(f".{CACHE_JSON}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for name in storage.listdir(cache_dir):
+            if name.startswith(f".{CACHE_JSON}.") and name.endswith(".tmp"):
+                storage.remove(storage.join(cache_dir, name))
 
 
 def replay_sample(aug_cfg, source, index: int, aug_seed: int, image=None, label=None):
@@ -229,7 +232,7 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
     cache_dir = cache_dir_for(cfg, info["fingerprint"])
     device = torch.device(device) if device is not None else teacher_device(teacher)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(cache_dir)
         return _build_locked(cfg, teacher, source, info, cache_dir, names, device, rank=rank, world=world,
                              progress=progress, lock_wait=lock_wait, start_time=start_time)
     except OSError as e:
@@ -238,8 +241,8 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
         raise
 
 
-def _build_locked(cfg, teacher, source, info: dict, cache_dir: Path, names: list[str], device: torch.device, *,
-                  rank: int, world: int, progress: bool, lock_wait: float, start_time: float) -> BuildResult:
+def _build_locked(cfg, teacher, source, info: dict, cache_dir: Location, names: list[str], device: torch.device,
+                  *, rank: int, world: int, progress: bool, lock_wait: float, start_time: float) -> BuildResult:
     fp = info["fingerprint"]
     n_shards = info["num_shards"]
     S, K = cfg.cache.shard_size, cfg.cache.K

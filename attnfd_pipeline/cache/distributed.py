@@ -21,16 +21,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from attnfd_pipeline.cache.build import (BuildResult, build_cache, cache_info_dict, check_no_other_layout, lock_path,
                                          remove_debris)
+from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.fingerprint import cache_dir_for
 from attnfd_pipeline.cache.lock import BuildLock
 from attnfd_pipeline.cache.schema import CacheError, cache_target_names
+from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import create_store
 
 Hook = Callable[[Any, Any], None]  # (teacher, source) → None; raises to refuse the build
@@ -38,7 +39,7 @@ Hook = Callable[[Any, Any], None]  # (teacher, source) → None; raises to refus
 
 @dataclass
 class Prepared:
-    path: Path
+    path: Location
     fingerprint: str
     num_shards: int
     plan_lines: list[str] = field(default_factory=list)
@@ -48,7 +49,7 @@ class Prepared:
 class MultiBuildResult:
     """The writers' ``BuildResult``s (rank order) and the wall time from metadata to the last commit."""
 
-    path: Path
+    path: Location
     fingerprint: str
     world: int
     writers: list[BuildResult]
@@ -105,7 +106,7 @@ def prepare_store(cfg, teacher: Any, source: Any, *, plan: bool = False, before:
     names = cache_target_names(cfg.cache)
     info = cache_info_dict(cfg, teacher, source, teacher.target_specs(tuple(cfg.augment.crop_size), names))
     cache_dir = cache_dir_for(cfg, info["fingerprint"])
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(cache_dir)
     own = lock_path(cache_dir, 0, 1)
     with BuildLock(own, wait=lock_wait):
         check_no_other_layout(cache_dir, own, 1)

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import attnfd_pipeline
+from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.schema import DTYPE, FORMAT, CacheError, cache_target_names
+from attnfd_pipeline.cache.storage import Location
 
 
 def teacher_sha256(teacher: Any) -> str:
@@ -71,25 +73,16 @@ def cache_fingerprint(cfg, teacher: Any, source: Any) -> str:
     return fingerprint_of(cache_inputs(cfg, teacher, source))
 
 
-def cache_root_path(root: str | Path) -> Path:
-    """``cache.root`` as a local directory: a path, or an fsspec ``file://`` URL (e.g. a shared POSIX
-    mount, ``file:///mnt/shared/cache``). Other fsspec stores (``s3://``, ``gs://``, ``memory://`` …) are
-    refused with the reason: the build's commit protocol needs exclusive-create locks, rename and fsync."""
-    if isinstance(root, Path):
-        return root
-    from fsspec.core import split_protocol
-
-    protocol, rest = split_protocol(str(root))
-    if protocol in (None, "file", "local"):
-        return Path(rest)
-    raise CacheError(f"cache.root = {root!r}: only local paths and file:// URLs (any POSIX file system, e.g. a "
-                     f"shared NFS/Lustre mount) are supported; the cache's commit protocol needs exclusive-create "
-                     f"lock files, atomic rename and fsync, which {protocol}:// does not give. Build on a shared "
-                     f"file system and copy the finished cache to object storage for archiving")
+def cache_root_path(root: str | Path) -> Location:
+    """``cache.root`` as a location (``storage``): a local directory for a path or a ``file://`` URL (e.g. a
+    shared POSIX mount, ``file:///mnt/shared/cache``), else the URL of any fsspec store zarr accepts
+    (``s3://bucket/prefix``, ``gs://…``, ``memory://…``). Builds there commit with whole-object puts and an
+    exclusive-create lock; a protocol whose backend is missing is refused naming what to install."""
+    return storage.location(root, "cache.root")
 
 
-def cache_dir_for(cfg, fingerprint: str) -> Path:
-    return cache_root_path(cfg.cache.root) / fingerprint[:16]
+def cache_dir_for(cfg, fingerprint: str) -> Location:
+    return storage.join(cache_root_path(cfg.cache.root), fingerprint[:16])
 
 
 def diff_inputs(recorded: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:

@@ -1,5 +1,7 @@
-"""A build lock: one writer per (cache, rank). Created with O_EXCL and holding pid + host; a lock whose
-process is dead on this host is stale and taken over; a live one makes the build refuse (or wait)."""
+"""A build lock: one writer per (cache, rank). Created exclusively (O_EXCL locally, ``fs.open(path, "xb")``
+on an fsspec store — ``storage.create_exclusive``) and holding pid + host; on a local file system a lock
+whose process is dead on this host is stale and taken over; a live one (and on an object store any one)
+makes the build refuse (or wait), naming how to remove a stale lock."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.schema import CacheError
 
 
@@ -38,32 +41,23 @@ def holder_alive(holder: dict | None) -> bool:
 
 
 class BuildLock:
-    """Context manager around an exclusive lock file."""
+    """Context manager around an exclusive lock file (an exclusively created object on an fsspec store)."""
 
     def __init__(self, path: str | Path, *, wait: float = 0.0, poll: float = 0.5):
-        self.path = Path(path)
+        self.path = storage.location(path)
         self.wait, self.poll = wait, poll
         self.held = False
 
     def _holder(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError, OSError):
-            return None
+        return self._holder_at(self.path)
 
     def _try_create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        return True
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+        return storage.create_exclusive(self.path, json.dumps(me).encode())
 
     def acquire(self) -> "BuildLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(storage.parent(self.path))
+        takeover = storage.takes_over_stale_locks(self.path)
         deadline = time.monotonic() + self.wait
         while True:
             if self._try_create():
@@ -73,21 +67,27 @@ class BuildLock:
             if holder is None:
                 # being written right now, or garbage: give a writer a moment, then treat as stale
                 time.sleep(0.05)
-                if self._holder() is None and self.path.exists():
+                holder = self._holder()
+                if holder is not None or not storage.exists(self.path):
+                    continue
+                if takeover:
                     self._take_over(None)
-                continue
-            same_host = holder.get("host") == socket.gethostname()
-            if same_host and not _pid_alive(int(holder.get("pid", -1))):
+                    continue
+            elif takeover and holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
                 self._take_over(holder)
                 continue
             if time.monotonic() >= deadline:
-                raise CacheError(f"{self.path.parent}: cache is being built by pid {holder.get('pid')} on host "
-                                 f"{holder.get('host')} (lock {self.path}); wait for it, or delete the lock file if "
-                                 f"that process is gone")
+                raise CacheError(self._held_message(holder))
             time.sleep(self.poll)
 
+    def _held_message(self, holder: dict | None) -> str:
+        holder = holder or {}
+        return (f"{storage.parent(self.path)}: cache is being built by pid {holder.get('pid')} on host "
+                f"{holder.get('host')} (lock {self.path}); wait for it, or {storage.stale_lock_hint(self.path)}")
+
     def _take_over(self, holder: dict | None) -> None:
-        # rename first so two processes taking over the same stale lock cannot both succeed
+        # local file systems only (storage.takes_over_stale_locks): rename first so two processes taking
+        # over the same stale lock cannot both succeed
         stale = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}")
         try:
             os.replace(self.path, stale)
@@ -103,17 +103,17 @@ class BuildLock:
         stale.unlink(missing_ok=True)
 
     @staticmethod
-    def _holder_at(path: Path) -> dict | None:
+    def _holder_at(path: str | Path) -> dict | None:
         try:
-            return json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError, OSError):
+            return json.loads(storage.read_bytes(storage.location(path)))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, OSError):
             return None
 
     def release(self) -> None:
         if self.held:
             holder = self._holder()
             if holder is not None and holder.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
+                storage.remove(self.path)
             self.held = False
 
     def __enter__(self):

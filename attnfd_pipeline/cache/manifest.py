@@ -1,8 +1,9 @@
 """Manifest parts: one Parquet file per shard, the commit record of that shard.
 
 A part is written after all of its shard's arrays, through a dot-prefixed temp file + fsync +
-``os.replace``, so it exists only if its shard is complete. Readers skip dot-files. The part's schema
-metadata carries the cache fingerprint, so a part can never be mixed into another cache.
+``os.replace`` (on an fsspec store: one whole-object put, ``storage.write_bytes``), so it exists only if
+its shard is complete. Readers skip dot-files. The part's schema metadata carries the cache fingerprint,
+so a part can never be mixed into another cache.
 """
 
 from __future__ import annotations
@@ -14,38 +15,41 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.schema import CacheError, manifest_schema, part_name, part_shard
+from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.utils import atomic_write_bytes
 
 
 def write_part(manifest_dir: str | Path, shard: int, rows: Sequence[dict], targets: Sequence[str],
-               fingerprint: str) -> Path:
+               fingerprint: str) -> Location:
     """Write the manifest part of ``shard`` atomically; ``rows`` sorted by (image_index, aug_seed)."""
     schema = manifest_schema(targets, fingerprint, shard)
     table = pa.Table.from_pylist(list(rows), schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    return atomic_write_bytes(Path(manifest_dir) / part_name(shard), buf.getvalue())
+    path = storage.join(storage.location(manifest_dir), part_name(shard))
+    storage.write_bytes(path, buf.getvalue(), local=atomic_write_bytes)
+    return path
 
 
-def list_parts(manifest_dir: str | Path) -> dict[int, Path]:
+def list_parts(manifest_dir: str | Path) -> dict[int, Location]:
     """Committed parts by shard number (temp and stray files ignored)."""
-    d = Path(manifest_dir)
-    if not d.is_dir():
-        return {}
+    d = storage.location(manifest_dir)
     out = {}
-    for p in d.iterdir():
-        s = part_shard(p.name)
+    for name in storage.listdir(d):
+        s = part_shard(name)
         if s is not None:
-            out[s] = p
+            out[s] = storage.join(d, name)
     return dict(sorted(out.items()))
 
 
 def read_part(path: str | Path, fingerprint: str | None = None) -> pa.Table:
     """Read one part; with ``fingerprint``, refuse a part written for another cache."""
-    path = Path(path)
+    path = storage.location(path)
     try:
-        table = pq.read_table(path)
+        where, fs = storage.parquet_source(path)
+        table = pq.read_table(where, filesystem=fs)
     except Exception as e:  # noqa: BLE001 - any unreadable part is a corrupt commit record
         raise CacheError(f"{path}: unreadable manifest part ({e})") from None
     if fingerprint is not None:
@@ -61,7 +65,8 @@ def committed_shards(manifest_dir: str | Path, fingerprint: str) -> set[int]:
     out = set()
     for s, p in list_parts(manifest_dir).items():
         try:
-            meta = pq.read_schema(p).metadata or {}
+            where, fs = storage.parquet_source(p)
+            meta = pq.read_schema(where, filesystem=fs).metadata or {}
         except Exception as e:  # noqa: BLE001
             raise CacheError(f"{p}: unreadable manifest part ({e})") from None
         got = meta.get(b"fingerprint", b"").decode()

@@ -8,19 +8,19 @@ and the time (measured on a few teacher batches). Storage is the first-class cos
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.build import _shard_samples, run_teacher, teacher_device
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.manifest import list_parts
 from attnfd_pipeline.cache.schema import (CacheError, ShardRange, cache_target_names, num_shards, paths,
                                           shard_range, to_float16)
+from attnfd_pipeline.cache.storage import Location
 
 # per chunk: crc32c (4 B) + shard index entry (16 B); per shard: index crc (4 B)
 _CHUNK_OVERHEAD = 20
@@ -29,14 +29,14 @@ _MB = 1e6
 
 @dataclass
 class Plan:
-    cache_dir: Path
+    cache_dir: Location
     fingerprint: str
     num_images: int
     K: int
     samples: int
     samples_committed: int
     targets: dict[str, dict] = field(default_factory=dict)  # name → chw, bytes (float16), ratio
-    free_bytes: int = 0
+    free_bytes: int | None = 0  # None: an object store (no capacity to check)
     measured: bool = False  # ratio and time measured on real teacher outputs
     seconds_per_sample: float | None = None  # teacher + load/augment, main thread
     probe_samples: int = 0
@@ -65,7 +65,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.remaining_bytes <= self.free_bytes
+        return self.free_bytes is None or self.remaining_bytes <= self.free_bytes
 
     def check(self) -> None:
         if not self.fits:
@@ -90,7 +90,8 @@ class Plan:
         out.append(f"bytes per sample: {self.bytes_per_sample / 1e3:,.1f} kB float16, "
                    f"~{self.compressed_bytes_per_sample / 1e3:,.1f} kB on disk")
         out.append(f"estimated total: {self.estimated_bytes / _MB:,.1f} MB "
-                   f"(still to write: {self.remaining_bytes / _MB:,.1f} MB); free: {self.free_bytes / _MB:,.1f} MB")
+                   f"(still to write: {self.remaining_bytes / _MB:,.1f} MB); free: "
+                   + ("unknown (object store)" if self.free_bytes is None else f"{self.free_bytes / _MB:,.1f} MB"))
         if self.estimated_seconds is not None:
             out.append(f"estimated time: {self.estimated_seconds:,.0f} s "
                        f"({1 / self.seconds_per_sample:,.1f} samples/s measured on {self.probe_samples} samples)")
@@ -98,11 +99,8 @@ class Plan:
         return out
 
 
-def _free_bytes(path: Path) -> int:
-    p = path.absolute()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
+def _free_bytes(path: Location) -> int | None:
+    return storage.free_bytes(path)
 
 
 def compression_ratio(x16: np.ndarray, codec: str, level: int) -> float:

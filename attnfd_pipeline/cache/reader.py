@@ -18,19 +18,21 @@ import numpy as np
 import pyarrow as pa
 
 from attnfd_pipeline.augment import AugmentParams
+from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.fingerprint import (cache_dir_for, cache_inputs, cache_root_path, diff_inputs,
                                                fingerprint_of)
 from attnfd_pipeline.cache.manifest import list_parts, read_manifest
 from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, FORMAT, CacheError, params_from_row, paths,
                                           sample_checksum)
+from attnfd_pipeline.cache.storage import Location
 
 
 def load_info(cache_dir: str | Path) -> dict:
     p = paths(cache_dir)["info"]
-    if not p.is_file():
+    if not storage.is_file(p):
         raise CacheError(f"{cache_dir}: not a cache (no cache.json); run `attnfd cache build`")
     try:
-        info = json.loads(p.read_text())
+        info = json.loads(storage.read_bytes(p))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CacheError(f"{p}: unreadable cache.json ({e}); {cache_dir} is not a usable cache") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("fingerprint"), str):
@@ -44,7 +46,7 @@ class CacheReader:
     """Read targets, augmentation parameters and stored hashes of committed (image, seed) samples."""
 
     def __init__(self, path: str | Path, *, verify: bool = True):
-        self.path = Path(path)
+        self.path = storage.location(path)  # a Path, or the URL of a cache on an fsspec store
         self.verify = verify
         self.info: dict = load_info(self.path)
         self.fingerprint: str = self.info["fingerprint"]
@@ -79,7 +81,8 @@ class CacheReader:
         if self._group is None or self._pid != os.getpid():
             import zarr
 
-            self._group = zarr.open_group(paths(self.path)["features"], mode="r")
+            store = storage.zarr_store(paths(self.path)["features"], read_only=True)
+            self._group = zarr.open_group(store, mode="r")
             self._pid = os.getpid()
         return self._group
 
@@ -183,16 +186,17 @@ class CacheReader:
 # finding a cache from a config, and checking a cache fits a config
 
 
-def find_cache(cfg, teacher: Any, source: Any, *, require_complete: bool = False) -> Path:
+def find_cache(cfg, teacher: Any, source: Any, *, require_complete: bool = False) -> Location:
     """The cache directory of ``cfg`` for ``teacher`` (object, info dict or sha256 — the teacher is never
-    loaded) and ``source`` (object or identity dict). Raises CacheError if absent or incomplete."""
+    loaded) and ``source`` (object or identity dict): a ``Path``, or the URL on an fsspec store. Raises
+    CacheError if absent or incomplete."""
     fp = fingerprint_of(cache_inputs(cfg, teacher, source))
     d = cache_dir_for(cfg, fp)
-    if not paths(d)["info"].is_file():
+    if not storage.is_file(paths(d)["info"]):
         others = list_caches(cfg.cache.root)
         hint = ""
         if others:
-            hint = f"; caches under {cfg.cache.root}: " + ", ".join(p.name for p in others)
+            hint = f"; caches under {cfg.cache.root}: " + ", ".join(storage.name(p) for p in others)
         raise CacheError(f"no cache {d} for this config/teacher/dataset (fingerprint {fp[:16]}); "
                          f"run `attnfd cache build`{hint}")
     info = load_info(d)
@@ -207,11 +211,10 @@ def find_cache(cfg, teacher: Any, source: Any, *, require_complete: bool = False
     return d
 
 
-def list_caches(root: str | Path) -> list[Path]:
+def list_caches(root: str | Path) -> list[Location]:
     root = cache_root_path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if paths(p)["info"].is_file())
+    found = (storage.join(root, name) for name in sorted(storage.listdir(root)))
+    return [d for d in found if storage.is_file(paths(d)["info"])]
 
 
 def committed_count(cache_dir: str | Path) -> int:
@@ -233,17 +236,16 @@ def check_compatible(cfg, info: dict | str | Path, *, teacher: Any = None, sourc
 
 def describe_cache(cache_dir: str | Path) -> dict:
     """Summary for ``attnfd cache info``: size on disk, shapes, fingerprint, completeness, codec."""
-    d = Path(cache_dir)
+    d = storage.location(cache_dir)
     info = load_info(d)
-    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    size = sum(storage.files(d).values())
     committed = committed_count(d)
     N, K = info["num_images"], info["K"]
     raw = sum(t["bytes_per_sample"] for t in info["targets"].values())
     targets = {}
     for name in info["target_names"]:
         t = info["targets"][name]
-        arr_dir = paths(d)["features"] / name
-        nbytes = sum(f.stat().st_size for f in arr_dir.rglob("*") if f.is_file())
+        nbytes = sum(storage.files(storage.join(paths(d)["features"], name)).values())
         targets[name] = {"shape": [N, K, *t["chw"]], "stride": t["stride"], "bytes_on_disk": nbytes,
                          "float16_bytes_per_sample": t["bytes_per_sample"]}
     parts = list_parts(paths(d)["manifest"])

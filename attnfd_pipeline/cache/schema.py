@@ -242,7 +242,10 @@ def params_from_row(columns: dict[str, np.ndarray], row: int) -> AugmentParams:
     return AugmentParams(**{name: tp(columns[name][row].item()) for name, tp in PARAM_FIELDS})
 
 
-def paths(cache_dir: str | Path) -> dict[str, Path]:
-    d = Path(cache_dir)
-    return {"dir": d, "features": d / FEATURES_DIR, "manifest": d / MANIFEST_DIR, "info": d / CACHE_JSON,
-            "lock": d / LOCK_NAME}
+def paths(cache_dir: str | Path) -> dict:
+    """The cache's parts as locations (``storage``): ``Path``s for a local cache, URLs on an fsspec store."""
+    from attnfd_pipeline.cache import storage
+
+    d = storage.location(cache_dir)
+    return {"dir": d, "features": storage.join(d, FEATURES_DIR), "manifest": storage.join(d, MANIFEST_DIR),
+            "info": storage.join(d, CACHE_JSON), "lock": storage.join(d, LOCK_NAME)}

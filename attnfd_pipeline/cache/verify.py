@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from attnfd_pipeline import augment
+from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.manifest import list_parts, read_part
 from attnfd_pipeline.cache.reader import load_info
 from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, CacheError, params_from_row, paths, sample_checksum, shard_range
+from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import shard_file
 
 
@@ -36,7 +38,7 @@ class BadSample:
 
 @dataclass
 class VerifyReport:
-    path: Path
+    path: Location
     fingerprint: str
     shards_total: int
     shards_committed: int
@@ -99,7 +101,7 @@ def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, 
     import dask
     import zarr
 
-    d = Path(cache_dir)
+    d = storage.location(cache_dir)
     info = load_info(d)
     fp = info["fingerprint"]
     N, K, S = info["num_images"], info["K"], info["shard_size"]
@@ -108,7 +110,7 @@ def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, 
     parts = list_parts(paths(d)["manifest"])
     report = VerifyReport(d, fp, n_shards, len(parts))
     try:
-        group = zarr.open_group(paths(d)["features"], mode="r")
+        group = zarr.open_group(storage.zarr_store(paths(d)["features"], read_only=True), mode="r")
         arrays = {name: group[name] for name in targets}
     except Exception as e:  # noqa: BLE001
         report.problems.append(f"cannot open the arrays ({e})")
@@ -134,7 +136,7 @@ def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, 
     tables = {}
     for s, p in parts.items():
         if s >= n_shards:
-            report.problems.append(f"{p.name}: shard {s} does not exist (cache has {n_shards} shards)")
+            report.problems.append(f"{storage.name(p)}: shard {s} does not exist (cache has {n_shards} shards)")
             continue
         try:
             t = read_part(p, fp)
@@ -147,22 +149,22 @@ def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, 
         want_idx = np.repeat(np.arange(s0, s1), K)
         want_seed = np.tile(np.arange(K), s1 - s0)
         if len(idx) != len(want_idx) or (idx != want_idx).any() or (seeds != want_seed).any():
-            report.problems.append(f"{p.name}: rows are not exactly images {s0}..{s1 - 1} × seeds 0..{K - 1} "
+            report.problems.append(f"{storage.name(p)}: rows are not exactly images {s0}..{s1 - 1} × seeds 0..{K - 1} "
                                    f"in order ({len(idx)} rows)")
             continue
         missing_cols = [CHECKSUM_PREFIX + n for n in targets if CHECKSUM_PREFIX + n not in t.column_names]
         if missing_cols:
-            report.problems.append(f"{p.name}: columns missing: {missing_cols}")
+            report.problems.append(f"{storage.name(p)}: columns missing: {missing_cols}")
             continue
         if src_ids is not None:
             got = np.asarray(t.column("image_id").to_pylist(), dtype=str)
             wrong = np.flatnonzero(got != src_ids[idx])
             for r in wrong[:10]:
-                report.problems.append(f"{p.name}: row {r} has image id {got[r]!r}, the dataset has "
+                report.problems.append(f"{storage.name(p)}: row {r} has image id {got[r]!r}, the dataset has "
                                        f"{src_ids[idx[r]]!r} at index {idx[r]}")
         tables[s] = t
     for s in range(n_shards):
-        if s not in parts and any(shard_file(d, n, s).exists() for n in targets):
+        if s not in parts and any(storage.exists(shard_file(d, n, s)) for n in targets):
             s0, s1 = shard_range(s, S, N)
             who = (", ".join(repr(str(x)) for x in src_ids[s0:s1]) if src_ids is not None
                    else f"indices {s0}..{s1 - 1}")

@@ -11,7 +11,6 @@ per-sample writes, and two writers in one shard lose data).
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 import time
@@ -21,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.manifest import write_part
 from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, DTYPE, FEATURES_DIR, FILL_VALUE, CacheError,
                                           compressors, disk_full_error, effective_mantissa_bits, is_disk_full,
                                           lossy_steps, paths, sample_checksum, to_float16)
+from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.utils import atomic_write_json
 
 
@@ -51,16 +52,16 @@ def create_store(cache_dir: str | Path, info: dict) -> None:
     import zarr
 
     p = paths(cache_dir)
-    p["dir"].mkdir(parents=True, exist_ok=True)
-    p["manifest"].mkdir(exist_ok=True)
-    if p["info"].is_file():
-        recorded = json.loads(p["info"].read_text())
+    storage.makedirs(p["dir"])
+    storage.makedirs(p["manifest"])
+    if storage.is_file(p["info"]):
+        recorded = json.loads(storage.read_bytes(p["info"]))
         for key in ("fingerprint", "target_names", "targets", "num_images"):
             if recorded.get(key) != info.get(key):
                 raise CacheError(f"{p['info']}: recorded {key} differs from this build's "
                                  f"({recorded.get(key)!r} vs {info.get(key)!r}); the cache directory is not "
                                  f"consistent with its fingerprint — remove it and rebuild")
-    group = zarr.open_group(p["features"], mode="a",
+    group = zarr.open_group(storage.zarr_store(p["features"], read_only=False), mode="a",
                             attributes={"format": info["format"], "fingerprint": info["fingerprint"]})
     existing = set(group.array_keys())
     N, K, S = info["num_images"], info["K"], info["shard_size"]
@@ -69,8 +70,8 @@ def create_store(cache_dir: str | Path, info: dict) -> None:
         if name in existing:
             arr = group[name]
             if tuple(arr.shape) != (N, K, C, H, W) or str(arr.dtype) != DTYPE:
-                raise CacheError(f"{p['features'] / name}: shape {arr.shape} / {arr.dtype} differs from the "
-                                 f"expected {(N, K, C, H, W)} {DTYPE}")
+                raise CacheError(f"{storage.join(p['features'], name)}: shape {arr.shape} / {arr.dtype} differs "
+                                 f"from the expected {(N, K, C, H, W)} {DTYPE}")
             continue
         try:
             group.create_array(name, shape=(N, K, C, H, W), dtype=DTYPE, chunks=(1, 1, C, H, W),
@@ -80,13 +81,13 @@ def create_store(cache_dir: str | Path, info: dict) -> None:
         except Exception as e:  # another writer created it between our listing and now
             if "exist" not in str(e).lower():
                 raise
-    if not p["info"].is_file():
-        atomic_write_json(p["info"], info)
+    if not storage.is_file(p["info"]):
+        storage.write_json(p["info"], info, local=atomic_write_json)
 
 
-def shard_file(cache_dir: str | Path, name: str, shard: int) -> Path:
-    """The file holding shard ``shard`` of array ``name`` (default v3 chunk keys)."""
-    return Path(cache_dir) / FEATURES_DIR / name / "c" / str(shard) / "0" / "0" / "0" / "0"
+def shard_file(cache_dir: str | Path, name: str, shard: int) -> Location:
+    """The file (object) holding shard ``shard`` of array ``name`` (default v3 chunk keys)."""
+    return storage.join(storage.location(cache_dir), FEATURES_DIR, name, "c", str(shard), "0", "0", "0", "0")
 
 
 @dataclass
@@ -104,14 +105,6 @@ class ShardBuffer:
 _STOP = object()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
     """Background thread committing ``ShardBuffer``s: float16 step + checks, checksums, one slice write
     per target, then the manifest part. Errors are re-raised in the submitting thread."""
@@ -120,11 +113,11 @@ class ShardWriter:
                  on_commit: Callable[[ShardBuffer, int, float], None] | None = None):
         import zarr
 
-        self.dir = Path(cache_dir)
+        self.dir = storage.location(cache_dir)
         self.info = info
         self.rank = rank
         self.targets: Sequence[str] = list(info["target_names"])
-        group = zarr.open_group(paths(cache_dir)["features"], mode="r+")
+        group = zarr.open_group(storage.zarr_store(paths(self.dir)["features"], read_only=False), mode="r+")
         self.arrays = {name: group[name] for name in self.targets}
         self.on_commit = on_commit
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -196,10 +189,8 @@ class ShardWriter:
         try:
             for name, y in converted.items():  # all checks passed before anything is written
                 self.arrays[name][buf.start:buf.stop] = y
-                f = shard_file(self.dir, name, buf.shard)
-                if f.exists():  # zarr's LocalStore renames but does not fsync: make the data durable
-                    nbytes += f.stat().st_size  # before the commit record that vouches for it
-                    _fsync(f)
+                # durable before the commit record that vouches for it
+                nbytes += storage.durable_size(shard_file(self.dir, name, buf.shard))
             # the commit record comes last: a shard whose data did not fully land has no part
             write_part(paths(self.dir)["manifest"], buf.shard, buf.rows, self.targets, self.info["fingerprint"])
         except OSError as e:
