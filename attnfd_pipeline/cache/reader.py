@@ -74,6 +74,7 @@ class CacheReader:
                     self._cols[name] = col.to_numpy()
         self.num_committed = int((self._row >= 0).sum())
         self._group = None
+        self._arrays: dict = {}
         self._pid = None
 
     # -- process-local store handle -------------------------------------------------------------
@@ -83,12 +84,22 @@ class CacheReader:
 
             store = storage.zarr_store(paths(self.path)["features"], read_only=True)
             self._group = zarr.open_group(store, mode="r")
+            self._arrays = {}
             self._pid = os.getpid()
         return self._group
+
+    def _array(self, name: str):
+        """Array handles are opened once per process: on an object store each re-open is one more request
+        (its ``zarr.json``) per target per sample."""
+        group = self._store()
+        if name not in self._arrays:
+            self._arrays[name] = group[name]
+        return self._arrays[name]
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_group"] = None
+        state["_arrays"] = {}
         state["_pid"] = None
         return state
 
@@ -126,7 +137,6 @@ class CacheReader:
         """float16 ``(C, H, W)`` targets of sample (index, aug_seed), checksum-verified."""
         row = self._row_of(index, aug_seed)
         names = self.targets if names is None else tuple(names)
-        group = self._store()
         out = {}
         for name in names:
             if name not in self.targets:
@@ -134,7 +144,7 @@ class CacheReader:
             where = (f"image {str(self._cols['image_id'][row])!r} (index {index}), aug seed {aug_seed}, "
                      f"target {name!r}")
             try:
-                x = group[name][index, aug_seed]
+                x = self._array(name)[index, aug_seed]
             except Exception as e:  # noqa: BLE001 - crc32c mismatch, truncated shard …
                 raise CacheError(f"{self.path}: unreadable data for {where}: {e}") from None
             if self.verify and sample_checksum(x).encode() != self._cols[CHECKSUM_PREFIX + name][row]:
