@@ -66,9 +66,9 @@ baseline: $(STAMPS)/data-$(CFG_NAME) ## The student alone (alpha = 0), same crop
 results: ## Print the result table of the config's runs
 	$(ATTNFD) results --config $(CONFIG)
 
-demo: $(STAMPS)/cache-$(CFG_NAME) ## Everything on the embedded dataset: teacher → cache → student (+ baseline), then the table
-	$(ATTNFD) student --config $(CONFIG) --seed $(SEED) --alpha 0
-	$(ATTNFD) student --config $(CONFIG) --seed $(SEED)
+demo: $(STAMPS)/cache-$(CFG_NAME) ## Everything on the embedded dataset: teacher → cache → student (+ baseline), then the table (a rerun reuses finished runs)
+	$(ATTNFD) student --config $(CONFIG) --seed $(SEED) --alpha 0 --resume
+	$(ATTNFD) student --config $(CONFIG) --seed $(SEED) --resume
 	$(ATTNFD) results --config $(CONFIG)
 
 bench: $(VENV)/.installed ## Measure what caching buys (step time, memory, build/read throughput, storage) -> bench/results.{json,md}

@@ -316,7 +316,8 @@ def extra_cache(tiny_pipeline, tmp_path_factory):
 
 def test_kd_run_from_a_cache_with_logits_never_loads_the_teacher(extra_cache, monkeypatch):
     cfg, _ = extra_cache
-    kd = _with(cfg, extra_cache[1], 'student.method="kd"', "student.alpha=1", "student.kd.temperature=2")
+    kd = _with(cfg, extra_cache[1], 'student.method="kd"', "student.alpha=1", "student.kd.temperature=2",
+               "student.kd.weight=1")
 
     def forbidden(*a, **k):
         raise AssertionError("Stage 2 from cache must not load the teacher")
