@@ -23,7 +23,7 @@ def collect_results(cfg: Config) -> list[dict]:
         fresh = r.get("augment") == "fresh"  # online with a fresh augmentation every epoch
         mode = ("online-fresh" if fresh else r["mode"]) if r["alpha"] else ("fresh" if fresh else "")
         rows.append({"role": "student", "model": r["model"], "method": r["method"], "alpha": r["alpha"],
-                     "mode": mode, "seed": r["seed"], "miou": r["final_miou"],
+                     "weights": r.get("weights") or {}, "mode": mode, "seed": r["seed"], "miou": r["final_miou"],
                      "pixel_acc": r["final_pixel_acc"], "seconds": r["train_seconds"]})
     return rows
 
@@ -46,13 +46,26 @@ def collect_stages(cfg: Config) -> list[str]:
     return lines
 
 
+def alpha_cell(alpha: float | None, weights: dict[str, float]) -> str:
+    """The loss weight a run used: α, or α · w when a method's own weight is not 1 (the demo runs KD at
+    α 100 × weight 0.01 = 1 — a bare "100" would misstate it)."""
+    if alpha is None:
+        return ""
+    if not alpha or all(w == 1 for w in weights.values()):
+        return f"{alpha:g}"
+    if len(weights) == 1:
+        (w,) = weights.values()
+        return f"{alpha * w:g} (= {alpha:g} × {w:g})"
+    return f"{alpha:g} × (" + ", ".join(f"{m} {w:g}" for m, w in weights.items()) + ")"
+
+
 def format_table(rows: list[dict]) -> str:
     """Markdown table; runs that differ only by seed are merged into mean ± std."""
     if not rows:
         return "no results yet (run `make demo` or the stages)"
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["role"], r["model"], r["method"], r["alpha"], r["mode"])].append(r)
+        groups[(r["role"], r["model"], r["method"], alpha_cell(r["alpha"], r.get("weights") or {}), r["mode"])].append(r)
     baseline = [g for k, g in groups.items() if k[0] == "student" and k[2] == "none"]
     base_miou = float(np.mean([r["miou"] for r in baseline[0]])) if baseline else None
     lines = ["| role | model | method | α | mode | seeds | mIoU % | Δ vs student | pixel acc % | train s |",
@@ -63,6 +76,6 @@ def format_table(rows: list[dict]) -> str:
         delta = "" if (base_miou is None or role == "teacher" or method == "none") else f"{m.mean() - base_miou * 100:+.2f}"
         acc = np.mean([r["pixel_acc"] for r in g]) * 100
         secs = np.mean([r["seconds"] for r in g])
-        lines.append(f"| {role} | {model} | {method} | {'' if alpha is None else f'{alpha:g}'} | {mode} | "
+        lines.append(f"| {role} | {model} | {method} | {alpha} | {mode} | "
                      f"{len(g)} | {miou} | {delta} | {acc:.2f} | {secs:.0f} |")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from attnfd_pipeline.data.demo import DEMO_N_TRAIN, DEMO_N_VAL
 from stages.bench import bench, bench_accuracy
 from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
 from stages.report import report, visualize
@@ -36,7 +37,7 @@ except ImportError:  # pragma: no cover
 
 @data_app.command("demo")
 def data_demo(out: Annotated[Path, typer.Option(help="Output folder (VOC layout).")] = Path("data/demo"),
-              seed: int = 0, n_train: int = 500, n_val: int = 100, workers: int = 2):
+              seed: int = 0, n_train: int = DEMO_N_TRAIN, n_val: int = DEMO_N_VAL, workers: int = 2):
     """Generate the embedded demo dataset (deterministic by seed; skipped when already there)."""
     from attnfd_pipeline.data.demo import generate_demo
 

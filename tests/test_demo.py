@@ -83,6 +83,18 @@ def test_changed_params_regenerate_and_drop_stale_files(tmp_path):
     assert not any(p.name.startswith(".") for p in d.rglob("*"))  # no temp files left
 
 
+def test_growing_the_val_split_keeps_every_existing_image(tmp_path):
+    # the README's claim: the demo's val split grew from 100 to 400 without changing the train images
+    # (so a teacher trained before is still valid) or the first val images
+    small = generate_demo(tmp_path / "small", seed=5, n_train=3, n_val=1, min_size=24, max_size=32, workers=1)
+    big = generate_demo(tmp_path / "big", seed=5, n_train=3, n_val=3, min_size=24, max_size=32, workers=1)
+    for sub in ("JPEGImages", "SegmentationClass"):
+        for f in (small / sub).iterdir():
+            assert (big / sub / f.name).read_bytes() == f.read_bytes(), f"{sub}/{f.name} changed"
+    assert (big / "ImageSets/Segmentation/train.txt").read_bytes() == (small / "ImageSets/Segmentation/train.txt").read_bytes()
+    assert len((big / "ImageSets/Segmentation/val.txt").read_text().split()) == 3
+
+
 def test_refuses_foreign_non_empty_folder(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "something.txt").write_text("mine")

@@ -40,6 +40,8 @@ from .io import atomic_write_bytes, write_jpeg, write_palette_png
 
 __all__ = [
     "GENERATOR_VERSION",
+    "DEMO_N_TRAIN",
+    "DEMO_N_VAL",
     "DEMO_CLASS_NAMES",
     "DEMO_PALETTE",
     "DEMO_INFO",
@@ -49,6 +51,12 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = 2
+# Default split sizes. 400 val images (was 100): three seeds of the 2-epoch demo student scored 13.43 ± 0.89 %
+# mIoU on 100 val images and 12.86 ± 0.17 % on 400 fresh ones (the same checkpoints) — with 100 the seed
+# spread was mostly evaluation noise. Images are seeded by (seed, split, index), so growing the val split
+# leaves the train images and the first 100 val images unchanged.
+DEMO_N_TRAIN = 500
+DEMO_N_VAL = 400
 JPEG_QUALITY = 95
 SPLITS = ("train", "val")  # split_id = position
 
@@ -415,8 +423,8 @@ def _files_present(out: Path, ids: dict[str, list[str]]) -> bool:
     return True
 
 
-def demo_is_complete(out_dir: Union[str, os.PathLike], *, seed: int = 0, n_train: int = 500, n_val: int = 100,
-                     min_size: int = 96, max_size: int = 160) -> bool:  # fmt: skip
+def demo_is_complete(out_dir: Union[str, os.PathLike], *, seed: int = 0, n_train: int = DEMO_N_TRAIN,
+                     n_val: int = DEMO_N_VAL, min_size: int = 96, max_size: int = 160) -> bool:  # fmt: skip
     """True when ``out_dir`` holds a finished demo dataset generated with these parameters."""
     out = Path(out_dir)
     meta = _read_meta(out / "demo.json")
@@ -427,8 +435,8 @@ def generate_demo(
     out_dir: Union[str, os.PathLike],
     *,
     seed: int = 0,
-    n_train: int = 500,
-    n_val: int = 100,
+    n_train: int = DEMO_N_TRAIN,
+    n_val: int = DEMO_N_VAL,
     min_size: int = 96,
     max_size: int = 160,
     workers: int = 2,

@@ -1,0 +1,55 @@
+"""The result table that `make demo` / `attnfd results` print: grouping, mean ± std, gain, α · weight."""
+
+from __future__ import annotations
+
+import json
+
+from attnfd_pipeline.config import load_config
+from attnfd_pipeline.results import alpha_cell, collect_results, format_table
+
+
+def _student(run_root, name, *, method="attnfd", alpha=2.0, seed=0, miou=0.2, weights=None, mode="cached",
+             augment="replay"):
+    d = run_root / "student" / name
+    d.mkdir(parents=True)
+    methods = [] if alpha == 0 else method.split("+")
+    r = {"model": "deeplabv3plus_resnet18", "method": method if alpha else "none", "alpha": alpha, "mode": mode,
+         "augment": augment, "seed": seed, "final_miou": miou, "final_pixel_acc": 0.9, "train_seconds": 10.0,
+         "weights": weights if weights is not None else {m: 1.0 for m in methods}}
+    (d / "result.json").write_text(json.dumps(r))
+
+
+def test_table_groups_seeds_and_states_gain_and_effective_weight(tmp_path):
+    cfg = load_config(None, [f"runs_root={tmp_path.as_posix()}", "name=t"])
+    root = cfg.run_root
+    cfg.teacher_dir.mkdir(parents=True)
+    (cfg.teacher_dir / "result.json").write_text(json.dumps({"miou": 0.3, "pixel_acc": 0.95, "seconds": 5.0}))
+    _student(root, "none_s0", alpha=0.0, seed=0, miou=0.10)
+    _student(root, "none_s1", alpha=0.0, seed=1, miou=0.12)
+    _student(root, "attnfd_s0", alpha=100.0, seed=0, miou=0.14)
+    _student(root, "attnfd_s1", alpha=100.0, seed=1, miou=0.16)
+    _student(root, "kd_s0", method="kd", alpha=100.0, miou=0.13, weights={"kd": 0.01})
+    _student(root, "fresh_s0", alpha=100.0, miou=0.15, mode="online", augment="fresh")
+
+    rows = collect_results(cfg)
+    assert len(rows) == 7
+    table = format_table(rows).splitlines()
+    by_method = {tuple(c.strip() for c in line.split("|")[3:6]): line for line in table[2:]}
+
+    student = by_method[("none", "0", "")]
+    assert "| 2 | 11.00 ± 1.41 |" in student  # mean and sample std (ddof 1) of 10 and 12
+    attnfd = by_method[("attnfd", "100", "cached")]
+    assert "| 2 | 15.00 ± 1.41 | +4.00 |" in attnfd  # gain over the student's mean, not a seed's
+    kd = by_method[("kd", "1 (= 100 × 0.01)", "cached")]  # the weight KD actually trained with
+    assert "| 1 | 13.00 | +2.00 |" in kd
+    assert ("attnfd", "100", "online-fresh") in by_method
+    teacher = next(line for line in table if line.startswith("| teacher"))
+    assert "| 30.00 |" in teacher
+
+
+def test_alpha_cell():
+    assert alpha_cell(None, {}) == ""
+    assert alpha_cell(0.0, {}) == "0"
+    assert alpha_cell(2.0, {"attnfd": 1.0}) == "2"
+    assert alpha_cell(100.0, {"kd": 0.01}) == "1 (= 100 × 0.01)"
+    assert alpha_cell(100.0, {"attnfd": 1.0, "kd": 0.01}) == "100 × (attnfd 1, kd 0.01)"
