@@ -349,7 +349,7 @@ def test_refuses_a_cache_without_the_targets_the_method_needs(extra_cache):
     no_logits = _with(cfg, tmp, 'student.method="kd"', "cache.extra=[]")
     with pytest.raises(CacheError, match=r"needs cached target\(s\) \['logits'\].*cache.extra = \[\"logits\"\]"):
         run_student(no_logits, progress=False)
-    no_raw = _with(cfg, tmp, 'student.method="lad"', 'cache.extra=["logits"]')
+    no_raw = _with(cfg, tmp, 'student.method="lad"', 'student.points=["B", "E", "D"]', 'cache.extra=["logits"]')
     with pytest.raises(CacheError, match=r"raw_B.*cache.extra = \[\"logits\", \"raw\"\]"):
         run_student(no_raw, progress=False)
 

@@ -63,7 +63,8 @@ def runs(tmp_path):
     other = tmp_path / "runs" / "demo_fitted"  # another teacher CBAM mode lives in its own run root
     _teacher(other, miou=0.78, mode="fitted")
     _student(other, teacher_mode="fitted", miou=0.63)
-    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "student.alpha=2", "cache.K=4"])
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "student.alpha=2", "cache.K=4",
+                                               'student.points=["B", "E", "D"]'])
     return cfg, other
 
 
