@@ -18,8 +18,10 @@ def collect_results(cfg: Config) -> list[dict]:
         rows.append({"role": "teacher", "model": cfg.teacher.model.name, "method": f"CE ({cfg.teacher.cbam_mode} CBAM)",
                      "alpha": None, "mode": "", "seed": cfg.teacher.train.seed, "miou": r["miou"],
                      "pixel_acc": r["pixel_acc"], "seconds": r["seconds"]})
-    for path in sorted((cfg.run_root / "student").glob("*/result.json")):
-        r = json.loads(path.read_text())
+    # The plain student (α = 0) first: it is the row every Δ refers to; then runs by name.
+    paths = sorted((cfg.run_root / "student").glob("*/result.json"))
+    records = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: bool(r["alpha"]))
+    for r in records:
         fresh = r.get("augment") == "fresh"  # online with a fresh augmentation every epoch
         mode = ("online-fresh" if fresh else r["mode"]) if r["alpha"] else ("fresh" if fresh else "")
         rows.append({"role": "student", "model": r["model"], "method": r["method"], "alpha": r["alpha"],
@@ -48,7 +50,7 @@ def collect_stages(cfg: Config) -> list[str]:
 
 def alpha_cell(alpha: float | None, weights: dict[str, float]) -> str:
     """The loss weight a run used: α, or α · w when a method's own weight is not 1 (the demo runs KD at
-    α 100 × weight 0.01 = 1 — a bare "100" would misstate it)."""
+    α 30 × weight 1/30 = 1 — a bare "30" would misstate it)."""
     if alpha is None:
         return ""
     if not alpha or all(w == 1 for w in weights.values()):

@@ -45,6 +45,8 @@ def test_table_groups_seeds_and_states_gain_and_effective_weight(tmp_path):
     assert ("attnfd", "100", "online-fresh") in by_method
     teacher = next(line for line in table if line.startswith("| teacher"))
     assert "| 30.00 |" in teacher
+    # teacher, then the plain student every Δ refers to (its run name sorts after "attnfd_…"), then the rest
+    assert table[2] == teacher and table[3] == student
 
 
 def test_alpha_cell():
