@@ -23,7 +23,7 @@ RUN_CACHE := $(if $(MULTI),$(TORCHRUN) -m stages.cache build,$(ATTNFD) cache bui
 RUN_STUDENT := $(if $(MULTI),$(TORCHRUN) -m stages.student,$(ATTNFD) student)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo data teacher cache student baseline results test clean-runs sweep bench bench-accuracy chaos
+.PHONY: help install demo data teacher cache student baseline results test clean-runs sweep bench bench-accuracy studies chaos
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -76,6 +76,10 @@ bench: $(VENV)/.installed ## Measure what caching buys (step time, memory, build
 
 bench-accuracy: $(STAMPS)/cache-$(CFG_NAME) ## Teacher, student, KD/LAD/AICSD/Af-DCD/AttnFD (cached + online) on the config's data, goals checked (resumable) -> bench/accuracy.{json,md}
 	$(ATTNFD) bench-accuracy --config $(CONFIG) --out bench
+
+studies: $(STAMPS)/teacher-$(CFG_NAME) ## Every study of the report on the config's data: K vs online, methods, α, points, norm, teacher CBAM mode (resumable) -> bench/studies/report.md + PNGs
+	$(ATTNFD) studies --config $(CONFIG) --out bench/studies
+	$(ATTNFD) visualize --config $(CONFIG) --out bench/studies/attention_0.png
 
 test: $(VENV)/.installed ## Run the test suite
 	$(BIN)/python -m pytest -q

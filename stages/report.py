@@ -24,6 +24,35 @@ def report(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
         typer.echo(f"{name}: {path}")
 
 
+def _csv(text: str, kind, name: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: a comma-separated list of numbers", param_hint=name) from None
+
+
+def studies(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+            study: Annotated[Optional[list[str]], typer.Option(
+                "--study", help="Only these studies (repeatable): reference, K, methods, alpha, points, norm, "
+                                "teacher_mode. Default: all.")] = None,
+            seeds: Annotated[int, typer.Option(help="Seeds of the reference rows and of the K study.")] = 3,
+            extra_seeds: Annotated[int, typer.Option(help="Seeds of every other row.")] = 1,
+            k: Annotated[str, typer.Option("--k", help="Cached augmentation seeds K of the K study.")] = "1,2,4,8",
+            alpha: Annotated[str, typer.Option("--alpha", help="α values of the α sweep (besides the config's).")]
+            = "3,10,100,300",
+            out: Annotated[Optional[Path], typer.Option(help="Report folder (default: reports/<config name>/).")]
+            = None):
+    """Train every run the report's studies need (missing ones only: resumable), then write the report."""
+    from attnfd_pipeline.studies import STUDIES, run_studies
+
+    cfg = load(config, set_)
+    with errors():
+        files = run_studies(cfg, out or Path("reports") / cfg.name, studies=study or STUDIES, seeds=seeds,
+                            extra_seeds=extra_seeds, ks=_csv(k, int, "--k"), alphas=_csv(alpha, float, "--alpha"))
+    for name, path in files.items():
+        typer.echo(f"{name}: {path}")
+
+
 def visualize(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
               image_index: Annotated[int, typer.Option("--image-index", help="Validation image index.")] = 0,
               out: Annotated[Optional[Path], typer.Option(

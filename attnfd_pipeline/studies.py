@@ -1,0 +1,255 @@
+"""`attnfd studies` / `make studies`: train every run the report's studies need, then write the report.
+
+``attnfd report`` turns finished runs into tables and figures; this module decides which runs those are
+and trains the missing ones, so the studies of the paper (and the K study no peer measures) come from one
+command on one config:
+
+- ``reference``: the plain student (α = 0) and AttnFD at the config's setting, ``seeds`` seeds each;
+- ``K``: AttnFD from caches of K ∈ ``ks`` cached augmentation seeds (``seeds`` seeds each), the student at
+  each K, and AttnFD online with a fresh augmentation every epoch (``student.online_fresh``, ``seeds``
+  seeds) — the reference the K cached seeds approximate;
+- ``methods``: KD, LAD, AICSD, Af-DCD and the combination AttnFD + KD on the same cache;
+- ``alpha``: AttnFD at each α of ``alphas``;
+- ``points``: B, E, D and B+E+D (paper Table 5); ``norm``: batch, sample and channel normalisation;
+- ``teacher_mode``: AttnFD distilled from teachers whose CBAMs are ``fitted``, ``parameter_free`` or
+  ``untrained`` (SPEC §4); each has its own run root ``runs/<name>_<mode>``.
+
+Every factor a study does not vary stays at the config's value. Runs come in rounds, like the accuracy
+bench: the first seed of every planned run, then the second seeds …, so a study run in parts covers every
+row early. A finished run is reused (the same run folder as ``attnfd student`` and ``attnfd bench-accuracy``
+would write; one trained under another recipe or teacher is refused, naming the folder), an interrupted
+one resumes from its ``last.pt``. Each (teacher, K) pair gets one cache holding every target its runs read.
+
+The three non-``inpath`` teachers train the same network the same way (CE without CBAM in the forward
+path; the mode only decides what happens to the CBAMs afterwards), so that training runs once: a teacher
+root of another such mode starts from the finished ``train/`` folder of the first (its resume check still
+compares the recipe), then fits or attaches its own CBAMs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+from attnfd_pipeline.accuracy import Planned, ensure_teacher, run_config
+from attnfd_pipeline.cache import CacheError, build_cache, find_cache
+from attnfd_pipeline.config import Config, ConfigError
+from attnfd_pipeline.data.source import ImageSource
+from attnfd_pipeline.losses import required_targets
+from attnfd_pipeline.report import CBAM_MODES, NORM_ORDER, build_report
+from attnfd_pipeline.runs import check_student_inputs
+from attnfd_pipeline.student import finished_result, run_student
+from attnfd_pipeline.sweep import is_done
+from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
+from attnfd_pipeline.utils import resolve_device
+
+STUDIES = ("reference", "K", "methods", "alpha", "points", "norm", "teacher_mode")
+DEFAULT_KS = (1, 2, 4, 8)
+DEFAULT_ALPHAS = (3.0, 10.0, 100.0, 300.0)
+POINT_SETS = (("B",), ("E",), ("D",), ("B", "E", "D"))
+RIVALS = ("kd", "lad", "aicsd", "afdcd", "attnfd+kd")
+
+
+class StudyRun(NamedTuple):
+    """One planned row: the study it serves, its label, the ``StudentConfig`` fields it changes, its seeds,
+    and the cache K / teacher CBAM mode it needs (None: the config's)."""
+
+    study: str
+    label: str
+    overrides: dict[str, Any]
+    seeds: tuple[int, ...]
+    K: int | None = None
+    teacher_mode: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+
+def plan_studies(cfg: Config, *, studies: Sequence[str] = STUDIES, seeds: int = 3, extra_seeds: int = 1,
+                 ks: Sequence[int] = DEFAULT_KS, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[StudyRun]:
+    """The runs of ``studies`` in plan order; a setting equal to the reference is not planned twice (the
+    reference rows serve it). ``seeds``: reference and K-study AttnFD runs; ``extra_seeds``: every other
+    row."""
+    unknown = [s for s in studies if s not in STUDIES]
+    if unknown:
+        raise ValueError(f"--study {unknown[0]!r}: not a study (choose from {', '.join(STUDIES)})")
+    if seeds < 1 or extra_seeds < 1:
+        raise ValueError(f"--seeds {seeds} / --extra-seeds {extra_seeds}: every row needs at least 1 seed")
+    bad_k = [k for k in ks if int(k) < 1]
+    if bad_k:
+        raise ValueError(f"--k {bad_k[0]}: K must be ≥ 1")
+    s, ref_k = cfg.student, cfg.cache.K
+    first = s.train.seed
+    main, extra = tuple(range(first, first + seeds)), tuple(range(first, first + extra_seeds))
+    cached = {"mode": "cached", "online_fresh": False, "method": "attnfd"}
+    out: list[StudyRun] = []
+    if "reference" in studies:
+        out += [StudyRun("reference", "student", {**cached, "alpha": 0.0}, main),
+                StudyRun("reference", "attnfd", cached, main)]
+    if "K" in studies:
+        out.append(StudyRun("K", "attnfd online (fresh augmentation)",
+                            {"method": "attnfd", "mode": "online", "online_fresh": True}, main))
+        for k in dict.fromkeys(int(k) for k in ks):
+            if k != ref_k:
+                out += [StudyRun("K", f"attnfd K={k}", cached, main, K=k),
+                        StudyRun("K", f"student K={k}", {**cached, "alpha": 0.0}, extra, K=k)]
+    if "methods" in studies:
+        out += [StudyRun("methods", m, {**cached, "method": m}, extra) for m in RIVALS]
+    if "alpha" in studies:
+        out += [StudyRun("alpha", f"attnfd α={a:g}", {**cached, "alpha": float(a)}, extra)
+                for a in dict.fromkeys(float(a) for a in alphas) if a > 0 and a != s.alpha]
+    if "points" in studies:
+        out += [StudyRun("points", f"attnfd at {'+'.join(p)}", {**cached, "points": p}, extra)
+                for p in POINT_SETS if p != tuple(s.points)]
+    if "norm" in studies:
+        out += [StudyRun("norm", f"attnfd norm {n}", {**cached, "norm": n}, extra) for n in NORM_ORDER if n != s.norm]
+    if "teacher_mode" in studies:
+        out += [StudyRun("teacher_mode", f"attnfd, {m} teacher CBAM", cached, extra, teacher_mode=m)
+                for m in CBAM_MODES if m != cfg.teacher.cbam_mode]
+    return out
+
+
+def teacher_config(cfg: Config, mode: str | None) -> Config:
+    """The config of the teacher with CBAM mode ``mode``: the config itself for its own mode, else the same
+    recipe under the run root ``<name>_<mode>`` (a teacher bundle per root)."""
+    if mode is None or mode == cfg.teacher.cbam_mode:
+        return cfg
+    return dataclasses.replace(cfg, name=f"{cfg.name}_{mode}", teacher=dataclasses.replace(cfg.teacher, cbam_mode=mode))
+
+
+def study_config(cfg: Config, run: StudyRun, seed: int) -> Config:
+    """``cfg`` with the run's teacher root, cache K, student overrides and seed (validated)."""
+    c = teacher_config(cfg, run.teacher_mode)
+    if run.K is not None:
+        try:
+            c = dataclasses.replace(c, cache=dataclasses.replace(c.cache, K=int(run.K)))
+        except ConfigError as e:
+            raise ConfigError(f"study run {run.label!r}: {e}") from None
+    return run_config(c, Planned(run.label, run.overrides, run.seeds), seed)
+
+
+def schedule(cfg: Config, plan: Sequence[StudyRun]) -> list[tuple[StudyRun, Config]]:
+    """(run, config) in running order — every row's first seed, then the second seeds … — with each
+    (teacher root, K) cache holding every target its cached runs read (``cache.extra``)."""
+    order = []
+    for i in range(max((len(p.seeds) for p in plan), default=0)):
+        order += [(p, study_config(cfg, p, p.seeds[i])) for p in plan if i < len(p.seeds)]
+    needs: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for _, c in order:
+        if c.student.alpha > 0 and c.student.mode == "cached":
+            needs[(c.name, c.cache.K)].update(required_targets(c.student.method, c.student.points))
+    out = []
+    for p, c in order:
+        names = needs.get((c.name, c.cache.K), set())
+        extra = set(c.cache.extra) | ({"logits"} if "logits" in names else set())
+        extra |= {"raw"} if any(n.startswith("raw_") for n in names) else set()
+        extra_t = tuple(e for e in ("logits", "raw") if e in extra)
+        out.append((p, dataclasses.replace(c, cache=dataclasses.replace(c.cache, extra=extra_t))))
+    return out
+
+
+def extra_roots(cfg: Config, plan: Sequence[StudyRun]) -> list[Path]:
+    """The run roots of the plan's other teachers (for ``report.build_report``)."""
+    modes = dict.fromkeys(p.teacher_mode for p in plan if p.teacher_mode not in (None, cfg.teacher.cbam_mode))
+    return [teacher_config(cfg, m).run_root for m in modes]
+
+
+# ---------------------------------------------------------------------------------------------
+# teachers and caches
+
+
+def share_plain_training(cfg: Config, siblings: Sequence[Config]) -> Path | None:
+    """Before a non-``inpath`` teacher trains: copy the finished ``train/`` folder of a sibling teacher that
+    trains the same network the same way (another non-``inpath`` mode, finished bundle) into this root, so
+    ``run_teacher(resume=True)`` starts from it instead of repeating the training. Returns the folder it
+    copied from (None: nothing to share, or this root has a training of its own)."""
+    if cfg.teacher.cbam_mode == "inpath" or (cfg.teacher_dir / "train").exists():
+        return None
+    for other in siblings:
+        if other.teacher.cbam_mode == "inpath" or other.run_root == cfg.run_root:
+            continue
+        same = dataclasses.replace(other.teacher, cbam_mode=cfg.teacher.cbam_mode) == cfg.teacher
+        src = other.teacher_dir / "train"
+        if same and other.data == cfg.data and other.augment == cfg.augment and bundle_path(other).is_file() \
+                and (src / "last.pt").is_file():
+            tmp = cfg.teacher_dir / "train.copying"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            tmp.rename(cfg.teacher_dir / "train")  # whole or not at all
+            return src
+    return None
+
+
+def ensure_teachers(cfg: Config, runs: Sequence[tuple[StudyRun, Config]], *, progress: bool = True,
+                    say: Callable[[str], None] = print) -> dict[str, Path]:
+    """Every teacher bundle the runs need (run root name → bundle), the config's own first."""
+    roots: dict[str, Config] = {cfg.name: cfg}
+    for _, c in runs:
+        roots.setdefault(c.name, c)
+    bundles, done = {}, []
+    for name, c in roots.items():
+        if not bundle_path(c).is_file():
+            src = share_plain_training(c, done)
+            if progress:
+                say(f"[studies] teacher {name} ({c.teacher.cbam_mode} CBAM): "
+                    + (f"training shared from {src}" if src else "training"))
+        bundles[name] = ensure_teacher(c, progress=progress)
+        done.append(c)
+    return bundles
+
+
+def ensure_cache(cfg: Config, bundle: Path, *, progress: bool = True) -> Path:
+    """The complete cache of ``cfg`` (its K and extra targets): reused, or built (resumed) when missing."""
+    source = ImageSource.from_config(cfg, cfg.data.train_split)
+    try:
+        return find_cache(cfg, load_teacher_info(bundle), source, require_complete=True)
+    except CacheError:
+        teacher = load_teacher(bundle, resolve_device(cfg.teacher.train.device))
+        return build_cache(cfg, teacher, source, progress=progress).path
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = STUDIES, seeds: int = 3,
+                extra_seeds: int = 1, ks: Sequence[int] = DEFAULT_KS, alphas: Sequence[float] = DEFAULT_ALPHAS,
+                progress: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Train what is missing of the studies' runs, rewriting the report in ``out_dir`` after every run (a
+    killed call leaves a report of what finished); returns the report's files."""
+    say = echo or (lambda line: print(line, flush=True))
+    plan = plan_studies(cfg, studies=studies, seeds=seeds, extra_seeds=extra_seeds, ks=ks, alphas=alphas)
+    runs = schedule(cfg, plan)
+    roots = extra_roots(cfg, plan)
+    # finished runs are checked before anything trains: one from another recipe stops the studies now
+    finished = {i for i, (_, c) in enumerate(runs) if is_done(c) and finished_result(c)}
+    pending = [(p, c) for i, (p, c) in enumerate(runs) if i not in finished]
+    if pending:
+        check_student_inputs(cfg)
+    bundles = ensure_teachers(cfg, runs, progress=progress, say=say)
+    files = build_report(cfg, out_dir, extra_roots=roots)
+    caches: dict[tuple[str, int, tuple[str, ...]], Path] = {}
+    for i, (p, c) in enumerate(runs, 1):
+        if i - 1 in finished:
+            continue
+        if c.student.alpha > 0 and c.student.mode == "cached":
+            key = (c.name, c.cache.K, c.cache.extra)
+            if key not in caches:
+                if progress:
+                    say(f"[studies] cache of {c.name} at K = {c.cache.K} (extra {list(c.cache.extra)}): reused when "
+                        f"complete, else built")
+                caches[key] = ensure_cache(c, bundles[c.name], progress=progress)
+        if progress:
+            say(f"[studies] {i}/{len(runs)} {p.study}: {p.label}, seed {c.student.train.seed}: training")
+        t0 = time.perf_counter()
+        result = run_student(c, resume=True, progress=progress)
+        if progress:
+            say(f"[studies] {i}/{len(runs)} {p.label}, seed {result['seed']}: mIoU {result['final_miou'] * 100:.2f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+        files = build_report(cfg, out_dir, extra_roots=roots)
+    return files
