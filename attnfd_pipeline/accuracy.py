@@ -150,21 +150,30 @@ def teacher_entry(cfg: Config, bundle: Path) -> dict:
             "cbam_mode": info.get("cbam_mode"), "train_seconds": seconds}
 
 
+def complete_cache(cfg: Config, bundle: Path, *, progress: bool = True) -> tuple[Path, float | None]:
+    """The complete cache of ``cfg`` (its K and extra targets) and the seconds spent building it now: reused
+    when complete (``None`` seconds), else built or resumed."""
+    source = ImageSource.from_config(cfg, cfg.data.train_split)
+    try:
+        return find_cache(cfg, load_teacher_info(bundle), source, require_complete=True), None
+    except CacheError:
+        teacher = load_teacher(bundle, resolve_device(cfg.teacher.train.device))
+        r = build_cache(cfg, teacher, source, progress=progress)
+        return r.path, r.seconds
+
+
 def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = True) -> dict:
     """The complete cache of ``cfg`` (with its extra targets), built or resumed when it is not; its record
     (path, build seconds summed over the parts that built it) is kept in ``accuracy_cache.json``."""
     record_path = out_dir / CACHE_JSON
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    source = ImageSource.from_config(cfg, cfg.data.train_split)
-    try:
-        path = find_cache(cfg, load_teacher_info(bundle), source, require_complete=True)
+    path, seconds = complete_cache(cfg, bundle, progress=progress)
+    if seconds is None:
         if record.get("path") != str(path):
             record = {"path": str(path), "seconds": None}  # built outside the bench (`attnfd cache build`)
-    except CacheError:
-        teacher = load_teacher(bundle, resolve_device(cfg.teacher.train.device))
-        r = build_cache(cfg, teacher, source, progress=progress)
-        before = record.get("seconds") if record.get("path") == str(r.path) else 0.0
-        record = {"path": str(r.path), "seconds": (before or 0.0) + r.seconds}
+    else:
+        before = record.get("seconds") if record.get("path") == str(path) else 0.0
+        record = {"path": str(path), "seconds": (before or 0.0) + seconds}
     record |= {"K": cfg.cache.K, "extra": list(cfg.cache.extra)}
     atomic_write_json(record_path, record)
     return record

@@ -35,17 +35,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from attnfd_pipeline.accuracy import Planned, ensure_teacher, run_config
-from attnfd_pipeline.cache import CacheError, build_cache, find_cache
+from attnfd_pipeline.accuracy import Planned, complete_cache, ensure_teacher, run_config
 from attnfd_pipeline.config import Config, ConfigError
-from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.losses import required_targets
 from attnfd_pipeline.report import CBAM_MODES, NORM_ORDER, build_report
 from attnfd_pipeline.runs import check_student_inputs
 from attnfd_pipeline.student import finished_result, run_student
 from attnfd_pipeline.sweep import is_done
-from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
-from attnfd_pipeline.utils import resolve_device
+from attnfd_pipeline.teacher import bundle_path
 
 STUDIES = ("reference", "K", "methods", "alpha", "points", "norm", "teacher_mode")
 DEFAULT_KS = (1, 2, 4, 8)
@@ -203,16 +200,6 @@ def ensure_teachers(cfg: Config, runs: Sequence[tuple[StudyRun, Config]], *, pro
     return bundles
 
 
-def ensure_cache(cfg: Config, bundle: Path, *, progress: bool = True) -> Path:
-    """The complete cache of ``cfg`` (its K and extra targets): reused, or built (resumed) when missing."""
-    source = ImageSource.from_config(cfg, cfg.data.train_split)
-    try:
-        return find_cache(cfg, load_teacher_info(bundle), source, require_complete=True)
-    except CacheError:
-        teacher = load_teacher(bundle, resolve_device(cfg.teacher.train.device))
-        return build_cache(cfg, teacher, source, progress=progress).path
-
-
 # ---------------------------------------------------------------------------------------------
 # running
 
@@ -243,7 +230,7 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
                 if progress:
                     say(f"[studies] cache of {c.name} at K = {c.cache.K} (extra {list(c.cache.extra)}): reused when "
                         f"complete, else built")
-                caches[key] = ensure_cache(c, bundles[c.name], progress=progress)
+                caches[key] = complete_cache(c, bundles[c.name], progress=progress)[0]
         if progress:
             say(f"[studies] {i}/{len(runs)} {p.study}: {p.label}, seed {c.student.train.seed}: training")
         t0 = time.perf_counter()
