@@ -8,7 +8,7 @@ command on one config:
 - ``K``: AttnFD from caches of K ∈ ``ks`` cached augmentation seeds (``seeds`` seeds each), the student at
   each K, and AttnFD online with a fresh augmentation every epoch (``student.online_fresh``, ``seeds``
   seeds) — the reference the K cached seeds approximate;
-- ``methods``: KD, LAD, AICSD, Af-DCD and the combination AttnFD + KD on the same cache;
+- ``methods``: KD, LAD, AICSD, Af-DCD and the combination AttnFD + KD on the same cache (``seeds`` seeds);
 - ``alpha``: AttnFD at each α of ``alphas``;
 - ``points``: B, E, D and B+E+D (paper Table 5); ``norm``: batch, sample and channel normalisation;
 - ``teacher_mode``: AttnFD distilled from teachers whose CBAMs are ``fitted``, ``parameter_free`` or
@@ -70,8 +70,8 @@ class StudyRun(NamedTuple):
 def plan_studies(cfg: Config, *, studies: Sequence[str] = STUDIES, seeds: int = 3, extra_seeds: int = 1,
                  ks: Sequence[int] = DEFAULT_KS, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[StudyRun]:
     """The runs of ``studies`` in plan order; a setting equal to the reference is not planned twice (the
-    reference rows serve it). ``seeds``: reference and K-study AttnFD runs; ``extra_seeds``: every other
-    row."""
+    reference rows serve it). ``seeds``: the reference, the methods table (paper-style: mean ± std over
+    seeds for every method) and the K study's AttnFD runs; ``extra_seeds``: every other row."""
     unknown = [s for s in studies if s not in STUDIES]
     if unknown:
         raise ValueError(f"--study {unknown[0]!r}: not a study (choose from {', '.join(STUDIES)})")
@@ -96,7 +96,7 @@ def plan_studies(cfg: Config, *, studies: Sequence[str] = STUDIES, seeds: int = 
                 out += [StudyRun("K", f"attnfd K={k}", cached, main, K=k),
                         StudyRun("K", f"student K={k}", {**cached, "alpha": 0.0}, extra, K=k)]
     if "methods" in studies:
-        out += [StudyRun("methods", m, {**cached, "method": m}, extra) for m in RIVALS]
+        out += [StudyRun("methods", m, {**cached, "method": m}, main) for m in RIVALS]
     if "alpha" in studies:
         out += [StudyRun("alpha", f"attnfd α={a:g}", {**cached, "alpha": float(a)}, extra)
                 for a in dict.fromkeys(float(a) for a in alphas) if a > 0 and a != s.alpha]

@@ -21,11 +21,11 @@ def test_plan_covers_every_study_without_repeating_the_reference():
     plan = st.plan_studies(cfg, seeds=3, extra_seeds=1)
     by = {p.label: p for p in plan}
     assert {p.study for p in plan} == set(st.STUDIES)
-    # reference and K study: 3 seeds; the rest 1; the config's own K / α / points / norm / mode are the reference
-    assert by["student"].seeds == by["attnfd"].seeds == by["attnfd K=8"].seeds == (3, 4, 5)
+    # reference, methods and K study: 3 seeds; the rest 1; the config's own K / α / points / norm / mode are the reference
+    assert by["student"].seeds == by["attnfd"].seeds == by["attnfd K=8"].seeds == by["kd"].seeds == (3, 4, 5)
     assert by["attnfd online (fresh augmentation)"].overrides | {} == {"method": "attnfd", "mode": "online",
                                                                        "online_fresh": True}
-    assert by["student K=1"].seeds == by["kd"].seeds == by["attnfd α=100"].seeds == (3,)
+    assert by["student K=1"].seeds == by["attnfd α=100"].seeds == (3,)
     assert [p.K for p in plan if p.study == "K" and p.K] == [1, 1, 2, 2, 8, 8]  # K = 4 is the reference row
     assert [p.label for p in plan if p.study == "methods"] == ["kd", "lad", "aicsd", "afdcd", "attnfd+kd"]
     assert [p.overrides["alpha"] for p in plan if p.study == "alpha"] == [3.0, 10.0, 100.0, 300.0]  # 30: reference
@@ -34,7 +34,7 @@ def test_plan_covers_every_study_without_repeating_the_reference():
     assert [p.teacher_mode for p in plan if p.study == "teacher_mode"] == ["fitted", "parameter_free", "untrained"]
 
     runs = st.schedule(cfg, plan)
-    assert len(runs) == sum(len(p.seeds) for p in plan) == 38
+    assert len(runs) == sum(len(p.seeds) for p in plan) == 48
     assert len({(c.name, run_name(c)) for _, c in runs}) == len(runs)  # every run has its own folder
     assert [c.student.train.seed for _, c in runs[:26]] == [3] * 26  # every row's first seed comes first
     # one cache per (teacher root, K), holding what its cached runs read: the rivals need logits and raw maps
