@@ -8,9 +8,10 @@ seeds) on the config's own run folder, so the demo teacher and finished runs are
 1. the teacher (``runs/<name>/teacher``): trained with ``run_teacher`` only when its bundle is missing;
 2. one cache holding every target the methods read (``cache.extra`` = ``logits`` for KD / AICSD, ``raw``
    for LAD / Af-DCD, at the config's K), built (or resumed) only when a cached run still needs it;
-3. the student runs, one seed of every method first, then the remaining seeds: the student (α = 0) and
-   AttnFD (cached) with ``seeds`` seeds, KD, LAD, AICSD, Af-DCD and AttnFD online (fresh augmentation,
-   ``student.online_fresh``) with ``extra_seeds``; methods use the config's α and their own config
+3. the student runs, one seed of every method first, then the remaining seeds: every row a goal compares —
+   the student (α = 0), AttnFD (cached) and AttnFD online (fresh augmentation, ``student.online_fresh``) —
+   with ``seeds`` seeds (a goal on one seed would compare a mean with a single draw), KD, LAD, AICSD and
+   Af-DCD with ``extra_seeds``; methods use the config's α and their own config
    section (``student.<method>``). A finished run is reused (``sweep.is_done``) unless it was trained
    under another config (``student.finished_result`` refuses it), an interrupted one resumes from its
    ``last.pt``.
@@ -68,11 +69,11 @@ class Planned(NamedTuple):
 
 
 def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1) -> list[Planned]:
-    """The student runs of the bench (the teacher is not a student run): the student and AttnFD (cached)
-    with ``seeds`` seeds, every other method with ``extra_seeds``; seeds count up from
+    """The student runs of the bench (the teacher is not a student run): the student, AttnFD (cached) and
+    AttnFD online — the rows the goals compare — with ``seeds`` seeds, every other method with ``extra_seeds``; seeds count up from
     ``student.train.seed``."""
     if seeds < 1:
-        raise ValueError(f"--seeds {seeds}: the student and AttnFD (cached) need at least 1 seed (the goals 3)")
+        raise ValueError(f"--seeds {seeds}: the student and AttnFD (cached, online) need at least 1 seed (the goals 3)")
     if extra_seeds < 1:
         raise ValueError(f"--extra-seeds {extra_seeds}: every method needs at least 1 seed")
     first = cfg.student.train.seed
@@ -82,7 +83,7 @@ def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1) -> list[Planned
         Planned("student", {**cached, "alpha": 0.0}, main),
         *(Planned(m, {**cached, "method": m}, extra) for m in RIVALS),
         Planned("attnfd", {**cached, "method": "attnfd"}, main),
-        Planned("attnfd_online", {"method": "attnfd", "mode": "online", "online_fresh": True}, extra),
+        Planned("attnfd_online", {"method": "attnfd", "mode": "online", "online_fresh": True}, main),
     ]
 
 

@@ -44,9 +44,9 @@ AccuracyOutOpt = Annotated[Path, typer.Option("--out", help="Folder for accuracy
 
 
 def bench_accuracy(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
-                   seeds: Annotated[int, typer.Option(help="Seeds of the student and of AttnFD (cached).")] = 3,
-                   extra_seeds: Annotated[int, typer.Option(help="Seeds of KD, LAD, AICSD, Af-DCD and AttnFD "
-                                                                 "(online).")] = 1,
+                   seeds: Annotated[int, typer.Option(help="Seeds of the student and of AttnFD (cached and "
+                                                           "online): the rows the goals compare.")] = 3,
+                   extra_seeds: Annotated[int, typer.Option(help="Seeds of KD, LAD, AICSD and Af-DCD.")] = 1,
                    out: AccuracyOutOpt = Path("bench")):
     """Accuracy of the teacher, the student and the student with KD, LAD, AICSD, Af-DCD and AttnFD (cached
     and online) on the config's data; checks the goals. Resumable: finished runs are skipped."""
