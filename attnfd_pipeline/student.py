@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from attnfd_pipeline.cache import CacheError, CacheReader, check_compatible, find_cache, list_caches
 from attnfd_pipeline.cache.schema import target_names as cache_target_names
-from attnfd_pipeline.config import Config, ConfigError, StudentConfig, load_config, write_resolved
+from attnfd_pipeline.config import METHOD_SECTIONS, Config, ConfigError, StudentConfig, load_config, write_resolved
 from attnfd_pipeline.data.loaders import (AugmentedDataset, CachedSeeds, EpochSampler, FreshSeeds, ValDataset,
                                           make_loader)
 from attnfd_pipeline.data.source import ImageSource
@@ -245,10 +245,17 @@ def finished_run_differences(cfg: Config) -> str | None:
         old = load_config(resolved)
     except (ConfigError, ValueError):
         return None  # written by another version: nothing to compare
-    diff = _differences("student", dataclasses.asdict(old.student), dataclasses.asdict(cfg.student))
+    diff = _differences("student", _recipe(old.student), _recipe(cfg.student))
     diff += _differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
     diff += [] if old.cache.K == cfg.cache.K else [f"cache.K: {old.cache.K} → {cfg.cache.K}"]
     return "; ".join(diff) or None
+
+
+def _recipe(s: StudentConfig) -> dict:
+    """``s`` as a dict without the sections of methods it does not train with (``student.cirkd`` does not
+    change an AttnFD run: adding or tuning it in a config must not orphan finished runs)."""
+    used = set(parse_methods(s.method)) if s.alpha > 0 else set()
+    return {k: v for k, v in dataclasses.asdict(s).items() if k not in METHOD_SECTIONS or k in used}
 
 
 def _differences(prefix: str, old: dict, new: dict) -> list[str]:

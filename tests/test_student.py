@@ -165,3 +165,27 @@ def test_resume_with_a_checkpoint_that_does_not_fit_writes_nothing(tiny_pipeline
     assert sorted(p.name for p in d.iterdir()) == ["last.pt"]  # no resolved config, log or result written
     assert (d / "last.pt").read_bytes() == before
     assert load_checkpoint(d / "last.pt")["epoch"] == 1
+
+
+def test_a_finished_run_ignores_the_sections_of_methods_it_does_not_train_with(tmp_path):
+    """Tuning ``student.cirkd`` (or adding it to a config) must not orphan finished AttnFD runs, while a
+    change of the recipe is still named."""
+    import json
+
+    from attnfd_pipeline.config import load_config, write_resolved
+    from attnfd_pipeline.student import finished_run_differences, student_dir
+
+    def cfg(*sets):
+        return load_config("configs/demo.toml", [f'runs_root="{tmp_path}"', "student.method=\"attnfd+kd\"", *sets])
+
+    done = cfg()
+    d = student_dir(done)
+    d.mkdir(parents=True)
+    write_resolved(done, d)
+    (d / "result.json").write_text(json.dumps({"run": d.name, "final_miou": 0.5}))
+    assert finished_run_differences(done) is None
+    unused = cfg("student.cirkd.weight=0.5", "student.afdcd.tau=0.2")
+    assert student_dir(unused) == d and finished_run_differences(unused) is None
+    # the sections it trains with are in the run's name (a parameter hash), so a change trains another run
+    assert student_dir(cfg("student.kd.weight=0.5")) != d
+    assert "student.train.lr: " in finished_run_differences(cfg("student.train.lr=0.01"))
