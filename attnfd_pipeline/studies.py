@@ -8,7 +8,8 @@ command on one config:
 - ``K``: AttnFD from caches of K ∈ ``ks`` cached augmentation seeds (``seeds`` seeds each), the student at
   each K, and AttnFD online with a fresh augmentation every epoch (``student.online_fresh``, ``seeds``
   seeds) — the reference the K cached seeds approximate;
-- ``methods``: KD, LAD, AICSD, Af-DCD and the combination AttnFD + KD on the same cache (``seeds`` seeds);
+- ``methods``: KD, LAD, AICSD, Af-DCD, CIRKD and the combination AttnFD + KD on the same cache (``seeds``
+  seeds);
 - ``alpha``: AttnFD at each α of ``alphas``;
 - ``points``: B, E, D and B+E+D (paper Table 5); ``norm``: batch, sample and channel normalisation;
 - ``teacher_mode``: AttnFD distilled from teachers whose CBAMs are ``fitted``, ``parameter_free`` or
@@ -48,7 +49,7 @@ STUDIES = ("reference", "K", "methods", "alpha", "points", "norm", "teacher_mode
 DEFAULT_KS = (1, 2, 4, 8)
 DEFAULT_ALPHAS = (3.0, 10.0, 100.0, 300.0)
 POINT_SETS = (("B",), ("E",), ("D",), ("B", "E", "D"))
-RIVALS = ("kd", "lad", "aicsd", "afdcd", "attnfd+kd")
+RIVALS = ("kd", "lad", "aicsd", "afdcd", "cirkd", "attnfd+kd")
 
 
 class StudyRun(NamedTuple):

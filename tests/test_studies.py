@@ -27,16 +27,16 @@ def test_plan_covers_every_study_without_repeating_the_reference():
                                                                        "online_fresh": True}
     assert by["student K=1"].seeds == by["attnfd α=100"].seeds == (3,)
     assert [p.K for p in plan if p.study == "K" and p.K] == [1, 1, 2, 2, 8, 8]  # K = 4 is the reference row
-    assert [p.label for p in plan if p.study == "methods"] == ["kd", "lad", "aicsd", "afdcd", "attnfd+kd"]
+    assert [p.label for p in plan if p.study == "methods"] == ["kd", "lad", "aicsd", "afdcd", "cirkd", "attnfd+kd"]
     assert [p.overrides["alpha"] for p in plan if p.study == "alpha"] == [3.0, 10.0, 100.0, 300.0]  # 30: reference
     assert [p.overrides["points"] for p in plan if p.study == "points"] == [("B",), ("E",), ("B", "E", "D")]
     assert [p.overrides["norm"] for p in plan if p.study == "norm"] == ["sample", "channel"]
     assert [p.teacher_mode for p in plan if p.study == "teacher_mode"] == ["fitted", "parameter_free", "untrained"]
 
     runs = st.schedule(cfg, plan)
-    assert len(runs) == sum(len(p.seeds) for p in plan) == 48
+    assert len(runs) == sum(len(p.seeds) for p in plan) == 51
     assert len({(c.name, run_name(c)) for _, c in runs}) == len(runs)  # every run has its own folder
-    assert [c.student.train.seed for _, c in runs[:26]] == [3] * 26  # every row's first seed comes first
+    assert [c.student.train.seed for _, c in runs[:27]] == [3] * 27  # every row's first seed comes first
     # one cache per (teacher root, K), holding what its cached runs read: the rivals need logits and raw maps
     extras = {(c.name, c.cache.K): c.cache.extra for _, c in runs}
     assert extras == {("demo", 4): ("logits", "raw"), ("demo", 1): (), ("demo", 2): (), ("demo", 8): (),
