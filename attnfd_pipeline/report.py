@@ -331,7 +331,8 @@ FRESH_LABEL = "online (fresh augmentation)"
 def k_study(students, ref, base_by_k) -> tuple[str, list[dict], dict]:
     """AttnFD at each cached K (and the student at that K), then the online references: ``online``
     (teacher online on the replayed crops) and ``online (fresh augmentation)`` — a new crop every epoch,
-    what the K cached seeds approximate."""
+    what the K cached seeds approximate — beside the plain student on fresh crops (``base_by_k[FRESH]``),
+    so each row's Δ compares distillation with the student of the same augmentation regime."""
     cached = _study(students, ref, "K", lambda r: r["K"])
     online = _study(students, ref, "K", lambda r: "online", mode="online")
     fresh = _study(students, ref, "K", lambda r: FRESH, mode=FRESH)
@@ -348,9 +349,10 @@ def k_study(students, ref, base_by_k) -> tuple[str, list[dict], dict]:
     for label, key, groups in (("online", "online", online), (FRESH_LABEL, FRESH, fresh)):
         for _, runs in groups:
             m = Stat.of([r["miou"] for r in runs])
-            rows.append([label, m.n, m.fmt(), "", ""] + ([""] if fresh else []))
-            data.append({"K": key, "miou": _stat_dict(m)})
-    header = ["K (cached seeds)", "n", "AttnFD mIoU (%)", "student (α = 0) at this K", "Δ"]
+            b = base_by_k.get(ref.K if key == "online" else key)  # online replays the crops of the reference K
+            rows.append([label, m.n, m.fmt(), _fmt(b), _delta(m, b)] + ([""] if fresh else []))
+            data.append({"K": key, "miou": _stat_dict(m)} | ({"student": _stat_dict(b)} if b is not None else {}))
+    header = ["K (cached seeds)", "n", "AttnFD mIoU (%)", "student (α = 0) on the same crops", "Δ"]
     md = _table(header + (["Δ vs online (fresh)"] if fresh else []), rows)
     if fresh:
         md += ("\n\n`online`: the teacher computes the targets every step on the replayed cached crops (equal to "
@@ -418,6 +420,10 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     cached_base = [r for r in students if r["method"] == "none" and r["mode"] != FRESH]
     for k in sorted({r["K"] for r in cached_base if r["K"] is not None}):
         base_by_k[k] = Stat.of([r["miou"] for r in cached_base if r["model"] == ref.model and r["K"] == k])
+    fresh_base = Stat.of([r["miou"] for r in students if r["method"] == "none" and r["mode"] == FRESH
+                          and r["model"] == ref.model])
+    if fresh_base is not None:
+        base_by_k[FRESH] = fresh_base  # the plain student on a fresh crop every epoch: online-fresh's baseline
     teacher = _teacher_at_ref(teachers, cfg)
     files: dict[str, Path] = {}
     data: dict[str, Any] = {"reference": ref.__dict__ | {"points": list(ref.points)}, "runs": len(students)}
@@ -475,6 +481,8 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
         for _, runs in groups[FRESH]:
             hlines.append(plotting.HLine("AttnFD (online, fresh aug.)", Stat.of([r["miou"] for r in runs]).mean,
                                          plotting.COLORS[2]))
+        if base_by_k.get(FRESH) is not None:
+            hlines.append(plotting.HLine("student (fresh aug.)", base_by_k[FRESH].mean, plotting.COLORS[7]))
         if teacher is not None and teacher["miou"] is not None:
             hlines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.COLORS[3], dashed=False))
         files["k_study"] = plotting.line_plot(out_dir / "k_study.png", series, title="mIoU vs cached seeds K",

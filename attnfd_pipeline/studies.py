@@ -7,7 +7,8 @@ command on one config:
 - ``reference``: the plain student (α = 0) and AttnFD at the config's setting, ``seeds`` seeds each;
 - ``K``: AttnFD from caches of K ∈ ``ks`` cached augmentation seeds (``seeds`` seeds each), the student at
   each K, and AttnFD online with a fresh augmentation every epoch (``student.online_fresh``, ``seeds``
-  seeds) — the reference the K cached seeds approximate;
+  seeds) — the reference the K cached seeds approximate — with the plain student on fresh crops (``seeds``
+  seeds), so online's gain is measured against the student of its own augmentation regime;
 - ``methods``: KD, LAD, AICSD, Af-DCD, CIRKD and the combination AttnFD + KD on the same cache (``seeds``
   seeds);
 - ``alpha``: AttnFD at each α of ``alphas``;
@@ -90,8 +91,9 @@ def plan_studies(cfg: Config, *, studies: Sequence[str] = STUDIES, seeds: int = 
         out += [StudyRun("reference", "student", {**cached, "alpha": 0.0}, main),
                 StudyRun("reference", "attnfd", cached, main)]
     if "K" in studies:
-        out.append(StudyRun("K", "attnfd online (fresh augmentation)",
-                            {"method": "attnfd", "mode": "online", "online_fresh": True}, main))
+        fresh = {"method": "attnfd", "mode": "online", "online_fresh": True}
+        out += [StudyRun("K", "attnfd online (fresh augmentation)", fresh, main),
+                StudyRun("K", "student (fresh augmentation)", {**fresh, "alpha": 0.0}, main)]
         for k in dict.fromkeys(int(k) for k in ks):
             if k != ref_k:
                 out += [StudyRun("K", f"attnfd K={k}", cached, main, K=k),

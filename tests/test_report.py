@@ -153,14 +153,16 @@ def test_fresh_online_runs_are_the_k_study_reference(runs, tmp_path):
         d = root / "student" / f"attnfd_a2_batch_B-E-D_online-fresh_K4_inpath_s{seed}"
         rec = json.loads((d / "result.json").read_text())
         (d / "result.json").write_text(json.dumps(rec | {"mode": "online", "augment": "fresh"}))
-    _student(root, alpha=0, mode="online", seed=9, miou=0.10)  # a fresh-crop plain student: not the baseline
+    _student(root, alpha=0, mode="online", seed=9, miou=0.10)  # a fresh-crop plain student: online-fresh's baseline
     d = root / "student" / "attnfd_a0_batch_B-E-D_online_K4_inpath_s9"
     (d / "result.json").write_text(json.dumps(json.loads((d / "result.json").read_text()) | {"augment": "fresh"}))
     files = build_report(cfg, tmp_path / "report")
     md = files["report"].read_text()
     k = {r[0]: r for r in _rows(md, "Cached augmentation seeds K")}
     assert list(k) == ["1", "2", "4", "online", "online (fresh augmentation)"]
-    assert k["online (fresh augmentation)"][1:3] == ["2", "65.00 ± 1.41"] and k["online"][2] == "60.50"
+    assert k["online (fresh augmentation)"][1:5] == ["2", "65.00 ± 1.41", "10.00", "+55.00"]
+    # online on the replayed crops is compared with the student on those crops (K = 4), not the fresh one
+    assert k["online"][2] == "60.50" and k["online"][3] == k["4"][3] != "10.00"
     assert k["4"][5] == "-4.00" and k["1"][5] == "-8.00"  # cached K vs the fresh reference
     main = {r[0]: r for r in _rows(md, "Methods")}
     assert main["S + AttnFD (online, fresh augmentation)"][3] == "65.00 ± 1.41"
@@ -169,7 +171,8 @@ def test_fresh_online_runs_are_the_k_study_reference(runs, tmp_path):
     assert ("2", "online-fresh") in alpha and ("2", "online") in alpha
     data = json.loads(files["json"].read_text())
     assert data["K"][-1] == {"K": "online-fresh",
-                             "miou": {"n": 2, "mean": pytest.approx(65.0), "std": pytest.approx(1.4142, abs=1e-4)}}
+                             "miou": {"n": 2, "mean": pytest.approx(65.0), "std": pytest.approx(1.4142, abs=1e-4)},
+                             "student": {"n": 1, "mean": pytest.approx(10.0), "std": None}}
 
 
 def test_report_cli(runs, tmp_path):

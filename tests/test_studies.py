@@ -34,9 +34,9 @@ def test_plan_covers_every_study_without_repeating_the_reference():
     assert [p.teacher_mode for p in plan if p.study == "teacher_mode"] == ["fitted", "parameter_free", "untrained"]
 
     runs = st.schedule(cfg, plan)
-    assert len(runs) == sum(len(p.seeds) for p in plan) == 51
+    assert len(runs) == sum(len(p.seeds) for p in plan) == 54
     assert len({(c.name, run_name(c)) for _, c in runs}) == len(runs)  # every run has its own folder
-    assert [c.student.train.seed for _, c in runs[:27]] == [3] * 27  # every row's first seed comes first
+    assert [c.student.train.seed for _, c in runs[:28]] == [3] * 28  # every row's first seed comes first
     # one cache per (teacher root, K), holding what its cached runs read: the rivals need logits and raw maps
     extras = {(c.name, c.cache.K): c.cache.extra for _, c in runs}
     assert extras == {("demo", 4): ("logits", "raw"), ("demo", 1): (), ("demo", 2): (), ("demo", 8): (),
@@ -46,7 +46,10 @@ def test_plan_covers_every_study_without_repeating_the_reference():
     assert [str(r) for r in st.extra_roots(cfg, plan)] == ["runs/demo_fitted", "runs/demo_parameter_free",
                                                            "runs/demo_untrained"]
     only_k = st.plan_studies(cfg, studies=["K"], seeds=1, ks=[4, 2, 2])
-    assert [p.label for p in only_k] == ["attnfd online (fresh augmentation)", "attnfd K=2", "student K=2"]
+    assert [p.label for p in only_k] == ["attnfd online (fresh augmentation)", "student (fresh augmentation)",
+                                         "attnfd K=2", "student K=2"]
+    fresh = {p.label: p for p in only_k}["student (fresh augmentation)"]
+    assert fresh.overrides["alpha"] == 0 and fresh.overrides["online_fresh"] and fresh.seeds == (3,)
 
 
 @pytest.mark.parametrize("kwargs, match", [
