@@ -70,10 +70,11 @@ class Planned(NamedTuple):
 
 def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1) -> list[Planned]:
     """The student runs of the bench (the teacher is not a student run): the student, AttnFD (cached) and
-    AttnFD online — the rows the goals compare — with ``seeds`` seeds, every other method with ``extra_seeds``; seeds count up from
-    ``student.train.seed``."""
+    AttnFD online — the rows the goals compare — with ``seeds`` seeds, every other method with
+    ``extra_seeds``; seeds count up from ``student.train.seed``."""
     if seeds < 1:
-        raise ValueError(f"--seeds {seeds}: the student and AttnFD (cached, online) need at least 1 seed (the goals 3)")
+        raise ValueError(f"--seeds {seeds}: the student and AttnFD (cached, online) need at least 1 seed "
+                         f"(the goals 3)")
     if extra_seeds < 1:
         raise ValueError(f"--extra-seeds {extra_seeds}: every method needs at least 1 seed")
     first = cfg.student.train.seed

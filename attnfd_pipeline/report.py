@@ -416,14 +416,12 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     ref = Reference.of(cfg)
     base = _baseline(students, ref)
     base_m = Stat.of([r["miou"] for r in base])
-    base_by_k = {}
-    cached_base = [r for r in students if r["method"] == "none" and r["mode"] != FRESH]
-    for k in sorted({r["K"] for r in cached_base if r["K"] is not None}):
-        base_by_k[k] = Stat.of([r["miou"] for r in cached_base if r["model"] == ref.model and r["K"] == k])
-    fresh_base = Stat.of([r["miou"] for r in students if r["method"] == "none" and r["mode"] == FRESH
-                          and r["model"] == ref.model])
-    if fresh_base is not None:
-        base_by_k[FRESH] = fresh_base  # the plain student on a fresh crop every epoch: online-fresh's baseline
+    # the plain student per crop regime: each cached K, and FRESH (a new crop every epoch: online-fresh's baseline)
+    crops: dict[Any, list[float]] = defaultdict(list)
+    for r in students:
+        if r["method"] == "none" and r["model"] == ref.model and (r["mode"] == FRESH or r["K"] is not None):
+            crops[FRESH if r["mode"] == FRESH else r["K"]].append(r["miou"])
+    base_by_k = {k: Stat.of(v) for k, v in crops.items()}
     teacher = _teacher_at_ref(teachers, cfg)
     files: dict[str, Path] = {}
     data: dict[str, Any] = {"reference": ref.__dict__ | {"points": list(ref.points)}, "runs": len(students)}

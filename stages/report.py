@@ -35,7 +35,8 @@ def studies(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
             study: Annotated[Optional[list[str]], typer.Option(
                 "--study", help="Only these studies (repeatable): reference, K, methods, alpha, points, norm, "
                                 "teacher_mode. Default: all.")] = None,
-            seeds: Annotated[int, typer.Option(help="Seeds of the reference rows, the methods table and the K study.")] = 3,
+            seeds: Annotated[int, typer.Option(
+                help="Seeds of the reference rows, the methods table and the K study.")] = 3,
             extra_seeds: Annotated[int, typer.Option(help="Seeds of every other row.")] = 1,
             k: Annotated[str, typer.Option("--k", help="Cached augmentation seeds K of the K study.")] = "1,2,4,8",
             alpha: Annotated[str, typer.Option("--alpha", help="α values of the α sweep (besides the config's).")]

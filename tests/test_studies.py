@@ -21,7 +21,8 @@ def test_plan_covers_every_study_without_repeating_the_reference():
     plan = st.plan_studies(cfg, seeds=3, extra_seeds=1)
     by = {p.label: p for p in plan}
     assert {p.study for p in plan} == set(st.STUDIES)
-    # reference, methods and K study: 3 seeds; the rest 1; the config's own K / α / points / norm / mode are the reference
+    # reference, methods and K study: 3 seeds; the rest 1; the config's own K / α / points / norm / mode
+    # are the reference
     assert by["student"].seeds == by["attnfd"].seeds == by["attnfd K=8"].seeds == by["kd"].seeds == (3, 4, 5)
     assert by["attnfd online (fresh augmentation)"].overrides | {} == {"method": "attnfd", "mode": "online",
                                                                        "online_fresh": True}
@@ -120,6 +121,7 @@ def test_tiny_studies_train_once_and_report_every_study(tiny_pipeline, tmp_path,
     assert [r[0] for r in rows[2:]] == ["1", "2", "online (fresh augmentation)"]
     assert all(r[1] == "1" and r[2] not in ("", "–") for r in rows[2:])
     assert rows[2][3] not in ("", "–")  # the student at K = 1 ran too
+    assert rows[4][3] not in ("", "–") and rows[4][4] != ""  # online-fresh against the fresh-crop student
     mode_table = md.split("## Teacher CBAM mode")[1].split("##")[0]
     for mode in ("inpath", "fitted", "parameter_free", "untrained"):
         assert f"| {mode} |" in mode_table
