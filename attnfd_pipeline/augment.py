@@ -135,8 +135,24 @@ def content_hash(t: torch.Tensor) -> str:
     return blake2b_hex(str(tuple(t.shape)).encode() + t.numpy().tobytes())
 
 
-def choose_aug_seed(run_seed: int, epoch: int, image_index: int, K: int) -> int:
+SEED_ORDERS = ("cycle", "random")
+
+
+def choose_aug_seed(run_seed: int, epoch: int, image_index: int, K: int, order: str = "cycle") -> int:
     """Which cached augmentation image ``image_index`` is shown with in ``epoch``: a pure function of
-    (run seed, epoch, index), independent of rank count, worker count and batch order."""
-    mixed = np.random.SeedSequence([run_seed, epoch, image_index]).generate_state(1, np.uint64)[0]
-    return int(mixed % np.uint64(K))
+    (run seed, epoch, index), independent of rank count, worker count and batch order.
+
+    ``cycle`` (default): without replacement — each block of K consecutive epochs shows every cached
+    seed of the image exactly once, in an order shuffled per (run seed, block, image); a run of E ≤ K
+    epochs sees E distinct crops, as with a fresh draw every epoch. ``random``: an independent uniform
+    choice every epoch (with replacement; the order of versions before 2026-12-03): with E = K = 4 an
+    image is shown only ~2.7 distinct crops, so fewer crops than the cache holds reach the student."""
+    if order == "random":
+        mixed = np.random.SeedSequence([run_seed, epoch, image_index]).generate_state(1, np.uint64)[0]
+        return int(mixed % np.uint64(K))
+    if order != "cycle":
+        raise ValueError(f"unknown seed order {order!r}: expected one of {SEED_ORDERS}")
+    block, position = divmod(epoch, K)
+    # the trailing 1 keeps these streams apart from the ``random`` order's [run_seed, epoch, index]
+    rng = np.random.default_rng(np.random.SeedSequence([run_seed, block, image_index, 1]))
+    return int(rng.permutation(K)[position])

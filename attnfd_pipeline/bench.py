@@ -306,7 +306,7 @@ def build_setup(cfg, variant: str, *, num_classes: int, bundle: str | Path | Non
     distiller = distiller.to(device)
     kwargs = {"weights": method_weights(s) if alpha > 0 else None} if method_weights else {}
     task = StudentTask(distiller, alpha=alpha, norm=s.norm, warmup_epochs=0, teacher=teacher, **kwargs)
-    seeds = CachedSeeds(s.train.seed, cfg.cache.K)
+    seeds = CachedSeeds(s.train.seed, cfg.cache.K, s.seed_order)
     read_names = getattr(task, "target_names", names) if reader is not None else ()
     ds = StudentDataset(train_src, cfg.augment, seeds, reader, read_names)
     sampler = KeySampler()

@@ -239,6 +239,9 @@ class StudentConfig:
     # mode "online" only: a fresh augmentation draw every epoch (FreshSeeds, as the teacher trains) instead of
     # replaying the K cached seeds; false keeps online exactly comparable to cached (same crops)
     online_fresh: bool = False
+    # which cached seed an image is shown with each epoch: "cycle" = every seed once per K epochs (without
+    # replacement, in a shuffled order), "random" = an independent choice every epoch (versions before 2026-12-03)
+    seed_order: Literal["cycle", "random"] = "cycle"
     # per-method weights and hyper-parameters (see the method sections above)
     attnfd: AttnFDConfig = field(default_factory=AttnFDConfig)
     lad: LADConfig = field(default_factory=LADConfig)

@@ -4,8 +4,9 @@ Other distillation methods (``student.method``: ``kd``, ``lad``, ``aicsd``, ``af
 combinations such as ``attnfd+kd``) read other cached targets through the same path; the loss is then
 ``ce_weight(epoch) · CE + α · Σ_m w_m L_m`` (``attnfd_pipeline.losses``).
 
-Each epoch ``e`` shows image ``i`` with cached augmentation seed ``k = f(run_seed, e, i) mod K``; the
-crop is rebuilt from the manifest's parameters and its hash checked before the targets are used.
+Each epoch ``e`` shows image ``i`` with cached augmentation seed ``k = f(run_seed, e, i)`` in [0, K)
+(``student.seed_order``: ``cycle`` shows each of the K seeds once per K epochs, ``random`` draws with
+replacement); the crop is rebuilt from the manifest's parameters and its hash checked before the targets are used.
 ``mode = "online"`` runs the same schedule on the same crops with the frozen teacher computing the
 targets every step (the reference for correctness and speed). With ``online_fresh = true`` the online
 student instead sees a fresh augmentation draw every epoch (``FreshSeeds``, as the teacher trained): the
@@ -203,7 +204,7 @@ def train_seeds(cfg: Config) -> CachedSeeds | FreshSeeds:
     """The aug seed of image ``index`` in ``epoch``: one of the K cached seeds, or a fresh draw per epoch."""
     if fresh_augmentation(cfg.student):
         return FreshSeeds(run_seed=cfg.student.train.seed)
-    return CachedSeeds(cfg.student.train.seed, cfg.cache.K)
+    return CachedSeeds(cfg.student.train.seed, cfg.cache.K, cfg.student.seed_order)
 
 
 def run_name(cfg: Config) -> str:
@@ -245,7 +246,9 @@ def finished_run_differences(cfg: Config) -> str | None:
         old = load_config(resolved)
     except (ConfigError, ValueError):
         return None  # written by another version: nothing to compare
-    diff = _differences("student", _recipe(old.student), _recipe(cfg.student))
+    # result.json records the seed order since it became a setting; runs before that used "random"
+    old_student = dataclasses.replace(old.student, seed_order=result.get("seed_order", "random"))
+    diff = _differences("student", _recipe(old_student), _recipe(cfg.student))
     diff += _differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
     diff += [] if old.cache.K == cfg.cache.K else [f"cache.K: {old.cache.K} → {cfg.cache.K}"]
     return "; ".join(diff) or None
@@ -255,7 +258,9 @@ def _recipe(s: StudentConfig) -> dict:
     """``s`` as a dict without the sections of methods it does not train with (``student.cirkd`` does not
     change an AttnFD run: adding or tuning it in a config must not orphan finished runs)."""
     used = set(parse_methods(s.method)) if s.alpha > 0 else set()
-    return {k: v for k, v in dataclasses.asdict(s).items() if k not in METHOD_SECTIONS or k in used}
+    unused = {"seed_order"} if fresh_augmentation(s) else set()  # fresh crops never read the cached seeds
+    return {k: v for k, v in dataclasses.asdict(s).items()
+            if (k not in METHOD_SECTIONS or k in used) and k not in unused}
 
 
 def _differences(prefix: str, old: dict, new: dict) -> list[str]:
@@ -380,6 +385,7 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         "methods": list(parse_methods(s.method)) if distilled else [],
         "weights": method_weights(s) if distilled else {}, "method_settings": method_settings(s) if distilled else {},
         "alpha": s.alpha, "norm": s.norm, "points": list(s.points), "mode": s.mode, "augment": augment_kind(s),
+        "seed_order": None if fresh_augmentation(s) else s.seed_order,
         "seed": s.train.seed, "K": cfg.cache.K, "targets": task.target_names if distilled else [],
         "teacher": ({k: teacher_info.get(k) for k in ("model", "cbam_mode", "sha256", "points")}
                     if teacher_info is not None else None),

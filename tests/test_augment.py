@@ -96,8 +96,30 @@ def test_val_transform_and_normalize():
 
 
 def test_choose_aug_seed_is_pure_and_uniform():
-    ks = [augment.choose_aug_seed(7, e, i, 4) for e in range(10) for i in range(100)]
-    assert ks == [augment.choose_aug_seed(7, e, i, 4) for e in range(10) for i in range(100)]
-    counts = np.bincount(ks, minlength=4)
-    assert counts.min() > 200
-    assert ks != [augment.choose_aug_seed(8, e, i, 4) for e in range(10) for i in range(100)]
+    for order in augment.SEED_ORDERS:
+        ks = [augment.choose_aug_seed(7, e, i, 4, order) for e in range(10) for i in range(100)]
+        assert ks == [augment.choose_aug_seed(7, e, i, 4, order) for e in range(10) for i in range(100)]
+        counts = np.bincount(ks, minlength=4)
+        assert counts.min() > 200
+        assert ks != [augment.choose_aug_seed(8, e, i, 4, order) for e in range(10) for i in range(100)]
+
+
+def test_cycle_order_shows_every_seed_once_per_k_epochs():
+    K = 4
+    for i in range(50):
+        seen = [augment.choose_aug_seed(3, e, i, K) for e in range(3 * K)]
+        for block in range(3):  # every block of K epochs is a permutation of the K seeds
+            assert sorted(seen[block * K:(block + 1) * K]) == list(range(K))
+    # the order is shuffled per image and per block, not one fixed rotation
+    firsts = {tuple(augment.choose_aug_seed(3, e, i, K) for e in range(K)) for i in range(50)}
+    assert len(firsts) > 10
+    orders = [[tuple(augment.choose_aug_seed(3, e, i, K) for e in range(b * K, (b + 1) * K)) for b in (0, 1)]
+              for i in range(50)]
+    assert sum(o0 != o1 for o0, o1 in orders) > 25  # and reshuffled every block
+    # with replacement (the legacy order) a 4-epoch run repeats crops: fewer distinct ones per image
+    distinct = {o: np.mean([len({augment.choose_aug_seed(3, e, i, K, o) for e in range(K)}) for i in range(400)])
+                for o in augment.SEED_ORDERS}
+    assert distinct["cycle"] == K and 2.4 < distinct["random"] < 3.1  # expected 4·(1 − (3/4)^4) = 2.73
+    assert augment.choose_aug_seed(3, 5, 2, 1) == 0
+    with pytest.raises(ValueError, match="seed order 'sorted'"):
+        augment.choose_aug_seed(0, 0, 0, 4, "sorted")

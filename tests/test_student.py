@@ -182,10 +182,34 @@ def test_a_finished_run_ignores_the_sections_of_methods_it_does_not_train_with(t
     d = student_dir(done)
     d.mkdir(parents=True)
     write_resolved(done, d)
-    (d / "result.json").write_text(json.dumps({"run": d.name, "final_miou": 0.5}))
+    (d / "result.json").write_text(json.dumps({"run": d.name, "final_miou": 0.5, "seed_order": "cycle"}))
     assert finished_run_differences(done) is None
     unused = cfg("student.cirkd.weight=0.5", "student.afdcd.tau=0.2")
     assert student_dir(unused) == d and finished_run_differences(unused) is None
     # the sections it trains with are in the run's name (a parameter hash), so a change trains another run
     assert student_dir(cfg("student.kd.weight=0.5")) != d
     assert "student.train.lr: " in finished_run_differences(cfg("student.train.lr=0.01"))
+
+
+def test_a_run_from_before_seed_orders_counts_as_random_order(tmp_path):
+    """result.json records ``seed_order``; a run without it (older versions: a choice with replacement every
+    epoch) must not stand in for a ``cycle`` run, and stands for ``seed_order = "random"``. Fresh crops never
+    read the cached seeds, so the order does not make an online-fresh run differ."""
+    import json
+
+    from attnfd_pipeline.config import load_config, write_resolved
+    from attnfd_pipeline.student import finished_run_differences, student_dir, train_seeds
+
+    def cfg(*sets):
+        return load_config("configs/demo.toml", [f'runs_root="{tmp_path}"', *sets])
+
+    for sets in ((), ('student.mode="online"', "student.online_fresh=true")):
+        legacy = cfg(*sets, 'student.seed_order="random"')
+        d = student_dir(legacy)
+        d.mkdir(parents=True)
+        write_resolved(legacy, d)
+        (d / "result.json").write_text(json.dumps({"run": d.name, "final_miou": 0.5}))
+        assert student_dir(cfg(*sets)) == d and finished_run_differences(legacy) is None
+        expected = None if sets else "student.seed_order: 'random' → 'cycle'"
+        assert finished_run_differences(cfg(*sets)) == expected
+    assert train_seeds(cfg()).order == "cycle" and train_seeds(cfg('student.seed_order="random"')).order == "random"

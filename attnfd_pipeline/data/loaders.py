@@ -71,13 +71,16 @@ FRESH_SEED_STRIDE = 100_000  # epochs per run seed before two runs' fresh draws 
 
 @dataclass(frozen=True)
 class CachedSeeds:
-    """Stage 2: image ``index`` in ``epoch`` is shown with cached aug seed f(run_seed, epoch, index) mod K."""
+    """Stage 2: image ``index`` in ``epoch`` is shown with cached aug seed f(run_seed, epoch, index) in [0, K)
+    (``augment.choose_aug_seed``: ``cycle`` shows every seed once per K epochs, ``random`` draws with
+    replacement)."""
 
     run_seed: int
     K: int
+    order: str = "cycle"
 
     def __call__(self, epoch: int, index: int) -> int:
-        return augment.choose_aug_seed(self.run_seed, epoch, index, self.K)
+        return augment.choose_aug_seed(self.run_seed, epoch, index, self.K, self.order)
 
 
 class AugmentedDataset(Dataset):
