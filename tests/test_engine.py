@@ -3,6 +3,7 @@ import torch
 
 from attnfd_pipeline.data.loaders import AugmentedDataset, EpochSampler, FreshSeeds, ValDataset, make_loader
 from attnfd_pipeline.data.source import ImageSource
+from attnfd_pipeline.engine.checkpoint import load_checkpoint
 from attnfd_pipeline.engine.train import fit, read_log
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.teacher import SegTask
@@ -42,6 +43,11 @@ def test_loss_goes_down(tiny_data, tmp_path):
     assert len(log) == 6 and losses[-1] < 0.8 * losses[0]
     assert 0.0 <= res.best_miou <= 1.0 and log[-1]["miou"] is not None
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "last.pt").is_file()
+    # best.pt: weights and metrics only (evaluation needs no optimizer state); last.pt: everything resume needs
+    best, last = (load_checkpoint(tmp_path / "run" / n) for n in ("best.pt", "last.pt"))
+    assert best["optimizer"] is None and best["scheduler"] is None and "miou" in best["extra"]["metrics"]
+    assert last["optimizer"]["state"] and last["scheduler"] is not None
+    assert (tmp_path / "run" / "best.pt").stat().st_size < 0.75 * (tmp_path / "run" / "last.pt").stat().st_size
 
 
 def test_resume_continues_exactly(tiny_data, tmp_path):

@@ -14,12 +14,14 @@ FORMAT = "attnfd-checkpoint/1"
 
 def save_checkpoint(path: str | Path, *, modules: torch.nn.Module, optimizer, scheduler, scaler, epoch: int,
                     step: int, best: float, rng: dict, config: dict, extra: dict | None = None) -> Path:
-    """``epoch`` is the number of finished epochs: resume continues at epoch ``epoch``."""
+    """``epoch`` is the number of finished epochs: resume continues at epoch ``epoch``. ``optimizer`` and
+    ``scheduler`` None: a weights-only checkpoint (``best.pt``: evaluation and export need no optimizer
+    state, which is as large as the model under SGD momentum)."""
     state = {
         "format": FORMAT,
         "modules": modules.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
         "step": step,

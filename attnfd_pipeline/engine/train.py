@@ -171,7 +171,8 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
         extra_state: dict | None = None, progress: bool = True, desc: str = "train",
         stop_after_epochs: int | None = None) -> FitResult:
     """Train ``task`` for ``cfg.epochs`` epochs; evaluate every ``cfg.eval_every`` epochs and after the
-    last; keep ``last.pt`` (full state, for ``resume``) and ``best.pt`` (best val mIoU).
+    last; keep ``last.pt`` (full state, for ``resume``) and ``best.pt`` (weights and metrics of the best val
+    mIoU, without optimizer state: half the size).
     ``stop_after_epochs`` ends the call early (tests use it to simulate an interrupted run).
     In a distributed run every rank calls ``fit``; only rank 0 writes into ``run_dir``."""
     run_dir = Path(run_dir)
@@ -238,8 +239,8 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
             if m["miou"] > best:  # the same decision on every rank: the metrics are of the whole split
                 best = m["miou"]
                 if main:
-                    save_checkpoint(best_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler,
-                                    scaler=scaler, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
+                    save_checkpoint(best_path, modules=task.modules, optimizer=None, scheduler=None,
+                                    scaler=None, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
                                     config=config_dict, extra={**extra, "metrics": m})
             if main:
                 print(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {train_logs['train_loss']:.4f} "
