@@ -103,7 +103,8 @@ def test_a_finished_run_from_another_config_is_refused(tmp_path):
     write_resolved(load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "student.alpha=0",
                                                      "student.train.epochs=9"]), d)
     (d / "result.json").write_text(json.dumps({"run": d.name, "seed": 0, "final_miou": 0.5, "final_pixel_acc": 0.8,
-                                               "alpha": 0.0, "method": "none", "mode": "cached"}))
+                                               "alpha": 0.0, "method": "none", "mode": "cached",
+                                               "seed_order": "cycle"}))
     with pytest.raises(ValueError, match=rf"student/.*baseline.*student\.train\.epochs: 9 → {cfg.student.train.epochs}"):
         finished_result(run_cfg)
     write_resolved(run_cfg, d)

@@ -60,14 +60,14 @@ def test_sweep_refuses_a_finished_run_trained_otherwise(tiny_pipeline, tmp_path,
     other_lr = dataclasses.replace(run, student=dataclasses.replace(
         run.student, train=dataclasses.replace(run.student.train, lr=run.student.train.lr * 3)))
     write_resolved(other_lr, d)
-    (d / "result.json").write_text(json.dumps({"run": d.name, "seed": 5, "alpha": 2.0, "final_miou": 0.5}))
+    done = {"run": d.name, "seed": 5, "alpha": 2.0, "final_miou": 0.5, "seed_order": "cycle"}
+    (d / "result.json").write_text(json.dumps(done))
     monkeypatch.setattr(sweep_mod, "_run_one", lambda c: (_ for _ in ()).throw(AssertionError("ran")))
     with pytest.raises(ValueError, match=rf"{d.name}: a finished run with another config \(student\.train\.lr"):
         run_sweep(cfg, [2.0], [5], processes=False)
     write_resolved(run, d)  # same recipe, but distilled from another teacher
-    (d / "result.json").write_text(json.dumps({"run": d.name, "seed": 5, "alpha": 2.0, "final_miou": 0.5,
-                                               "teacher": {"sha256": "f" * 64}}))
+    (d / "result.json").write_text(json.dumps({**done, "teacher": {"sha256": "f" * 64}}))
     with pytest.raises(ValueError, match=r"distilled from teacher ffffffffffff, the bundle is now"):
         run_sweep(cfg, [2.0], [5], processes=False)
-    (d / "result.json").write_text(json.dumps({"run": d.name, "seed": 5, "alpha": 2.0, "final_miou": 0.5}))
+    (d / "result.json").write_text(json.dumps(done))
     assert run_sweep(cfg, [2.0], [5], processes=False) == []  # the matching finished run is skipped
