@@ -429,7 +429,8 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     md = [f"# {cfg.name}: distillation results", "",
           f"{len(students)} student runs, {len(teachers)} teacher(s). Reference setting: student "
           f"`{ref.model}`, α = {ref.alpha:g}, norm `{ref.norm}`, points {_points_label(ref.points)}, K = {ref.K}, "
-          f"teacher CBAM `{ref.teacher_mode}`. mIoU / pixel accuracy: final-epoch validation, mean ± sample std "
+          f"teacher CBAM `{ref.teacher_mode}`, cached seed order `{cfg.student.seed_order}`. mIoU / pixel "
+          f"accuracy: final-epoch validation, mean ± sample std "
           f"over seeds (n runs per row); Δ: percentage points over the plain student.", ""]
 
     table, rows = main_table(teachers, students, cfg)

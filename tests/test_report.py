@@ -184,7 +184,8 @@ def test_report_cli(runs, tmp_path):
     r = CliRunner().invoke(app, ["report", "--config", str(p), "--out", str(tmp_path / "rep"), "--runs", str(other)])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "rep" / "report.md").is_file() and "report.md" in r.output
-    assert "fitted" in (tmp_path / "rep" / "report.md").read_text()
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "fitted" in text and f"cached seed order `{cfg.student.seed_order}`" in text
 
 
 # ---------------------------------------------------------------------------------------------
