@@ -101,7 +101,7 @@ def test_report_tables_figures_and_json(runs, tmp_path):
     cbam = {r[0]: r for r in _rows(md, "Teacher CBAM mode")}
     assert cbam["inpath"][1] == "80.00" and cbam["fitted"][1:4] == ["78.00", "1", "63.00"]
     per_class = {r[0]: r for r in _rows(md, "Per-class IoU")}
-    assert "Best method: **S + AttnFD**" in md
+    assert "Best method among the methods with 2 or more seeds: **S + AttnFD**" in md
     assert per_class["circle"][1:] == ["40.00", "60.00", "+20.00"] and per_class["square"][3] == "+5.00"
     for name, (w, min_h) in {"alpha_sweep": (760, 460), "k_study": (760, 460), "per_class_iou": (760, 100)}.items():
         assert f"({name}.png)" in md
@@ -111,6 +111,11 @@ def test_report_tables_figures_and_json(runs, tmp_path):
             assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 5  # not blank
     data = json.loads(files["json"].read_text())
     assert data["main"][1]["miou"]["n"] == 3 and data["per_class"]["best"] == "S + AttnFD"
+    # one lucky run does not stand for its method while others have seeds to average
+    _student(cfg.run_root, method="lad", miou=0.70)
+    again = build_report(cfg, tmp_path / "report2", extra_roots=[other])
+    assert {r[0]: r[3] for r in _rows(again["report"].read_text(), "Methods")}["S + LAD"] == "70.00"
+    assert json.loads(again["json"].read_text())["per_class"]["best"] == "S + AttnFD"
 
 
 def test_report_without_runs_says_so(tmp_path):
