@@ -35,7 +35,7 @@ from attnfd_pipeline.data.loaders import (AugmentedDataset, CachedSeeds, EpochSa
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.distill import Distiller
 from attnfd_pipeline.engine import distributed
-from attnfd_pipeline.engine.checkpoint import check_resume
+from attnfd_pipeline.engine.checkpoint import check_resume, load_checkpoint
 from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.engine.train import RESUMABLE_CHANGES, fit
 from attnfd_pipeline.losses import MethodContext, build_methods, parse_methods, required_targets
@@ -324,6 +324,23 @@ def _cache_fix(missing: list[str], cfg: Config) -> str:
             + " and run `attnfd cache build`")
 
 
+def _seed_order(s: StudentConfig) -> str | None:
+    """The cached-seed order a run's crops follow (None: fresh crops, which never read the cached seeds)."""
+    return None if fresh_augmentation(s) else s.seed_order
+
+
+def _check_resume_seed_order(path: Path, s: StudentConfig) -> None:
+    """A resumed run must keep the crop schedule its first epochs had: ``last.pt`` records the seed order
+    (one written before it was recorded followed ``random``)."""
+    if not path.is_file() or fresh_augmentation(s):
+        return
+    recorded = (load_checkpoint(path).get("extra") or {}).get("seed_order", "random")
+    if recorded != s.seed_order:
+        raise ValueError(f"{path}: this run's first epochs showed the cached seeds in order {recorded!r}, the config "
+                         f"says student.seed_order = {s.seed_order!r}; resume with --set "
+                         f"'student.seed_order=\"{recorded}\"' or delete the run folder to start over")
+
+
 def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
     """Train one student run; returns its result dict (also written to ``result.json``)."""
     s = cfg.student
@@ -355,8 +372,9 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         torch.manual_seed(s.train.seed + 1)
         distiller = build_distiller(student, s, target_shapes, nc, distill=s.alpha > 0)
     distiller = distiller.to(device)
-    if resume:  # before anything is written: the checkpoint must fit these modules
+    if resume:  # before anything is written: the checkpoint must fit these modules and this crop schedule
         check_resume(out_dir / "last.pt", distiller)
+        _check_resume_seed_order(out_dir / "last.pt", s)
     if ctx.is_main:
         write_resolved(cfg, out_dir)
     task = StudentTask(distiller, alpha=s.alpha, norm=s.norm, warmup_epochs=s.connector_warmup_epochs, teacher=teacher,
@@ -377,7 +395,8 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
     t0 = time.perf_counter()
     result = fit(task, train_loader_for=train_loader_for, val_loader=val_loader, cfg=s.train, run_dir=out_dir,
                  num_classes=nc, device=device, config_dict=cfg.to_dict(), class_names=train_src.info.class_names,
-                 resume=resume, progress=progress, desc=f"student a={s.alpha:g}")
+                 resume=resume, progress=progress, desc=f"student a={s.alpha:g}",
+                 extra_state={"seed_order": _seed_order(s)})
     last = result.last_metrics
     distilled = s.alpha > 0
     summary = {
@@ -385,7 +404,7 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         "methods": list(parse_methods(s.method)) if distilled else [],
         "weights": method_weights(s) if distilled else {}, "method_settings": method_settings(s) if distilled else {},
         "alpha": s.alpha, "norm": s.norm, "points": list(s.points), "mode": s.mode, "augment": augment_kind(s),
-        "seed_order": None if fresh_augmentation(s) else s.seed_order,
+        "seed_order": _seed_order(s),
         "seed": s.train.seed, "K": cfg.cache.K, "targets": task.target_names if distilled else [],
         "teacher": ({k: teacher_info.get(k) for k in ("model", "cbam_mode", "sha256", "points")}
                     if teacher_info is not None else None),

@@ -213,3 +213,25 @@ def test_a_run_from_before_seed_orders_counts_as_random_order(tmp_path):
         expected = None if sets else "student.seed_order: 'random' → 'cycle'"
         assert finished_run_differences(cfg(*sets)) == expected
     assert train_seeds(cfg()).order == "cycle" and train_seeds(cfg('student.seed_order="random"')).order == "random"
+
+
+def test_resume_keeps_the_seed_order_of_the_first_epochs(tiny_pipeline, tmp_path):
+    """A run interrupted under one seed order (a last.pt from before the order was recorded: ``random``) is
+    not continued under another — its crops would switch schedule mid-run; the error says how to go on."""
+    from attnfd_pipeline.engine.checkpoint import load_checkpoint
+
+    cfg, _ = tiny_pipeline
+    one = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "student.alpha=0")
+    run_student(one, progress=False)
+    d = student_dir(one)
+    assert load_checkpoint(d / "last.pt")["extra"]["seed_order"] == "cycle"
+    state = torch.load(d / "last.pt", weights_only=False)
+    del state["extra"]["seed_order"]  # as written before the order was recorded
+    torch.save(state, d / "last.pt")
+    (d / "result.json").unlink()  # "interrupted": resuming it continues from last.pt
+    with pytest.raises(ValueError, match=r"last\.pt: this run's first epochs showed the cached seeds in order "
+                                         r"'random'.*student\.seed_order = 'cycle'"):
+        run_student(one, resume=True, progress=False)
+    assert not (d / "result.json").exists()
+    legacy = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "student.alpha=0", 'student.seed_order="random"')
+    assert student_dir(legacy) == d and run_student(legacy, resume=True, progress=False)["epochs"] == 1
