@@ -226,6 +226,10 @@ class CIRKDConfig:
         _check(self.pool >= 1, "student.cirkd.pool", "must be >= 1")
 
 
+# the cached-seed order of runs that predate ``student.seed_order`` (their result.json / last.pt do not record it)
+LEGACY_SEED_ORDER = "random"
+
+
 @dataclass(frozen=True)
 class StudentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

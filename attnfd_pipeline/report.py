@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from attnfd_pipeline.config import Config
+from attnfd_pipeline.config import LEGACY_SEED_ORDER, Config
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
 DISPLAY = {"attnfd": "AttnFD", "kd": "KD", "lad": "LAD", "aicsd": "AICSD", "afdcd": "Af-DCD", "cirkd": "CIRKD"}
@@ -102,6 +102,8 @@ def _student_record(path: Path, root: Path, teacher: dict | None) -> dict:
         "method": method, "alpha": alpha, "norm": r.get("norm", s.get("norm")),
         "points": tuple(r.get("points") or s.get("points") or ()), "mode": mode_tag,
         "augment": "fresh" if mode_tag == FRESH else "replay",
+        # which cached seed each epoch showed (fresh crops read none); older results do not record it
+        "seed_order": None if mode_tag == FRESH else r.get("seed_order", LEGACY_SEED_ORDER),
         "seed": r.get("seed", s.get("train", {}).get("seed")), "K": r.get("K", cfg.get("cache", {}).get("K")),
         "teacher_mode": mode if alpha > 0 else None,
         "miou": r.get("final_miou"), "pixel_acc": r.get("final_pixel_acc"), "best_miou": r.get("best_miou"),
@@ -426,10 +428,12 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     files: dict[str, Path] = {}
     data: dict[str, Any] = {"reference": ref.__dict__ | {"points": list(ref.points)}, "runs": len(students)}
 
+    # the order the runs followed (from their results), not the config's: a root may hold older runs
+    orders = ", ".join(f"`{o}`" for o in sorted({r["seed_order"] for r in students if r["seed_order"]})) or "–"
     md = [f"# {cfg.name}: distillation results", "",
           f"{len(students)} student runs, {len(teachers)} teacher(s). Reference setting: student "
           f"`{ref.model}`, α = {ref.alpha:g}, norm `{ref.norm}`, points {_points_label(ref.points)}, K = {ref.K}, "
-          f"teacher CBAM `{ref.teacher_mode}`, cached seed order `{cfg.student.seed_order}`. mIoU / pixel "
+          f"teacher CBAM `{ref.teacher_mode}`, cached seed order {orders}. mIoU / pixel "
           f"accuracy: final-epoch validation, mean ± sample std "
           f"over seeds (n runs per row); Δ: percentage points over the plain student.", ""]
 

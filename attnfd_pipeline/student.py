@@ -29,13 +29,14 @@ import torch.nn.functional as F
 
 from attnfd_pipeline.cache import CacheError, CacheReader, check_compatible, find_cache, list_caches
 from attnfd_pipeline.cache.schema import target_names as cache_target_names
-from attnfd_pipeline.config import METHOD_SECTIONS, Config, ConfigError, StudentConfig, load_config, write_resolved
+from attnfd_pipeline.config import (LEGACY_SEED_ORDER, METHOD_SECTIONS, Config, ConfigError, StudentConfig, load_config,
+                                    write_resolved)
 from attnfd_pipeline.data.loaders import (AugmentedDataset, CachedSeeds, EpochSampler, FreshSeeds, ValDataset,
                                           make_loader)
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.distill import Distiller
 from attnfd_pipeline.engine import distributed
-from attnfd_pipeline.engine.checkpoint import check_resume, load_checkpoint
+from attnfd_pipeline.engine.checkpoint import check_resume
 from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.engine.train import RESUMABLE_CHANGES, fit
 from attnfd_pipeline.losses import MethodContext, build_methods, parse_methods, required_targets
@@ -246,8 +247,9 @@ def finished_run_differences(cfg: Config) -> str | None:
         old = load_config(resolved)
     except (ConfigError, ValueError):
         return None  # written by another version: nothing to compare
-    # result.json records the seed order since it became a setting; runs before that used "random"
-    old_student = dataclasses.replace(old.student, seed_order=result.get("seed_order", "random"))
+    # result.json records the seed order since it became a setting (a resolved config of an older run loads with
+    # today's default, not the order that run followed)
+    old_student = dataclasses.replace(old.student, seed_order=result.get("seed_order", LEGACY_SEED_ORDER))
     diff = _differences("student", _recipe(old_student), _recipe(cfg.student))
     diff += _differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
     diff += [] if old.cache.K == cfg.cache.K else [f"cache.K: {old.cache.K} → {cfg.cache.K}"]
@@ -329,12 +331,12 @@ def _seed_order(s: StudentConfig) -> str | None:
     return None if fresh_augmentation(s) else s.seed_order
 
 
-def _check_resume_seed_order(path: Path, s: StudentConfig) -> None:
-    """A resumed run must keep the crop schedule its first epochs had: ``last.pt`` records the seed order
-    (one written before it was recorded followed ``random``)."""
-    if not path.is_file() or fresh_augmentation(s):
+def _check_resume_seed_order(state: dict | None, path: Path, s: StudentConfig) -> None:
+    """A resumed run must keep the crop schedule its first epochs had: ``last.pt`` (``state``) records the
+    seed order (one written before it was recorded followed ``LEGACY_SEED_ORDER``)."""
+    if state is None or fresh_augmentation(s):
         return
-    recorded = (load_checkpoint(path).get("extra") or {}).get("seed_order", "random")
+    recorded = (state.get("extra") or {}).get("seed_order", LEGACY_SEED_ORDER)
     if recorded != s.seed_order:
         raise ValueError(f"{path}: this run's first epochs showed the cached seeds in order {recorded!r}, the config "
                          f"says student.seed_order = {s.seed_order!r}; resume with --set "
@@ -373,8 +375,7 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         distiller = build_distiller(student, s, target_shapes, nc, distill=s.alpha > 0)
     distiller = distiller.to(device)
     if resume:  # before anything is written: the checkpoint must fit these modules and this crop schedule
-        check_resume(out_dir / "last.pt", distiller)
-        _check_resume_seed_order(out_dir / "last.pt", s)
+        _check_resume_seed_order(check_resume(out_dir / "last.pt", distiller), out_dir / "last.pt", s)
     if ctx.is_main:
         write_resolved(cfg, out_dir)
     task = StudentTask(distiller, alpha=s.alpha, norm=s.norm, warmup_epochs=s.connector_warmup_epochs, teacher=teacher,

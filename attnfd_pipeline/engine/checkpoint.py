@@ -71,8 +71,12 @@ def load_modules(modules: torch.nn.Module, state: dict[str, Any], path: str | Pa
     modules.load_state_dict(state)
 
 
-def check_resume(path: str | Path, modules: torch.nn.Module) -> None:
-    """Before a resumed run writes anything: its ``last.pt`` (if any) is readable and fits ``modules``."""
-    if Path(path).is_file():
-        check_fits(modules, load_checkpoint(path)["modules"], path)
+def check_resume(path: str | Path, modules: torch.nn.Module) -> dict[str, Any] | None:
+    """Before a resumed run writes anything: its ``last.pt`` (if any) is readable and fits ``modules``.
+    Returns the checkpoint (None without one), so callers check what else it records without a second read."""
+    if not Path(path).is_file():
+        return None
+    state = load_checkpoint(path)
+    check_fits(modules, state["modules"], path)
+    return state
 
