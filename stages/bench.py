@@ -2,7 +2,7 @@
 storage — measured side by side in one run (issue 5); writes ``results.json`` and ``results.md``.
 
 `attnfd bench-accuracy` / `make bench-accuracy`: what distillation buys — teacher, student and every
-method on the config's data (``attnfd_pipeline.accuracy``); writes ``accuracy.json`` and ``accuracy.md``."""
+method on the config's data (``attnfd_pipeline.experiments.accuracy``); writes ``accuracy.json`` and ``accuracy.md``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                                                                 "go (default: the system temp dir).")] = None):
     """Benchmark plain vs cached vs online distillation: step time, peak memory, cache build and read
     throughput, storage, sweep economics (interleaved ratios, medians over repeats)."""
-    from attnfd_pipeline.bench import run_bench
+    from attnfd_pipeline.experiments.bench import run_bench
 
     with errors():
         res = run_bench(out, quick=quick, repeats=repeats, recipe=config, overrides=list(set_ or []),
@@ -52,7 +52,7 @@ def bench_accuracy(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
     and online) on the config's data; checks the goals. Resumable: finished runs are skipped."""
     import shlex
 
-    from attnfd_pipeline.accuracy import goals, run_accuracy_bench
+    from attnfd_pipeline.experiments.accuracy import goals, run_accuracy_bench
 
     cfg = load(config, set_)
     command = " ".join(["attnfd bench-accuracy", "--config", shlex.quote(str(config)),

@@ -101,7 +101,7 @@ def evaluate_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
 @app.command("results")
 def results_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
     """Print the result table (teacher, students) of the config's runs as Markdown."""
-    from attnfd_pipeline.results import collect_results, collect_stages, format_table
+    from attnfd_pipeline.experiments.results import collect_results, collect_stages, format_table
 
     cfg = load(config, set_)
     with errors():

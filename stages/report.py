@@ -15,7 +15,7 @@ def report(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
            runs: Annotated[Optional[list[str]], typer.Option(
                "--runs", help="Extra run roots to include, e.g. runs/demo_fitted (repeatable).")] = None):
     """Markdown tables + PNG figures from every run of the config: methods, α, K, points, norm, CBAM mode."""
-    from attnfd_pipeline.report import build_report
+    from attnfd_pipeline.experiments.report import build_report
 
     cfg = load(config, set_)
     with errors():
@@ -44,7 +44,7 @@ def studies(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
             out: Annotated[Optional[Path], typer.Option(help="Report folder (default: reports/<config name>/).")]
             = None):
     """Train every run the report's studies need (missing ones only: resumable), then write the report."""
-    from attnfd_pipeline.studies import STUDIES, run_studies
+    from attnfd_pipeline.experiments.studies import STUDIES, run_studies
 
     cfg = load(config, set_)
     with errors():
@@ -61,7 +61,7 @@ def visualize(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
               run: Annotated[Optional[str], typer.Option(
                   help="Student run folder or name (default: the config's run).")] = None):
     """Image, raw feature map and refined map F'' for teacher and student (paper Fig. 1)."""
-    from attnfd_pipeline.visualize import visualize as draw
+    from attnfd_pipeline.experiments.visualize import visualize as draw
 
     cfg = load(config, set_)
     with errors():

@@ -52,8 +52,8 @@ def sweep(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
           workers: Annotated[int, typer.Option(help="LocalCluster worker processes (no --scheduler).")] = 1,
           gpus_per_run: Annotated[int, typer.Option(help="GPU resource each run claims on the cluster.")] = 0):
     """Run an α × seed grid on one cache on a dask.distributed cluster; finished runs are skipped."""
-    from attnfd_pipeline.results import collect_results, format_table
-    from attnfd_pipeline.sweep import parse_list, run_sweep
+    from attnfd_pipeline.experiments.results import collect_results, format_table
+    from attnfd_pipeline.experiments.sweep import parse_list, run_sweep
 
     cfg = load(config, set_)
     with errors():

@@ -9,7 +9,7 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
-import attnfd_pipeline.accuracy as acc
+import attnfd_pipeline.experiments.accuracy as acc
 from attnfd_pipeline.config import dump_toml, load_config, write_resolved
 from attnfd_pipeline.student import finished_result, run_name, student_dir
 

@@ -8,7 +8,7 @@ import math
 
 from typer.testing import CliRunner
 
-from attnfd_pipeline.bench import GOALS, METRIC_KEYS, SWEEP_N, TOP_KEYS, VARIANTS
+from attnfd_pipeline.experiments.bench import GOALS, METRIC_KEYS, SWEEP_N, TOP_KEYS, VARIANTS
 from stages.cli import app
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from attnfd_pipeline.config import dump_toml, load_config
-from attnfd_pipeline.report import build_report, collect_runs
+from attnfd_pipeline.experiments.report import build_report, collect_runs
 
 CLASSES = ["background", "circle", "square"]
 
@@ -205,7 +205,7 @@ def test_visualize_teacher_and_student_maps(tiny_pipeline, tmp_path):
     from stages.cli import app
 
     from attnfd_pipeline.student import run_student, student_dir
-    from attnfd_pipeline.visualize import attention_maps, visualize
+    from attnfd_pipeline.experiments.visualize import attention_maps, visualize
 
     cfg, _ = tiny_pipeline
     p = tmp_path / "cfg.toml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from attnfd_pipeline.config import load_config
-from attnfd_pipeline.results import alpha_cell, collect_results, format_table
+from attnfd_pipeline.experiments.results import alpha_cell, collect_results, format_table
 
 
 def _student(run_root, name, *, method="attnfd", alpha=2.0, seed=0, miou=0.2, weights=None, mode="cached",

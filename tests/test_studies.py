@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import attnfd_pipeline.studies as st
+import attnfd_pipeline.experiments.studies as st
 from attnfd_pipeline.config import dump_toml, load_config
 from attnfd_pipeline.student import run_name
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
@@ -132,7 +132,7 @@ def test_tiny_studies_train_once_and_report_every_study(tiny_pipeline, tmp_path,
     # second call: everything is finished, nothing trains or builds (also through the CLI)
     for name in ("run_student", "complete_cache"):
         monkeypatch.setattr(st, name, _forbidden)
-    monkeypatch.setattr("attnfd_pipeline.accuracy.run_teacher", _forbidden)
+    monkeypatch.setattr("attnfd_pipeline.experiments.accuracy.run_teacher", _forbidden)
     from stages.cli import app
 
     r = CliRunner().invoke(app, ["studies", "--config", str(p), "--study", "reference", "--study", "K",

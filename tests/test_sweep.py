@@ -1,6 +1,6 @@
 import pytest
 
-from attnfd_pipeline.sweep import parse_list, run_sweep, sweep_configs
+from attnfd_pipeline.experiments.sweep import parse_list, run_sweep, sweep_configs
 
 
 def test_parse_and_grid(tiny_cfg):
@@ -48,7 +48,7 @@ def test_sweep_refuses_a_finished_run_trained_otherwise(tiny_pipeline, tmp_path,
     import json
     import shutil
 
-    import attnfd_pipeline.sweep as sweep_mod
+    import attnfd_pipeline.experiments.sweep as sweep_mod
     from attnfd_pipeline.config import write_resolved
     from attnfd_pipeline.student import student_dir
 

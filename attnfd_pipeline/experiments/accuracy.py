@@ -35,10 +35,10 @@ from attnfd_pipeline.cache import CacheError, build_cache, find_cache
 from attnfd_pipeline.config import Config, ConfigError
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.losses import required_targets
-from attnfd_pipeline.report import Stat
+from attnfd_pipeline.experiments.report import Stat
 from attnfd_pipeline.runs import check_student_inputs, evaluate_bundle, run_teacher
 from attnfd_pipeline.student import finished_result, run_student
-from attnfd_pipeline.sweep import is_done
+from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text, resolve_device
 

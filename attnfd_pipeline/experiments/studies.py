@@ -37,13 +37,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from attnfd_pipeline.accuracy import Planned, complete_cache, ensure_teacher, run_config
+from attnfd_pipeline.experiments.accuracy import Planned, complete_cache, ensure_teacher, run_config
 from attnfd_pipeline.config import Config, ConfigError
 from attnfd_pipeline.losses import required_targets
-from attnfd_pipeline.report import CBAM_MODES, NORM_ORDER, build_report
+from attnfd_pipeline.experiments.report import CBAM_MODES, NORM_ORDER, build_report
 from attnfd_pipeline.runs import check_student_inputs
 from attnfd_pipeline.student import finished_result, run_student
-from attnfd_pipeline.sweep import is_done
+from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path
 
 STUDIES = ("reference", "K", "methods", "alpha", "points", "norm", "teacher_mode")

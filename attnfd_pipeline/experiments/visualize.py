@@ -90,7 +90,7 @@ def visualize(cfg: Config, image_index: int, out: str | Path, *, run_dir: str | 
               split: str | None = None, cell: int = 160) -> Path:
     """Write the Fig. 1-style grid (rows: points; columns: image, teacher F, teacher F'', student F,
     student F'') as a PNG; returns its path."""
-    from attnfd_pipeline.plotting import colormap, image_grid
+    from attnfd_pipeline.experiments.plotting import colormap, image_grid
 
     maps = attention_maps(cfg, image_index, run_dir=run_dir, split=split)
 

@@ -410,7 +410,7 @@ def _per_class(runs: list[dict]) -> tuple[np.ndarray | None, list[str] | None]:
 
 def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str | Path] = ()) -> dict[str, Path]:
     """Write ``report.md``, ``report.json`` and the figures into ``out_dir``; returns their paths."""
-    from attnfd_pipeline import plotting
+    from attnfd_pipeline.experiments import plotting
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -541,7 +541,7 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
 
 
 def _reference_lines(base_m: Stat | None, teacher: dict | None) -> list:
-    from attnfd_pipeline import plotting
+    from attnfd_pipeline.experiments import plotting
 
     lines = []
     if base_m is not None:

@@ -553,7 +553,7 @@ def measure_memory(cfg, variants: Sequence[str], *, num_classes: int, bundle: Pa
         spec_path = work / f"mem-{tag}.spec.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, "-c",
-               "import sys; from attnfd_pipeline.bench import memory_child; memory_child(sys.argv[1])", str(spec_path)]
+               "import sys; from attnfd_pipeline.experiments.bench import memory_child; memory_child(sys.argv[1])", str(spec_path)]
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
 
     def finish(group, proc, out):
