@@ -23,16 +23,76 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and key."""
 
 
+CUSTOM_DATASET = "custom"  # data.dataset value of a dataset declared in the config itself
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "demo"  # a name from attnfd_pipeline.data.list_datasets()
+    dataset: str = "demo"  # a name from attnfd_pipeline.data.list_datasets(), or "custom" (declared below)
     root: str = "data/demo"  # dataset folder in its public layout
     train_split: str = "train"
     val_split: str = "val"
     num_workers: int = 2  # DataLoader workers (0 = load in the main process)
+    # the fields below declare a "custom" dataset without Python (docs/datasets.md); built-ins define their own
+    classes: tuple[str, ...] = ()  # class names; list position = train id
+    palette: tuple[tuple[int, int, int], ...] = ()  # one RGB colour per class (empty = the VOC colormap)
+    ignore_index: int = 255  # stored label value meaning "not labelled" (mapped to train id 255)
+    # stored label value (a TOML key, e.g. {0 = 255, 7 = 0}) → train id (255 = ignore); when given it is the
+    # whole table: a stored value that is neither a key nor ignore_index is a data error
+    label_map: dict[str, int] = field(default_factory=dict)
+    layout: Literal["voc", "folders"] = "voc"  # "voc": JPEGImages/…; "folders": images/<split>/ + masks/<split>/
 
     def __post_init__(self):
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        if self.dataset == CUSTOM_DATASET:
+            _check_custom_dataset(self)
+        else:
+            _check_builtin_dataset(self)
+
+    @property
+    def num_classes(self) -> int:
+        """The class count the dataset defines (declared classes, or the built-in's)."""
+        if self.dataset == CUSTOM_DATASET:
+            return len(self.classes)
+        from attnfd_pipeline.data.datasets import get_dataset_info  # numpy only
+
+        return get_dataset_info(self.dataset).num_classes
+
+
+def _check_builtin_dataset(d: DataConfig) -> None:
+    from attnfd_pipeline.data.datasets import list_datasets
+
+    known = list_datasets()
+    _check(d.dataset in known, "data.dataset",
+           f"unknown dataset {d.dataset!r}; known: {', '.join(known)}, or {CUSTOM_DATASET!r} to declare your own")
+    for key, default in (("classes", ()), ("palette", ()), ("ignore_index", 255), ("label_map", {}), ("layout", "voc")):
+        _check(getattr(d, key) == default, f"data.{key}",
+               f"declares a dataset: only used with data.dataset = \"{CUSTOM_DATASET}\" (the built-in {d.dataset!r} "
+               f"defines its own classes, labels and layout)")
+
+
+def _check_custom_dataset(d: DataConfig) -> None:
+    n = len(d.classes)
+    _check(n >= 2, "data.classes", f"a custom dataset needs at least 2 class names (got {n})")
+    _check(all(c.strip() for c in d.classes), "data.classes", "class names must not be empty")
+    dup = sorted({c for c in d.classes if d.classes.count(c) > 1})
+    _check(not dup, "data.classes", f"repeated class names: {', '.join(map(repr, dup))}")
+    _check(n <= 255, "data.classes", f"{n} classes: at most 255 (train id 255 means ignore)")
+    _check(not d.palette or len(d.palette) == n, "data.palette",
+           f"{len(d.palette)} colours for {n} classes: give one [r, g, b] per class, or none")
+    for i, rgb in enumerate(d.palette):
+        _check(all(0 <= v <= 255 for v in rgb), f"data.palette[{i}]", f"{list(rgb)}: values must be in 0..255")
+    _check(0 <= d.ignore_index <= 255, "data.ignore_index", f"{d.ignore_index} must be in 0..255")
+    for raw, train in d.label_map.items():
+        key = f"data.label_map.{raw}"
+        _check(raw.isdigit() and 0 <= int(raw) <= 255, key, "keys are stored label values: integers in 0..255")
+        _check(0 <= train < n or train == 255, key,
+               f"train id {train} is not a class (0..{n - 1}) nor 255 (ignore)")
+        _check(int(raw) != d.ignore_index, key, f"{raw} is data.ignore_index; leave it out of the table")
+    if not d.label_map:
+        _check(d.ignore_index >= n, "data.ignore_index",
+               f"{d.ignore_index} is a class train id (0..{n - 1}); without data.label_map stored values are "
+               f"train ids, so the ignore value must be >= {n} (e.g. 255)")
 
 
 @dataclass(frozen=True)
@@ -288,6 +348,17 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
 
+    def __post_init__(self):
+        if self.num_classes:
+            n = self.data.num_classes
+            how = ("data.classes lists" if self.data.dataset == CUSTOM_DATASET
+                   else f"data.dataset {self.data.dataset!r} has")
+            hint = ("" if self.data.dataset == CUSTOM_DATASET else
+                    f"; for a dataset of {self.num_classes} classes declare it: data.dataset = \"{CUSTOM_DATASET}\" "
+                    f"with data.classes = [...] (docs/datasets.md)")
+            _check(self.num_classes == n, "num_classes",
+                   f"{self.num_classes} but {how} {n} classes (0 = take the dataset's count){hint}")
+
     @property
     def run_root(self) -> Path:
         return Path(self.runs_root) / self.name
@@ -365,6 +436,11 @@ def _coerce(tp, value, key: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        return {_coerce(key_tp, str(k), f"{key}.{k}"): _coerce(value_tp, v, f"{key}.{k}") for k, v in value.items()}
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:

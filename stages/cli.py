@@ -51,13 +51,14 @@ def data_demo(out: Annotated[Path, typer.Option(help="Output folder (VOC layout)
 def data_prepare(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
     """Make the config's dataset ready: generate the embedded demo if needed, then check the dataset."""
     from attnfd_pipeline.data.check import check_dataset, format_problems
+    from attnfd_pipeline.data.datasets import dataset_info
     from attnfd_pipeline.data.demo import generate_demo
 
     cfg = load(config, set_)
     with errors():
         if cfg.data.dataset == "demo":
             generate_demo(cfg.data.root, seed=cfg.augment.seed)
-        problems = check_dataset(cfg.data.dataset, cfg.data.root, [cfg.data.train_split, cfg.data.val_split])
+        problems = check_dataset(dataset_info(cfg), cfg.data.root, [cfg.data.train_split, cfg.data.val_split])
     if problems:
         typer.echo(format_problems(problems), err=True)
         raise typer.Exit(1)
@@ -69,11 +70,12 @@ def data_check(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                split: Annotated[Optional[list[str]], typer.Option(help="Splits to check (default: train and val).")] = None):
     """Validate a dataset before anything trains; every problem is reported with its file."""
     from attnfd_pipeline.data.check import check_dataset, format_problems
+    from attnfd_pipeline.data.datasets import dataset_info
 
     cfg = load(config, set_)
     splits = split or [cfg.data.train_split, cfg.data.val_split]
     with errors():
-        problems = check_dataset(cfg.data.dataset, cfg.data.root, splits)
+        problems = check_dataset(dataset_info(cfg), cfg.data.root, splits)
     if problems:
         typer.echo(format_problems(problems), err=True)
         raise typer.Exit(1)

@@ -34,6 +34,12 @@ __all__ = [
     "list_datasets",
     "list_split",
     "voc_colormap",
+    "CUSTOM",
+    "declared_dataset",
+    "dataset_info",
+    "class_names",
+    "dataset_palette",
+    "label_identity",
 ]
 
 IGNORE_INDEX = 255
@@ -94,6 +100,10 @@ class Layout:
       (and, with ``recursive``, in its direct sub-folders, id ``sub/stem``).
     * ``train_ids_suffix``: alternative label files already holding train ids
       (e.g. COCO-Stuff ``*_labelTrainIds.png``); used for a split when any exist.
+    * ``by_stem`` (the ``folders`` layout of declared datasets): images of any common image
+      extension, paired with their label by file stem (``image_suffix`` is unused). The split is
+      every image in ``image_dir``; when that folder does not exist, the ids in ``list_file`` with
+      images and labels in the ``{split}``-less parents of ``image_dir`` / ``label_dir``.
     """
 
     image_dir: str
@@ -103,6 +113,7 @@ class Layout:
     list_file: str | None = None
     recursive: bool = False
     train_ids_suffix: str | None = None
+    by_stem: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,9 +128,13 @@ def _make_lut(raw_to_train: tuple[int, ...] | None) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _make_valid_raw(raw_to_train: tuple[int, ...] | None, num_classes: int, ignore_index: int) -> np.ndarray:
+def _make_valid_raw(raw_to_train: tuple[int, ...] | None, num_classes: int, ignore_index: int,
+                    known_raw: tuple[int, ...] | None = None) -> np.ndarray:
     valid = np.zeros(256, dtype=bool)
-    valid[: num_classes if raw_to_train is None else len(raw_to_train)] = True
+    if known_raw is not None:
+        valid[list(known_raw)] = True
+    else:
+        valid[: num_classes if raw_to_train is None else len(raw_to_train)] = True
     valid[ignore_index] = True
     valid.setflags(write=False)
     return valid
@@ -145,6 +160,9 @@ class DatasetInfo:
     splits: tuple[str, ...] = ()
     raw_to_train: tuple[int, ...] | None = None
     description: str = ""
+    # the legal stored values of a raw-encoded label file, when not simply [0, len(raw_to_train)): a declared
+    # label_map is the whole table, so a value between its keys is an error rather than silently ignored
+    known_raw: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if len(self.class_names) != self.num_classes:
@@ -190,7 +208,7 @@ class DatasetInfo:
         is still caught although the table maps it to ignore."""
         if label_path is not None and self.is_train_id_file(label_path):
             return _make_valid_raw(None, self.num_classes, self.ignore_index)
-        return _make_valid_raw(self.raw_to_train, self.num_classes, self.ignore_index)
+        return _make_valid_raw(self.raw_to_train, self.num_classes, self.ignore_index, self.known_raw)
 
     def palette_array(self) -> np.ndarray:
         """uint8 (256, 3): class colours, then the VOC colormap for the remaining indices."""
@@ -339,6 +357,8 @@ def list_split(info_or_name: Union[str, DatasetInfo], root: Union[str, os.PathLi
         raise DataError(root_p, f"{info.name} dataset root {root_p} does not exist or is not a folder")
     split_c = info.canonical_split(split)
     lay = info.layout_for(split_c)
+    if lay.by_stem:
+        return _list_by_stem(info, root_p, split_c, lay)
     image_dir = root_p / lay.image_dir.format(split=split_c)
     label_dir = root_p / lay.label_dir.format(split=split_c)
 
@@ -375,6 +395,81 @@ def list_split(info_or_name: Union[str, DatasetInfo], root: Union[str, os.PathLi
     return SplitFiles(
         dataset=info.name, root=str(root_p), split=split_c, source=str(source), ids=ids_a, images=images, labels=labels
     )
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")  # lossless: a JPEG mask would blur its class ids
+
+
+def _files_by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, str]:
+    """stem -> file name of the files in ``folder`` with one of ``extensions`` (case-insensitive);
+    two files with one stem are ambiguous and refused naming both."""
+    out: dict[str, str] = {}
+    try:
+        with os.scandir(folder) as it:
+            names = sorted(e.name for e in it if not e.name.startswith(".") and e.is_file())
+    except OSError as e:
+        raise DataError(folder, f"cannot list folder {folder}: {e.strerror or e}") from e
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in extensions:
+            continue
+        if stem in out:
+            raise DataError(folder / name, f"{folder / out[stem]} and {folder / name} have the same stem {stem!r}: "
+                                           f"cannot tell which one is sample {stem!r}")
+        out[stem] = name
+    return out
+
+
+def _read_stem_list(path: Path) -> list[str]:
+    """Sample ids of a split list file: the first word of each line, folder and image extension dropped
+    (``a``, ``a.jpg`` and ``images/a.jpg`` all name sample ``a``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DataError(path, f"cannot read split list file {path}: {e.strerror or e}") from e
+    ids = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name = line.split()[0].rsplit("/", 1)[-1]
+            stem, ext = os.path.splitext(name)
+            ids.append(stem if ext.lower() in IMAGE_EXTENSIONS else name)
+    return ids
+
+
+def _list_by_stem(info: DatasetInfo, root_p: Path, split: str, lay: Layout) -> SplitFiles:
+    """The ``folders`` layout: ``images/<split>/`` + ``masks/<split>/`` paired by stem, or, without that
+    image folder, the ids of a split list file over flat ``images/`` + ``masks/``."""
+    image_dir = root_p / lay.image_dir.format(split=split)
+    label_dir = root_p / lay.label_dir.format(split=split)
+    list_file = root_p / lay.list_file.format(split=split) if lay.list_file else None
+    if image_dir.is_dir():
+        source = image_dir
+        images = _files_by_stem(image_dir, IMAGE_EXTENSIONS)
+        ids = sorted(images)
+    elif list_file is not None and list_file.is_file():
+        source = list_file
+        image_dir = root_p / lay.image_dir.format(split="")
+        label_dir = root_p / lay.label_dir.format(split="")
+        if not image_dir.is_dir():
+            raise DataError(image_dir, f"image folder {image_dir} not found ({info.name}, split {split!r} listed "
+                                       f"in {list_file})")
+        images = _files_by_stem(image_dir, IMAGE_EXTENSIONS)
+        ids = sorted(set(_read_stem_list(list_file)))
+    else:
+        where = f"{image_dir}/" + (f" nor a split list file {list_file}" if list_file is not None else "")
+        raise DataError(image_dir, f"split {split!r} of {info.name}: no image folder {where}")
+    if not label_dir.is_dir():
+        raise DataError(label_dir, f"label folder {label_dir} not found ({info.name}, split {split!r})")
+    labels = _files_by_stem(label_dir, LABEL_EXTENSIONS)
+    # an id without an image or a label keeps the expected path: the check then names the missing file
+    img_paths = [str(image_dir / images.get(i, i + ".jpg")) for i in ids]
+    lbl_paths = [str(label_dir / labels.get(i, i + ".png")) for i in ids]
+    return SplitFiles(dataset=info.name, root=str(root_p), split=split, source=str(source),
+                      ids=np.array(ids, dtype=str) if ids else np.array([], dtype="<U1"),
+                      images=np.array(img_paths, dtype=str) if ids else np.array([], dtype="<U1"),
+                      labels=np.array(lbl_paths, dtype=str) if ids else np.array([], dtype="<U1"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,3 +716,76 @@ COCO_STUFF = register_dataset(
         "*_labelTrainIds.png used when present",
     )
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets declared in a config ([data] dataset = "custom")
+# --------------------------------------------------------------------------------------------
+
+CUSTOM = "custom"
+
+# images/<split>/* + masks/<split>/* paired by stem; without images/<split>/, splits/<split>.txt over flat folders
+FOLDERS_LAYOUT = Layout(image_dir="images/{split}", label_dir="masks/{split}", image_suffix="", label_suffix=".png",
+                        list_file="splits/{split}.txt", by_stem=True)
+DECLARED_LAYOUTS = {"voc": VOC_LAYOUT, "folders": FOLDERS_LAYOUT}
+
+
+def declared_dataset(classes: Iterable[str], *, palette: Iterable[Iterable[int]] = (), ignore_index: int = IGNORE_INDEX,
+                     label_map: dict | None = None, layout: str = "voc") -> DatasetInfo:
+    """The :class:`DatasetInfo` of a dataset declared as data (``[data] dataset = "custom"``).
+
+    ``ignore_index`` is the *stored* value meaning "not labelled"; it becomes train id 255, the ignore id
+    every stage uses. ``label_map`` (stored value -> train id, keys may be strings as TOML gives them) is
+    the whole table: with it, only its keys and ``ignore_index`` are legal stored values. Without it,
+    stored values are the train ids."""
+    names = tuple(classes)
+    n = len(names)
+    if layout not in DECLARED_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(DECLARED_LAYOUTS)}")
+    raw_to_train = known = None
+    if label_map or ignore_index != IGNORE_INDEX:
+        table = {int(r): int(t) for r, t in label_map.items()} if label_map else {r: r for r in range(n)}
+        table[int(ignore_index)] = IGNORE_INDEX
+        raw_to_train = tuple(table.get(r, IGNORE_INDEX) for r in range(max(table) + 1))
+        known = tuple(sorted(table))
+    return DatasetInfo(
+        name=CUSTOM,
+        num_classes=n,
+        class_names=names,
+        palette=tuple(tuple(int(v) for v in c) for c in palette) or voc_colormap(n),
+        layout=DECLARED_LAYOUTS[layout],
+        raw_to_train=raw_to_train,
+        known_raw=known,
+        description=f"declared in the config: {n} classes, layout {layout!r}",
+    )
+
+
+def dataset_info(cfg) -> DatasetInfo:
+    """The dataset of a config (a ``Config`` or its ``DataConfig``): the built-in named by ``data.dataset``,
+    or the one its ``[data]`` table declares when that is ``"custom"``."""
+    data = getattr(cfg, "data", cfg)
+    if data.dataset != CUSTOM:
+        return get_dataset_info(data.dataset)
+    return declared_dataset(data.classes, palette=data.palette, ignore_index=data.ignore_index,
+                            label_map=data.label_map, layout=data.layout)
+
+
+def class_names(cfg) -> tuple[str, ...]:
+    """Class names of a config's dataset; position = train id (what reports and predictions label)."""
+    return dataset_info(cfg).class_names
+
+
+def dataset_palette(cfg) -> np.ndarray:
+    """uint8 (256, 3) colour of every train id of a config's dataset: its class colours, then the VOC
+    colormap (so ignore, 255, is (224, 224, 192)); index it with a predicted or label map to draw it."""
+    return dataset_info(cfg).palette_array()
+
+
+def label_identity(info: DatasetInfo) -> dict:
+    """What decides a declared dataset's train labels, for cache fingerprints: class names and label table.
+    Built-ins give ``{}`` (their definition is fixed by their name, and their existing caches stay valid)."""
+    if info.name != CUSTOM:
+        return {}
+    return {"classes": list(info.class_names),
+            "raw_to_train": None if info.raw_to_train is None else list(info.raw_to_train),
+            "known_raw": None if info.known_raw is None else list(info.known_raw)}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attnfd_pipeline.data.datasets import DatasetInfo, get_dataset_info, list_split
+from attnfd_pipeline.data.datasets import DatasetInfo, dataset_info, label_identity, list_split
 from attnfd_pipeline.data.io import load_pair
 
 
@@ -30,7 +30,7 @@ class ImageSource:
 
     @classmethod
     def from_config(cls, cfg, split: str | None = None) -> "ImageSource":
-        info = get_dataset_info(cfg.data.dataset)
+        info = dataset_info(cfg)
         split = split or cfg.data.train_split
         files = list_split(info, cfg.data.root, split)
         return cls(info, str(cfg.data.root), split, files.ids, files.images, files.labels)
@@ -55,4 +55,5 @@ class ImageSource:
             "split": self.split,
             "count": len(self),
             "listing_sha256": h.hexdigest(),
+            **label_identity(self.info),  # a declared dataset's classes and label table
         }
