@@ -224,3 +224,11 @@ def test_pipeline_on_a_declared_dataset(layouts, tmp_path, name, layout):
     assert set(ImageSource.from_config(make_cfg(layouts["voc"], tmp_path)).identity()) == {
         "dataset", "num_classes", "split", "count", "listing_sha256"}
     assert get_dataset_info("demo").num_classes == 11
+
+
+def test_shipped_example_declares_the_demo_classes(layouts):
+    cfg = load_config("configs/custom_example.toml")
+    assert cfg.data.dataset == "custom" and class_names(cfg) == tuple(NAMES)
+    assert dataset_palette(cfg)[10].tolist() == [250, 190, 212]
+    r = runner.invoke(app, ["data", "check", "-c", "configs/custom_example.toml", "--set", f'data.root="{layouts["voc"]}"'])
+    assert r.exit_code == 0, r.output
