@@ -98,6 +98,18 @@ def test_declared_dataset_info_and_palette(layouts, tmp_path):
     assert load_config(_write(shifted, tmp_path)) == shifted
 
 
+def test_stored_ignore_value_becomes_255():
+    """CamVid-style: 11 classes stored as 0..10, 11 = void. Stored 11 reads as ignore; 12 is illegal."""
+    from attnfd_pipeline.data.datasets import declared_dataset
+
+    info = declared_dataset(NAMES, ignore_index=11)
+    lut = info.label_lut()
+    assert lut[:11].tolist() == list(range(11)) and lut[11] == 255
+    assert np.flatnonzero(info.valid_stored_values()).tolist() == [*range(12), 255]
+    plain = declared_dataset(NAMES)  # stored values are the train ids: no table at all
+    assert plain.raw_to_train is None and np.flatnonzero(plain.valid_stored_values()).tolist() == [*range(11), 255]
+
+
 @pytest.mark.parametrize("extra, key, words", [
     (['data.dataset="custom"', 'data.classes=["only"]'], "data.classes", "at least 2"),
     (['data.dataset="custom"', CLASSES, "num_classes=21"], "num_classes", "data.classes lists 11"),
