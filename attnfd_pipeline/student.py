@@ -140,8 +140,8 @@ class StudentTask:
 
 
 def method_weights(s: StudentConfig) -> dict[str, float]:
-    """w_m of every method of ``student.method`` (``student.<m>.weight``, 1 without a section)."""
-    return {n: float(getattr(s.method_params(n), "weight", 1.0)) for n in parse_methods(s.method)}
+    """w_m (the factor on α) of every method of ``student.method``: ``StudentConfig.method_weight``."""
+    return {n: s.method_weight(n) for n in parse_methods(s.method)}
 
 
 def method_settings(s: StudentConfig) -> dict[str, dict]:
@@ -176,9 +176,9 @@ def build_distiller(student: torch.nn.Module, s: StudentConfig, target_shapes: d
 def _settings_tag(s: StudentConfig) -> str:
     """Short hash of the method sections that differ from their defaults ('' when none do)."""
     changed = {}
-    for n, params in method_settings(s).items():
-        default = dataclasses.asdict(type(s.method_params(n))()) if s.method_params(n) is not None else {}
-        if params != default:
+    for n in parse_methods(s.method):
+        params = s.method_recipe(n)  # effective weight: a section's own alpha names the run it is equivalent to
+        if params != s.default_method_recipe(n):
             changed[n] = params
     if not changed:
         return ""
@@ -261,7 +261,7 @@ def _recipe(s: StudentConfig) -> dict:
     change an AttnFD run: adding or tuning it in a config must not orphan finished runs)."""
     used = set(parse_methods(s.method)) if s.alpha > 0 else set()
     unused = {"seed_order"} if fresh_augmentation(s) else set()  # fresh crops never read the cached seeds
-    return {k: v for k, v in dataclasses.asdict(s).items()
+    return {k: (s.method_recipe(k) if k in METHOD_SECTIONS else v) for k, v in dataclasses.asdict(s).items()
             if (k not in METHOD_SECTIONS or k in used) and k not in unused}
 
 

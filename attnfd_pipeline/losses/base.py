@@ -12,7 +12,8 @@ A method (a ``DistillMethod`` subclass, registered with ``@register``) declares
   cache or float32 online; methods compute in float32).
 
 Stage 2's loss is ``ce_weight(epoch) · CE + α · Σ_m w_m · L_m`` over the methods of ``student.method``
-(``"attnfd"``, ``"attnfd+kd"`` …) with ``w_m = student.<m>.weight``.
+(``"attnfd"``, ``"attnfd+kd"`` …) with ``w_m = StudentConfig.method_weight(m)``: ``student.<m>.weight``, or
+``student.<m>.alpha × weight / α`` for a method with an α of its own.
 """
 
 from __future__ import annotations
