@@ -37,7 +37,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """SPEC §6 training augmentation; replayed exactly from (seed, image index, aug seed)."""
+    """The paper's training augmentation (docs/method.md "Training recipe"); replayed exactly from
+    (seed, image index, aug seed)."""
 
     crop_size: tuple[int, int] = (96, 96)  # (height, width) of the training crop
     base_size: int = 128  # random short side is drawn in [scale_min, scale_max] × base_size
@@ -101,7 +102,8 @@ class TrainConfig:
 class TeacherConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="deeplabv3plus_resnet101"))
     train: TrainConfig = field(default_factory=TrainConfig)
-    cbam_mode: Literal["inpath", "fitted", "parameter_free", "untrained"] = "inpath"  # SPEC §4
+    # how the teacher's CBAMs get their weights: docs/method.md "Teacher CBAM modes"
+    cbam_mode: Literal["inpath", "fitted", "parameter_free", "untrained"] = "inpath"
     points: tuple[str, ...] = POINTS  # where teacher CBAMs sit
     fit_epochs: int = 2  # "fitted" mode: epochs of side-branch CBAM fitting on the frozen teacher
     fit_lr: float = 0.01
@@ -118,7 +120,7 @@ class CacheConfig:
     points: tuple[str, ...] = POINTS  # refined maps F'' stored as arrays "B", "E", "D"
     extra: tuple[str, ...] = ()  # optional extra targets: "logits", "raw" (raw_B, raw_E, raw_D)
     codec: Literal["zstd", "blosc", "none"] = "zstd"
-    level: int = 1  # higher levels buy nothing for float16 (TECH-NOTES)
+    level: int = 1  # higher levels buy nothing for float16 maps (measured ratios: docs/method.md)
     mantissa_bits: int = 0  # 0 = keep float16's 10 bits; 1..9 = round the mantissa (lossy, recorded)
     shard_size: int = 8  # samples (images) per shard; one writer owns whole shards
     batch_size: int = 8  # teacher inference batch
@@ -143,7 +145,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class AttnFDConfig:
-    """AttnFD (SPEC §5); its normalisation is ``student.norm``."""
+    """AttnFD (docs/method.md "Loss"); its normalisation is ``student.norm``."""
 
     weight: float = 1.0  # weight inside a method combination (× the method's α)
     alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
@@ -245,7 +247,7 @@ class StudentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     method: str = "attnfd"  # distillation method(s) from the losses registry; combine with "+", e.g. "attnfd+kd"
     alpha: float = 2.0  # weight of the distillation term; 0 = plain student
-    norm: Literal["batch", "sample", "channel"] = "batch"  # L_Attn normalisation (SPEC §5)
+    norm: Literal["batch", "sample", "channel"] = "batch"  # L_Attn normalisation (docs/method.md "Loss")
     points: tuple[str, ...] = POINTS
     connector_warmup_epochs: int = 0  # reference: 1 epoch training only the connectors
     mode: Literal["cached", "online"] = "cached"
@@ -253,7 +255,8 @@ class StudentConfig:
     # replaying the K cached seeds; false keeps online exactly comparable to cached (same crops)
     online_fresh: bool = False
     # which cached seed an image is shown with each epoch: "cycle" = every seed once per K epochs (without
-    # replacement, in a shuffled order), "random" = an independent choice every epoch (versions before 2026-12-03)
+    # replacement, in a shuffled order), "random" = an independent choice every epoch (what a run that does not
+    # record its order followed)
     seed_order: Literal["cycle", "random"] = "cycle"
     # per-method weights and hyper-parameters (see the method sections above)
     attnfd: AttnFDConfig = field(default_factory=AttnFDConfig)

@@ -1,4 +1,5 @@
-"""Stage 2: train the student with L = CE + α Σ_points L_Attn against cached teacher targets (SPEC §5).
+"""Stage 2: train the student with L = CE + α Σ_points L_Attn against cached teacher targets
+(docs/method.md "Loss").
 
 Other distillation methods (``student.method``: ``kd``, ``lad``, ``aicsd``, ``afdcd``, ``cirkd``, or
 combinations such as ``attnfd+kd``) read other cached targets through the same path; the loss is then
@@ -247,8 +248,8 @@ def finished_run_differences(cfg: Config) -> str | None:
         old = load_config(resolved)
     except (ConfigError, ValueError):
         return None  # written by another version: nothing to compare
-    # result.json records the seed order since it became a setting (a resolved config of an older run loads with
-    # today's default, not the order that run followed)
+    # the order a run followed is what result.json records (a resolved config without the key loads with the
+    # current default, which may not be the order that run followed)
     old_student = dataclasses.replace(old.student, seed_order=result.get("seed_order", LEGACY_SEED_ORDER))
     diff = _differences("student", _recipe(old_student), _recipe(cfg.student))
     diff += _differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
@@ -333,7 +334,7 @@ def _seed_order(s: StudentConfig) -> str | None:
 
 def _check_resume_seed_order(state: dict | None, path: Path, s: StudentConfig) -> None:
     """A resumed run must keep the crop schedule its first epochs had: ``last.pt`` (``state``) records the
-    seed order (one written before it was recorded followed ``LEGACY_SEED_ORDER``)."""
+    seed order (one that does not record it followed ``LEGACY_SEED_ORDER``)."""
     if state is None or fresh_augmentation(s):
         return
     recorded = (state.get("extra") or {}).get("seed_order", LEGACY_SEED_ORDER)

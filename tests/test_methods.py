@@ -286,7 +286,7 @@ def test_combination_sums_weighted_method_losses_and_trains_every_module():
     for name, method in d.methods.items():
         grads = [p.grad for p in method.parameters()]
         assert all(g is not None for g in grads), name
-    # the default Distiller is AttnFD under its historical attribute names
+    # the default Distiller is AttnFD, its modules under the names checkpoints and the visualiser use
     plain = Distiller(_tiny_student(), ("E",), {"E": 16})
     assert list(plain.methods) == ["attnfd"] and set(plain.attention) == {"E"} and set(plain.connectors) == {"E"}
     with pytest.raises(AttributeError):

@@ -504,7 +504,7 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     md += ["## Normalisation of L_Attn", "", table, ""]
     table, rows = cbam_study(students, teachers, ref, base_m)
     data["teacher_cbam_mode"] = rows
-    md += ["## Teacher CBAM mode (SPEC §4)", "", table, ""]
+    md += ["## Teacher CBAM mode", "", table, ""]
 
     # per-class IoU: best method vs the student
     md += ["## Per-class IoU: best method vs student (paper Fig. 7)", ""]
