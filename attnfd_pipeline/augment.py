@@ -1,7 +1,7 @@
 """Replayable augmentation: a pure parameter draw keyed by (global seed, image index, aug seed) and a
 pure apply with ``torchvision.transforms.v2.functional``.
 
-Recipe (SPEC §6, reference order): horizontal flip p=0.5 → random scale of the short side in
+Recipe (docs/method.md "Training recipe", reference order): horizontal flip p=0.5 → random scale of the short side in
 [scale_min, scale_max] × base_size (bilinear + antialias image, nearest mask) → pad right/bottom to
 the crop size (image 0, mask 255) → random crop → Gaussian blur with p=0.5 and sigma ~ U(0, r_max)
 → ImageNet normalisation. The draw never touches the global RNGs (``random``, ``np.random``,
@@ -145,7 +145,7 @@ def choose_aug_seed(run_seed: int, epoch: int, image_index: int, K: int, order: 
     ``cycle`` (default): without replacement — each block of K consecutive epochs shows every cached
     seed of the image exactly once, in an order shuffled per (run seed, block, image); a run of E ≤ K
     epochs sees E distinct crops, as with a fresh draw every epoch. ``random``: an independent uniform
-    choice every epoch (with replacement; the order of versions before 2026-12-03): with E = K = 4 an
+    choice every epoch (with replacement; what runs without a recorded order followed): with E = K = 4 an
     image is shown only ~2.7 distinct crops, so fewer crops than the cache holds reach the student."""
     if order == "random":
         mixed = np.random.SeedSequence([run_seed, epoch, image_index]).generate_state(1, np.uint64)[0]

@@ -97,7 +97,8 @@ def _check_custom_dataset(d: DataConfig) -> None:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """SPEC §6 training augmentation; replayed exactly from (seed, image index, aug seed)."""
+    """The paper's training augmentation (docs/method.md "Training recipe"); replayed exactly from
+    (seed, image index, aug seed)."""
 
     crop_size: tuple[int, int] = (96, 96)  # (height, width) of the training crop
     base_size: int = 128  # random short side is drawn in [scale_min, scale_max] × base_size
@@ -161,7 +162,8 @@ class TrainConfig:
 class TeacherConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="deeplabv3plus_resnet101"))
     train: TrainConfig = field(default_factory=TrainConfig)
-    cbam_mode: Literal["inpath", "fitted", "parameter_free", "untrained"] = "inpath"  # SPEC §4
+    # how the teacher's CBAMs get their weights: docs/method.md "Teacher CBAM modes"
+    cbam_mode: Literal["inpath", "fitted", "parameter_free", "untrained"] = "inpath"
     points: tuple[str, ...] = POINTS  # where teacher CBAMs sit
     fit_epochs: int = 2  # "fitted" mode: epochs of side-branch CBAM fitting on the frozen teacher
     fit_lr: float = 0.01
@@ -178,7 +180,7 @@ class CacheConfig:
     points: tuple[str, ...] = POINTS  # refined maps F'' stored as arrays "B", "E", "D"
     extra: tuple[str, ...] = ()  # optional extra targets: "logits", "raw" (raw_B, raw_E, raw_D)
     codec: Literal["zstd", "blosc", "none"] = "zstd"
-    level: int = 1  # higher levels buy nothing for float16 (TECH-NOTES)
+    level: int = 1  # higher levels buy nothing for float16 maps (measured ratios: docs/method.md)
     mantissa_bits: int = 0  # 0 = keep float16's 10 bits; 1..9 = round the mantissa (lossy, recorded)
     shard_size: int = 8  # samples (images) per shard; one writer owns whole shards
     batch_size: int = 8  # teacher inference batch
@@ -195,14 +197,18 @@ class CacheConfig:
 # ---------------------------------------------------------------------------------------------
 # distillation methods (attnfd_pipeline.losses): one section per method, ``student.<name>``; a section
 # is used only when its method is in ``student.method``. Stage 2's loss is
-#     ce_weight(epoch) · CE + α · Σ_m weight_m · L_m
+#     ce_weight(epoch) · CE + Σ_m α_m · weight_m · L_m,   α_m = student.<m>.alpha, or student.alpha when unset
+# A rival whose own paper fixes its weight sets ``alpha`` in its section, so an α sweep of AttnFD (or a
+# change of student.alpha) cannot silently change that rival's weight. student.alpha = 0 is always the
+# plain student, whatever the sections say.
 
 
 @dataclass(frozen=True)
 class AttnFDConfig:
-    """AttnFD (SPEC §5); its normalisation is ``student.norm``."""
+    """AttnFD (docs/method.md "Loss"); its normalisation is ``student.norm``."""
 
-    weight: float = 1.0  # weight inside a method combination (× student.alpha)
+    weight: float = 1.0  # weight inside a method combination (× the method's α)
+    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
 
     def __post_init__(self):
         _check(self.weight >= 0, "student.attnfd.weight", "must be >= 0")
@@ -213,6 +219,7 @@ class LADConfig:
     """LAD: normalised MSE between raw features (AttnFD without CBAM); normalisation = ``student.norm``."""
 
     weight: float = 1.0
+    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
 
     def __post_init__(self):
         _check(self.weight >= 0, "student.lad.weight", "must be >= 0")
@@ -223,6 +230,7 @@ class KDConfig:
     """Hinton KD on pixel logits; needs ``cache.extra = ["logits"]``."""
 
     weight: float = 1.0
+    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
     temperature: float = 1.0  # softmax temperature T; the loss is multiplied by T²
 
     def __post_init__(self):
@@ -235,6 +243,7 @@ class AICSDConfig:
     """AICSD: inter-class similarity + pixel KL on logits, adaptive CE/distillation weighting."""
 
     weight: float = 1.0
+    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
     temperature: float = 1.0  # of both the spatial (per-class) and the pixel-wise softmax
     ics_weight: float = 1.0  # λ of the inter-class-similarity MSE
     kd_weight: float = 1.0  # λ of the pixel-wise KL
@@ -255,6 +264,7 @@ class AfDCDConfig:
     """Af-DCD: masked feature mimicking + omni-contrastive loss on raw features."""
 
     weight: float = 1.0
+    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
     fd_weight: float = 1.0  # masked feature mimicking (MSE, mean over elements)
     ctr_weight: float = 0.01  # contrastive term (mean over anchors); ≈ the reference's 0.005 : 1e-6 ratio
     mask_ratio: float = 0.75  # fraction of student pixels zeroed before the projector
@@ -277,6 +287,7 @@ class CIRKDConfig:
     """CIRKD (mini-batch pixel-to-pixel part): cross-image pixel relations on raw features."""
 
     weight: float = 1.0
+    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
     tau: float = 0.1  # temperature of the similarity softmax
     pool: int = 2  # max-pool factor before relating pixels (memory grows as (N·H·W)²)
 
@@ -296,7 +307,7 @@ class StudentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     method: str = "attnfd"  # distillation method(s) from the losses registry; combine with "+", e.g. "attnfd+kd"
     alpha: float = 2.0  # weight of the distillation term; 0 = plain student
-    norm: Literal["batch", "sample", "channel"] = "batch"  # L_Attn normalisation (SPEC §5)
+    norm: Literal["batch", "sample", "channel"] = "batch"  # L_Attn normalisation (docs/method.md "Loss")
     points: tuple[str, ...] = POINTS
     connector_warmup_epochs: int = 0  # reference: 1 epoch training only the connectors
     mode: Literal["cached", "online"] = "cached"
@@ -304,7 +315,8 @@ class StudentConfig:
     # replaying the K cached seeds; false keeps online exactly comparable to cached (same crops)
     online_fresh: bool = False
     # which cached seed an image is shown with each epoch: "cycle" = every seed once per K epochs (without
-    # replacement, in a shuffled order), "random" = an independent choice every epoch (versions before 2026-12-03)
+    # replacement, in a shuffled order), "random" = an independent choice every epoch (what a run that does not
+    # record its order followed)
     seed_order: Literal["cycle", "random"] = "cycle"
     # per-method weights and hyper-parameters (see the method sections above)
     attnfd: AttnFDConfig = field(default_factory=AttnFDConfig)
@@ -316,6 +328,9 @@ class StudentConfig:
 
     def __post_init__(self):
         _check(self.alpha >= 0, "student.alpha", "must be >= 0")
+        for name in METHOD_SECTIONS:
+            own = getattr(self, name).alpha
+            _check(own is None or own >= 0, f"student.{name}.alpha", "must be >= 0")
         _check_points(self.points, "student.points")
         _check(self.connector_warmup_epochs >= 0, "student.connector_warmup_epochs", "must be >= 0")
         _check(not (self.online_fresh and self.mode != "online"), "student.online_fresh",
@@ -331,6 +346,33 @@ class StudentConfig:
     def method_params(self, name: str):
         """The config section of method ``name`` (None for a method without one)."""
         return getattr(self, name, None) if name in METHOD_SECTIONS else None
+
+    def method_weight(self, name: str) -> float:
+        """w_m, the factor on ``student.alpha`` of method ``name``'s loss: its section's ``alpha × weight``
+        divided by ``student.alpha`` (just ``weight`` when the section has no ``alpha`` of its own, or
+        when ``student.alpha`` is 0 and no method trains)."""
+        params = self.method_params(name)
+        weight = float(getattr(params, "weight", 1.0))
+        own = getattr(params, "alpha", None)
+        if own is None or self.alpha == 0:
+            return weight
+        return own * weight / self.alpha
+
+    def method_recipe(self, name: str) -> dict[str, Any]:
+        """Method ``name``'s section as what it trains with: ``weight`` is ``method_weight`` and ``alpha`` is
+        folded into it, so two configs that give a method the same effective weight compare equal (and
+        runs named or matched by it are reused) whether they set ``alpha`` or an α-relative ``weight``."""
+        params = self.method_params(name)
+        if params is None:
+            return {}
+        out = {k: v for k, v in dataclasses.asdict(params).items() if k != "alpha"}
+        out["weight"] = self.method_weight(name)
+        return out
+
+    def default_method_recipe(self, name: str) -> dict[str, Any]:
+        """``method_recipe`` of method ``name`` with its section at the defaults."""
+        params = self.method_params(name)
+        return {} if params is None else dataclasses.replace(self, **{name: type(params)()}).method_recipe(name)
 
 
 # config sections of the registered methods (a new method adds its section here)
@@ -533,7 +575,8 @@ def dump_toml(cfg: Config) -> str:
     lines: list[str] = []
 
     def emit(prefix: str, obj: dict):
-        scalars = {k: v for k, v in obj.items() if not isinstance(v, dict)}
+        # TOML has no null: an unset optional key (None) is left out and reads back as its default, None
+        scalars = {k: v for k, v in obj.items() if not isinstance(v, dict) and v is not None}
         tables = {k: v for k, v in obj.items() if isinstance(v, dict)}
         if prefix and scalars:
             lines.append(f"\n[{prefix}]")

@@ -1,6 +1,6 @@
 """The module Stage 2 trains (and checkpoints): the student plus the distillation methods' modules.
 
-``Distiller(student, points, teacher_channels)`` is AttnFD (SPEC §3, §5): a trainable CBAM at each
+``Distiller(student, points, teacher_channels)`` is AttnFD (docs/method.md "CBAM" and "Loss"): a trainable CBAM at each
 distillation point, then a connector (1×1 conv student → teacher channels + BN), then bilinear resizing
 to the teacher's map. ``Distiller(student, points, methods={...})`` holds any set of registered methods
 (``attnfd_pipeline.losses``) — KD, LAD, AICSD, Af-DCD, CIRKD or a combination; ``methods={}`` is the
@@ -34,7 +34,7 @@ class Distiller(nn.Module):
             methods = {"attnfd": AttnFD(ctx)}
         self.methods = nn.ModuleDict(dict(methods))
 
-    # -- AttnFD's modules, by their historical names ------------------------------------------------
+    # -- AttnFD's modules, under the names checkpoints and the visualiser use -----------------------
     def _attnfd(self) -> AttnFD:
         if "attnfd" not in self.methods:
             raise AttributeError(f"this distiller has no attnfd method (methods: {list(self.methods)})")

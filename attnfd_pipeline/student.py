@@ -1,4 +1,5 @@
-"""Stage 2: train the student with L = CE + α Σ_points L_Attn against cached teacher targets (SPEC §5).
+"""Stage 2: train the student with L = CE + α Σ_points L_Attn against cached teacher targets
+(docs/method.md "Loss").
 
 Other distillation methods (``student.method``: ``kd``, ``lad``, ``aicsd``, ``afdcd``, ``cirkd``, or
 combinations such as ``attnfd+kd``) read other cached targets through the same path; the loss is then
@@ -140,8 +141,8 @@ class StudentTask:
 
 
 def method_weights(s: StudentConfig) -> dict[str, float]:
-    """w_m of every method of ``student.method`` (``student.<m>.weight``, 1 without a section)."""
-    return {n: float(getattr(s.method_params(n), "weight", 1.0)) for n in parse_methods(s.method)}
+    """w_m (the factor on α) of every method of ``student.method``: ``StudentConfig.method_weight``."""
+    return {n: s.method_weight(n) for n in parse_methods(s.method)}
 
 
 def method_settings(s: StudentConfig) -> dict[str, dict]:
@@ -176,9 +177,9 @@ def build_distiller(student: torch.nn.Module, s: StudentConfig, target_shapes: d
 def _settings_tag(s: StudentConfig) -> str:
     """Short hash of the method sections that differ from their defaults ('' when none do)."""
     changed = {}
-    for n, params in method_settings(s).items():
-        default = dataclasses.asdict(type(s.method_params(n))()) if s.method_params(n) is not None else {}
-        if params != default:
+    for n in parse_methods(s.method):
+        params = s.method_recipe(n)  # effective weight: a section's own alpha names the run it is equivalent to
+        if params != s.default_method_recipe(n):
             changed[n] = params
     if not changed:
         return ""
@@ -247,8 +248,8 @@ def finished_run_differences(cfg: Config) -> str | None:
         old = load_config(resolved)
     except (ConfigError, ValueError):
         return None  # written by another version: nothing to compare
-    # result.json records the seed order since it became a setting (a resolved config of an older run loads with
-    # today's default, not the order that run followed)
+    # the order a run followed is what result.json records (a resolved config without the key loads with the
+    # current default, which may not be the order that run followed)
     old_student = dataclasses.replace(old.student, seed_order=result.get("seed_order", LEGACY_SEED_ORDER))
     diff = _differences("student", _recipe(old_student), _recipe(cfg.student))
     diff += _differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
@@ -261,7 +262,7 @@ def _recipe(s: StudentConfig) -> dict:
     change an AttnFD run: adding or tuning it in a config must not orphan finished runs)."""
     used = set(parse_methods(s.method)) if s.alpha > 0 else set()
     unused = {"seed_order"} if fresh_augmentation(s) else set()  # fresh crops never read the cached seeds
-    return {k: v for k, v in dataclasses.asdict(s).items()
+    return {k: (s.method_recipe(k) if k in METHOD_SECTIONS else v) for k, v in dataclasses.asdict(s).items()
             if (k not in METHOD_SECTIONS or k in used) and k not in unused}
 
 
@@ -333,7 +334,7 @@ def _seed_order(s: StudentConfig) -> str | None:
 
 def _check_resume_seed_order(state: dict | None, path: Path, s: StudentConfig) -> None:
     """A resumed run must keep the crop schedule its first epochs had: ``last.pt`` (``state``) records the
-    seed order (one written before it was recorded followed ``LEGACY_SEED_ORDER``)."""
+    seed order (one that does not record it followed ``LEGACY_SEED_ORDER``)."""
     if state is None or fresh_augmentation(s):
         return
     recorded = (state.get("extra") or {}).get("seed_order", LEGACY_SEED_ORDER)

@@ -1,4 +1,5 @@
-"""Stage 1a: train the teacher, fit its CBAMs (SPEC §4), freeze both into one self-describing bundle.
+"""Stage 1a: train the teacher, fit its CBAMs (docs/method.md "Teacher CBAM modes"), freeze both into one
+self-describing bundle.
 
 Teacher CBAM modes:
 - ``inpath`` (default): CBAM sits in the teacher's forward path at each point while the teacher
@@ -115,7 +116,7 @@ class CBAMFitTask:
 class FrozenTeacher(nn.Module):
     """The frozen teacher + its CBAMs. Stays in eval mode whatever ``train()`` is called with, has no
     trainable parameters, and computes targets under ``no_grad``: a target depends only on (weights,
-    image, augmentation), never on the batch (SPEC §4)."""
+    image, augmentation), never on the batch it was computed in."""
 
     def __init__(self, model: nn.Module, attention: nn.ModuleDict | None, mode: str, points: Sequence[str],
                  info: dict):

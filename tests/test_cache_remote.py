@@ -1,4 +1,4 @@
-"""Caches on fsspec stores (issue 7): ``cache.root = "memory://…"`` builds, resumes, locks, verifies and
+"""Caches on fsspec stores: ``cache.root = "memory://…"`` builds, resumes, locks, verifies and
 reads exactly like a local cache — every stored byte equal to a plain local build's.
 
 fsspec's in-process ``memory://`` store stands in for S3/GCS: the same code path (FsspecStore for the

@@ -74,3 +74,28 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
     assert dump_toml(again) == dump_toml(cfg)
     assert isinstance(Config(), Config)
+
+
+def test_a_method_with_its_own_alpha_keeps_its_weight_when_student_alpha_changes(tmp_path):
+    # KD at its paper's weight 1 whatever AttnFD's α; LAD has no alpha of its own and follows student.alpha
+    own = ['student.method="attnfd+kd+lad"', "student.kd.alpha=1", "student.kd.weight=0.5"]
+    for alpha in (2.0, 30.0, 100.0):
+        s = load_config(None, own + [f"student.alpha={alpha}"]).student
+        assert s.alpha * s.method_weight("kd") == pytest.approx(0.5, rel=1e-12)  # α · w_m: a few ulps at most
+        assert s.method_weight("lad") == 1.0 and s.method_weight("attnfd") == 1.0
+    # the α-relative spelling of the same weight is the same recipe: runs and their names match
+    rel = load_config(None, ['student.method="attnfd+kd+lad"', "student.alpha=30", f"student.kd.weight={0.5 / 30!r}"])
+    abs_ = load_config(None, own + ["student.alpha=30"])
+    assert rel.student.method_recipe("kd") == abs_.student.method_recipe("kd")
+    assert "alpha" not in abs_.student.method_recipe("kd")
+    # a section set but unused, or student.alpha = 0 (the plain student), divides by nothing
+    assert load_config(None, own + ["student.alpha=0"]).student.method_weight("kd") == 0.5
+    # the resolved config keeps an unset alpha unset (TOML has no null) and a set one set
+    write_resolved(abs_, tmp_path)
+    back = load_config(tmp_path / "config.resolved.toml")
+    assert back == abs_ and back.student.kd.alpha == 1.0 and back.student.lad.alpha is None
+
+
+def test_a_negative_method_alpha_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"student\.cirkd\.alpha: must be >= 0"):
+        load_config(None, ["student.cirkd.alpha=-1"])

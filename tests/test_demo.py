@@ -84,8 +84,8 @@ def test_changed_params_regenerate_and_drop_stale_files(tmp_path):
 
 
 def test_growing_the_val_split_keeps_every_existing_image(tmp_path):
-    # the README's claim: the demo's val split grew from 100 to 400 without changing the train images
-    # (so a teacher trained before is still valid) or the first val images
+    # a larger val split changes neither the train images (a trained teacher stays valid) nor the first
+    # val images
     small = generate_demo(tmp_path / "small", seed=5, n_train=3, n_val=1, min_size=24, max_size=32, workers=1)
     big = generate_demo(tmp_path / "big", seed=5, n_train=3, n_val=3, min_size=24, max_size=32, workers=1)
     for sub in ("JPEGImages", "SegmentationClass"):

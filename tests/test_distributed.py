@@ -1,4 +1,4 @@
-"""Scale-out (issue 7): DDP training under torchrun, cache builds on many writers (torchrun ranks, dask
+"""Scale-out: DDP training under torchrun, cache builds on many writers (torchrun ranks, dask
 workers) bitwise equal to a single-process build.
 
 Every multi-process run here is real and goes through the CLI users run: ``torchrun --standalone

@@ -233,6 +233,29 @@ def test_run_names_separate_k_and_method_settings():
     assert run_name(load_config(None, ["student.alpha=0"])) == "deeplabv3plus_resnet18_baseline_K4_s0"
 
 
+def test_rival_weights_do_not_track_alpha_and_old_configs_keep_their_runs(tmp_path):
+    """demo.toml's rivals keep their papers' weight 1 at any student.alpha (their own ``alpha``), and a run
+    finished under the α-relative spelling (``weight = 1/30`` at α = 30) is the same run: same name, reused."""
+    from attnfd_pipeline.config import write_resolved
+    from attnfd_pipeline.student import finished_run_differences
+
+    for alpha in (2, 30, 100):
+        s = load_config("configs/demo.toml", [f"student.alpha={alpha}"]).student
+        for m in ("kd", "aicsd", "afdcd", "cirkd"):
+            assert s.alpha * s.method_weight(m) == pytest.approx(1.0, rel=1e-12)  # rounding of α · (1 / α) only
+        assert s.method_weight("attnfd") == s.method_weight("lad") == 1.0  # AttnFD and LAD follow α
+    common = [f'runs_root="{tmp_path}"', 'student.method="attnfd+kd"', "student.alpha=30"]
+    old = load_config(None, common + [f"student.kd.weight={1 / 30!r}"])
+    new = load_config(None, common + ["student.kd.alpha=1"])
+    assert run_name(old) == run_name(new) and method_weights(old.student) == method_weights(new.student)
+    d = student_dir(old)
+    write_resolved(old, d)
+    (d / "result.json").write_text(json.dumps({"run": d.name, "final_miou": 0.5, "seed_order": "cycle"}))
+    assert finished_run_differences(new) is None
+    # another effective weight is another run
+    assert student_dir(load_config(None, common + ["student.kd.alpha=2"])) != d
+
+
 def _tiny_student():
     from attnfd_pipeline.models import build_model
 
@@ -263,7 +286,7 @@ def test_combination_sums_weighted_method_losses_and_trains_every_module():
     for name, method in d.methods.items():
         grads = [p.grad for p in method.parameters()]
         assert all(g is not None for g in grads), name
-    # the default Distiller is AttnFD under its historical attribute names
+    # the default Distiller is AttnFD, its modules under the names checkpoints and the visualiser use
     plain = Distiller(_tiny_student(), ("E",), {"E": 16})
     assert list(plain.methods) == ["attnfd"] and set(plain.attention) == {"E"} and set(plain.connectors) == {"E"}
     with pytest.raises(AttributeError):

@@ -1,4 +1,4 @@
-"""Model zoo: registry, parameter counts (SPEC §1), forward outputs and taps (SPEC §2),
+"""Model zoo: registry, parameter counts (docs/method.md "Networks"), forward outputs and taps ("Distillation points"),
 backbone weight loading and in-path CBAM attention. CPU only, 64×64 inputs."""
 
 from dataclasses import FrozenInstanceError

@@ -30,7 +30,7 @@ def _student(root, *, method="attnfd", alpha=2.0, seed=0, miou=0.6, acc=0.9, K=4
            "final_miou": miou, "final_pixel_acc": acc, "best_miou": miou,
            "per_class_iou": per_class if per_class is not None else [miou, miou, None], "class_names": CLASSES,
            "train_seconds": 1.0, "epochs": 1}
-    if seed_order is not None:  # None: a result from before the order was recorded
+    if seed_order is not None:  # None: a result.json that does not record the order
         rec["seed_order"] = seed_order
     (d / "result.json").write_text(json.dumps(rec))
 

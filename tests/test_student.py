@@ -192,9 +192,9 @@ def test_a_finished_run_ignores_the_sections_of_methods_it_does_not_train_with(t
 
 
 def test_a_run_from_before_seed_orders_counts_as_random_order(tmp_path):
-    """result.json records ``seed_order``; a run without it (older versions: a choice with replacement every
-    epoch) must not stand in for a ``cycle`` run, and stands for ``seed_order = "random"``. Fresh crops never
-    read the cached seeds, so the order does not make an online-fresh run differ."""
+    """result.json records ``seed_order``; a run without it (one that drew with replacement every epoch) must not
+    stand in for a ``cycle`` run, and stands for ``seed_order = "random"``. Fresh crops never read the cached
+    seeds, so the order does not make an online-fresh run differ."""
     import json
 
     from attnfd_pipeline.config import load_config, write_resolved
@@ -226,7 +226,7 @@ def test_resume_keeps_the_seed_order_of_the_first_epochs(tiny_pipeline, tmp_path
     d = student_dir(one)
     assert load_checkpoint(d / "last.pt")["extra"]["seed_order"] == "cycle"
     state = torch.load(d / "last.pt", weights_only=False)
-    del state["extra"]["seed_order"]  # as written before the order was recorded
+    del state["extra"]["seed_order"]  # a last.pt that does not record its order
     torch.save(state, d / "last.pt")
     (d / "result.json").unlink()  # "interrupted": resuming it continues from last.pt
     with pytest.raises(ValueError, match=r"last\.pt: this run's first epochs showed the cached seeds in order "

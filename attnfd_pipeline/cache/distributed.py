@@ -1,7 +1,7 @@
 """Cache builds on many writers: one per torchrun rank, or one per task on a ``dask.distributed`` cluster.
 
 Every writer is ``build_cache(cfg, teacher, source, rank=r, world=W)``: it owns whole shards
-``r, r + W, …`` (two writers in one shard lose data — TECH-NOTES "Concurrent writes"), resumes what it
+``r, r + W, …`` (two writers in one shard lose data — docs/method.md "Concurrent writes"), resumes what it
 owns, and feeds the teacher exactly the batches an uninterrupted single-process build would, so the
 result is bitwise identical to one: every chunk file, ``cache.json``, and every manifest row except
 its ``rank`` column (which writer committed the shard — provenance, by design).

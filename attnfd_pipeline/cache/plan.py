@@ -3,7 +3,8 @@
 Samples, float16 bytes per sample per target, the compressed total (measured by compressing a few
 real teacher outputs with the configured codec when a teacher is given; ratio 1 otherwise), free disk,
 and the time (measured on a few teacher batches). Storage is the first-class cost of this design
-(TECH-NOTES: ~13.5 MB per (image, seed) at paper scale), so a plan that does not fit refuses.
+(~13.5 MB per (image, seed) at paper scale: docs/method.md "Compression and precision"), so a plan that does
+not fit refuses.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def compression_ratio(x16: np.ndarray, codec: str, level: int) -> float:
 def precision_stats(x32: np.ndarray, x16: np.ndarray) -> dict[str, float]:
     """Relative L2 error of channel-normalised maps (each (sample, channel) map scaled to unit L2 norm,
     all-zero maps left out) after the lossy step, and the fraction of channels whose RMS is below
-    1e-4 but not zero (float16 keeps few significant bits there: TECH-NOTES)."""
+    1e-4 but not zero (float16 keeps few significant bits there)."""
     a = x32.astype(np.float64).reshape(x32.shape[0] * x32.shape[1], -1)
     b = x16.astype(np.float64).reshape(a.shape)
     na = np.linalg.norm(a, axis=1)

@@ -1,4 +1,4 @@
-"""Reading side, safe in DataLoader workers (TECH-NOTES "Reading in DataLoader workers").
+"""Reading side, safe in DataLoader workers (docs/method.md "Reading in DataLoader workers").
 
 ``CacheReader`` holds only paths, a dict and numpy arrays (no per-row Python objects), opens the Zarr
 group lazily on first use in each process and re-opens it after a fork (``os.getpid()`` changes), and

@@ -113,8 +113,8 @@ def part_shard(name: str) -> int | None:
 
 
 def compressors(codec: str, level: int) -> list:
-    """Spec codecs only (TECH-NOTES): any Zarr v3 implementation can read the store. crc32c last, so a
-    flipped byte in a stored chunk is reported on read."""
+    """Spec codecs only: any Zarr v3 implementation can read the store (numcodecs filters would make
+    others refuse it). crc32c last, so a flipped byte in a stored chunk is reported on read."""
     from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     if codec == "zstd":

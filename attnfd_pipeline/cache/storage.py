@@ -12,7 +12,7 @@ The commit protocol is the same on both, only its primitives differ:
 | Zarr arrays | ``zarr.storage.LocalStore`` (renames, does not fsync: we fsync) | ``zarr.storage.FsspecStore`` |
 | Parquet manifest read | the file | ``pyarrow.fs.PyFileSystem(FSSpecHandler(fs))`` |
 
-A shard's data is still written before its manifest part, and the part is still the commit record.
+On both, a shard's data is written before its manifest part, and the part is the commit record.
 """
 
 from __future__ import annotations

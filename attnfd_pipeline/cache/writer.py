@@ -4,8 +4,8 @@ Each shard is buffered in full (S images × K seeds, float32 from the teacher) a
 ``ShardWriter``, whose thread does the lossy float16 step with its checks, the per-sample checksums,
 compression and I/O (``arr[s0:s1] = buf``, one slice per target), and finally writes the shard's
 manifest part — the commit record. The bounded queue lets the teacher run on the next shard while the
-previous one is compressed and written (TECH-NOTES: whole-shard writes are ~10× faster than
-per-sample writes, and two writers in one shard lose data).
+previous one is compressed and written (whole-shard writes are ~10× faster than per-sample writes, and
+two writers in one shard lose data: docs/method.md "Concurrent writes").
 """
 
 from __future__ import annotations

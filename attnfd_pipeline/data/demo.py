@@ -12,11 +12,11 @@ label is the top-most object), background clutter (small blobs and thin lines la
 background), textured backgrounds, mild global photometric variation, sensor noise and JPEG
 compression. A 1-px band along label edges is 255 (ignore), like VOC's boundary.
 
-Version 2 (``GENERATOR_VERSION``) calibrated the difficulty for 2-core CPU budgets: version 1
-(2-6 objects from 10 % of the side, 3-9 px texture periods, hue jitter over four neighbours) left
-from-scratch models at ~10 % mIoU after several epochs — textures finer than the 64-px training
-crops' resolution and tiny objects made it mostly a background-prediction problem. Textures are
-now ``TEX`` = 1.8x coarser, objects larger and fewer, hue jitter +-0.12 turn, clutter halved.
+The difficulty fits 2-core CPU budgets (``GENERATOR_VERSION`` names it in the dataset's metadata):
+textures ``TEX`` = 1.8x coarser than 3-9 px periods, few and large objects, hue jitter +-0.12 turn and
+light clutter. Textures finer than the 64-px training crops resolve, or many tiny objects, leave
+from-scratch models at ~10 % mIoU after several epochs — a background-prediction problem that shows
+neither capacity nor training budget (docs/calibration.md).
 
 Determinism: image ``index`` of split ``split_id`` (train 0, val 1) uses
 ``np.random.default_rng(SeedSequence([seed, split_id, index]))``, so the bytes do not depend on
@@ -51,10 +51,10 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = 2
-# Default split sizes. 400 val images (was 100): three seeds of the 2-epoch demo student scored 13.43 ± 0.89 %
-# mIoU on 100 val images and 12.86 ± 0.17 % on 400 fresh ones (the same checkpoints) — with 100 the seed
-# spread was mostly evaluation noise. Images are seeded by (seed, split, index), so growing the val split
-# leaves the train images and the first 100 val images unchanged.
+# Default split sizes. 400 val images: short students need a quiet yardstick (the same three checkpoints
+# score 13.43 ± 0.89 % mIoU on 100 val images, 12.86 ± 0.17 % on 400: with 100 the seed spread is mostly
+# evaluation noise). Images are seeded by (seed, split, index), so a split's size never changes the
+# images of the other split, nor the first images of its own.
 DEMO_N_TRAIN = 500
 DEMO_N_VAL = 400
 JPEG_QUALITY = 95

@@ -122,7 +122,8 @@ class ValDataset(Dataset):
 
 def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler=None, shuffle: bool = False,
                 drop_last: bool = False, device: torch.device | None = None) -> DataLoader:
-    """DataLoader with the settings TECH-NOTES recommends: persistent workers, forkserver context
+    """DataLoader with the settings docs/method.md "Reading in DataLoader workers" explains: persistent
+    workers, forkserver context
     (zarr/torch threads in the parent make plain fork fragile), pinned memory on CUDA."""
     kwargs = {}
     if workers > 0:

@@ -3,8 +3,8 @@ training step, rank partitions for evaluation, rank-0-only side effects.
 
 ``torchrun --nproc_per_node=N -m stages.teacher …`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and the
 rendezvous address); ``setup`` turns them into a process group — NCCL when training on CUDA (one GPU
-per local rank), gloo on CPU (TECH-NOTES "torch.distributed on CPU"). Without those variables (or with
-``WORLD_SIZE=1``) nothing here does anything: a single process runs exactly the code it ran before.
+per local rank), gloo on CPU (docs/method.md "torch.distributed on CPU"). Without those variables (or with
+``WORLD_SIZE=1``) nothing here does anything: a single process runs exactly the single-process code.
 
 What a distributed run changes (and what it does not):
 

@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix over a whole split (SPEC §6).
+"""Segmentation metrics from one confusion matrix over a whole split (docs/method.md "Evaluation").
 
 Classes absent from both prediction and label are excluded from the means (nan-mean), as in the
 reference evaluation.

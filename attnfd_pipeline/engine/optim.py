@@ -1,4 +1,5 @@
-"""Optimiser and per-iteration schedules (SPEC §6): SGD + Nesterov, backbone at lr, head at 10×lr."""
+"""Optimiser and per-iteration schedules (docs/method.md "Training recipe"): SGD + Nesterov, backbone at lr,
+head at 10×lr."""
 
 from __future__ import annotations
 

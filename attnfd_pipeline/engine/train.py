@@ -156,7 +156,7 @@ RESUMABLE_CHANGES = frozenset({"device", "eval_every", "val_batch_size"})
 def check_recipe(state: dict, cfg: TrainConfig, path: Path) -> None:
     """Refuse to resume a checkpoint written under another training recipe, naming the keys that differ."""
     old = (state.get("extra") or {}).get("train_recipe")
-    if old is None:  # written before recipes were recorded
+    if old is None:  # a checkpoint that does not record its recipe: nothing to compare
         return
     new = dataclasses.asdict(cfg)
     diff = [f"train.{k}: {old.get(k)!r} -> {new[k]!r}" for k in new

@@ -1,6 +1,6 @@
 """`attnfd bench-accuracy` / `make bench-accuracy`: what distillation buys on one config (the embedded
 demo by default) — the teacher, the plain student, the student with each method, and AttnFD cached
-against AttnFD online — with the goals of the issue checked on the measured numbers.
+against AttnFD online — with the bench's goals (``goals``) checked on the measured numbers.
 
 The bench is a plan of ordinary Stage 2 runs (``plan_runs``: method label, ``StudentConfig`` overrides,
 seeds) on the config's own run folder, so the demo teacher and finished runs are reused:
@@ -290,7 +290,7 @@ class Goal:
 
 
 def goals(results: Sequence[dict]) -> list[Goal]:
-    """The three goals of the issue on ``results`` (mIoU points)."""
+    """The three goals of the bench on ``results`` (mIoU points)."""
     st = {m: s["miou"] for m, s in method_stats(results).items()}
     teacher, student, cached, online = (st.get(m) for m in ("teacher", "student", "attnfd", "attnfd_online"))
     out = []

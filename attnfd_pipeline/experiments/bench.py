@@ -1,4 +1,4 @@
-"""`attnfd bench` / `make bench` (issue 5): what caching buys — step time, memory, cache build and
+"""`attnfd bench` / `make bench`: what caching buys — step time, memory, cache build and
 read throughput, storage — measured side by side in one run.
 
 Timings on a shared machine are noisy, so every headline figure is a ratio of two things measured in
@@ -71,7 +71,8 @@ STORAGE_MAX_REL_ERROR = 1e-3
 
 @dataclass(frozen=True)
 class Workload:
-    """Sizes of one bench run. Defaults: the issue's workload, sized to finish in < 15 min on 2 cores."""
+    """Sizes of one bench run. Defaults: a paper-scale teacher/student pair at a reduced crop, sized to finish
+    in < 15 min on 2 cores."""
 
     teacher: str = "deeplabv3plus_resnet101"
     student: str = "deeplabv3plus_resnet18"
@@ -666,7 +667,7 @@ def storage_analysis(outs: dict[str, np.ndarray], options: Sequence[dict]) -> di
     result["value"] = _num(ok[best]["compression_vs_float32"]) if best else None
     result["goal"] = f">= {GOALS['storage'][1]:g} at rel_error <= {STORAGE_MAX_REL_ERROR:g}"
     result["met"] = goal_met("storage", result["value"]) if best else False
-    # the issue's per-target figures, for the recipe's option
+    # bytes per sample of each target, for the recipe's option: what a user sizes a cache by
     rec = result["options"][default]
     result["bytes_per_sample"] = {k: v["bytes_per_sample"] for k, v in rec["targets"].items()}
     result["compression_vs_float32"] = rec["compression_vs_float32"]
@@ -1236,7 +1237,7 @@ def where_it_goes(res: dict) -> list[str]:
             L.append("Most of it is reading: each cached sample costs the crop replay and hash check plus the "
                      "target read (decode + checksum) in the workers, on the cores the step also uses. Would "
                      "close it: a cheaper codec for the large maps (`cache.codec = \"none\"` or blosc: ~1 ms vs "
-                     "~16 ms zstd decode per chunk, TECH-NOTES), fewer cached points, skipping the per-read "
+                     "~16 ms zstd decode per 8.5 MB chunk), fewer cached points, skipping the per-read "
                      "checksum after a `cache verify`.")
         else:
             L.append(f"Most of it is compute in the training process, not reading (the loader keeps up: data wait "
@@ -1343,12 +1344,12 @@ def where_it_goes(res: dict) -> list[str]:
         if lossless["rel_error"] > STORAGE_MAX_REL_ERROR:
             L.append(f"Even lossless float16 has rel_error {lossless['rel_error']:.1e}: channels whose RMS is below "
                      f"1e-4 ({', '.join(f'{k} {v * 100:.1f} %' for k, v in tiny.items()) or 'none'}) fall into "
-                     f"float16's subnormal range and keep few significant bits (TECH-NOTES). With random weights "
+                     f"float16's subnormal range and keep few significant bits. With random weights "
                      f"the teacher's CBAM gates saturate and produce such channels. Would close it: a per-channel "
                      f"scale stored beside the array, or checking on a trained teacher "
                      f"with `attnfd cache plan`.")
         else:
-            L.append(f"float16 gives ×2; lossless codecs gain almost only from exact zeros (TECH-NOTES; here "
+            L.append(f"float16 gives ×2; lossless codecs gain almost only from exact zeros (docs/method.md; here "
                      f"{zeros} zeros), and mantissa rounding adds a few percent. Would close it: more mantissa "
                      f"bits dropped where the error budget allows, fewer points or K, or storing post-ReLU maps; "
                      f"trained teachers' maps may compress differently — re-measure with `attnfd cache plan`.")

@@ -441,7 +441,8 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     data["main"] = rows
     md += ["## Methods", "", table, ""]
     if "+" in "".join(r["method"] for r in rows if r["method"] not in ("teacher", "none")):
-        md += ["(A method joined with `+` is a combination; its weights are `student.<method>.weight`.)", ""]
+        md += ["(A method joined with `+` is a combination; each term is weighted by `student.<method>.weight` × its "
+               "α: `student.<method>.alpha`, or `student.alpha` when unset.)", ""]
 
     # α sweep
     table, rows, groups = alpha_study(students, ref, base_m)
@@ -504,7 +505,7 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     md += ["## Normalisation of L_Attn", "", table, ""]
     table, rows = cbam_study(students, teachers, ref, base_m)
     data["teacher_cbam_mode"] = rows
-    md += ["## Teacher CBAM mode (SPEC §4)", "", table, ""]
+    md += ["## Teacher CBAM mode", "", table, ""]
 
     # per-class IoU: best method vs the student
     md += ["## Per-class IoU: best method vs student (paper Fig. 7)", ""]

@@ -14,7 +14,7 @@ command on one config:
 - ``alpha``: AttnFD at each α of ``alphas``;
 - ``points``: B, E, D and B+E+D (paper Table 5); ``norm``: batch, sample and channel normalisation;
 - ``teacher_mode``: AttnFD distilled from teachers whose CBAMs are ``fitted``, ``parameter_free`` or
-  ``untrained`` (SPEC §4); each has its own run root ``runs/<name>_<mode>``.
+  ``untrained`` (docs/method.md "Teacher CBAM modes"); each has its own run root ``runs/<name>_<mode>``.
 
 Every factor a study does not vary stays at the config's value. Runs come in rounds, like the accuracy
 bench: the first seed of every planned run, then the second seeds …, so a study run in parts covers every

@@ -1,7 +1,7 @@
 """Attention pictures like the AttnFD paper's Fig. 1 (``attnfd visualize``).
 
 For one validation image: the image, the raw feature map F and the refined map F'' = M_S(M_C(F) ⊗ F) ⊗ …
-(SPEC §3) at each distillation point, for the teacher (from its bundle: this loads the teacher, which is
+(docs/method.md "CBAM") at each distillation point, for the teacher (from its bundle: this loads the teacher, which is
 fine for a picture) and for a trained student run (from its checkpoint; its F'' is the output of its
 own trained CBAM — available when the run used ``attnfd``). Each map is the mean over channels,
 min–max normalised and coloured (viridis-like), upsampled to the image size.

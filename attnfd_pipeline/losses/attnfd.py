@@ -1,9 +1,9 @@
-"""AttnFD distillation loss (paper eq. 6–7, SPEC §5).
+"""AttnFD distillation loss (paper eq. 6–7; docs/method.md "Loss").
 
     L_Attn = mean over samples of ‖ F''_S / ‖F''_S‖ − F''_T / ‖F''_T‖ ‖²
 
 ``norm`` selects what ‖·‖ is taken over:
-- ``"batch"`` (default; the authors' code, which produced the reported numbers — AttnFD issue #5):
+- ``"batch"`` (default; the authors' code, which the authors say produced the reported numbers):
   each tensor is divided by the L2 norm of the whole batch tensor (N, C, H, W together); the squared
   difference is summed and divided by the batch size. α = 2 / 15 are calibrated for this.
 - ``"sample"``: each sample divided by its own L2 norm over C×H×W; summed, divided by the batch size.
@@ -12,7 +12,7 @@
 Each is invariant to rescaling its unit (whole batch, one sample, one pixel) of either input.
 
 ``AttnFD`` (registered as ``"attnfd"``) is the method: a trainable student CBAM at each point, then a
-connector (1×1 conv student → teacher channels + BN, SPEC §5), bilinear resizing to the teacher's map,
+connector (1×1 conv student → teacher channels + BN), bilinear resizing to the teacher's map,
 and ``attnfd_loss`` against the cached teacher F''. During the connector warm-up epochs only the
 connectors learn (the reference).
 """

@@ -12,7 +12,8 @@ A method (a ``DistillMethod`` subclass, registered with ``@register``) declares
   cache or float32 online; methods compute in float32).
 
 Stage 2's loss is ``ce_weight(epoch) · CE + α · Σ_m w_m · L_m`` over the methods of ``student.method``
-(``"attnfd"``, ``"attnfd+kd"`` …) with ``w_m = student.<m>.weight``.
+(``"attnfd"``, ``"attnfd+kd"`` …) with ``w_m = StudentConfig.method_weight(m)``: ``student.<m>.weight``, or
+``student.<m>.alpha × weight / α`` for a method with an α of its own.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class MethodContext:
     target_shapes: Mapping[str, tuple[int, int, int]]  # teacher target name → (C, H, W); H, W may be 0 if unknown
     num_classes: int = 0
     epochs: int = 1  # total training epochs (schedules such as AICSD's adaptive weighting)
-    norm: str = "batch"  # feature normalisation of the mimicking losses (attnfd, lad), SPEC §5
+    norm: str = "batch"  # feature normalisation of the mimicking losses (attnfd, lad): docs/method.md "Loss"
     params: Any = None  # the method's config section (``student.<name>``); None = its defaults
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -84,7 +85,7 @@ class DistillMethod(nn.Module):
 
 
 def connector(in_ch: int, out_ch: int) -> nn.Sequential:
-    """AttnFD's connector (SPEC §5): 1×1 conv student → teacher channels (no bias) + BN."""
+    """AttnFD's connector (docs/method.md "Loss"): 1×1 conv student → teacher channels (no bias) + BN."""
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
 
 

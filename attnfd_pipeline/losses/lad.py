@@ -1,7 +1,7 @@
 """LAD: distillation of raw features with a normalised MSE — AttnFD without CBAM.
 
 T. Liu, C. Chen, X. Yang, W. Tan, "Rethinking Knowledge Distillation with Raw Features for Semantic Segmentation"
-(WACV 2024, pp. 1155–1164; "LAD" in AttnFD's Table 1, the paper's closest rival, SPEC §7).
+(WACV 2024, pp. 1155–1164; "LAD" in AttnFD's Table 1, the paper's closest rival).
 
     L_LAD = Σ_points L_norm( connector(F_S), F_T )
 

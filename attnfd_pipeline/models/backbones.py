@@ -6,7 +6,7 @@ with ``weights=PATH`` (a torchvision-format state dict); they are loaded into th
 torchvision network *before* any surgery, and all module names are kept, so the backbone's
 state dict is torchvision's layout (minus the classifier) under the model's ``backbone.`` prefix.
 
-Output stride (SPEC §1, TECH-NOTES "torchvision backbones vs the paper's"):
+Output stride (docs/method.md "Networks" and "torchvision backbones"):
 
 * ResNet-50/101: ``replace_stride_with_dilation``; ResNet-101 additionally gets the multi-grid
   (1, 2, 4) × dilation of DeepLabV3+ (jfzhang95/pytorch-deeplab-xception) in layer4, and at
@@ -18,7 +18,8 @@ Output stride (SPEC §1, TECH-NOTES "torchvision backbones vs the paper's"):
   blocks that would run below the output stride get stride 1 and dilated depthwise convs.
 
 Every backbone's ``forward(x)`` returns ``(low_level, b)`` where ``low_level`` is the stride-4
-feature for the DeepLabV3+ decoder and ``b`` is the distillation tap "B" (SPEC §2): the last
+feature for the DeepLabV3+ decoder and ``b`` is the distillation tap "B" (docs/method.md "Distillation
+points"): the last
 stage's output **before** its final ReLU for ResNets (the last residual block is run with a
 forward that stops at ``out + identity``), the (linear) 320-channel block output for MobileNetV2.
 The network continues from ``backbone.activate(b)`` (ReLU for ResNets, identity for MobileNetV2),

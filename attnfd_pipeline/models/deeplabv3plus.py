@@ -6,7 +6,8 @@ BN + ReLU, concat with the bilinearly upsampled ASPP output, 3×3 conv 256 + BN 
 3×3 conv 256 + BN + ReLU [tap D]) → Dropout 0.1 → 1×1 classifier ["logits", stride 4] →
 bilinear upsample (align_corners=True) to the input size ["out"].
 
-Distillation taps (SPEC §2): "B" = backbone last-stage output before its final ReLU, "E" = ASPP
+Distillation taps (docs/method.md "Distillation points"): "B" = backbone last-stage output before its
+final ReLU, "E" = ASPP
 projection output after BN + ReLU, "D" = decoder feature before the classifier's dropout.
 With ``inpath_attention`` the CBAM-refined tap F'' replaces the raw tap as input to the next layer.
 """
