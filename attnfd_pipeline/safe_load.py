@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,12 @@ def numpy_safe_globals() -> list:
 
 
 def _unsafe_message(path: Path, what: str, err: BaseException) -> str:
-    detail = " ".join(str(err).split())
-    marker = "WeightsUnpickler error:"
-    detail = detail.split(marker, 1)[1].strip() if marker in detail else detail
-    detail = detail.split(" Check the documentation of torch.load")[0]
+    text = " ".join(str(err).split())
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        detail = f"it names the Python callable {named.group(1)}"
+    else:  # e.g. "Can only build Tensor, … but got <class …>": torch's own sentence, without its advice
+        detail = text.split("WeightsUnpickler error:", 1)[-1].split(" Check the documentation")[0].strip()[:300]
     return (f"{path}: refused to load this {what}: it holds Python objects that are not tensors or plain data "
             f"({detail}); attnfd loads every file with torch.load(weights_only=True) and never runs code from "
             f"a file. If you wrote this file yourself with another tool or an older attnfd, see "
