@@ -6,15 +6,13 @@ SHA-256 of its bytes, checked before the file is deserialised (``attnfd_pipeline
 
 from __future__ import annotations
 
-import hashlib
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from attnfd_pipeline.safe_load import load_torch_file, read_sha256, sidecar_path, to_plain, write_sha256
-from attnfd_pipeline.utils import atomic_write_bytes
+from attnfd_pipeline.utils import atomic_torch_save, sha256_file
 
 FORMAT = "attnfd-checkpoint/1"
 
@@ -41,12 +39,9 @@ def save_checkpoint(path: str | Path, *, modules: torch.nn.Module, optimizer, sc
 
 
 def save_hashed(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` atomically, then the SHA-256 of exactly those bytes into ``<path>.sha256``."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getvalue()
-    atomic_write_bytes(path, data)
-    write_sha256(path, hashlib.sha256(data).hexdigest())
+    """``torch.save`` atomically, then the SHA-256 of the written bytes into ``<path>.sha256``."""
+    atomic_torch_save(obj, path)
+    write_sha256(path, sha256_file(path))
     return Path(path)
 
 
