@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnfd_pipeline.config import POINTS
 from attnfd_pipeline.safe_load import load_torch_file
 
 __all__ = ["FORMATS", "IMPORT_CBAM_MODES", "REFERENCE_CBAM_MAP", "REFERENCE_KEY_MAP", "REFERENCE_MODELS",
@@ -81,7 +82,9 @@ class TeacherWeights:
 
     @property
     def inpath_points(self) -> tuple[str, ...]:
-        return tuple(sorted(self.cbam_state)) if self.format != "reference" else ()
+        if self.format == "reference":
+            return ()
+        return tuple(p for p in POINTS if p in self.cbam_state) + tuple(sorted(set(self.cbam_state) - set(POINTS)))
 
     def source(self, path: str | Path) -> dict[str, Any]:
         return {"path": str(path), "sha256": self.sha256, "format": self.format, "key_map": self.key_map,

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from attnfd_pipeline.config import dump_toml
 from attnfd_pipeline.models import build_model
-from attnfd_pipeline.runs import run_teacher, run_teacher_import
+from attnfd_pipeline.runs import run_teacher_import
 from attnfd_pipeline.teacher import bundle_path, load_teacher
 from attnfd_pipeline.teacher_import import check_state_fits, map_reference
 from reference_deeplab import RefDeepLab, randomize
@@ -105,20 +105,22 @@ def test_cli_import_fitted_by_default_then_export_and_reimport(tiny_cfg, tmp_pat
 
 
 def test_inpath_teacher_round_trips_with_the_same_weights_hash(tiny_cfg, tmp_path):
-    """A teacher trained here with in-path CBAMs, exported and imported: the bundle is `inpath` with the
-    same weights SHA-256 (so the cache fingerprint is the same) and the same mIoU."""
-    from attnfd_pipeline.teacher import export_state_dict
+    """A teacher with in-path CBAMs (this project's default), exported and imported: the bundle is `inpath`
+    with the same weights SHA-256 (so the cache fingerprint is the same) and the same val mIoU."""
+    from attnfd_pipeline.runs import evaluate_bundle
+    from attnfd_pipeline.teacher import build_teacher_model, export_state_dict, save_bundle
 
-    original = run_teacher(tiny_cfg, progress=False)
+    torch.manual_seed(0)
+    model = randomize(build_teacher_model(tiny_cfg, 11), seed=4)
+    original = save_bundle(tmp_path / "original" / "teacher_bundle.pt", tiny_cfg, model, None, 11)
     info = json.loads(original.with_suffix(".json").read_text())
     exported = export_state_dict(original, tmp_path / "plain.pt")
     assert torch.serialization.get_unsafe_globals_in_checkpoint(exported) == []
-    with pytest.raises(ValueError, match="in-path CBAMs at B, D, E .*--cbam-mode fitted cannot apply"):
-        run_teacher_import(tiny_cfg, exported, cbam_mode="fitted", force=True, progress=False)
-    again = json.loads(run_teacher_import(tiny_cfg, exported, force=True, progress=False)
-                       .with_suffix(".json").read_text())
-    assert again["cbam_mode"] == "inpath" and again["sha256"] == info["sha256"]
-    assert again["metrics"]["miou"] == info["metrics"]["miou"]
+    with pytest.raises(ValueError, match="in-path CBAMs at B, E, D .*--cbam-mode fitted cannot apply"):
+        run_teacher_import(tiny_cfg, exported, cbam_mode="fitted", progress=False)
+    again = json.loads(run_teacher_import(tiny_cfg, exported, progress=False).with_suffix(".json").read_text())
+    assert again["cbam_mode"] == "inpath" and again["sha256"] == info["sha256"] and again["points"] == info["points"]
+    assert again["metrics"]["miou"] == evaluate_bundle(tiny_cfg, original)["miou"]
 
 
 @pytest.mark.parametrize("problem", ["truncated", "wrong architecture", "wrong class count", "unknown layout",
