@@ -103,13 +103,7 @@ def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
     if attention is not None:
         attention = attention.to(device)
     if t.cbam_mode == "fitted":
-        fit_cfg = type(t.train)(**{**t.train.__dict__, "epochs": t.fit_epochs, "lr": t.fit_lr})
-        task = CBAMFitTask(model, attention, nc)
-        task.ddp_find_unused_parameters = False  # every point's CBAM and classifier is in the loss
-        fit(task, train_loader_for=train_for, val_loader=val_loader, cfg=fit_cfg, run_dir=out_dir / "fit_cbam",
-            num_classes=nc, device=device, config_dict=cfg.to_dict(), resume=resume, progress=progress,
-            desc="teacher-cbam")
-        _load_best(task.modules, out_dir / "fit_cbam")
+        _fit_side_cbams(cfg, model, attention, nc, train_for, val_loader, device, resume=resume, progress=progress)
     model.eval()
     metrics = evaluate(lambda x: model(x)["out"], val_loader, nc, device, class_names=train_src.info.class_names,
                        amp=t.train.amp)
@@ -123,6 +117,19 @@ def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
                                                     **({"world_size": ctx.world} if ctx.distributed else {})})
     distributed.barrier()  # the bundle exists before any rank goes on
     return path
+
+
+def _fit_side_cbams(cfg: Config, model, attention, nc: int, train_for, val_loader, device, *, resume: bool,
+                    progress: bool) -> None:
+    """``fitted`` mode: side-branch CBAMs (+ auxiliary classifiers) trained with CE on the frozen teacher."""
+    t = cfg.teacher
+    fit_cfg = type(t.train)(**{**t.train.__dict__, "epochs": t.fit_epochs, "lr": t.fit_lr})
+    task = CBAMFitTask(model, attention, nc)
+    task.ddp_find_unused_parameters = False  # every point's CBAM and classifier is in the loss
+    fit(task, train_loader_for=train_for, val_loader=val_loader, cfg=fit_cfg, run_dir=cfg.teacher_dir / "fit_cbam",
+        num_classes=nc, device=device, config_dict=cfg.to_dict(), resume=resume, progress=progress,
+        desc="teacher-cbam")
+    _load_best(task.modules, cfg.teacher_dir / "fit_cbam")
 
 
 def _load_best(modules: torch.nn.Module, run_dir: Path) -> None:
@@ -145,3 +152,93 @@ def evaluate_bundle(cfg: Config, path: str | Path, *, split: str | None = None) 
                          workers=min(cfg.data.num_workers, 1), device=device)
     return evaluate(lambda x: teacher(x)["out"], loader, teacher.num_classes, device,
                     class_names=src.info.class_names, amp=cfg.teacher.train.amp)
+
+
+def _imported_config(cfg: Config, weights, cbam_mode: str | None, path: Path) -> Config:
+    """The config the imported bundle records: the chosen CBAM mode (``inpath`` for a network whose CBAMs
+    are in its forward path, ``fitted`` by default), the in-path points, and no ImageNet backbone file."""
+    import dataclasses
+
+    from attnfd_pipeline.teacher_import import IMPORT_CBAM_MODES, REFERENCE_MODELS
+
+    t = cfg.teacher
+    if weights.format == "reference" and t.model.name not in REFERENCE_MODELS:
+        raise ValueError(f"{path}: the reference layout imports into {', '.join(REFERENCE_MODELS)}, not "
+                         f"teacher.model.name = {t.model.name!r}")
+    points = t.points
+    if weights.inpath_points:
+        if cbam_mode not in (None, "inpath"):
+            raise ValueError(f"{path}: this network has in-path CBAMs at {', '.join(weights.inpath_points)} (keys "
+                             f"attention.*): they are part of its forward, so --cbam-mode {cbam_mode} cannot apply; "
+                             f"leave --cbam-mode out to import it as it is (inpath)")
+        mode, points = "inpath", weights.inpath_points
+    else:
+        mode = cbam_mode or "fitted"
+        if mode not in IMPORT_CBAM_MODES:
+            raise ValueError(f"--cbam-mode {mode!r}: expected one of {', '.join(IMPORT_CBAM_MODES)}")
+    model_cfg = dataclasses.replace(t.model, backbone_weights="")
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(t, cbam_mode=mode, points=tuple(points),
+                                                                model=model_cfg))
+
+
+def _imported_attention(cfg: Config, model, weights, path: Path):
+    """Side-branch attention of an imported teacher; under ``untrained`` the file's own CBAMs where it has
+    them (the reference's never-trained side modules), else the seeded initial ones."""
+    from attnfd_pipeline.teacher_import import check_state_fits
+
+    attention = build_side_attention(cfg, model)
+    if cfg.teacher.cbam_mode == "untrained" and weights.format == "reference" and weights.cbam_state:
+        for p, att in attention.items():
+            if p not in weights.cbam_state:
+                raise ValueError(f"{path}: --cbam-mode untrained keeps the file's CBAMs, but it has none at point "
+                                 f"{p} (it has {', '.join(sorted(weights.cbam_state))}); set teacher.points")
+            att.load_state_dict(check_state_fits(att, weights.cbam_state[p], path, f"a CBAM at point {p}"))
+    return attention
+
+
+def run_teacher_import(cfg: Config, path: str | Path, *, fmt: str = "auto", cbam_mode: str | None = None,
+                       force: bool = False, progress: bool = True) -> Path:
+    """``attnfd teacher import``: read a trained teacher from ``path`` (weights-only), map it onto the
+    config's teacher model, attach CBAMs per ``cbam_mode``, evaluate it and write the same
+    ``teacher_bundle.{pt,json}`` as ``run_teacher`` (recording the file's SHA-256, format and key map)."""
+    from attnfd_pipeline.teacher_import import check_state_fits, read_teacher_file
+
+    path = Path(path)
+    out = bundle_path(cfg)
+    if out.exists() and not force:
+        raise ValueError(f"{out}: a teacher bundle is already there; pass --force to replace it with {path}")
+    weights = read_teacher_file(path, fmt)
+    check_dataset_inputs(cfg)
+    train_src = ImageSource.from_config(cfg, cfg.data.train_split)
+    val_src = ImageSource.from_config(cfg, cfg.data.val_split)
+    nc = num_classes_of(cfg, train_src)
+    head = weights.model_state.get("classifier.weight")
+    if head is not None and head.shape[0] != nc:
+        raise ValueError(f"{path}: the teacher predicts {head.shape[0]} classes, dataset {train_src.info.name!r} "
+                         f"has {nc}")
+    cfg = _imported_config(cfg, weights, cbam_mode, path)
+    device = resolve_device(cfg.teacher.train.device)
+    seed_everything(cfg.teacher.train.seed)
+    model = build_teacher_model(cfg, nc)
+    state = dict(weights.model_state)
+    state.update({f"attention.{p}.{k}": v for p, s in weights.cbam_state.items() if weights.inpath_points
+                  for k, v in s.items()})
+    model.load_state_dict(check_state_fits(model, state, path, f"{cfg.teacher.model.name} ({nc} classes, "
+                                                               f"{weights.format} layout)"))
+    model = model.to(device)
+    attention = _imported_attention(cfg, model, weights, path)
+    attention = attention.to(device) if attention is not None else None
+    write_resolved(cfg, cfg.teacher_dir)
+    t0 = time.perf_counter()
+    train_for, val_loader = _loaders(cfg, cfg.teacher.train, train_src, val_src, device, FreshSeeds())
+    if cfg.teacher.cbam_mode == "fitted":
+        _fit_side_cbams(cfg, model, attention, nc, train_for, val_loader, device, resume=False, progress=progress)
+    model.eval()
+    metrics = evaluate(lambda x: model(x)["out"], val_loader, nc, device, class_names=train_src.info.class_names,
+                       amp=cfg.teacher.train.amp)
+    save_bundle(out, cfg, model.cpu(), attention.cpu() if attention is not None else None, nc, metrics,
+                source=weights.source(path))
+    atomic_write_json(cfg.teacher_dir / "result.json", {"miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
+                                                        "seconds": time.perf_counter() - t0, "epochs": 0,
+                                                        "bundle": str(out), "imported_from": str(path)})
+    return out

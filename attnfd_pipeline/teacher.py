@@ -16,6 +16,8 @@ weights) is what Stage 1b fingerprints; Stage 2 reads only the sidecar and never
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +31,8 @@ from attnfd_pipeline.config import Config, write_resolved
 from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.layers import build_attention
 from attnfd_pipeline.models import build_model
-from attnfd_pipeline.utils import atomic_torch_save, atomic_write_json, sha256_state_dict
+from attnfd_pipeline.safe_load import load_torch_file, to_plain
+from attnfd_pipeline.utils import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_state_dict
 
 BUNDLE_FORMAT = "attnfd-teacher-bundle/1"
 BUNDLE_NAME = "teacher_bundle.pt"
@@ -189,7 +192,10 @@ def _weights_sha(model: nn.Module, attention: nn.ModuleDict | None, mode: str) -
 
 
 def save_bundle(path: str | Path, cfg: Config, model: nn.Module, attention: nn.ModuleDict | None, num_classes: int,
-                metrics: dict | None = None) -> Path:
+                metrics: dict | None = None, source: dict | None = None) -> Path:
+    """Write ``teacher_bundle.pt`` and its JSON sidecar. The sidecar also records ``file_sha256``, the hash
+    of the ``.pt`` bytes, which :func:`load_teacher` checks before deserialising; ``source`` (an imported
+    teacher: its file's SHA-256, format and key mapping) is recorded in both."""
     path = Path(path)
     t = cfg.teacher
     info = {
@@ -201,13 +207,16 @@ def save_bundle(path: str | Path, cfg: Config, model: nn.Module, attention: nn.M
         "points": list(t.points),
         "sha256": _weights_sha(model, attention, t.cbam_mode),
         "package_version": attnfd_pipeline.__version__,
-        "metrics": {k: v for k, v in (metrics or {}).items() if k != "confusion"},
+        "metrics": to_plain({k: v for k, v in (metrics or {}).items() if k != "confusion"}),
         "config": cfg.to_dict(),
+        **({"source": source} if source is not None else {}),
     }
     state = {**info, "model_state": model.state_dict(),
              "attention_state": attention.state_dict() if attention is not None else None}
-    atomic_torch_save(state, path)
-    atomic_write_json(path.with_suffix(".json"), info)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_json(path.with_suffix(".json"), {**info, "file_sha256": hashlib.sha256(buf.getvalue()).hexdigest()})
     return path
 
 
@@ -226,17 +235,25 @@ def load_teacher_info(path: str | Path) -> dict:
     return info
 
 
+def _recorded_file_sha(path: Path) -> str | None:
+    """The ``.pt``'s SHA-256 from the sidecar; None for a bundle without one (written before it was
+    recorded, or copied without its sidecar): such a bundle is still only loaded weights-only."""
+    if not path.with_suffix(".json").is_file():
+        return None
+    sha = load_teacher_info(path).get("file_sha256")
+    return sha if isinstance(sha, str) else None
+
+
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> FrozenTeacher:
-    """Rebuild the frozen teacher from its bundle; the weights' hash must match the recorded one."""
+    """Rebuild the frozen teacher from its bundle: the file's bytes must match the sidecar's SHA-256
+    before they are deserialised (weights-only), and the weights' hash must match the recorded one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: teacher bundle not found (run `make teacher` first)")
     from attnfd_pipeline.engine.checkpoint import load_modules
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - truncated / corrupt file
-        raise ValueError(f"{path}: unreadable teacher bundle ({e})") from None
+    state, _ = load_torch_file(path, what="teacher bundle", expected_sha256=_recorded_file_sha(path),
+                               sha_source=str(path.with_suffix(".json")))
     if not isinstance(state, dict) or state.get("format") != BUNDLE_FORMAT:
         raise ValueError(f"{path}: not a teacher bundle")
     model = build_model(state["model"], state["num_classes"], output_stride=state["output_stride"],
@@ -254,3 +271,10 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Frozen
     info = {k: state[k] for k in ("model", "output_stride", "num_classes", "cbam_mode", "points", "sha256",
                                   "package_version")}
     return FrozenTeacher(model, attention, state["cbam_mode"], state["points"], info).to(device)
+
+
+def export_state_dict(bundle: str | Path, out: str | Path) -> Path:
+    """Write the bundle's network (in-path CBAMs included, side-branch CBAMs not) as a plain state dict
+    of tensors: the ``state_dict`` format ``attnfd teacher import`` reads."""
+    teacher = load_teacher(bundle)
+    return atomic_torch_save(teacher.model.state_dict(), out)

@@ -111,15 +111,30 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG's state as tensors and plain Python values, so a checkpoint holding it loads with
+    ``torch.load(weights_only=True)`` and no allow-list."""
+    version, internal, gauss = random.getstate()
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+             "numpy": {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state`; also takes the raw ``getstate()`` tuples that older checkpoints hold."""
+    py = state["python"]
+    if isinstance(py[1], torch.Tensor):
+        py = (py[0], tuple(int(v) for v in py[1].tolist()), py[2])
+    random.setstate(tuple(py))
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        npy = (npy["name"], np.asarray(npy["key"].numpy(), dtype=np.uint32), npy["pos"], npy["has_gauss"],
+               npy["cached_gaussian"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

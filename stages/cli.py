@@ -13,13 +13,13 @@ from stages.bench import bench, bench_accuracy
 from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
 from stages.report import report, studies, visualize
 from stages.student import student, sweep
-from stages.teacher import teacher
+from stages.teacher import app as teacher_app
 
 app = typer.Typer(help="AttnFD pipeline: teacher → cache → student.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: generate the embedded demo, validate a dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-app.command("teacher")(teacher)
+app.add_typer(teacher_app, name="teacher")
 app.command("student")(student)
 app.command("sweep")(sweep)
 app.command("bench")(bench)

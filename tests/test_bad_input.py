@@ -176,7 +176,7 @@ def test_teacher_bundle_for_other_classes_names_it(setup, five_class_model):
     r = cli("student", "--config", p)
     assert r.exit_code == 2 and "teacher_bundle" in r.output and "5 classes" in r.output, r.output
     assert files_under(cfg.runs_root) == before and not Path(cfg.cache.root).exists()
-    state = torch.load(bundle, weights_only=False)
+    state = torch.load(bundle, weights_only=True)
     state["num_classes"] = 11  # claims 11, holds 5-class weights
     tampered = tmp / "tampered.pt"
     torch.save(state, tampered)

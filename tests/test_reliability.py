@@ -237,8 +237,8 @@ def test_student_killed_while_saving_checkpoint_resumes_to_identical_weights(tin
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1  # "last" is the previous, complete one
     cut = run_student(cut_cfg, resume=True, progress=False)
     assert not list(run_dir.glob(".last.pt.*.tmp"))
-    a = torch.load(student_dir(ref_cfg) / "last.pt", weights_only=False)["modules"]
-    b = torch.load(run_dir / "last.pt", weights_only=False)["modules"]
+    a = torch.load(student_dir(ref_cfg) / "last.pt", weights_only=True)["modules"]
+    b = torch.load(run_dir / "last.pt", weights_only=True)["modules"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _rows(run_dir / "metrics.parquet") == _rows(student_dir(ref_cfg) / "metrics.parquet")
     assert cut["best_miou"] == ref["best_miou"] and cut["epochs"] == 2

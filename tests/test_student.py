@@ -103,7 +103,7 @@ def test_alpha_zero_is_exactly_the_plain_student(tiny_pipeline, tmp_path):
     val = make_loader(ValDataset(ImageSource.from_config(a0, "val"), a0.augment.crop_size), batch_size=4, workers=0)
     fit(SegTask(model), train_loader_for=lambda e: loader, val_loader=val, cfg=a0.student.train,
         run_dir=tmp_path / "plain", num_classes=11, device=torch.device("cpu"), config_dict={}, progress=False)
-    saved = torch.load(student_dir(a0) / "last.pt", weights_only=False)["modules"]
+    saved = torch.load(student_dir(a0) / "last.pt", weights_only=True)["modules"]
     for k, v in model.state_dict().items():
         assert torch.equal(saved[f"student.{k}"], v), k
 
@@ -225,9 +225,10 @@ def test_resume_keeps_the_seed_order_of_the_first_epochs(tiny_pipeline, tmp_path
     run_student(one, progress=False)
     d = student_dir(one)
     assert load_checkpoint(d / "last.pt")["extra"]["seed_order"] == "cycle"
-    state = torch.load(d / "last.pt", weights_only=False)
-    del state["extra"]["seed_order"]  # a last.pt that does not record its order
+    state = torch.load(d / "last.pt", weights_only=True)
+    del state["extra"]["seed_order"]  # as written before the order was recorded (and without a .sha256 sidecar)
     torch.save(state, d / "last.pt")
+    (d / "last.pt.sha256").unlink()
     (d / "result.json").unlink()  # "interrupted": resuming it continues from last.pt
     with pytest.raises(ValueError, match=r"last\.pt: this run's first epochs showed the cached seeds in order "
                                          r"'random'.*student\.seed_order = 'cycle'"):

@@ -45,7 +45,7 @@ def test_fitted_mode_trains_only_the_cbams(tiny_data, tmp_path):
     cfg = make_cfg(tiny_data, tmp_path, 'teacher.cbam_mode="fitted"', "teacher.fit_epochs=2")
     path = run_teacher(cfg, progress=False)
     teacher = load_teacher(path)
-    plain = torch.load(cfg.teacher_dir / "train" / "best.pt", weights_only=False)["modules"]
+    plain = torch.load(cfg.teacher_dir / "train" / "best.pt", weights_only=True)["modules"]
     for k, v in teacher.model.state_dict().items():  # the teacher itself is untouched by CBAM fitting
         assert torch.equal(v, plain[k]), k
     untrained = load_teacher(run_teacher(
@@ -60,10 +60,13 @@ def test_bundle_tampering_is_detected(tiny_data, tmp_path):
 
     cfg = make_cfg(tiny_data, tmp_path)
     path = run_teacher(cfg, progress=False)
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     k = next(iter(state["model_state"]))
     state["model_state"][k] = state["model_state"][k] + 1
     torch.save(state, path)
+    with pytest.raises(ValueError, match="SHA-256 of the file"):  # the bytes, before deserialising
+        load_teacher(path)
+    path.with_suffix(".json").unlink()  # without the sidecar's file hash, the weights hash still catches it
     with pytest.raises(ValueError, match="does not match the recorded"):
         load_teacher(path)
     with pytest.raises(FileNotFoundError, match="teacher bundle not found"):

@@ -1,4 +1,8 @@
-"""Checkpoints that describe themselves and are written atomically (temp file + fsync + rename)."""
+"""Checkpoints that describe themselves and are written atomically (temp file + fsync + rename).
+
+Each checkpoint holds tensors and plain Python values only (RNG states as tensors, metrics without NumPy
+objects), so it loads with ``torch.load(weights_only=True)``; a ``<name>.sha256`` sidecar records the
+SHA-256 of its bytes, checked before the file is deserialised (``attnfd_pipeline.safe_load``)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from typing import Any
 
 import torch
 
-from attnfd_pipeline.utils import atomic_torch_save
+from attnfd_pipeline.safe_load import load_torch_file, read_sha256, sidecar_path, to_plain, write_sha256
+from attnfd_pipeline.utils import atomic_torch_save, sha256_file
 
 FORMAT = "attnfd-checkpoint/1"
 
@@ -26,21 +31,27 @@ def save_checkpoint(path: str | Path, *, modules: torch.nn.Module, optimizer, sc
         "epoch": epoch,
         "step": step,
         "best": best,
-        "rng": rng,
-        "config": config,
-        "extra": extra or {},
+        "rng": to_plain(rng),
+        "config": to_plain(config),
+        "extra": to_plain(extra or {}),
     }
-    return atomic_torch_save(state, path)
+    return save_hashed(state, path)
+
+
+def save_hashed(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` atomically, then the SHA-256 of the written bytes into ``<path>.sha256``."""
+    atomic_torch_save(obj, path)
+    write_sha256(path, sha256_file(path))
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated/corrupt file
-        raise ValueError(f"{path}: not a readable checkpoint ({e})") from None
+    # a checkpoint written before hashes were recorded has no sidecar: it is still loaded weights-only
+    state, _ = load_torch_file(path, what="checkpoint", expected_sha256=read_sha256(path),
+                               sha_source=str(sidecar_path(path)))
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not an attnfd checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
     return state

@@ -27,6 +27,7 @@ from torch import nn
 from attnfd_pipeline.config import TrainConfig
 from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.checkpoint import load_checkpoint, load_modules, save_checkpoint
+from attnfd_pipeline.safe_load import sidecar_path
 from attnfd_pipeline.engine.metrics import confusion_matrix, metrics_from_confusion
 from attnfd_pipeline.engine.optim import build_optimizer, build_scheduler
 from attnfd_pipeline.progress import Progress
@@ -207,7 +208,7 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
         rows = read_log(log_path) if log_path.is_file() else []
         rows = [r for r in rows if r["epoch"] <= start_epoch]
     elif (last_path.is_file() or log_path.is_file()) and not resume and main:
-        for p in (last_path, best_path, log_path):
+        for p in (last_path, best_path, log_path, sidecar_path(last_path), sidecar_path(best_path)):
             p.unlink(missing_ok=True)
     step_fn, swapped = None, []
     if world > 1:
