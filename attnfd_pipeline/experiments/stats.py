@@ -20,6 +20,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 CONFIDENCE = 0.95  # two-sided level of every interval the lab prints
+LEVEL = f"{CONFIDENCE * 100:g} %"  # how tables name it
 
 
 # ---------------------------------------------------------------------------------------------
