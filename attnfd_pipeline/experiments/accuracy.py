@@ -2,8 +2,8 @@
 demo by default) — the teacher, the plain student, the student with each method, and AttnFD cached
 against AttnFD online — with the goals of the issue checked on the measured numbers.
 
-The bench is a plan of ordinary Stage 2 runs (``plan_runs``: method label, ``StudentConfig`` overrides,
-seeds) on the config's own run folder, so the demo teacher and finished runs are reused:
+The bench is a plan of ordinary Stage 2 runs (``plan_runs``: ``experiments.plan.PlannedRun`` rows labelled
+by method) on the config's own run folder, so the demo teacher and finished runs are reused:
 
 1. the teacher (``runs/<name>/teacher``): trained with ``run_teacher`` only when its bundle is missing;
 2. one cache holding every target the methods read (``cache.extra`` = ``logits`` for KD / AICSD, ``raw``
@@ -18,8 +18,9 @@ seeds) on the config's own run folder, so the demo teacher and finished runs are
 
 After the teacher and after every run, ``accuracy.json`` (a list of runs: ``method``, ``seed``, ``miou``,
 ``pixel_acc`` as fractions, plus ``run``, ``train_seconds`` …) and ``accuracy.md`` (``format_markdown``:
-per-method table, the goals met or missed, the command, the times) are rewritten atomically, so a killed
-bench shows what it finished and the next call goes on from there.
+per-method table with the paired difference over the student on shared seeds, the goals decided by the
+statistic each names — docs/statistics.md —, the command, the times) are rewritten atomically, so a
+killed bench shows what it finished and the next call goes on from there.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 from attnfd_pipeline.cache import CacheError, build_cache, find_cache
-from attnfd_pipeline.config import Config, ConfigError
+from attnfd_pipeline.config import Config
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.records import CENTER_CROP, RunRecord
 from attnfd_pipeline.runs import check_student_inputs, evaluate_bundle, run_teacher
