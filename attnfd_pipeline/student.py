@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from attnfd_pipeline.cache import CacheError, CacheReader, check_compatible, find_cache, list_caches
+from attnfd_pipeline.cache.schema import extra_for, target_point
 from attnfd_pipeline.cache.schema import target_names as cache_target_names
 from attnfd_pipeline.config import (LEGACY_SEED_ORDER, METHOD_SECTIONS, Config, ConfigError, StudentConfig, load_config,
                                     write_resolved)
@@ -42,6 +43,7 @@ from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.engine.train import RESUMABLE_CHANGES, fit
 from attnfd_pipeline.losses import MethodContext, build_methods, parse_methods, required_targets
 from attnfd_pipeline.models import build_model
+from attnfd_pipeline.records import CENTER_CROP, RESULT_JSON, RunRecord
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, seed_everything
 
@@ -316,12 +318,8 @@ def open_cache(cfg: Config, teacher_info: dict, source: ImageSource, names=None)
 
 
 def _cache_fix(missing: list[str], cfg: Config) -> str:
-    extra = list(cfg.cache.extra)
-    if "logits" in missing and "logits" not in extra:
-        extra.append("logits")
-    if any(n.startswith("raw_") for n in missing) and "raw" not in extra:
-        extra.append("raw")
-    points = list(dict.fromkeys([*cfg.cache.points, *(n.removeprefix("raw_") for n in missing if n != "logits")]))
+    extra = list(extra_for(missing, cfg.cache.extra))
+    points = list(dict.fromkeys([*cfg.cache.points, *(target_point(n) for n in missing if n != "logits")]))
     return (f"set cache.extra = {json.dumps(extra)}" + (f" and cache.points = {json.dumps(points)}"
                                                           if points != list(cfg.cache.points) else "")
             + " and run `attnfd cache build`")
@@ -401,22 +399,24 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
                  extra_state={"seed_order": _seed_order(s)})
     last = result.last_metrics
     distilled = s.alpha > 0
-    summary = {
-        "run": run_name(cfg), "model": s.model.name, "method": s.method if distilled else "none",
-        "methods": list(parse_methods(s.method)) if distilled else [],
-        "weights": method_weights(s) if distilled else {}, "method_settings": method_settings(s) if distilled else {},
-        "alpha": s.alpha, "norm": s.norm, "points": list(s.points), "mode": s.mode, "augment": augment_kind(s),
-        "seed_order": _seed_order(s),
-        "seed": s.train.seed, "K": cfg.cache.K, "targets": task.target_names if distilled else [],
-        "teacher": ({k: teacher_info.get(k) for k in ("model", "cbam_mode", "sha256", "points")}
-                    if teacher_info is not None else None),
-        "dataset": train_src.info.name, "epochs": result.epochs_done, "best_miou": result.best_miou,
-        "final_miou": last.get("miou"), "final_pixel_acc": last.get("pixel_acc"),
-        "final_class_acc": last.get("class_acc"), "final_fwiou": last.get("fwiou"),
-        "per_class_iou": last.get("per_class_iou"), "class_names": list(train_src.info.class_names or []),
-        "train_seconds": result.train_seconds + (time.perf_counter() - t0 - result.seconds),  # resumes included
-        "cache": str(reader.path) if reader is not None else None,
-    }
+    record = RunRecord(
+        run=run_name(cfg), model=s.model.name, method=s.method if distilled else "none",
+        methods=tuple(parse_methods(s.method)) if distilled else (),
+        weights=method_weights(s) if distilled else {}, method_settings=method_settings(s) if distilled else {},
+        alpha=s.alpha, norm=s.norm, points=tuple(s.points), mode=s.mode, augment=augment_kind(s),
+        seed_order=_seed_order(s), seed=s.train.seed, K=cfg.cache.K,
+        targets=tuple(task.target_names) if distilled else (),
+        teacher=({k: teacher_info.get(k) for k in ("model", "cbam_mode", "sha256", "points")}
+                 if teacher_info is not None else None),
+        dataset=train_src.info.name, eval_protocol=CENTER_CROP, epochs=result.epochs_done,
+        best_miou=result.best_miou, final_miou=last.get("miou"), final_pixel_acc=last.get("pixel_acc"),
+        final_class_acc=last.get("class_acc"), final_fwiou=last.get("fwiou"),
+        per_class_iou=tuple(last["per_class_iou"]) if last.get("per_class_iou") is not None else None,
+        class_names=tuple(train_src.info.class_names or ()),
+        train_seconds=result.train_seconds + (time.perf_counter() - t0 - result.seconds),  # resumes included
+        cache=str(reader.path) if reader is not None else None,
+    )
+    summary = record.to_dict()
     if ctx.is_main:
-        atomic_write_json(out_dir / "result.json", summary)
+        atomic_write_json(out_dir / RESULT_JSON, summary)
     return summary

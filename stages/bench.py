@@ -40,21 +40,24 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
 
 
-AccuracyOutOpt = Annotated[Path, typer.Option("--out", help="Folder for accuracy.json and accuracy.md.")]
+AccuracyOutOpt = Annotated[Optional[Path], typer.Option("--out", help="Folder for accuracy.json and accuracy.md "
+                                                                      "(default: reports/<config name>/).")]
 
 
 def bench_accuracy(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                    seeds: Annotated[int, typer.Option(help="Seeds of the student and of AttnFD (cached and "
                                                            "online): the rows the goals compare.")] = 3,
                    extra_seeds: Annotated[int, typer.Option(help="Seeds of KD, LAD, AICSD and Af-DCD.")] = 1,
-                   out: AccuracyOutOpt = Path("bench")):
+                   out: AccuracyOutOpt = None):
     """Accuracy of the teacher, the student and the student with KD, LAD, AICSD, Af-DCD and AttnFD (cached
-    and online) on the config's data; checks the goals. Resumable: finished runs are skipped."""
+    and online) on any config's data, with paired differences over shared seeds; checks the goals.
+    Resumable: finished runs are skipped."""
     import shlex
 
     from attnfd_pipeline.experiments.accuracy import goals, run_accuracy_bench
 
     cfg = load(config, set_)
+    out = out or Path("reports") / cfg.name  # a user's config must not overwrite the committed demo bench
     command = " ".join(["attnfd bench-accuracy", "--config", shlex.quote(str(config)),
                         *(f"--set {shlex.quote(o)}" for o in set_ or []), f"--seeds {seeds}",
                         f"--extra-seeds {extra_seeds}", "--out", shlex.quote(str(out))])

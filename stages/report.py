@@ -36,8 +36,9 @@ def studies(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                 "--study", help="Only these studies (repeatable): reference, K, methods, alpha, points, norm, "
                                 "teacher_mode. Default: all.")] = None,
             seeds: Annotated[int, typer.Option(
-                help="Seeds of the reference rows, the methods table and the K study.")] = 3,
-            extra_seeds: Annotated[int, typer.Option(help="Seeds of every other row.")] = 1,
+                help="Seeds of every row compared with a reference row (reference, methods, K, α, points, norm, "
+                     "teacher CBAM mode): differences are paired over them.")] = 3,
+            extra_seeds: Annotated[int, typer.Option(help="Seeds of the plain student at each other K.")] = 1,
             k: Annotated[str, typer.Option("--k", help="Cached augmentation seeds K of the K study.")] = "1,2,4,8",
             alpha: Annotated[str, typer.Option("--alpha", help="α values of the α sweep (besides the config's).")]
             = "3,10,100,300",

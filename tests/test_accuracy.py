@@ -28,11 +28,11 @@ def _with(cfg, tmp_path, *overrides):
 def test_plan_has_every_method_with_its_seeds():
     cfg = load_config("configs/demo.toml", ["student.train.seed=5"])
     plan = acc.plan_runs(cfg, seeds=3, extra_seeds=1)
-    seeds = {p.method: p.seeds for p in plan}
+    seeds = {p.label: p.seeds for p in plan}
     assert set(seeds) == set(acc.METHODS) - {"teacher"}
     assert seeds["student"] == seeds["attnfd"] == seeds["attnfd_online"] == (5, 6, 7)  # the rows the goals compare
     assert all(seeds[m] == (5,) for m in ("kd", "lad", "aicsd", "afdcd"))
-    assert {p.method: len(p.seeds) for p in acc.plan_runs(cfg, seeds=2, extra_seeds=2)}["kd"] == 2
+    assert {p.label: len(p.seeds) for p in acc.plan_runs(cfg, seeds=2, extra_seeds=2)}["kd"] == 2
     bench = acc.bench_config(cfg, plan)
     assert bench.cache.extra == ("logits", "raw") and bench.cache.K == cfg.cache.K == 4
     runs = acc.schedule(bench, plan)
@@ -122,31 +122,51 @@ def test_format_markdown_statistics_and_goals():
                + _rows("kd", [0.53]) + _rows("attnfd", [0.56, 0.57, 0.58]) + _rows("attnfd_online", [0.555]))
     md = acc.format_markdown(results, {"command": "make bench-accuracy", "planned": {"lad": 1, "student": 3},
                                        "cache": {"path": "cache/x", "seconds": 30.0, "K": 4, "extra": ["logits"]},
-                                       "wall_seconds": 5.0})
+                                       "wall_seconds": 5.0, "dataset": "demo", "crop": [64, 64]})
     lines = md.split("## Goals")[0].splitlines()
     cells = ([x.strip() for x in line.strip("|").split("|")] for line in lines if line.startswith("| "))
     table = {c[0]: c for c in cells}
-    assert table["Teacher"][1:] == ["1", "0", "80.00", "", "95.00"]
-    assert table["Student (α = 0)"][1:] == ["3", "0, 1, 2", f"52.00 ± {statistics.stdev([50, 52, 54]):.2f}", "",
+    assert table["Teacher"][1:] == ["1", "0", "80.00", "", "", "95.00"]
+    assert table["Student (α = 0)"][1:] == ["3", "0, 1, 2", f"52.00 ± {statistics.stdev([50, 52, 54]):.2f}", "", "",
                                             "82.00 ± 2.00"]
-    assert table["S + AttnFD (cached)"][3:5] == ["57.00 ± 1.00", "+5.00"]
-    assert table["S + KD"][3:5] == ["53.00", "+1.00"]
-    assert table["S + AttnFD (online, fresh augmentation)"][3:5] == ["55.50", "+3.50"]
+    # paired over seeds 0–2: differences 6, 5, 4 → mean 5, SE 1/√3, half-width t(0.975, 2) · SE = 2.484
+    assert table["S + AttnFD (cached)"][3:6] == ["57.00 ± 1.00", "+5.00", "+5.00 [+2.52, +7.48] (n = 3)"]
+    assert table["S + KD"][3:6] == ["53.00", "+1.00", "+3.00 (n = 1)"]  # seed 0 only: no interval
+    assert table["S + AttnFD (online, fresh augmentation)"][3:6] == ["55.50", "+3.50", "+5.50 (n = 1)"]
     assert table["S + LAD"][1:4] == ["0 of 1", "", "–"]  # planned, not run yet
     assert "S + AICSD" not in table  # neither planned nor run
-    assert "- teacher − student ≥ 5 mIoU: **28.00** — met" in md
-    assert "- AttnFD (cached) − student ≥ 2 mIoU (means over seeds), and more than twice the std over seeds: " \
-           "**5.00** — met" in md and "twice the larger std = 4.00" in md
-    assert "- |AttnFD cached − AttnFD online| ≤ 1 mIoU: **1.50** — missed" in md
+    assert "Dataset `demo`; evaluation protocol `center_crop`: short side resized to the crop size (64×64)" in md
+    assert ("Differences resolved (the 95 % interval of the paired Δ vs the student excludes 0): S + AttnFD (cached); "
+            "one shared seed, no interval: S + KD, S + AttnFD (online, fresh augmentation).") in md
+    assert "- teacher − student ≥ 5 mIoU (the teacher's run minus the student's mean): **28.00** — met" in md
+    assert ("- AttnFD (cached) − student ≥ 2 mIoU, decided by the paired mean over shared seeds, with its 95 % "
+            "interval above 0: **5.00** — met (paired Δ +5.00 [+2.52, +7.48] (n = 3), SE 0.58; the interval's lower "
+            "end 2.52 is also ≥ 2, so a gain ≥ 2 is also established at 95 %)") in md
+    assert "|AttnFD cached − AttnFD online| ≤ 1 mIoU, as equivalence" in md and "an interval needs ≥ 2 shared seeds" in md
     assert "Reproduce: `make bench-accuracy`" in md
     assert "Total 210 s" in md and "| cache build (K = 4, extra: logits) |  | `cache/x` | 30 |" in md
 
     g = {x.text.split(" ≥")[0].split(" ≤")[0]: x for x in acc.goals(results)}
     assert g["AttnFD (cached) − student"].value == pytest.approx(5.0)
-    # a gain within twice the seed std is missed; one seed per row cannot be judged; no online run yet
-    noisy = _rows("student", [0.50, 0.52, 0.54]) + _rows("attnfd", [0.51, 0.55, 0.59])
-    assert [x.met for x in acc.goals(noisy)] == [None, False, None]  # gain 3.00 < 2 × std 4.00
-    single = _rows("student", [0.50]) + _rows("attnfd", [0.60]) + _rows("attnfd_online", [0.605])
-    got = acc.goals(single)
-    assert got[1].met is None and got[1].value == pytest.approx(10.0) and got[2].met is True
+    assert [x.met for x in acc.goals(results)] == [True, True, None]  # one online seed: no interval yet
+
+
+def test_goals_are_decided_by_the_paired_statistics():
+    student = _rows("student", [0.50, 0.52, 0.54])
+    # mean gain 3 ≥ 2, but the differences 1, 3, 5 leave an interval [-1.97, +7.97]: the gain is not resolved
+    noisy = student + _rows("attnfd", [0.51, 0.55, 0.59])
+    gain = acc.goals(noisy)[1]
+    assert gain.value == pytest.approx(3.0) and gain.met is False and "[-1.97, +7.97]" in gain.detail
+    # resolved (every seed +1.5) but below the goal
+    assert acc.goals(student + _rows("attnfd", [0.515, 0.535, 0.555]))[1].met is False
+    # one seed per row: no interval, not decided
+    single = _rows("student", [0.50]) + _rows("attnfd", [0.60])
+    assert acc.goals(single)[1].met is None and acc.goals(single)[1].value == pytest.approx(10.0)
+    # equivalence: differences 0.2, -0.1, 0.3 → interval [-0.38, +0.65] inside [-1, 1]
+    cached = _rows("attnfd", [0.56, 0.57, 0.58])
+    close = acc.goals(cached + _rows("attnfd_online", [0.558, 0.571, 0.577]))[2]
+    assert close.met is True and close.value == pytest.approx(0.4 / 3) and "[-0.38, +0.65]" in close.detail
+    # a mean difference of 0.33 whose interval [-2.54, +3.20] reaches outside ±1: equivalence not shown
+    wide = acc.goals(cached + _rows("attnfd_online", [0.55, 0.58, 0.57]))[2]
+    assert wide.met is False and wide.status == "equivalence not shown" and "reaches outside" in wide.detail
     assert "not measured yet" in acc.format_markdown(single)

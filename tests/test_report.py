@@ -84,24 +84,36 @@ def test_report_tables_figures_and_json(runs, tmp_path):
     assert main["Teacher (deeplabv3plus_resnet101, inpath CBAM)"][3] == "80.00"
     student = main["Student (deeplabv3plus_resnet18)"]
     assert student[2] == "3" and student[3] == f"52.00 ± {statistics.stdev([50, 52, 54]):.2f}"
-    assert student[5] == "82.00 ± 2.00"
+    assert student[6] == "82.00 ± 2.00" and student[5] == ""
     attnfd = main["S + AttnFD"]
     assert attnfd[1:5] == ["2", "3", "61.00 ± 1.00", "+9.00"]
-    assert main["S + KD"][1:5] == ["1", "1", "55.00", "+3.00"]
+    # paired over seeds 0–2: differences 10, 9, 8 → mean 9, SE 1/√3, t(0.975, 2) = 4.303
+    half = 4.3027 / 3 ** 0.5
+    assert attnfd[5] == f"+9.00 [+{9 - half:.2f}, +{9 + half:.2f}] (n = 3)" == "+9.00 [+6.52, +11.48] (n = 3)"
+    assert main["S + KD"][1:6] == ["1", "1", "55.00", "+3.00", "+5.00 (n = 1)"]  # only seed 0 is shared
     assert main["S + AttnFD + KD"][3] == "59.00" and main["S + AttnFD (online)"][3] == "60.50"
     assert list(main)[:3] == ["Teacher (deeplabv3plus_resnet101, inpath CBAM)", "Student (deeplabv3plus_resnet18)",
                               "S + KD"]  # rivals first, AttnFD last, combinations after single methods
     alpha = {(r[0], r[1]): r for r in _rows(md, "α sweep")}
     assert set(alpha) == {("0 (student)", ""), ("0.1", "cached"), ("2", "cached"), ("10", "cached"), ("2", "online")}
-    assert alpha[("10", "cached")][3:] == ["58.00", "+6.00"]
+    # the ablations are paired with AttnFD at the reference setting (α = 2: 60, 61, 62 on seeds 0–2)
+    assert alpha[("10", "cached")][3:] == ["58.00", "+6.00", "-2.00 (n = 1)"]
+    assert alpha[("2", "cached")][5] == "reference" and alpha[("2", "online")][5] == "+0.50 (n = 1)"
     k = {r[0]: r for r in _rows(md, "Cached augmentation seeds K")}
     assert list(k) == ["1", "2", "4", "online"]
-    assert k["1"][2:] == ["57.00", "49.00", "+8.00"] and k["4"][2] == "61.00 ± 1.00"
+    assert k["1"][2:] == ["57.00", "49.00", "+8.00", "+8.00 (n = 1)"] and k["4"][2] == "61.00 ± 1.00"
+    assert k["2"][3:] == ["–", "", ""]  # no student at K = 2: nothing to pair with
+    assert k["4"][5] == "+9.00 [+6.52, +11.48] (n = 3)"
     points = {r[0]: r[2] for r in _rows(md, "Distillation points")}
     assert points == {"D": "58.00", "B+E+D": "61.00 ± 1.00"}
+    assert {r[0]: r[4] for r in _rows(md, "Distillation points")} == {"D": "-2.00 (n = 1)", "B+E+D": "reference"}
     assert {r[0]: r[2] for r in _rows(md, "Normalisation")} == {"batch": "61.00 ± 1.00", "channel": "57.00"}
     cbam = {r[0]: r for r in _rows(md, "Teacher CBAM mode")}
     assert cbam["inpath"][1] == "80.00" and cbam["fitted"][1:4] == ["78.00", "1", "63.00"]
+    assert cbam["fitted"][5] == "+3.00 (n = 1)" and cbam["inpath"][5] == "reference"
+    # the header names the dataset and the evaluation protocol; the methods table says what is resolved
+    assert "Dataset `demo`; evaluation protocol `center_crop`" in md and "Paired Δ: the mean of" in md
+    assert "Differences resolved (95 % interval of the paired Δ vs the student excludes 0): S + AttnFD;" in md
     per_class = {r[0]: r for r in _rows(md, "Per-class IoU")}
     assert "Best method among the methods with 2 or more seeds: **S + AttnFD**" in md
     assert per_class["circle"][1:] == ["40.00", "60.00", "+20.00"] and per_class["square"][3] == "+5.00"
@@ -113,6 +125,9 @@ def test_report_tables_figures_and_json(runs, tmp_path):
             assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 5  # not blank
     data = json.loads(files["json"].read_text())
     assert data["main"][1]["miou"]["n"] == 3 and data["per_class"]["best"] == "S + AttnFD"
+    row = next(r for r in data["main"] if r["label"] == "S + AttnFD")
+    assert row["seeds"] == {"0": pytest.approx(60.0), "1": pytest.approx(61.0), "2": pytest.approx(62.0)}
+    assert row["paired_vs_student"]["se"] == pytest.approx(1 / 3 ** 0.5) and row["paired_vs_student"]["n"] == 3
     # one lucky run does not stand for its method while others have seeds to average; the header names the
     # seed orders the runs followed (a result without one predates the setting: random), not the config's
     _student(cfg.run_root, method="lad", miou=0.70, seed_order=None)
@@ -172,7 +187,10 @@ def test_fresh_online_runs_are_the_k_study_reference(runs, tmp_path):
     assert k["online (fresh augmentation)"][1:5] == ["2", "65.00 ± 1.41", "10.00", "+55.00"]
     # online on the replayed crops is compared with the student on those crops (K = 4), not the fresh one
     assert k["online"][2] == "60.50" and k["online"][3] == k["4"][3] != "10.00"
-    assert k["4"][5] == "-4.00" and k["1"][5] == "-8.00"  # cached K vs the fresh reference
+    assert k["4"][6] == "-4.00" and k["1"][6] == "-8.00"  # cached K vs the fresh reference (means)
+    # paired on seeds 0, 1: 60 − 64, 61 − 66 → −4.5, SE 0.5, t(0.975, 1) = 12.706
+    assert k["4"][7] == "-4.50 [-10.85, +1.85] (n = 2)" and k["1"][7] == "-7.00 (n = 1)"
+    assert k["online (fresh augmentation)"][5] == "no shared seeds"  # its student ran seed 9 only
     main = {r[0]: r for r in _rows(md, "Methods")}
     assert main["S + AttnFD (online, fresh augmentation)"][3] == "65.00 ± 1.41"
     assert main["S + AttnFD (online)"][3] == "60.50" and main["Student (deeplabv3plus_resnet18)"][2] == "3"
@@ -181,7 +199,8 @@ def test_fresh_online_runs_are_the_k_study_reference(runs, tmp_path):
     data = json.loads(files["json"].read_text())
     assert data["K"][-1] == {"K": "online-fresh",
                              "miou": {"n": 2, "mean": pytest.approx(65.0), "std": pytest.approx(1.4142, abs=1e-4)},
-                             "student": {"n": 1, "mean": pytest.approx(10.0), "std": None}}
+                             "student": {"n": 1, "mean": pytest.approx(10.0), "std": None},
+                             "seeds": {"0": pytest.approx(64.0), "1": pytest.approx(66.0)}, "paired_vs_student": None}
 
 
 def test_report_cli(runs, tmp_path):

@@ -21,12 +21,15 @@ def test_plan_covers_every_study_without_repeating_the_reference():
     plan = st.plan_studies(cfg, seeds=3, extra_seeds=1)
     by = {p.label: p for p in plan}
     assert {p.study for p in plan} == set(st.STUDIES)
-    # reference, methods and K study: 3 seeds; the rest 1; the config's own K / α / points / norm / mode
-    # are the reference
+    # every row compared with a reference row has the reference's 3 seeds (its differences are paired over
+    # them): the methods, the K study's AttnFD rows and the α, points, norm and teacher-CBAM-mode ablations;
+    # only the student at the other K has 1. The config's own K / α / points / norm / mode are the reference
     assert by["student"].seeds == by["attnfd"].seeds == by["attnfd K=8"].seeds == by["kd"].seeds == (3, 4, 5)
     assert by["attnfd online (fresh augmentation)"].overrides | {} == {"method": "attnfd", "mode": "online",
                                                                        "online_fresh": True}
-    assert by["student K=1"].seeds == by["attnfd α=100"].seeds == (3,)
+    for label in ("attnfd α=100", "attnfd at B", "attnfd norm channel", "attnfd, fitted teacher CBAM"):
+        assert by[label].seeds == (3, 4, 5), label
+    assert by["student K=1"].seeds == (3,)
     assert [p.K for p in plan if p.study == "K" and p.K] == [1, 1, 2, 2, 8, 8]  # K = 4 is the reference row
     assert [p.label for p in plan if p.study == "methods"] == ["kd", "lad", "aicsd", "afdcd", "cirkd", "attnfd+kd"]
     assert [p.overrides["alpha"] for p in plan if p.study == "alpha"] == [3.0, 10.0, 100.0, 300.0]  # 30: reference
@@ -35,7 +38,8 @@ def test_plan_covers_every_study_without_repeating_the_reference():
     assert [p.teacher_mode for p in plan if p.study == "teacher_mode"] == ["fitted", "parameter_free", "untrained"]
 
     runs = st.schedule(cfg, plan)
-    assert len(runs) == sum(len(p.seeds) for p in plan) == 54
+    # 54 runs before the ablations had seeds: 4 α + 3 points + 2 norms + 3 teacher modes, 2 more seeds each
+    assert len(runs) == sum(len(p.seeds) for p in plan) == 54 + 2 * 12 == 78
     assert len({(c.name, run_name(c)) for _, c in runs}) == len(runs)  # every run has its own folder
     assert [c.student.train.seed for _, c in runs[:28]] == [3] * 28  # every row's first seed comes first
     # one cache per (teacher root, K), holding what its cached runs read: the rivals need logits and raw maps
@@ -141,3 +145,21 @@ def test_tiny_studies_train_once_and_report_every_study(tiny_pipeline, tmp_path,
     assert "report:" in r.output and (out / "report.md").read_text() == md
     r = CliRunner().invoke(app, ["studies", "--config", str(p), "--k", "one"])
     assert r.exit_code == 2 and "--k" in r.output
+
+
+@pytest.mark.parametrize("config", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.toml")))
+def test_every_shipped_config_plans_paired_studies_and_bench(config):
+    """`attnfd studies` and `attnfd bench-accuracy` plan on any config: every compared row shares its
+    reference's seeds, and each (root, K) cache carries what its cached methods read."""
+    from attnfd_pipeline.experiments import accuracy as acc
+    from attnfd_pipeline.experiments.plan import count_runs
+
+    cfg = load_config(config)
+    plan = st.plan_studies(cfg)
+    ref = next(p for p in plan if p.label == "attnfd").seeds
+    assert all(p.seeds == ref for p in plan if not p.label.startswith("student K="))
+    runs = st.schedule(cfg, plan)
+    assert len(runs) == count_runs(plan) and len({(c.name, run_name(c)) for _, c in runs}) == len(runs)
+    assert {c.cache.extra for _, c in runs if c.name == cfg.name and c.cache.K == cfg.cache.K} == {("logits", "raw")}
+    bench = acc.bench_config(cfg, acc.plan_runs(cfg))
+    assert bench.cache.extra == ("logits", "raw") and len(acc.schedule(bench, acc.plan_runs(cfg))) == 13

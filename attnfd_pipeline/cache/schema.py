@@ -68,6 +68,15 @@ def target_names(points: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     return names
 
 
+def extra_for(targets: typing.Iterable[str], extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The inverse of ``target_names``: the ``cache.extra`` entries (``logits``, ``raw``) that make a cache
+    hold every one of ``targets``, joined with the ``extra`` already asked for, in canonical order."""
+    targets = list(targets)
+    need = set(extra) | ({"logits"} if "logits" in targets else set())
+    need |= {"raw"} if any(t.startswith(RAW_PREFIX) for t in targets) else set()
+    return tuple(e for e in ("logits", "raw") if e in need)
+
+
 def cache_target_names(cache_cfg) -> list[str]:
     return target_names(cache_cfg.points, cache_cfg.extra)
 

@@ -2,8 +2,8 @@
 demo by default) — the teacher, the plain student, the student with each method, and AttnFD cached
 against AttnFD online — with the bench's goals (``goals``) checked on the measured numbers.
 
-The bench is a plan of ordinary Stage 2 runs (``plan_runs``: method label, ``StudentConfig`` overrides,
-seeds) on the config's own run folder, so the demo teacher and finished runs are reused:
+The bench is a plan of ordinary Stage 2 runs (``plan_runs``: ``experiments.plan.PlannedRun`` rows labelled
+by method) on the config's own run folder, so the demo teacher and finished runs are reused:
 
 1. the teacher (``runs/<name>/teacher``): trained with ``run_teacher`` only when its bundle is missing;
 2. one cache holding every target the methods read (``cache.extra`` = ``logits`` for KD / AICSD, ``raw``
@@ -18,8 +18,9 @@ seeds) on the config's own run folder, so the demo teacher and finished runs are
 
 After the teacher and after every run, ``accuracy.json`` (a list of runs: ``method``, ``seed``, ``miou``,
 ``pixel_acc`` as fractions, plus ``run``, ``train_seconds`` …) and ``accuracy.md`` (``format_markdown``:
-per-method table, the goals met or missed, the command, the times) are rewritten atomically, so a killed
-bench shows what it finished and the next call goes on from there.
+per-method table with the paired difference over the student on shared seeds, the goals decided by the
+statistic each names — docs/statistics.md —, the command, the times) are rewritten atomically, so a
+killed bench shows what it finished and the next call goes on from there.
 """
 
 from __future__ import annotations
@@ -29,15 +30,19 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 from attnfd_pipeline.cache import CacheError, build_cache, find_cache
-from attnfd_pipeline.config import Config, ConfigError
+from attnfd_pipeline.config import Config
 from attnfd_pipeline.data.source import ImageSource
-from attnfd_pipeline.losses import required_targets
-from attnfd_pipeline.experiments.report import Stat
+from attnfd_pipeline.records import CENTER_CROP, RunRecord
 from attnfd_pipeline.runs import check_student_inputs, evaluate_bundle, run_teacher
 from attnfd_pipeline.student import finished_result, run_student
+from attnfd_pipeline.experiments.plan import (CACHED, ONLINE_FRESH, PlannedRun, cache_extra, reads_cache,
+                                              run_config, seed_range, with_cache_extra)
+from attnfd_pipeline.experiments.plan import schedule as plan_schedule
+from attnfd_pipeline.experiments.report import PAIRED_NOTE, evaluation_line
+from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, equivalent, paired, seed_values
 from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -50,80 +55,44 @@ LABELS = {"teacher": "Teacher", "student": "Student (α = 0)", "kd": "S + KD", "
 RIVALS = ("kd", "lad", "aicsd", "afdcd")
 # the goals, in mIoU points
 TEACHER_GAP = 5.0  # teacher − student ≥ 5
-ATTNFD_GAIN = 2.0  # AttnFD (cached) − student ≥ 2, and more than twice the std over seeds
-ONLINE_GAP = 1.0  # |AttnFD cached − AttnFD online| ≤ 1
+ATTNFD_GAIN = 2.0  # AttnFD (cached) − student ≥ 2: paired mean over shared seeds, interval above 0
+ONLINE_GAP = 1.0  # |AttnFD cached − AttnFD online| ≤ 1: 95 % paired interval inside [−1, 1]
 RESULTS_JSON, RESULTS_MD, CACHE_JSON = "accuracy.json", "accuracy.md", "accuracy_cache.json"
 DEFAULT_COMMAND = "make bench-accuracy"
-
-
-class Planned(NamedTuple):
-    """One row of the bench: its label in accuracy.json, the ``StudentConfig`` fields it changes, its seeds."""
-
-    method: str
-    overrides: dict[str, Any]
-    seeds: tuple[int, ...]
 
 
 # ---------------------------------------------------------------------------------------------
 # the plan
 
 
-def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1) -> list[Planned]:
-    """The student runs of the bench (the teacher is not a student run): the student, AttnFD (cached) and
-    AttnFD online — the rows the goals compare — with ``seeds`` seeds, every other method with
-    ``extra_seeds``; seeds count up from ``student.train.seed``."""
+def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1) -> list[PlannedRun]:
+    """The student runs of the bench (the teacher is not a student run), labelled by accuracy.json's
+    ``method``: the student, AttnFD (cached) and AttnFD online — the rows the goals compare — with ``seeds``
+    seeds, every other method with ``extra_seeds``; seeds count up from ``student.train.seed``."""
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: the student and AttnFD (cached, online) need at least 1 seed "
                          f"(the goals 3)")
     if extra_seeds < 1:
         raise ValueError(f"--extra-seeds {extra_seeds}: every method needs at least 1 seed")
-    first = cfg.student.train.seed
-    main, extra = tuple(range(first, first + seeds)), tuple(range(first, first + extra_seeds))
-    cached = {"mode": "cached", "online_fresh": False}
+    main, extra = seed_range(cfg, seeds), seed_range(cfg, extra_seeds)
     return [
-        Planned("student", {**cached, "alpha": 0.0}, main),
-        *(Planned(m, {**cached, "method": m}, extra) for m in RIVALS),
-        Planned("attnfd", {**cached, "method": "attnfd"}, main),
-        Planned("attnfd_online", {"method": "attnfd", "mode": "online", "online_fresh": True}, main),
+        PlannedRun("student", {**CACHED, "alpha": 0.0}, main),
+        *(PlannedRun(m, {**CACHED, "method": m}, extra) for m in RIVALS),
+        PlannedRun("attnfd", {**CACHED, "method": "attnfd"}, main),
+        PlannedRun("attnfd_online", {**ONLINE_FRESH, "method": "attnfd"}, main),
     ]
 
 
-def run_config(cfg: Config, planned: Planned, seed: int) -> Config:
-    """``cfg`` with ``planned``'s student overrides and run seed (validated like a config file)."""
-    try:
-        train = dataclasses.replace(cfg.student.train, seed=int(seed))
-        student = dataclasses.replace(cfg.student, train=train, **planned.overrides)
-    except ConfigError as e:
-        raise ConfigError(f"bench-accuracy run {planned.method!r}: {e}") from None
-    return dataclasses.replace(cfg, student=student)
+def bench_config(cfg: Config, plan: Sequence[PlannedRun]) -> Config:
+    """The config every run of the bench uses: the caller's, with the extra targets (``cache.extra``) its
+    one cache needs for every cached method of the plan."""
+    return with_cache_extra(cfg, cache_extra([run_config(cfg, p, p.seeds[0]) for p in plan]))
 
 
-def needed_extra(cfg: Config, plan: Sequence[Planned]) -> tuple[str, ...]:
-    """``cache.extra`` covering every cached target the planned methods read (``logits``, ``raw``),
-    plus whatever the config already asks for."""
-    names: set[str] = set()
-    for p in plan:
-        s = run_config(cfg, p, p.seeds[0]).student
-        if s.alpha > 0 and s.mode == "cached":
-            names.update(required_targets(s.method, s.points))
-    extra = set(cfg.cache.extra)
-    extra |= {"logits"} if "logits" in names else set()
-    extra |= {"raw"} if any(n.startswith("raw_") for n in names) else set()
-    return tuple(e for e in ("logits", "raw") if e in extra)
-
-
-def bench_config(cfg: Config, plan: Sequence[Planned]) -> Config:
-    """The config every run of the bench uses: the caller's, with the cache's extra targets."""
-    return dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, extra=needed_extra(cfg, plan)))
-
-
-def schedule(cfg: Config, plan: Sequence[Planned]) -> list[tuple[str, Config]]:
+def schedule(cfg: Config, plan: Sequence[PlannedRun]) -> list[tuple[str, Config]]:
     """(method, run config) in running order: every method's first seed, then the second seeds …, so a
     bench run in parts covers every row early."""
-    out = []
-    for i in range(max(len(p.seeds) for p in plan)):
-        out += [(p.method, run_config(cfg, p, p.seeds[i])) for p in plan if i < len(p.seeds)]
-    return out
+    return [(p.label, c) for p, c in plan_schedule(cfg, plan)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,13 +154,13 @@ def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = T
 # runs
 
 
-def run_entry(method: str, result: dict) -> dict:
-    """accuracy.json's row of one student run (from its result dict)."""
-    return {"method": method, "seed": result["seed"], "miou": result["final_miou"],
-            "pixel_acc": result["final_pixel_acc"], "best_miou": result.get("best_miou"), "run": result["run"],
-            "alpha": result["alpha"], "student_method": result["method"], "mode": result["mode"],
-            "augment": result.get("augment", "replay"), "epochs": result.get("epochs"),
-            "train_seconds": result.get("train_seconds")}
+def run_entry(method: str, result: dict | RunRecord) -> dict:
+    """accuracy.json's row of one student run (from its result.json record)."""
+    r = result if isinstance(result, RunRecord) else RunRecord.from_dict(result)
+    return {"method": method, "seed": r.seed, "miou": r.final_miou, "pixel_acc": r.final_pixel_acc,
+            "best_miou": r.best_miou, "run": r.run, "alpha": r.alpha, "student_method": r.method, "mode": r.mode,
+            "augment": r.augment, "epochs": r.epochs, "train_seconds": r.train_seconds, "dataset": r.dataset,
+            "eval_protocol": r.eval_protocol}
 
 
 def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extra_seeds: int = 1,
@@ -207,7 +176,8 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
     cfg = bench_config(cfg, plan)
     runs = schedule(cfg, plan)
     meta: dict[str, Any] = {"command": command or DEFAULT_COMMAND, "config": cfg.name, "K": cfg.cache.K,
-                            "planned": {p.method: len(p.seeds) for p in plan} | {"teacher": 1}}
+                            "dataset": cfg.data.dataset, "crop": list(cfg.augment.crop_size),
+                            "planned": {p.label: len(p.seeds) for p in plan} | {"teacher": 1}}
     if progress and not bundle_path(cfg).is_file():
         say(f"[bench-accuracy] no teacher bundle at {bundle_path(cfg)}: training the teacher")
     bundle = ensure_teacher(cfg, progress=progress)
@@ -220,11 +190,11 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
 
     publish()
     # finished runs are checked before anything trains: one from another config stops the bench now
-    finished = {i: finished_result(c) for i, (_, c) in enumerate(runs, 1) if is_done(c)}
+    finished = {i: RunRecord.from_dict(finished_result(c)) for i, (_, c) in enumerate(runs, 1) if is_done(c)}
     pending = [(m, c) for i, (m, c) in enumerate(runs, 1) if i not in finished]
     if pending:
         check_student_inputs(cfg)  # dataset files, backbone weights: before any run writes
-    if any(c.student.alpha > 0 and c.student.mode == "cached" for _, c in pending):
+    if any(reads_cache(c) for _, c in pending):
         if progress:
             say(f"[bench-accuracy] cache with extra targets {list(cfg.cache.extra)} (K = {cfg.cache.K}): "
                 f"reused when complete, else built")
@@ -235,12 +205,12 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
         else:
             if progress:
                 say(f"[bench-accuracy] {i}/{len(runs)} {method} seed {run_cfg.student.train.seed}: training")
-            result = run_student(run_cfg, resume=True, progress=progress)
-            state = f"trained in {result['train_seconds']:.0f} s"
+            result = RunRecord.from_dict(run_student(run_cfg, resume=True, progress=progress))
+            state = f"trained in {result.train_seconds:.0f} s"
         results.append(run_entry(method, result))
         if progress:
-            say(f"[bench-accuracy] {i}/{len(runs)} {method} seed {result['seed']}: mIoU "
-                f"{result['final_miou'] * 100:.2f} ({state})")
+            say(f"[bench-accuracy] {i}/{len(runs)} {method} seed {result.seed}: mIoU "
+                f"{result.final_miou * 100:.2f} ({state})")
         publish()
     return sorted_results(results)
 
@@ -268,7 +238,7 @@ def write_outputs(out_dir: Path, results: Sequence[dict], meta: dict | None = No
 
 
 def method_stats(results: Sequence[dict]) -> dict[str, dict[str, Stat | None]]:
-    """Per method: mIoU and pixel accuracy as ``report.Stat`` (percent, sample std over seeds)."""
+    """Per method: mIoU and pixel accuracy as ``stats.Stat`` (percent, sample std over seeds)."""
     out = {}
     for m in METHODS:
         rows = [r for r in results if r["method"] == m]
@@ -277,51 +247,74 @@ def method_stats(results: Sequence[dict]) -> dict[str, dict[str, Stat | None]]:
     return out
 
 
+def miou_by_seed(results: Sequence[dict], method: str) -> dict[int, float]:
+    """{seed: mIoU in percent} of one method's runs."""
+    return seed_values((r["seed"], r["miou"]) for r in results if r["method"] == method)
+
+
+def paired_vs(results: Sequence[dict], method: str, reference: str = "student") -> Difference | None:
+    """``method − reference`` mIoU (points), paired over the seeds both rows have."""
+    return paired(miou_by_seed(results, method), miou_by_seed(results, reference))
+
+
 @dataclasses.dataclass(frozen=True)
 class Goal:
-    text: str  # what is required
-    value: float | None  # the measured figure (mIoU points); None = not measured yet
-    met: bool | None  # None = not measured yet
+    text: str  # what is required, with the statistic that decides it
+    value: float | None  # the deciding figure (mIoU points); None = not measured yet
+    met: bool | None  # None = not measured yet (or not decidable on the runs there are)
     detail: str = ""
+    missed_as: str = "missed"  # how a goal that is not met reads (an equivalence that is "not shown")
 
     @property
     def status(self) -> str:
-        return "not measured yet" if self.met is None else ("met" if self.met else "missed")
+        return "not measured yet" if self.met is None else ("met" if self.met else self.missed_as)
+
+
+def _teacher_goal(st: dict[str, Stat | None]) -> Goal:
+    text = f"teacher − student ≥ {TEACHER_GAP:g} mIoU (the teacher's run minus the student's mean)"
+    teacher, student = st.get("teacher"), st.get("student")
+    if teacher is None or student is None:
+        return Goal(text, None, None, "needs the teacher and the student runs")
+    gap = teacher.mean - student.mean
+    return Goal(text, gap, gap >= TEACHER_GAP, f"teacher {teacher.mean:.2f}, student {student.fmt()} (n = {student.n})")
+
+
+def _gain_goal(results: Sequence[dict]) -> Goal:
+    """AttnFD (cached) − student ≥ 2, decided by the paired mean over shared seeds, with the 95 % interval
+    required to exclude 0 (the gain is resolved); whether the interval's lower end reaches 2 too is said."""
+    text = (f"AttnFD (cached) − student ≥ {ATTNFD_GAIN:g} mIoU, decided by the paired mean over shared seeds, "
+            f"with its {LEVEL} interval above 0")
+    d = paired_vs(results, "attnfd")
+    if d is None:
+        return Goal(text, None, None, "needs student and AttnFD (cached) runs of a shared seed")
+    if not d.has_interval:
+        return Goal(text, d.mean, None, f"paired Δ {d.fmt()}: an interval needs ≥ 2 shared seeds")
+    strict = "also" if d.lo >= ATTNFD_GAIN else "not"
+    return Goal(text, d.mean, d.mean >= ATTNFD_GAIN and d.lo > 0,
+                f"paired Δ {d.fmt()}, SE {d.se:.2f}; the interval's lower end {d.lo:.2f} is {strict} ≥ "
+                f"{ATTNFD_GAIN:g}, so a gain ≥ {ATTNFD_GAIN:g} is {strict} established at {LEVEL}")
+
+
+def _online_goal(results: Sequence[dict]) -> Goal:
+    """|AttnFD cached − AttnFD online| ≤ 1 as an equivalence: the 95 % interval of the paired difference
+    inside [−1, 1] (a conservative two one-sided test: each side at 2.5 %)."""
+    text = (f"|AttnFD cached − AttnFD online| ≤ {ONLINE_GAP:g} mIoU, as equivalence: the {LEVEL} interval "
+            f"of the paired difference inside [−{ONLINE_GAP:g}, {ONLINE_GAP:g}]")
+    d = paired_vs(results, "attnfd", "attnfd_online")
+    if d is None:
+        return Goal(text, None, None, "needs AttnFD cached and online runs of a shared seed")
+    if not d.has_interval:
+        return Goal(text, d.mean, None, f"paired Δ {d.fmt()}: an interval needs ≥ 2 shared seeds")
+    ok = equivalent(d, ONLINE_GAP)
+    why = "inside" if ok else "reaches outside"
+    return Goal(text, d.mean, ok, f"cached − online paired Δ {d.fmt()}, SE {d.se:.2f}: the interval {why} "
+                                  f"[−{ONLINE_GAP:g}, {ONLINE_GAP:g}]", missed_as="equivalence not shown")
 
 
 def goals(results: Sequence[dict]) -> list[Goal]:
-    """The three goals of the bench on ``results`` (mIoU points)."""
+    """The three goals of the bench on ``results`` (mIoU points), each decided by the statistic its text names."""
     st = {m: s["miou"] for m, s in method_stats(results).items()}
-    teacher, student, cached, online = (st.get(m) for m in ("teacher", "student", "attnfd", "attnfd_online"))
-    out = []
-    text = f"teacher − student ≥ {TEACHER_GAP:g} mIoU"
-    if teacher is None or student is None:
-        out.append(Goal(text, None, None, "needs the teacher and the student runs"))
-    else:
-        gap = teacher.mean - student.mean
-        out.append(Goal(text, gap, gap >= TEACHER_GAP, f"teacher {teacher.mean:.2f}, student {student.mean:.2f} "
-                                                          f"(n = {student.n})"))
-    text = (f"AttnFD (cached) − student ≥ {ATTNFD_GAIN:g} mIoU (means over seeds), and more than twice the std "
-            f"over seeds")
-    if cached is None or student is None:
-        out.append(Goal(text, None, None, "needs the student and AttnFD (cached) runs"))
-    else:
-        gain = cached.mean - student.mean
-        if cached.std is None or student.std is None:
-            out.append(Goal(text, gain, None, f"n = {cached.n} / {student.n}: the std needs ≥ 2 seeds per row"))
-        else:
-            spread = 2 * max(cached.std, student.std)
-            out.append(Goal(text, gain, gain >= ATTNFD_GAIN and gain > spread,
-                            f"AttnFD {cached.fmt()} (n = {cached.n}), student {student.fmt()} (n = {student.n}); "
-                            f"twice the larger std = {spread:.2f}"))
-    text = f"|AttnFD cached − AttnFD online| ≤ {ONLINE_GAP:g} mIoU"
-    if cached is None or online is None:
-        out.append(Goal(text, None, None, "needs the AttnFD cached and online runs"))
-    else:
-        gap = abs(cached.mean - online.mean)
-        out.append(Goal(text, gap, gap <= ONLINE_GAP, f"cached {cached.mean:.2f} (n = {cached.n}), online with "
-                                                      f"fresh augmentation {online.mean:.2f} (n = {online.n})"))
-    return out
+    return [_teacher_goal(st), _gain_goal(results), _online_goal(results)]
 
 
 def _num(v: float | None, signed: bool = False) -> str:
@@ -334,22 +327,11 @@ def _secs(v: float | None) -> str:
     return "–" if v is None else f"{v:.0f}"
 
 
-def format_markdown(results: Sequence[dict], meta: dict | None = None) -> str:
-    """accuracy.md: the per-method table (n, mean ± std mIoU, pixel accuracy, gain over the student), the
-    goals with their measured values, the command that reproduces it, and the times."""
-    meta = meta or {}
-    rows = sorted_results(results)
+def _method_table(rows: Sequence[dict], planned: dict) -> list[str]:
     stats = method_stats(rows)
-    planned = meta.get("planned", {})
     base = (stats.get("student") or {}).get("miou")
-    md = [f"# Accuracy bench ({meta.get('config', 'config')}: teacher, student, distillation methods)", "",
-          f"Reproduce: `{meta.get('command', DEFAULT_COMMAND)}` — resumable: finished runs are skipped, so it can "
-          f"run in parts. mIoU and pixel accuracy: final-epoch validation of each run, mean ± sample std over seeds "
-          f"(n runs per row); Δ: mIoU points over the student's mean. Online AttnFD computes the teacher's targets "
-          f"every step on a fresh augmentation every epoch; every other method reads the cache"
-          + (f" (K = {meta['K']})" if meta.get("K") else "") + ".", ""]
-    table = ["| method | n | seeds | mIoU (%) | Δ mIoU vs student | pixel acc (%) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    table = [f"| method | n | seeds | mIoU (%) | Δ mIoU vs student (means) | paired Δ vs student [{LEVEL} CI] (n) "
+             f"| pixel acc (%) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for m in METHODS:
         runs = [r for r in rows if r["method"] == m]
         if not runs and m not in planned:
@@ -357,16 +339,62 @@ def format_markdown(results: Sequence[dict], meta: dict | None = None) -> str:
         n = f"{len(runs)}" + (f" of {planned[m]}" if m in planned and len(runs) < planned[m] else "")
         s = stats.get(m, {})
         miou, acc = s.get("miou"), s.get("pixel_acc")
-        delta = _num(miou.mean - base.mean, signed=True) if (miou and base and m not in ("teacher", "student")) else ""
+        delta = pair = ""
+        if m not in ("teacher", "student"):
+            delta = _num(miou.mean - base.mean, signed=True) if (miou and base) else ""
+            d = paired_vs(rows, m)
+            pair = d.fmt() if d is not None else ("no shared seeds" if runs and base else "")
         table.append(f"| {LABELS[m]} | {n} | {', '.join(str(r['seed']) for r in runs)} | "
-                     f"{miou.fmt() if miou else '–'} | {delta} | {acc.fmt() if acc else '–'} |")
-    md += table + ["", "## Goals", ""]
+                     f"{miou.fmt() if miou else '–'} | {delta} | {pair} | {acc.fmt() if acc else '–'} |")
+    return table
+
+
+def resolved_sentence(rows: Sequence[dict]) -> str:
+    """Which paired differences vs the student are resolved (interval excludes 0) and which are not."""
+    yes, no, single = [], [], []
+    for m in METHODS[2:]:
+        d = paired_vs(rows, m)
+        if d is not None:
+            (single if not d.has_interval else yes if d.resolved else no).append(LABELS[m])
+    parts = [f"resolved (the {LEVEL} interval of the paired Δ vs the student excludes 0): "
+             + (", ".join(yes) or "none")]
+    if no:
+        parts.append("not resolved: " + ", ".join(no))
+    if single:
+        parts.append("one shared seed, no interval: " + ", ".join(single))
+    return "Differences " + "; ".join(parts) + "."
+
+
+def format_markdown(results: Sequence[dict], meta: dict | None = None) -> str:
+    """accuracy.md: the per-method table (n, mean ± std mIoU, unpaired and paired Δ over the student, pixel
+    accuracy), which differences are resolved, the goals with their deciding statistic, the command that
+    reproduces it, and the times."""
+    meta = meta or {}
+    rows = sorted_results(results)
+    md = [f"# Accuracy bench ({meta.get('config', 'config')}: teacher, student, distillation methods)", "",
+          f"Reproduce: `{meta.get('command', DEFAULT_COMMAND)}` — resumable: finished runs are skipped, so it can "
+          f"run in parts.", "",
+          evaluation_line(meta.get("dataset") or _recorded(rows, "dataset"), _protocols(rows),
+                          meta.get("crop")) + " " + PAIRED_NOTE + " Online AttnFD computes the teacher's targets "
+          f"every step on a fresh augmentation every epoch; every other method reads the cache"
+          + (f" (K = {meta['K']})" if meta.get("K") else "") + ".", ""]
+    md += _method_table(rows, meta.get("planned", {}))
+    md += ["", resolved_sentence(rows), "", "## Goals", ""]
     for g in goals(rows):
         value = "" if g.value is None else f"**{_num(g.value)}**"
         md.append(f"- {g.text}: {value}{' — ' if value else ''}{g.status}" + (f" ({g.detail})" if g.detail else ""))
     md += ["", "## Time", ""]
     md += _time_lines(rows, meta)
     return "\n".join(md).rstrip() + "\n"
+
+
+def _recorded(rows: Sequence[dict], key: str) -> str | None:
+    return next((r[key] for r in rows if r.get(key)), None)
+
+
+def _protocols(rows: Sequence[dict]) -> list[str]:
+    """The evaluation protocols of the student runs (a row without one predates the field: centre crop)."""
+    return sorted({r.get("eval_protocol") or CENTER_CROP for r in rows if r["method"] != "teacher"})
 
 
 def _time_lines(rows: Sequence[dict], meta: dict) -> list[str]:

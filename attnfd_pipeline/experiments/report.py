@@ -13,7 +13,11 @@ teachers' ``result.json`` and bundle sidecars, and writes into ``out/``:
 
 A study varies one factor of AttnFD (cached) and holds the others at the config's values (the
 *reference*: α, norm, points, K, teacher CBAM mode, student model). mIoU is each run's final-epoch
-validation mIoU; ± is the sample standard deviation over seeds (shown when n > 1).
+validation mIoU under the evaluation protocol its result.json names; ± is the sample standard deviation
+over seeds (shown when n > 1). Every row compared with a reference row — the plain student for the
+methods and the K study, AttnFD at the reference setting for the α, points, norm and teacher-CBAM-mode
+ablations — also gets the paired difference over the seeds both rows have, with its 95 % t-interval and
+n (``experiments.stats.paired``); a row sharing no seed with its reference says so.
 
 A run's mode is ``cached``, ``online`` (teacher online on the replayed cached crops: equal to cached up to
 float16) or ``online-fresh`` (``student.online_fresh``: a fresh augmentation every epoch, result.json
@@ -24,7 +28,6 @@ float16) or ``online-fresh`` (``student.online_fresh``: a fresh augmentation eve
 from __future__ import annotations
 
 import json
-import math
 import tomllib
 import warnings
 from collections import defaultdict
@@ -34,7 +37,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from attnfd_pipeline.config import LEGACY_SEED_ORDER, Config
+from attnfd_pipeline.config import Config
+from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, paired, seed_values
+from attnfd_pipeline.records import CENTER_CROP, read_record
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
 DISPLAY = {"attnfd": "AttnFD", "kd": "KD", "lad": "LAD", "aicsd": "AICSD", "afdcd": "Af-DCD", "cirkd": "CIRKD"}
@@ -77,38 +82,20 @@ def _teacher_record(root: Path) -> dict | None:
     }
 
 
-def _mode_of(r: dict, s: dict) -> str:
-    """``cached``, ``online`` or ``online-fresh`` from a result.json (``augment``) or its resolved config."""
-    mode = r.get("mode", s.get("mode", "cached"))
-    augment = r.get("augment") or ("fresh" if mode == "online" and s.get("online_fresh") else "replay")
-    return FRESH if mode == "online" and augment == "fresh" else mode
-
-
 def _student_record(path: Path, root: Path, teacher: dict | None) -> dict:
-    """A result.json, with what older results lack filled from the run's resolved config."""
-    r = json.loads(path.read_text())
-    cfg = _read_toml(path.parent / "config.resolved.toml")
-    s = cfg.get("student", {})
-    mode_tag = _mode_of(r, s)
-    alpha = float(r.get("alpha", s.get("alpha", 0.0)))
-    method = r.get("method") or (s.get("method", "attnfd") if alpha > 0 else "none")
-    if alpha == 0:
-        method = "none"
-    t_info = r.get("teacher") or {}
-    mode = t_info.get("cbam_mode") or (teacher or {}).get("cbam_mode") or cfg.get("teacher", {}).get("cbam_mode")
+    """The report's row of one run: its ``RunRecord`` (older results filled from the resolved config), with
+    the teacher CBAM mode taken from the run root's teacher when the result does not name it."""
+    rec = read_record(path.parent)
+    mode = (rec.teacher or {}).get("cbam_mode") or (teacher or {}).get("cbam_mode") \
+        or _read_toml(path.parent / "config.resolved.toml").get("teacher", {}).get("cbam_mode")
     return {
-        "run": r.get("run", path.parent.name), "root": str(root),
-        "model": r.get("model", s.get("model", {}).get("name")),
-        "method": method, "alpha": alpha, "norm": r.get("norm", s.get("norm")),
-        "points": tuple(r.get("points") or s.get("points") or ()), "mode": mode_tag,
-        "augment": "fresh" if mode_tag == FRESH else "replay",
-        # which cached seed each epoch showed (fresh crops read none); older results do not record it
-        "seed_order": None if mode_tag == FRESH else r.get("seed_order", LEGACY_SEED_ORDER),
-        "seed": r.get("seed", s.get("train", {}).get("seed")), "K": r.get("K", cfg.get("cache", {}).get("K")),
-        "teacher_mode": mode if alpha > 0 else None,
-        "miou": r.get("final_miou"), "pixel_acc": r.get("final_pixel_acc"), "best_miou": r.get("best_miou"),
-        "per_class_iou": r.get("per_class_iou"), "class_names": r.get("class_names"),
-        "seconds": r.get("train_seconds"), "epochs": r.get("epochs"),
+        "run": rec.run, "root": str(root), "model": rec.model, "method": rec.method, "alpha": rec.alpha,
+        "norm": rec.norm, "points": rec.points, "mode": rec.mode_tag, "augment": rec.augment,
+        "seed_order": rec.seed_order, "seed": rec.seed, "K": rec.K, "teacher_mode": mode if rec.distilled else None,
+        "miou": rec.final_miou, "pixel_acc": rec.final_pixel_acc, "best_miou": rec.best_miou,
+        "per_class_iou": list(rec.per_class_iou) if rec.per_class_iou is not None else None,
+        "class_names": list(rec.class_names) or None, "seconds": rec.train_seconds, "epochs": rec.epochs,
+        "dataset": rec.dataset, "eval_protocol": rec.eval_protocol,
     }
 
 
@@ -135,23 +122,6 @@ def collect_runs(cfg: Config, extra_roots: Iterable[str | Path] = ()) -> tuple[l
 
 # ---------------------------------------------------------------------------------------------
 # statistics and formatting
-
-
-@dataclass
-class Stat:
-    n: int
-    mean: float
-    std: float | None  # sample std (ddof = 1) when n > 1
-
-    @classmethod
-    def of(cls, values: Sequence[float | None]) -> "Stat | None":
-        v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64) * 100
-        if v.size == 0:
-            return None
-        return cls(int(v.size), float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None)
-
-    def fmt(self) -> str:
-        return f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.std is not None else "")
 
 
 def _fmt(stat: Stat | None) -> str:
@@ -248,13 +218,64 @@ def _teacher_at_ref(teachers: list[dict], cfg: Config) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# paired differences
+
+PAIRED_NOTE = (f"Paired Δ: the mean of the per-seed differences over the seeds both rows share (seed s of every "
+               f"row has the same initialisation, data order and cached crops), with its {LEVEL} Student-t "
+               f"interval and n; an interval that excludes 0 resolves the difference. Δ (means): the difference of "
+               f"the unpaired means.")
+# what each evaluation protocol name means, for the reports' header
+PROTOCOLS = {CENTER_CROP: "short side resized to the crop size, then the centre crop"}
+
+
+def evaluation_line(dataset: str | None, protocols: Sequence[str], crop: Sequence[int] | None = None) -> str:
+    """The sentence naming the dataset and the evaluation protocol(s) of a table's runs."""
+    size = f" ({crop[0]}×{crop[1]})" if crop else ""
+    named = "; ".join(f"`{p}`" + (f": {PROTOCOLS[p].replace('crop size', 'crop size' + size)}" if p in PROTOCOLS
+                                  else "") for p in protocols) or "–"
+    return (f"Dataset `{dataset or '–'}`; evaluation protocol {named}. mIoU / pixel accuracy: final-epoch validation "
+            f"of each run, mean ± sample std over seeds (n runs per row).")
+
+
+def _seeds(runs: Sequence[dict]) -> dict[int, float]:
+    return seed_values((r.get("seed"), r["miou"]) for r in runs)
+
+
+def _paired(runs: Sequence[dict], ref_runs: Sequence[dict]) -> Difference | None:
+    return paired(_seeds(runs), _seeds(ref_runs)) if runs and ref_runs else None
+
+
+def _pair_cell(runs: Sequence[dict], ref_runs: Sequence[dict] | None, *, is_ref: bool = False) -> str:
+    """The paired-Δ cell: ``+0.20 [-0.28, +0.68] (n = 3)``, "reference", "no shared seeds", or "" (no reference)."""
+    if is_ref:
+        return "reference"
+    if not ref_runs or not runs:
+        return ""
+    d = _paired(runs, ref_runs)
+    return d.fmt() if d is not None else "no shared seeds"
+
+
+def _pair_dict(runs: Sequence[dict], ref_runs: Sequence[dict] | None) -> dict | None:
+    d = _paired(runs, ref_runs) if ref_runs else None
+    return d.as_dict() if d is not None else None
+
+
+def _row_data(runs: Sequence[dict]) -> dict:
+    """report.json's figures of one row: the summary and the per-seed values (so differences can be re-paired)."""
+    return {"miou": _stat_dict(Stat.of([r["miou"] for r in runs])), "seeds": {str(k): v for k, v in _seeds(runs).items()}}
+
+
+def _stat_dict(s: Stat | None) -> dict | None:
+    return None if s is None else s.as_dict()
+
+
+# ---------------------------------------------------------------------------------------------
 # the tables
 
 
-def main_table(teachers: list[dict], students: list[dict], cfg: Config) -> tuple[str, list[dict]]:
+def _main_rows(teachers: list[dict], students: list[dict], cfg: Config, base: list[dict]) -> list[dict]:
+    """Teacher, student, then one row per (method, mode) at the reference (its own α when it has no run there)."""
     ref = Reference.of(cfg)
-    base = _baseline(students, ref)
-    base_m, base_a = Stat.of([r["miou"] for r in base]), Stat.of([r["pixel_acc"] for r in base])
     rows: list[dict] = []
     teacher = _teacher_at_ref(teachers, cfg)
     if teacher is not None:
@@ -267,9 +288,8 @@ def main_table(teachers: list[dict], students: list[dict], cfg: Config) -> tuple
         if r["method"] != "none" and _matches(r, ref, method_aware=True):
             groups[(r["method"], r["mode"])].append(r)
     for (method, mode) in sorted(groups, key=lambda k: _method_sort_key(*k)):
-        runs = groups[(method, mode)]
         by_alpha: dict[float, list[dict]] = defaultdict(list)
-        for r in runs:
+        for r in groups[(method, mode)]:
             by_alpha[r["alpha"]].append(r)
         if ref.alpha in by_alpha:
             alpha = ref.alpha
@@ -277,24 +297,47 @@ def main_table(teachers: list[dict], students: list[dict], cfg: Config) -> tuple
             alpha = max(by_alpha, key=lambda a: (len(by_alpha[a]), Stat.of([r["miou"] for r in by_alpha[a]]).mean))
         rows.append({"label": method_label(method, mode), "method": method, "alpha": alpha, "mode": mode,
                      "runs": by_alpha[alpha]})
+    return rows
+
+
+def main_table(teachers: list[dict], students: list[dict], cfg: Config) -> tuple[str, list[dict]]:
+    base = _baseline(students, Reference.of(cfg))
+    base_m, base_a = Stat.of([r["miou"] for r in base]), Stat.of([r["pixel_acc"] for r in base])
     out_rows, table = [], []
-    for row in rows:
+    for row in _main_rows(teachers, students, cfg, base):
         m = Stat.of([r["miou"] for r in row["runs"]])
         a = Stat.of([r["pixel_acc"] for r in row["runs"]])
         is_method = row["method"] not in ("teacher", "none")
         table.append([row["label"], "" if row["alpha"] is None else f"{row['alpha']:g}", m.n if m else 0, _fmt(m),
-                      _delta(m, base_m) if is_method else "", _fmt(a), _delta(a, base_a) if is_method else ""])
+                      _delta(m, base_m) if is_method else "", _pair_cell(row["runs"], base) if is_method else "",
+                      _fmt(a), _delta(a, base_a) if is_method else ""])
         out_rows.append({"label": row["label"], "method": row["method"], "alpha": row["alpha"], "mode": row["mode"],
-                         "n": m.n if m else 0, "miou": _stat_dict(m), "pixel_acc": _stat_dict(a),
-                         "runs": [r.get("run", "teacher") for r in row["runs"]]})
+                         "n": m.n if m else 0, "pixel_acc": _stat_dict(a),
+                         "runs": [r.get("run", "teacher") for r in row["runs"]]} | _row_data(row["runs"])
+                        | {"paired_vs_student": _pair_dict(row["runs"], base) if is_method else None})
     if not table:
         return NO_RUNS, []
-    md = _table(["Method", "α", "n", "mIoU (%)", "Δ mIoU", "pixel acc (%)", "Δ acc"], table)
+    md = _table(["Method", "α", "n", "mIoU (%)", "Δ mIoU (means)", f"paired Δ mIoU [{LEVEL} CI] (n)",
+                 "pixel acc (%)", "Δ acc"], table)
     return md, out_rows
 
 
-def _stat_dict(s: Stat | None) -> dict | None:
-    return None if s is None else {"n": s.n, "mean": s.mean, "std": s.std}
+def resolved_line(rows: Sequence[dict]) -> str:
+    """One sentence: which methods' paired Δ over the student is resolved (interval excludes 0), which not."""
+    yes, no, single = [], [], []
+    for r in rows:
+        d = r.get("paired_vs_student")
+        if d is not None:
+            if d["lo"] is None:
+                single.append(r["label"])
+            else:
+                (yes if d["lo"] > 0 or d["hi"] < 0 else no).append(r["label"])
+    if not (yes or no or single):
+        return ""
+    parts = [f"resolved ({LEVEL} interval of the paired Δ vs the student excludes 0): " + (", ".join(yes) or "none")]
+    parts += ["not resolved: " + ", ".join(no)] if no else []
+    parts += ["one shared seed, no interval: " + ", ".join(single)] if single else []
+    return "Differences " + "; ".join(parts) + "."
 
 
 def _study(students: list[dict], ref: Reference, vary: str, key, order: Sequence | None = None, *,
@@ -311,26 +354,35 @@ def _study(students: list[dict], ref: Reference, vary: str, key, order: Sequence
     return [(k, groups[k]) for k in keys]
 
 
-def alpha_study(students, ref, base_m) -> tuple[str, list[dict], dict]:
+def reference_attnfd(students: list[dict], ref: Reference) -> list[dict]:
+    """AttnFD (cached) at the reference setting: the row every ablation is paired with."""
+    return [r for r in students if r["method"] == "attnfd" and r["mode"] == "cached" and r["alpha"] == ref.alpha
+            and _matches(r, ref)]
+
+
+def alpha_study(students, ref, base_m, ref_runs: Sequence[dict] = ()) -> tuple[str, list[dict], dict]:
     by_mode = {mode: _study(students, ref, "alpha", lambda r: r["alpha"], mode=mode) for mode in MODES}
     if not any(by_mode.values()):
         return NO_RUNS, [], {}
     rows, data = [], []
     if base_m is not None:
-        rows.append(["0 (student)", "", base_m.n, base_m.fmt(), ""])
+        rows.append(["0 (student)", "", base_m.n, base_m.fmt(), "", ""])
     for mode, groups in by_mode.items():
         for alpha, runs in groups:
             m = Stat.of([r["miou"] for r in runs])
-            rows.append([f"{alpha:g}", mode, m.n, m.fmt(), _delta(m, base_m)])
-            data.append({"alpha": alpha, "mode": mode, "miou": _stat_dict(m)})
-    md = _table(["α", "mode", "n", "mIoU (%)", "Δ vs student"], rows)
+            is_ref = mode == "cached" and alpha == ref.alpha
+            rows.append([f"{alpha:g}", mode, m.n, m.fmt(), _delta(m, base_m), _pair_cell(runs, ref_runs, is_ref=is_ref)])
+            data.append({"alpha": alpha, "mode": mode} | _row_data(runs)
+                        | {"paired_vs_reference": None if is_ref else _pair_dict(runs, ref_runs)})
+    md = _table(["α", "mode", "n", "mIoU (%)", "Δ vs student (means)",
+                 f"paired Δ vs AttnFD at α = {ref.alpha:g} [{LEVEL} CI] (n)"], rows)
     return md, data, by_mode
 
 
 FRESH_LABEL = "online (fresh augmentation)"
 
 
-def k_study(students, ref, base_by_k) -> tuple[str, list[dict], dict]:
+def k_study(students, ref, base_by_k: dict[Any, list[dict]]) -> tuple[str, list[dict], dict]:
     """AttnFD at each cached K (and the student at that K), then the online references: ``online``
     (teacher online on the replayed crops) and ``online (fresh augmentation)`` — a new crop every epoch,
     what the K cached seeds approximate — beside the plain student on fresh crops (``base_by_k[FRESH]``),
@@ -340,22 +392,28 @@ def k_study(students, ref, base_by_k) -> tuple[str, list[dict], dict]:
     fresh = _study(students, ref, "K", lambda r: FRESH, mode=FRESH)
     if not cached and not online and not fresh:
         return NO_RUNS, [], {}
-    fresh_m = Stat.of([r["miou"] for _, runs in fresh for r in runs])
+    fresh_runs = [r for _, runs in fresh for r in runs]
+    fresh_m = Stat.of([r["miou"] for r in fresh_runs])
     rows, data = [], []
     for k, runs in cached:
-        m = Stat.of([r["miou"] for r in runs])
-        b = base_by_k.get(k)
-        rows.append([k, m.n, m.fmt(), _fmt(b), _delta(m, b)] + ([_delta(m, fresh_m)] if fresh else []))
-        data.append({"K": k, "miou": _stat_dict(m), "student": _stat_dict(b)}
-                    | ({"vs_fresh": m.mean - fresh_m.mean} if fresh else {}))
+        m, b_runs = Stat.of([r["miou"] for r in runs]), base_by_k.get(k, [])
+        b = Stat.of([r["miou"] for r in b_runs])
+        rows.append([k, m.n, m.fmt(), _fmt(b), _delta(m, b), _pair_cell(runs, b_runs)]
+                    + ([_delta(m, fresh_m), _pair_cell(runs, fresh_runs)] if fresh else []))
+        data.append({"K": k, "student": _stat_dict(b)} | _row_data(runs) | {"paired_vs_student": _pair_dict(runs, b_runs)}
+                    | ({"vs_fresh": m.mean - fresh_m.mean, "paired_vs_fresh": _pair_dict(runs, fresh_runs)}
+                       if fresh else {}))
     for label, key, groups in (("online", "online", online), (FRESH_LABEL, FRESH, fresh)):
         for _, runs in groups:
             m = Stat.of([r["miou"] for r in runs])
-            b = base_by_k.get(ref.K if key == "online" else key)  # online replays the crops of the reference K
-            rows.append([label, m.n, m.fmt(), _fmt(b), _delta(m, b)] + ([""] if fresh else []))
-            data.append({"K": key, "miou": _stat_dict(m)} | ({"student": _stat_dict(b)} if b is not None else {}))
-    header = ["K (cached seeds)", "n", "AttnFD mIoU (%)", "student (α = 0) on the same crops", "Δ"]
-    md = _table(header + (["Δ vs online (fresh)"] if fresh else []), rows)
+            b_runs = base_by_k.get(ref.K if key == "online" else key, [])  # online replays the reference K's crops
+            b = Stat.of([r["miou"] for r in b_runs])
+            rows.append([label, m.n, m.fmt(), _fmt(b), _delta(m, b), _pair_cell(runs, b_runs)] + (["", ""] if fresh else []))
+            data.append({"K": key} | _row_data(runs) | ({"student": _stat_dict(b)} if b is not None else {})
+                        | {"paired_vs_student": _pair_dict(runs, b_runs)})
+    header = ["K (cached seeds)", "n", "AttnFD mIoU (%)", "student (α = 0) on the same crops", "Δ (means)",
+              f"paired Δ vs that student [{LEVEL} CI] (n)"]
+    md = _table(header + (["Δ vs online (fresh, means)", "paired Δ vs online (fresh)"] if fresh else []), rows)
     if fresh:
         md += ("\n\n`online`: the teacher computes the targets every step on the replayed cached crops (equal to "
                "cached at that K up to float16); `online (fresh augmentation)`: a new augmentation every epoch "
@@ -363,20 +421,24 @@ def k_study(students, ref, base_by_k) -> tuple[str, list[dict], dict]:
     return md, data, {"cached": cached, "online": online, FRESH: fresh}
 
 
-def simple_study(students, ref, base_m, vary: str, key, order, header: str) -> tuple[str, list[dict]]:
+def simple_study(students, ref, base_m, vary: str, key, order, header: str,
+                 ref_runs: Sequence[dict] = ()) -> tuple[str, list[dict]]:
     groups = _study(students, ref, vary, key, order)
     if not groups:
         return NO_RUNS, []
+    ref_key = {"points": tuple(ref.points), "norm": ref.norm}[vary]
     rows, data = [], []
     for k, runs in groups:
         m = Stat.of([r["miou"] for r in runs])
         label = _points_label(k) if vary == "points" else k
-        rows.append([label, m.n, m.fmt(), _delta(m, base_m)])
-        data.append({vary: label, "miou": _stat_dict(m)})
-    return _table([header, "n", "AttnFD mIoU (%)", "Δ vs student"], rows), data
+        rows.append([label, m.n, m.fmt(), _delta(m, base_m), _pair_cell(runs, ref_runs, is_ref=k == ref_key)])
+        data.append({vary: label} | _row_data(runs)
+                    | {"paired_vs_reference": None if k == ref_key else _pair_dict(runs, ref_runs)})
+    return _table([header, "n", "AttnFD mIoU (%)", "Δ vs student (means)",
+                   f"paired Δ vs the reference [{LEVEL} CI] (n)"], rows), data
 
 
-def cbam_study(students, teachers, ref, base_m) -> tuple[str, list[dict]]:
+def cbam_study(students, teachers, ref, base_m, ref_runs: Sequence[dict] = ()) -> tuple[str, list[dict]]:
     groups = _study(students, ref, "teacher_mode", lambda r: r["teacher_mode"], CBAM_MODES)
     if not groups:
         return NO_RUNS, []
@@ -387,9 +449,12 @@ def cbam_study(students, teachers, ref, base_m) -> tuple[str, list[dict]]:
     for mode, runs in groups:
         m = Stat.of([r["miou"] for r in runs])
         t = Stat.of([x["miou"] for x in teacher_by_mode.get(mode, [])])
-        rows.append([mode, _fmt(t), m.n, m.fmt(), _delta(m, base_m)])
-        data.append({"teacher_cbam_mode": mode, "teacher_miou": _stat_dict(t), "miou": _stat_dict(m)})
-    return _table(["teacher CBAM mode", "teacher mIoU (%)", "n", "AttnFD mIoU (%)", "Δ vs student"], rows), data
+        is_ref = mode == ref.teacher_mode
+        rows.append([mode, _fmt(t), m.n, m.fmt(), _delta(m, base_m), _pair_cell(runs, ref_runs, is_ref=is_ref)])
+        data.append({"teacher_cbam_mode": mode, "teacher_miou": _stat_dict(t)} | _row_data(runs)
+                    | {"paired_vs_reference": None if is_ref else _pair_dict(runs, ref_runs)})
+    return _table(["teacher CBAM mode", "teacher mIoU (%)", "n", "AttnFD mIoU (%)", "Δ vs student (means)",
+                   f"paired Δ vs `{ref.teacher_mode}` [{LEVEL} CI] (n)"], rows), data
 
 
 def _per_class(runs: list[dict]) -> tuple[np.ndarray | None, list[str] | None]:
@@ -408,107 +473,134 @@ def _per_class(runs: list[dict]) -> tuple[np.ndarray | None, list[str] | None]:
 # the report
 
 
+def _crop_baselines(students: list[dict], ref: Reference) -> dict[Any, list[dict]]:
+    """The plain student per crop regime: each cached K, and FRESH (a new crop every epoch: online-fresh's
+    baseline)."""
+    crops: dict[Any, list[dict]] = defaultdict(list)
+    for r in students:
+        if r["method"] == "none" and r["model"] == ref.model and (r["mode"] == FRESH or r["K"] is not None):
+            crops[FRESH if r["mode"] == FRESH else r["K"]].append(r)
+    return dict(crops)
+
+
+def _header(cfg: Config, ref: Reference, teachers: list[dict], students: list[dict]) -> list[str]:
+    # the order, dataset and protocol the runs followed (from their results), not the config's: a root may
+    # hold older runs
+    orders = ", ".join(f"`{o}`" for o in sorted({r["seed_order"] for r in students if r["seed_order"]})) or "–"
+    datasets = sorted({r["dataset"] for r in students if r["dataset"]}) or [cfg.data.dataset]
+    protocols = sorted({r["eval_protocol"] for r in students}) or [CENTER_CROP]
+    return [f"# {cfg.name}: distillation results", "",
+            f"{len(students)} student runs, {len(teachers)} teacher(s). Reference setting: student "
+            f"`{ref.model}`, α = {ref.alpha:g}, norm `{ref.norm}`, points {_points_label(ref.points)}, K = {ref.K}, "
+            f"teacher CBAM `{ref.teacher_mode}`, cached seed order {orders}.", "",
+            evaluation_line(", ".join(datasets), protocols, cfg.augment.crop_size) + " " + PAIRED_NOTE, ""]
+
+
 def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str | Path] = ()) -> dict[str, Path]:
     """Write ``report.md``, ``report.json`` and the figures into ``out_dir``; returns their paths."""
-    from attnfd_pipeline.experiments import plotting
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     teachers, students = collect_runs(cfg, extra_roots)
     ref = Reference.of(cfg)
     base = _baseline(students, ref)
     base_m = Stat.of([r["miou"] for r in base])
-    # the plain student per crop regime: each cached K, and FRESH (a new crop every epoch: online-fresh's baseline)
-    crops: dict[Any, list[float]] = defaultdict(list)
-    for r in students:
-        if r["method"] == "none" and r["model"] == ref.model and (r["mode"] == FRESH or r["K"] is not None):
-            crops[FRESH if r["mode"] == FRESH else r["K"]].append(r["miou"])
-    base_by_k = {k: Stat.of(v) for k, v in crops.items()}
+    ref_runs = reference_attnfd(students, ref)
     teacher = _teacher_at_ref(teachers, cfg)
     files: dict[str, Path] = {}
     data: dict[str, Any] = {"reference": ref.__dict__ | {"points": list(ref.points)}, "runs": len(students)}
-
-    # the order the runs followed (from their results), not the config's: a root may hold older runs
-    orders = ", ".join(f"`{o}`" for o in sorted({r["seed_order"] for r in students if r["seed_order"]})) or "–"
-    md = [f"# {cfg.name}: distillation results", "",
-          f"{len(students)} student runs, {len(teachers)} teacher(s). Reference setting: student "
-          f"`{ref.model}`, α = {ref.alpha:g}, norm `{ref.norm}`, points {_points_label(ref.points)}, K = {ref.K}, "
-          f"teacher CBAM `{ref.teacher_mode}`, cached seed order {orders}. mIoU / pixel "
-          f"accuracy: final-epoch validation, mean ± sample std "
-          f"over seeds (n runs per row); Δ: percentage points over the plain student.", ""]
+    md = _header(cfg, ref, teachers, students)
 
     table, rows = main_table(teachers, students, cfg)
     data["main"] = rows
     md += ["## Methods", "", table, ""]
+    line = resolved_line(rows)
+    md += [line, ""] if line else []
     if "+" in "".join(r["method"] for r in rows if r["method"] not in ("teacher", "none")):
         md += ["(A method joined with `+` is a combination; each term is weighted by `student.<method>.weight` × its "
                "α: `student.<method>.alpha`, or `student.alpha` when unset.)", ""]
 
-    # α sweep
-    table, rows, groups = alpha_study(students, ref, base_m)
-    data["alpha"] = rows
-    md += ["## α sweep (AttnFD)", "", table, ""]
-    if groups:
-        series = []
-        for mode, color in (("cached", plotting.COLORS[0]), ("online", plotting.COLORS[1]),
-                            (FRESH, plotting.COLORS[2])):
-            g = [(a, runs) for a, runs in groups[mode] if a > 0]
-            if g:
-                stats = [Stat.of([r["miou"] for r in runs]) for _, runs in g]
-                series.append(plotting.Series(f"AttnFD ({mode})", [a for a, _ in g], [s.mean for s in stats],
-                                              [s.std if s.std is not None else float("nan") for s in stats], color))
-        hlines = _reference_lines(base_m, teacher)
-        if series:
-            files["alpha_sweep"] = plotting.line_plot(
-                out_dir / "alpha_sweep.png", series, title="mIoU vs alpha (AttnFD)", xlabel="alpha (log scale)",
-                ylabel="val mIoU (%)", logx=True, hlines=hlines)
-            md += ["![mIoU vs α](alpha_sweep.png)", ""]
-
-    # K study
-    table, rows, groups = k_study(students, ref, base_by_k)
-    data["K"] = rows
+    table, data["alpha"], groups = alpha_study(students, ref, base_m, ref_runs)
+    md += ["## α sweep (AttnFD)", "", table, ""] + _alpha_figure(out_dir, groups, base_m, teacher, files)
+    table, data["K"], groups = k_study(students, ref, _crop_baselines(students, ref))
     md += ["## Cached augmentation seeds K vs online distillation", "", table, ""]
-    if groups and groups["cached"]:
-        ks = [k for k, _ in groups["cached"]]
-        stats = [Stat.of([r["miou"] for r in runs]) for _, runs in groups["cached"]]
-        series = [plotting.Series("AttnFD (cached)", ks, [s.mean for s in stats],
-                                  [s.std if s.std is not None else float("nan") for s in stats])]
-        bk = [(k, base_by_k[k]) for k in ks if base_by_k.get(k) is not None]
-        if bk:
-            series.append(plotting.Series("student (alpha = 0)", [k for k, _ in bk], [s.mean for _, s in bk],
-                                          [s.std if s.std is not None else float("nan") for _, s in bk],
-                                          plotting.COLORS[7]))
-        hlines = []
-        for _, runs in groups["online"]:
-            hlines.append(plotting.HLine("AttnFD (online)", Stat.of([r["miou"] for r in runs]).mean,
-                                         plotting.COLORS[1]))
-        for _, runs in groups[FRESH]:
-            hlines.append(plotting.HLine("AttnFD (online, fresh aug.)", Stat.of([r["miou"] for r in runs]).mean,
-                                         plotting.COLORS[2]))
-        if base_by_k.get(FRESH) is not None:
-            hlines.append(plotting.HLine("student (fresh aug.)", base_by_k[FRESH].mean, plotting.COLORS[7]))
-        if teacher is not None and teacher["miou"] is not None:
-            hlines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.COLORS[3], dashed=False))
-        files["k_study"] = plotting.line_plot(out_dir / "k_study.png", series, title="mIoU vs cached seeds K",
-                                              xlabel="K (log scale)", ylabel="val mIoU (%)", logx=True,
-                                              hlines=hlines, xticks=ks)
-        md += ["![mIoU vs K](k_study.png)", ""]
+    md += _k_figure(out_dir, groups, _crop_baselines(students, ref), teacher, files)
 
-    # points, norm, teacher CBAM mode
-    table, rows = simple_study(students, ref, base_m, "points", lambda r: tuple(r["points"]),
-                               [("B",), ("E",), ("D",), ("B", "E"), ("B", "D"), ("E", "D"), ("B", "E", "D")],
-                               "points")
-    data["points"] = rows
+    table, data["points"] = simple_study(students, ref, base_m, "points", lambda r: tuple(r["points"]),
+                                         [("B",), ("E",), ("D",), ("B", "E"), ("B", "D"), ("E", "D"), ("B", "E", "D")],
+                                         "points", ref_runs)
     md += ["## Distillation points (paper Table 5)", "", table, ""]
-    table, rows = simple_study(students, ref, base_m, "norm", lambda r: r["norm"], NORM_ORDER, "norm")
-    data["norm"] = rows
+    table, data["norm"] = simple_study(students, ref, base_m, "norm", lambda r: r["norm"], NORM_ORDER, "norm", ref_runs)
     md += ["## Normalisation of L_Attn", "", table, ""]
-    table, rows = cbam_study(students, teachers, ref, base_m)
-    data["teacher_cbam_mode"] = rows
+    table, data["teacher_cbam_mode"] = cbam_study(students, teachers, ref, base_m, ref_runs)
     md += ["## Teacher CBAM mode", "", table, ""]
+    md += _per_class_section(out_dir, data, students, base, files)
 
-    # per-class IoU: best method vs the student
-    md += ["## Per-class IoU: best method vs student (paper Fig. 7)", ""]
+    files["report"] = atomic_write_text(out_dir / "report.md", "\n".join(md).rstrip() + "\n")
+    files["json"] = atomic_write_json(out_dir / "report.json", data)
+    return files
+
+
+def _alpha_figure(out_dir: Path, groups: dict, base_m: Stat | None, teacher: dict | None,
+                  files: dict[str, Path]) -> list[str]:
+    """alpha_sweep.png (mean ± std per α and mode) into ``files``; the Markdown line that shows it."""
+    from attnfd_pipeline.experiments import plotting
+
+    if not groups:
+        return []
+    series = []
+    for mode, color in (("cached", plotting.COLORS[0]), ("online", plotting.COLORS[1]), (FRESH, plotting.COLORS[2])):
+        g = [(a, runs) for a, runs in groups[mode] if a > 0]
+        if g:
+            stats = [Stat.of([r["miou"] for r in runs]) for _, runs in g]
+            series.append(plotting.Series(f"AttnFD ({mode})", [a for a, _ in g], [s.mean for s in stats],
+                                          [s.std if s.std is not None else float("nan") for s in stats], color))
+    if not series:
+        return []
+    files["alpha_sweep"] = plotting.line_plot(
+        out_dir / "alpha_sweep.png", series, title="mIoU vs alpha (AttnFD)", xlabel="alpha (log scale)",
+        ylabel="val mIoU (%)", logx=True, hlines=_reference_lines(base_m, teacher))
+    return ["![mIoU vs α](alpha_sweep.png)", ""]
+
+
+def _k_figure(out_dir: Path, groups: dict, crops: dict[Any, list[dict]], teacher: dict | None,
+              files: dict[str, Path]) -> list[str]:
+    """k_study.png (AttnFD and the student per K, the online references as lines) into ``files``."""
+    from attnfd_pipeline.experiments import plotting
+
+    if not groups or not groups["cached"]:
+        return []
+    base_by_k = {k: Stat.of([r["miou"] for r in runs]) for k, runs in crops.items()}
+    ks = [k for k, _ in groups["cached"]]
+    stats = [Stat.of([r["miou"] for r in runs]) for _, runs in groups["cached"]]
+    series = [plotting.Series("AttnFD (cached)", ks, [s.mean for s in stats],
+                              [s.std if s.std is not None else float("nan") for s in stats])]
+    bk = [(k, base_by_k[k]) for k in ks if base_by_k.get(k) is not None]
+    if bk:
+        series.append(plotting.Series("student (alpha = 0)", [k for k, _ in bk], [s.mean for _, s in bk],
+                                      [s.std if s.std is not None else float("nan") for _, s in bk],
+                                      plotting.COLORS[7]))
+    hlines = []
+    for _, runs in groups["online"]:
+        hlines.append(plotting.HLine("AttnFD (online)", Stat.of([r["miou"] for r in runs]).mean, plotting.COLORS[1]))
+    for _, runs in groups[FRESH]:
+        hlines.append(plotting.HLine("AttnFD (online, fresh aug.)", Stat.of([r["miou"] for r in runs]).mean,
+                                     plotting.COLORS[2]))
+    if base_by_k.get(FRESH) is not None:
+        hlines.append(plotting.HLine("student (fresh aug.)", base_by_k[FRESH].mean, plotting.COLORS[7]))
+    if teacher is not None and teacher["miou"] is not None:
+        hlines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.COLORS[3], dashed=False))
+    files["k_study"] = plotting.line_plot(out_dir / "k_study.png", series, title="mIoU vs cached seeds K",
+                                          xlabel="K (log scale)", ylabel="val mIoU (%)", logx=True,
+                                          hlines=hlines, xticks=ks)
+    return ["![mIoU vs K](k_study.png)", ""]
+
+
+def _per_class_section(out_dir: Path, data: dict, students: list[dict], base: list[dict],
+                       files: dict[str, Path]) -> list[str]:
+    """Per-class IoU of the best method vs the student (table, figure); sets ``data["per_class"]``."""
+    from attnfd_pipeline.experiments import plotting
+
+    md = ["## Per-class IoU: best method vs student (paper Fig. 7)", ""]
     methods = [r for r in data["main"] if r["method"] not in ("teacher", "none") and r["miou"]]
     # a single run is one draw of a training whose seed std is about a point: when some method has seeds to
     # average, the best is chosen among those (else a lucky run would stand for its method)
@@ -518,27 +610,22 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     student_pc, names = _per_class(base)
     best_pc, best_names = _per_class([by_run[n] for n in best["runs"] if n in by_run]) if best else (None, None)
     if best is None or student_pc is None or best_pc is None or student_pc.size != best_pc.size:
-        md += [NO_RUNS + " (needs student runs and at least one method with per-class IoU)", ""]
         data["per_class"] = None
-    else:
-        names = names or best_names or [f"class {i}" for i in range(student_pc.size)]
-        rows = [[n, _num(a), _num(b), f"{b - a:+.2f}" if np.isfinite(a) and np.isfinite(b) else "–"]
-                for n, a, b in zip(names, student_pc, best_pc)]
-        among = " among the methods with 2 or more seeds" if repeated else ""
-        md += [f"Best method{among}: **{best['label']}** (α = {best['alpha']:g}, n = {best['n']}); "
-               f"student n = {len(base)}.", "",
-               _table(["class", "student IoU (%)", f"{best['label']} IoU (%)", "Δ"], rows), ""]
-        files["per_class_iou"] = plotting.barh_plot(
-            out_dir / "per_class_iou.png", list(names),
-            [("student", [float(v) for v in student_pc]), (best["label"], [float(v) for v in best_pc])],
-            title="Per-class IoU", xlabel="IoU (%)", x_max=100.0)
-        md += ["![per-class IoU](per_class_iou.png)", ""]
-        data["per_class"] = {"classes": list(names), "student": [_nan_none(v) for v in student_pc],
-                             "best": best["label"], "best_values": [_nan_none(v) for v in best_pc]}
-
-    files["report"] = atomic_write_text(out_dir / "report.md", "\n".join(md).rstrip() + "\n")
-    files["json"] = atomic_write_json(out_dir / "report.json", data)
-    return files
+        return md + [NO_RUNS + " (needs student runs and at least one method with per-class IoU)", ""]
+    names = names or best_names or [f"class {i}" for i in range(student_pc.size)]
+    rows = [[n, _num(a), _num(b), f"{b - a:+.2f}" if np.isfinite(a) and np.isfinite(b) else "–"]
+            for n, a, b in zip(names, student_pc, best_pc)]
+    among = " among the methods with 2 or more seeds" if repeated else ""
+    md += [f"Best method{among}: **{best['label']}** (α = {best['alpha']:g}, n = {best['n']}); "
+           f"student n = {len(base)}.", "",
+           _table(["class", "student IoU (%)", f"{best['label']} IoU (%)", "Δ"], rows), ""]
+    files["per_class_iou"] = plotting.barh_plot(
+        out_dir / "per_class_iou.png", list(names),
+        [("student", [float(v) for v in student_pc]), (best["label"], [float(v) for v in best_pc])],
+        title="Per-class IoU", xlabel="IoU (%)", x_max=100.0)
+    data["per_class"] = {"classes": list(names), "student": [_nan_none(v) for v in student_pc],
+                         "best": best["label"], "best_values": [_nan_none(v) for v in best_pc]}
+    return md + ["![per-class IoU](per_class_iou.png)", ""]
 
 
 def _reference_lines(base_m: Stat | None, teacher: dict | None) -> list:

@@ -8,6 +8,7 @@ from collections import defaultdict
 import numpy as np
 
 from attnfd_pipeline.config import Config
+from attnfd_pipeline.records import RESULT_JSON, read_record
 
 
 def collect_results(cfg: Config) -> list[dict]:
@@ -19,14 +20,13 @@ def collect_results(cfg: Config) -> list[dict]:
                      "alpha": None, "mode": "", "seed": cfg.teacher.train.seed, "miou": r["miou"],
                      "pixel_acc": r["pixel_acc"], "seconds": r["seconds"]})
     # The plain student (α = 0) first: it is the row every Δ refers to; then runs by name.
-    paths = sorted((cfg.run_root / "student").glob("*/result.json"))
-    records = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: bool(r["alpha"]))
-    for r in records:
-        fresh = r.get("augment") == "fresh"  # online with a fresh augmentation every epoch
-        mode = ("online-fresh" if fresh else r["mode"]) if r["alpha"] else ("fresh" if fresh else "")
-        rows.append({"role": "student", "model": r["model"], "method": r["method"], "alpha": r["alpha"],
-                     "weights": r.get("weights") or {}, "mode": mode, "seed": r["seed"], "miou": r["final_miou"],
-                     "pixel_acc": r["final_pixel_acc"], "seconds": r["train_seconds"]})
+    records = [read_record(p.parent) for p in sorted((cfg.run_root / "student").glob(f"*/{RESULT_JSON}"))]
+    for r in sorted(records, key=lambda r: r.distilled):
+        # the plain student's crops: cached seeds ("") or a fresh draw every epoch ("fresh")
+        mode = r.mode_tag if r.distilled else ("fresh" if r.fresh else "")
+        rows.append({"role": "student", "model": r.model, "method": r.method, "alpha": r.alpha,
+                     "weights": r.weights, "mode": mode, "seed": r.seed, "miou": r.final_miou,
+                     "pixel_acc": r.final_pixel_acc, "seconds": r.train_seconds})
     return rows
 
 

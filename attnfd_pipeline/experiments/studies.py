@@ -6,15 +6,18 @@ command on one config:
 
 - ``reference``: the plain student (α = 0) and AttnFD at the config's setting, ``seeds`` seeds each;
 - ``K``: AttnFD from caches of K ∈ ``ks`` cached augmentation seeds (``seeds`` seeds each), the student at
-  each K, and AttnFD online with a fresh augmentation every epoch (``student.online_fresh``, ``seeds``
-  seeds) — the reference the K cached seeds approximate — with the plain student on fresh crops (``seeds``
-  seeds), so online's gain is measured against the student of its own augmentation regime;
-- ``methods``: KD, LAD, AICSD, Af-DCD, CIRKD and the combination AttnFD + KD on the same cache (``seeds``
-  seeds);
+  each K (``extra_seeds``), and AttnFD online with a fresh augmentation every epoch (``student.online_fresh``,
+  ``seeds`` seeds) — the reference the K cached seeds approximate — with the plain student on fresh crops
+  (``seeds`` seeds), so online's gain is measured against the student of its own augmentation regime;
+- ``methods``: KD, LAD, AICSD, Af-DCD, CIRKD and the combination AttnFD + KD on the same cache;
 - ``alpha``: AttnFD at each α of ``alphas``;
 - ``points``: B, E, D and B+E+D (paper Table 5); ``norm``: batch, sample and channel normalisation;
 - ``teacher_mode``: AttnFD distilled from teachers whose CBAMs are ``fitted``, ``parameter_free`` or
   ``untrained`` (docs/method.md "Teacher CBAM modes"); each has its own run root ``runs/<name>_<mode>``.
+
+Every row compared with a reference row (the student, or AttnFD at the reference setting for the α,
+points, norm and teacher-CBAM-mode ablations) has ``seeds`` seeds, the same seeds as its reference, so the
+report can give each difference as a paired mean with a 95 % interval (``experiments.stats``).
 
 Every factor a study does not vary stays at the config's value. Runs come in rounds, like the accuracy
 bench: the first seed of every planned run, then the second seeds …, so a study run in parts covers every
@@ -33,16 +36,17 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
-from attnfd_pipeline.experiments.accuracy import Planned, complete_cache, ensure_teacher, run_config
-from attnfd_pipeline.config import Config, ConfigError
-from attnfd_pipeline.losses import required_targets
+from attnfd_pipeline.experiments.accuracy import complete_cache, ensure_teacher
+from attnfd_pipeline.config import Config
 from attnfd_pipeline.experiments.report import CBAM_MODES, NORM_ORDER, build_report
+from attnfd_pipeline.records import RunRecord
 from attnfd_pipeline.runs import check_student_inputs
 from attnfd_pipeline.student import finished_result, run_student
+from attnfd_pipeline.experiments.plan import (CACHED, ONLINE_FRESH, PlannedRun, reads_cache, schedule, seed_range,
+                                              teacher_config)
 from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path
 
@@ -53,27 +57,16 @@ POINT_SETS = (("B",), ("E",), ("D",), ("B", "E", "D"))
 RIVALS = ("kd", "lad", "aicsd", "afdcd", "cirkd", "attnfd+kd")
 
 
-class StudyRun(NamedTuple):
-    """One planned row: the study it serves, its label, the ``StudentConfig`` fields it changes, its seeds,
-    and the cache K / teacher CBAM mode it needs (None: the config's)."""
-
-    study: str
-    label: str
-    overrides: dict[str, Any]
-    seeds: tuple[int, ...]
-    K: int | None = None
-    teacher_mode: str | None = None
-
-
 # ---------------------------------------------------------------------------------------------
 # the plan
 
 
 def plan_studies(cfg: Config, *, studies: Sequence[str] = STUDIES, seeds: int = 3, extra_seeds: int = 1,
-                 ks: Sequence[int] = DEFAULT_KS, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[StudyRun]:
+                 ks: Sequence[int] = DEFAULT_KS, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[PlannedRun]:
     """The runs of ``studies`` in plan order; a setting equal to the reference is not planned twice (the
-    reference rows serve it). ``seeds``: the reference, the methods table (paper-style: mean ± std over
-    seeds for every method) and the K study's AttnFD runs; ``extra_seeds``: every other row."""
+    reference rows serve it). ``seeds``: every row compared with a reference row (the reference itself,
+    the methods, the K study's AttnFD and online rows, the α, points, norm and teacher-CBAM-mode rows), so
+    each difference is paired over that many seeds; ``extra_seeds``: the plain student at each other K."""
     unknown = [s for s in studies if s not in STUDIES]
     if unknown:
         raise ValueError(f"--study {unknown[0]!r}: not a study (choose from {', '.join(STUDIES)})")
@@ -83,77 +76,37 @@ def plan_studies(cfg: Config, *, studies: Sequence[str] = STUDIES, seeds: int = 
     if bad_k:
         raise ValueError(f"--k {bad_k[0]}: K must be ≥ 1")
     s, ref_k = cfg.student, cfg.cache.K
-    first = s.train.seed
-    main, extra = tuple(range(first, first + seeds)), tuple(range(first, first + extra_seeds))
-    cached = {"mode": "cached", "online_fresh": False, "method": "attnfd"}
-    out: list[StudyRun] = []
+    main, extra = seed_range(cfg, seeds), seed_range(cfg, extra_seeds)
+    cached = {**CACHED, "method": "attnfd"}
+    out: list[PlannedRun] = []
     if "reference" in studies:
-        out += [StudyRun("reference", "student", {**cached, "alpha": 0.0}, main),
-                StudyRun("reference", "attnfd", cached, main)]
+        out += [PlannedRun("student", {**cached, "alpha": 0.0}, main, "reference"),
+                PlannedRun("attnfd", cached, main, "reference")]
     if "K" in studies:
-        fresh = {"method": "attnfd", "mode": "online", "online_fresh": True}
-        out += [StudyRun("K", "attnfd online (fresh augmentation)", fresh, main),
-                StudyRun("K", "student (fresh augmentation)", {**fresh, "alpha": 0.0}, main)]
+        fresh = {**ONLINE_FRESH, "method": "attnfd"}
+        out += [PlannedRun("attnfd online (fresh augmentation)", fresh, main, "K"),
+                PlannedRun("student (fresh augmentation)", {**fresh, "alpha": 0.0}, main, "K")]
         for k in dict.fromkeys(int(k) for k in ks):
             if k != ref_k:
-                out += [StudyRun("K", f"attnfd K={k}", cached, main, K=k),
-                        StudyRun("K", f"student K={k}", {**cached, "alpha": 0.0}, extra, K=k)]
+                out += [PlannedRun(f"attnfd K={k}", cached, main, "K", K=k),
+                        PlannedRun(f"student K={k}", {**cached, "alpha": 0.0}, extra, "K", K=k)]
     if "methods" in studies:
-        out += [StudyRun("methods", m, {**cached, "method": m}, main) for m in RIVALS]
+        out += [PlannedRun(m, {**cached, "method": m}, main, "methods") for m in RIVALS]
     if "alpha" in studies:
-        out += [StudyRun("alpha", f"attnfd α={a:g}", {**cached, "alpha": float(a)}, extra)
+        out += [PlannedRun(f"attnfd α={a:g}", {**cached, "alpha": float(a)}, main, "alpha")
                 for a in dict.fromkeys(float(a) for a in alphas) if a > 0 and a != s.alpha]
     if "points" in studies:
-        out += [StudyRun("points", f"attnfd at {'+'.join(p)}", {**cached, "points": p}, extra)
+        out += [PlannedRun(f"attnfd at {'+'.join(p)}", {**cached, "points": p}, main, "points")
                 for p in POINT_SETS if p != tuple(s.points)]
     if "norm" in studies:
-        out += [StudyRun("norm", f"attnfd norm {n}", {**cached, "norm": n}, extra) for n in NORM_ORDER if n != s.norm]
+        out += [PlannedRun(f"attnfd norm {n}", {**cached, "norm": n}, main, "norm") for n in NORM_ORDER if n != s.norm]
     if "teacher_mode" in studies:
-        out += [StudyRun("teacher_mode", f"attnfd, {m} teacher CBAM", cached, extra, teacher_mode=m)
+        out += [PlannedRun(f"attnfd, {m} teacher CBAM", cached, main, "teacher_mode", teacher_mode=m)
                 for m in CBAM_MODES if m != cfg.teacher.cbam_mode]
     return out
 
 
-def teacher_config(cfg: Config, mode: str | None) -> Config:
-    """The config of the teacher with CBAM mode ``mode``: the config itself for its own mode, else the same
-    recipe under the run root ``<name>_<mode>`` (a teacher bundle per root)."""
-    if mode is None or mode == cfg.teacher.cbam_mode:
-        return cfg
-    return dataclasses.replace(cfg, name=f"{cfg.name}_{mode}", teacher=dataclasses.replace(cfg.teacher, cbam_mode=mode))
-
-
-def study_config(cfg: Config, run: StudyRun, seed: int) -> Config:
-    """``cfg`` with the run's teacher root, cache K, student overrides and seed (validated)."""
-    c = teacher_config(cfg, run.teacher_mode)
-    if run.K is not None:
-        try:
-            c = dataclasses.replace(c, cache=dataclasses.replace(c.cache, K=int(run.K)))
-        except ConfigError as e:
-            raise ConfigError(f"study run {run.label!r}: {e}") from None
-    return run_config(c, Planned(run.label, run.overrides, run.seeds), seed)
-
-
-def schedule(cfg: Config, plan: Sequence[StudyRun]) -> list[tuple[StudyRun, Config]]:
-    """(run, config) in running order — every row's first seed, then the second seeds … — with each
-    (teacher root, K) cache holding every target its cached runs read (``cache.extra``)."""
-    order = []
-    for i in range(max((len(p.seeds) for p in plan), default=0)):
-        order += [(p, study_config(cfg, p, p.seeds[i])) for p in plan if i < len(p.seeds)]
-    needs: dict[tuple[str, int], set[str]] = defaultdict(set)
-    for _, c in order:
-        if c.student.alpha > 0 and c.student.mode == "cached":
-            needs[(c.name, c.cache.K)].update(required_targets(c.student.method, c.student.points))
-    out = []
-    for p, c in order:
-        names = needs.get((c.name, c.cache.K), set())
-        extra = set(c.cache.extra) | ({"logits"} if "logits" in names else set())
-        extra |= {"raw"} if any(n.startswith("raw_") for n in names) else set()
-        extra_t = tuple(e for e in ("logits", "raw") if e in extra)
-        out.append((p, dataclasses.replace(c, cache=dataclasses.replace(c.cache, extra=extra_t))))
-    return out
-
-
-def extra_roots(cfg: Config, plan: Sequence[StudyRun]) -> list[Path]:
+def extra_roots(cfg: Config, plan: Sequence[PlannedRun]) -> list[Path]:
     """The run roots of the plan's other teachers (for ``report.build_report``)."""
     modes = dict.fromkeys(p.teacher_mode for p in plan if p.teacher_mode not in (None, cfg.teacher.cbam_mode))
     return [teacher_config(cfg, m).run_root for m in modes]
@@ -185,7 +138,7 @@ def share_plain_training(cfg: Config, siblings: Sequence[Config]) -> Path | None
     return None
 
 
-def ensure_teachers(cfg: Config, runs: Sequence[tuple[StudyRun, Config]], *, progress: bool = True,
+def ensure_teachers(cfg: Config, runs: Sequence[tuple[PlannedRun, Config]], *, progress: bool = True,
                     say: Callable[[str], None] = print) -> dict[str, Path]:
     """Every teacher bundle the runs need (run root name → bundle), the config's own first."""
     roots: dict[str, Config] = {cfg.name: cfg}
@@ -227,7 +180,7 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
     for i, (p, c) in enumerate(runs, 1):
         if i - 1 in finished:
             continue
-        if c.student.alpha > 0 and c.student.mode == "cached":
+        if reads_cache(c):
             key = (c.name, c.cache.K, c.cache.extra)
             if key not in caches:
                 if progress:
@@ -237,9 +190,9 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
         if progress:
             say(f"[studies] {i}/{len(runs)} {p.study}: {p.label}, seed {c.student.train.seed}: training")
         t0 = time.perf_counter()
-        result = run_student(c, resume=True, progress=progress)
+        rec = RunRecord.from_dict(run_student(c, resume=True, progress=progress))
         if progress:
-            say(f"[studies] {i}/{len(runs)} {p.label}, seed {result['seed']}: mIoU {result['final_miou'] * 100:.2f} "
+            say(f"[studies] {i}/{len(runs)} {p.label}, seed {rec.seed}: mIoU {rec.final_miou * 100:.2f} "
                 f"({time.perf_counter() - t0:.0f} s)")
         files = build_report(cfg, out_dir, extra_roots=roots)
     return files

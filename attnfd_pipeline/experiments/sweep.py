@@ -13,6 +13,7 @@ import dataclasses
 from typing import Sequence
 
 from attnfd_pipeline.config import Config
+from attnfd_pipeline.records import RESULT_JSON, RunRecord
 
 
 def parse_list(text: str, kind=float) -> list:
@@ -45,7 +46,7 @@ def sweep_configs(cfg: Config, alphas: Sequence[float], seeds: Sequence[int]) ->
 def is_done(cfg: Config) -> bool:
     from attnfd_pipeline.student import student_dir
 
-    return (student_dir(cfg) / "result.json").is_file()
+    return (student_dir(cfg) / RESULT_JSON).is_file()
 
 
 def _run_one(cfg: Config) -> dict:
@@ -89,7 +90,8 @@ def run_sweep(cfg: Config, alphas: Sequence[float], seeds: Sequence[int], *, sch
             results = []
             for fut in as_completed(futures):
                 r = fut.result()
-                print(f"[sweep] {r['run']}: best mIoU {r['best_miou'] * 100:.2f}", flush=True)
+                rec = RunRecord.from_dict(r)
+                print(f"[sweep] {rec.run}: best mIoU {rec.best_miou * 100:.2f}", flush=True)
                 results.append(r)
             return results
         finally:

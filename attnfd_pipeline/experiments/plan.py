@@ -1,0 +1,101 @@
+"""The runs a comparison needs, shared by the accuracy bench and the studies.
+
+A plan is a list of ``PlannedRun`` rows (a label, the ``StudentConfig`` fields the row changes, its seeds,
+and the cache K / teacher CBAM mode it needs when not the config's). ``schedule`` turns it into run
+configs in rounds — every row's first seed, then the second seeds … — so a plan run in parts covers every
+row early and every comparison gets its first pair soon; each (teacher root, K) cache is given the extra
+targets (``cache.extra``) every cached run on it reads, so one cache serves them all.
+
+Seeds count up from ``student.train.seed`` in every row, so rows share seeds and can be compared pairwise
+(``experiments.stats.paired``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any, NamedTuple, Sequence
+
+from attnfd_pipeline.cache.schema import extra_for
+from attnfd_pipeline.config import Config, ConfigError
+from attnfd_pipeline.losses import required_targets
+
+# overrides of the three ways a run gets its targets
+CACHED = {"mode": "cached", "online_fresh": False}
+ONLINE_FRESH = {"mode": "online", "online_fresh": True}
+
+
+class PlannedRun(NamedTuple):
+    """One row of a plan."""
+
+    label: str  # the row's name in the outputs (accuracy.json's ``method``, a study row's label)
+    overrides: dict[str, Any]  # the ``StudentConfig`` fields it changes
+    seeds: tuple[int, ...]
+    study: str = ""  # the study it serves ("" in the accuracy bench)
+    K: int | None = None  # cached augmentation seeds (None: the config's)
+    teacher_mode: str | None = None  # teacher CBAM mode (None: the config's)
+
+
+def seed_range(cfg: Config, n: int) -> tuple[int, ...]:
+    """``n`` seeds counting up from ``student.train.seed``: every row's seed i is the same seed."""
+    first = cfg.student.train.seed
+    return tuple(range(first, first + n))
+
+
+def teacher_config(cfg: Config, mode: str | None) -> Config:
+    """The config of the teacher with CBAM mode ``mode``: the config itself for its own mode, else the same
+    recipe under the run root ``<name>_<mode>`` (a teacher bundle per root)."""
+    if mode is None or mode == cfg.teacher.cbam_mode:
+        return cfg
+    return dataclasses.replace(cfg, name=f"{cfg.name}_{mode}", teacher=dataclasses.replace(cfg.teacher, cbam_mode=mode))
+
+
+def run_config(cfg: Config, row: PlannedRun, seed: int) -> Config:
+    """``cfg`` with the row's teacher root, cache K, student overrides and run seed (validated like a
+    config file: a bad override is a ``ConfigError`` naming the row)."""
+    c = teacher_config(cfg, row.teacher_mode)
+    try:
+        if row.K is not None:
+            c = dataclasses.replace(c, cache=dataclasses.replace(c.cache, K=int(row.K)))
+        train = dataclasses.replace(c.student.train, seed=int(seed))
+        student = dataclasses.replace(c.student, train=train, **row.overrides)
+    except ConfigError as e:
+        raise ConfigError(f"planned run {row.label!r}: {e}") from None
+    return dataclasses.replace(c, student=student)
+
+
+def reads_cache(cfg: Config) -> bool:
+    """Whether the run of ``cfg`` reads the cache (distilled, cached mode)."""
+    return cfg.student.alpha > 0 and cfg.student.mode == "cached"
+
+
+def cache_extra(configs: Sequence[Config]) -> dict[tuple[str, int], tuple[str, ...]]:
+    """Per (run root name, K): the ``cache.extra`` holding every target the cached runs among ``configs``
+    read, joined with what each config already asks for."""
+    targets: dict[tuple[str, int], set[str]] = defaultdict(set)
+    asked: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for c in configs:
+        key = (c.name, c.cache.K)
+        asked[key].update(c.cache.extra)
+        if reads_cache(c):
+            targets[key].update(required_targets(c.student.method, c.student.points))
+    return {key: extra_for(targets[key], sorted(asked[key])) for key in asked}
+
+
+def with_cache_extra(c: Config, extra: dict[tuple[str, int], tuple[str, ...]]) -> Config:
+    """``c`` with its (root, K) cache's extra targets."""
+    return dataclasses.replace(c, cache=dataclasses.replace(c.cache, extra=extra.get((c.name, c.cache.K), c.cache.extra)))
+
+
+def schedule(cfg: Config, plan: Sequence[PlannedRun]) -> list[tuple[PlannedRun, Config]]:
+    """(row, run config) in running order: every row's first seed, then the second seeds …; each config
+    carries the extra targets of its (teacher root, K) cache."""
+    order: list[tuple[PlannedRun, Config]] = []
+    for i in range(max((len(p.seeds) for p in plan), default=0)):
+        order += [(p, run_config(cfg, p, p.seeds[i])) for p in plan if i < len(p.seeds)]
+    extra = cache_extra([c for _, c in order])
+    return [(p, with_cache_extra(c, extra)) for p, c in order]
+
+
+def count_runs(plan: Sequence[PlannedRun]) -> int:
+    return sum(len(p.seeds) for p in plan)

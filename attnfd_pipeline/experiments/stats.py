@@ -1,0 +1,212 @@
+"""The statistics of the lab's comparisons (docs/statistics.md).
+
+Runs of one config that share a seed share the student's initialisation, its data order and (for cached
+runs) the cached crops, so the comparison this design allows is the *paired* one: the difference of two
+rows at each seed both have, then its mean, standard error and a Student-t interval over those seeds. It
+removes the seed-to-seed spread both rows share, which the unpaired summary (mean ± sample std of each
+row, ``Stat``) keeps. Rows without a shared seed cannot be paired; ``welch`` gives their unpaired
+interval when each has two or more runs.
+
+The t quantiles are computed exactly (regularised incomplete beta function, inverted by bisection) so
+the module needs numpy only, for any degrees of freedom (Welch's are not integers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+CONFIDENCE = 0.95  # two-sided level of every interval the lab prints
+LEVEL = f"{CONFIDENCE * 100:g} %"  # how tables name it
+
+
+# ---------------------------------------------------------------------------------------------
+# Student's t distribution
+
+
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz), converging for x < (a+1)/(a+b+2)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 ≤ x ≤ 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T ≤ t) for Student's t with ``df`` > 0 degrees of freedom."""
+    if df <= 0:
+        raise ValueError(f"degrees of freedom {df}: must be > 0")
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``t_quantile(0.975, 2)`` = 4.303)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"probability {p}: must be in (0, 1)")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):  # bisection to float precision: the cdf is monotone, no derivative needed
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# unpaired summary
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (ddof = 1, when n > 1) of one row's runs, in percent."""
+
+    n: int
+    mean: float
+    std: float | None
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> "Stat | None":
+        """From fractions (mIoU 0.61 → 61.0); None and non-finite values are left out; None when empty."""
+        v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64) * 100
+        if v.size == 0:
+            return None
+        return cls(int(v.size), float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else None)
+
+    def fmt(self) -> str:
+        return f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.std is not None else "")
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "mean": self.mean, "std": self.std}
+
+
+# ---------------------------------------------------------------------------------------------
+# differences with intervals
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A difference of two rows (row − reference) with its standard error and two-sided t-interval.
+    ``n``: the shared seeds (paired) or the smaller row (Welch); ``se``, ``lo``, ``hi`` and ``df`` are
+    None when there is no spread to estimate (a single shared seed)."""
+
+    mean: float
+    n: int
+    se: float | None
+    lo: float | None
+    hi: float | None
+    df: float | None
+    seeds: tuple[int, ...] = ()
+    paired: bool = True
+    confidence: float = CONFIDENCE
+
+    @property
+    def has_interval(self) -> bool:
+        return self.lo is not None and self.hi is not None
+
+    @property
+    def resolved(self) -> bool | None:
+        """Whether the interval excludes 0 (the sign of the difference is established); None without one."""
+        return None if not self.has_interval else bool(self.lo > 0 or self.hi < 0)
+
+    def fmt(self) -> str:
+        """``+0.20 [-0.28, +0.68] (n = 3)``; a single seed: ``+0.20 (n = 1)``."""
+        body = f"{self.mean:+.2f}"
+        if self.has_interval:
+            body += f" [{self.lo:+.2f}, {self.hi:+.2f}]"
+        return body + f" (n = {self.n})"
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "n": self.n, "se": self.se, "lo": self.lo, "hi": self.hi, "df": self.df,
+                "seeds": list(self.seeds), "paired": self.paired, "confidence": self.confidence}
+
+
+def _interval(mean: float, se: float, df: float, confidence: float) -> tuple[float, float]:
+    half = t_quantile(0.5 + confidence / 2.0, df) * se
+    return mean - half, mean + half
+
+
+def paired(row: Mapping[int, float], reference: Mapping[int, float], *,
+           confidence: float = CONFIDENCE) -> Difference | None:
+    """``row − reference`` over the seeds both have (values keyed by seed): mean of the per-seed
+    differences, its standard error sd/√n and the t-interval with n − 1 degrees of freedom. None when no
+    seed is shared; no interval from a single shared seed."""
+    seeds = tuple(sorted(set(row) & set(reference)))
+    if not seeds:
+        return None
+    d = np.array([row[s] - reference[s] for s in seeds], dtype=np.float64)
+    mean, n = float(d.mean()), d.size
+    if n < 2:
+        return Difference(mean, n, None, None, None, None, seeds, True, confidence)
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    lo, hi = _interval(mean, se, n - 1, confidence) if se > 0 else (mean, mean)
+    return Difference(mean, n, se, lo, hi, float(n - 1), seeds, True, confidence)
+
+
+def welch(row: Sequence[float], reference: Sequence[float], *, confidence: float = CONFIDENCE) -> Difference | None:
+    """Unpaired difference of means with Welch's standard error and Welch–Satterthwaite degrees of freedom;
+    None unless both rows have two or more values."""
+    a, b = np.asarray(row, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.size < 2 or b.size < 2:
+        return None
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    mean, se = float(a.mean() - b.mean()), math.sqrt(va + vb)
+    if se == 0:
+        return Difference(mean, min(a.size, b.size), 0.0, mean, mean, None, (), False, confidence)
+    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    lo, hi = _interval(mean, se, df, confidence)
+    return Difference(mean, min(a.size, b.size), se, lo, hi, float(df), (), False, confidence)
+
+
+def at_least(d: Difference | None, threshold: float) -> bool | None:
+    """Whether the interval's lower end is ≥ ``threshold`` (the difference is established to reach it);
+    None without an interval."""
+    return None if d is None or not d.has_interval else bool(d.lo >= threshold)
+
+
+def equivalent(d: Difference | None, margin: float) -> bool | None:
+    """Equivalence within ``margin``: the whole interval inside [−margin, margin]; None without an interval."""
+    return None if d is None or not d.has_interval else bool(-margin <= d.lo and d.hi <= margin)
+
+
+def seed_values(pairs: Iterable[tuple[int | None, float | None]], scale: float = 100.0) -> dict[int, float]:
+    """{seed: value × scale} from (seed, value) pairs; runs without a seed or a value are left out, and
+    two runs of one seed (a row mixing settings) count as their mean."""
+    acc: dict[int, list[float]] = {}
+    for seed, value in pairs:
+        if seed is not None and value is not None and math.isfinite(value):
+            acc.setdefault(int(seed), []).append(float(value) * scale)
+    return {s: float(np.mean(v)) for s, v in sorted(acc.items())}

@@ -1,0 +1,131 @@
+"""``RunRecord``: what a finished student run records in its ``result.json``.
+
+The student runner (``student.run_student``) writes it; the lab (results, report, accuracy, studies,
+sweep) reads it back with ``RunRecord.from_dict`` / ``read_record``. Results written by older versions
+lack some fields: they get the defaults those versions implied (``seed_order`` ``random``, ``augment``
+``replay``, evaluation protocol ``center_crop``), and ``read_record`` fills what the run's
+``config.resolved.toml`` still says (mode, α, method, norm, points, seed, K, model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attnfd_pipeline.config import LEGACY_SEED_ORDER
+
+RESULT_JSON = "result.json"
+# validation as every version so far evaluates: short side resized to the crop size, then the centre crop
+CENTER_CROP = "center_crop"
+FRESH_TAG = "online-fresh"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run: str  # the run folder's name (``student.run_name``)
+    model: str | None = None  # student model name
+    method: str = "none"  # ``student.method`` of a distilled run, "none" for the plain student (α = 0)
+    methods: tuple[str, ...] = ()  # the methods of a combination ("attnfd+kd" → attnfd, kd)
+    weights: dict[str, float] = field(default_factory=dict)  # each method's own weight w_m (loss = CE + α Σ w_m L_m)
+    method_settings: dict[str, dict] = field(default_factory=dict)  # the config sections of the methods used
+    alpha: float = 0.0
+    norm: str | None = None
+    points: tuple[str, ...] = ()
+    mode: str = "cached"  # where the targets came from: "cached" or "online" (teacher running)
+    augment: str = "replay"  # "replay" (the K cached augmentation seeds) or "fresh" (a new draw every epoch)
+    seed_order: str | None = LEGACY_SEED_ORDER  # cached-seed order per epoch; None for fresh crops
+    seed: int | None = None  # the run seed (initialisation, data order, cached-seed order)
+    K: int | None = None  # cached augmentation seeds per image
+    targets: tuple[str, ...] = ()  # the cached / online targets the methods read
+    teacher: dict | None = None  # model, cbam_mode, sha256, points of the teacher distilled from
+    dataset: str | None = None
+    eval_protocol: str = CENTER_CROP  # how the validation metrics below were measured
+    epochs: int | None = None
+    best_miou: float | None = None
+    final_miou: float | None = None  # fractions (0.61 = 61 % mIoU), final-epoch validation
+    final_pixel_acc: float | None = None
+    final_class_acc: float | None = None
+    final_fwiou: float | None = None
+    per_class_iou: tuple[float | None, ...] | None = None
+    class_names: tuple[str, ...] = ()
+    train_seconds: float | None = None  # training time, resumed parts included
+    cache: str | None = None  # the cache folder a cached run read
+
+    @property
+    def distilled(self) -> bool:
+        return self.alpha > 0
+
+    @property
+    def fresh(self) -> bool:
+        """Online with a fresh augmentation every epoch (``student.online_fresh``)."""
+        return self.mode == "online" and self.augment == "fresh"
+
+    @property
+    def mode_tag(self) -> str:
+        """``cached``, ``online`` (teacher online on the replayed cached crops) or ``online-fresh``."""
+        return FRESH_TAG if self.fresh else self.mode
+
+    @property
+    def finished(self) -> bool:
+        return self.final_miou is not None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], resolved: dict[str, Any] | None = None) -> "RunRecord":
+        """From a result.json dict; a field it lacks comes from ``resolved`` (the run's resolved config as a
+        dict) where that has it, else the default. Unknown keys are ignored."""
+        s = (resolved or {}).get("student", {})
+        mode = d.get("mode", s.get("mode", "cached"))
+        augment = d.get("augment") or ("fresh" if mode == "online" and s.get("online_fresh") else "replay")
+        alpha = float(d.get("alpha", s.get("alpha", 0.0)))
+        method = (d.get("method") or s.get("method", "attnfd")) if alpha > 0 else "none"
+        fresh = mode == "online" and augment == "fresh"
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values |= {
+            "run": d.get("run") or "", "model": d.get("model", s.get("model", {}).get("name")), "method": method,
+            "methods": tuple(d.get("methods") or ()), "alpha": alpha, "norm": d.get("norm", s.get("norm")),
+            "points": tuple(d.get("points") or s.get("points") or ()), "mode": mode, "augment": augment,
+            # fresh crops read no cached seed; a result that does not record its order followed the legacy one
+            "seed_order": None if fresh else d.get("seed_order", LEGACY_SEED_ORDER),
+            "seed": d.get("seed", s.get("train", {}).get("seed")),
+            "K": d.get("K", (resolved or {}).get("cache", {}).get("K")),
+            "targets": tuple(d.get("targets") or ()), "class_names": tuple(d.get("class_names") or ()),
+            "per_class_iou": tuple(d["per_class_iou"]) if d.get("per_class_iou") is not None else None,
+            "weights": dict(d.get("weights") or {}), "method_settings": dict(d.get("method_settings") or {}),
+            "eval_protocol": d.get("eval_protocol") or CENTER_CROP,
+        }
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result.json dict (tuples as lists, so it equals the file read back)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def read_record(run_dir: str | Path) -> RunRecord:
+    """The ``RunRecord`` of a run folder, filled from its ``config.resolved.toml`` where result.json is silent
+    (the run's folder name stands in for a missing ``run``)."""
+    run_dir = Path(run_dir)
+    path = run_dir / RESULT_JSON
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    rec = RunRecord.from_dict(d, _read_toml(run_dir / "config.resolved.toml"))
+    return rec if rec.run else dataclasses.replace(rec, run=run_dir.name)
