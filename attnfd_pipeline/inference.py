@@ -13,6 +13,7 @@ logits (N,C,H,W) at the input size:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -185,7 +186,8 @@ def _load_student(path: Path, device) -> Segmenter:
 def _load_torchscript(path: Path, device) -> Segmenter:
     files = {META_KEY: ""}
     try:
-        net = torch.jit.load(str(path), map_location=torch.device(device), _extra_files=files)
+        with _quiet_jit():
+            net = torch.jit.load(str(path), map_location=torch.device(device), _extra_files=files)
     except RuntimeError as e:
         raise ValueError(f"{path}: not a loadable TorchScript model ({str(e).splitlines()[0]})") from None
     meta = _meta(path, files[META_KEY])
@@ -420,17 +422,25 @@ def export_segmenter(seg: Segmenter, fmt: str, out: str | Path, *, example_hw: t
     meta = json.dumps(export_meta(seg, info))
     try:
         if fmt == "torchscript":
-            with torch.no_grad(), warnings.catch_warnings():
-                # the tracer warns that shapes become constants: they do not, F.interpolate reads size()
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            with torch.no_grad(), _quiet_jit():
                 traced = torch.jit.trace(net, example)
-            torch.jit.save(traced, str(tmp), _extra_files={META_KEY: meta})
+                torch.jit.save(traced, str(tmp), _extra_files={META_KEY: meta})
         else:
             _export_onnx(net, example, tmp, meta)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_jit():
+    """TorchScript without its warnings: the tracer's "shapes become constants" is wrong here (the traced graph
+    reads sizes, tested on other sizes), and its deprecation notice is in docs/inference.md."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+        yield
 
 
 def _export_onnx(net: nn.Module, example: torch.Tensor, path: Path, meta: str) -> None:
