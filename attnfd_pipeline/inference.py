@@ -346,7 +346,10 @@ def predict_images(cfg: Config, seg: Segmenter, inputs: str | Path, out_dir: str
         seg.net.to(device)
     protocol, out_dir = EvalProtocol.from_config(cfg), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loader = DataLoader(_Images(files), batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=_as_list)
+    workers = cfg.data.num_workers
+    # forkserver, as for every loader here (data.loaders.make_loader): torch threads in the parent make fork fragile
+    loader = DataLoader(_Images(files), batch_size=batch_size, num_workers=workers, collate_fn=_as_list,
+                        multiprocessing_context="forkserver" if workers > 0 else None)
     written, skipped, t0 = [], [], time.perf_counter()
     bar = Progress(len(files), "predict", "img", enabled=progress)
     for batch in loader:
