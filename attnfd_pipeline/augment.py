@@ -121,6 +121,15 @@ def val_transform(image: torch.Tensor, label: torch.Tensor, crop_size: tuple[int
     return image.contiguous(), mask.as_subclass(torch.Tensor)[0].contiguous()
 
 
+def fixed_resize(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]):
+    """Validation of the AttnFD / AICSD reference code (``FixedResize``): the whole image (bilinear,
+    antialiased like PIL's) and its label (nearest) resized to ``size``, aspect ratio not kept."""
+    mask = tv_tensors.Mask(label.unsqueeze(0))
+    image = TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+    mask = TF.resize(mask, list(size), interpolation=InterpolationMode.NEAREST)
+    return image.contiguous(), mask.as_subclass(torch.Tensor)[0].contiguous()
+
+
 def normalize(image: torch.Tensor) -> torch.Tensor:
     """uint8 (…,3,H,W) → float32 ImageNet-normalised."""
     x = image.float().div_(255.0)

@@ -194,6 +194,35 @@ class CacheConfig:
         _check(self.shard_size > 0 and self.batch_size > 0, "cache.shard_size", "must be > 0")
 
 
+EVAL_PROTOCOLS = ("reference", "whole", "center_crop")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How validation images are scored (docs/inference.md): every result names its protocol, since numbers
+    under different protocols are not comparable."""
+
+    # "reference": the whole image and its label resized to augment.crop_size, aspect not kept (the AttnFD /
+    # AICSD code, what their published numbers use); "whole": original resolution, sliding window when larger
+    # than ``window`` (mmsegmentation, CIRKD, Af-DCD); "center_crop": short side resized to the crop, centre
+    # crop (the default, so configs written before this section score as they did)
+    protocol: Literal["reference", "whole", "center_crop"] = "center_crop"
+    window: tuple[int, int] = (0, 0)  # "whole": sliding-window (h, w); (0, 0) = augment.crop_size
+    stride: tuple[int, int] = (0, 0)  # "whole": window step (h, w); (0, 0) = 2/3 of the window (mmseg's overlap)
+
+    def __post_init__(self):
+        _check(len(self.window) == 2 and min(self.window) >= 0, "eval.window", "must be two ints >= 0")
+        _check(len(self.stride) == 2 and min(self.stride) >= 0, "eval.stride", "must be two ints >= 0")
+        _check((min(self.window) > 0) == (max(self.window) > 0), "eval.window",
+               f"{list(self.window)}: give both sides, or [0, 0] for the crop size")
+        _check((min(self.stride) > 0) == (max(self.stride) > 0), "eval.stride",
+               f"{list(self.stride)}: give both sides, or [0, 0] for 2/3 of the window")
+        if min(self.window) > 0 and min(self.stride) > 0:
+            _check(all(s <= w for s, w in zip(self.stride, self.window)), "eval.stride",
+                   f"{list(self.stride)} is larger than the window {list(self.window)}: pixels between windows "
+                   f"would never be scored")
+
+
 # ---------------------------------------------------------------------------------------------
 # distillation methods (attnfd_pipeline.losses): one section per method, ``student.<name>``; a section
 # is used only when its method is in ``student.method``. Stage 2's loss is
@@ -389,6 +418,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # validation protocol of every stage and `attnfd evaluate`
 
     def __post_init__(self):
         if self.num_classes:

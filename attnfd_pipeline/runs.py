@@ -11,14 +11,15 @@ from pathlib import Path
 import torch
 
 from attnfd_pipeline.config import Config, write_resolved
-from attnfd_pipeline.data.loaders import AugmentedDataset, EpochSampler, FreshSeeds, ValDataset, make_loader
+from attnfd_pipeline.data.loaders import AugmentedDataset, EpochSampler, FreshSeeds, make_loader, make_val_loader
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.checkpoint import check_resume
+from attnfd_pipeline.engine.protocol import EvalProtocol
 from attnfd_pipeline.engine.train import evaluate, fit
 from attnfd_pipeline.teacher import (CBAMFitTask, SegTask, build_side_attention, build_teacher_model, bundle_path,
-                                     load_teacher, save_bundle)
-from attnfd_pipeline.utils import atomic_write_json, resolve_device, seed_everything
+                                     save_bundle)
+from attnfd_pipeline.utils import atomic_write_json, seed_everything
 
 
 def check_dataset_inputs(cfg: Config, splits=None) -> None:
@@ -67,9 +68,9 @@ def _loaders(cfg: Config, train_cfg, train_source: ImageSource, val_source: Imag
         sampler.set_epoch(epoch)
         return train_loader
 
-    val_ds = ValDataset(val_source, cfg.augment.crop_size)
-    val_loader = make_loader(val_ds, batch_size=train_cfg.val_batch_size, workers=min(cfg.data.num_workers, 1),
-                             sampler=distributed.eval_sampler(len(val_ds), ctx), device=device)
+    val_loader = make_val_loader(val_source, EvalProtocol.from_config(cfg), batch_size=train_cfg.val_batch_size,
+                                 workers=min(cfg.data.num_workers, 1),
+                                 sampler=distributed.eval_sampler(len(val_source), ctx), device=device)
     return train_loader_for, val_loader
 
 
@@ -95,18 +96,21 @@ def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
     t0 = time.perf_counter()
     seg_task = SegTask(model)
     seg_task.ddp_find_unused_parameters = False  # CE on the full forward: every parameter gets a gradient
+    protocol = EvalProtocol.from_config(cfg)
     result = fit(seg_task, train_loader_for=train_for, val_loader=val_loader, cfg=t.train,
                  run_dir=out_dir / "train", num_classes=nc, device=device, config_dict=cfg.to_dict(),
-                 class_names=train_src.info.class_names, resume=resume, progress=progress, desc="teacher")
+                 class_names=train_src.info.class_names, resume=resume, progress=progress, desc="teacher",
+                 eval_protocol=protocol)
     _load_best(model, out_dir / "train")
     attention = build_side_attention(cfg, model)
     if attention is not None:
         attention = attention.to(device)
     if t.cbam_mode == "fitted":
-        _fit_side_cbams(cfg, model, attention, nc, train_for, val_loader, device, resume=resume, progress=progress)
+        _fit_side_cbams(cfg, model, attention, nc, train_for, val_loader, device, resume=resume, progress=progress,
+                        protocol=protocol)
     model.eval()
     metrics = evaluate(lambda x: model(x)["out"], val_loader, nc, device, class_names=train_src.info.class_names,
-                       amp=t.train.amp)
+                       amp=t.train.amp, protocol=protocol)
     path = bundle_path(cfg)
     if ctx.is_main:
         save_bundle(path, cfg, model.cpu(), attention.cpu() if attention is not None else None, nc, metrics)
@@ -114,13 +118,14 @@ def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
                                                     "seconds": result.train_seconds + (time.perf_counter() - t0 - result.seconds),
                                                     "epochs": result.epochs_done,
                                                     "bundle": str(path),
+                                                    "eval_protocol": metrics["protocol"],
                                                     **({"world_size": ctx.world} if ctx.distributed else {})})
     distributed.barrier()  # the bundle exists before any rank goes on
     return path
 
 
 def _fit_side_cbams(cfg: Config, model, attention, nc: int, train_for, val_loader, device, *, resume: bool,
-                    progress: bool) -> None:
+                    progress: bool, protocol: EvalProtocol) -> None:
     """``fitted`` mode: side-branch CBAMs (+ auxiliary classifiers) trained with CE on the frozen teacher."""
     t = cfg.teacher
     fit_cfg = type(t.train)(**{**t.train.__dict__, "epochs": t.fit_epochs, "lr": t.fit_lr})
@@ -128,7 +133,7 @@ def _fit_side_cbams(cfg: Config, model, attention, nc: int, train_for, val_loade
     task.ddp_find_unused_parameters = False  # every point's CBAM and classifier is in the loss
     fit(task, train_loader_for=train_for, val_loader=val_loader, cfg=fit_cfg, run_dir=cfg.teacher_dir / "fit_cbam",
         num_classes=nc, device=device, config_dict=cfg.to_dict(), resume=resume, progress=progress,
-        desc="teacher-cbam")
+        desc="teacher-cbam", eval_protocol=protocol)
     _load_best(task.modules, cfg.teacher_dir / "fit_cbam")
 
 
@@ -141,17 +146,11 @@ def _load_best(modules: torch.nn.Module, run_dir: Path) -> None:
 
 
 def evaluate_bundle(cfg: Config, path: str | Path, *, split: str | None = None) -> dict:
-    """Val metrics of a teacher bundle (``attnfd evaluate``)."""
-    device = resolve_device(cfg.teacher.train.device)
-    teacher = load_teacher(path, device)
-    src = ImageSource.from_config(cfg, split or cfg.data.val_split)
-    if teacher.num_classes != src.info.num_classes:
-        raise ValueError(f"{path}: teacher bundle has {teacher.num_classes} classes, dataset {src.info.name!r} "
-                         f"has {src.info.num_classes}")
-    loader = make_loader(ValDataset(src, cfg.augment.crop_size), batch_size=cfg.teacher.train.val_batch_size,
-                         workers=min(cfg.data.num_workers, 1), device=device)
-    return evaluate(lambda x: teacher(x)["out"], loader, teacher.num_classes, device,
-                    class_names=src.info.class_names, amp=cfg.teacher.train.amp)
+    """Val metrics of a teacher bundle under ``cfg.eval`` (``attnfd_pipeline.inference.evaluate_checkpoint``
+    takes any checkpoint kind)."""
+    from attnfd_pipeline.inference import evaluate_checkpoint
+
+    return evaluate_checkpoint(cfg, path, split=split)
 
 
 def _imported_config(cfg: Config, weights, cbam_mode: str | None, path: Path) -> Config:
@@ -231,14 +230,17 @@ def run_teacher_import(cfg: Config, path: str | Path, *, fmt: str = "auto", cbam
     write_resolved(cfg, cfg.teacher_dir)
     t0 = time.perf_counter()
     train_for, val_loader = _loaders(cfg, cfg.teacher.train, train_src, val_src, device, FreshSeeds())
+    protocol = EvalProtocol.from_config(cfg)
     if cfg.teacher.cbam_mode == "fitted":
-        _fit_side_cbams(cfg, model, attention, nc, train_for, val_loader, device, resume=False, progress=progress)
+        _fit_side_cbams(cfg, model, attention, nc, train_for, val_loader, device, resume=False, progress=progress,
+                        protocol=protocol)
     model.eval()
     metrics = evaluate(lambda x: model(x)["out"], val_loader, nc, device, class_names=train_src.info.class_names,
-                       amp=cfg.teacher.train.amp)
+                       amp=cfg.teacher.train.amp, protocol=protocol)
     save_bundle(out, cfg, model.cpu(), attention.cpu() if attention is not None else None, nc, metrics,
                 source=weights.source(path))
     atomic_write_json(cfg.teacher_dir / "result.json", {"miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"],
                                                         "seconds": time.perf_counter() - t0, "epochs": 0,
-                                                        "bundle": str(out), "imported_from": str(path)})
+                                                        "bundle": str(out), "imported_from": str(path),
+                                                        "eval_protocol": metrics["protocol"]})
     return out

@@ -33,17 +33,18 @@ from attnfd_pipeline.cache.schema import extra_for, target_point
 from attnfd_pipeline.cache.schema import target_names as cache_target_names
 from attnfd_pipeline.config import (LEGACY_SEED_ORDER, METHOD_SECTIONS, Config, ConfigError, StudentConfig, load_config,
                                     write_resolved)
-from attnfd_pipeline.data.loaders import (AugmentedDataset, CachedSeeds, EpochSampler, FreshSeeds, ValDataset,
-                                          make_loader)
+from attnfd_pipeline.data.loaders import (AugmentedDataset, CachedSeeds, EpochSampler, FreshSeeds, make_loader,
+                                          make_val_loader)
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.distill import Distiller
 from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.checkpoint import check_resume
+from attnfd_pipeline.engine.protocol import EvalProtocol
 from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.engine.train import RESUMABLE_CHANGES, fit
 from attnfd_pipeline.losses import MethodContext, build_methods, parse_methods, required_targets
 from attnfd_pipeline.models import build_model
-from attnfd_pipeline.records import CENTER_CROP, RESULT_JSON, RunRecord
+from attnfd_pipeline.records import RESULT_JSON, RunRecord
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, seed_everything
 
@@ -79,6 +80,7 @@ class StudentTask:
     def __init__(self, distiller: Distiller, *, alpha: float, norm: str | None = None, warmup_epochs: int = 0,
                  teacher=None, weights: dict[str, float] | None = None):
         self.distiller = self.modules = distiller
+        self.deploy_model = distiller.student  # best.pt also stores it alone (what evaluate / export load)
         self.alpha, self.warmup_epochs, self.teacher = alpha, warmup_epochs, teacher
         self.norm = norm
         if norm is not None:
@@ -154,6 +156,12 @@ def method_settings(s: StudentConfig) -> dict[str, dict]:
         params = s.method_params(n)
         out[n] = dataclasses.asdict(params) if params is not None else {}
     return out
+
+
+def model_spec(cfg: Config, num_classes: int, dataset: str) -> dict:
+    """What rebuilds the plain student from ``best.pt``'s ``model_state`` (``attnfd_pipeline.inference``)."""
+    m = cfg.student.model
+    return {"name": m.name, "num_classes": num_classes, "output_stride": m.output_stride, "dataset": dataset}
 
 
 def method_targets(s: StudentConfig) -> list[str]:
@@ -389,14 +397,16 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         sampler.set_epoch(epoch)
         return train_loader
 
-    val_ds = ValDataset(val_src, cfg.augment.crop_size)
-    val_loader = make_loader(val_ds, batch_size=s.train.val_batch_size, workers=min(cfg.data.num_workers, 1),
-                             sampler=distributed.eval_sampler(len(val_ds), ctx), device=device)
+    protocol = EvalProtocol.from_config(cfg)
+    val_loader = make_val_loader(val_src, protocol, batch_size=s.train.val_batch_size,
+                                 workers=min(cfg.data.num_workers, 1),
+                                 sampler=distributed.eval_sampler(len(val_src), ctx), device=device)
     t0 = time.perf_counter()
     result = fit(task, train_loader_for=train_loader_for, val_loader=val_loader, cfg=s.train, run_dir=out_dir,
                  num_classes=nc, device=device, config_dict=cfg.to_dict(), class_names=train_src.info.class_names,
                  resume=resume, progress=progress, desc=f"student a={s.alpha:g}",
-                 extra_state={"seed_order": _seed_order(s)})
+                 extra_state={"seed_order": _seed_order(s), "model_spec": model_spec(cfg, nc, train_src.info.name)},
+                 eval_protocol=protocol)
     last = result.last_metrics
     distilled = s.alpha > 0
     record = RunRecord(
@@ -408,7 +418,7 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         targets=tuple(task.target_names) if distilled else (),
         teacher=({k: teacher_info.get(k) for k in ("model", "cbam_mode", "sha256", "points")}
                  if teacher_info is not None else None),
-        dataset=train_src.info.name, eval_protocol=CENTER_CROP, epochs=result.epochs_done,
+        dataset=train_src.info.name, eval_protocol=protocol.name, epochs=result.epochs_done,
         best_miou=result.best_miou, final_miou=last.get("miou"), final_pixel_acc=last.get("pixel_acc"),
         final_class_acc=last.get("class_acc"), final_fwiou=last.get("fwiou"),
         per_class_iou=tuple(last["per_class_iou"]) if last.get("per_class_iou") is not None else None,

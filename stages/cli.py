@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +9,7 @@ import typer
 
 from attnfd_pipeline.data.demo import DEMO_N_TRAIN, DEMO_N_VAL
 from stages.bench import bench, bench_accuracy
+from stages.inference import evaluate, export, predict
 from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
 from stages.report import report, studies, visualize
 from stages.student import student, sweep
@@ -27,6 +27,9 @@ app.command("bench-accuracy")(bench_accuracy)
 app.command("report")(report)
 app.command("studies")(studies)
 app.command("visualize")(visualize)
+app.command("evaluate")(evaluate)
+app.command("predict")(predict)
+app.command("export")(export)
 
 try:  # the cache sub-app
     from stages.cache import app as cache_app
@@ -80,24 +83,6 @@ def data_check(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
         typer.echo(format_problems(problems), err=True)
         raise typer.Exit(1)
     typer.echo(f"{cfg.data.dataset} at {cfg.data.root}: splits {', '.join(splits)} OK")
-
-
-@app.command("evaluate")
-def evaluate_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
-                 bundle: Annotated[Optional[Path], typer.Option(help="Teacher bundle (default: the config's).")] = None,
-                 as_json: Annotated[bool, typer.Option("--json", help="Print all metrics as JSON.")] = False):
-    """Evaluate the teacher bundle on the validation split: mIoU, pixel acc, class acc, FWIoU."""
-    from attnfd_pipeline.runs import evaluate_bundle
-    from attnfd_pipeline.teacher import bundle_path
-
-    cfg = load(config, set_)
-    with errors():
-        m = evaluate_bundle(cfg, bundle or bundle_path(cfg))
-    if as_json:
-        typer.echo(json.dumps({k: v for k, v in m.items() if k != "confusion"}, indent=2))
-    else:
-        typer.echo(f"mIoU {m['miou'] * 100:.2f}  pixel acc {m['pixel_acc'] * 100:.2f}  "
-                   f"class acc {m['class_acc'] * 100:.2f}  FWIoU {m['fwiou'] * 100:.2f}")
 
 
 @app.command("results")

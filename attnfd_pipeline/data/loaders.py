@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.config import AugmentConfig
+from attnfd_pipeline.engine.protocol import EvalProtocol
 
 
 class EpochSampler(Sampler):
@@ -106,18 +107,30 @@ class AugmentedDataset(Dataset):
 
 
 class ValDataset(Dataset):
-    """Validation: resize the short side to the crop and centre-crop (reference), no randomness."""
+    """Validation images as ``protocol`` scores them (``engine.protocol``), no randomness; without a
+    protocol, the short side resized to the crop and centre-cropped."""
 
-    def __init__(self, source, crop_size: Sequence[int]):
+    def __init__(self, source, crop_size: Sequence[int], protocol: EvalProtocol | None = None):
         self.source, self.crop_size = source, tuple(crop_size)
+        self.protocol = protocol
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
         image, label = self.source.load(index)
-        image, label = augment.val_transform(image, label, self.crop_size)
+        if self.protocol is None:
+            image, label = augment.val_transform(image, label, self.crop_size)
+        else:
+            image, label = self.protocol.transform(image, label)
         return {"image": augment.normalize(image), "label": label.long(), "index": index}
+
+
+def make_val_loader(source, protocol: EvalProtocol, *, batch_size: int, workers: int, sampler=None,
+                    device: torch.device | None = None) -> DataLoader:
+    """The val loader of ``protocol`` (one image per batch when images keep their own sizes)."""
+    return make_loader(ValDataset(source, protocol.crop, protocol), batch_size=protocol.val_batch_size(batch_size),
+                       workers=workers, sampler=sampler, device=device)
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, workers: int, sampler=None, shuffle: bool = False,

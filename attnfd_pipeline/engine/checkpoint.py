@@ -18,13 +18,17 @@ FORMAT = "attnfd-checkpoint/1"
 
 
 def save_checkpoint(path: str | Path, *, modules: torch.nn.Module, optimizer, scheduler, scaler, epoch: int,
-                    step: int, best: float, rng: dict, config: dict, extra: dict | None = None) -> Path:
+                    step: int, best: float, rng: dict, config: dict, extra: dict | None = None,
+                    model: torch.nn.Module | None = None) -> Path:
     """``epoch`` is the number of finished epochs: resume continues at epoch ``epoch``. ``optimizer`` and
     ``scheduler`` None: a weights-only checkpoint (``best.pt``: evaluation and export need no optimizer
-    state, which is as large as the model under SGD momentum)."""
+    state, which is as large as the model under SGD momentum). ``model``: the plain network inside
+    ``modules`` (the student without distillation heads), stored as ``model_state``; its tensors are
+    ``modules``' own, which ``torch.save`` writes once."""
     state = {
         "format": FORMAT,
         "modules": modules.state_dict(),
+        "model_state": model.state_dict() if model is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,

@@ -30,6 +30,7 @@ from attnfd_pipeline.engine.checkpoint import load_checkpoint, load_modules, sav
 from attnfd_pipeline.safe_load import sidecar_path
 from attnfd_pipeline.engine.metrics import confusion_matrix, metrics_from_confusion
 from attnfd_pipeline.engine.optim import build_optimizer, build_scheduler
+from attnfd_pipeline.engine.protocol import EvalProtocol
 from attnfd_pipeline.progress import Progress
 from attnfd_pipeline.utils import atomic_write_bytes, atomic_write_json, rng_state, set_rng_state
 
@@ -116,8 +117,10 @@ def train_one_epoch(task: Task, loader, optimizer, scheduler, scaler, device, ep
 
 @torch.no_grad()
 def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, num_classes: int, device, *,
-             class_names=None, amp: bool = True, progress: bool = False) -> dict[str, Any]:
+             class_names=None, amp: bool = True, progress: bool = False,
+             protocol: EvalProtocol | None = None) -> dict[str, Any]:
     """Confusion matrix over the whole loader → metrics (``predict`` returns logits at label size).
+    ``protocol``: how the logits cover an image (sliding windows for ``whole``); the metrics name it.
 
     A loader over this rank's part of the split (``distributed.RankPartitionSampler``) contributes its
     matrix to the sum over ranks: every rank returns the metrics of the whole split."""
@@ -126,13 +129,15 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, num_classe
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         with autocast_for(device, amp):
-            logits = predict(images)
+            logits = protocol.logits(predict, images) if protocol is not None else predict(images)
         cm += confusion_matrix(logits.argmax(1).cpu(), batch["label"], num_classes)
         bar.update(1)
     bar.close()
     if distributed.is_rank_partition(loader):
         cm = distributed.all_reduce_sum(cm)
     out = metrics_from_confusion(cm, class_names)
+    if protocol is not None:
+        out["protocol"] = protocol.describe()
     out["confusion"] = cm.tolist()
     return out
 
@@ -170,11 +175,14 @@ def check_recipe(state: dict, cfg: TrainConfig, path: Path) -> None:
 def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: TrainConfig, run_dir: str | Path,
         num_classes: int, device: torch.device, config_dict: dict, class_names=None, resume: bool = False,
         extra_state: dict | None = None, progress: bool = True, desc: str = "train",
-        stop_after_epochs: int | None = None) -> FitResult:
+        stop_after_epochs: int | None = None, eval_protocol: EvalProtocol | None = None) -> FitResult:
     """Train ``task`` for ``cfg.epochs`` epochs; evaluate every ``cfg.eval_every`` epochs and after the
     last; keep ``last.pt`` (full state, for ``resume``) and ``best.pt`` (weights and metrics of the best val
     mIoU, without optimizer state: half the size).
     ``stop_after_epochs`` ends the call early (tests use it to simulate an interrupted run).
+    ``eval_protocol``: how ``val_loader``'s images are scored (recorded with the metrics).
+    A task with a ``deploy_model`` (the plain network inside its modules) has that network's state dict
+    stored on its own in ``best.pt``, so evaluation and export need none of the training-only modules.
     In a distributed run every rank calls ``fit``; only rank 0 writes into ``run_dir``."""
     run_dir = Path(run_dir)
     world = distributed.world_size()
@@ -234,7 +242,8 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
             te = time.perf_counter()
             task.modules.eval()
             distributed.broadcast_buffers(task.modules)  # every rank evaluates rank 0's (checkpointed) state
-            m = evaluate(task.predict, val_loader, num_classes, device, class_names=class_names, amp=cfg.amp)
+            m = evaluate(task.predict, val_loader, num_classes, device, class_names=class_names, amp=cfg.amp,
+                         protocol=eval_protocol)
             row.update({k: m[k] for k in ("miou", "pixel_acc", "class_acc", "fwiou", "per_class_iou")})
             row["eval_seconds"] = time.perf_counter() - te
             if m["miou"] > best:  # the same decision on every rank: the metrics are of the whole split
@@ -242,7 +251,8 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
                 if main:
                     save_checkpoint(best_path, modules=task.modules, optimizer=None, scheduler=None,
                                     scaler=None, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
-                                    config=config_dict, extra={**extra, "metrics": m})
+                                    config=config_dict, extra={**extra, "metrics": m},
+                                    model=getattr(task, "deploy_model", None))
             if main:
                 print(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {train_logs['train_loss']:.4f} "
                       f"val mIoU {m['miou'] * 100:.2f} pixel acc {m['pixel_acc'] * 100:.2f}", flush=True)

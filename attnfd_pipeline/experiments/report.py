@@ -225,7 +225,9 @@ PAIRED_NOTE = (f"Paired Δ: the mean of the per-seed differences over the seeds 
                f"interval and n; an interval that excludes 0 resolves the difference. Δ (means): the difference of "
                f"the unpaired means.")
 # what each evaluation protocol name means, for the reports' header
-PROTOCOLS = {CENTER_CROP: "short side resized to the crop size, then the centre crop"}
+PROTOCOLS = {CENTER_CROP: "short side resized to the crop size, then the centre crop",
+             "reference": "whole image and label resized to the crop size (aspect not kept)",
+             "whole": "original resolution, sliding window when larger than eval.window"}
 
 
 def evaluation_line(dataset: str | None, protocols: Sequence[str], crop: Sequence[int] | None = None) -> str:
