@@ -15,6 +15,8 @@ from attnfd_pipeline.data.loaders import AugmentedDataset, EpochSampler, FreshSe
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.checkpoint import check_resume
+from attnfd_pipeline.engine.logging import begin as begin_run_log
+from attnfd_pipeline.engine.logging import get_logger, run_log
 from attnfd_pipeline.engine.train import evaluate, fit
 from attnfd_pipeline.teacher import (CBAMFitTask, SegTask, build_side_attention, build_teacher_model, bundle_path,
                                      load_teacher, save_bundle)
@@ -76,12 +78,29 @@ def _loaders(cfg: Config, train_cfg, train_source: ImageSource, val_source: Imag
 
 def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
     """Train the teacher (CE), fit/attach its CBAMs per ``teacher.cbam_mode``, freeze, write the bundle.
-    Under torchrun every rank runs this (DDP, ``engine.distributed``); rank 0 writes the files."""
+    Under torchrun every rank runs this (DDP, ``engine.distributed``); rank 0 writes the files, ``log.txt``
+    included."""
+    check_dataset_inputs(cfg)  # before the first file (log.txt) is written
+    with run_log(cfg.teacher_dir if distributed.rank() == 0 else None):
+        get_logger().info(f"teacher {cfg.teacher.model.name} ({cfg.teacher.cbam_mode} CBAM) in {cfg.teacher_dir}")
+        runs = 2 if cfg.teacher.cbam_mode == "fitted" else 1  # the CBAM fit is a second training
+        with _job_or_current("teacher", runs):
+            return _run_teacher(cfg, resume=resume, progress=progress)
+
+
+def _job_or_current(desc: str, runs: int):
+    """A progress job of ``runs`` trainings, unless this call is part of a larger job already (studies)."""
+    import contextlib
+
+    from attnfd_pipeline.progress import current_job, job
+
+    return contextlib.nullcontext() if current_job() is not None or runs == 1 else job(desc, runs)
+
+
+def _run_teacher(cfg: Config, *, resume: bool, progress: bool) -> Path:
     t = cfg.teacher
     ctx = distributed.setup(t.train.device)
     device = ctx.device
-    # everything that can be checked is checked before the first file is written
-    check_dataset_inputs(cfg)
     train_src = ImageSource.from_config(cfg, cfg.data.train_split)
     val_src = ImageSource.from_config(cfg, cfg.data.val_split)
     nc = num_classes_of(cfg, train_src)
@@ -91,9 +110,11 @@ def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
     if resume:
         check_resume(out_dir / "train" / "last.pt", model)  # e.g. a checkpoint for another num_classes
     if ctx.is_main:
+        begin_run_log(out_dir)
         write_resolved(cfg, out_dir)
     train_for, val_loader = _loaders(cfg, t.train, train_src, val_src, device, FreshSeeds(), ctx)
     t0 = time.perf_counter()
+    _next_run("teacher")
     seg_task = SegTask(model)
     seg_task.ddp_find_unused_parameters = False  # CE on the full forward: every parameter gets a gradient
     result = fit(seg_task, train_loader_for=train_for, val_loader=val_loader, cfg=t.train,
@@ -107,6 +128,7 @@ def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
         fit_cfg = type(t.train)(**{**t.train.__dict__, "epochs": t.fit_epochs, "lr": t.fit_lr})
         task = CBAMFitTask(model, attention, nc)
         task.ddp_find_unused_parameters = False  # every point's CBAM and classifier is in the loss
+        _next_run("teacher CBAM fit")
         fit(task, train_loader_for=train_for, val_loader=val_loader, cfg=fit_cfg, run_dir=out_dir / "fit_cbam",
             num_classes=nc, device=device, config_dict=cfg.to_dict(), resume=resume, progress=progress,
             desc="teacher-cbam")
@@ -124,6 +146,14 @@ def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
                                                     **({"world_size": ctx.world} if ctx.distributed else {})})
     distributed.barrier()  # the bundle exists before any rank goes on
     return path
+
+
+def _next_run(label: str) -> None:
+    from attnfd_pipeline.progress import current_job
+
+    j = current_job()
+    if j is not None and j.desc == "teacher":  # a larger job (studies) counts the teacher as one of its runs
+        j.next(label)
 
 
 def _load_best(modules: torch.nn.Module, run_dir: Path) -> None:
