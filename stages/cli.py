@@ -11,7 +11,7 @@ import typer
 from attnfd_pipeline.data.demo import DEMO_N_TRAIN, DEMO_N_VAL
 from stages.bench import bench, bench_accuracy
 from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
-from stages.report import report, studies, visualize
+from stages.report import curves, report, studies, visualize
 from stages.student import student, sweep
 from stages.teacher import teacher
 
@@ -27,6 +27,7 @@ app.command("bench-accuracy")(bench_accuracy)
 app.command("report")(report)
 app.command("studies")(studies)
 app.command("visualize")(visualize)
+app.command("curves")(curves)
 
 try:  # the cache sub-app
     from stages.cache import app as cache_app

@@ -7,13 +7,17 @@ from typing import Annotated
 import typer
 
 from attnfd_pipeline.runs import run_teacher
-from stages.common import DEFAULT_CONFIG, ConfigOpt, SeedOpt, SetOpt, errors, load
+from stages.common import (DEFAULT_CONFIG, ConfigOpt, QuietOpt, SeedOpt, SetOpt, TensorboardOpt, VerboseOpt, errors,
+                           load, logs)
 
 
 def teacher(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedOpt = None,
-            resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False):
+            resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+            tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Train the teacher (CE) with its CBAMs per teacher.cbam_mode, then freeze both into teacher_bundle.pt."""
+    logs(verbose, quiet)
     overrides = list(set_ or []) + ([f"teacher.train.seed={seed}"] if seed is not None else [])
+    overrides += ["teacher.train.tensorboard=true"] if tensorboard else []
     cfg = load(config, overrides)
     from attnfd_pipeline.engine import distributed
 

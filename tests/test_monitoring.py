@@ -129,11 +129,12 @@ def test_cli_logs_and_an_error_that_ends_the_run_reaches_log_txt(tiny_cfg, monke
 
     p = tmp_path / "c.toml"
     p.write_text(dump_toml(tiny_cfg))
-    r = runner.invoke(app, ["student", "--config", str(p), "--alpha", "0", "--verbose"])
+    r = runner.invoke(app, ["student", "--config", str(p), "--alpha", "0", "--verbose", "--set",
+                            "student.train.log_every=1"])
     assert r.exit_code == 0, r.output
     d = student_dir(_override(tiny_cfg))
     log = (d / "log.txt").read_text()
-    assert "DEBUG step step=10" not in log and " DEBUG step step=" in log  # --verbose: the step rows
+    assert " DEBUG step step=1 epoch=1 loss=" in log and " DEBUG step step=2 " in log  # --verbose: the rows
     assert "epoch 1/1 loss" in log
 
     def boom(self, batch, epoch):
@@ -162,3 +163,38 @@ def test_progress_prints_plain_lines_with_run_epoch_step_and_job_eta_when_not_a_
     assert len(lines) == 4 and "\r" not in out.getvalue()
     assert lines[-1].startswith("studies run 2/3 (student a=30 s1) | student epoch 3/3: 6/6 it")
     assert "loss=0.5" in lines[-1] and "(job " in lines[-1]
+
+
+def _fake_run(d, seed: int, *, steps: bool = True):
+    """A run folder as ``fit`` leaves it: 3 epochs of 4 steps, eval at epochs 2 and 3."""
+    from attnfd_pipeline.engine.steps import write_table
+
+    d.mkdir(parents=True)
+    epochs = [{"epoch": e, "step": 4 * e, "lr": 0.01, "train_loss": 1.0 / e + seed, "train_ce": 0.9 / e,
+               **({"miou": 0.1 * e + 0.01 * seed, "pixel_acc": 0.5} if e > 1 else {})} for e in (1, 2, 3)]
+    write_table(d / "metrics.parquet", epochs)
+    if steps:
+        write_table(d / "steps.parquet", [{"step": s, "epoch": (s - 1) // 4 + 1, "loss": 1.0 / s, "ce": 0.9 / s,
+                                           "lr": 0.01, "samples_per_s": 10.0, "data_wait_s": 0.01,
+                                           "peak_mem_bytes": 2**30} for s in range(2, 13, 2)])
+
+
+def test_curves_draws_one_png_per_quantity_for_two_runs(tiny_cfg, tmp_path):
+    from PIL import Image
+
+    from stages.cli import app
+
+    _fake_run(tiny_cfg.run_root / "student" / "a0_s0", 0)
+    _fake_run(tiny_cfg.run_root / "student" / "a30_s0", 1, steps=False)  # trained before steps.parquet
+    p = tmp_path / "c.toml"
+    p.write_text(dump_toml(tiny_cfg))
+    r = runner.invoke(app, ["curves", "--config", str(p), "--out", str(tmp_path / "curves")])
+    assert r.exit_code == 0, r.output
+    got = sorted(f.name for f in (tmp_path / "curves").glob("*.png"))
+    assert {"overview.png", "epoch_miou.png", "epoch_train_loss.png", "epoch_train_ce.png", "step_loss.png",
+            "step_ce.png", "step_samples_per_s.png", "step_peak_mem_bytes.png"} <= set(got)
+    for name in got:
+        with Image.open(tmp_path / "curves" / name) as im:
+            assert im.size[0] >= 300 and im.size[1] >= 200
+    r = runner.invoke(app, ["curves", "--config", str(p), "--runs", "student/nothing*"])
+    assert r.exit_code == 2 and "no run folder matching 'student/nothing*'" in r.output
