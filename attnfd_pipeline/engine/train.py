@@ -178,6 +178,63 @@ def check_recipe(state: dict, cfg: TrainConfig, path: Path) -> None:
                          f"settings, or rerun without --resume to start this run over")
 
 
+def _clear_debris(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("last.pt", "best.pt", "metrics.parquet", "summary.json", "steps.parquet"):
+        for tmp in run_dir.glob(f".{name}.*.tmp"):  # left by a run killed while writing (never read)
+            tmp.unlink(missing_ok=True)
+
+
+def _restore(last_path: Path, log_path: Path, cfg: TrainConfig, task: Task, optimizer, scheduler, scaler):
+    """Load ``last.pt`` into the modules, optimizer, schedule, scaler and RNGs; (epoch, step, best, epoch rows)."""
+    state = load_checkpoint(last_path)
+    check_recipe(state, cfg, last_path)
+    load_modules(task.modules, state["modules"], last_path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    rows = read_log(log_path) if log_path.is_file() else []
+    return state["epoch"], state["step"], state["best"], [r for r in rows if r["epoch"] <= state["epoch"]]
+
+
+def _evaluate_into(row: dict, task: Task, val_loader, num_classes: int, device, class_names, amp: bool) -> dict:
+    """Evaluate the task's current state; its metrics and the seconds it took go into the epoch's ``row``."""
+    te = time.perf_counter()
+    task.modules.eval()
+    distributed.broadcast_buffers(task.modules)  # every rank evaluates rank 0's (checkpointed) state
+    m = evaluate(task.predict, val_loader, num_classes, device, class_names=class_names, amp=amp)
+    row.update({k: m[k] for k in ("miou", "pixel_acc", "class_acc", "fwiou", "per_class_iou")})
+    row["eval_seconds"] = time.perf_counter() - te
+    return m
+
+
+def _wrap_for_ranks(task: Task, cfg: TrainConfig, device):
+    """(DDP training step, BatchNorms swapped for SyncBatchNorm) of a distributed run."""
+    swapped = distributed.to_sync_batchnorm(task.modules) if cfg.sync_bn else []
+    # DDP broadcasts rank 0's weights and buffers here; a task whose every step uses every trainable
+    # parameter may say so (``ddp_find_unused_parameters = False``) and save a graph traversal per step
+    return distributed.wrap_task(task, device,
+                                 find_unused_parameters=getattr(task, "ddp_find_unused_parameters", True)), swapped
+
+
+def _finish(run_dir: Path, task: Task, summary: dict, swapped) -> None:
+    world = distributed.world_size()
+    if world > 1:
+        distributed.broadcast_buffers(task.modules)  # leave every rank with rank 0's model
+        distributed.restore_batchnorm(swapped)
+        summary["world_size"] = world
+    if distributed.rank() == 0:
+        atomic_write_json(run_dir / "summary.json", summary)
+    distributed.barrier()  # rank 0's files are complete before any rank reads them (e.g. best.pt)
+
+
+def _log_epoch(desc: str, cfg: TrainConfig, row: dict) -> None:
+    val = f" val mIoU {row['miou'] * 100:.2f} pixel acc {row['pixel_acc'] * 100:.2f}" if "miou" in row else ""
+    get_logger().info(f"[{desc}] epoch {row['epoch']}/{cfg.epochs} loss {row['train_loss']:.4f}{val}")
+
+
 def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: TrainConfig, run_dir: str | Path,
         num_classes: int, device: torch.device, config_dict: dict, class_names=None, resume: bool = False,
         extra_state: dict | None = None, progress: bool = True, desc: str = "train",
@@ -199,48 +256,26 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
     last_path, best_path, log_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.parquet"
     extra = {**(extra_state or {}), "train_recipe": dataclasses.asdict(cfg)}
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("last.pt", "best.pt", "metrics.parquet", "summary.json", "steps.parquet"):
-            for tmp in run_dir.glob(f".{name}.*.tmp"):  # left by a run killed while writing (never read)
-                tmp.unlink(missing_ok=True)
+        _clear_debris(run_dir)
     iters_per_epoch = len(train_loader_for(0))
     optimizer = build_optimizer(task.param_groups(cfg), cfg)
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs * iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
     start_epoch, step, best, rows = 0, 0, -math.inf, []
     if resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        check_recipe(state, cfg, last_path)
-        load_modules(task.modules, state["modules"], last_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, step, best = state["epoch"], state["step"], state["best"]
-        rows = read_log(log_path) if log_path.is_file() else []
-        rows = [r for r in rows if r["epoch"] <= start_epoch]
+        start_epoch, step, best, rows = _restore(last_path, log_path, cfg, task, optimizer, scheduler, scaler)
     elif (last_path.is_file() or log_path.is_file()) and not resume and main:
         for p in (last_path, best_path, log_path):
             p.unlink(missing_ok=True)
-    step_fn, swapped = None, []
-    if world > 1:
-        if cfg.sync_bn:
-            swapped = distributed.to_sync_batchnorm(task.modules)
-        # DDP broadcasts rank 0's weights and buffers here; a task whose every step uses every trainable
-        # parameter may say so (``ddp_find_unused_parameters = False``) and save a graph traversal per step
-        step_fn = distributed.wrap_task(task, device,
-                                        find_unused_parameters=getattr(task, "ddp_find_unused_parameters", True))
+    step_fn, swapped = _wrap_for_ranks(task, cfg, device) if world > 1 else (None, [])
     t0 = time.perf_counter()
     last_metrics: dict = rows[-1] if rows else {}
     epochs_run = 0
-    log = get_logger()
     step_log = StepLog(run_dir, every=cfg.log_every, device=device, start_step=step, tensorboard=cfg.tensorboard,
                        enabled=main)
     if start_epoch:
-        log.info(f"[{desc}] resumed at epoch {start_epoch}/{cfg.epochs} (step {step})"
-                 + (f"; dropped {step_log.dropped} step rows written after that checkpoint" if step_log.dropped
-                    else ""))
+        get_logger().info(f"[{desc}] resumed at epoch {start_epoch}/{cfg.epochs} (step {step})" + (
+            f"; dropped {step_log.dropped} step rows written after that checkpoint" if step_log.dropped else ""))
     bar = Progress(cfg.epochs * iters_per_epoch, desc, "it", enabled=progress, done=step, epochs=cfg.epochs)
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
@@ -253,24 +288,16 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                "epoch_seconds": time.perf_counter() - te, "eval_seconds": 0.0, **train_logs}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            te = time.perf_counter()
-            task.modules.eval()
-            distributed.broadcast_buffers(task.modules)  # every rank evaluates rank 0's (checkpointed) state
-            m = evaluate(task.predict, val_loader, num_classes, device, class_names=class_names, amp=cfg.amp)
-            row.update({k: m[k] for k in ("miou", "pixel_acc", "class_acc", "fwiou", "per_class_iou")})
-            row["eval_seconds"] = time.perf_counter() - te
+            m = _evaluate_into(row, task, val_loader, num_classes, device, class_names, cfg.amp)
             if m["miou"] > best:  # the same decision on every rank: the metrics are of the whole split
                 best = m["miou"]
                 if main:
                     save_checkpoint(best_path, modules=task.modules, optimizer=None, scheduler=None,
                                     scaler=None, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
                                     config=config_dict, extra={**extra, "metrics": m})
-        if main:
-            val = (f" val mIoU {row['miou'] * 100:.2f} pixel acc {row['pixel_acc'] * 100:.2f}" if "miou" in row
-                   else "")
-            log.info(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {train_logs['train_loss']:.4f}{val}")
         rows.append(row)
         if main:
+            _log_epoch(desc, cfg, row)
             _write_log(log_path, rows)
             step_log.epoch_end(row)
             save_checkpoint(last_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler,
@@ -281,14 +308,7 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
     bar.close()
     step_log.close()
     done = start_epoch + epochs_run
-    summary = {"epochs_done": done, "best_miou": best, "last": last_metrics,
-               "seconds_this_call": time.perf_counter() - t0}
-    if world > 1:
-        distributed.broadcast_buffers(task.modules)  # leave every rank with rank 0's model
-        distributed.restore_batchnorm(swapped)
-        summary["world_size"] = world
-    if main:
-        atomic_write_json(run_dir / "summary.json", summary)
-    distributed.barrier()  # rank 0's files are complete before any rank reads them (e.g. best.pt)
+    _finish(run_dir, task, {"epochs_done": done, "best_miou": best, "last": last_metrics,
+                            "seconds_this_call": time.perf_counter() - t0}, swapped)
     train_seconds = sum(float(r.get("epoch_seconds") or 0.0) + float(r.get("eval_seconds") or 0.0) for r in rows)
     return FitResult(run_dir, done, best, last_metrics, time.perf_counter() - t0, train_seconds)
