@@ -114,7 +114,7 @@ class Progress:
         self.postfix: dict[str, str] = {}
         self._shown = -1  # count at the last printed line
         self.counters: dict[str, float] = {}
-        self._bar = _RichBar(shown_on, self) if (enabled and self.tty) else None
+        self._bar = _RichBar.open(shown_on, self) if (enabled and self.tty) else None
 
     def update(self, n: int = 1, *, counters: dict[str, float] | None = None, epoch: int | None = None,
                **postfix) -> None:
@@ -194,13 +194,24 @@ class _RichBar:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
         from rich.progress import Progress as RichProgress
+        from rich.table import Column
 
         self.owner = owner
-        self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), console=Console(file=stream),
-                                refresh_per_second=4)
+        # long figures fold onto a second line rather than being cut on a narrow terminal
+        self.bar = RichProgress(TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+                                BarColumn(bar_width=24), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}", table_column=Column(no_wrap=False, min_width=30)),
+                                console=Console(file=stream), refresh_per_second=4)
         self.bar.start()
         self.task = self.bar.add_task(owner.head(), total=owner.total, completed=owner.n, info="")
+
+    @classmethod
+    def open(cls, stream, owner: Progress) -> "_RichBar | None":
+        """A live bar, or None (plain lines) where rich is missing (typer-slim installs)."""
+        try:
+            return cls(stream, owner)
+        except ImportError:
+            return None
 
     def update(self) -> None:
         o = self.owner

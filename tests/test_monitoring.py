@@ -169,7 +169,7 @@ def _fake_run(d, seed: int, *, steps: bool = True):
     """A run folder as ``fit`` leaves it: 3 epochs of 4 steps, eval at epochs 2 and 3."""
     from attnfd_pipeline.engine.steps import write_table
 
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     epochs = [{"epoch": e, "step": 4 * e, "lr": 0.01, "train_loss": 1.0 / e + seed, "train_ce": 0.9 / e,
                **({"miou": 0.1 * e + 0.01 * seed, "pixel_acc": 0.5} if e > 1 else {})} for e in (1, 2, 3)]
     write_table(d / "metrics.parquet", epochs)
@@ -198,3 +198,32 @@ def test_curves_draws_one_png_per_quantity_for_two_runs(tiny_cfg, tmp_path):
             assert im.size[0] >= 300 and im.size[1] >= 200
     r = runner.invoke(app, ["curves", "--config", str(p), "--runs", "student/nothing*"])
     assert r.exit_code == 2 and "no run folder matching 'student/nothing*'" in r.output
+
+
+def test_the_report_links_the_curves_of_the_student_and_attnfd(tmp_path):
+    """The report draws the plain student and AttnFD at the reference setting (its first seeds)."""
+    from test_report import _student, _teacher
+
+    from attnfd_pipeline.config import load_config
+    from attnfd_pipeline.experiments.curves import _series, load_run
+    from attnfd_pipeline.experiments.report import build_report
+
+    root = tmp_path / "runs" / "demo"
+    _teacher(root)
+    for seed in range(4):
+        _student(root, alpha=0, seed=seed)
+        _student(root, seed=seed)
+    _student(root, method="kd", alpha=1.0)  # not in the curves
+    runs = sorted((root / "student").iterdir())
+    for i, d in enumerate(runs):
+        _fake_run(d, i)
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"', "student.alpha=2",
+                                            'student.points=["B","E","D"]'])
+    files = build_report(cfg, tmp_path / "report")
+    md = files["report"].read_text()
+    assert "## Training curves" in md and "![training curves](curves/overview.png)" in md
+    assert "[step_loss](curves/step_loss.png)" in md and (tmp_path / "report" / "curves" / "epoch_miou.png").is_file()
+    assert "6 runs" in md  # 3 seeds of each side
+    two = [load_run(p) for p in runs[:2]]
+    assert [s.label for s in _series(two, "miou", "epoch")] == [p.name for p in runs[:2]]  # legend: run names
+    assert _series(two, "miou", "epoch")[0].y == pytest.approx([20.0, 30.0])  # eval epochs 2, 3, in %
