@@ -4,8 +4,9 @@ Every ``train.log_every`` steps one row: ``step`` (optimizer steps done, 1-based
 mean over those steps of the loss and each of its parts (``ce``, each method's term and sub-terms, as the
 task's ``train_step`` returns them), ``lr`` after the step, ``samples_per_s`` (this rank's samples over the
 window's wall time, times the world size), ``data_wait_s`` (mean seconds per step spent waiting for the
-loader and the copy to the device) and ``peak_mem_bytes`` (CUDA: max allocated on the device; CPU: the
-process's peak RSS). Only rank 0 writes; its losses are its own batches' (the epoch means in
+loader and the copy to the device) and ``peak_mem_bytes`` (CUDA: max allocated on the device since the
+run started; CPU: the process's peak RSS, which cannot be reset: a process that ran an earlier run reports
+at least that run's peak). Only rank 0 writes; its losses are its own batches' (the epoch means in
 ``metrics.parquet`` are over every rank).
 
 The file is rewritten atomically at every epoch end and at most every ``FLUSH_SECONDS`` within an epoch. A
@@ -77,6 +78,8 @@ class StepLog:
         if not enabled:
             return
         writer_cls = summary_writer_class() if tensorboard else None
+        if device.type == "cuda":  # this run's peak, not an earlier run's in the same process (a sweep worker)
+            torch.cuda.reset_peak_memory_stats(device)
         if self.path.is_file():
             old = pq.read_table(self.path).to_pylist()
             self.rows = [r for r in old if r["step"] <= start_step]
