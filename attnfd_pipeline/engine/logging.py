@@ -38,7 +38,8 @@ class _ConsoleHandler(logging.StreamHandler):
 
     def emit(self, record):
         to_err = record.levelno >= logging.WARNING or getattr(record, "stderr", False)
-        self.setStream(sys.stderr if to_err else sys.stdout)
+        # not setStream: it flushes the previous stream, which a finished CliRunner call has closed
+        self.stream = sys.stderr if to_err else sys.stdout
         super().emit(record)
 
 

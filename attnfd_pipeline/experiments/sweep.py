@@ -108,7 +108,3 @@ def _collect(completed, n: int, *, skipped: int) -> list[dict]:
             results.append(r)
             bar.update(1, last=r["run"])
     return results
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
