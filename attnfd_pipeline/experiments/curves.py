@@ -24,7 +24,7 @@ PERCENT = set(EPOCH_QUANTITIES)
 LABELS = {"miou": "val mIoU (%)", "pixel_acc": "val pixel accuracy (%)", "class_acc": "val class accuracy (%)",
           "fwiou": "val FWIoU (%)", "loss": "loss (total)", "ce": "CE", "distill": "distillation loss (weighted sum)",
           "lr": "learning rate", "samples_per_s": "samples / s", "data_wait_s": "data wait per step (s)",
-          "peak_mem_bytes": "peak memory (MB)"}
+          "peak_mem_bytes": "peak memory (MiB)"}
 
 
 @dataclass
@@ -120,7 +120,7 @@ def draw_runs(loaded: list[RunCurves], out: Path, *, title: str = "") -> list[Pa
 
 def overview(runs: list[RunCurves], path: Path, *, title: str = "") -> Path:
     """Train loss, train CE and val mIoU against the epoch, one panel each, runs overlaid."""
-    from attnfd_pipeline.experiments.plotting import DPI, _pyplot, _rgb, _save
+    from attnfd_pipeline.experiments.plotting import DPI, _pyplot, _rgb, _save, integer_ticks
 
     plt = _pyplot()
     keys = [k for k in ("train_loss", "train_ce", "miou") if any(_series(runs, k, "epoch"))]
@@ -130,6 +130,7 @@ def overview(runs: list[RunCurves], path: Path, *, title: str = "") -> Path:
             ax.plot(s.x, s.y, marker="o", markersize=4, linewidth=1.6, label=s.label, color=_rgb(None, i))
         ax.set_title(_label(key), fontsize=10)
         ax.set_xlabel("epoch")
+        integer_ticks(ax)
         ax.grid(True, color="0.88")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:

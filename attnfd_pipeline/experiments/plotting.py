@@ -99,8 +99,16 @@ def curve_plot(path: str | Path, series: Sequence[Series], *, title: str = "", x
                     linewidth=1.6, marker="o" if len(pts) <= 30 else None, markersize=4)
     if logy:
         ax.set_yscale("log")
+    integer_ticks(ax)
     _finish(fig, ax, title, xlabel, ylabel, legend=bool(series))
     return _save(fig, path)
+
+
+def integer_ticks(ax) -> None:
+    """Whole-number x ticks (epochs and steps have no 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _finish(fig, ax, title: str, xlabel: str, ylabel: str, *, legend: bool) -> None:
