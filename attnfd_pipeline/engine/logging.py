@@ -189,7 +189,3 @@ def held():
         _state["held"] -= 1
         if not _state["held"]:
             close_run_logs()
-
-
-def open_run_logs() -> list[Path]:
-    return list(_open)
