@@ -149,12 +149,15 @@ class TrainConfig:
     seed: int = 0  # run seed: init, data order, per-epoch aug-seed choice
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over all ranks' batches (SyncBatchNorm)
+    log_every: int = 10  # steps between rows of <run>/steps.parquet (means over those steps)
+    tensorboard: bool = False  # also write the scalars to <run>/tb/ (needs the `tensorboard` extra)
 
     def __post_init__(self):
         _check(self.epochs > 0, "train.epochs", "must be > 0")
         _check(self.batch_size > 0 and self.val_batch_size > 0, "train.batch_size", "must be > 0")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.eval_every > 0, "train.eval_every", "must be > 0")
+        _check(self.log_every > 0, "train.log_every", "must be > 0")
         _check(self.weight_decay >= 0 and self.momentum >= 0, "train.weight_decay", "must be >= 0")
 
 

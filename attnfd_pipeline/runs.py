@@ -16,10 +16,12 @@ from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.checkpoint import check_resume
 from attnfd_pipeline.engine.protocol import EvalProtocol
+from attnfd_pipeline.engine.logging import begin as begin_run_log
+from attnfd_pipeline.engine.logging import get_logger, run_log
 from attnfd_pipeline.engine.train import evaluate, fit
 from attnfd_pipeline.teacher import (CBAMFitTask, SegTask, build_side_attention, build_teacher_model, bundle_path,
                                      save_bundle)
-from attnfd_pipeline.utils import atomic_write_json, seed_everything
+from attnfd_pipeline.utils import atomic_write_json, resolve_device, seed_everything
 
 
 def check_dataset_inputs(cfg: Config, splits=None) -> None:
@@ -76,12 +78,29 @@ def _loaders(cfg: Config, train_cfg, train_source: ImageSource, val_source: Imag
 
 def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
     """Train the teacher (CE), fit/attach its CBAMs per ``teacher.cbam_mode``, freeze, write the bundle.
-    Under torchrun every rank runs this (DDP, ``engine.distributed``); rank 0 writes the files."""
+    Under torchrun every rank runs this (DDP, ``engine.distributed``); rank 0 writes the files, ``log.txt``
+    included."""
+    check_dataset_inputs(cfg)  # before the first file (log.txt) is written
+    with run_log(cfg.teacher_dir if distributed.rank() == 0 else None):
+        get_logger().info(f"teacher {cfg.teacher.model.name} ({cfg.teacher.cbam_mode} CBAM) in {cfg.teacher_dir}")
+        runs = 2 if cfg.teacher.cbam_mode == "fitted" else 1  # the CBAM fit is a second training
+        with _job_or_current("teacher", runs):
+            return _run_teacher(cfg, resume=resume, progress=progress)
+
+
+def _job_or_current(desc: str, runs: int):
+    """A progress job of ``runs`` trainings, unless this call is part of a larger job already (studies)."""
+    import contextlib
+
+    from attnfd_pipeline.progress import current_job, job
+
+    return contextlib.nullcontext() if current_job() is not None or runs == 1 else job(desc, runs)
+
+
+def _run_teacher(cfg: Config, *, resume: bool, progress: bool) -> Path:
     t = cfg.teacher
     ctx = distributed.setup(t.train.device)
     device = ctx.device
-    # everything that can be checked is checked before the first file is written
-    check_dataset_inputs(cfg)
     train_src = ImageSource.from_config(cfg, cfg.data.train_split)
     val_src = ImageSource.from_config(cfg, cfg.data.val_split)
     nc = num_classes_of(cfg, train_src)
@@ -91,9 +110,11 @@ def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
     if resume:
         check_resume(out_dir / "train" / "last.pt", model)  # e.g. a checkpoint for another num_classes
     if ctx.is_main:
+        begin_run_log(out_dir)
         write_resolved(cfg, out_dir)
     train_for, val_loader = _loaders(cfg, t.train, train_src, val_src, device, FreshSeeds(), ctx)
     t0 = time.perf_counter()
+    _next_run("teacher")
     seg_task = SegTask(model)
     seg_task.ddp_find_unused_parameters = False  # CE on the full forward: every parameter gets a gradient
     protocol = EvalProtocol.from_config(cfg)
@@ -106,6 +127,7 @@ def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
     if attention is not None:
         attention = attention.to(device)
     if t.cbam_mode == "fitted":
+        _next_run("teacher CBAM fit")
         _fit_side_cbams(cfg, model, attention, nc, train_for, val_loader, device, resume=resume, progress=progress,
                         protocol=protocol)
     model.eval()
@@ -135,6 +157,14 @@ def _fit_side_cbams(cfg: Config, model, attention, nc: int, train_for, val_loade
         num_classes=nc, device=device, config_dict=cfg.to_dict(), resume=resume, progress=progress,
         desc="teacher-cbam", eval_protocol=protocol)
     _load_best(task.modules, cfg.teacher_dir / "fit_cbam")
+
+
+def _next_run(label: str) -> None:
+    from attnfd_pipeline.progress import current_job
+
+    j = current_job()
+    if j is not None and j.desc == "teacher":  # a larger job (studies) counts the teacher as one of its runs
+        j.next(label)
 
 
 def _load_best(modules: torch.nn.Module, run_dir: Path) -> None:
@@ -199,7 +229,15 @@ def run_teacher_import(cfg: Config, path: str | Path, *, fmt: str = "auto", cbam
                        force: bool = False, progress: bool = True) -> Path:
     """``attnfd teacher import``: read a trained teacher from ``path`` (weights-only), map it onto the
     config's teacher model, attach CBAMs per ``cbam_mode``, evaluate it and write the same
-    ``teacher_bundle.{pt,json}`` as ``run_teacher`` (recording the file's SHA-256, format and key map)."""
+    ``teacher_bundle.{pt,json}`` as ``run_teacher`` (recording the file's SHA-256, format and key map).
+    The teacher folder's ``log.txt`` gets the lines (from the moment the import writes the folder)."""
+    with run_log(cfg.teacher_dir):
+        get_logger().info(f"teacher import {path} into {cfg.teacher_dir}")
+        return _run_teacher_import(cfg, path, fmt=fmt, cbam_mode=cbam_mode, force=force, progress=progress)
+
+
+def _run_teacher_import(cfg: Config, path: str | Path, *, fmt: str, cbam_mode: str | None, force: bool,
+                        progress: bool) -> Path:
     from attnfd_pipeline.teacher_import import check_state_fits, read_teacher_file
 
     path = Path(path)
@@ -228,6 +266,7 @@ def run_teacher_import(cfg: Config, path: str | Path, *, fmt: str = "auto", cbam
     attention = _imported_attention(cfg, model, weights, path)
     attention = attention.to(device) if attention is not None else None
     write_resolved(cfg, cfg.teacher_dir)
+    begin_run_log(cfg.teacher_dir)
     t0 = time.perf_counter()
     train_for, val_loader = _loaders(cfg, cfg.teacher.train, train_src, val_src, device, FreshSeeds())
     protocol = EvalProtocol.from_config(cfg)

@@ -40,6 +40,8 @@ from attnfd_pipeline.distill import Distiller
 from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.checkpoint import check_resume
 from attnfd_pipeline.engine.protocol import EvalProtocol
+from attnfd_pipeline.engine.logging import begin as begin_run_log
+from attnfd_pipeline.engine.logging import get_logger, run_log
 from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.engine.train import RESUMABLE_CHANGES, fit
 from attnfd_pipeline.losses import MethodContext, build_methods, parse_methods, required_targets
@@ -351,7 +353,16 @@ def _check_resume_seed_order(state: dict | None, path: Path, s: StudentConfig) -
 
 
 def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train one student run; returns its result dict (also written to ``result.json``)."""
+    """Train one student run; returns its result dict (also written to ``result.json``). Its log lines go to
+    ``<run>/log.txt`` as well (also on a dask worker of ``attnfd sweep``)."""
+    with run_log(student_dir(cfg) if distributed.rank() == 0 else None):
+        get_logger().info(f"student {run_name(cfg)} ({cfg.student.model.name}, method "
+                          f"{cfg.student.method if cfg.student.alpha > 0 else 'none'}, α {cfg.student.alpha:g}) "
+                          f"in {student_dir(cfg)}")
+        return _run_student(cfg, resume=resume, progress=progress)
+
+
+def _run_student(cfg: Config, *, resume: bool, progress: bool) -> dict:
     s = cfg.student
     ctx = distributed.setup(s.train.device)  # torchrun: process group from the env (engine.distributed)
     device = ctx.device
@@ -384,6 +395,7 @@ def run_student(cfg: Config, *, resume: bool = False, progress: bool = True) -> 
     if resume:  # before anything is written: the checkpoint must fit these modules and this crop schedule
         _check_resume_seed_order(check_resume(out_dir / "last.pt", distiller), out_dir / "last.pt", s)
     if ctx.is_main:
+        begin_run_log(out_dir)
         write_resolved(cfg, out_dir)
     task = StudentTask(distiller, alpha=s.alpha, norm=s.norm, warmup_epochs=s.connector_warmup_epochs, teacher=teacher,
                        weights=method_weights(s) if s.alpha > 0 else None)

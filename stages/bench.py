@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
+from stages.common import DEFAULT_CONFIG, ConfigOpt, QuietOpt, SetOpt, VerboseOpt, errors, load, logs
 
 
 def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
@@ -48,7 +48,7 @@ def bench_accuracy(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                    seeds: Annotated[int, typer.Option(help="Seeds of the student and of AttnFD (cached and "
                                                            "online): the rows the goals compare.")] = 3,
                    extra_seeds: Annotated[int, typer.Option(help="Seeds of KD, LAD, AICSD and Af-DCD.")] = 1,
-                   out: AccuracyOutOpt = None):
+                   out: AccuracyOutOpt = None, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Accuracy of the teacher, the student and the student with KD, LAD, AICSD, Af-DCD and AttnFD (cached
     and online) on any config's data, with paired differences over shared seeds; checks the goals.
     Resumable: finished runs are skipped."""
@@ -56,6 +56,7 @@ def bench_accuracy(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
 
     from attnfd_pipeline.experiments.accuracy import goals, run_accuracy_bench
 
+    logs(verbose, quiet)
     cfg = load(config, set_)
     out = out or Path("reports") / cfg.name  # a user's config must not overwrite the committed demo bench
     command = " ".join(["attnfd bench-accuracy", "--config", shlex.quote(str(config)),

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
+from stages.common import DEFAULT_CONFIG, ConfigOpt, QuietOpt, SetOpt, VerboseOpt, errors, load, logs
 
 app = typer.Typer(help="Stage 1b: the teacher-feature cache (plan, build, info, verify).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -114,10 +114,12 @@ def build_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: 
               workers: Annotated[int, typer.Option(help="Writers on a dask LocalCluster of this many worker "
                                                         "processes (0 = no dask).")] = 0,
               gpus_per_writer: Annotated[int, typer.Option(help="GPU resource each dask writer task claims "
-                                                                "(workers started with --resources GPU=1).")] = 0):
+                                                                "(workers started with --resources GPU=1).")] = 0,
+              verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Build (or resume) the cache: plan first (refuses if it does not fit), then commit every shard
     this writer owns that is not committed yet. Many writers: under torchrun (one per rank), on dask
     (--scheduler ADDRESS or --workers N), or by hand (--rank/--world in N processes)."""
+    logs(verbose, quiet)
     cfg = load(config, set_)
     from attnfd_pipeline.engine import distributed
 

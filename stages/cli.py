@@ -11,7 +11,7 @@ from attnfd_pipeline.data.demo import DEMO_N_TRAIN, DEMO_N_VAL
 from stages.bench import bench, bench_accuracy
 from stages.inference import evaluate, export, predict
 from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
-from stages.report import report, studies, visualize
+from stages.report import curves, report, studies, visualize
 from stages.student import student, sweep
 from stages.teacher import app as teacher_app
 
@@ -30,6 +30,7 @@ app.command("visualize")(visualize)
 app.command("evaluate")(evaluate)
 app.command("predict")(predict)
 app.command("export")(export)
+app.command("curves")(curves)
 
 try:  # the cache sub-app
     from stages.cache import app as cache_app

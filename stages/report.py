@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
+from stages.common import DEFAULT_CONFIG, ConfigOpt, QuietOpt, SetOpt, VerboseOpt, errors, load, logs
 
 
 def report(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
@@ -43,16 +43,31 @@ def studies(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
             alpha: Annotated[str, typer.Option("--alpha", help="α values of the α sweep (besides the config's).")]
             = "3,10,100,300",
             out: Annotated[Optional[Path], typer.Option(help="Report folder (default: reports/<config name>/).")]
-            = None):
+            = None, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Train every run the report's studies need (missing ones only: resumable), then write the report."""
     from attnfd_pipeline.experiments.studies import STUDIES, run_studies
 
+    logs(verbose, quiet)
     cfg = load(config, set_)
     with errors():
         files = run_studies(cfg, out or Path("reports") / cfg.name, studies=study or STUDIES, seeds=seeds,
                             extra_seeds=extra_seeds, ks=_csv(k, int, "--k"), alphas=_csv(alpha, float, "--alpha"))
     for name, path in files.items():
         typer.echo(f"{name}: {path}")
+
+
+def curves(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
+           runs: Annotated[str, typer.Option(help="Run folders under runs/<name>/ (glob), e.g. 'student/a0_*' or "
+                                                  "'teacher/train'.")] = "student/*",
+           out: Annotated[Optional[Path], typer.Option(help="Folder of the PNGs (default: reports/<name>/curves/).")]
+           = None):
+    """Training curves of several runs overlaid: one PNG per quantity (per step and per epoch), legend by run."""
+    from attnfd_pipeline.experiments.curves import draw_curves
+
+    cfg = load(config, set_)
+    with errors():
+        files = draw_curves(cfg, runs=runs, out=out)
+    typer.echo(f"{len(files)} figures in {files[0].parent}")
 
 
 def visualize(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.common import DEFAULT_CONFIG, ConfigOpt, SeedOpt, SetOpt, errors, load
+from stages.common import (DEFAULT_CONFIG, ConfigOpt, QuietOpt, SeedOpt, SetOpt, TensorboardOpt, VerboseOpt, errors,
+                           load, logs)
 
 
 def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedOpt = None,
@@ -14,11 +15,14 @@ def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
             mode: Annotated[Optional[str], typer.Option(help="cached (default) or online (teacher every step).")] = None,
             online_fresh: Annotated[bool, typer.Option("--online-fresh", help="With --mode online: fresh augmentation "
                                                        "every epoch instead of replaying the K cached seeds.")] = False,
-            resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False):
+            resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+            tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Train the student with L = CE + α·L_Attn against the cached teacher targets."""
     from attnfd_pipeline.student import run_student
 
+    logs(verbose, quiet)
     overrides = list(set_ or [])
+    overrides += ["student.train.tensorboard=true"] if tensorboard else []
     overrides += [f"student.train.seed={seed}"] if seed is not None else []
     overrides += [f"student.alpha={alpha}"] if alpha is not None else []
     overrides += [f'student.mode="{mode}"'] if mode is not None else []
@@ -50,12 +54,14 @@ def sweep(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
           seed: Annotated[str, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = "0",
           scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler.")] = None,
           workers: Annotated[int, typer.Option(help="LocalCluster worker processes (no --scheduler).")] = 1,
-          gpus_per_run: Annotated[int, typer.Option(help="GPU resource each run claims on the cluster.")] = 0):
+          gpus_per_run: Annotated[int, typer.Option(help="GPU resource each run claims on the cluster.")] = 0,
+          tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Run an α × seed grid on one cache on a dask.distributed cluster; finished runs are skipped."""
     from attnfd_pipeline.experiments.results import collect_results, format_table
     from attnfd_pipeline.experiments.sweep import parse_list, run_sweep
 
-    cfg = load(config, set_)
+    logs(verbose, quiet)
+    cfg = load(config, list(set_ or []) + (["student.train.tensorboard=true"] if tensorboard else []))
     with errors():
         alphas, seeds = parse_list(alpha, float), parse_list(seed, int)
         done = run_sweep(cfg, alphas, seeds, scheduler=scheduler, workers=workers, gpus_per_run=gpus_per_run)

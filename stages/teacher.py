@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from attnfd_pipeline.runs import run_teacher
-from stages.common import DEFAULT_CONFIG, ConfigOpt, SeedOpt, SetOpt, errors, load
+from stages.common import (DEFAULT_CONFIG, ConfigOpt, QuietOpt, SeedOpt, SetOpt, TensorboardOpt, VerboseOpt, errors,
+                           load, logs)
 
 app = typer.Typer(help="Stage 1a: train the teacher (default), or import / export a trained one.",
                   pretty_exceptions_enable=False)
@@ -17,11 +18,14 @@ app = typer.Typer(help="Stage 1a: train the teacher (default), or import / expor
 
 @app.callback(invoke_without_command=True)
 def teacher(ctx: typer.Context, config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedOpt = None,
-            resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False):
+            resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+            tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Train the teacher (CE) with its CBAMs per teacher.cbam_mode, then freeze both into teacher_bundle.pt."""
     if ctx.invoked_subcommand is not None:
         return
+    logs(verbose, quiet)
     overrides = list(set_ or []) + ([f"teacher.train.seed={seed}"] if seed is not None else [])
+    overrides += ["teacher.train.tensorboard=true"] if tensorboard else []
     cfg = load(config, overrides)
     from attnfd_pipeline.engine import distributed
 

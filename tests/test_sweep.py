@@ -18,6 +18,11 @@ def test_sweep_on_a_local_cluster_skips_finished_runs(tiny_pipeline):
     done = run_sweep(cfg, [0.0, 2.0], [3], workers=2)  # worker processes, as users run it
     assert sorted(r["alpha"] for r in done) == [0.0, 2.0]
     assert all(0 <= r["best_miou"] <= 1 for r in done)
+    from attnfd_pipeline.student import student_dir
+
+    for c in sweep_configs(cfg, [0.0, 2.0], [3]):  # the worker processes wrote into each run's own log
+        log = (student_dir(c) / "log.txt").read_text()
+        assert f"student {student_dir(c).name} " in log and "epoch 1/1 loss" in log
     assert run_sweep(cfg, [0.0, 2.0], [3], workers=2) == []  # rerun: nothing left to do
 
 

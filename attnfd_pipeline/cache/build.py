@@ -29,6 +29,8 @@ from attnfd_pipeline.cache.schema import (CACHE_JSON, DTYPE, FORMAT, LOCK_NAME, 
                                           num_shards, paths, shard_range, target_kind, target_point)
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import ShardBuffer, ShardWriter, create_store
+from attnfd_pipeline.engine.logging import begin as begin_run_log
+from attnfd_pipeline.engine.logging import get_logger, run_log
 from attnfd_pipeline.progress import Progress
 
 
@@ -233,8 +235,11 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
     device = torch.device(device) if device is not None else teacher_device(teacher)
     try:
         storage.makedirs(cache_dir)
-        return _build_locked(cfg, teacher, source, info, cache_dir, names, device, rank=rank, world=world,
-                             progress=progress, lock_wait=lock_wait, start_time=start_time)
+        # log.txt only in a local folder: an object store cannot append to an object
+        with run_log(cache_dir if storage.is_local(cache_dir) else None):
+            get_logger().info(f"cache build {info['fingerprint'][:16]} rank {rank}/{world} in {cache_dir}")
+            return _build_locked(cfg, teacher, source, info, cache_dir, names, device, rank=rank, world=world,
+                                 progress=progress, lock_wait=lock_wait, start_time=start_time)
     except OSError as e:
         if is_disk_full(e):  # metadata, lock or anything outside a shard commit
             raise disk_full_error(cache_dir, e, "writing the cache") from e
@@ -252,6 +257,7 @@ def _build_locked(cfg, teacher, source, info: dict, cache_dir: Location, names: 
         check_no_other_layout(cache_dir, own_lock, world)
         remove_debris(cache_dir, rank, world)
         create_store(cache_dir, info)
+        begin_run_log(cache_dir if storage.is_local(cache_dir) else None)
         manifest_dir = paths(cache_dir)["manifest"]
         done = committed_shards(manifest_dir, fp)
         todo = [ShardRange(s, *shard_range(s, S, len(source))) for s in range(rank, n_shards, world) if s not in done]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
@@ -29,10 +28,12 @@ from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.checkpoint import load_checkpoint, load_modules, save_checkpoint
 from attnfd_pipeline.safe_load import sidecar_path
 from attnfd_pipeline.engine.metrics import confusion_matrix, metrics_from_confusion
+from attnfd_pipeline.engine.logging import get_logger
 from attnfd_pipeline.engine.optim import build_optimizer, build_scheduler
 from attnfd_pipeline.engine.protocol import EvalProtocol
+from attnfd_pipeline.engine.steps import StepLog, summary_writer_class, write_table
 from attnfd_pipeline.progress import Progress
-from attnfd_pipeline.utils import atomic_write_bytes, atomic_write_json, rng_state, set_rng_state
+from attnfd_pipeline.utils import atomic_write_json, rng_state, set_rng_state
 
 
 class Task(Protocol):
@@ -76,18 +77,28 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def train_one_epoch(task: Task, loader, optimizer, scheduler, scaler, device, epoch: int, *, amp: bool,
-                    desc: str = "train", progress: bool = True, step: Callable | None = None) -> dict[str, float]:
+                    desc: str = "train", progress: bool = True, step: Callable | None = None,
+                    bar: Progress | None = None, step_log: StepLog | None = None,
+                    first_step: int = 0) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each logged value (over all ranks' steps).
     ``step``: what computes ``(loss, logs)`` from a batch (default ``task.train_step``; the DDP wrapper
-    of a distributed run)."""
+    of a distributed run). ``bar``: the run's progress (default: one for this epoch); ``step_log`` gets every
+    step (``first_step``: steps done before this epoch)."""
     step = step or task.train_step
     task.modules.train()
     task.on_epoch_start(epoch)
     sums: dict[str, float] = {}
     n = 0
-    bar = Progress(len(loader), f"{desc} epoch {epoch + 1}", "it", enabled=progress)
-    for batch in loader:
+    own_bar = bar is None
+    bar = bar or Progress(len(loader), f"{desc} epoch {epoch + 1}", "it", enabled=progress)
+    batches = iter(loader)
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
         batch = to_device(batch, device)
+        waited = time.perf_counter() - t_wait
         with autocast_for(device, amp):
             loss, logs = step(batch, epoch)
         if not torch.isfinite(loss):
@@ -106,8 +117,12 @@ def train_one_epoch(task: Task, loader, optimizer, scheduler, scaler, device, ep
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
-        bar.update(1, loss=round(sums["loss"] / n, 4), lr=optimizer.param_groups[0]["lr"])
-    bar.close()
+        lr = optimizer.param_groups[0]["lr"]
+        if step_log is not None:
+            step_log.step(first_step + n, epoch + 1, logs, lr, samples=len(batch["image"]), data_wait=waited)
+        bar.update(1, epoch=epoch + 1, loss=round(sums["loss"] / n, 4), lr=lr)
+    if own_bar:
+        bar.close()
     if distributed.world_size() > 1:  # means over every rank's steps (the same keys on every rank)
         keys = sorted(sums)
         total = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64))
@@ -143,11 +158,7 @@ def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader, num_classe
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))  # evaluation columns exist only on eval epochs
-    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    write_table(path, rows)  # evaluation columns exist only on eval epochs
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -156,7 +167,8 @@ def read_log(path: str | Path) -> list[dict]:
 
 # TrainConfig fields a resumed run may change: where it runs and how often it evaluates. Anything else
 # (lr, epochs — the poly schedule's length —, batch size, seed, …) would splice two different runs.
-RESUMABLE_CHANGES = frozenset({"device", "eval_every", "val_batch_size"})
+# What it logs (log_every, tensorboard) changes no result either.
+RESUMABLE_CHANGES = frozenset({"device", "eval_every", "val_batch_size", "log_every", "tensorboard"})
 
 
 def check_recipe(state: dict, cfg: TrainConfig, path: Path) -> None:
@@ -170,6 +182,64 @@ def check_recipe(state: dict, cfg: TrainConfig, path: Path) -> None:
     if diff:
         raise ValueError(f"{path}: cannot resume, the training recipe changed ({'; '.join(diff)}); restore those "
                          f"settings, or rerun without --resume to start this run over")
+
+
+def _clear_debris(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("last.pt", "best.pt", "metrics.parquet", "summary.json", "steps.parquet"):
+        for tmp in run_dir.glob(f".{name}.*.tmp"):  # left by a run killed while writing (never read)
+            tmp.unlink(missing_ok=True)
+
+
+def _restore(last_path: Path, log_path: Path, cfg: TrainConfig, task: Task, optimizer, scheduler, scaler):
+    """Load ``last.pt`` into the modules, optimizer, schedule, scaler and RNGs; (epoch, step, best, epoch rows)."""
+    state = load_checkpoint(last_path)
+    check_recipe(state, cfg, last_path)
+    load_modules(task.modules, state["modules"], last_path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    rows = read_log(log_path) if log_path.is_file() else []
+    return state["epoch"], state["step"], state["best"], [r for r in rows if r["epoch"] <= state["epoch"]]
+
+
+def _evaluate_into(row: dict, task: Task, val_loader, num_classes: int, device, class_names, amp: bool,
+                   protocol: EvalProtocol | None) -> dict:
+    """Evaluate the task's current state; its metrics and the seconds it took go into the epoch's ``row``."""
+    te = time.perf_counter()
+    task.modules.eval()
+    distributed.broadcast_buffers(task.modules)  # every rank evaluates rank 0's (checkpointed) state
+    m = evaluate(task.predict, val_loader, num_classes, device, class_names=class_names, amp=amp, protocol=protocol)
+    row.update({k: m[k] for k in ("miou", "pixel_acc", "class_acc", "fwiou", "per_class_iou")})
+    row["eval_seconds"] = time.perf_counter() - te
+    return m
+
+
+def _wrap_for_ranks(task: Task, cfg: TrainConfig, device):
+    """(DDP training step, BatchNorms swapped for SyncBatchNorm) of a distributed run."""
+    swapped = distributed.to_sync_batchnorm(task.modules) if cfg.sync_bn else []
+    # DDP broadcasts rank 0's weights and buffers here; a task whose every step uses every trainable
+    # parameter may say so (``ddp_find_unused_parameters = False``) and save a graph traversal per step
+    return distributed.wrap_task(task, device,
+                                 find_unused_parameters=getattr(task, "ddp_find_unused_parameters", True)), swapped
+
+
+def _finish(run_dir: Path, task: Task, summary: dict, swapped) -> None:
+    world = distributed.world_size()
+    if world > 1:
+        distributed.broadcast_buffers(task.modules)  # leave every rank with rank 0's model
+        distributed.restore_batchnorm(swapped)
+        summary["world_size"] = world
+    if distributed.rank() == 0:
+        atomic_write_json(run_dir / "summary.json", summary)
+    distributed.barrier()  # rank 0's files are complete before any rank reads them (e.g. best.pt)
+
+
+def _log_epoch(desc: str, cfg: TrainConfig, row: dict) -> None:
+    val = f" val mIoU {row['miou'] * 100:.2f} pixel acc {row['pixel_acc'] * 100:.2f}" if "miou" in row else ""
+    get_logger().info(f"[{desc}] epoch {row['epoch']}/{cfg.epochs} loss {row['train_loss']:.4f}{val}")
 
 
 def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: TrainConfig, run_dir: str | Path,
@@ -191,61 +261,44 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise ValueError("train.sync_bn: SyncBatchNorm needs CUDA devices (PyTorch has no CPU implementation); "
                          "set train.sync_bn=false for a CPU run")
+    if cfg.tensorboard and main:
+        summary_writer_class()  # a missing extra stops the run before anything is written
     last_path, best_path, log_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.parquet"
     extra = {**(extra_state or {}), "train_recipe": dataclasses.asdict(cfg)}
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("last.pt", "best.pt", "metrics.parquet", "summary.json"):
-            for tmp in run_dir.glob(f".{name}.*.tmp"):  # left by a run killed while writing (never read)
-                tmp.unlink(missing_ok=True)
+        _clear_debris(run_dir)
     iters_per_epoch = len(train_loader_for(0))
     optimizer = build_optimizer(task.param_groups(cfg), cfg)
     scheduler = build_scheduler(optimizer, cfg, cfg.epochs * iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.type == "cuda") else None
     start_epoch, step, best, rows = 0, 0, -math.inf, []
     if resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        check_recipe(state, cfg, last_path)
-        load_modules(task.modules, state["modules"], last_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, step, best = state["epoch"], state["step"], state["best"]
-        rows = read_log(log_path) if log_path.is_file() else []
-        rows = [r for r in rows if r["epoch"] <= start_epoch]
+        start_epoch, step, best, rows = _restore(last_path, log_path, cfg, task, optimizer, scheduler, scaler)
     elif (last_path.is_file() or log_path.is_file()) and not resume and main:
         for p in (last_path, best_path, log_path, sidecar_path(last_path), sidecar_path(best_path)):
             p.unlink(missing_ok=True)
-    step_fn, swapped = None, []
-    if world > 1:
-        if cfg.sync_bn:
-            swapped = distributed.to_sync_batchnorm(task.modules)
-        # DDP broadcasts rank 0's weights and buffers here; a task whose every step uses every trainable
-        # parameter may say so (``ddp_find_unused_parameters = False``) and save a graph traversal per step
-        step_fn = distributed.wrap_task(task, device,
-                                        find_unused_parameters=getattr(task, "ddp_find_unused_parameters", True))
+    step_fn, swapped = _wrap_for_ranks(task, cfg, device) if world > 1 else (None, [])
     t0 = time.perf_counter()
     last_metrics: dict = rows[-1] if rows else {}
     epochs_run = 0
+    step_log = StepLog(run_dir, every=cfg.log_every, device=device, start_step=step, tensorboard=cfg.tensorboard,
+                       enabled=main)
+    if start_epoch:
+        get_logger().info(f"[{desc}] resumed at epoch {start_epoch}/{cfg.epochs} (step {step})" + (
+            f"; dropped {step_log.dropped} step rows written after that checkpoint" if step_log.dropped else ""))
+    bar = Progress(cfg.epochs * iters_per_epoch, desc, "it", enabled=progress, done=step, epochs=cfg.epochs)
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
             break
         te = time.perf_counter()
         train_logs = train_one_epoch(task, train_loader_for(epoch), optimizer, scheduler, scaler, device, epoch,
-                                     amp=cfg.amp, desc=desc, progress=progress, step=step_fn)
+                                     amp=cfg.amp, desc=desc, progress=progress, step=step_fn, bar=bar,
+                                     step_log=step_log, first_step=step)
         step += iters_per_epoch
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                "epoch_seconds": time.perf_counter() - te, "eval_seconds": 0.0, **train_logs}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            te = time.perf_counter()
-            task.modules.eval()
-            distributed.broadcast_buffers(task.modules)  # every rank evaluates rank 0's (checkpointed) state
-            m = evaluate(task.predict, val_loader, num_classes, device, class_names=class_names, amp=cfg.amp,
-                         protocol=eval_protocol)
-            row.update({k: m[k] for k in ("miou", "pixel_acc", "class_acc", "fwiou", "per_class_iou")})
-            row["eval_seconds"] = time.perf_counter() - te
+            m = _evaluate_into(row, task, val_loader, num_classes, device, class_names, cfg.amp, eval_protocol)
             if m["miou"] > best:  # the same decision on every rank: the metrics are of the whole split
                 best = m["miou"]
                 if main:
@@ -253,26 +306,20 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
                                     scaler=None, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
                                     config=config_dict, extra={**extra, "metrics": m},
                                     model=getattr(task, "deploy_model", None))
-            if main:
-                print(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} loss {train_logs['train_loss']:.4f} "
-                      f"val mIoU {m['miou'] * 100:.2f} pixel acc {m['pixel_acc'] * 100:.2f}", flush=True)
         rows.append(row)
         if main:
+            _log_epoch(desc, cfg, row)
             _write_log(log_path, rows)
+            step_log.epoch_end(row)
             save_checkpoint(last_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler,
                             scaler=scaler, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
                             config=config_dict, extra=extra)
         last_metrics = row
         epochs_run += 1
+    bar.close()
+    step_log.close()
     done = start_epoch + epochs_run
-    summary = {"epochs_done": done, "best_miou": best, "last": last_metrics,
-               "seconds_this_call": time.perf_counter() - t0}
-    if world > 1:
-        distributed.broadcast_buffers(task.modules)  # leave every rank with rank 0's model
-        distributed.restore_batchnorm(swapped)
-        summary["world_size"] = world
-    if main:
-        atomic_write_json(run_dir / "summary.json", summary)
-    distributed.barrier()  # rank 0's files are complete before any rank reads them (e.g. best.pt)
+    _finish(run_dir, task, {"epochs_done": done, "best_miou": best, "last": last_metrics,
+                            "seconds_this_call": time.perf_counter() - t0}, swapped)
     train_seconds = sum(float(r.get("epoch_seconds") or 0.0) + float(r.get("eval_seconds") or 0.0) for r in rows)
     return FitResult(run_dir, done, best, last_metrics, time.perf_counter() - t0, train_seconds)

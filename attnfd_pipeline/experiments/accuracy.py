@@ -36,6 +36,8 @@ from attnfd_pipeline.cache import CacheError, build_cache, find_cache
 from attnfd_pipeline.config import Config
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.records import CENTER_CROP, RunRecord
+from attnfd_pipeline.engine.logging import get_logger
+from attnfd_pipeline.progress import job
 from attnfd_pipeline.runs import check_student_inputs, evaluate_bundle, run_teacher
 from attnfd_pipeline.student import finished_result, run_student
 from attnfd_pipeline.experiments.plan import (CACHED, ONLINE_FRESH, PlannedRun, cache_extra, reads_cache,
@@ -171,15 +173,23 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
     the stages' progress lines and one line per run (``echo``, default print)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    say = echo or (lambda line: print(line, flush=True))
+    say = echo or get_logger().info
     plan = plan_runs(cfg, seeds, extra_seeds)
     cfg = bench_config(cfg, plan)
     runs = schedule(cfg, plan)
     meta: dict[str, Any] = {"command": command or DEFAULT_COMMAND, "config": cfg.name, "K": cfg.cache.K,
                             "dataset": cfg.data.dataset, "crop": list(cfg.augment.crop_size),
                             "planned": {p.label: len(p.seeds) for p in plan} | {"teacher": 1}}
-    if progress and not bundle_path(cfg).is_file():
-        say(f"[bench-accuracy] no teacher bundle at {bundle_path(cfg)}: training the teacher")
+    needs_cache = any(reads_cache(c) and not is_done(c) for _, c in runs)
+    with job("bench-accuracy", int(not bundle_path(cfg).is_file()) + int(needs_cache) + len(runs)) as j:
+        return _run_bench(cfg, out_dir, runs, meta, j, t0=t0, progress=progress, say=say)
+
+
+def _run_bench(cfg: Config, out_dir: Path, runs, meta: dict, j, *, t0: float, progress: bool, say) -> list[dict]:
+    if not bundle_path(cfg).is_file():
+        j.next("teacher")
+        if progress:
+            say(f"[bench-accuracy] no teacher bundle at {bundle_path(cfg)}: training the teacher")
     bundle = ensure_teacher(cfg, progress=progress)
     results = [teacher_entry(cfg, bundle)]
     record = _cache_record(out_dir)
@@ -195,14 +205,17 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
     if pending:
         check_student_inputs(cfg)  # dataset files, backbone weights: before any run writes
     if any(reads_cache(c) for _, c in pending):
+        j.next("cache")
         if progress:
             say(f"[bench-accuracy] cache with extra targets {list(cfg.cache.extra)} (K = {cfg.cache.K}): "
                 f"reused when complete, else built")
         record = ensure_cache(cfg, bundle, out_dir, progress=progress)
     for i, (method, run_cfg) in enumerate(runs, 1):
         if i in finished:
+            j.skip(f"{method} seed {run_cfg.student.train.seed}")
             result, state = finished[i], "done before"
         else:
+            j.next(f"{method} seed {run_cfg.student.train.seed}")
             if progress:
                 say(f"[bench-accuracy] {i}/{len(runs)} {method} seed {run_cfg.student.train.seed}: training")
             result = RunRecord.from_dict(run_student(run_cfg, resume=True, progress=progress))

@@ -536,6 +536,7 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     table, data["teacher_cbam_mode"] = cbam_study(students, teachers, ref, base_m, ref_runs)
     md += ["## Teacher CBAM mode", "", table, ""]
     md += _per_class_section(out_dir, data, students, base, files)
+    md += _curves_section(students, ref, base, out_dir, files)
 
     files["report"] = atomic_write_text(out_dir / "report.md", "\n".join(md).rstrip() + "\n")
     files["json"] = atomic_write_json(out_dir / "report.json", data)
@@ -628,6 +629,31 @@ def _per_class_section(out_dir: Path, data: dict, students: list[dict], base: li
     data["per_class"] = {"classes": list(names), "student": [_nan_none(v) for v in student_pc],
                          "best": best["label"], "best_values": [_nan_none(v) for v in best_pc]}
     return md + ["![per-class IoU](per_class_iou.png)", ""]
+
+
+CURVE_SEEDS = 3  # runs per side in the report's curves: more lines than that hide each other
+
+
+def _curves_section(students: list[dict], ref: Reference, base: list[dict], out_dir: Path,
+                    files: dict[str, Path]) -> list[str]:
+    """Training curves of the plain student and AttnFD at the reference setting (the first seeds of each),
+    drawn into ``out_dir/curves``; ``attnfd curves`` draws any other selection."""
+    from attnfd_pipeline.experiments.curves import draw_runs, load_run
+
+    attnfd = [r for r in students if r["method"] == "attnfd" and r["mode"] == "cached" and r["alpha"] == ref.alpha
+              and _matches(r, ref)]
+    picked = [r for group in (base, attnfd) for r in sorted(group, key=lambda r: r["seed"] or 0)[:CURVE_SEEDS]]
+    paths = [Path(r["root"]) / "student" / r["run"] for r in picked]
+    paths = [p for p in paths if (p / "metrics.parquet").is_file()]
+    if not paths:
+        return []
+    drawn = draw_runs([load_run(p) for p in paths], out_dir / "curves")
+    files.update({f"curves_{p.stem}": p for p in drawn})
+    links = ", ".join(f"[{p.stem}](curves/{p.name})" for p in drawn[1:])
+    return ["## Training curves", "",
+            f"Plain student vs AttnFD at the reference setting ({len(paths)} runs; per-step curves for runs "
+            f"with `steps.parquet`). `attnfd curves --runs GLOB` draws any other runs.", "",
+            "![training curves](curves/overview.png)", "", f"Every quantity: {links}.", ""]
 
 
 def _reference_lines(base_m: Stat | None, teacher: dict | None) -> list:

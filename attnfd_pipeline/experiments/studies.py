@@ -43,6 +43,8 @@ from attnfd_pipeline.experiments.accuracy import complete_cache, ensure_teacher
 from attnfd_pipeline.config import Config
 from attnfd_pipeline.experiments.report import CBAM_MODES, NORM_ORDER, build_report
 from attnfd_pipeline.records import RunRecord
+from attnfd_pipeline.engine.logging import get_logger
+from attnfd_pipeline.progress import Job, current_job, job
 from attnfd_pipeline.runs import check_student_inputs
 from attnfd_pipeline.student import finished_result, run_student
 from attnfd_pipeline.experiments.plan import (CACHED, ONLINE_FRESH, PlannedRun, reads_cache, schedule, seed_range,
@@ -145,8 +147,11 @@ def ensure_teachers(cfg: Config, runs: Sequence[tuple[PlannedRun, Config]], *, p
     for _, c in runs:
         roots.setdefault(c.name, c)
     bundles, done = {}, []
+    j = current_job()
     for name, c in roots.items():
         if not bundle_path(c).is_file():
+            if j is not None:
+                j.next(f"teacher {name}")
             src = share_plain_training(c, done)
             if progress:
                 say(f"[studies] teacher {name} ({c.teacher.cbam_mode} CBAM): "
@@ -165,7 +170,7 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
                 progress: bool = True, echo: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Train what is missing of the studies' runs, rewriting the report in ``out_dir`` after every run (a
     killed call leaves a report of what finished); returns the report's files."""
-    say = echo or (lambda line: print(line, flush=True))
+    say = echo or get_logger().info
     plan = plan_studies(cfg, studies=studies, seeds=seeds, extra_seeds=extra_seeds, ks=ks, alphas=alphas)
     runs = schedule(cfg, plan)
     roots = extra_roots(cfg, plan)
@@ -174,15 +179,29 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
     pending = [(p, c) for i, (p, c) in enumerate(runs) if i not in finished]
     if pending:
         check_student_inputs(cfg)
+    teachers = {c.name for _, c in [(None, cfg), *runs] if not bundle_path(c).is_file()}
+    cache_keys = {_cache_key(c) for _, c in pending if reads_cache(c)}
+    with job("studies", len(teachers) + len(cache_keys) + len(runs)) as j:
+        return _train_studies(cfg, out_dir, runs, finished, roots, j, progress=progress, say=say)
+
+
+def _cache_key(c: Config) -> tuple:
+    return c.name, c.cache.K, c.cache.extra
+
+
+def _train_studies(cfg: Config, out_dir, runs, finished: set[int], roots, j: Job, *, progress: bool,
+                   say: Callable[[str], None]) -> dict[str, Path]:
     bundles = ensure_teachers(cfg, runs, progress=progress, say=say)
     files = build_report(cfg, out_dir, extra_roots=roots)
     caches: dict[tuple[str, int, tuple[str, ...]], Path] = {}
     for i, (p, c) in enumerate(runs, 1):
         if i - 1 in finished:
+            j.skip(f"{p.label}, seed {c.student.train.seed}")
             continue
         if reads_cache(c):
-            key = (c.name, c.cache.K, c.cache.extra)
+            key = _cache_key(c)
             if key not in caches:
+                j.next(f"cache {c.name} K={c.cache.K}")
                 if progress:
                     say(f"[studies] cache of {c.name} at K = {c.cache.K} (extra {list(c.cache.extra)}): reused when "
                         f"complete, else built")
@@ -190,6 +209,7 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
         if progress:
             say(f"[studies] {i}/{len(runs)} {p.study}: {p.label}, seed {c.student.train.seed}: training")
         t0 = time.perf_counter()
+        j.next(f"{p.label}, seed {c.student.train.seed}")
         rec = RunRecord.from_dict(run_student(c, resume=True, progress=progress))
         if progress:
             say(f"[studies] {i}/{len(runs)} {p.label}, seed {rec.seed}: mIoU {rec.final_miou * 100:.2f} "

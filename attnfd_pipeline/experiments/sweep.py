@@ -87,14 +87,26 @@ def run_sweep(cfg: Config, alphas: Sequence[float], seeds: Sequence[int], *, sch
             resources = {"GPU": gpus_per_run} if gpus_per_run else None
             futures = [client.submit(_run_one, c, key=f"attnfd-{c.name}-a{c.student.alpha:g}-s{c.student.train.seed}",
                                      resources=resources, pure=False) for c in todo]
-            results = []
-            for fut in as_completed(futures):
-                r = fut.result()
-                rec = RunRecord.from_dict(r)
-                print(f"[sweep] {rec.run}: best mIoU {rec.best_miou * 100:.2f}", flush=True)
-                results.append(r)
-            return results
+            return _collect(as_completed(futures), len(todo), skipped=len(configs) - len(todo))
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
+
+
+def _collect(completed, n: int, *, skipped: int) -> list[dict]:
+    """Results as runs finish; the whole sweep's progress (runs done, rate, ETA) after each."""
+    from attnfd_pipeline.engine.logging import get_logger
+    from attnfd_pipeline.progress import Progress
+
+    log = get_logger()
+    log.info(f"[sweep] {n} runs to train ({skipped} already done); each run's lines are in its log.txt")
+    results = []
+    with Progress(n, "sweep", "runs", log_every=0) as bar:
+        for fut in completed:
+            r = fut.result()
+            rec = RunRecord.from_dict(r)
+            log.info(f"[sweep] {rec.run}: best mIoU {rec.best_miou * 100:.2f}")
+            results.append(r)
+            bar.update(1, last=rec.run)
+    return results
