@@ -147,7 +147,7 @@ def test_every_checkpoint_kind_evaluates_with_class_names(trained):
     assert s["checkpoint"]["kind"] == "student" and len(s["per_class_iou"]) == len(names) == 11
     # … and the plain student alone scores what training recorded (same protocol, same split, CPU-deterministic)
     assert s["miou"] == pytest.approx(result["best_miou"], abs=1e-12)
-    assert s["protocol"]["name"] == result["eval_protocol"]["name"] == "center_crop"
+    assert s["protocol"]["name"] == result["eval_protocol"] == "center_crop"  # result.json records the name
     assert evaluate_checkpoint(cfg, run / "best.pt")["miou"] == s["miou"]
     text = format_metrics(s)
     assert "protocol: **center_crop**" in text and all(f"| {n} |" in text for n in names)
