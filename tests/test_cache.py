@@ -24,7 +24,7 @@ from torch import nn
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import (CacheError, CacheReader, build_cache, cache_fingerprint, check_compatible,
                                    describe_cache, find_cache, plan_cache, verify_cache)
-from attnfd_pipeline.cache.build import _shard_samples, run_teacher
+from attnfd_pipeline.cache.build import shard_samples, run_teacher
 from attnfd_pipeline.cache.lock import BuildLock
 from attnfd_pipeline.cache.schema import ShardRange, round_mantissa, to_float16
 from attnfd_pipeline.cache.writer import shard_file
@@ -157,7 +157,7 @@ def test_round_trip_bitwise_and_online(built):
     # bitwise: the same shard batches through the teacher, then float16
     for s in range(3):
         start, stop = s * 2, min(s * 2 + 2, 5)
-        rows, crops, _ = _shard_samples(cfg, source, ShardRange(s, start, stop), source.ids)
+        rows, crops, _ = shard_samples(cfg, source, ShardRange(s, start, stop), source.ids)
         outs, _ = run_teacher(teacher, crops, names, cfg.cache.batch_size, torch.device("cpu"))
         for j, row in enumerate(rows):
             got = reader.read(row["image_index"], row["aug_seed"])
@@ -428,7 +428,7 @@ def test_mantissa_rounding_bound_and_size(tmp_path, built):
     for n in ("B", "E", "D"):
         num = den = 0.0
         for s in range(3):
-            rows, crops, _ = _shard_samples(cfg, source, ShardRange(s, 2 * s, min(2 * s + 2, 5)), source.ids)
+            rows, crops, _ = shard_samples(cfg, source, ShardRange(s, 2 * s, min(2 * s + 2, 5)), source.ids)
             outs, _ = run_teacher(teacher, crops, [n], 3, torch.device("cpu"))
             for j, row in enumerate(rows):
                 ref32 = chan_norm(outs[n][j])

@@ -175,7 +175,7 @@ def replay_sample(aug_cfg, source, index: int, aug_seed: int, image=None, label=
     return params, img, lab
 
 
-def _shard_samples(cfg, source, shard: ShardRange, ids) -> tuple[list[dict], list[torch.Tensor], float]:
+def shard_samples(cfg, source, shard: ShardRange, ids) -> tuple[list[dict], list[torch.Tensor], float]:
     """Replay every (image, seed) of a shard: manifest rows (no checksums yet) and normalised crops."""
     t0 = time.perf_counter()
     rows, crops = [], []
@@ -190,8 +190,6 @@ def _shard_samples(cfg, source, shard: ShardRange, ids) -> tuple[list[dict], lis
             crops.append(augment.normalize(img))
     return rows, crops, time.perf_counter() - t0
 
-
-shard_samples = _shard_samples  # public name (bench.py uses the underscored one)
 
 
 def run_teacher(teacher, crops: Sequence[torch.Tensor], names: Sequence[str], batch_size: int,
@@ -267,7 +265,7 @@ def _build_locked(cfg, teacher, source, info: dict, cache_dir: Location, names: 
         loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-loader")
 
         def prepare(shard: ShardRange):
-            return loader.submit(_shard_samples, cfg, source, shard, ids)
+            return loader.submit(shard_samples, cfg, source, shard, ids)
 
         try:
             pending = prepare(todo[0]) if todo else None
