@@ -1,5 +1,5 @@
 """`attnfd bench` / `make bench`: what caching buys — step time, memory, cache build and read throughput,
-storage — measured side by side in one run (issue 5); writes ``results.json`` and ``results.md``.
+storage — measured side by side in one run; writes ``results.json`` and ``results.md``.
 
 `attnfd bench-accuracy` / `make bench-accuracy`: what distillation buys — teacher, student and every
 method on the config's data (``attnfd_pipeline.experiments.accuracy``); writes ``accuracy.json`` and ``accuracy.md``."""

@@ -384,7 +384,6 @@ def _build_notes(res: dict) -> list[str]:
     dev = res["device"]["type"]
     tsec, wsec, lsec, bsec, bare = (median([r[k] for r in rows]) for k in (
         "teacher_seconds", "writer_seconds", "load_seconds", "build_seconds", "bare_seconds"))
-    specs = median([r.get("target_specs_seconds") for r in rows])
     why = []
     if tsec > 1.05 * bare:
         why.append(f"the teacher itself ran {tsec / bare:.2f}× slower inside the build than alone: the "
@@ -392,11 +391,10 @@ def _build_notes(res: dict) -> list[str]:
                    f"other load too)" + (" — on a GPU they would not" if dev == "cpu" else ""))
     rest = bsec - tsec
     if rest > 0.05 * bsec:
-        why.append(f"{rest:.1f} s of the build is outside the teacher's batches: fixed per-build costs — a dry "
-                   f"teacher forward for the target shapes (`target_specs`, {fmt(specs, '.1f')} s alone), store "
-                   f"creation, lock, fsync — and the first shard's load and the last shard's write, which "
-                   f"nothing overlaps; with {rows[0]['build_samples']} samples per build they weigh far more "
-                   f"than in a real build of thousands")
+        why.append(f"{rest:.1f} s of the build is outside the teacher's batches: fixed per-build costs — "
+                   f"fingerprint, lock, store creation, fsync — and the first shard's load and the last shard's "
+                   f"write, which nothing overlaps; with {rows[0]['build_samples']} samples per build they weigh "
+                   f"far more than in a real build of thousands")
     return [f"### Cache build / teacher inference = {fmt(cb['value'])} wall clock, {fmt(cb.get('cpu_ratio'))} in "
             f"CPU seconds (goal ≥ 0.9)", "",
             f"Build {bsec:.1f} s vs bare teacher {bare:.1f} s on the same batches. Inside the build: teacher "

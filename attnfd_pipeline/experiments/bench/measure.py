@@ -257,14 +257,10 @@ def bare_inference(teacher, shards, names: Sequence[str], batch_size: int, devic
     return res, ({k: np.concatenate(v) for k, v in outs.items()} if keep else None)
 
 
-def _timed_build(cfg, teacher, source, work: Path, r: int, names, device: torch.device) -> tuple[dict, Any]:
+def _timed_build(cfg, teacher, source, work: Path, r: int) -> tuple[dict, Any]:
     from attnfd_pipeline.cache import build_cache
 
-    sync(device)
-    t0 = time.perf_counter()
-    teacher.target_specs(tuple(cfg.augment.crop_size), names)  # what build_cache does first
-    sync(device)
-    row: dict[str, Any] = {"target_specs_seconds": time.perf_counter() - t0}
+    row: dict[str, Any] = {}
     root = work / "cache" if r == 0 else work / f"cache-r{r}"
     cfg_r = cfg if r == 0 else dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, root=str(root)))
     c0 = cpu_seconds()
@@ -290,7 +286,7 @@ def time_cache_build(cfg, teacher, source, work: Path, repeats: int, names, devi
         row: dict[str, Any] = {"repeat": r, "order": list(order)}
         for what in order:
             if what == "build":
-                got_row, path = _timed_build(cfg, teacher, source, work, r, names, device)
+                got_row, path = _timed_build(cfg, teacher, source, work, r)
                 row.update(got_row)
                 cache_dir = path if r == 0 else cache_dir
             else:

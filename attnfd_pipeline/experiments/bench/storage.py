@@ -62,7 +62,7 @@ def storage_analysis(outs: dict[str, np.ndarray], options: Sequence[dict]) -> di
     result["value"] = num(ok[best]["compression_vs_float32"]) if best else None
     result["goal"] = f">= {GOALS['storage'][1]:g} at rel_error <= {STORAGE_MAX_REL_ERROR:g}"
     result["met"] = goal_met("storage", result["value"]) if best else False
-    # the per-target figures, for the recipe's option
+    # per-target figures of the recipe's option
     rec = result["options"][default]
     result["bytes_per_sample"] = {k: v["bytes_per_sample"] for k, v in rec["targets"].items()}
     result["compression_vs_float32"] = rec["compression_vs_float32"]
