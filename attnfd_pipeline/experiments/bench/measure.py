@@ -36,6 +36,7 @@ def cpu_seconds() -> float:
 
 
 def worker_pids(setup: Setup) -> list[int]:
+    # DataLoader offers no public handle on its persistent workers; its iterator holds them
     loader = setup.loader
     if loader.num_workers == 0 or loader._iterator is None:
         return []
