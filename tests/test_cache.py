@@ -335,6 +335,25 @@ def test_resume_after_injected_failure_is_bitwise_identical(tmp_path, built):
     assert build_cache(cfg, FakeTeacher(), source, progress=False).shards_written == 0  # nothing left
 
 
+class NoDryForward(FakeTeacher):
+    def target_specs(self, crop_hw, names):
+        raise AssertionError("the build ran a dry forward for the target shapes")
+
+
+def test_build_takes_shapes_from_the_first_shard_not_a_dry_forward(tmp_path, built):
+    """One teacher call per batch, none for shapes (a fresh build reads them from the first shard's
+    outputs, a build with nothing left from cache.json); the store is the reference's, byte for byte."""
+    _, _, _, ref = built
+    teacher = NoDryForward()
+    r = build_cache(make_cfg(tmp_path), teacher, FakeSource(), progress=False)
+    assert teacher.calls == 5  # shards of 4, 4, 2 samples in batches of 3: 2 + 2 + 1
+    assert tree_bytes(r.path) == tree_bytes(ref.path) and (r.path / "cache.json").read_bytes() == (
+        ref.path / "cache.json").read_bytes()
+    again = NoDryForward()
+    assert build_cache(make_cfg(tmp_path), again, FakeSource(), progress=False).shards_written == 0
+    assert again.calls == 0
+
+
 def test_killed_build_resumes_bitwise_identical(tmp_path, built):
     """SIGKILL a build process after its first commit; its stale lock is taken over on resume."""
     _, _, _, ref = built
