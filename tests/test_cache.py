@@ -24,7 +24,7 @@ from torch import nn
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import (CacheError, CacheReader, build_cache, cache_fingerprint, check_compatible,
                                    describe_cache, find_cache, plan_cache, verify_cache)
-from attnfd_pipeline.cache.build import shard_samples, run_teacher
+from attnfd_pipeline.cache.build import run_teacher, shard_samples
 from attnfd_pipeline.cache.lock import BuildLock
 from attnfd_pipeline.cache.schema import ShardRange, round_mantissa, to_float16
 from attnfd_pipeline.cache.writer import shard_file

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.build import shard_samples, run_teacher, teacher_device
+from attnfd_pipeline.cache.build import run_teacher, shard_samples, teacher_device
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.manifest import list_parts
 from attnfd_pipeline.cache.schema import (CacheError, ShardRange, cache_target_names, num_shards, paths,
