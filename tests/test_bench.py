@@ -1,5 +1,6 @@
 """`attnfd bench --quick`: the harness runs end to end at tiny sizes and writes results.json (exact
-top-level schema) and results.md (the table). Figures at these sizes mean nothing: no speed asserts."""
+top-level schema) and results.md (the table). Figures at these sizes mean nothing: no speed asserts.
+The in-memory variant trains on exactly the cached variant's batches; a busy machine is refused."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import math
 
 from typer.testing import CliRunner
 
-from attnfd_pipeline.experiments.bench import GOALS, METRIC_KEYS, SWEEP_N, TOP_KEYS, VARIANTS
+import pytest
+import torch
+
+from attnfd_pipeline.experiments.bench import (GOALS, METRIC_KEYS, SWEEP_N, TABLE_KEYS, TOP_KEYS, VARIANTS,
+                                               BusyMachineError, check_load)
 from stages.cli import app
 
 
@@ -25,7 +30,8 @@ def test_bench_quick_writes_results(tmp_path):
 
     assert set(res) == set(TOP_KEYS)
     assert set(TOP_KEYS) == set(METRIC_KEYS) | {"device", "torch_version", "config", "samples"}
-    for key in METRIC_KEYS[:7]:
+    assert set(TABLE_KEYS) <= set(METRIC_KEYS) and "inmemory" in VARIANTS
+    for key in TABLE_KEYS:
         m = res[key]
         assert _number(m["value"]), (key, m)
         if key in GOALS:
@@ -35,6 +41,13 @@ def test_bench_quick_writes_results(tmp_path):
         assert len(res[key]["per_repeat"]) == res["config"]["workload"]["repeats"] == 1
     assert set(res["step_ratio_cached_over_plain"]["breakdown_s"]) == set(VARIANTS)
     assert set(res["peak_mem_ratio_cached_over_plain"]["bytes"]) == set(VARIANTS)
+    for key in ("step_ratio_cached_over_plain", "step_ratio_cached_over_inmemory", "cache_build_over_teacher_inference"):
+        assert _number(res[key]["cpu_ratio"]), key  # CPU-second ratios beside the wall-clock ones
+    hs = res["head_share_of_cached_over_plain"]
+    assert math.isclose(hs["head_s_per_step"] + hs["read_s_per_step"],
+                        res["step_ratio_cached_over_plain"]["cached_s_per_step"]
+                        - res["step_ratio_cached_over_plain"]["plain_s_per_step"], rel_tol=1e-9, abs_tol=1e-9)
+    assert len(res["device"]["load_average_start"]) == 3
 
     st = res["storage"]
     assert set(st["bytes_per_sample"]) == {"B", "E", "D"}
@@ -61,6 +74,56 @@ def test_bench_quick_writes_results(tmp_path):
 
     md = (out / "results.md").read_text()
     assert "| figure | value | goal | met |" in md
-    for key in METRIC_KEYS[:7]:
+    for key in TABLE_KEYS:
         assert f"| `{key}` |" in md
     assert "Sweep economics" in md and "Storage per sample" in md
+
+
+def test_full_bench_refuses_a_busy_machine(monkeypatch, tmp_path):
+    monkeypatch.setattr("os.getloadavg", lambda: (0.9, 0.7, 0.6))
+    with pytest.raises(BusyMachineError, match="0.90 ≥ 0.5.*--allow-busy"):
+        check_load(quick=False, allow_busy=False)
+    assert check_load(quick=False, allow_busy=True)[0] == 0.9
+    assert check_load(quick=True, allow_busy=False)[0] == 0.9  # --quick only warns: its figures mean nothing
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "b"), "--work-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--allow-busy" in result.output
+    assert not (tmp_path / "b").exists()  # refused before anything ran
+    monkeypatch.setattr("os.getloadavg", lambda: (0.1, 0.7, 0.6))
+    assert check_load(quick=False, allow_busy=False)[0] == 0.1
+
+
+def test_inmemory_step_is_the_cached_step_without_reads(tiny_pipeline):
+    """Same keys → the same batches (image, label, targets) and, from the same seeded init, the same loss:
+    the in-memory variant differs from the cached one only in where the batch comes from."""
+    from attnfd_pipeline.experiments.bench.measure import one_step
+    from attnfd_pipeline.data.source import ImageSource
+    from attnfd_pipeline.experiments.bench.workload import InMemoryLoader, block_keys, build_setup
+    from attnfd_pipeline.student import open_cache
+    from attnfd_pipeline.teacher import load_teacher_info
+
+    cfg, bundle = tiny_pipeline
+    info = load_teacher_info(bundle)
+    cache_dir = open_cache(cfg, info, ImageSource.from_config(cfg, cfg.data.train_split)).path
+    setups = {v: build_setup(cfg, v, num_classes=info["num_classes"], bundle=bundle, cache_dir=cache_dir,
+                             device=torch.device("cpu")) for v in ("cached", "inmemory")}
+    assert isinstance(setups["inmemory"].loader, InMemoryLoader)
+    keys = block_keys(cfg, 10, 2 * cfg.student.train.batch_size, first_epoch=3)
+    got = {}
+    for v, s in setups.items():
+        s.sampler.keys = keys
+        got[v] = list(iter(s.loader))
+    assert len(got["cached"]) == len(got["inmemory"]) == 2
+    for a, b in zip(got["cached"], got["inmemory"]):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        assert set(a["targets"]) == set(b["targets"]) == set(cfg.student.points)
+        for n in a["targets"]:
+            assert torch.equal(a["targets"][n], b["targets"][n])
+    losses = {}
+    for v, s in setups.items():
+        s.task.modules.train()
+        torch.manual_seed(0)
+        rec = one_step(s, iter(got["cached"]))
+        assert rec["cpu_main"] >= 0 and rec["wait"] >= 0
+        losses[v] = [p.detach().clone() for p in s.task.distiller.parameters()]
+    for p, q in zip(losses["cached"], losses["inmemory"]):
+        assert torch.equal(p, q)

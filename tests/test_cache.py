@@ -24,7 +24,7 @@ from torch import nn
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import (CacheError, CacheReader, build_cache, cache_fingerprint, check_compatible,
                                    describe_cache, find_cache, plan_cache, verify_cache)
-from attnfd_pipeline.cache.build import _shard_samples, run_teacher
+from attnfd_pipeline.cache.build import run_teacher, shard_samples
 from attnfd_pipeline.cache.lock import BuildLock
 from attnfd_pipeline.cache.schema import ShardRange, round_mantissa, to_float16
 from attnfd_pipeline.cache.writer import shard_file
@@ -157,7 +157,7 @@ def test_round_trip_bitwise_and_online(built):
     # bitwise: the same shard batches through the teacher, then float16
     for s in range(3):
         start, stop = s * 2, min(s * 2 + 2, 5)
-        rows, crops, _ = _shard_samples(cfg, source, ShardRange(s, start, stop), source.ids)
+        rows, crops, _ = shard_samples(cfg, source, ShardRange(s, start, stop), source.ids)
         outs, _ = run_teacher(teacher, crops, names, cfg.cache.batch_size, torch.device("cpu"))
         for j, row in enumerate(rows):
             got = reader.read(row["image_index"], row["aug_seed"])
@@ -335,6 +335,25 @@ def test_resume_after_injected_failure_is_bitwise_identical(tmp_path, built):
     assert build_cache(cfg, FakeTeacher(), source, progress=False).shards_written == 0  # nothing left
 
 
+class NoDryForward(FakeTeacher):
+    def target_specs(self, crop_hw, names):
+        raise AssertionError("the build ran a dry forward for the target shapes")
+
+
+def test_build_takes_shapes_from_the_first_shard_not_a_dry_forward(tmp_path, built):
+    """One teacher call per batch, none for shapes (a fresh build reads them from the first shard's
+    outputs, a build with nothing left from cache.json); the store is the reference's, byte for byte."""
+    _, _, _, ref = built
+    teacher = NoDryForward()
+    r = build_cache(make_cfg(tmp_path), teacher, FakeSource(), progress=False)
+    assert teacher.calls == 5  # shards of 4, 4, 2 samples in batches of 3: 2 + 2 + 1
+    assert tree_bytes(r.path) == tree_bytes(ref.path) and (r.path / "cache.json").read_bytes() == (
+        ref.path / "cache.json").read_bytes()
+    again = NoDryForward()
+    assert build_cache(make_cfg(tmp_path), again, FakeSource(), progress=False).shards_written == 0
+    assert again.calls == 0
+
+
 def test_killed_build_resumes_bitwise_identical(tmp_path, built):
     """SIGKILL a build process after its first commit; its stale lock is taken over on resume."""
     _, _, _, ref = built
@@ -428,7 +447,7 @@ def test_mantissa_rounding_bound_and_size(tmp_path, built):
     for n in ("B", "E", "D"):
         num = den = 0.0
         for s in range(3):
-            rows, crops, _ = _shard_samples(cfg, source, ShardRange(s, 2 * s, min(2 * s + 2, 5)), source.ids)
+            rows, crops, _ = shard_samples(cfg, source, ShardRange(s, 2 * s, min(2 * s + 2, 5)), source.ids)
             outs, _ = run_teacher(teacher, crops, [n], 3, torch.device("cpu"))
             for j, row in enumerate(rows):
                 ref32 = chan_norm(outs[n][j])

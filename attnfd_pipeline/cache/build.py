@@ -4,11 +4,14 @@ For each shard a writer owns (``range(rank, n_shards, world)``) and that has no 
 part: replay ``AugmentParams(i, k)`` for its images and seeds, run the teacher in batches of
 ``cache.batch_size`` crops (eval, no_grad; batches never cross a shard, so a resumed or multi-writer
 build feeds the teacher exactly the batches of an uninterrupted one and ends bitwise identical), then
-hand the shard to the background ``ShardWriter``.
+hand the shard to the background ``ShardWriter``, which converts, checksums, compresses and writes it
+while the teacher runs on the next shard. The target shapes come from the first shard's outputs, so a
+build runs no extra dry forward.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +24,7 @@ import torch
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
+from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_fingerprint, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.lock import BuildLock, holder_alive
 from attnfd_pipeline.cache.manifest import committed_shards
 from attnfd_pipeline.cache.schema import (CACHE_JSON, DTYPE, FORMAT, LOCK_NAME, CacheError, ShardRange,
@@ -177,7 +180,7 @@ def replay_sample(aug_cfg, source, index: int, aug_seed: int, image=None, label=
     return params, img, lab
 
 
-def _shard_samples(cfg, source, shard: ShardRange, ids) -> tuple[list[dict], list[torch.Tensor], float]:
+def shard_samples(cfg, source, shard: ShardRange, ids) -> tuple[list[dict], list[torch.Tensor], float]:
     """Replay every (image, seed) of a shard: manifest rows (no checksums yet) and normalised crops."""
     t0 = time.perf_counter()
     rows, crops = [], []
@@ -192,8 +195,6 @@ def _shard_samples(cfg, source, shard: ShardRange, ids) -> tuple[list[dict], lis
             crops.append(augment.normalize(img))
     return rows, crops, time.perf_counter() - t0
 
-
-shard_samples = _shard_samples  # public name (bench.py uses the underscored one)
 
 
 def run_teacher(teacher, crops: Sequence[torch.Tensor], names: Sequence[str], batch_size: int,
@@ -226,19 +227,17 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
     if not (0 <= rank < world):
         raise CacheError(f"rank {rank} not in [0, world={world})")
     start_time = time.perf_counter()
-    names = cache_target_names(cfg.cache)
     if len(source) == 0:
         raise CacheError("the sample source is empty: nothing to cache")
-    specs = teacher.target_specs(tuple(cfg.augment.crop_size), names)
-    info = cache_info_dict(cfg, teacher, source, specs)
-    cache_dir = cache_dir_for(cfg, info["fingerprint"])
+    fp = cache_fingerprint(cfg, teacher, source)
+    cache_dir = cache_dir_for(cfg, fp)
     device = torch.device(device) if device is not None else teacher_device(teacher)
     try:
         storage.makedirs(cache_dir)
         # log.txt only in a local folder: an object store cannot append to an object
         with run_log(cache_dir if storage.is_local(cache_dir) else None):
-            get_logger().info(f"cache build {info['fingerprint'][:16]} rank {rank}/{world} in {cache_dir}")
-            return _build_locked(cfg, teacher, source, info, cache_dir, names, device, rank=rank, world=world,
+            get_logger().info(f"cache build {fp[:16]} rank {rank}/{world} in {cache_dir}")
+            return _build_locked(cfg, teacher, source, fp, cache_dir, device, rank=rank, world=world,
                                  progress=progress, lock_wait=lock_wait, start_time=start_time)
     except OSError as e:
         if is_disk_full(e):  # metadata, lock or anything outside a shard commit
@@ -246,55 +245,110 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
         raise
 
 
-def _build_locked(cfg, teacher, source, info: dict, cache_dir: Location, names: list[str], device: torch.device,
-                  *, rank: int, world: int, progress: bool, lock_wait: float, start_time: float) -> BuildResult:
-    fp = info["fingerprint"]
-    n_shards = info["num_shards"]
+@dataclass
+class _TeacherShards:
+    """The shards of ``todo`` through the teacher, in order: one shard of images is loaded and augmented
+    ahead, in a thread, while the teacher runs on the current one."""
+
+    cfg: Any
+    teacher: Any
+    source: Any
+    names: list[str]
+    device: torch.device
+    teacher_s: float = 0.0
+    load_s: float = 0.0
+
+    def __call__(self, todo: Sequence[ShardRange]):
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-loader")
+
+        def prepare(shard: ShardRange):
+            return loader.submit(shard_samples, self.cfg, self.source, shard, self.source.ids)
+
+        try:
+            pending = prepare(todo[0]) if todo else None
+            for j, shard in enumerate(todo):
+                rows, crops, dt = pending.result()
+                pending = prepare(todo[j + 1]) if j + 1 < len(todo) else None
+                self.load_s += dt
+                outs, dt = run_teacher(self.teacher, crops, self.names, self.cfg.cache.batch_size, self.device)
+                self.teacher_s += dt
+                yield shard, rows, outs
+        finally:
+            loader.shutdown(wait=True, cancel_futures=True)
+
+
+def _target_specs(first: tuple | None, cache_dir: Location, teacher, cfg, names: list[str]) -> dict:
+    """(C, H, W) per target: from the first shard's teacher outputs — no dry forward, which at a paper
+    crop costs a full teacher forward per build — else from the recorded ``cache.json`` (nothing left to
+    build), else from ``teacher.target_specs``."""
+    if first is not None:
+        return {n: tuple(first[2][n].shape[1:]) for n in names}
+    info_path = paths(cache_dir)["info"]
+    if storage.is_file(info_path):
+        recorded = json.loads(storage.read_bytes(info_path)).get("targets", {})
+        if all(n in recorded for n in names):
+            return {n: tuple(recorded[n]["chw"]) for n in names}
+    return teacher.target_specs(tuple(cfg.augment.crop_size), names)
+
+
+def _build_locked(cfg, teacher, source, fp: str, cache_dir: Location, device: torch.device, *, rank: int,
+                  world: int, progress: bool, lock_wait: float, start_time: float) -> BuildResult:
+    names = cache_target_names(cfg.cache)
     S, K = cfg.cache.shard_size, cfg.cache.K
-    ids = source.ids
+    n_shards = num_shards(len(source), S)
     own_lock = lock_path(cache_dir, rank, world)
     with BuildLock(own_lock, wait=lock_wait):
         check_no_other_layout(cache_dir, own_lock, world)
         remove_debris(cache_dir, rank, world)
-        create_store(cache_dir, info)
-        begin_run_log(cache_dir if storage.is_local(cache_dir) else None)
-        manifest_dir = paths(cache_dir)["manifest"]
-        done = committed_shards(manifest_dir, fp)
+        done = committed_shards(paths(cache_dir)["manifest"], fp)
         todo = [ShardRange(s, *shard_range(s, S, len(source))) for s in range(rank, n_shards, world) if s not in done]
         todo_samples = sum((sh.stop - sh.start) * K for sh in todo)
-        bar = Progress(todo_samples, desc=f"cache {fp[:8]} rank {rank}/{world}", unit="samples", enabled=progress)
-
-        def on_commit(buf: ShardBuffer, nbytes: int, seconds: float) -> None:
-            bar.update(len(buf.rows), counters={"MB": nbytes / 1e6})
-
-        writer = ShardWriter(cache_dir, info, rank=rank, on_commit=on_commit)
-        teacher_s = load_s = 0.0
-        # one shard of images is loaded and augmented ahead, in a thread, while the teacher runs
-        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-loader")
-
-        def prepare(shard: ShardRange):
-            return loader.submit(_shard_samples, cfg, source, shard, ids)
-
+        shards = _TeacherShards(cfg, teacher, source, names, device)
+        stream = shards(todo)
         try:
-            pending = prepare(todo[0]) if todo else None
-            for j, (s, start, stop) in enumerate(todo):
-                rows, crops, dt = pending.result()
-                pending = prepare(todo[j + 1]) if j + 1 < len(todo) else None
-                load_s += dt
-                outs, dt = run_teacher(teacher, crops, names, cfg.cache.batch_size, device)
-                teacher_s += dt
-                arrays = {}
-                for n in names:
-                    if tuple(outs[n].shape[1:]) != tuple(info["targets"][n]["chw"]):
-                        raise CacheError(f"teacher target {n!r} has shape {tuple(outs[n].shape[1:])}, expected "
-                                         f"{tuple(info['targets'][n]['chw'])} (from target_specs)")
-                    arrays[n] = outs[n].reshape(stop - start, K, *outs[n].shape[1:])
-                writer.submit(ShardBuffer(s, start, stop, arrays, rows))
+            writer = _write_all(cfg, teacher, source, cache_dir, stream, names, rank=rank, world=world,
+                                samples=todo_samples, progress=progress)
         finally:
-            loader.shutdown(wait=True, cancel_futures=True)
-            try:
-                writer.close()
-            finally:
-                bar.close()
+            stream.close()
     return BuildResult(cache_dir, fp, n_shards, len(todo), n_shards - len(todo), todo_samples,
-                       writer.bytes_written, time.perf_counter() - start_time, teacher_s, load_s, writer.seconds)
+                       writer.bytes_written, time.perf_counter() - start_time, shards.teacher_s, shards.load_s,
+                       writer.seconds)
+
+
+def _write_all(cfg, teacher, source, cache_dir: Location, stream, names: list[str], *, rank: int, world: int,
+               samples: int, progress: bool) -> ShardWriter:
+    """Create the store, then hand every shard of ``stream`` to a background ``ShardWriter``; returns it
+    closed (everything committed)."""
+    # the first shard runs through the teacher before the store exists: its outputs give the shapes
+    first = next(stream, None)
+    info = cache_info_dict(cfg, teacher, source, _target_specs(first, cache_dir, teacher, cfg, names))
+    create_store(cache_dir, info)
+    begin_run_log(cache_dir if storage.is_local(cache_dir) else None)
+    fp, K = info["fingerprint"], cfg.cache.K
+    bar = Progress(samples, desc=f"cache {fp[:8]} rank {rank}/{world}", unit="samples", enabled=progress)
+
+    def on_commit(buf: ShardBuffer, nbytes: int, seconds: float) -> None:
+        bar.update(len(buf.rows), counters={"MB": nbytes / 1e6})
+
+    writer = ShardWriter(cache_dir, info, rank=rank, on_commit=on_commit)
+    try:
+        for (s, start, stop), rows, outs in itertools.chain([first] if first else [], stream):
+            writer.submit(ShardBuffer(s, start, stop, _shard_arrays(outs, info, names, stop - start, K), rows))
+    finally:
+        try:
+            writer.close()
+        finally:
+            bar.close()
+    return writer
+
+
+def _shard_arrays(outs: dict[str, np.ndarray], info: dict, names: list[str], n_images: int, K: int
+                  ) -> dict[str, np.ndarray]:
+    """Teacher outputs (n·K, C, H, W) → (n, K, C, H, W) per target, shapes checked against the store's."""
+    arrays = {}
+    for n in names:
+        if tuple(outs[n].shape[1:]) != tuple(info["targets"][n]["chw"]):
+            raise CacheError(f"teacher target {n!r} has shape {tuple(outs[n].shape[1:])}, expected "
+                             f"{tuple(info['targets'][n]['chw'])} (the store's, from the first shard)")
+        arrays[n] = outs[n].reshape(n_images, K, *outs[n].shape[1:])
+    return arrays

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.build import _shard_samples, run_teacher, teacher_device
+from attnfd_pipeline.cache.build import run_teacher, shard_samples, teacher_device
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.manifest import list_parts
 from attnfd_pipeline.cache.schema import (CacheError, ShardRange, cache_target_names, num_shards, paths,
@@ -24,7 +24,7 @@ from attnfd_pipeline.cache.schema import (CacheError, ShardRange, cache_target_n
 from attnfd_pipeline.cache.storage import Location
 
 # per chunk: crc32c (4 B) + shard index entry (16 B); per shard: index crc (4 B)
-_CHUNK_OVERHEAD = 20
+CHUNK_OVERHEAD = 20
 _MB = 1e6
 
 
@@ -48,7 +48,7 @@ class Plan:
 
     @property
     def compressed_bytes_per_sample(self) -> float:
-        return sum(t["bytes"] / t["ratio"] + _CHUNK_OVERHEAD for t in self.targets.values())
+        return sum(t["bytes"] / t["ratio"] + CHUNK_OVERHEAD for t in self.targets.values())
 
     @property
     def estimated_bytes(self) -> int:
@@ -164,7 +164,7 @@ def plan_cache(cfg, source: Any, *, teacher: Any = None, teacher_info: Any = Non
     if teacher is not None and N > 0:
         n_probe = probe_samples or 2 * c.batch_size
         n_img = min(N, max(1, -(-n_probe // c.K)))
-        rows, crops, load_s = _shard_samples(cfg, source, ShardRange(0, 0, n_img), source.ids)
+        rows, crops, load_s = shard_samples(cfg, source, ShardRange(0, 0, n_img), source.ids)
         crops = crops[:n_probe]
         device = teacher_device(teacher)
         # first batch warms up (allocations, kernel selection); time the rest when there is a rest

@@ -1,0 +1,99 @@
+"""What the bench reports and how a figure is judged: the variants, the keys of ``results.json``, the
+goals, and the few helpers every bench module shares (logging, medians, JSON-safe numbers)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+
+# plain: α = 0, no targets; inmemory: the cached step with its targets already in memory (no DataLoader
+# reads, the physical limit of any cache); cached: targets read by the DataLoader; online: the teacher
+# every step
+VARIANTS = ("plain", "inmemory", "cached", "online")
+SWEEP_N = (1, 4, 12)
+
+# results.json: exactly these keys at top level; the first TABLE_KEYS are the single-number figures of
+# the headline table
+METRIC_KEYS = (
+    "step_ratio_cached_over_plain",
+    "step_ratio_online_over_cached",
+    "saving_efficiency",
+    "peak_mem_ratio_cached_over_plain",
+    "peak_mem_ratio_online_over_plain",
+    "cache_build_over_teacher_inference",
+    "reader_over_consumer",
+    "step_ratio_cached_over_inmemory",
+    "peak_mem_ratio_cached_over_inmemory",
+    "head_share_of_cached_over_plain",
+    "storage",
+    "sweep_economics",
+)
+TABLE_KEYS = METRIC_KEYS[:10]
+TOP_KEYS = METRIC_KEYS + ("device", "torch_version", "config", "samples")
+
+STORAGE_MAX_REL_ERROR = 1e-3
+
+# goal per metric: (comparison, threshold)
+GOALS: dict[str, tuple[str, float]] = {
+    "step_ratio_cached_over_plain": ("<=", 1.10),
+    "saving_efficiency": (">=", 0.9),
+    "peak_mem_ratio_cached_over_plain": ("<=", 1.15),
+    "cache_build_over_teacher_inference": (">=", 0.9),
+    "reader_over_consumer": (">=", 3.0),
+    "step_ratio_cached_over_inmemory": ("<=", 1.05),
+    "peak_mem_ratio_cached_over_inmemory": ("<=", 1.05),
+    "storage": (">=", 3.0),  # compression vs float32 overall, at rel_error <= STORAGE_MAX_REL_ERROR
+}
+
+# a bench started above this 1-minute load average measures the other load as much as itself
+QUIET_LOAD = 0.5
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs: Sequence[float]) -> float:
+    xs = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def ratios(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
+    """Element-wise x / y (NaN where y is 0)."""
+    return [x / y if y else float("nan") for x, y in zip(xs, ys)]
+
+
+def num(x):
+    """JSON-safe float (NaN/inf → None)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def goal_met(key: str, value: float) -> bool | None:
+    if key not in GOALS or value is None or not math.isfinite(value):
+        return None
+    op, thr = GOALS[key]
+    return bool(value <= thr) if op == "<=" else bool(value >= thr)
+
+
+def metric(key: str, value: float, **extra) -> dict:
+    """A figure of ``results.json``: ``{"value": …}`` plus its goal and whether it is met, plus ``extra``."""
+    out: dict[str, Any] = {"value": num(value)}
+    if key in GOALS:
+        op, thr = GOALS[key]
+        out["goal"] = f"{op} {thr:g}"
+        out["met"] = goal_met(key, value)
+    out.update(extra)
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,80 @@
+"""Storage figures: bytes per sample, compression against float32 and the relative error of every
+storage option the cache offers, computed on the teacher outputs of the bench run, and what the built
+cache holds on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from attnfd_pipeline.experiments.bench.common import GOALS, STORAGE_MAX_REL_ERROR, goal_met, num
+
+
+def storage_options(codec: str, level: int, mantissa_options: Sequence[int]) -> list[dict]:
+    """The storage options the cache offers: float16 with each lossless codec, then float16 with the
+    mantissa rounded (with the recipe's codec, zstd when the recipe stores raw)."""
+    lossy_codec = codec if codec != "none" else "zstd"
+    opts = [{"name": f"float16+{c}", "codec": c, "level": level if c != "none" else 0, "mantissa_bits": 10}
+            for c in dict.fromkeys([codec, "zstd", "blosc", "none"])]
+    opts += [{"name": f"float16-m{b}+{lossy_codec}", "codec": lossy_codec, "level": level, "mantissa_bits": b}
+             for b in mantissa_options]
+    return opts
+
+
+def _option_figures(outs: dict[str, np.ndarray], opt: dict) -> dict:
+    """One option: per target and overall, with the cache's own lossy step (``schema.to_float16``) and
+    per-sample compression (``plan.compression_ratio``, each sample compressed alone as in the store)."""
+    from attnfd_pipeline.cache.plan import CHUNK_OVERHEAD, compression_ratio, precision_stats
+    from attnfd_pipeline.cache.schema import to_float16
+
+    per_target, f32_total, stored_total, worst = {}, 0, 0.0, 0.0
+    for name, x32 in outs.items():
+        n = x32.shape[0]
+        x16 = to_float16(x32, opt["mantissa_bits"], target=name, ids=[str(i) for i in range(n)], seeds=[0] * n)
+        ratio16 = compression_ratio(x16, opt["codec"], opt["level"])
+        raw16 = int(np.prod(x32.shape[1:])) * 2
+        stored = raw16 / ratio16 + CHUNK_OVERHEAD
+        prec = precision_stats(x32, x16)
+        per_target[name] = {"chw": list(x32.shape[1:]), "float32_bytes_per_sample": raw16 * 2,
+                            "bytes_per_sample": stored, "compression_vs_float32": raw16 * 2 / stored,
+                            "rel_error": prec["rel_error"], "tiny_channels": prec["tiny_channels"],
+                            "zero_fraction": float((x16 == 0).mean())}
+        f32_total += raw16 * 2
+        stored_total += stored
+        worst = max(worst, prec["rel_error"])
+    return {**{k: opt[k] for k in ("codec", "level", "mantissa_bits")},
+            "targets": per_target, "bytes_per_sample": stored_total, "float32_bytes_per_sample": f32_total,
+            "compression_vs_float32": f32_total / stored_total, "rel_error": worst}
+
+
+def storage_analysis(outs: dict[str, np.ndarray], options: Sequence[dict]) -> dict:
+    """Bytes per sample, compression vs float32 and rel. L2 error (channel-normalised) per option and
+    target; the figure is the best compression among the options within ``STORAGE_MAX_REL_ERROR``."""
+    result: dict[str, Any] = {"options": {opt["name"]: _option_figures(outs, opt) for opt in options},
+                              "rel_error_limit": STORAGE_MAX_REL_ERROR}
+    ok = {k: v for k, v in result["options"].items() if v["rel_error"] <= STORAGE_MAX_REL_ERROR}
+    best = max(ok, key=lambda k: ok[k]["compression_vs_float32"]) if ok else None
+    default = next(iter(result["options"]))
+    result["recipe_option"] = default
+    result["best_option"] = best
+    result["value"] = num(ok[best]["compression_vs_float32"]) if best else None
+    result["goal"] = f">= {GOALS['storage'][1]:g} at rel_error <= {STORAGE_MAX_REL_ERROR:g}"
+    result["met"] = goal_met("storage", result["value"]) if best else False
+    # per-target figures of the recipe's option
+    rec = result["options"][default]
+    result["bytes_per_sample"] = {k: v["bytes_per_sample"] for k, v in rec["targets"].items()}
+    result["compression_vs_float32"] = rec["compression_vs_float32"]
+    result["rel_error"] = {k: v["rel_error"] for k, v in result["options"].items()}
+    return result
+
+
+def on_disk(cache_dir: Path, samples: int) -> dict:
+    """What the built cache holds: its codec, mantissa bits and bytes per sample per target."""
+    from attnfd_pipeline.cache import describe_cache
+
+    disk = describe_cache(cache_dir)
+    return {"codec": disk["codec"], "mantissa_bits": disk["mantissa_bits"],
+            "bytes_per_sample": {k: v["bytes_on_disk"] / max(1, samples) for k, v in disk["targets"].items()},
+            "size_bytes": disk["size_bytes"], "samples": samples}

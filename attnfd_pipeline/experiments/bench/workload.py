@@ -1,0 +1,248 @@
+"""The bench's workload: its sizes, the recipe at those sizes, a generated dataset, a teacher bundle
+with random weights, and the four training setups composed from the same pieces as
+``student.run_student`` (``StudentDataset`` + ``CachedSeeds`` + ``make_loader``, ``build_distiller``,
+``StudentTask``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Sampler, default_collate
+
+from attnfd_pipeline.experiments.bench.common import VARIANTS
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Sizes of one bench run. Defaults: the paper's points and teacher at a 257-px crop, sized to finish
+    in < 15 min on 2 cores."""
+
+    teacher: str = "deeplabv3plus_resnet101"
+    student: str = "deeplabv3plus_resnet18"
+    num_classes: int = 21
+    crop: int = 257
+    batch_size: int = 4
+    points: tuple[str, ...] = ("B", "E", "D")
+    workers: int = 2
+    n_train: int = 12  # generated training images (each cached at K seeds)
+    K: int = 1
+    shard_size: int = 4  # images per cache shard
+    image_scale: tuple[float, float] = (1.0, 1.25)  # generated image sides, × crop
+    repeats: int = 4  # interleaved repeats of every timed block
+    warmup_steps: int = 1  # steps skipped at the start of each block (loader refill after the reset)
+    timed_steps: int = 4  # timed training steps per variant per repeat
+    reader_batches: int = 12  # batches timed per reader block
+    memory_steps: int = 2  # training steps in each peak-memory process
+    memory_mode: str = "each"  # "each" | "parallel" | "one" (see memory.measure_memory)
+    threads: int = 0  # torch intra-op threads (0 = auto: the cores the loader workers leave, at least 1)
+    calib_batches: int = 2  # teacher BatchNorm calibration batches (random weights)
+    mantissa_options: tuple[int, ...] = (9, 8)  # storage options with the mantissa rounded
+    profile: bool = True  # torch.profiler on one step of each variant
+    profile_rows: int = 12
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+DEFAULT = Workload()
+# --quick: seconds, to keep the harness from rotting (no workers, one memory process: figures mean nothing)
+QUICK = Workload(teacher="deeplabv3plus_resnet18", crop=48, batch_size=2, workers=0, n_train=4, K=1, shard_size=2,
+                 repeats=1, warmup_steps=1, timed_steps=2, reader_batches=2, memory_steps=1, memory_mode="one",
+                 threads=1, calib_batches=1, mantissa_options=(9,), profile_rows=6)
+
+
+def workload_config(w: Workload, data_root: Path, work: Path, recipe: str | Path | None = None,
+                    overrides: Sequence[str] = ()):
+    """The recipe (augmentation, codec, norm, lr …) at the workload's sizes, pointing into ``work``."""
+    from attnfd_pipeline.config import load_config
+
+    pts = "[" + ", ".join(f'"{p}"' for p in w.points) + "]"
+    o = [
+        'name="bench"', f'runs_root="{work / "runs"}"', 'data.dataset="demo"', f'data.root="{data_root}"',
+        f"data.num_workers={w.workers}", f"augment.crop_size=[{w.crop}, {w.crop}]", f"augment.base_size={w.crop}",
+        f'teacher.model.name="{w.teacher}"', 'teacher.model.backbone_weights=""', f"teacher.points={pts}",
+        f'cache.root="{work / "cache"}"', f"cache.K={w.K}", f"cache.points={pts}", "cache.extra=[]",
+        f"cache.shard_size={w.shard_size}", f"cache.batch_size={w.batch_size}",
+        f'student.model.name="{w.student}"', 'student.model.backbone_weights=""', f"student.points={pts}",
+        'student.method="attnfd"',
+        f"student.train.batch_size={w.batch_size}", "student.connector_warmup_epochs=0",
+    ]
+    cfg = load_config(recipe, list(o) + list(overrides))
+    if cfg.student.alpha <= 0:  # the distilled variants need α > 0 (the plain one sets α = 0 itself)
+        cfg = load_config(recipe, list(o) + list(overrides) + ["student.alpha=2.0"])
+    return cfg
+
+
+def make_dataset(w: Workload, root: Path) -> Path:
+    from attnfd_pipeline.data.demo import generate_demo
+
+    lo, hi = (max(8, int(round(w.crop * s))) for s in w.image_scale)
+    return generate_demo(root, seed=0, n_train=w.n_train, n_val=0, min_size=lo, max_size=max(lo, hi),
+                         workers=min(2, os.cpu_count() or 1))
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> None:
+    """Running BatchNorm statistics = the exact average over ``batches`` (random weights otherwise give
+    activations that grow block after block and overflow float16)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for x in batches:
+        model(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
+def make_teacher_bundle(cfg, num_classes: int, source, calib_batches: int, batch_size: int) -> Path:
+    """A teacher bundle with random weights (calibrated BatchNorm), written where the config expects it."""
+    from attnfd_pipeline.data.loaders import AugmentedDataset, FreshSeeds
+    from attnfd_pipeline.teacher import build_side_attention, build_teacher_model, bundle_path, save_bundle
+    from attnfd_pipeline.utils import seed_everything
+
+    seed_everything(cfg.teacher.train.seed)
+    model = build_teacher_model(cfg, num_classes)
+    ds = AugmentedDataset(source, cfg.augment, FreshSeeds())
+    n = len(source)
+    per = max(2, batch_size)  # BatchNorm in train mode needs more than one value per channel (image pool)
+    batches = [torch.stack([ds[(0, (b * per + j) % n)]["image"] for j in range(per)])
+               for b in range(max(1, calib_batches))]
+    calibrate_batchnorm(model, batches)
+    attention = build_side_attention(cfg, model)  # non-inpath CBAM modes: seeded side branches
+    return save_bundle(bundle_path(cfg), cfg, model.eval(), attention, num_classes)
+
+
+class KeySampler(Sampler):
+    """Yields the ``(epoch, index)`` keys set before each block (same keys for every variant)."""
+
+    def __init__(self, keys: Sequence[tuple[int, int]] = ()):
+        self.keys = [tuple(k) for k in keys]
+
+    def __iter__(self):
+        return iter(list(self.keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def block_keys(cfg, n_images: int, n_keys: int, first_epoch: int) -> list[tuple[int, int]]:
+    """``n_keys`` keys in the training order of ``EpochSampler`` from ``first_epoch`` on."""
+    from attnfd_pipeline.data.loaders import EpochSampler
+
+    sampler = EpochSampler(n_images, seed=cfg.student.train.seed, shuffle=True)
+    keys: list[tuple[int, int]] = []
+    epoch = first_epoch
+    while len(keys) < n_keys:
+        sampler.set_epoch(epoch)
+        keys += list(iter(sampler))
+        epoch += 1
+    return keys[:n_keys]
+
+
+class InMemoryLoader:
+    """The cached variant's batches, read and collated when a pass starts — before any step is timed —
+    so the steps that follow pay no DataLoader read: the physical limit of a cache. Holds only the
+    current block's batches, as a prefetching DataLoader holds a few."""
+
+    num_workers = 0
+
+    def __init__(self, dataset, sampler: KeySampler, batch_size: int):
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size  # drop_last, as the cached loader
+
+    def __iter__(self):
+        keys = list(self.sampler)
+        bs = self.batch_size
+        batches = [default_collate([self.dataset[k] for k in keys[b * bs:(b + 1) * bs]]) for b in range(len(self))]
+        return iter(batches)
+
+
+@dataclass
+class Setup:
+    name: str
+    task: Any
+    dataset: Any
+    loader: Any
+    sampler: KeySampler
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    device: torch.device
+    amp: bool
+
+
+def _targets_side(cfg, variant: str, names: Sequence[str], bundle, cache_dir, device: torch.device):
+    """(cache reader, online teacher, target shapes) of a variant: the cache for ``cached`` and
+    ``inmemory``, the frozen teacher for ``online``, neither for ``plain``."""
+    from attnfd_pipeline.cache import CacheReader
+    from attnfd_pipeline.teacher import load_teacher
+
+    if variant in ("cached", "inmemory"):
+        reader = CacheReader(cache_dir)
+        return reader, None, {n: tuple(reader.info["targets"][n]["chw"]) for n in names}
+    if variant == "online":
+        teacher = load_teacher(bundle, device)
+        return None, teacher, dict(teacher.target_specs(cfg.augment.crop_size, names))
+    return None, None, {}
+
+
+def build_setup(cfg, variant: str, *, num_classes: int, bundle: str | Path | None, cache_dir: str | Path | None,
+                device: torch.device, total_iters: int = 1000) -> Setup:
+    """One of ``VARIANTS``, composed as ``student.run_student`` composes its run."""
+    from attnfd_pipeline.data.loaders import CachedSeeds, make_loader
+    from attnfd_pipeline.data.source import ImageSource
+    from attnfd_pipeline.engine.optim import build_optimizer, build_scheduler
+    from attnfd_pipeline.models import build_model
+    from attnfd_pipeline.student import (StudentDataset, StudentTask, build_distiller, method_targets,
+                                         method_weights)
+    from attnfd_pipeline.utils import seed_everything
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown bench variant {variant!r}; known: {', '.join(VARIANTS)}")
+    s = cfg.student
+    alpha = 0.0 if variant == "plain" else s.alpha
+    reader, teacher, shapes = _targets_side(cfg, variant, method_targets(s), bundle, cache_dir, device)
+    seed_everything(s.train.seed)
+    student = build_model(s.model.name, num_classes, output_stride=s.model.output_stride,
+                          backbone_weights=s.model.backbone_weights or None)
+    with torch.random.fork_rng(devices=[]):  # distillation modules do not shift the student's RNG stream
+        torch.manual_seed(s.train.seed + 1)
+        distiller = build_distiller(student, s, shapes, num_classes, distill=alpha > 0).to(device)
+    task = StudentTask(distiller, alpha=alpha, norm=s.norm, warmup_epochs=0, teacher=teacher,
+                       weights=method_weights(s) if alpha > 0 else None)
+    seeds = CachedSeeds(s.train.seed, cfg.cache.K, s.seed_order)
+    ds = StudentDataset(ImageSource.from_config(cfg, cfg.data.train_split), cfg.augment, seeds, reader,
+                        task.target_names if reader is not None else ())
+    sampler = KeySampler()
+    if variant == "inmemory":
+        loader = InMemoryLoader(ds, sampler, s.train.batch_size)
+    else:
+        loader = make_loader(ds, batch_size=s.train.batch_size, workers=cfg.data.num_workers, sampler=sampler,
+                             drop_last=True, device=device)
+    optimizer = build_optimizer(task.param_groups(s.train), s.train)
+    scheduler = build_scheduler(optimizer, s.train, total_iters)
+    scaler = torch.amp.GradScaler("cuda") if (s.train.amp and device.type == "cuda") else None
+    return Setup(variant, task, ds, loader, sampler, optimizer, scheduler, scaler, device, s.train.amp)
+
+
+def param_counts(setups: dict[str, Setup]) -> dict:
+    out = {}
+    for v, s in setups.items():
+        d = s.task.distiller
+        out[v] = {"student": sum(p.numel() for p in d.student.parameters()),
+                  "trainable": sum(p.numel() for p in d.parameters() if p.requires_grad)}
+        if s.task.teacher is not None:
+            out[v]["teacher"] = sum(p.numel() for p in s.task.teacher.parameters())
+    return out
