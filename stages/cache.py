@@ -103,15 +103,18 @@ def plan_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: T
 
     cfg = load(config, set_)
     with errors():
-        bundle = _teacher_path(cfg, teacher)
-        if images is None and (as_json or not bundle.is_file()):
-            images = _count_images(cfg)
-        if images is not None:
-            table = encoding_table(cfg, images, teacher_images_per_s=teacher_images_per_s)
+        t = None
+        if images is None and not as_json:
+            try:
+                t = load_teacher(_teacher_path(cfg, teacher), _device(cfg, device))
+            except FileNotFoundError as e:  # no teacher yet: the plan from the model config
+                typer.echo(f"{e}: planning from the model config")
+        if t is None:
+            n = images if images is not None else _count_images(cfg)
+            table = encoding_table(cfg, n, teacher_images_per_s=teacher_images_per_s)
             typer.echo(json.dumps(table, indent=2) if as_json else "\n".join(encoding_lines(table)))
             return
         source = make_source(cfg)
-        t = load_teacher(bundle, _device(cfg, device))
         plan = plan_cache(cfg, source, teacher=t, check=False)
         typer.echo("\n".join(plan.lines()))
         typer.echo("\n".join(encoding_lines(encoding_table(cfg, len(source), teacher_images_per_s=teacher_images_per_s))))
