@@ -211,3 +211,21 @@ def test_cache_plan_without_bundle_or_dataset():
     assert t["build_seconds"] == pytest.approx(10582 * 4 / 20)
     res = CliRunner().invoke(cache_cli.app, ["plan", "--config", "configs/voc_aug.toml", "--json"])
     assert res.exit_code != 0 and "--images" in res.output  # the dataset is absent: says how to plan anyway
+
+
+def test_storage_figures_on_fake_teacher(tmp_path):
+    from attnfd_pipeline.experiments.fidelity import grad_fidelity, storage_figures, storage_markdown
+
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    same = grad_fidelity(x, x.copy(), 1, "batch")
+    assert same["grad_cosine"] == pytest.approx(1.0, abs=1e-12) and same["grad_rel_error"] == 0.0
+    cfg = make_cfg(tmp_path)
+    fig = storage_figures(cfg, FakeTeacher(), FakeSource(n=2), crops=(32,), images=2)
+    v = fig["variants"]
+    assert set(v) == {"float16", "int8", "float16+poolD2", "int8+poolD2"}
+    assert v["float16"]["compression_vs_float16"] == pytest.approx(1.0)
+    assert v["float16"]["rel_error"] < 1e-3 and v["int8"]["rel_error"] < 2e-2  # float16 ≈ 2^-11, int8 ≈ 1/255
+    assert v["float16"]["grad_cosine"] > 0.9999 and v["int8"]["grad_cosine"] > 0.99
+    r = v["int8"]["crops"]["32"]
+    assert r["encode_mb_s"] > 0 and r["decode_mb_s"] > 0
+    assert fig["recommended"]["encoding"] in v and "| `int8` | 32 |" in storage_markdown(fig)

@@ -97,9 +97,12 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def dequantize_int8(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """uint8 codes ``(..., C, H, W)`` with scale/offset ``(..., C)`` → float32 ``offset + code · scale``."""
-    c = torch.from_numpy(np.ascontiguousarray(codes))
-    s = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32))[..., None, None]
-    o = torch.from_numpy(np.ascontiguousarray(offset, dtype=np.float32))[..., None, None]
+    def tensor(a, dtype=None):  # read-only buffers (a decoded frame) are copied: torch needs writable memory
+        return torch.from_numpy(np.require(a, dtype=dtype, requirements=["C", "W"]))
+
+    c = tensor(codes)
+    s = tensor(scale, np.float32)[..., None, None]
+    o = tensor(offset, np.float32)[..., None, None]
     return torch.addcmul(o, c.float(), s).numpy()
 
 
