@@ -15,7 +15,9 @@ def bench_storage(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                   teacher: Annotated[Optional[Path], typer.Option(help="Teacher bundle (default: the config's).")] = None,
                   out: Annotated[Path, typer.Option(help="Output folder: storage.json and storage.md.")] = Path("bench"),
                   crops: Annotated[str, typer.Option(help="Comma-separated square crops.")] = "64,257",
-                  images: Annotated[int, typer.Option(help="Training images per crop.")] = 8):
+                  images: Annotated[int, typer.Option(help="Training images per crop.")] = 8,
+                  checkpoint: Annotated[Optional[Path], typer.Option(
+                      help="Measure on a teacher training checkpoint (train/last.pt) instead of the bundle.")] = None):
     """Every storage variant (float16 / int8, with and without pooling) on the trained teacher's maps: error
     of the channel-normalised maps, AttnFD loss-gradient cosine, size vs float16, encode/decode MB/s per core."""
     from attnfd_pipeline.data.source import ImageSource
@@ -25,7 +27,12 @@ def bench_storage(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
 
     cfg = load(config, set_)
     with errors():
-        t = load_teacher(teacher or bundle_path(cfg), "cpu")
+        if checkpoint is not None:
+            from attnfd_pipeline.experiments.fidelity import teacher_from_checkpoint
+
+            t = teacher_from_checkpoint(cfg, checkpoint)
+        else:
+            t = load_teacher(teacher or bundle_path(cfg), "cpu")
         source = ImageSource.from_config(cfg, split=cfg.data.train_split)
         fig = storage_figures(cfg, t, source, crops=tuple(int(c) for c in crops.split(",")), images=images)
         fig["teacher"] = t.info()
