@@ -287,6 +287,6 @@ def encoding_lines(t: dict) -> list[str]:
                    f"{r['bytes_per_sample'] / 1e6:>9.2f} MB {r['total_bytes'] / 1e9:>8.1f} GB "
                    f"{r['compression_vs_float16']:>9.2f}×{mark}")
     if t["build_seconds"] is not None:
-        out.append(f"build time at {t['teacher_images_per_s']:g} teacher images/s (assumed): "
-                   f"{t['build_seconds'] / 3600:,.1f} h")
+        out.append(f"build time at {t['teacher_images_per_s']:g} teacher images/s (assumed; one forward per "
+                   f"sample): {t['build_seconds'] / 60:,.0f} min")
     return out

@@ -15,7 +15,8 @@
   weigh most), and the config's student at initialisation through a random connector (spatially
   realistic, ``untrained_student_maps``); the worst is reported, and each in ``grad_cosine_by_student``;
 - ``compression_vs_float16``: stored bytes after zstd level 1 (the default codec), float16 / variant;
-- ``encode_mb_s`` / ``decode_mb_s``: float32 teacher-output MB per second on one core — encode = pool +
+- ``encode_mb_s`` / ``decode_mb_s``: float32 teacher-output MB per CPU-second of one thread (``thread_time``, so
+  other processes on a busy machine do not count) — encode = pool +
   convert/quantise + checksum + compress; decode = decompress + checksum + dequantise, in memory (the
   store adds its crc32c, shard index and file I/O on top: see docs/storage.md).
 
@@ -92,23 +93,23 @@ def _encode(x: np.ndarray, encoding: str, pool: int, name: str) -> tuple[list[np
     """Stored arrays, their per-sample zstd frames and the seconds it took (one thread)."""
     comp = _zstd()
     n = len(x)
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     parts = encode_target(x, encoding, 0, pool, target=name, ids=[str(i) for i in range(n)], seeds=[0] * n)
     for j in range(n):
         sample_checksum(*(p[j] for p in parts))
     frames = [[comp.encode(np.ascontiguousarray(p[j])) for p in parts] for j in range(n)]
-    return parts, frames, time.perf_counter() - t0
+    return parts, frames, time.thread_time() - t0
 
 
 def _decode(parts: list[np.ndarray], frames: list[list[bytes]], encoding: str) -> tuple[np.ndarray, float]:
     comp = _zstd()
     out = []
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for j, fr in enumerate(frames):
         got = [np.frombuffer(comp.decode(f), dtype=p.dtype).reshape(p.shape[1:]) for f, p in zip(fr, parts)]
         sample_checksum(*got)
         out.append(decode(encoding, got))
-    return np.stack(out).astype(np.float32), time.perf_counter() - t0
+    return np.stack(out).astype(np.float32), time.thread_time() - t0
 
 
 def noise_students(ref32: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
@@ -241,7 +242,7 @@ def storage_markdown(fig: dict) -> str:
     L = ["# Storage variants: fidelity, size, speed", "",
          f"Teacher maps of {fig['images']} training images at crops {fig['crops']} (points "
          f"{', '.join(fig['points'])}); loss norm `{fig['norm']}`; student maps: teacher map + rho·RMS·white noise, "
-         f"rho ∈ {fig['student_noise_rho']}, and the student at initialisation (worst reported). Speeds: one core, float32 MB of teacher output per s.",
+         f"rho ∈ {fig['student_noise_rho']}, and the student at initialisation (worst reported). Speeds: float32 MB of teacher output per CPU-second of one thread.",
          "", "| storage | crop | rel. error (ch.-norm.) | grad cosine (worst) | cosine: untrained student | "
              "grad rel. error | loss rel. error | zstd ratio | vs float16 | encode MB/s | decode MB/s |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
