@@ -229,3 +229,31 @@ def test_storage_figures_on_fake_teacher(tmp_path):
     r = v["int8"]["crops"]["32"]
     assert r["encode_mb_s"] > 0 and r["decode_mb_s"] > 0
     assert fig["recommended"]["encoding"] in v and "| `int8` | 32 |" in storage_markdown(fig)
+
+
+def test_student_trains_on_int8_pooled_cache(tiny_pipeline, tmp_path, monkeypatch):
+    import shutil
+
+    import attnfd_pipeline.losses.attnfd as attnfd_mod
+    from attnfd_pipeline.config import dump_toml
+    from attnfd_pipeline.data.source import ImageSource
+    from attnfd_pipeline.student import run_student, student_dir
+    from attnfd_pipeline.teacher import load_teacher
+
+    cfg, bundle = tiny_pipeline
+    p = tmp_path / "cfg.toml"
+    p.write_text(dump_toml(cfg))
+    new = load_config(p, [f'runs_root="{tmp_path / "runs"}"', 'cache.encoding="int8"', "cache.pool={D=2}"])
+    shutil.copytree(cfg.teacher_dir, new.teacher_dir)
+    build_cache(new, load_teacher(bundle), ImageSource.from_config(new), progress=False)
+    calls = []
+
+    def spy(x, full_hw, factor):
+        calls.append((tuple(full_hw), factor))
+        return pool_student(x, full_hw, factor)
+
+    monkeypatch.setattr(attnfd_mod, "pool_student", spy)
+    result = run_student(new, progress=False)
+    assert 0 <= result["best_miou"] <= 1
+    assert student_dir(new).name.endswith("_int8_poolD2_s0")  # never mistaken for the float16 run
+    assert calls and set(calls) == {((12, 12), 2)}  # D at stride 4 of the 48-px crop, pooled to 6×6 in the loss
