@@ -6,7 +6,6 @@ pre-ReLU, E 8×2×2.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
