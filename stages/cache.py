@@ -263,7 +263,8 @@ def info_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: T
     typer.echo(f"size on disk: {d['size_bytes'] / 1e6:.2f} MB")
     typer.echo(f"complete: {'yes' if d['complete'] else 'no'} ({d['shards_committed']}/{d['shards_total']} shards, "
                f"{d['samples_committed']}/{d['num_images'] * d['K']} samples)")
-    typer.echo(f"codec: {d['codec']} level {d['level']}, {d['dtype']}, mantissa bits {d['mantissa_bits']}")
+    bits = f", mantissa bits {d['mantissa_bits']}" if d["encoding"] == "float16" else ""
+    typer.echo(f"codec: {d['codec']} level {d['level']}, {d['dtype']}{bits}")
     pool = ", ".join(f"{p} by {f}" for p, f in d["pool"].items()) or "none"
     typer.echo(f"encoding: {d['encoding']}; pooled: {pool}")
     for name, t in d["targets"].items():
