@@ -187,10 +187,23 @@ class CacheConfig:
     mantissa_bits: int = 0  # 0 = keep float16's 10 bits; 1..9 = round the mantissa (lossy, recorded)
     shard_size: int = 8  # samples (images) per shard; one writer owns whole shards
     batch_size: int = 8  # teacher inference batch
+    # how targets are stored: float16, or int8 = uint8 codes + float32 scale/offset per (sample, channel)
+    encoding: Literal["float16", "int8"] = "float16"
+    # per refined point, store its map average-pooled by this factor (TOML: pool = {D = 2}); the student's
+    # map is pooled the same way before the loss (a variant of the loss). Kept as sorted (point, factor) pairs
+    pool: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         _check(self.K > 0, "cache.K", "must be > 0")
         _check_points(self.points, "cache.points")
+        for p, f in self.pool:
+            _check(p in self.points, "cache.pool", f"point {p!r} is not in cache.points {list(self.points)}")
+            _check(f >= 1, "cache.pool", f"factor of {p!r} must be an integer >= 1, got {f}")
+        _check(len({p for p, _ in self.pool}) == len(self.pool), "cache.pool", "a point is given twice")
+        # factor 1 is no pooling: dropped, so {D = 1} and {} are the same cache
+        object.__setattr__(self, "pool", tuple(sorted((p, f) for p, f in self.pool if f > 1)))
+        _check(self.encoding == "float16" or self.mantissa_bits in (0, 10), "cache.mantissa_bits",
+               f"rounds float16 mantissas; it does not apply to encoding {self.encoding!r} (set it to 0)")
         for e in self.extra:
             _check(e in ("logits", "raw"), "cache.extra", f"unknown extra target {e!r}; known: logits, raw")
         _check(0 <= self.mantissa_bits <= 10, "cache.mantissa_bits", "must be in [0, 10]")
@@ -523,6 +536,8 @@ def _coerce(tp, value, key: str):
         return value
     if origin is tuple:
         args = typing.get_args(tp)
+        if isinstance(value, dict) and len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is tuple:
+            value = [list(kv) for kv in value.items()]  # a TOML table {D = 2} as (key, value) pairs
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:

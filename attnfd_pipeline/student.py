@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from attnfd_pipeline.cache import CacheError, CacheReader, check_compatible, find_cache, list_caches
 from attnfd_pipeline.cache.schema import extra_for, target_point
+from attnfd_pipeline.cache.encoding import target_pools
 from attnfd_pipeline.cache.schema import target_names as cache_target_names
 from attnfd_pipeline.config import (LEGACY_SEED_ORDER, METHOD_SECTIONS, Config, ConfigError, StudentConfig, load_config,
                                     write_resolved)
@@ -172,16 +173,18 @@ def method_targets(s: StudentConfig) -> list[str]:
 
 
 def build_distiller(student: torch.nn.Module, s: StudentConfig, target_shapes: dict[str, tuple[int, int, int]],
-                    num_classes: int, *, distill: bool = True) -> Distiller:
+                    num_classes: int, *, distill: bool = True,
+                    target_pool: dict[str, tuple[int, int, int]] | None = None) -> Distiller:
     """The student wrapped with the modules of the methods of ``student.method`` (none when ``distill``
-    is false: the plain student). ``target_shapes``: (C, H, W) of each teacher target they read."""
+    is false: the plain student). ``target_shapes``: (C, H, W) of each teacher target they read;
+    ``target_pool``: (factor, full H, full W) of the targets the cache stores pooled."""
     if not distill:
         return Distiller(student, s.points, methods={})
 
     def context(name: str) -> MethodContext:
         return MethodContext(points=tuple(s.points), student_channels={p: t.channels for p, t in student.taps.items()},
                              target_shapes=target_shapes, num_classes=num_classes, epochs=s.train.epochs,
-                             norm=s.norm, params=s.method_params(name))
+                             norm=s.norm, params=s.method_params(name), target_pool=dict(target_pool or {}))
 
     return Distiller(student, s.points, methods=build_methods(s.method, context))
 
@@ -229,11 +232,22 @@ def run_name(cfg: Config) -> str:
     settings = _settings_tag(s)
     if settings:
         tag += f"_p{settings}"
+    tag += storage_tag(cfg)
     tag += f"_s{s.train.seed}"
     if s.alpha == 0:  # the plain student: only its crops (cached seeds at K, or fresh) set it apart
         crops = "fresh" if fresh_augmentation(s) else f"K{cfg.cache.K}"
         tag = f"{s.model.name}_baseline_{crops}_s{s.train.seed}"
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", tag)
+
+
+def storage_tag(cfg: Config) -> str:
+    """``_int8``, ``_poolD2`` … for a cached run on a cache that is not float16 at full resolution (its
+    targets, and with pooling its loss, differ); "" otherwise, so the names of earlier runs are kept."""
+    c = cfg.cache
+    if cfg.student.mode != "cached" or cfg.student.alpha == 0:
+        return ""
+    tag = "" if c.encoding == "float16" else f"_{c.encoding}"
+    return tag + "".join(f"_pool{p}{f}" for p, f in c.pool)
 
 
 def student_dir(cfg: Config) -> Path:
@@ -266,6 +280,8 @@ def finished_run_differences(cfg: Config) -> str | None:
     diff = _differences("student", _recipe(old_student), _recipe(cfg.student))
     diff += _differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
     diff += [] if old.cache.K == cfg.cache.K else [f"cache.K: {old.cache.K} → {cfg.cache.K}"]
+    diff += [f"cache.{k}: {getattr(old.cache, k)!r} → {getattr(cfg.cache, k)!r}" for k in ("encoding", "pool")
+             if cfg.student.mode == "cached" and getattr(old.cache, k) != getattr(cfg.cache, k)]
     return "; ".join(diff) or None
 
 
@@ -370,7 +386,7 @@ def _run_student(cfg: Config, *, resume: bool, progress: bool) -> dict:
     val_src = ImageSource.from_config(cfg, cfg.data.val_split)
     nc = train_src.info.num_classes
     out_dir = student_dir(cfg)
-    reader, teacher, target_shapes, teacher_info = None, None, {}, None
+    reader, teacher, target_shapes, teacher_info, target_pool = None, None, {}, None, {}
     names = method_targets(s)
     if s.alpha > 0:
         teacher_info = load_teacher_info(bundle_path(cfg))
@@ -380,6 +396,7 @@ def _run_student(cfg: Config, *, resume: bool, progress: bool) -> dict:
         if s.mode == "cached":
             reader = open_cache(cfg, teacher_info, train_src, names)
             target_shapes = {n: tuple(reader.info["targets"][n]["chw"]) for n in names}
+            target_pool = target_pools(reader.info)
         else:
             teacher = load_teacher(bundle_path(cfg), device)
             target_shapes = teacher.target_specs(cfg.augment.crop_size, names)
@@ -390,7 +407,7 @@ def _run_student(cfg: Config, *, resume: bool, progress: bool) -> dict:
     # stream are the plain student's, so α = 0 is exactly the baseline run.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.train.seed + 1)
-        distiller = build_distiller(student, s, target_shapes, nc, distill=s.alpha > 0)
+        distiller = build_distiller(student, s, target_shapes, nc, distill=s.alpha > 0, target_pool=target_pool)
     distiller = distiller.to(device)
     if resume:  # before anything is written: the checkpoint must fit these modules and this crop schedule
         _check_resume_seed_order(check_resume(out_dir / "last.pt", distiller), out_dir / "last.pt", s)

@@ -87,18 +87,46 @@ def _locate(cfg, teacher: Path | None, path: str | None):
 # -- commands ------------------------------------------------------------------------------------
 @app.command("plan")
 def plan_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: TeacherOpt = None,
-             device: Annotated[Optional[str], typer.Option(help="Teacher device (default: teacher.train.device).")] = None):
-    """Before writing anything: samples, bytes per sample per target, estimated size (compression
-    measured on a few real teacher outputs), free disk, estimated time. Exit 2 if it does not fit."""
+             device: Annotated[Optional[str], typer.Option(help="Teacher device (default: teacher.train.device).")] = None,
+             images: Annotated[Optional[int], typer.Option(
+                 "--images", help="Training images (when the dataset is not on disk): plans from the model "
+                                  "config alone, without a teacher bundle.")] = None,
+             teacher_images_per_s: Annotated[Optional[float], typer.Option(
+                 "--teacher-images-per-s", help="Assumed teacher throughput, for the build time.")] = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print the per-encoding table as JSON.")] = False):
+    """Before writing anything: samples, bytes per sample per target, estimated size, free disk, time.
+    With a teacher bundle and the dataset: compression and time measured on a few real teacher outputs
+    (exit 2 if it does not fit). Without either (or with --images): every encoding side by side, shapes
+    from the model config, compression factors from the storage bench."""
     from attnfd_pipeline.cache import plan_cache
+    from attnfd_pipeline.cache.plan import encoding_lines, encoding_table
 
     cfg = load(config, set_)
     with errors():
+        t = None
+        if images is None and not as_json:
+            try:
+                t = load_teacher(_teacher_path(cfg, teacher), _device(cfg, device))
+            except FileNotFoundError as e:  # no teacher yet: the plan from the model config
+                typer.echo(f"{e}: planning from the model config")
+        if t is None:
+            n = images if images is not None else _count_images(cfg)
+            table = encoding_table(cfg, n, teacher_images_per_s=teacher_images_per_s)
+            typer.echo(json.dumps(table, indent=2) if as_json else "\n".join(encoding_lines(table)))
+            return
         source = make_source(cfg)
-        t = load_teacher(_teacher_path(cfg, teacher), _device(cfg, device))
         plan = plan_cache(cfg, source, teacher=t, check=False)
         typer.echo("\n".join(plan.lines()))
+        typer.echo("\n".join(encoding_lines(encoding_table(cfg, len(source), teacher_images_per_s=teacher_images_per_s))))
         plan.check()
+
+
+def _count_images(cfg) -> int:
+    try:
+        return len(make_source(cfg))
+    except Exception as e:  # noqa: BLE001 - a dataset not on disk: say how to plan without it
+        raise ValueError(f"{cfg.data.root}: cannot list the {cfg.data.train_split!r} split ({e}); pass --images N "
+                         f"to plan without the dataset") from None
 
 
 @app.command("build")
@@ -237,10 +265,14 @@ def info_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: T
     typer.echo(f"size on disk: {d['size_bytes'] / 1e6:.2f} MB")
     typer.echo(f"complete: {'yes' if d['complete'] else 'no'} ({d['shards_committed']}/{d['shards_total']} shards, "
                f"{d['samples_committed']}/{d['num_images'] * d['K']} samples)")
-    typer.echo(f"codec: {d['codec']} level {d['level']}, {d['dtype']}, mantissa bits {d['mantissa_bits']}")
+    bits = f", mantissa bits {d['mantissa_bits']}" if d["encoding"] == "float16" else ""
+    typer.echo(f"codec: {d['codec']} level {d['level']}, {d['dtype']}{bits}")
+    pool = ", ".join(f"{p} by {f}" for p, f in d["pool"].items()) or "none"
+    typer.echo(f"encoding: {d['encoding']}; pooled: {pool}")
     for name, t in d["targets"].items():
         typer.echo(f"  {name:>8}: shape {tuple(t['shape'])}, stride {t['stride']}, "
-                   f"{t['float16_bytes_per_sample'] / 1e3:.1f} kB/sample float16, {t['bytes_on_disk'] / 1e6:.2f} MB on disk")
+                   f"{t['stored_bytes_per_sample'] / 1e3:.1f} kB/sample {d['encoding']}, "
+                   f"{t['bytes_on_disk'] / 1e6:.2f} MB on disk")
 
 
 @app.command("verify")

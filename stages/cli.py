@@ -12,6 +12,7 @@ from stages.bench import bench, bench_accuracy
 from stages.inference import evaluate, export, predict
 from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
 from stages.report import curves, report, studies, visualize
+from stages.storage import bench_storage
 from stages.student import student, sweep
 from stages.teacher import app as teacher_app
 
@@ -24,6 +25,7 @@ app.command("student")(student)
 app.command("sweep")(sweep)
 app.command("bench")(bench)
 app.command("bench-accuracy")(bench_accuracy)
+app.command("bench-storage")(bench_storage)
 app.command("report")(report)
 app.command("studies")(studies)
 app.command("visualize")(visualize)

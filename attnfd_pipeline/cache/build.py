@@ -24,10 +24,12 @@ import torch
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import storage
+from attnfd_pipeline.cache import encoding as enc
+from attnfd_pipeline.cache.encoding import DEFAULT_ENCODING, pool_of, pooled_hw
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_fingerprint, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.lock import BuildLock, holder_alive
 from attnfd_pipeline.cache.manifest import committed_shards
-from attnfd_pipeline.cache.schema import (CACHE_JSON, DTYPE, FORMAT, LOCK_NAME, CacheError, ShardRange,
+from attnfd_pipeline.cache.schema import (CACHE_JSON, FORMAT, LOCK_NAME, CacheError, ShardRange,
                                           cache_target_names, disk_full_error, is_disk_full, lossy_steps,
                                           num_shards, paths, shard_range, target_kind, target_point)
 from attnfd_pipeline.cache.storage import Location
@@ -82,11 +84,16 @@ def cache_info_dict(cfg, teacher: Any, source: Any, specs: dict[str, Sequence[in
     missing = [n for n in names if n not in specs]
     if missing:
         raise CacheError(f"teacher gives no spec for target(s) {missing}")
+    encoding = getattr(c, "encoding", DEFAULT_ENCODING)
     targets = {}
     for n in names:
         C, H, W = (int(v) for v in specs[n])
-        targets[n] = {"chw": [C, H, W], "kind": target_kind(n), "point": target_point(n),
-                      "stride": _stride(crop_h, H), "bytes_per_sample": C * H * W * 2}
+        f = pool_of(getattr(c, "pool", ()), n)
+        h, w = pooled_hw(H, W, f)
+        targets[n] = {"chw": [C, h, w], "kind": target_kind(n), "point": target_point(n),
+                      "stride": _stride(crop_h, h), "bytes_per_sample": enc.bytes_per_sample((C, h, w), encoding)}
+        if f > 1:  # only then: an unpooled cache.json stays as it was, so older caches still resume
+            targets[n].update(pool=f, full_chw=[C, H, W])
     n_images = len(source)
     info_fn = getattr(teacher, "info", None)
     teacher_info = info_fn() if callable(info_fn) else {"sha256": inputs["teacher_sha256"]}
@@ -102,12 +109,13 @@ def cache_info_dict(cfg, teacher: Any, source: Any, specs: dict[str, Sequence[in
         "crop_size": [crop_h, crop_w],
         "target_names": names,  # array order (JSON objects are written with sorted keys)
         "targets": targets,
-        "dtype": DTYPE,
+        "dtype": enc.stored_arrays("x", encoding)[0][1],  # of the main arrays: float16, or uint8 codes
         "codec": c.codec,
         "level": inputs["level"],
         "mantissa_bits": inputs["mantissa_bits"],
-        "lossy": lossy_steps(inputs["mantissa_bits"]),
+        "lossy": lossy_steps(inputs["mantissa_bits"], encoding),
         "teacher_batch_size": c.batch_size,
+        "encoding": encoding,
     }
 
 
@@ -286,8 +294,8 @@ def _target_specs(first: tuple | None, cache_dir: Location, teacher, cfg, names:
     info_path = paths(cache_dir)["info"]
     if storage.is_file(info_path):
         recorded = json.loads(storage.read_bytes(info_path)).get("targets", {})
-        if all(n in recorded for n in names):
-            return {n: tuple(recorded[n]["chw"]) for n in names}
+        if all(n in recorded for n in names):  # the teacher's shapes: before pooling, when pooled
+            return {n: tuple(recorded[n].get("full_chw", recorded[n]["chw"])) for n in names}
     return teacher.target_specs(tuple(cfg.augment.crop_size), names)
 
 
@@ -347,8 +355,9 @@ def _shard_arrays(outs: dict[str, np.ndarray], info: dict, names: list[str], n_i
     """Teacher outputs (n·K, C, H, W) → (n, K, C, H, W) per target, shapes checked against the store's."""
     arrays = {}
     for n in names:
-        if tuple(outs[n].shape[1:]) != tuple(info["targets"][n]["chw"]):
+        want = info["targets"][n].get("full_chw", info["targets"][n]["chw"])  # before pooling, when pooled
+        if tuple(outs[n].shape[1:]) != tuple(want):
             raise CacheError(f"teacher target {n!r} has shape {tuple(outs[n].shape[1:])}, expected "
-                             f"{tuple(info['targets'][n]['chw'])} (the store's, from the first shard)")
+                             f"{tuple(want)} (the store's, from the first shard)")
         arrays[n] = outs[n].reshape(n_images, K, *outs[n].shape[1:])
     return arrays

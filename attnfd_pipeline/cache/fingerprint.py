@@ -5,7 +5,7 @@ fingerprint is computable without loading the teacher (only its recorded weights
 Stage 2 can find its cache from a config, the teacher bundle's metadata and the dataset listing.
 
 Inputs: teacher weights hash (incl. CBAMs and CBAM mode), dataset identity, the full augmentation
-recipe (crop size, scales, seed …), K, target names, dtype, codec + level, mantissa bits, shard size,
+recipe (crop size, scales, seed …), K, target names, dtype, codec + level, mantissa bits, encoding, pooling, shard size,
 package version and cache format. Not included: teacher batch size and device (eval-mode targets do
 not depend on the batch; float rounding differences between devices are within float16 tolerance).
 """
@@ -47,7 +47,7 @@ def cache_inputs(cfg, teacher: Any, source: Any) -> dict[str, Any]:
     """Everything the fingerprint hashes, as plain JSON. ``teacher``: object, info dict or sha256;
     ``source``: sample source or its identity dict."""
     c = cfg.cache
-    return {
+    inputs = {
         "format": FORMAT,
         "package_version": attnfd_pipeline.__version__,
         "teacher_sha256": teacher_sha256(teacher),
@@ -61,6 +61,13 @@ def cache_inputs(cfg, teacher: Any, source: Any) -> dict[str, Any]:
         "mantissa_bits": 10 if c.mantissa_bits in (0, 10) else c.mantissa_bits,
         "shard_size": c.shard_size,
     }
+    # only when they differ from the defaults: a float16, unpooled config keeps the fingerprint it had
+    # before these choices existed, so its caches are found and reused
+    if getattr(c, "encoding", "float16") != "float16":
+        inputs["encoding"] = c.encoding
+    if getattr(c, "pool", ()):
+        inputs["pool"] = {p: f for p, f in c.pool}
+    return inputs
 
 
 def fingerprint_of(inputs: dict[str, Any]) -> str:

@@ -19,9 +19,11 @@ from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.build import run_teacher, shard_samples, teacher_device
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.manifest import list_parts
+from attnfd_pipeline.cache.encoding import bytes_per_sample, decode, pool_maps, pool_of, pooled_hw
 from attnfd_pipeline.cache.schema import (CacheError, ShardRange, cache_target_names, num_shards, paths,
-                                          shard_range, to_float16)
+                                          shard_range, target_point)
 from attnfd_pipeline.cache.storage import Location
+from attnfd_pipeline.cache.writer import encode_target
 
 # per chunk: crc32c (4 B) + shard index entry (16 B); per shard: index crc (4 B)
 CHUNK_OVERHEAD = 20
@@ -41,6 +43,7 @@ class Plan:
     measured: bool = False  # ratio and time measured on real teacher outputs
     seconds_per_sample: float | None = None  # teacher + load/augment, main thread
     probe_samples: int = 0
+    encoding: str = "float16"
 
     @property
     def bytes_per_sample(self) -> int:
@@ -80,7 +83,7 @@ class Plan:
                + (f" ({self.samples_committed} already committed)" if self.samples_committed else "")]
         for name, t in self.targets.items():
             C, H, W = t["chw"]
-            line = (f"  {name:>8}: {C}×{H}×{W} float16 = {t['bytes'] / 1e3:,.1f} kB/sample, "
+            line = (f"  {name:>8}: {C}×{H}×{W} {self.encoding} = {t['bytes'] / 1e3:,.1f} kB/sample, "
                     f"compression ×{t['ratio']:.2f}{'' if self.measured else ' (assumed)'}")
             if "rel_error" in t:
                 line += f", rel. L2 error of channel-normalised maps {t['rel_error']:.1e}"
@@ -88,7 +91,7 @@ class Plan:
                     line += (f"; WARNING {t['tiny_channels'] * 100:.1f}% of channels have RMS < 1e-4 "
                              f"(float16 keeps few significant bits there)")
             out.append(line)
-        out.append(f"bytes per sample: {self.bytes_per_sample / 1e3:,.1f} kB float16, "
+        out.append(f"bytes per sample: {self.bytes_per_sample / 1e3:,.1f} kB {self.encoding}, "
                    f"~{self.compressed_bytes_per_sample / 1e3:,.1f} kB on disk")
         out.append(f"estimated total: {self.estimated_bytes / _MB:,.1f} MB "
                    f"(still to write: {self.remaining_bytes / _MB:,.1f} MB); free: "
@@ -156,10 +159,12 @@ def plan_cache(cfg, source: Any, *, teacher: Any = None, teacher_info: Any = Non
         if s < num_shards(N, c.shard_size):
             a, b = shard_range(s, c.shard_size, N)
             committed += (b - a) * c.K
-    plan = Plan(d, fp, N, c.K, N * c.K, committed, free_bytes=_free_bytes(d))
+    plan = Plan(d, fp, N, c.K, N * c.K, committed, free_bytes=_free_bytes(d), encoding=c.encoding)
+    encoding = c.encoding
     for n in names:
         C, H, W = (int(v) for v in target_specs[n])
-        plan.targets[n] = {"chw": [C, H, W], "bytes": C * H * W * 2, "ratio": 1.0}
+        h, w = pooled_hw(H, W, pool_of(c.pool, n))
+        plan.targets[n] = {"chw": [C, h, w], "bytes": bytes_per_sample((C, h, w), encoding), "ratio": 1.0}
 
     if teacher is not None and N > 0:
         n_probe = probe_samples or 2 * c.batch_size
@@ -182,12 +187,107 @@ def plan_cache(cfg, source: Any, *, teacher: Any = None, teacher_info: Any = Non
         ids = [r["image_id"] for r in rows][:len(crops)]
         seeds = [r["aug_seed"] for r in rows][:len(crops)]
         for n in names:
-            x16 = to_float16(outs[n], c.mantissa_bits, target=n, ids=ids, seeds=seeds)
-            plan.targets[n]["ratio"] = compression_ratio(x16, c.codec, c.level)
-            plan.targets[n].update(precision_stats(outs[n], x16))
+            f = pool_of(c.pool, n)
+            parts = encode_target(outs[n], encoding, c.mantissa_bits, f, target=n, ids=ids, seeds=seeds)
+            stored = sum(compression_ratio(p, c.codec, c.level) ** -1 * p.nbytes for p in parts)
+            plan.targets[n]["ratio"] = sum(p.nbytes for p in parts) / max(stored, 1)
+            plan.targets[n].update(precision_stats(pool_maps(outs[n], f), decode(encoding, parts)))
         plan.seconds_per_sample = teacher_s / timed + load_s / max(len(rows), 1)
         plan.probe_samples = len(crops)
         plan.measured = True
     if check:
         plan.check()
     return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan before any teacher exists: shapes from the model config, every encoding side by side
+
+
+def model_target_specs(cfg, names: list[str] | None = None) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of each cache target at the configured crop, from the teacher's model config alone: the
+    model is built on torch's ``meta`` device (no weights, no memory, no bundle) and run on a meta input."""
+    import torch
+
+    from attnfd_pipeline.data.datasets import get_dataset_info
+    from attnfd_pipeline.models import build_model
+
+    names = names or cache_target_names(cfg.cache)
+    m = cfg.teacher.model
+    num_classes = get_dataset_info(cfg.data.dataset).num_classes
+    with torch.device("meta"):
+        model = build_model(m.name, num_classes, output_stride=m.output_stride).eval()
+        out = model(torch.zeros(1, 3, *cfg.augment.crop_size))
+    specs = {}
+    for n in names:  # a refined map F'' has its raw map's shape
+        key = "logits" if n == "logits" else (target_point(n) or n)
+        specs[n] = tuple(int(v) for v in out[key].shape[1:])
+    return specs
+
+
+def storage_variants(cache_cfg) -> list[tuple[str, tuple[tuple[str, int], ...]]]:
+    """(encoding, pool) pairs a plan compares: each encoding unpooled, then each with the configured pooling
+    (``cache.pool``; D pooled by 2 when nothing is configured and D is cached)."""
+    from attnfd_pipeline.cache.encoding import ENCODINGS
+
+    pool = tuple(cache_cfg.pool) or ((("D", 2),) if "D" in cache_cfg.points else ())
+    out = [(e, ()) for e in ENCODINGS]
+    return out + ([(e, pool) for e in ENCODINGS] if pool else [])
+
+
+def variant_name(encoding: str, pool) -> str:
+    return encoding + "".join(f"+pool{p}{f}" for p, f in pool)
+
+
+def encoding_table(cfg, num_images: int, *, specs: dict[str, tuple[int, int, int]] | None = None,
+                   teacher_images_per_s: float | None = None, ratios: dict[str, float] | None = None) -> dict:
+    """Bytes per sample per target and the total for ``num_images`` × K of every storage variant
+    (``storage_variants``), with the zstd compression measured by the storage bench (``ratios``, default
+    ``encoding.MEASURED_COMPRESSION``) and, given a teacher throughput, the time to build. JSON-ready."""
+    from attnfd_pipeline.cache.encoding import MEASURED_COMPRESSION, RECOMMENDED
+
+    c = cfg.cache
+    specs = specs or model_target_specs(cfg)
+    ratios = dict(MEASURED_COMPRESSION if ratios is None else ratios)
+    samples = num_images * c.K
+    table = {}
+    for encoding, pool in storage_variants(c):
+        name = variant_name(encoding, pool)
+        per_target = {}
+        for n in cache_target_names(c):
+            C, H, W = specs[n]
+            h, w = pooled_hw(H, W, pool_of(pool, n))
+            per_target[n] = {"chw": [C, h, w], "bytes": bytes_per_sample((C, h, w), encoding)}
+        raw = sum(t["bytes"] for t in per_target.values())
+        ratio = float(ratios.get(name, ratios.get(encoding, 1.0))) if c.codec != "none" else 1.0
+        per = raw / ratio + CHUNK_OVERHEAD * len(per_target)
+        table[name] = {"encoding": encoding, "pool": dict(pool), "targets": per_target, "raw_bytes_per_sample": raw,
+                       "compression": ratio, "bytes_per_sample": per, "total_bytes": per * samples}
+    f16 = table["float16"]["total_bytes"]
+    for row in table.values():
+        row["compression_vs_float16"] = f16 / row["total_bytes"]
+    recommended = variant_name(RECOMMENDED[0], tuple(p for p in RECOMMENDED[1] if p[0] in c.points))
+    return {"config": cfg.name, "num_images": num_images, "K": c.K, "samples": samples,
+            "crop_size": list(cfg.augment.crop_size), "teacher": cfg.teacher.model.name,
+            "points": list(cache_target_names(c)), "compression_source": "measured by `attnfd bench-storage` "
+            "(zstd level 1 on a trained teacher's maps), not on this config's teacher",
+            "build_seconds": samples / teacher_images_per_s if teacher_images_per_s else None,
+            "teacher_images_per_s": teacher_images_per_s,
+            "encodings": table, "recommended": recommended if recommended in table else "float16"}
+
+
+def encoding_lines(t: dict) -> list[str]:
+    """The table of ``encoding_table`` as text."""
+    out = [f"{t['config']}: {t['num_images']:,} images × K={t['K']} = {t['samples']:,} samples, crop "
+           f"{t['crop_size'][0]}×{t['crop_size'][1]}, teacher {t['teacher']}, targets {', '.join(t['points'])}",
+           f"compression: {t['compression_source']}",
+           f"{'storage':<18} {'per sample (raw)':>17} {'zstd':>6} {'per sample':>12} {'total':>11} {'vs float16':>10}"]
+    for name, r in t["encodings"].items():
+        mark = "  <- recommended" if name == t["recommended"] else ""
+        out.append(f"{name:<18} {r['raw_bytes_per_sample'] / 1e6:>14.2f} MB {r['compression']:>5.2f}× "
+                   f"{r['bytes_per_sample'] / 1e6:>9.2f} MB {r['total_bytes'] / 1e9:>8.1f} GB "
+                   f"{r['compression_vs_float16']:>9.2f}×{mark}")
+    if t["build_seconds"] is not None:
+        out.append(f"build time at {t['teacher_images_per_s']:g} teacher images/s (assumed; one forward per "
+                   f"sample): {t['build_seconds'] / 60:,.0f} min")
+    return out

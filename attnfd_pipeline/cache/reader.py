@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from attnfd_pipeline.augment import AugmentParams
 from attnfd_pipeline.cache import storage
+from attnfd_pipeline.cache.encoding import cache_encoding, decode, stored_arrays, target_pools
 from attnfd_pipeline.cache.fingerprint import (cache_dir_for, cache_inputs, cache_root_path, diff_inputs,
                                                fingerprint_of)
 from attnfd_pipeline.cache.manifest import list_parts, read_manifest
@@ -53,6 +54,7 @@ class CacheReader:
         self.targets: tuple[str, ...] = tuple(self.info["target_names"])
         self.num_images: int = int(self.info["num_images"])
         self.K: int = int(self.info["K"])
+        self.encoding: str = cache_encoding(self.info)  # a cache without the attribute is float16
         table = read_manifest(paths(self.path)["manifest"], self.fingerprint)
         n_slots = self.num_images * self.K
         # row of sample (i, k) in the columns below, -1 where not committed
@@ -134,7 +136,13 @@ class CacheReader:
         return self._cols["image_hash"][row].decode(), self._cols["label_hash"][row].decode()
 
     def read(self, index: int, aug_seed: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """float16 ``(C, H, W)`` targets of sample (index, aug_seed), checksum-verified."""
+        """``(C, H, W)`` targets of sample (index, aug_seed), checksum-verified: float16 as stored, or
+        float32 dequantised from an int8 cache."""
+        return {name: decode(self.encoding, parts) for name, parts in self.read_stored(index, aug_seed, names).items()}
+
+    def read_stored(self, index: int, aug_seed: int, names: Sequence[str] | None = None) -> dict[str, list[np.ndarray]]:
+        """The stored arrays of each target of sample (index, aug_seed) (``encoding.stored_arrays`` order:
+        float16 values, or uint8 codes, float32 scales, float32 offsets), checksum-verified."""
         row = self._row_of(index, aug_seed)
         names = self.targets if names is None else tuple(names)
         out = {}
@@ -144,12 +152,12 @@ class CacheReader:
             where = (f"image {str(self._cols['image_id'][row])!r} (index {index}), aug seed {aug_seed}, "
                      f"target {name!r}")
             try:
-                x = self._array(name)[index, aug_seed]
+                parts = [self._array(array)[index, aug_seed] for array, _ in stored_arrays(name, self.encoding)]
             except Exception as e:  # noqa: BLE001 - crc32c mismatch, truncated shard …
                 raise CacheError(f"{self.path}: unreadable data for {where}: {e}") from None
-            if self.verify and sample_checksum(x).encode() != self._cols[CHECKSUM_PREFIX + name][row]:
+            if self.verify and sample_checksum(*parts).encode() != self._cols[CHECKSUM_PREFIX + name][row]:
                 raise CacheError(f"{self.path}: checksum mismatch for {where} (data changed after it was written)")
-            out[name] = x
+            out[name] = parts
         return out
 
     def replay(self, source: Any, index: int, aug_seed: int, *, check: bool = True):
@@ -251,13 +259,15 @@ def describe_cache(cache_dir: str | Path) -> dict:
     size = sum(storage.files(d).values())
     committed = committed_count(d)
     N, K = info["num_images"], info["K"]
-    raw = sum(t["bytes_per_sample"] for t in info["targets"].values())
+    raw = sum(int(np.prod(t["chw"])) * 2 for t in info["targets"].values())
     targets = {}
     for name in info["target_names"]:
         t = info["targets"][name]
-        nbytes = sum(storage.files(storage.join(paths(d)["features"], name)).values())
+        nbytes = sum(sum(storage.files(storage.join(paths(d)["features"], array)).values())
+                     for array, _ in stored_arrays(name, cache_encoding(info)))
         targets[name] = {"shape": [N, K, *t["chw"]], "stride": t["stride"], "bytes_on_disk": nbytes,
-                         "float16_bytes_per_sample": t["bytes_per_sample"]}
+                         "stored_bytes_per_sample": t["bytes_per_sample"],
+                         "float16_bytes_per_sample": int(np.prod(t["chw"])) * 2, "pool": int(t.get("pool", 1))}
     parts = list_parts(paths(d)["manifest"])
     samples_done = sum(max(0, min(N, (s + 1) * info["shard_size"]) - s * info["shard_size"]) * K for s in parts)
     return {
@@ -274,6 +284,8 @@ def describe_cache(cache_dir: str | Path) -> dict:
         "level": info["level"],
         "dtype": info["dtype"],
         "mantissa_bits": info["mantissa_bits"],
+        "encoding": cache_encoding(info),
+        "pool": {n: f for n, (f, _, _) in target_pools(info).items()},
         "float16_bytes_per_sample": raw,
         "samples_committed": samples_done,
         "teacher_sha256": info["inputs"]["teacher_sha256"],

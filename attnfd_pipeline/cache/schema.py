@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,7 +120,7 @@ def part_shard(name: str) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
-def compressors(codec: str, level: int) -> list:
+def compressors(codec: str, level: int, typesize: int = 2) -> list:
     """Spec codecs only: any Zarr v3 implementation can read the store (numcodecs filters would make
     others refuse it). crc32c last, so a flipped byte in a stored chunk is reported on read."""
     from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
@@ -129,7 +128,7 @@ def compressors(codec: str, level: int) -> list:
     if codec == "zstd":
         return [ZstdCodec(level=level), Crc32cCodec()]
     if codec == "blosc":
-        return [BloscCodec(cname="lz4", clevel=level, shuffle="shuffle", typesize=2), Crc32cCodec()]
+        return [BloscCodec(cname="lz4", clevel=level, shuffle="shuffle", typesize=typesize), Crc32cCodec()]
     if codec == "none":
         return [Crc32cCodec()]
     raise CacheError(f"unknown cache codec {codec!r} (known: zstd, blosc, none)")
@@ -140,8 +139,16 @@ def effective_mantissa_bits(mantissa_bits: int) -> int:
     return 10 if mantissa_bits in (0, 10) else int(mantissa_bits)
 
 
-def lossy_steps(mantissa_bits: int) -> list[str]:
-    steps = ["cast float32 -> float16 (round to nearest even); refused if non-finite or |x| > 65504"]
+def lossy_steps(mantissa_bits: int, encoding: str = "float16", pool: int = 1) -> list[str]:
+    steps = []
+    if pool > 1:
+        steps.append(f"average-pooled by {pool} (window = stride = {pool}, a last partial window averages the "
+                     f"pixels it covers), in float32")
+    if encoding == "int8":
+        return steps + ["per (sample, channel) affine quantisation to uint8 codes: value = offset + code * scale, "
+                        "offset = channel min, scale = (max - min) / 255 (0 for a constant channel); "
+                        "|error| <= scale / 2"]
+    steps += ["cast float32 -> float16 (round to nearest even); refused if non-finite or |x| > 65504"]
     m = effective_mantissa_bits(mantissa_bits)
     if m < 10:
         steps.append(f"float16 mantissa rounded to {m} bits (round to nearest even on the bit pattern)")
@@ -212,10 +219,12 @@ def to_float16(x: np.ndarray, mantissa_bits: int, *, target: str, ids: Sequence[
     return y
 
 
-def sample_checksum(x16: np.ndarray) -> str:
-    """Checksum of one stored sample (its float16 bytes, C order): recorded in the manifest, checked
-    on every read."""
-    return hashlib.blake2b(np.ascontiguousarray(x16).tobytes(), digest_size=16).hexdigest()
+def sample_checksum(*parts: np.ndarray) -> str:
+    """Checksum of one stored sample (the bytes of its stored arrays, C order: float16 values, or int8
+    codes then scales then offsets): recorded in the manifest, checked on every read."""
+    from attnfd_pipeline.cache.encoding import sample_checksum as _sum
+
+    return _sum(*parts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """``attnfd cache verify``: re-read every committed sample and check it against its commit record.
 
 Checks: every chunk decodes (crc32c), no committed sample holds NaN (a NaN-filled sample is a chunk
-that was never written or was deleted), each sample's float16 bytes match the manifest checksum, the
+that was never written or was deleted), each sample's stored bytes (float16 values, or int8 codes + scales + offsets) match the manifest
+checksum, the
 manifest parts match the shards (rows exactly the shard's images × seeds, ids as in the dataset), and a
 replay check on a sample of rows (re-draw and re-apply the augmentation, compare the stored
 parameters and image/label hashes). Shards are checked in parallel with dask's threaded scheduler.
@@ -21,6 +22,7 @@ from attnfd_pipeline.cache.manifest import list_parts, read_part
 from attnfd_pipeline.cache.reader import load_info
 from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, CacheError, params_from_row, paths, sample_checksum, shard_range
 from attnfd_pipeline.cache.storage import Location
+from attnfd_pipeline.cache.encoding import cache_encoding, stored_arrays
 from attnfd_pipeline.cache.writer import shard_file
 
 
@@ -67,30 +69,33 @@ class VerifyReport:
         return out
 
 
-def _check_shard(arr, s0: int, s1: int, sums: np.ndarray) -> list[tuple]:
-    """Read one shard of one target; (index, seed, reason) for each bad sample. ``sums``: (n, K)."""
-    K = arr.shape[1]
+def _check_shard(arrs: list, s0: int, s1: int, sums: np.ndarray) -> list[tuple]:
+    """Read one shard of one target (its stored arrays: float16 values, or int8 codes, scales, offsets);
+    (index, seed, reason) for each bad sample. ``sums``: (n, K). NaN marks a never-written sample: in the
+    float16 values, or in the scales of an int8 target (uint8 codes cannot hold NaN)."""
+    K = arrs[0].shape[1]
+    nan_at = 0 if len(arrs) == 1 else 1
     bad = []
     try:
-        block = arr[s0:s1]
+        blocks = [a[s0:s1] for a in arrs]
     except Exception:  # noqa: BLE001 - a corrupt chunk fails the whole slice: find which one
-        block = None
+        blocks = None
     for i in range(s0, s1):
         for k in range(K):
-            if block is not None:
-                x = block[i - s0, k]
+            if blocks is not None:
+                xs = [b[i - s0, k] for b in blocks]
             else:
                 try:
-                    x = arr[i, k]
+                    xs = [a[i, k] for a in arrs]
                 except Exception as e:  # noqa: BLE001
                     bad.append((i, k, f"unreadable chunk ({e})"))
                     continue
-            nan = np.isnan(x)
+            nan = np.isnan(xs[nan_at])
             if nan.all():
                 bad.append((i, k, "missing: all NaN (chunk absent or deleted)"))
             elif nan.any():
                 bad.append((i, k, f"{int(nan.sum())} NaN values"))
-            elif sample_checksum(x) != sums[i - s0, k]:
+            elif sample_checksum(*xs) != sums[i - s0, k]:
                 bad.append((i, k, "checksum mismatch"))
     return bad
 
@@ -107,15 +112,17 @@ def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, 
     N, K, S = info["num_images"], info["K"], info["shard_size"]
     n_shards = info["num_shards"]
     targets = list(info["target_names"])
+    encoding = cache_encoding(info)
     parts = list_parts(paths(d)["manifest"])
     report = VerifyReport(d, fp, n_shards, len(parts))
     try:
         group = zarr.open_group(storage.zarr_store(paths(d)["features"], read_only=True), mode="r")
-        arrays = {name: group[name] for name in targets}
+        arrays = {name: [group[a] for a, _ in stored_arrays(name, encoding)] for name in targets}
     except Exception as e:  # noqa: BLE001
         report.problems.append(f"cannot open the arrays ({e})")
         return report
-    for name, arr in arrays.items():
+    for name, arrs in arrays.items():
+        arr = arrs[0]
         expected = (N, K, *info["targets"][name]["chw"])
         if tuple(arr.shape) != expected:
             report.problems.append(f"array {name!r} has shape {tuple(arr.shape)}, cache.json says {expected}")
@@ -164,7 +171,7 @@ def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, 
                                        f"{src_ids[idx[r]]!r} at index {idx[r]}")
         tables[s] = t
     for s in range(n_shards):
-        if s not in parts and any(storage.exists(shard_file(d, n, s)) for n in targets):
+        if s not in parts and any(storage.exists(shard_file(d, n, s)) for n in targets):  # the main arrays suffice
             s0, s1 = shard_range(s, S, N)
             who = (", ".join(repr(str(x)) for x in src_ids[s0:s1]) if src_ids is not None
                    else f"indices {s0}..{s1 - 1}")

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from attnfd_pipeline.cache import storage
+from attnfd_pipeline.cache.encoding import (OFFSET_SUFFIX, SCALE_SUFFIX, cache_encoding, pool_maps,
+                                            quantize_int8, stored_arrays)
 from attnfd_pipeline.cache.manifest import write_part
 from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, DTYPE, FEATURES_DIR, FILL_VALUE, CacheError,
                                           compressors, disk_full_error, effective_mantissa_bits, is_disk_full,
@@ -29,21 +31,50 @@ from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.utils import atomic_write_json
 
 
-def array_attributes(info: dict, name: str) -> dict:
+def array_attributes(info: dict, name: str, array: str | None = None, dtype: str = DTYPE) -> dict:
+    """Attributes of ``array`` (default: the target's main array) storing target ``name``."""
     t = info["targets"][name]
-    return {
+    encoding = cache_encoding(info)
+    pool = int(t.get("pool", 1))
+    attrs = {
         "target": name,
         "kind": t["kind"],
         "point": t["point"],
         "stride": t["stride"],
         "layout": ["image", "aug_seed", "channel", "y", "x"],
-        "dtype": DTYPE,
+        "dtype": dtype,
         "source_dtype": "float32",
-        "lossy": lossy_steps(info["mantissa_bits"]),
+        "lossy": lossy_steps(info["mantissa_bits"], encoding, pool),
         "mantissa_bits": effective_mantissa_bits(info["mantissa_bits"]),
         "fill_value_meaning": "NaN = sample never written (its shard is not committed)",
         "fingerprint": info["fingerprint"],
     }
+    if encoding != "float16" or pool > 1:  # attributes of float16 caches stay as they were
+        attrs.update(encoding=encoding, pool=pool, full_chw=t.get("full_chw", t["chw"]))
+    if encoding == "int8":
+        role = {name: "codes", name + SCALE_SUFFIX: "scale", name + OFFSET_SUFFIX: "offset"}[array or name]
+        attrs.update(role=role, decode=f"{name} = {name}{OFFSET_SUFFIX} + {name} (uint8 code) * {name}{SCALE_SUFFIX}, "
+                                       f"per (image, aug_seed, channel)")
+        del attrs["mantissa_bits"]
+        if role == "codes":
+            attrs["fill_value_meaning"] = (f"codes are 0 where never written; {name}{SCALE_SUFFIX} is NaN there, "
+                                           f"so a missing sample decodes to NaN")
+        else:
+            attrs["layout"] = ["image", "aug_seed", "channel"]
+    return attrs
+
+
+def _array_specs(info: dict, name: str) -> list[tuple[str, str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(array, dtype, shape, chunk, shard) of every array storing target ``name``."""
+    N, K, S = info["num_images"], info["K"], info["shard_size"]
+    C, H, W = info["targets"][name]["chw"]
+    out = []
+    for array, dtype in stored_arrays(name, cache_encoding(info)):
+        if array == name:
+            out.append((array, dtype, (N, K, C, H, W), (1, 1, C, H, W), (S, K, C, H, W)))
+        else:  # per (sample, channel) scale / offset
+            out.append((array, dtype, (N, K, C), (1, 1, C), (S, K, C)))
+    return out
 
 
 def create_store(cache_dir: str | Path, info: dict) -> None:
@@ -64,30 +95,48 @@ def create_store(cache_dir: str | Path, info: dict) -> None:
     group = zarr.open_group(storage.zarr_store(p["features"], read_only=False), mode="a",
                             attributes={"format": info["format"], "fingerprint": info["fingerprint"]})
     existing = set(group.array_keys())
-    N, K, S = info["num_images"], info["K"], info["shard_size"]
     for name in info["target_names"]:
-        C, H, W = info["targets"][name]["chw"]
-        if name in existing:
-            arr = group[name]
-            if tuple(arr.shape) != (N, K, C, H, W) or str(arr.dtype) != DTYPE:
-                raise CacheError(f"{storage.join(p['features'], name)}: shape {arr.shape} / {arr.dtype} differs "
-                                 f"from the expected {(N, K, C, H, W)} {DTYPE}")
-            continue
-        try:
-            group.create_array(name, shape=(N, K, C, H, W), dtype=DTYPE, chunks=(1, 1, C, H, W),
-                               shards=(S, K, C, H, W), compressors=compressors(info["codec"], info["level"]),
-                               fill_value=FILL_VALUE, attributes=array_attributes(info, name),
-                               dimension_names=["image", "aug_seed", "channel", "y", "x"])
-        except Exception as e:  # another writer created it between our listing and now
-            if "exist" not in str(e).lower():
-                raise
+        for array, dtype, shape, chunk, shard in _array_specs(info, name):
+            if array in existing:
+                arr = group[array]
+                if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
+                    raise CacheError(f"{storage.join(p['features'], array)}: shape {arr.shape} / {arr.dtype} differs "
+                                     f"from the expected {shape} {dtype}")
+                continue
+            dims = ["image", "aug_seed", "channel", "y", "x"][:len(shape)]
+            try:
+                group.create_array(array, shape=shape, dtype=dtype, chunks=chunk, shards=shard,
+                                   compressors=compressors(info["codec"], info["level"], np.dtype(dtype).itemsize),
+                                   fill_value=0 if dtype == "uint8" else FILL_VALUE,
+                                   attributes=array_attributes(info, name, array, dtype), dimension_names=dims)
+            except Exception as e:  # another writer created it between our listing and now
+                if "exist" not in str(e).lower():
+                    raise
     if not storage.is_file(p["info"]):
         storage.write_json(p["info"], info, local=atomic_write_json)
 
 
-def shard_file(cache_dir: str | Path, name: str, shard: int) -> Location:
-    """The file (object) holding shard ``shard`` of array ``name`` (default v3 chunk keys)."""
-    return storage.join(storage.location(cache_dir), FEATURES_DIR, name, "c", str(shard), "0", "0", "0", "0")
+def shard_file(cache_dir: str | Path, name: str, shard: int, ndim: int = 5) -> Location:
+    """The file (object) holding shard ``shard`` of array ``name`` (default v3 chunk keys; ``ndim`` 3 for
+    the per-channel scale / offset arrays of int8 targets)."""
+    return storage.join(storage.location(cache_dir), FEATURES_DIR, name, "c", str(shard), *["0"] * (ndim - 1))
+
+
+def encode_target(x: np.ndarray, encoding: str, mantissa_bits: int, pool: int, *, target: str,
+                  ids: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
+    """float32 samples ``(n, C, H, W)`` → the arrays stored for them (``encoding.stored_arrays`` order):
+    pooled first if asked, then float16 (refusing non-finite values and overflow) or int8 codes, scales and
+    offsets (refusing non-finite values). ``ids``/``seeds`` name the samples in error messages."""
+    x = pool_maps(np.ascontiguousarray(x, dtype=np.float32), pool)
+    if encoding == "float16":
+        return [to_float16(x, mantissa_bits, target=target, ids=ids, seeds=seeds)]
+    if x.size and not (np.isfinite(x.max()) and np.isfinite(x.min())):  # max/min propagate NaN
+        bad = ~np.isfinite(x.reshape(x.shape[0], -1))
+        rows = np.flatnonzero(bad.any(axis=1))
+        names = ", ".join(f"{ids[r]!r}/seed {seeds[r]}" for r in rows[:5])
+        raise CacheError(f"target {target!r}: {int(bad.sum())} non-finite teacher values (samples {names}); "
+                         f"refusing to write them")
+    return list(quantize_int8(x))
 
 
 @dataclass
@@ -118,7 +167,8 @@ class ShardWriter:
         self.rank = rank
         self.targets: Sequence[str] = list(info["target_names"])
         group = zarr.open_group(storage.zarr_store(paths(self.dir)["features"], read_only=False), mode="r+")
-        self.arrays = {name: group[name] for name in self.targets}
+        self.encoding = cache_encoding(info)
+        self.arrays = {array: group[array] for name in self.targets for array, _ in stored_arrays(name, self.encoding)}
         self.on_commit = on_commit
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
@@ -179,18 +229,20 @@ class ShardWriter:
             x = buf.arrays[name]
             n, K = x.shape[:2]
             flat = x.reshape(n * K, *x.shape[2:])
-            y = to_float16(flat, self.info["mantissa_bits"], target=name, ids=ids, seeds=seeds)
+            parts = encode_target(flat, self.encoding, self.info["mantissa_bits"],
+                                  int(self.info["targets"][name].get("pool", 1)), target=name, ids=ids, seeds=seeds)
             for j, row in enumerate(buf.rows):
-                row[CHECKSUM_PREFIX + name] = sample_checksum(y[j])
-            converted[name] = y.reshape(x.shape)
+                row[CHECKSUM_PREFIX + name] = sample_checksum(*(p[j] for p in parts))
+            for (array, _), p in zip(stored_arrays(name, self.encoding), parts):
+                converted[array] = p.reshape(n, K, *p.shape[1:])
         for row in buf.rows:
             row["rank"] = self.rank
         nbytes = 0
         try:
-            for name, y in converted.items():  # all checks passed before anything is written
-                self.arrays[name][buf.start:buf.stop] = y
+            for array, y in converted.items():  # all checks passed before anything is written
+                self.arrays[array][buf.start:buf.stop] = y
                 # durable before the commit record that vouches for it
-                nbytes += storage.durable_size(shard_file(self.dir, name, buf.shard))
+                nbytes += storage.durable_size(shard_file(self.dir, array, buf.shard, y.ndim))
             # the commit record comes last: a shard whose data did not fully land has no part
             write_part(paths(self.dir)["manifest"], buf.shard, buf.rows, self.targets, self.info["fingerprint"])
         except OSError as e:

@@ -14,7 +14,8 @@ Each is invariant to rescaling its unit (whole batch, one sample, one pixel) of 
 ``AttnFD`` (registered as ``"attnfd"``) is the method: a trainable student CBAM at each point, then a
 connector (1×1 conv student → teacher channels + BN), bilinear resizing to the teacher's map,
 and ``attnfd_loss`` against the cached teacher F''. During the connector warm-up epochs only the
-connectors learn (the reference).
+connectors learn (the reference). Where the cache stores a point's map average-pooled (``cache.pool``),
+the student's map is resized to the teacher's full map and pooled the same way before the loss.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attnfd_pipeline.cache.encoding import pool_student
 from attnfd_pipeline.layers import CBAM
 from attnfd_pipeline.losses.base import DistillMethod, MethodContext, connector, match_size, register
 
@@ -72,12 +74,22 @@ class AttnFD(DistillMethod):
         self.connectors = nn.ModuleDict({p: connector(ctx.student_channels[p], int(ctx.target_shapes[p][0]))
                                          for p in self.points})
 
+        self.target_pool = dict(ctx.target_pool)
+
+    def _match(self, p: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The student's map at the target's resolution: bilinear resize, or — for a target the cache stores
+        pooled — resize to the teacher's full map, then the same average pooling (a variant of the loss)."""
+        if p in self.target_pool:
+            f, h, w = self.target_pool[p]
+            return pool_student(x, (h, w), f)
+        return match_size(x, target)
+
     def refine(self, feats):
         """Student F'' at each point, passed through its connector (teacher channels)."""
         return {p: self.connectors[p](self.attention[p](feats[p])) for p in self.points}
 
     def _loss(self, mapped, targets):
-        per = {p: attnfd_loss(match_size(mapped[p], targets[p]), targets[p], self.norm) for p in self.points}
+        per = {p: attnfd_loss(self._match(p, mapped[p], targets[p]), targets[p], self.norm) for p in self.points}
         return sum(per.values()), {f"L_{p}": float(v.detach()) for p, v in per.items()}
 
     def forward(self, out, targets, epoch=0, batch=None):

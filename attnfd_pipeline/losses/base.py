@@ -42,6 +42,9 @@ class MethodContext:
     norm: str = "batch"  # feature normalisation of the mimicking losses (attnfd, lad): docs/method.md "Loss"
     params: Any = None  # the method's config section (``student.<name>``); None = its defaults
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # teacher target → (factor, full H, full W) for targets the cache stores average-pooled (cache.pool):
+    # the method pools the student's map the same way before comparing
+    target_pool: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 class DistillMethod(nn.Module):

@@ -1,0 +1,259 @@
+"""What a compact cache costs: fidelity, size and encode/decode speed of each storage variant
+(``cache.encoding`` × ``cache.pool``) on a teacher's real maps.
+
+``storage_figures(cfg, teacher, crops=(64, 257))`` runs the teacher on a few training images at each crop
+(images resized to a square crop, no random augmentation), stores the maps with every variant of
+``cache.plan.storage_variants`` in memory, and reports per variant and crop:
+
+- ``rel_error``: relative L2 error of the channel-normalised maps (each (sample, channel) map divided by
+  its float32 norm) against float32 — against the pooled float32 map for a pooled variant, whose pooling
+  is a variant of the loss and measured by the next two;
+- ``grad_cosine`` / ``grad_rel_error`` / ``loss_rel_error``: the AttnFD loss (``student.norm``) and its
+  gradient with respect to the student's refined map, against the same loss on float32 targets at full
+  resolution. The student map is an assumption, three of them: the teacher's map plus white Gaussian
+  noise of ``rho`` times its RMS (rho = 1: far from the teacher; 0.3: close to it, where target errors
+  weigh most), and the config's student at initialisation through a random connector (spatially
+  realistic, ``untrained_student_maps``); the worst is reported, and each in ``grad_cosine_by_student``;
+- ``compression_vs_float16``: stored bytes after zstd level 1 (the default codec), float16 / variant;
+- ``encode_mb_s`` / ``decode_mb_s``: float32 teacher-output MB per CPU-second of one thread (``thread_time``, so
+  other processes on a busy machine do not count) — encode = pool +
+  convert/quantise + checksum + compress; decode = decompress + checksum + dequantise, in memory (the
+  store adds its crc32c, shard index and file I/O on top: see docs/storage.md).
+
+``recommended`` is the smallest variant whose worst gradient cosine is ≥ ``min_cosine`` (0.999) at every
+crop. ``attnfd bench-storage`` writes ``bench/storage.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnfd_pipeline.cache.encoding import decode, pool_maps, pool_of, pool_student, sample_checksum
+from attnfd_pipeline.cache.plan import precision_stats, storage_variants, variant_name
+from attnfd_pipeline.cache.schema import cache_target_names
+from attnfd_pipeline.cache.writer import encode_target
+from attnfd_pipeline.losses.attnfd import attnfd_loss
+
+RHOS = (1.0, 0.3)
+
+
+def teacher_from_checkpoint(cfg, path) -> Any:
+    """The frozen ``inpath`` teacher of a teacher training checkpoint (``runs/<name>/teacher/train/last.pt``),
+    for measuring before the run has written its bundle. Loaded with ``weights_only=True``; the numpy
+    types of its RNG state are allowed explicitly."""
+    from pathlib import Path
+
+    from numpy._core.multiarray import _reconstruct
+
+    from attnfd_pipeline.data.datasets import get_dataset_info
+    from attnfd_pipeline.engine.checkpoint import load_modules
+    from attnfd_pipeline.models import build_model
+    from attnfd_pipeline.teacher import FrozenTeacher
+
+    t = cfg.teacher
+    if t.cbam_mode != "inpath":
+        raise ValueError(f"{path}: only an inpath teacher's checkpoint holds its CBAMs (teacher.cbam_mode is "
+                         f"{t.cbam_mode!r}); use its bundle")
+    allowed = [_reconstruct, np.ndarray, np.dtype] + [type(np.dtype(c)) for c in ("uint32", "float64", "int64")]
+    with torch.serialization.safe_globals(allowed):
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    model = build_model(t.model.name, get_dataset_info(cfg.data.dataset).num_classes,
+                        output_stride=t.model.output_stride, inpath_attention=t.points)
+    load_modules(model, state["modules"], path)
+    info = {"model": t.model.name, "checkpoint": str(path), "epoch": state.get("epoch"), "cbam_mode": "inpath",
+            "sha256": f"checkpoint-epoch-{state.get('epoch')}"}
+    return FrozenTeacher(model, None, "inpath", t.points, info)
+
+
+def teacher_maps(cfg, teacher, source, crop: int, images: int) -> dict[str, np.ndarray]:
+    """float32 targets ``(n, C, H, W)`` of the first ``images`` images, resized to ``crop`` × ``crop``."""
+    from attnfd_pipeline.cache.build import run_teacher, shard_samples, teacher_device
+    from attnfd_pipeline.cache.schema import ShardRange
+
+    aug = dataclasses.replace(cfg.augment, crop_size=(crop, crop), base_size=crop, scale_min=1.0, scale_max=1.0,
+                              flip_p=0.0, blur_p=0.0)
+    one = dataclasses.replace(cfg, augment=aug, cache=dataclasses.replace(cfg.cache, K=1))
+    _, crops, _ = shard_samples(one, source, ShardRange(0, 0, min(images, len(source))), source.ids)
+    outs, _ = run_teacher(teacher, crops, cache_target_names(cfg.cache), 4, teacher_device(teacher))
+    return outs
+
+
+def _zstd():
+    import numcodecs
+
+    return numcodecs.Zstd(level=1)
+
+
+def _encode(x: np.ndarray, encoding: str, pool: int, name: str) -> tuple[list[np.ndarray], list[list[bytes]], float]:
+    """Stored arrays, their per-sample zstd frames and the seconds it took (one thread)."""
+    comp = _zstd()
+    n = len(x)
+    t0 = time.thread_time()
+    parts = encode_target(x, encoding, 0, pool, target=name, ids=[str(i) for i in range(n)], seeds=[0] * n)
+    for j in range(n):
+        sample_checksum(*(p[j] for p in parts))
+    frames = [[comp.encode(np.ascontiguousarray(p[j])) for p in parts] for j in range(n)]
+    return parts, frames, time.thread_time() - t0
+
+
+def _decode(parts: list[np.ndarray], frames: list[list[bytes]], encoding: str) -> tuple[np.ndarray, float]:
+    comp = _zstd()
+    out = []
+    t0 = time.thread_time()
+    for j, fr in enumerate(frames):
+        got = [np.frombuffer(comp.decode(f), dtype=p.dtype).reshape(p.shape[1:]) for f, p in zip(fr, parts)]
+        sample_checksum(*got)
+        out.append(decode(encoding, got))
+    return np.stack(out).astype(np.float32), time.thread_time() - t0
+
+
+def noise_students(ref32: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Student maps ``teacher + rho · RMS · white noise`` for each rho in ``RHOS``."""
+    g = np.random.default_rng(seed)
+    rms = float(np.sqrt(np.mean(ref32.astype(np.float64) ** 2)))
+    return {f"noise{rho:g}": (ref32 + rho * rms * g.standard_normal(ref32.shape)).astype(np.float32) for rho in RHOS}
+
+
+def grad_fidelity(ref32: np.ndarray, stored: np.ndarray, pool: int, norm: str,
+                  students: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Loss and gradient w.r.t. each student map (full resolution) with ``stored`` targets (pooled by
+    ``pool``, the student map pooled the same way) against the loss on float32 targets at full resolution.
+    ``students`` default: ``noise_students``. Returns the worst figures and each student's."""
+    t32 = torch.from_numpy(ref32)
+    tq = torch.from_numpy(stored)
+    each = {}
+    for label, smap in (students if students is not None else noise_students(ref32)).items():
+        grads, losses = [], []
+        for target, f in ((t32, 1), (tq, pool)):
+            s = torch.from_numpy(smap).clone().requires_grad_(True)
+            x = pool_student(s, t32.shape[-2:], f) if f > 1 else s
+            loss = attnfd_loss(x, target, norm)
+            loss.backward()
+            grads.append(s.grad.double().flatten())
+            losses.append(float(loss.detach()))
+        a, b = grads
+        each[label] = {"grad_cosine": float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300)),
+                       "grad_rel_error": float((b - a).norm() / a.norm().clamp_min(1e-300)),
+                       "loss_rel_error": abs(losses[1] - losses[0]) / max(abs(losses[0]), 1e-300)}
+    return {"grad_cosine": min(v["grad_cosine"] for v in each.values()),
+            "grad_rel_error": max(v["grad_rel_error"] for v in each.values()),
+            "loss_rel_error": max(v["loss_rel_error"] for v in each.values()), "students": each}
+
+
+def untrained_student_maps(cfg, source, crop: int, images: int, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """The config's student at initialisation (seeded), each point through a seeded 1×1 connector to the
+    teacher's channels and resized to the teacher's map: spatially realistic maps of a student at the start
+    of distillation (``norm`` makes their scale irrelevant)."""
+    from attnfd_pipeline.cache.build import shard_samples
+    from attnfd_pipeline.cache.schema import ShardRange
+    from attnfd_pipeline.data.datasets import get_dataset_info
+    from attnfd_pipeline.models import build_model
+
+    aug = dataclasses.replace(cfg.augment, crop_size=(crop, crop), base_size=crop, scale_min=1.0, scale_max=1.0,
+                              flip_p=0.0, blur_p=0.0)
+    one = dataclasses.replace(cfg, augment=aug, cache=dataclasses.replace(cfg.cache, K=1))
+    _, crops, _ = shard_samples(one, source, ShardRange(0, 0, min(images, len(source))), source.ids)
+    m = cfg.student.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(m.name, get_dataset_info(cfg.data.dataset).num_classes, output_stride=m.output_stride).eval()
+        with torch.no_grad():
+            out = model(torch.stack(list(crops)))
+            maps = {}
+            for p, (C, H, W) in shapes.items():
+                conn = torch.nn.Conv2d(out[p].shape[1], C, 1)
+                maps[p] = torch.nn.functional.interpolate(conn(out[p]), size=(H, W), mode="bilinear",
+                                                          align_corners=False).numpy()
+    return maps
+
+
+def _variant_at_crop(maps: dict[str, np.ndarray], encoding: str, pool, norm: str,
+                     student: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One variant on one crop's maps: per-target figures and their totals."""
+    per, f32_bytes, stored_bytes, enc_s, dec_s = {}, 0, 0, 0.0, 0.0
+    for name, x in maps.items():
+        f = pool_of(pool, name)
+        parts, frames, e = _encode(x, encoding, f, name)
+        y, d = _decode(parts, frames, encoding)
+        nbytes = sum(len(b) for fr in frames for b in fr)
+        per[name] = {"chw": list(y.shape[1:]), **precision_stats(pool_maps(x, f), y),
+                     **grad_fidelity(x, y, f, norm, {**noise_students(x), "untrained": student[name]}),
+                     "stored_bytes_per_sample": nbytes / len(x),
+                     "raw_bytes_per_sample": sum(p[0].nbytes for p in parts)}
+        f32_bytes += x.nbytes
+        stored_bytes += nbytes
+        enc_s += e
+        dec_s += d
+    return {"targets": per, "stored_bytes_per_sample": stored_bytes / len(next(iter(maps.values()))),
+            "rel_error": max(t["rel_error"] for t in per.values()),
+            "grad_cosine": min(t["grad_cosine"] for t in per.values()),
+            "grad_rel_error": max(t["grad_rel_error"] for t in per.values()),
+            "grad_cosine_by_student": {k: min(t["students"][k]["grad_cosine"] for t in per.values())
+                                       for k in next(iter(per.values()))["students"]},
+            "loss_rel_error": max(t["loss_rel_error"] for t in per.values()),
+            "encode_mb_s": f32_bytes / 1e6 / enc_s, "decode_mb_s": f32_bytes / 1e6 / dec_s}
+
+
+def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8, min_cosine: float = 0.999) -> dict:
+    """Fidelity, size and speed of every storage variant at each crop (see the module docstring)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-core figures
+    try:
+        variants = storage_variants(cfg.cache)
+        out: dict[str, Any] = {"crops": list(crops), "images": images, "norm": cfg.student.norm,
+                               "points": cache_target_names(cfg.cache), "student_noise_rho": list(RHOS),
+                               "students": [f"noise{r:g}" for r in RHOS] + ["untrained"],
+                               "variants": {}}
+        for crop in crops:
+            maps = teacher_maps(cfg, teacher, source, crop, images)
+            student = untrained_student_maps(cfg, source, crop, images,
+                                             {n: x.shape[1:] for n, x in maps.items() if n in cfg.cache.points})
+            for encoding, pool in variants:
+                name = variant_name(encoding, pool)
+                out["variants"].setdefault(name, {"encoding": encoding, "pool": dict(pool), "crops": {}})
+                out["variants"][name]["crops"][str(crop)] = _variant_at_crop(maps, encoding, pool, cfg.student.norm,
+                                                                             student)
+    finally:
+        torch.set_num_threads(threads)
+    for v in out["variants"].values():
+        for crop, r in v["crops"].items():
+            r["compression_vs_float16"] = (out["variants"]["float16"]["crops"][crop]["stored_bytes_per_sample"]
+                                           / r["stored_bytes_per_sample"])
+            r["zstd_ratio"] = sum(t["raw_bytes_per_sample"] for t in r["targets"].values()) / r["stored_bytes_per_sample"]
+        worst = lambda k, f: f(r[k] for r in v["crops"].values())  # noqa: E731
+        v.update(grad_cosine=worst("grad_cosine", min), rel_error=worst("rel_error", max),
+                 compression_vs_float16=worst("compression_vs_float16", min), zstd_ratio=worst("zstd_ratio", min))
+    ok = [n for n, v in out["variants"].items() if v["grad_cosine"] >= min_cosine]
+    best = max(ok, key=lambda n: out["variants"][n]["compression_vs_float16"]) if ok else "float16"
+    b = out["variants"][best]
+    out["recommended"] = {"encoding": best, "compression_vs_float16": b["compression_vs_float16"],
+                          "grad_cosine": b["grad_cosine"], "rel_error": b["rel_error"]}
+    out["min_cosine"] = min_cosine
+    return out
+
+
+def storage_markdown(fig: dict) -> str:
+    """``bench/storage.md``: one row per (variant, crop)."""
+    L = ["# Storage variants: fidelity, size, speed", "",
+         f"Teacher maps of {fig['images']} training images at crops {fig['crops']} (points "
+         f"{', '.join(fig['points'])}); loss norm `{fig['norm']}`; student maps: teacher map + rho·RMS·white noise, "
+         f"rho ∈ {fig['student_noise_rho']}, and the student at initialisation (worst reported). Speeds: float32 MB of teacher output per CPU-second of one thread.",
+         "", "| storage | crop | rel. error (ch.-norm.) | grad cosine (worst) | cosine: untrained student | "
+             "grad rel. error | loss rel. error | zstd ratio | vs float16 | encode MB/s | decode MB/s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in fig["variants"].items():
+        for crop, r in v["crops"].items():
+            L.append(f"| `{name}` | {crop} | {r['rel_error']:.2e} | {r['grad_cosine']:.6f} | "
+                     f"{r['grad_cosine_by_student']['untrained']:.6f} | {r['grad_rel_error']:.2e} | "
+                     f"{r['loss_rel_error']:.2e} | {r['zstd_ratio']:.2f} | {r['compression_vs_float16']:.2f}× | "
+                     f"{r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} |")
+    rec = fig["recommended"]
+    L += ["", f"Recommended (smallest with gradient cosine ≥ {fig['min_cosine']} at every crop): `{rec['encoding']}` — "
+              f"{rec['compression_vs_float16']:.2f}× smaller than float16, gradient cosine {rec['grad_cosine']:.6f}, "
+              f"rel. error {rec['rel_error']:.2e}.", ""]
+    return "\n".join(L)
