@@ -20,7 +20,7 @@ import stages.cache as cache_cli
 from test_cache import FakeSource, FakeTeacher, make_cfg
 from attnfd_pipeline.cache import (CacheError, CacheReader, build_cache, cache_fingerprint, cache_inputs,
                                    describe_cache, verify_cache)
-from attnfd_pipeline.cache.build import _shard_samples, run_teacher
+from attnfd_pipeline.cache.build import run_teacher, shard_samples
 from attnfd_pipeline.cache.encoding import (dequantize_int8, pool_maps, pool_student, quantize_int8,
                                             target_pools)
 from attnfd_pipeline.cache.schema import ShardRange
@@ -122,7 +122,7 @@ def test_int8_pooled_cache_round_trip(int8_built):
     assert target_pools(reader.info) == {"D": (2, 8, 8)}
     checked = 0
     for s in range(3):
-        rows, crops, _ = _shard_samples(cfg, source, ShardRange(s, 2 * s, min(2 * s + 2, 5)), source.ids)
+        rows, crops, _ = shard_samples(cfg, source, ShardRange(s, 2 * s, min(2 * s + 2, 5)), source.ids)
         outs, _ = run_teacher(teacher, crops, ["B", "E", "D"], 3, torch.device("cpu"))
         for n in ("B", "E", "D"):
             x = pool_maps(outs[n], 2) if n == "D" else outs[n]
