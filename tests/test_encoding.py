@@ -242,7 +242,9 @@ def test_student_trains_on_int8_pooled_cache(tiny_pipeline, tmp_path, monkeypatc
     cfg, bundle = tiny_pipeline
     p = tmp_path / "cfg.toml"
     p.write_text(dump_toml(cfg))
-    new = load_config(p, [f'runs_root="{tmp_path / "runs"}"', 'cache.encoding="int8"', "cache.pool={D=2}"])
+    # its own cache root: the shared pipeline's root must keep exactly one cache for the tests that look it up
+    new = load_config(p, [f'runs_root="{tmp_path / "runs"}"', f'cache.root="{tmp_path / "cache"}"',
+                          'cache.encoding="int8"', "cache.pool={D=2}"])
     shutil.copytree(cfg.teacher_dir, new.teacher_dir)
     build_cache(new, load_teacher(bundle), ImageSource.from_config(new), progress=False)
     calls = []
