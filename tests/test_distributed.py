@@ -97,7 +97,7 @@ def test_torchrun_student_trains_evaluates_on_all_ranks_and_writes_once(tiny_pip
     out_dir = student_dir(cfg)
     names = sorted(p.name for p in out_dir.iterdir())
     assert names == ["best.pt", "best.pt.sha256", "config.resolved.toml", "last.pt", "last.pt.sha256", "log.txt",
-                     "metrics.parquet", "result.json", "steps.parquet", "summary.json"], names
+                     "metrics.parquet", "result.json", "summary.json"], names  # (fewer steps than log_every: no steps.parquet)
     # one checkpoint set (with its hash sidecars), one log: no per-rank copies or temp files
     assert proc.stdout.count("epoch 1/1") == 1 and proc.stdout.count("best mIoU") == 1  # rank 0 speaks
     log = read_log(out_dir / "metrics.parquet")
