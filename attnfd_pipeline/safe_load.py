@@ -130,3 +130,22 @@ def read_sha256(path: str | Path) -> str | None:
     if not text or len(text[0]) != 64 or any(c not in "0123456789abcdef" for c in text[0]):
         raise ValueError(f"{side}: not a SHA-256 sidecar (expected '<64 hex digits>  {Path(path).name}')")
     return text[0]
+
+
+def state_mismatch(own: dict[str, Any], state: dict[str, Any], *, skip=lambda key: False,
+                   shown: int = 5) -> list[str]:
+    """What keeps ``state`` from loading into a module whose state dict is ``own``: one phrase per kind
+    (``"2 missing keys: a, b"``, ``"1 unexpected keys: c"``, ``"1 mis-shaped keys: d (file (5,), expected
+    (3,))"``), the first ``shown`` keys of each; empty when it fits. Keys for which ``skip`` is true are not
+    compared (optional heads, BatchNorm counters)."""
+    missing = [k for k in own if k not in state and not skip(k)]
+    unexpected = [k for k in state if k not in own and not skip(k)]
+    shapes = [f"{k} (file {tuple(state[k].shape)}, expected {tuple(own[k].shape)})" for k in own
+              if k in state and not skip(k) and hasattr(state[k], "shape")
+              and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for kind, keys in (("mis-shaped keys", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+            problems.append(f"{len(keys)} {kind}: {', '.join(keys[:shown])}{more}")
+    return problems

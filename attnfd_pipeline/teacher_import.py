@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from attnfd_pipeline.config import POINTS
-from attnfd_pipeline.safe_load import load_torch_file
+from attnfd_pipeline.safe_load import load_torch_file, state_mismatch
 
 __all__ = ["FORMATS", "IMPORT_CBAM_MODES", "REFERENCE_CBAM_MAP", "REFERENCE_KEY_MAP", "REFERENCE_MODELS",
            "TeacherWeights", "check_state_fits", "map_reference", "read_teacher_file"]
@@ -190,15 +190,7 @@ def check_state_fits(module: nn.Module, state: dict[str, torch.Tensor], path: st
     for k, v in own.items():
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = v
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} (file {tuple(state[k].shape)}, expected {tuple(own[k].shape)})" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", shapes)):
-        if keys:
-            more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
-            problems.append(f"{len(keys)} {kind}: {', '.join(keys[:8])}{more}")
+    problems = state_mismatch(own, state, shown=8)
     if problems:
         raise ValueError(f"{path}: does not fit {what} — {'; '.join(problems)}")
     return state

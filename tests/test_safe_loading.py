@@ -150,3 +150,15 @@ def test_a_modified_bundle_is_refused_before_deserialising(tiny_cfg, tmp_path):
     bundle.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"SHA-256 of the file .*teacher_bundle\.json"):
         load_teacher(bundle)
+
+
+def test_state_mismatch_names_every_kind_and_skips_what_it_is_told():
+    from attnfd_pipeline.safe_load import state_mismatch
+
+    own = {"a": torch.zeros(3), "b": torch.zeros(2, 2), "bn.num_batches_tracked": torch.zeros(())}
+    assert state_mismatch(own, dict(own)) == []
+    state = {"a": torch.zeros(5), "c": torch.zeros(1)}
+    assert state_mismatch(own, state) == ["1 mis-shaped keys: a (file (5,), expected (3,))",
+                                          "2 missing keys: b, bn.num_batches_tracked", "1 unexpected keys: c"]
+    assert state_mismatch(own, state, skip=lambda k: k.endswith("num_batches_tracked") or k == "c",
+                          shown=0) == ["1 mis-shaped keys:  (+1 more)", "1 missing keys:  (+1 more)"]

@@ -293,17 +293,19 @@ def get_dataset_info(name: Union[str, DatasetInfo]) -> DatasetInfo:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_list_file(path: Path, image_suffix: str) -> list[str]:
+def _list_words(path: Path) -> list[str]:
+    """The first word of each line of a split list file (blank lines and ``#`` comments skipped)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DataError(path, f"cannot read split list file {path}: {e.strerror or e}") from e
+    return [line.split()[0] for line in (raw.strip() for raw in text.splitlines())
+            if line and not line.startswith("#")]
+
+
+def _read_list_file(path: Path, image_suffix: str) -> list[str]:
     ids = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        tok = line.split()[0]
+    for tok in _list_words(path):
         if "/" in tok or tok.endswith(image_suffix):
             tok = tok.rsplit("/", 1)[-1]
             if tok.endswith(image_suffix):
@@ -424,17 +426,11 @@ def _files_by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, str]:
 def _read_stem_list(path: Path) -> list[str]:
     """Sample ids of a split list file: the first word of each line, folder and image extension dropped
     (``a``, ``a.jpg`` and ``images/a.jpg`` all name sample ``a``)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DataError(path, f"cannot read split list file {path}: {e.strerror or e}") from e
     ids = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            name = line.split()[0].rsplit("/", 1)[-1]
-            stem, ext = os.path.splitext(name)
-            ids.append(stem if ext.lower() in IMAGE_EXTENSIONS else name)
+    for word in _list_words(path):
+        name = word.rsplit("/", 1)[-1]
+        stem, ext = os.path.splitext(name)
+        ids.append(stem if ext.lower() in IMAGE_EXTENSIONS else name)
     return ids
 
 

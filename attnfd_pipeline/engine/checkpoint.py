@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from attnfd_pipeline.safe_load import load_torch_file, read_sha256, sidecar_path, to_plain, write_sha256
+from attnfd_pipeline.safe_load import (load_torch_file, read_sha256, sidecar_path, state_mismatch, to_plain,
+                                      write_sha256)
 from attnfd_pipeline.utils import atomic_torch_save, sha256_file
 
 FORMAT = "attnfd-checkpoint/1"
@@ -64,16 +65,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def check_fits(modules: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
     """Raise ``ValueError`` naming ``path`` when a checkpoint's module state does not fit ``modules``
     (missing / unexpected keys, shapes — e.g. written for another number of classes or model)."""
-    own = modules.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in own
-              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    for kind, keys in (("shape mismatch", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
-        if keys:
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            problems.append(f"{kind}: {', '.join(keys[:3])}{more}")
+    problems = state_mismatch(modules.state_dict(), state, shown=3)
     if problems:
         raise ValueError(f"{path}: checkpoint does not fit this model ({'; '.join(problems)}); it was written for "
                          f"another model, number of classes or set of points — use another run directory or "

@@ -40,6 +40,7 @@ from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..layers.cbam import CBAM
+from ..safe_load import state_mismatch
 
 __all__ = [
     "BACKBONES",
@@ -96,18 +97,7 @@ def load_torchvision_weights(
         return key.startswith(tuple(optional_prefixes)) or key.endswith("num_batches_tracked")
 
     own = net.state_dict()
-    missing = sorted(k for k in own if k not in state and not optional(k))
-    unexpected = sorted(k for k in state if k not in own and not optional(k))
-    mismatched = sorted(
-        f"{k} (file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
-        for k in state
-        if k in own and not optional(k) and state[k].shape != own[k].shape
-    )
-    problems = []
-    for kind, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        if keys:
-            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-            problems.append(f"{kind} keys: {', '.join(keys[:5])}{more}")
+    problems = state_mismatch(own, state, skip=optional)
     if problems:
         raise ValueError(
             f"backbone weights file {str(p)!r} does not match torchvision {label or type(net).__name__}: "
