@@ -29,7 +29,7 @@ def test_plan_has_every_method_with_its_seeds():
     cfg = load_config("configs/demo.toml", ["student.train.seed=5"])
     plan = acc.plan_runs(cfg, seeds=3, extra_seeds=1)
     seeds = {p.label: p.seeds for p in plan}
-    assert set(seeds) == set(acc.METHODS) - {"teacher"}
+    assert set(seeds) == set(acc.METHODS) - {"teacher", *acc.COMPACT_METHODS.values()}  # compact rows: asked for
     assert seeds["student"] == seeds["attnfd"] == seeds["attnfd_online"] == (5, 6, 7)  # the rows the goals compare
     assert all(seeds[m] == (5,) for m in ("kd", "lad", "aicsd", "afdcd"))
     assert {p.label: len(p.seeds) for p in acc.plan_runs(cfg, seeds=2, extra_seeds=2)}["kd"] == 2
@@ -144,11 +144,59 @@ def test_format_markdown_statistics_and_goals():
             "end 2.52 is also ≥ 2, so a gain ≥ 2 is also established at 95 %)") in md
     assert "|AttnFD cached − AttnFD online| ≤ 1 mIoU, as equivalence" in md and "an interval needs ≥ 2 shared seeds" in md
     assert "Reproduce: `make bench-accuracy`" in md
-    assert "Total 210 s" in md and "| cache build (K = 4, extra: logits) |  | `cache/x` | 30 |" in md
+    assert "Total 210 s" in md and "| cache build (float16, K = 4, extra: logits) |  | `cache/x` | 30 |" in md
 
     g = {x.text.split(" ≥")[0].split(" ≤")[0]: x for x in acc.goals(results)}
     assert g["AttnFD (cached) − student"].value == pytest.approx(5.0)
     assert [x.met for x in acc.goals(results)] == [True, True, None]  # one online seed: no interval yet
+
+
+def test_compact_rows_get_caches_of_their_own_paired_with_float16():
+    cfg = load_config("configs/demo.toml")
+    plan = acc.plan_runs(cfg, seeds=2, extra_seeds=1, compact=("int8", "int8+poolD2"))
+    runs = acc.schedule(acc.bench_config(cfg, plan), plan)
+    by = {(m, c.student.train.seed): c for m, c in runs}
+    f16, i8, pooled = by[("attnfd", 0)], by[("attnfd_int8", 1)], by[("attnfd_int8_poolD2", 0)]
+    assert (i8.cache.encoding, i8.cache.pool) == ("int8", ())
+    assert (pooled.cache.encoding, pooled.cache.pool) == ("int8", (("D", 2),))
+    assert f16.cache.extra == ("logits", "raw")  # the rivals' targets go to the float16 cache only
+    assert i8.cache.extra == pooled.cache.extra == ()  # AttnFD reads refined maps: nothing extra to store
+    assert len({acc.cache_key(c) for _, c in runs if acc.reads_cache(c)}) == 3
+    assert run_name(i8).endswith("_int8_s1") and run_name(pooled).endswith("_int8_poolD2_s0")
+    assert acc.storage_label(pooled) == "int8+poolD2" and acc.storage_label(f16) is None
+    with pytest.raises(ValueError, match="--compact 'int4'"):
+        acc.plan_runs(cfg, compact=("int4",))
+
+
+def test_compact_section_pairs_with_the_float16_cache():
+    results = (_rows("student", [0.50, 0.52, 0.54]) + _rows("attnfd", [0.56, 0.57, 0.58])
+               + _rows("attnfd_int8", [0.561, 0.569, 0.581]) + _rows("attnfd_int8_poolD2", [0.54, 0.57, 0.60]))
+    md = acc.format_markdown(results, {"cache": {"path": "cache/f", "seconds": 30.0, "K": 4, "extra": [],
+                                                 "variants": {"int8": {"path": "cache/i", "seconds": 12.0, "K": 4}}}})
+    section = md.split("## Compact cache storages vs the float16 cache")[1].split("## Goals")[0]
+    rows = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in section.splitlines()
+                              if line.startswith("| S"))}
+    # int8 − float16: +0.1, −0.1, +0.1 → mean +0.033, SE 0.0667, t(0.975, 2) = 4.303 → ±0.287: inside ±1
+    assert rows["S + AttnFD (cached, int8)"][3:] == ["+0.03 [-0.25, +0.32] (n = 3)", "0.07", "0.10", "shown"]
+    # pooled − float16: −2, 0, +2 → mean 0, SE 1.155 → ±4.97: equivalence not shown
+    assert rows["S + AttnFD (cached, int8 + D pooled ×2)"][3:] == ["+0.00 [-4.97, +4.97] (n = 3)", "1.15", "1.33",
+                                                                 "not shown"]
+    assert "| cache build (int8, K = 4, extra: none) |  | `cache/i` | 12 |" in md
+    assert "## Compact" not in acc.format_markdown(results[:6])
+
+
+def test_ensure_cache_keeps_one_record_per_storage(tmp_path, monkeypatch):
+    cfg = load_config("configs/demo.toml")
+    compact = load_config("configs/demo.toml", ['cache.encoding="int8"'])
+    built = {"float16": (tmp_path / "f", 10.0), "int8": (tmp_path / "i", 4.0)}
+    monkeypatch.setattr(acc, "complete_cache", lambda c, b, progress: built[acc.storage_label(c) or "float16"])
+    acc.ensure_cache(cfg, tmp_path / "bundle.pt", tmp_path, progress=False)
+    acc.ensure_cache(compact, tmp_path / "bundle.pt", tmp_path, progress=False)
+    built["float16"] = (tmp_path / "f", 5.0)  # resumed: the seconds add up
+    record = acc.ensure_cache(cfg, tmp_path / "bundle.pt", tmp_path, progress=False)
+    assert record["path"] == str(tmp_path / "f") and record["seconds"] == 15.0
+    assert record["variants"]["int8"] == {"path": str(tmp_path / "i"), "seconds": 4.0, "K": 4, "extra": []}
+    assert json.loads((tmp_path / acc.CACHE_JSON).read_text()) == record
 
 
 def test_goals_are_decided_by_the_paired_statistics():

@@ -40,8 +40,8 @@ from attnfd_pipeline.engine.logging import get_logger
 from attnfd_pipeline.progress import job
 from attnfd_pipeline.runs import check_student_inputs, evaluate_bundle, run_teacher
 from attnfd_pipeline.student import finished_result, run_student
-from attnfd_pipeline.experiments.plan import (CACHED, ONLINE_FRESH, PlannedRun, cache_extra, reads_cache,
-                                              run_config, seed_range, with_cache_extra)
+from attnfd_pipeline.experiments.plan import (CACHED, ONLINE_FRESH, PlannedRun, cache_extra, cache_key,
+                                              reads_cache, run_config, seed_range, with_cache_extra)
 from attnfd_pipeline.experiments.plan import schedule as plan_schedule
 from attnfd_pipeline.experiments.report import PAIRED_NOTE, evaluation_line
 from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, equivalent, paired, seed_values
@@ -49,11 +49,17 @@ from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text, resolve_device
 
-# accuracy.json's method labels, in table order (rivals, then AttnFD cached and online)
-METHODS = ("teacher", "student", "kd", "lad", "aicsd", "afdcd", "attnfd", "attnfd_online")
+# the compact cache storages the bench can compare with the float16 cache (AttnFD cached, same seeds): the
+# accuracy test a compact encoding must pass before it can become the default (docs/storage.md)
+COMPACT = {"int8": (("encoding", "int8"),),
+           "int8+poolD2": (("encoding", "int8"), ("pool", (("D", 2),)))}
+COMPACT_METHODS = {"int8": "attnfd_int8", "int8+poolD2": "attnfd_int8_poolD2"}
+# accuracy.json's method labels, in table order (rivals, AttnFD cached and online, AttnFD on compact caches)
+METHODS = ("teacher", "student", "kd", "lad", "aicsd", "afdcd", "attnfd", "attnfd_online", *COMPACT_METHODS.values())
 LABELS = {"teacher": "Teacher", "student": "Student (α = 0)", "kd": "S + KD", "lad": "S + LAD", "aicsd": "S + AICSD",
           "afdcd": "S + Af-DCD", "attnfd": "S + AttnFD (cached)",
-          "attnfd_online": "S + AttnFD (online, fresh augmentation)"}
+          "attnfd_online": "S + AttnFD (online, fresh augmentation)",
+          "attnfd_int8": "S + AttnFD (cached, int8)", "attnfd_int8_poolD2": "S + AttnFD (cached, int8 + D pooled ×2)"}
 RIVALS = ("kd", "lad", "aicsd", "afdcd")
 # the goals, in mIoU points
 TEACHER_GAP = 5.0  # teacher − student ≥ 5
@@ -67,10 +73,15 @@ DEFAULT_COMMAND = "make bench-accuracy"
 # the plan
 
 
-def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1) -> list[PlannedRun]:
+def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1, compact: Sequence[str] = ()) -> list[PlannedRun]:
     """The student runs of the bench (the teacher is not a student run), labelled by accuracy.json's
     ``method``: the student, AttnFD (cached) and AttnFD online — the rows the goals compare — with ``seeds``
-    seeds, every other method with ``extra_seeds``; seeds count up from ``student.train.seed``."""
+    seeds, every other method with ``extra_seeds``; seeds count up from ``student.train.seed``. ``compact``
+    (keys of ``COMPACT``): AttnFD (cached) again on each of these cache storages, ``seeds`` seeds, paired
+    with the float16 cache's runs."""
+    unknown = [c for c in compact if c not in COMPACT]
+    if unknown:
+        raise ValueError(f"--compact {unknown[0]!r}: not a compact storage (choose from {', '.join(COMPACT)})")
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: the student and AttnFD (cached, online) need at least 1 seed "
                          f"(the goals 3)")
@@ -82,6 +93,7 @@ def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1) -> list[Planned
         *(PlannedRun(m, {**CACHED, "method": m}, extra) for m in RIVALS),
         PlannedRun("attnfd", {**CACHED, "method": "attnfd"}, main),
         PlannedRun("attnfd_online", {**ONLINE_FRESH, "method": "attnfd"}, main),
+        *(PlannedRun(COMPACT_METHODS[c], {**CACHED, "method": "attnfd"}, main, storage=COMPACT[c]) for c in compact),
     ]
 
 
@@ -135,11 +147,22 @@ def complete_cache(cfg: Config, bundle: Path, *, progress: bool = True) -> tuple
         return r.path, r.seconds
 
 
+def storage_label(cfg: Config) -> str | None:
+    """``int8``, ``int8+poolD2`` … for a cache that is not float16 at full resolution; None for the float16 one."""
+    c = cfg.cache
+    if c.encoding == "float16" and not c.pool:
+        return None
+    return c.encoding + "".join(f"+pool{p}{f}" for p, f in c.pool)
+
+
 def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = True) -> dict:
     """The complete cache of ``cfg`` (with its extra targets), built or resumed when it is not; its record
-    (path, build seconds summed over the parts that built it) is kept in ``accuracy_cache.json``."""
+    (path, build seconds summed over the parts that built it) is kept in ``accuracy_cache.json`` — the
+    float16 cache at the top level, a compact one under ``variants.<storage>``."""
     record_path = out_dir / CACHE_JSON
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    top = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    label = storage_label(cfg)
+    record = top.get("variants", {}).get(label, {}) if label else top
     path, seconds = complete_cache(cfg, bundle, progress=progress)
     if seconds is None:
         if record.get("path") != str(path):
@@ -148,8 +171,12 @@ def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = T
         before = record.get("seconds") if record.get("path") == str(path) else 0.0
         record = {"path": str(path), "seconds": (before or 0.0) + seconds}
     record |= {"K": cfg.cache.K, "extra": list(cfg.cache.extra)}
-    atomic_write_json(record_path, record)
-    return record
+    if label:
+        top = top | {"variants": top.get("variants", {}) | {label: record}}
+    else:
+        top = record | ({"variants": top["variants"]} if "variants" in top else {})
+    atomic_write_json(record_path, top)
+    return top
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,22 +193,23 @@ def run_entry(method: str, result: dict | RunRecord) -> dict:
 
 
 def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extra_seeds: int = 1,
-                       progress: bool = True, command: str | None = None,
+                       compact: Sequence[str] = (), progress: bool = True, command: str | None = None,
                        echo: Callable[[str], None] | None = None) -> list[dict]:
-    """Run what is missing of the bench (teacher, cache, student runs), rewriting ``accuracy.json`` and
-    ``accuracy.md`` in ``out_dir`` after every step; returns the rows of accuracy.json. ``progress``:
-    the stages' progress lines and one line per run (``echo``, default print)."""
+    """Run what is missing of the bench (teacher, caches, student runs), rewriting ``accuracy.json`` and
+    ``accuracy.md`` in ``out_dir`` after every step; returns the rows of accuracy.json. ``compact``: the
+    compact cache storages (``COMPACT``) AttnFD also trains on. ``progress``: the stages' progress lines
+    and one line per run (``echo``, default print)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     say = echo or get_logger().info
-    plan = plan_runs(cfg, seeds, extra_seeds)
+    plan = plan_runs(cfg, seeds, extra_seeds, compact)
     cfg = bench_config(cfg, plan)
     runs = schedule(cfg, plan)
     meta: dict[str, Any] = {"command": command or DEFAULT_COMMAND, "config": cfg.name, "K": cfg.cache.K,
                             "dataset": cfg.data.dataset, "crop": list(cfg.augment.crop_size),
                             "planned": {p.label: len(p.seeds) for p in plan} | {"teacher": 1}}
-    needs_cache = any(reads_cache(c) and not is_done(c) for _, c in runs)
-    with job("bench-accuracy", int(not bundle_path(cfg).is_file()) + int(needs_cache) + len(runs)) as j:
+    n_caches = len({cache_key(c) for _, c in runs if reads_cache(c) and not is_done(c)})
+    with job("bench-accuracy", int(not bundle_path(cfg).is_file()) + n_caches + len(runs)) as j:
         return _run_bench(cfg, out_dir, runs, meta, j, t0=t0, progress=progress, say=say)
 
 
@@ -204,12 +232,12 @@ def _run_bench(cfg: Config, out_dir: Path, runs, meta: dict, j, *, t0: float, pr
     pending = [(m, c) for i, (m, c) in enumerate(runs, 1) if i not in finished]
     if pending:
         check_student_inputs(cfg)  # dataset files, backbone weights: before any run writes
-    if any(reads_cache(c) for _, c in pending):
+    for c in {cache_key(c): c for _, c in pending if reads_cache(c)}.values():
         j.next("cache")
         if progress:
-            say(f"[bench-accuracy] cache with extra targets {list(cfg.cache.extra)} (K = {cfg.cache.K}): "
-                f"reused when complete, else built")
-        record = ensure_cache(cfg, bundle, out_dir, progress=progress)
+            say(f"[bench-accuracy] {storage_label(c) or 'float16'} cache with extra targets {list(c.cache.extra)} "
+                f"(K = {c.cache.K}): reused when complete, else built")
+        record = ensure_cache(c, bundle, out_dir, progress=progress)
     for i, (method, run_cfg) in enumerate(runs, 1):
         if i in finished:
             j.skip(f"{method} seed {run_cfg.student.train.seed}")
@@ -389,16 +417,52 @@ def format_markdown(results: Sequence[dict], meta: dict | None = None) -> str:
           f"run in parts.", "",
           evaluation_line(meta.get("dataset") or _recorded(rows, "dataset"), _protocols(rows),
                           meta.get("crop")) + " " + PAIRED_NOTE + " Online AttnFD computes the teacher's targets "
-          f"every step on a fresh augmentation every epoch; every other method reads the cache"
+          "every step on a fresh augmentation every epoch; every other method reads the cache"
           + (f" (K = {meta['K']})" if meta.get("K") else "") + ".", ""]
     md += _method_table(rows, meta.get("planned", {}))
-    md += ["", resolved_sentence(rows), "", "## Goals", ""]
+    md += ["", resolved_sentence(rows), ""]
+    md += _compact_section(rows)
+    md += ["## Goals", ""]
     for g in goals(rows):
         value = "" if g.value is None else f"**{_num(g.value)}**"
         md.append(f"- {g.text}: {value}{' — ' if value else ''}{g.status}" + (f" ({g.detail})" if g.detail else ""))
     md += ["", "## Time", ""]
     md += _time_lines(rows, meta)
     return "\n".join(md).rstrip() + "\n"
+
+
+def compact_comparison(rows: Sequence[dict], method: str) -> dict | None:
+    """AttnFD on a compact cache − AttnFD on the float16 cache, paired over shared seeds: the paired
+    difference, the mean |Δ| and whether equivalence within ±``ONLINE_GAP`` is shown; None without a shared seed."""
+    row, ref = miou_by_seed(rows, method), miou_by_seed(rows, "attnfd")
+    d = paired(row, ref)
+    if d is None:
+        return None
+    abs_mean = sum(abs(row[k] - ref[k]) for k in d.seeds) / len(d.seeds) if d.seeds else None
+    return {"difference": d, "mean_abs": abs_mean, "equivalent": equivalent(d, ONLINE_GAP)}
+
+
+def _compact_section(rows: Sequence[dict]) -> list[str]:
+    present = [m for m in COMPACT_METHODS.values() if any(r["method"] == m for r in rows)]
+    if not present:
+        return []
+    md = ["## Compact cache storages vs the float16 cache", "",
+          "AttnFD (cached) on the same seeds, its targets read from a cache stored in a compact encoding "
+          "(sizes, gradient fidelity and what pooling does to the loss: docs/storage.md). Paired Δ = compact − "
+          f"float16 over the shared seeds; equivalence: the {LEVEL} interval inside [−{ONLINE_GAP:g}, "
+          f"{ONLINE_GAP:g}].", "",
+          f"| storage | n | mIoU (%) | paired Δ vs float16 [{LEVEL} CI] (n) | SE | mean abs Δ | equivalence ±{ONLINE_GAP:g} |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    stats = method_stats(rows)
+    for m in present:
+        c = compact_comparison(rows, m)
+        miou = stats[m]["miou"]
+        d = c["difference"] if c else None
+        se = f"{d.se:.2f}" if d is not None and d.se is not None else "–"
+        eq = "–" if c is None or c["equivalent"] is None else ("shown" if c["equivalent"] else "not shown")
+        md.append(f"| {LABELS[m]} | {miou.n} | {miou.fmt()} | {d.fmt() if d else 'no shared seeds'} | {se} | "
+                  f"{_num(c['mean_abs']) if c else '–'} | {eq} |")
+    return md + [""]
 
 
 def _recorded(rows: Sequence[dict], key: str) -> str | None:
@@ -412,7 +476,8 @@ def _protocols(rows: Sequence[dict]) -> list[str]:
 
 def _time_lines(rows: Sequence[dict], meta: dict) -> list[str]:
     cache = meta.get("cache") or {}
-    parts = [r.get("train_seconds") for r in rows] + [cache.get("seconds")]
+    parts = ([r.get("train_seconds") for r in rows] + [cache.get("seconds")]
+             + [c.get("seconds") for c in cache.get("variants", {}).values()])
     known = [p for p in parts if p is not None]
     total = sum(known)
     lines = [f"Total {total:.0f} s ({total / 60:.1f} min) of recorded stage time: teacher, cache build and "
@@ -421,15 +486,12 @@ def _time_lines(rows: Sequence[dict], meta: dict) -> list[str]:
              + (f"; the last call of the bench took {meta['wall_seconds']:.0f} s of wall time" if
                 meta.get("wall_seconds") is not None else "") + ".", "",
              "| step | seed | run | seconds |", "| --- | --- | --- | --- |"]
-    for r in rows:
-        if r["method"] == "teacher":
-            lines.append(f"| teacher (train, CBAM, evaluation) | {r['seed']} | `{r['run']}` | "
-                         f"{_secs(r['train_seconds'])} |")
-            if cache:
-                extra = ", ".join(cache.get("extra") or []) or "none"
-                lines.append(f"| cache build (K = {cache.get('K')}, extra: {extra}) |  | `{cache.get('path')}` | "
-                             f"{_secs(cache.get('seconds'))} |")
-        else:
-            lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['seed']} | `{r['run']}` | "
-                         f"{_secs(r.get('train_seconds'))} |")
+    lines += [f"| teacher (train, CBAM, evaluation) | {r['seed']} | `{r['run']}` | {_secs(r['train_seconds'])} |"
+              for r in rows if r["method"] == "teacher"]
+    for label, c in ([("float16", cache)] if cache.get("path") else []) + list(cache.get("variants", {}).items()):
+        extra = ", ".join(c.get("extra") or []) or "none"
+        lines.append(f"| cache build ({label}, K = {c.get('K')}, extra: {extra}) |  | `{c.get('path')}` | "
+                     f"{_secs(c.get('seconds'))} |")
+    lines += [f"| {LABELS.get(r['method'], r['method'])} | {r['seed']} | `{r['run']}` | {_secs(r.get('train_seconds'))} |"
+              for r in rows if r["method"] != "teacher"]
     return lines

@@ -3,7 +3,7 @@
 A plan is a list of ``PlannedRun`` rows (a label, the ``StudentConfig`` fields the row changes, its seeds,
 and the cache K / teacher CBAM mode it needs when not the config's). ``schedule`` turns it into run
 configs in rounds — every row's first seed, then the second seeds … — so a plan run in parts covers every
-row early and every comparison gets its first pair soon; each (teacher root, K) cache is given the extra
+row early and every comparison gets its first pair soon; each cache (teacher root, K, storage) is given the extra
 targets (``cache.extra``) every cached run on it reads, so one cache serves them all.
 
 Seeds count up from ``student.train.seed`` in every row, so rows share seeds and can be compared pairwise
@@ -34,6 +34,8 @@ class PlannedRun(NamedTuple):
     study: str = ""  # the study it serves ("" in the accuracy bench)
     K: int | None = None  # cached augmentation seeds (None: the config's)
     teacher_mode: str | None = None  # teacher CBAM mode (None: the config's)
+    # ``CacheConfig`` fields of the row's cache (e.g. (("encoding", "int8"),)): a cache of its own
+    storage: tuple[tuple[str, Any], ...] = ()
 
 
 def seed_range(cfg: Config, n: int) -> tuple[int, ...]:
@@ -57,6 +59,8 @@ def run_config(cfg: Config, row: PlannedRun, seed: int) -> Config:
     try:
         if row.K is not None:
             c = dataclasses.replace(c, cache=dataclasses.replace(c.cache, K=int(row.K)))
+        if row.storage:  # a cache of its own holds only what its rows read (``cache_extra``)
+            c = dataclasses.replace(c, cache=dataclasses.replace(c.cache, extra=(), **dict(row.storage)))
         train = dataclasses.replace(c.student.train, seed=int(seed))
         student = dataclasses.replace(c.student, train=train, **row.overrides)
     except ConfigError as e:
@@ -69,27 +73,32 @@ def reads_cache(cfg: Config) -> bool:
     return cfg.student.alpha > 0 and cfg.student.mode == "cached"
 
 
-def cache_extra(configs: Sequence[Config]) -> dict[tuple[str, int], tuple[str, ...]]:
-    """Per (run root name, K): the ``cache.extra`` holding every target the cached runs among ``configs``
+def cache_key(c: Config) -> tuple:
+    """What tells the caches of a plan apart: the run root (teacher), K and the storage (encoding, pooling)."""
+    return c.name, c.cache.K, c.cache.encoding, c.cache.pool
+
+
+def cache_extra(configs: Sequence[Config]) -> dict[tuple, tuple[str, ...]]:
+    """Per cache (``cache_key``): the ``cache.extra`` holding every target the cached runs among ``configs``
     read, joined with what each config already asks for."""
-    targets: dict[tuple[str, int], set[str]] = defaultdict(set)
-    asked: dict[tuple[str, int], set[str]] = defaultdict(set)
+    targets: dict[tuple, set[str]] = defaultdict(set)
+    asked: dict[tuple, set[str]] = defaultdict(set)
     for c in configs:
-        key = (c.name, c.cache.K)
+        key = cache_key(c)
         asked[key].update(c.cache.extra)
         if reads_cache(c):
             targets[key].update(required_targets(c.student.method, c.student.points))
     return {key: extra_for(targets[key], sorted(asked[key])) for key in asked}
 
 
-def with_cache_extra(c: Config, extra: dict[tuple[str, int], tuple[str, ...]]) -> Config:
-    """``c`` with its (root, K) cache's extra targets."""
-    return dataclasses.replace(c, cache=dataclasses.replace(c.cache, extra=extra.get((c.name, c.cache.K), c.cache.extra)))
+def with_cache_extra(c: Config, extra: dict[tuple, tuple[str, ...]]) -> Config:
+    """``c`` with its cache's extra targets."""
+    return dataclasses.replace(c, cache=dataclasses.replace(c.cache, extra=extra.get(cache_key(c), c.cache.extra)))
 
 
 def schedule(cfg: Config, plan: Sequence[PlannedRun]) -> list[tuple[PlannedRun, Config]]:
     """(row, run config) in running order: every row's first seed, then the second seeds …; each config
-    carries the extra targets of its (teacher root, K) cache."""
+    carries the extra targets of its cache (``cache_key``)."""
     order: list[tuple[PlannedRun, Config]] = []
     for i in range(max((len(p.seeds) for p in plan), default=0)):
         order += [(p, run_config(cfg, p, p.seeds[i])) for p in plan if i < len(p.seeds)]

@@ -47,8 +47,8 @@ from attnfd_pipeline.engine.logging import get_logger
 from attnfd_pipeline.progress import Job, current_job, job
 from attnfd_pipeline.runs import check_student_inputs
 from attnfd_pipeline.student import finished_result, run_student
-from attnfd_pipeline.experiments.plan import (CACHED, ONLINE_FRESH, PlannedRun, reads_cache, schedule, seed_range,
-                                              teacher_config)
+from attnfd_pipeline.experiments.plan import (CACHED, ONLINE_FRESH, PlannedRun, cache_key, reads_cache, schedule,
+                                              seed_range, teacher_config)
 from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path
 
@@ -186,14 +186,14 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
 
 
 def _cache_key(c: Config) -> tuple:
-    return c.name, c.cache.K, c.cache.extra
+    return *cache_key(c), c.cache.extra
 
 
 def _train_studies(cfg: Config, out_dir, runs, finished: set[int], roots, j: Job, *, progress: bool,
                    say: Callable[[str], None]) -> dict[str, Path]:
     bundles = ensure_teachers(cfg, runs, progress=progress, say=say)
     files = build_report(cfg, out_dir, extra_roots=roots)
-    caches: dict[tuple[str, int, tuple[str, ...]], Path] = {}
+    caches: dict[tuple, Path] = {}
     for i, (p, c) in enumerate(runs, 1):
         if i - 1 in finished:
             j.skip(f"{p.label}, seed {c.student.train.seed}")
