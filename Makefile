@@ -76,8 +76,8 @@ demo: $(STAMPS)/cache-$(CFG_NAME) ## Everything on the embedded dataset: teacher
 	$(ATTNFD) student --config $(CONFIG) --seed $(SEED) --resume
 	$(ATTNFD) results --config $(CONFIG)
 
-bench: $(VENV)/.installed ## Measure what caching buys (step time, memory, build/read throughput, storage) -> bench/results.{json,md}
-	$(ATTNFD) bench --out bench $(BENCH_ARGS)
+bench: $(STAMPS)/teacher-$(CFG_NAME) ## Measure what caching buys (step time, memory, build/read throughput, storage fidelity on the trained teacher) -> bench/results.{json,md}, bench/storage.{json,md}
+	$(ATTNFD) bench --config $(CONFIG) --out bench --wait-quiet 600 $(BENCH_ARGS)
 
 bench-accuracy: $(STAMPS)/cache-$(CFG_NAME) ## Teacher, student, KD/LAD/AICSD/Af-DCD/AttnFD (cached + online) on the config's data, goals checked (resumable) -> bench/accuracy.{json,md}
 	$(ATTNFD) bench-accuracy --config $(CONFIG) --seeds $(BENCH_SEEDS) --out bench

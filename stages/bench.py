@@ -25,7 +25,9 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                                                                 "go (default: the system temp dir).")] = None,
           allow_busy: Annotated[bool, typer.Option("--allow-busy", help="Measure even when the load average "
                                                                         "at start is >= 0.5 (the wall-clock figures "
-                                                                        "then carry the other load).")] = False):
+                                                                        "then carry the other load).")] = False,
+          wait_quiet: Annotated[float, typer.Option(help="Seconds to wait for the load average to fall below 0.5 "
+                                                         "before starting (0: check once).")] = 0.0):
     """Benchmark plain vs cached vs online distillation: step time, peak memory, cache build and read
     throughput, storage, sweep economics (interleaved ratios, medians over repeats)."""
     from attnfd_pipeline.experiments.bench import TABLE_KEYS, BusyMachineError, run_bench
@@ -33,7 +35,8 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
     with errors():
         try:
             res = run_bench(out, quick=quick, repeats=repeats, recipe=config, overrides=list(set_ or []),
-                            work_dir=work_dir, threads=threads, allow_busy=allow_busy)
+                            work_dir=work_dir, threads=threads, allow_busy=allow_busy,
+                            wait_quiet=wait_quiet)
         except BusyMachineError as e:
             typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
             raise typer.Exit(2) from None

@@ -21,9 +21,8 @@ def bench_storage(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
     """Every storage variant (float16 / int8, with and without pooling) on the trained teacher's maps: error
     of the channel-normalised maps, AttnFD loss-gradient cosine, size vs float16, encode/decode MB/s per core."""
     from attnfd_pipeline.data.source import ImageSource
-    from attnfd_pipeline.experiments.fidelity import storage_figures, storage_markdown
+    from attnfd_pipeline.experiments.fidelity import storage_markdown, write_storage_bench
     from attnfd_pipeline.teacher import bundle_path, load_teacher
-    from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
     cfg = load(config, set_)
     with errors():
@@ -34,10 +33,6 @@ def bench_storage(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
         else:
             t = load_teacher(teacher or bundle_path(cfg), "cpu")
         source = ImageSource.from_config(cfg, split=cfg.data.train_split)
-        fig = storage_figures(cfg, t, source, crops=tuple(int(c) for c in crops.split(",")), images=images)
-        fig["teacher"] = t.info()
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "storage.json", fig)
-        atomic_write_text(out / "storage.md", storage_markdown(fig))
+        fig = write_storage_bench(cfg, t, source, out, crops=tuple(int(c) for c in crops.split(",")), images=images)
     typer.echo(storage_markdown(fig))
     typer.echo(json.dumps({"recommended": fig["recommended"]}))

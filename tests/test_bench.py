@@ -4,6 +4,7 @@ The in-memory variant trains on exactly the cached variant's batches; a busy mac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -77,6 +78,8 @@ def test_bench_quick_writes_results(tmp_path):
     for key in TABLE_KEYS:
         assert f"| `{key}` |" in md
     assert "Sweep economics" in md and "Storage per sample" in md
+    assert st["recommended"]["encoding"] is None and "--quick" in st["recommended"]["why"]
+    assert "| storage: recommended encoding | – |" in md
 
 
 def test_full_bench_refuses_a_busy_machine(monkeypatch, tmp_path):
@@ -90,6 +93,33 @@ def test_full_bench_refuses_a_busy_machine(monkeypatch, tmp_path):
     assert not (tmp_path / "b").exists()  # refused before anything ran
     monkeypatch.setattr("os.getloadavg", lambda: (0.1, 0.7, 0.6))
     assert check_load(quick=False, allow_busy=False)[0] == 0.1
+
+
+def test_wait_quiet_waits_for_the_load_to_fall(monkeypatch):
+    loads = iter([(0.9, 0.7, 0.6), (0.8, 0.7, 0.6), (0.3, 0.6, 0.6)])
+    monkeypatch.setattr("os.getloadavg", lambda: next(loads))
+    slept = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    assert check_load(quick=False, allow_busy=False, wait_quiet=60)[0] == 0.3 and len(slept) == 2
+    monkeypatch.setattr("os.getloadavg", lambda: (0.9, 0.7, 0.6))
+    t = iter(range(0, 1000, 30))
+    monkeypatch.setattr("time.monotonic", lambda: next(t))
+    with pytest.raises(BusyMachineError, match="0.90"):  # still busy when the wait is over
+        check_load(quick=False, allow_busy=False, wait_quiet=60)
+
+
+def test_recommended_storage_runs_on_the_trained_teacher(tiny_pipeline, tmp_path):
+    from attnfd_pipeline.experiments.bench.run import recommended_storage
+
+    cfg, _ = tiny_pipeline
+    rec = recommended_storage(cfg, tmp_path, quick=False, crops=(32,), images=2)
+    fig = json.loads((tmp_path / "storage.json").read_text())
+    assert rec["encoding"] == fig["recommended"]["encoding"] in fig["variants"]
+    assert rec["grad_cosine"] == fig["variants"][rec["encoding"]]["grad_cosine"] >= 0.999
+    assert rec["compression_vs_float16"] >= 1.0 and rec["teacher"].endswith("teacher_bundle.pt")
+    assert "Recommended" in (tmp_path / "storage.md").read_text()
+    missing = dataclasses.replace(cfg, runs_root=str(tmp_path / "nowhere"))
+    assert "make teacher" in recommended_storage(missing, tmp_path, quick=False)["why"]
 
 
 def test_inmemory_step_is_the_cached_step_without_reads(tiny_pipeline):

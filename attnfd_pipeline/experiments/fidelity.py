@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -257,3 +258,17 @@ def storage_markdown(fig: dict) -> str:
               f"{rec['compression_vs_float16']:.2f}× smaller than float16, gradient cosine {rec['grad_cosine']:.6f}, "
               f"rel. error {rec['rel_error']:.2e}.", ""]
     return "\n".join(L)
+
+
+def write_storage_bench(cfg, teacher, source, out_dir, *, crops=(64, 257), images: int = 8) -> dict:
+    """``storage_figures`` on ``teacher`` (with its identity under ``teacher``), written atomically to
+    ``<out_dir>/storage.json`` and ``storage.md``; returns the figures."""
+    from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
+
+    fig = storage_figures(cfg, teacher, source, crops=crops, images=images)
+    fig["teacher"] = teacher.info()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "storage.json", fig)
+    atomic_write_text(out_dir / "storage.md", storage_markdown(fig))
+    return fig

@@ -29,9 +29,17 @@ class BusyMachineError(RuntimeError):
     """The machine is too busy at the start for wall-clock figures to mean what they say."""
 
 
-def check_load(quick: bool, allow_busy: bool, max_load: float = QUIET_LOAD) -> list[float]:
-    """Print the load average; refuse a full run at or above ``max_load`` unless ``allow_busy``."""
+def check_load(quick: bool, allow_busy: bool, max_load: float = QUIET_LOAD, wait_quiet: float = 0.0) -> list[float]:
+    """Print the load average; refuse a full run at or above ``max_load`` unless ``allow_busy``. With
+    ``wait_quiet`` > 0, first wait up to that many seconds for the load to fall below ``max_load`` (the 1-minute
+    average takes a few minutes to decay after a job such as `make teacher`)."""
     load = list(os.getloadavg())
+    deadline = time.monotonic() + wait_quiet
+    if load[0] >= max_load and wait_quiet > 0 and not quick:
+        log(f"load average {load[0]:.2f} ≥ {max_load:g}: waiting up to {wait_quiet:.0f} s for a quiet machine")
+    while load[0] >= max_load and time.monotonic() < deadline and not quick:
+        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+        load = list(os.getloadavg())
     busy = load[0] >= max_load
     log(f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         + (f" (≥ {max_load:g}: other load will move the wall-clock figures)" if busy else " (quiet)"))
@@ -46,13 +54,15 @@ def check_load(quick: bool, allow_busy: bool, max_load: float = QUIET_LOAD) -> l
 def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: int | None = None,
               recipe: str | Path | None = "configs/demo.toml", workload: Workload | None = None,
               overrides: Sequence[str] = (), work_dir: str | Path | None = None, threads: int | None = None,
-              allow_busy: bool = False) -> dict:
+              allow_busy: bool = False, wait_quiet: float = 0.0) -> dict:
     """Measure everything, write ``results.json`` and ``results.md`` into ``out_dir``, return the dict.
 
     ``workload`` (default ``QUICK`` or ``DEFAULT``) sets the sizes; ``repeats`` and ``threads`` override
     it; ``recipe`` + ``overrides`` give the augmentation, codec, loss norm, optimiser and the sweep's
     epochs and K; the dataset, teacher bundle and caches live in a temp dir under ``work_dir``. A full
-    run refuses to start on a busy machine (``BusyMachineError``) unless ``allow_busy``."""
+    run refuses to start on a busy machine (``BusyMachineError``) unless ``allow_busy``; ``wait_quiet``: seconds
+    to wait for a quiet machine first. With the recipe's trained teacher present, the storage fidelity bench
+    runs last (``recommended_storage``)."""
     from attnfd_pipeline.config import load_config
     from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
@@ -65,7 +75,7 @@ def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: in
         if threads < 0:
             raise ValueError("threads must be >= 0 (0 = auto)")
         w = dataclasses.replace(w, threads=threads)
-    load = check_load(quick, allow_busy)
+    load = check_load(quick, allow_busy, wait_quiet=wait_quiet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe_cfg = load_config(recipe, list(overrides))
@@ -78,6 +88,8 @@ def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: in
     finally:
         torch.set_num_threads(saved_threads)
         tmp.cleanup()
+    # after the timed blocks, so its own load cannot move them
+    results["storage"]["recommended"] = recommended_storage(recipe_cfg, out_dir, quick)
     results["samples"]["wall_s"] = time.perf_counter() - t_start
     missing = set(TOP_KEYS) ^ set(results)
     assert not missing, f"results keys differ from TOP_KEYS: {missing}"
@@ -86,6 +98,28 @@ def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: in
     log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} "
         f"({results['samples']['wall_s']:.0f} s)")
     return results
+
+
+def recommended_storage(recipe_cfg, out_dir: Path, quick: bool, *, crops=(64, 257), images: int = 8) -> dict:
+    """``storage.recommended``: the storage fidelity bench (``experiments.fidelity``) on the recipe's *trained*
+    teacher — a trained teacher's maps are sparser and compress differently from the random-weight bench
+    teacher's — also written to ``<out_dir>/storage.{json,md}``. Without a trained teacher bundle (or with
+    ``quick``) the encoding is None and ``why`` says what is missing."""
+    from attnfd_pipeline.data.source import ImageSource
+    from attnfd_pipeline.experiments.fidelity import write_storage_bench
+    from attnfd_pipeline.teacher import bundle_path, load_teacher
+
+    bundle = bundle_path(recipe_cfg)
+    if quick:
+        return {"encoding": None, "why": "--quick: the fidelity bench needs the recipe's trained teacher"}
+    if not bundle.is_file():
+        return {"encoding": None, "why": f"no trained teacher at {bundle}: run `make teacher` (or `attnfd teacher "
+                                         f"import`), then the bench again"}
+    log(f"storage fidelity on the trained teacher {bundle}")
+    source = ImageSource.from_config(recipe_cfg, recipe_cfg.data.train_split)
+    fig = write_storage_bench(recipe_cfg, load_teacher(bundle, "cpu"), source, out_dir, crops=crops, images=images)
+    log(f"storage: recommended {fig['recommended']['encoding']} (wrote {out_dir / 'storage.json'})")
+    return fig["recommended"] | {"teacher": str(bundle), "details": "storage.json"}
 
 
 def auto_threads(workers: int) -> int:
