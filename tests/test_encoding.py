@@ -258,3 +258,29 @@ def test_student_trains_on_int8_pooled_cache(tiny_pipeline, tmp_path, monkeypatc
     assert 0 <= result["best_miou"] <= 1
     assert student_dir(new).name.endswith("_int8_poolD2_s0")  # never mistaken for the float16 run
     assert calls and set(calls) == {((12, 12), 2)}  # D at stride 4 of the 48-px crop, pooled to 6×6 in the loss
+
+
+def test_feed_projection_arithmetic():
+    """cores = rate × MB per sample / (MB/s per core), at the largest crop measured; the assumptions are named."""
+    from attnfd_pipeline.experiments.fidelity import RTX_CLASS, FeedAssumption, feed_projection, projection_markdown
+
+    fig = {"crops": [64, 257], "variants": {
+        "float16": {"crops": {"64": {"encode_mb_s": 1.0, "decode_mb_s": 1.0},
+                              "257": {"encode_mb_s": 500.0, "decode_mb_s": 250.0}}},
+        "int8": {"crops": {"64": {"encode_mb_s": 1.0, "decode_mb_s": 1.0},
+                           "257": {"encode_mb_s": 200.0, "decode_mb_s": 1000.0}}}}}
+    proj = feed_projection(fig, 25e6, FeedAssumption("card", 100.0, 40.0, 513, "test"))
+    assert proj["float16"]["build_cores"] == pytest.approx(100 * 25 / 500)  # 5 cores
+    assert proj["float16"]["loader_cores"] == pytest.approx(40 * 25 / 250)  # 4 cores
+    assert proj["int8"]["build_cores"] == pytest.approx(12.5) and proj["int8"]["loader_cores"] == pytest.approx(1.0)
+    assert proj["int8"]["measured_crop"] == 257
+    md = projection_markdown(proj, 25e6, RTX_CLASS)
+    assert "Assumed, not measured" in md and "R = 250 images/s" in md and "| `int8` | 200 | 1000 | 12.5 | 1.0 |" in md
+
+
+def test_paper_sample_bytes_is_the_r101_at_513():
+    from attnfd_pipeline.experiments.fidelity import paper_sample_bytes
+
+    cfg = load_config("configs/demo.toml")  # a ResNet-34 teacher at 64 px: the projection uses the paper's
+    # B 2048×33×33 + E 256×33×33 + D 256×129×129 float32
+    assert paper_sample_bytes(cfg) == 4 * (2048 * 33 * 33 + 256 * 33 * 33 + 256 * 129 * 129)
