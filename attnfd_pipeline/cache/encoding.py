@@ -38,10 +38,10 @@ OFFSET_SUFFIX = ".offset"
 LEVELS = 255  # uint8 codes 0..255
 
 # zstd-1 compression of each storage variant's stored bytes (B+E+D together), measured by
-# `attnfd bench-storage` (attnfd_pipeline/experiments/fidelity.py) on the demo teacher's maps at 257 px,
+# `attnfd bench-storage` (attnfd_pipeline/experiments/fidelity.py) on the finished demo teacher's maps at 257 px,
 # the measured crop nearest the paper's; the plan uses them when it has no teacher outputs of its own
 # (it says so). Keys: ``cache.plan.variant_name``.
-MEASURED_COMPRESSION = {"float16": 1.90, "int8": 1.81, "float16+poolD2": 1.64, "int8+poolD2": 1.62}
+MEASURED_COMPRESSION = {"float16": 1.86, "int8": 1.77, "float16+poolD2": 1.57, "int8+poolD2": 1.59}
 # the compact storage the plan recommends, (encoding, pool): the smallest variant whose AttnFD loss
 # gradient keeps cosine >= 0.999 against float32 targets (docs/storage.md). Pooled variants change the
 # loss itself and fail that test by construction; they are shown beside it, not recommended.
