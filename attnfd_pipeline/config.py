@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from attnfd_pipeline.targets import EXTRAS
+
 POINTS = ("B", "E", "D")
 
 
@@ -205,7 +207,7 @@ class CacheConfig:
         _check(self.encoding == "float16" or self.mantissa_bits in (0, 10), "cache.mantissa_bits",
                f"rounds float16 mantissas; it does not apply to encoding {self.encoding!r} (set it to 0)")
         for e in self.extra:
-            _check(e in ("logits", "raw"), "cache.extra", f"unknown extra target {e!r}; known: logits, raw")
+            _check(e in EXTRAS, "cache.extra", f"unknown extra target {e!r}; known: {', '.join(EXTRAS)}")
         _check(0 <= self.mantissa_bits <= 10, "cache.mantissa_bits", "must be in [0, 10]")
         _check(self.shard_size > 0 and self.batch_size > 0, "cache.shard_size", "must be > 0")
 

@@ -14,7 +14,8 @@ from attnfd_pipeline.cache.build import BuildResult, build_cache, cache_info_dic
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_fingerprint, cache_inputs
 from attnfd_pipeline.cache.plan import Plan, plan_cache
 from attnfd_pipeline.cache.reader import CacheReader, check_compatible, describe_cache, find_cache, list_caches
-from attnfd_pipeline.cache.schema import CacheError, cache_target_names, target_names
+from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.schema import cache_target_names, target_names
 from attnfd_pipeline.cache.verify import BadSample, VerifyReport, verify_cache
 
 __all__ = [

@@ -30,7 +30,8 @@ from attnfd_pipeline.cache.build import (BuildResult, build_cache, cache_info_di
 from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.fingerprint import cache_dir_for
 from attnfd_pipeline.cache.lock import BuildLock
-from attnfd_pipeline.cache.schema import CacheError, cache_target_names
+from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.schema import cache_target_names
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import create_store
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.schema import CacheError
+from attnfd_pipeline.cache.errors import CacheError
 
 
 def _pid_alive(pid: int) -> bool:

@@ -23,8 +23,8 @@ from attnfd_pipeline.cache.encoding import cache_encoding, decode, stored_arrays
 from attnfd_pipeline.cache.fingerprint import (cache_dir_for, cache_inputs, cache_root_path, diff_inputs,
                                                fingerprint_of)
 from attnfd_pipeline.cache.manifest import list_parts, read_manifest
-from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, FORMAT, CacheError, params_from_row, paths,
-                                          sample_checksum)
+from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, FORMAT, params_from_row, paths, sample_checksum
 from attnfd_pipeline.cache.storage import Location
 
 

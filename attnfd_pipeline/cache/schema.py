@@ -14,7 +14,6 @@ One cache directory (``<cache.root>/<fingerprint[:16]>/``) holds
 from __future__ import annotations
 
 import dataclasses
-import errno
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,10 @@ import pyarrow as pa
 import torch
 
 from attnfd_pipeline.augment import AugmentParams
+from attnfd_pipeline.cache.errors import CacheError
+# the target names are declared in a module without dependencies (the teacher and the losses use them too)
+from attnfd_pipeline.targets import (LOGITS, RAW_PREFIX, extra_for, raw_name, target_kind,  # noqa: F401
+                                     target_names, target_point)
 
 FORMAT = "attnfd-cache/1"
 FEATURES_DIR = "features.zarr"
@@ -32,64 +35,13 @@ CACHE_JSON = "cache.json"
 LOCK_NAME = ".lock"
 DTYPE = "float16"
 FLOAT16_MAX = 65504.0
-RAW_PREFIX = "raw_"
 CHECKSUM_PREFIX = "checksum_"
 FILL_VALUE = float("nan")
 
 
-class CacheError(RuntimeError):
-    """Anything wrong with a cache: refused values, corrupt or missing data, incompatible config, a
-    held lock. The message names the cache and, where it applies, the image id, seed and target."""
-
-
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """True for an OSError meaning "no space left" (ENOSPC) or "disk quota exceeded" (EDQUOT)."""
-    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
-
-
-def disk_full_error(cache_dir: str | Path, e: OSError, what: str) -> CacheError:
-    """The CacheError for a full disk while ``what``: names the cache path and how to resume."""
-    return CacheError(f"{cache_dir}: disk full ({e.strerror or e}) while {what}; nothing of it was committed and "
-                      f"every shard committed before is intact. Free disk space on the cache's file system "
-                      f"(`attnfd cache plan` shows the space needed) and rerun `attnfd cache build` to resume")
-
-
-def target_names(points: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-    """Arrays a cache config produces: the refined points, then ``logits``, then ``raw_<point>``."""
-    names = list(points)
-    if "logits" in extra:
-        names.append("logits")
-    if "raw" in extra:
-        names += [RAW_PREFIX + p for p in points]
-    return names
-
-
-def extra_for(targets: typing.Iterable[str], extra: Sequence[str] = ()) -> tuple[str, ...]:
-    """The inverse of ``target_names``: the ``cache.extra`` entries (``logits``, ``raw``) that make a cache
-    hold every one of ``targets``, joined with the ``extra`` already asked for, in canonical order."""
-    targets = list(targets)
-    need = set(extra) | ({"logits"} if "logits" in targets else set())
-    need |= {"raw"} if any(t.startswith(RAW_PREFIX) for t in targets) else set()
-    return tuple(e for e in ("logits", "raw") if e in need)
-
-
 def cache_target_names(cache_cfg) -> list[str]:
+    """The arrays of a cache config (``cache.points`` and ``cache.extra``), in array order."""
     return target_names(cache_cfg.points, cache_cfg.extra)
-
-
-def target_kind(name: str) -> str:
-    if name == "logits":
-        return "logits"
-    return "raw" if name.startswith(RAW_PREFIX) else "refined"
-
-
-def target_point(name: str) -> str | None:
-    if name == "logits":
-        return None
-    return name[len(RAW_PREFIX):] if name.startswith(RAW_PREFIX) else name
 
 
 class ShardRange(typing.NamedTuple):

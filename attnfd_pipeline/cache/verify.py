@@ -20,7 +20,8 @@ from attnfd_pipeline import augment
 from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.manifest import list_parts, read_part
 from attnfd_pipeline.cache.reader import load_info
-from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, CacheError, params_from_row, paths, sample_checksum, shard_range
+from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, params_from_row, paths, sample_checksum, shard_range
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.encoding import cache_encoding, stored_arrays
 from attnfd_pipeline.cache.writer import shard_file

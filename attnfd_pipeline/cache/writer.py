@@ -24,9 +24,9 @@ from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.encoding import (OFFSET_SUFFIX, SCALE_SUFFIX, cache_encoding, pool_maps,
                                             quantize_int8, stored_arrays)
 from attnfd_pipeline.cache.manifest import write_part
-from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, DTYPE, FEATURES_DIR, FILL_VALUE, CacheError,
-                                          compressors, disk_full_error, effective_mantissa_bits, is_disk_full,
-                                          lossy_steps, paths, sample_checksum, to_float16)
+from attnfd_pipeline.cache.errors import CacheError, disk_full_error, is_disk_full
+from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, DTYPE, FEATURES_DIR, FILL_VALUE, compressors,
+                                          effective_mantissa_bits, lossy_steps, paths, sample_checksum, to_float16)
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.utils import atomic_write_json
 

@@ -26,9 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-RAW_PREFIX = "raw_"
-LOGITS = "logits"
-
 
 @dataclass(frozen=True)
 class MethodContext:
@@ -102,10 +99,6 @@ def match_size(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def as_float(x: torch.Tensor) -> torch.Tensor:
     """float16 / bfloat16 (cached targets, autocast outputs) → float32; float32 / float64 unchanged."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def raw_name(point: str) -> str:
-    return RAW_PREFIX + point
 
 
 def target_channels(ctx: MethodContext, name: str) -> int:
