@@ -1,5 +1,6 @@
-"""The teacher-feature cache layout, declared once: target names, array layout and codecs, the manifest
-columns, and the lossy float32 → float16 step with its checks.
+"""The teacher-feature cache layout, declared once: target names (from ``attnfd_pipeline.targets``), array
+layout and codecs, the manifest columns, and the lossy float32 → float16 step with its checks
+(docs/cache-format.md).
 
 One cache directory (``<cache.root>/<fingerprint[:16]>/``) holds
 
@@ -8,7 +9,7 @@ One cache directory (``<cache.root>/<fingerprint[:16]>/``) holds
   ``(S, K, C, H, W)``, spec codecs only (zstd or blosc, then crc32c), ``fill_value = NaN``;
 - ``manifest/part-<shard:05d>.parquet`` — one row per (image, aug seed) of that shard; the part is the
   commit record of its shard (written last, atomically);
-- ``cache.json`` — the fingerprint and every input that went into it.
+- ``cache.json`` — the fingerprint and every input that went into it (``info.CacheInfo``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import pyarrow as pa
 import torch
 
 from attnfd_pipeline.augment import AugmentParams
+from attnfd_pipeline.cache import encoding as enc
+from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.errors import CacheError
 # the target names are declared in a module without dependencies (the teacher and the losses use them too)
 from attnfd_pipeline.targets import (LOGITS, RAW_PREFIX, extra_for, raw_name, target_kind,  # noqa: F401
@@ -174,9 +177,7 @@ def to_float16(x: np.ndarray, mantissa_bits: int, *, target: str, ids: Sequence[
 def sample_checksum(*parts: np.ndarray) -> str:
     """Checksum of one stored sample (the bytes of its stored arrays, C order: float16 values, or int8
     codes then scales then offsets): recorded in the manifest, checked on every read."""
-    from attnfd_pipeline.cache.encoding import sample_checksum as _sum
-
-    return _sum(*parts)
+    return enc.sample_checksum(*parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +215,6 @@ def params_from_row(columns: dict[str, np.ndarray], row: int) -> AugmentParams:
 
 def paths(cache_dir: str | Path) -> dict:
     """The cache's parts as locations (``storage``): ``Path``s for a local cache, URLs on an fsspec store."""
-    from attnfd_pipeline.cache import storage
-
     d = storage.location(cache_dir)
     return {"dir": d, "features": storage.join(d, FEATURES_DIR), "manifest": storage.join(d, MANIFEST_DIR),
             "info": storage.join(d, CACHE_JSON), "lock": storage.join(d, LOCK_NAME)}
