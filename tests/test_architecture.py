@@ -117,15 +117,15 @@ def _is_private(name: str) -> bool:
 
 def private_uses(path: Path, package: Path = PACKAGE) -> list[str]:
     """``from x import _name`` and ``Imported._name`` in one file, where ``x`` / ``Imported`` come from the
-    package: each module keeps its private names to itself (a name another module needs is public)."""
+    package or the CLI: each module keeps its private names to itself (a name another module needs is public)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    me, root = _module_name(path, package), package.name
+    me, roots = _module_name(path, package), (package.name, "stages")
     imported: dict[str, str] = {}  # local name → where it comes from
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             module = _from_module(node, me, path.name == "__init__.py")
-            if module.split(".")[0] != root:
+            if module.split(".")[0] not in roots:
                 continue
             for a in node.names:
                 if _is_private(a.name):
@@ -133,7 +133,7 @@ def private_uses(path: Path, package: Path = PACKAGE) -> list[str]:
                 imported[a.asname or a.name] = f"{module}.{a.name}"
         elif isinstance(node, ast.Import):
             for a in node.names:
-                if a.name.split(".")[0] == root and a.asname:
+                if a.name.split(".")[0] in roots and a.asname:
                     imported[a.asname] = a.name
     for node in ast.walk(tree):
         if (isinstance(node, ast.Attribute) and _is_private(node.attr) and isinstance(node.value, ast.Name)

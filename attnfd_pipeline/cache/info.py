@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ class CacheInfo:
     lossy: tuple[str, ...]  # the lossy steps from the teacher's float32 to what is stored, in words
     teacher_batch_size: int  # crops per teacher forward during the build (not fingerprinted)
     encoding: str = DEFAULT_ENCODING  # float16 or int8 (cache.encoding); absent from older files: float16
-    format: str = field(default=FORMAT)
+    format: str = FORMAT  # the layout version; from_json refuses any other
 
     # -- derived --------------------------------------------------------------------------------
     @property
