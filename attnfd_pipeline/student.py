@@ -395,7 +395,7 @@ def _run_student(cfg: Config, *, resume: bool, progress: bool) -> dict:
                              f"{train_src.info.name!r} has {nc}")
         if s.mode == "cached":
             reader = open_cache(cfg, teacher_info, train_src, names)
-            target_shapes = {n: tuple(reader.info["targets"][n]["chw"]) for n in names}
+            target_shapes = {n: reader.info.targets[n].chw for n in names}
             target_pool = target_pools(reader.info)
         else:
             teacher = load_teacher(bundle_path(cfg), device)

@@ -32,11 +32,11 @@ from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.layers import build_attention
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.safe_load import load_torch_file, to_plain
+from attnfd_pipeline.targets import LOGITS, is_raw, target_names, target_point
 from attnfd_pipeline.utils import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_state_dict
 
 BUNDLE_FORMAT = "attnfd-teacher-bundle/1"
 BUNDLE_NAME = "teacher_bundle.pt"
-RAW_PREFIX = "raw_"
 
 
 def bundle_path(cfg: Config) -> Path:
@@ -147,22 +147,17 @@ class FrozenTeacher(nn.Module):
         return self._info["num_classes"]
 
     def target_names(self, points: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-        names = list(points)
-        if "logits" in extra:
-            names.append("logits")
-        if "raw" in extra:
-            names += [RAW_PREFIX + p for p in points]
-        return names
+        return target_names(points, extra)
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         out = self.model(x)
         result = {}
         for name in names:
-            if name == "logits":
-                result[name] = out["logits"].float()
-            elif name.startswith(RAW_PREFIX):
-                result[name] = out[name[len(RAW_PREFIX):]].float()
+            if name == LOGITS:
+                result[name] = out[LOGITS].float()
+            elif is_raw(name):
+                result[name] = out[target_point(name)].float()
             elif name in self.points:
                 if self.attention is None:
                     result[name] = out[f"{name}_refined"].float()

@@ -283,8 +283,7 @@ def verify_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher:
                allow_incomplete: Annotated[bool, typer.Option(help="Exit 0 on a correct but incomplete cache.")] = False):
     """Re-read every committed sample: chunk checksums, NaN scan, manifest ↔ arrays, replay check.
     Exit 1 naming every bad (image, seed, target)."""
-    from attnfd_pipeline.cache import verify_cache
-    from attnfd_pipeline.cache.reader import load_info
+    from attnfd_pipeline.cache import load_info, verify_cache
 
     cfg = load(config, set_)
     with errors():

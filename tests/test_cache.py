@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from attnfd_pipeline import augment
-from attnfd_pipeline.cache import (CacheError, CacheReader, build_cache, cache_fingerprint, check_compatible,
-                                   describe_cache, find_cache, plan_cache, verify_cache)
+from attnfd_pipeline.cache import (CacheError, CacheInfo, CacheReader, build_cache, cache_fingerprint, check_compatible,
+                                   describe_cache, find_cache, load_info, plan_cache, verify_cache)
 from attnfd_pipeline.cache.build import run_teacher, shard_samples
 from attnfd_pipeline.cache.lock import BuildLock
 from attnfd_pipeline.cache.schema import ShardRange, round_mantissa, to_float16
@@ -175,6 +175,34 @@ def test_round_trip_bitwise_and_online(built):
                 assert np.allclose(got[n].astype(np.float32), ref, rtol=2e-3, atol=1e-3), n
     assert reader.read(1, 1, ["D"])["D"].shape == (8, 8, 8)
     assert reader.read(1, 1, ["B"])["B"].shape == (16, 2, 2)
+
+
+def test_cache_info_is_cache_json_typed(built, tmp_path):
+    """``CacheInfo`` reads what the build wrote and writes back the same bytes; a missing or ill-typed key is
+    refused naming the file and the key."""
+    cfg, teacher, source, r = built
+    text = (r.path / "cache.json").read_text()
+    info = CacheReader(r.path).info
+    assert isinstance(info, CacheInfo) and info == load_info(r.path)
+    assert json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n" == text
+    assert info.points == ("B", "E", "D") and info.extra == () and info.pools == {}
+    assert info.shapes["B"] == (16, 2, 2) and info.targets["D"].stride == 4 and info.teacher_sha256 == teacher.sha256
+    assert info.samples == info.num_images * info.K == len(source) * 2
+    d = tmp_path / "c"
+    d.mkdir()
+    for change, words in (({"K": None}, "key 'K' is missing"), ({"K": "2"}, "key 'K' is str '2', expected int"),
+                          ({"num_shards": True}, "key 'num_shards' is bool"),
+                          ({"crop_size": [32]}, "key 'crop_size' is \\[32\\], expected a list of 2 integers"),
+                          ({"targets": {}}, "key 'targets' has no entry for \\['B', 'E', 'D'\\]")):
+        bad = {k: v for k, v in {**json.loads(text), **change}.items() if v is not None}
+        (d / "cache.json").write_text(json.dumps(bad))
+        with pytest.raises(CacheError, match=f"{d / 'cache.json'}: {words}"):
+            load_info(d)
+    bad = json.loads(text)
+    del bad["targets"]["E"]["chw"]
+    (d / "cache.json").write_text(json.dumps(bad))
+    with pytest.raises(CacheError, match=r"cache.json: targets.E: key 'chw' is missing"):
+        CacheReader(d)
 
 
 def test_layout_codecs_attributes_and_dask(built):

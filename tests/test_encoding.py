@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import stages.cache as cache_cli
 from test_cache import FakeSource, FakeTeacher, make_cfg
-from attnfd_pipeline.cache import (CacheError, CacheReader, build_cache, cache_fingerprint, cache_inputs,
+from attnfd_pipeline.cache import (CacheError, CacheInfo, CacheReader, build_cache, cache_fingerprint, cache_inputs,
                                    describe_cache, verify_cache)
 from attnfd_pipeline.cache.build import run_teacher, shard_samples
 from attnfd_pipeline.cache.encoding import (dequantize_int8, pool_maps, pool_student, quantize_int8,
@@ -118,8 +118,11 @@ def test_int8_pooled_cache_round_trip(int8_built):
     cfg, teacher, source, r = int8_built
     reader = CacheReader(r.path)
     assert reader.encoding == "int8" and reader.complete
-    assert reader.info["targets"]["D"]["chw"] == [8, 4, 4] and reader.info["targets"]["D"]["full_chw"] == [8, 8, 8]
-    assert target_pools(reader.info) == {"D": (2, 8, 8)}
+    assert reader.info.targets["D"].chw == (8, 4, 4) and reader.info.targets["D"].full_chw == (8, 8, 8)
+    assert target_pools(reader.info) == reader.info.pools == {"D": (2, 8, 8)}
+    raw = json.loads((r.path / "cache.json").read_text())
+    assert raw["targets"]["D"]["pool"] == 2 and raw["targets"]["D"]["full_chw"] == [8, 8, 8]
+    assert CacheInfo.from_json(raw).to_json() == raw  # the typed view writes back the same keys and values
     checked = 0
     for s in range(3):
         rows, crops, _ = shard_samples(cfg, source, ShardRange(s, 2 * s, min(2 * s + 2, 5)), source.ids)
@@ -170,7 +173,8 @@ def test_cache_without_encoding_attribute_reads_as_float16(tmp_path):
     info.pop("encoding")  # as written before encodings existed
     (r.path / "cache.json").write_text(json.dumps(info))
     reader = CacheReader(r.path)
-    assert reader.encoding == "float16" and reader.read(0, 0, ["D"])["D"].dtype == np.float16
+    assert reader.encoding == reader.info.encoding == "float16" and reader.read(0, 0, ["D"])["D"].dtype == np.float16
+    assert CacheInfo.from_json(info).to_json() == {**info, "encoding": "float16"}
     again = build_cache(cfg, teacher, source, progress=False)  # reused, not rebuilt
     assert again.path == r.path and again.shards_written == 0
 

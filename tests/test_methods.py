@@ -214,8 +214,17 @@ def test_registry_lists_every_method_with_its_targets():
 def test_config_validates_methods_and_their_sections():
     cfg = load_config(None, ['student.method="attnfd+kd"', "student.kd.weight=0.5", "student.kd.temperature=4"])
     assert method_weights(cfg.student) == {"attnfd": 1.0, "kd": 0.5}
-    for override, msg in (('student.method="attnfd+foo"', "student.method: unknown distillation method 'foo'"),
-                          ("student.kd.temperature=0", "student.kd.temperature: must be > 0"),
+    # the method names are checked where the methods are built (the registry), naming the key and the choices
+    for spec, msg in (("attnfd+foo", r"student.method: unknown distillation method 'foo'; known: attnfd, .*kd"),
+                      ("kd+kd", "student.method: 'kd\\+kd': a method repeats"), ("kd+", "student.method: .*known: ")):
+        bad = load_config(None, [f'student.method="{spec}"'])
+        with pytest.raises(ConfigError, match=msg):
+            method_weights(bad.student)
+        with pytest.raises(ConfigError, match=msg):
+            build_distiller(_tiny_student(), bad.student, {}, 5)
+    with pytest.raises(ConfigError, match="student.method: names one distillation method"):
+        load_config(None, ['student.method=" "'])
+    for override, msg in (("student.kd.temperature=0", "student.kd.temperature: must be > 0"),
                           ("student.aicsd.alw_end=0.4", "alw_start <= alw_end"),
                           ("student.afdcd.mask_ratio=1", "student.afdcd.mask_ratio"),
                           ("student.lad.bogus=1", "student.lad.bogus: unknown key")):

@@ -27,10 +27,11 @@ from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache import encoding as enc
 from attnfd_pipeline.cache.encoding import DEFAULT_ENCODING, pool_of, pooled_hw
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_fingerprint, cache_inputs, fingerprint_of
+from attnfd_pipeline.cache.info import CacheInfo, TargetInfo, load_info
 from attnfd_pipeline.cache.lock import BuildLock, holder_alive
 from attnfd_pipeline.cache.manifest import committed_shards
-from attnfd_pipeline.cache.schema import (CACHE_JSON, FORMAT, LOCK_NAME, CacheError, ShardRange,
-                                          cache_target_names, disk_full_error, is_disk_full, lossy_steps,
+from attnfd_pipeline.cache.errors import CacheError, disk_full_error, is_disk_full
+from attnfd_pipeline.cache.schema import (CACHE_JSON, FORMAT, LOCK_NAME, ShardRange, cache_target_names, lossy_steps,
                                           num_shards, paths, shard_range, target_kind, target_point)
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import ShardBuffer, ShardWriter, create_store
@@ -74,11 +75,11 @@ def _stride(crop: int, size: int) -> int | float:
     return int(s) if s == int(s) else round(s, 6)
 
 
-def cache_info_dict(cfg, teacher: Any, source: Any, specs: dict[str, Sequence[int]]) -> dict:
-    """The ``cache.json`` of the cache this config, teacher and source produce (deterministic)."""
+def cache_info(cfg, teacher: Any, source: Any, specs: dict[str, Sequence[int]]) -> CacheInfo:
+    """The ``cache.json`` of the cache this config, teacher and source produce (deterministic); ``specs``: the
+    teacher's (C, H, W) per target."""
     c = cfg.cache
     inputs = cache_inputs(cfg, teacher, source)
-    fp = fingerprint_of(inputs)
     names = cache_target_names(c)
     crop_h, crop_w = cfg.augment.crop_size
     missing = [n for n in names if n not in specs]
@@ -90,33 +91,20 @@ def cache_info_dict(cfg, teacher: Any, source: Any, specs: dict[str, Sequence[in
         C, H, W = (int(v) for v in specs[n])
         f = pool_of(getattr(c, "pool", ()), n)
         h, w = pooled_hw(H, W, f)
-        targets[n] = {"chw": [C, h, w], "kind": target_kind(n), "point": target_point(n),
-                      "stride": _stride(crop_h, h), "bytes_per_sample": enc.bytes_per_sample((C, h, w), encoding)}
-        if f > 1:  # only then: an unpooled cache.json stays as it was, so older caches still resume
-            targets[n].update(pool=f, full_chw=[C, H, W])
+        targets[n] = TargetInfo(chw=(C, h, w), kind=target_kind(n), point=target_point(n), stride=_stride(crop_h, h),
+                                bytes_per_sample=enc.bytes_per_sample((C, h, w), encoding), pool=f,
+                                full_chw=(C, H, W) if f > 1 else None)
     n_images = len(source)
     info_fn = getattr(teacher, "info", None)
     teacher_info = info_fn() if callable(info_fn) else {"sha256": inputs["teacher_sha256"]}
-    return {
-        "format": FORMAT,
-        "fingerprint": fp,
-        "inputs": inputs,
-        "teacher": json.loads(json.dumps(teacher_info)),
-        "num_images": n_images,
-        "K": c.K,
-        "shard_size": c.shard_size,
-        "num_shards": num_shards(n_images, c.shard_size),
-        "crop_size": [crop_h, crop_w],
-        "target_names": names,  # array order (JSON objects are written with sorted keys)
-        "targets": targets,
-        "dtype": enc.stored_arrays("x", encoding)[0][1],  # of the main arrays: float16, or uint8 codes
-        "codec": c.codec,
-        "level": inputs["level"],
-        "mantissa_bits": inputs["mantissa_bits"],
-        "lossy": lossy_steps(inputs["mantissa_bits"], encoding),
-        "teacher_batch_size": c.batch_size,
-        "encoding": encoding,
-    }
+    return CacheInfo(
+        fingerprint=fingerprint_of(inputs), inputs=inputs, teacher=json.loads(json.dumps(teacher_info)),
+        num_images=n_images, K=c.K, shard_size=c.shard_size, num_shards=num_shards(n_images, c.shard_size),
+        crop_size=(crop_h, crop_w), target_names=tuple(names), targets=targets,
+        dtype=enc.stored_arrays("x", encoding)[0][1],  # of the main arrays: float16, or uint8 codes
+        codec=c.codec, level=inputs["level"], mantissa_bits=inputs["mantissa_bits"],
+        lossy=tuple(lossy_steps(inputs["mantissa_bits"], encoding)), teacher_batch_size=c.batch_size,
+        encoding=encoding)
 
 
 def lock_path(cache_dir: Location, rank: int, world: int) -> Location:
@@ -140,10 +128,10 @@ def check_no_other_layout(cache_dir: Location, own_lock: Location, world: int) -
         w, p = _lock_world(lock_name), storage.join(cache_dir, lock_name)
         if p == own_lock or w is None or w == world:
             continue
-        holder = BuildLock._holder_at(p)
+        holder = BuildLock.holder_at(p)
         if holder is None:  # being written this instant, or garbage: look once more
             time.sleep(0.05)
-            holder = BuildLock._holder_at(p)
+            holder = BuildLock.holder_at(p)
             if holder is None:
                 continue
         if holder_alive(holder):
@@ -291,11 +279,10 @@ def _target_specs(first: tuple | None, cache_dir: Location, teacher, cfg, names:
     build), else from ``teacher.target_specs``."""
     if first is not None:
         return {n: tuple(first[2][n].shape[1:]) for n in names}
-    info_path = paths(cache_dir)["info"]
-    if storage.is_file(info_path):
-        recorded = json.loads(storage.read_bytes(info_path)).get("targets", {})
+    if storage.is_file(paths(cache_dir)["info"]):
+        recorded = load_info(cache_dir).targets
         if all(n in recorded for n in names):  # the teacher's shapes: before pooling, when pooled
-            return {n: tuple(recorded[n].get("full_chw", recorded[n]["chw"])) for n in names}
+            return {n: recorded[n].teacher_chw for n in names}
     return teacher.target_specs(tuple(cfg.augment.crop_size), names)
 
 
@@ -329,10 +316,10 @@ def _write_all(cfg, teacher, source, cache_dir: Location, stream, names: list[st
     closed (everything committed)."""
     # the first shard runs through the teacher before the store exists: its outputs give the shapes
     first = next(stream, None)
-    info = cache_info_dict(cfg, teacher, source, _target_specs(first, cache_dir, teacher, cfg, names))
+    info = cache_info(cfg, teacher, source, _target_specs(first, cache_dir, teacher, cfg, names))
     create_store(cache_dir, info)
     begin_run_log(cache_dir if storage.is_local(cache_dir) else None)
-    fp, K = info["fingerprint"], cfg.cache.K
+    fp, K = info.fingerprint, cfg.cache.K
     bar = Progress(samples, desc=f"cache {fp[:8]} rank {rank}/{world}", unit="samples", enabled=progress)
 
     def on_commit(buf: ShardBuffer, nbytes: int, seconds: float) -> None:
@@ -350,12 +337,12 @@ def _write_all(cfg, teacher, source, cache_dir: Location, stream, names: list[st
     return writer
 
 
-def _shard_arrays(outs: dict[str, np.ndarray], info: dict, names: list[str], n_images: int, K: int
+def _shard_arrays(outs: dict[str, np.ndarray], info: CacheInfo, names: list[str], n_images: int, K: int
                   ) -> dict[str, np.ndarray]:
     """Teacher outputs (n·K, C, H, W) → (n, K, C, H, W) per target, shapes checked against the store's."""
     arrays = {}
     for n in names:
-        want = info["targets"][n].get("full_chw", info["targets"][n]["chw"])  # before pooling, when pooled
+        want = info.targets[n].teacher_chw  # before pooling, when pooled
         if tuple(outs[n].shape[1:]) != tuple(want):
             raise CacheError(f"teacher target {n!r} has shape {tuple(outs[n].shape[1:])}, expected "
                              f"{tuple(want)} (the store's, from the first shard)")

@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
-from attnfd_pipeline.cache.build import (BuildResult, build_cache, cache_info_dict, check_no_other_layout, lock_path,
+from attnfd_pipeline.cache.build import (BuildResult, build_cache, cache_info, check_no_other_layout, lock_path,
                                          remove_debris)
 from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.fingerprint import cache_dir_for
 from attnfd_pipeline.cache.lock import BuildLock
-from attnfd_pipeline.cache.schema import CacheError, cache_target_names
+from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.schema import cache_target_names
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import create_store
 
@@ -104,15 +105,15 @@ def prepare_store(cfg, teacher: Any, source: Any, *, plan: bool = False, before:
         lines = p.lines()
         p.check()
     names = cache_target_names(cfg.cache)
-    info = cache_info_dict(cfg, teacher, source, teacher.target_specs(tuple(cfg.augment.crop_size), names))
-    cache_dir = cache_dir_for(cfg, info["fingerprint"])
+    info = cache_info(cfg, teacher, source, teacher.target_specs(tuple(cfg.augment.crop_size), names))
+    cache_dir = cache_dir_for(cfg, info.fingerprint)
     storage.makedirs(cache_dir)
     own = lock_path(cache_dir, 0, 1)
     with BuildLock(own, wait=lock_wait):
         check_no_other_layout(cache_dir, own, 1)
         remove_debris(cache_dir, 0, 1)  # no writer is live: every temp file here is debris
         create_store(cache_dir, info)
-    return Prepared(cache_dir, info["fingerprint"], info["num_shards"], lines)
+    return Prepared(cache_dir, info.fingerprint, info.num_shards, lines)
 
 
 # -----------------------------------------------------------------------------------------------

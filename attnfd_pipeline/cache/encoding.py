@@ -148,17 +148,7 @@ def pool_of(pool: Mapping[str, int] | Sequence[tuple[str, int]], name: str) -> i
     return int(dict(pool).get(name, 1))
 
 
-def target_pools(info: dict) -> dict[str, tuple[int, int, int]]:
-    """``{target: (factor, full_H, full_W)}`` for the pooled targets of a ``cache.json`` (empty for caches
-    without pooling, which includes every cache written before pooling existed)."""
-    out = {}
-    for name, t in info.get("targets", {}).items():
-        f = int(t.get("pool", 1))
-        if f > 1:
-            out[name] = (f, int(t["full_chw"][1]), int(t["full_chw"][2]))
-    return out
-
-
-def cache_encoding(info: dict) -> str:
-    """The encoding of a ``cache.json``; a cache written before encodings existed is float16."""
-    return str(info.get("encoding", DEFAULT_ENCODING))
+def target_pools(info) -> dict[str, tuple[int, int, int]]:
+    """``{target: (factor, full_H, full_W)}`` for the pooled targets of a cache (its ``CacheInfo``; empty for
+    caches without pooling, which includes every cache written before pooling existed)."""
+    return dict(info.pools)

@@ -20,7 +20,8 @@ from typing import Any
 
 import attnfd_pipeline
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.schema import DTYPE, FORMAT, CacheError, cache_target_names
+from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.schema import DTYPE, FORMAT, cache_target_names
 from attnfd_pipeline.cache.storage import Location
 
 

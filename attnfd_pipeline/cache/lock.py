@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.schema import CacheError
+from attnfd_pipeline.cache.errors import CacheError
 
 
 def _pid_alive(pid: int) -> bool:
@@ -49,7 +49,7 @@ class BuildLock:
         self.held = False
 
     def _holder(self) -> dict | None:
-        return self._holder_at(self.path)
+        return self.holder_at(self.path)
 
     def _try_create(self) -> bool:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
@@ -93,7 +93,7 @@ class BuildLock:
             os.replace(self.path, stale)
         except FileNotFoundError:
             return
-        got = self._holder_at(stale)
+        got = self.holder_at(stale)
         if holder is not None and got is not None and got != holder:
             # someone else created a fresh lock between our read and the rename: put it back
             try:
@@ -103,7 +103,8 @@ class BuildLock:
         stale.unlink(missing_ok=True)
 
     @staticmethod
-    def _holder_at(path: str | Path) -> dict | None:
+    def holder_at(path: str | Path) -> dict | None:
+        """The holder record (pid, host, time) of the lock file at ``path``; None if absent or unreadable."""
         try:
             return json.loads(storage.read_bytes(storage.location(path)))
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, OSError):

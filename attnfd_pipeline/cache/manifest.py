@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.schema import CacheError, manifest_schema, part_name, part_shard
+from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.schema import manifest_schema, part_name, part_shard
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.utils import atomic_write_bytes
 

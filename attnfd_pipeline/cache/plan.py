@@ -20,8 +20,9 @@ from attnfd_pipeline.cache.build import run_teacher, shard_samples, teacher_devi
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.manifest import list_parts
 from attnfd_pipeline.cache.encoding import bytes_per_sample, decode, pool_maps, pool_of, pooled_hw
-from attnfd_pipeline.cache.schema import (CacheError, ShardRange, cache_target_names, num_shards, paths,
-                                          shard_range, target_point)
+from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.schema import (LOGITS, ShardRange, cache_target_names, num_shards, paths, shard_range,
+                                          target_point)
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import encode_target
 
@@ -220,7 +221,7 @@ def model_target_specs(cfg, names: list[str] | None = None) -> dict[str, tuple[i
         out = model(torch.zeros(1, 3, *cfg.augment.crop_size))
     specs = {}
     for n in names:  # a refined map F'' has its raw map's shape
-        key = "logits" if n == "logits" else (target_point(n) or n)
+        key = target_point(n) or LOGITS  # the raw map of a point, or the logits
         specs[n] = tuple(int(v) for v in out[key].shape[1:])
     return specs
 

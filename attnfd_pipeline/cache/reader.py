@@ -8,7 +8,6 @@ manifest checksum of that (image, seed, target).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,28 +18,14 @@ import pyarrow as pa
 
 from attnfd_pipeline.augment import AugmentParams
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.encoding import cache_encoding, decode, stored_arrays, target_pools
+from attnfd_pipeline.cache.encoding import decode, stored_arrays
 from attnfd_pipeline.cache.fingerprint import (cache_dir_for, cache_inputs, cache_root_path, diff_inputs,
                                                fingerprint_of)
+from attnfd_pipeline.cache.info import CacheInfo, load_info
 from attnfd_pipeline.cache.manifest import list_parts, read_manifest
-from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, FORMAT, CacheError, params_from_row, paths,
-                                          sample_checksum)
+from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, params_from_row, paths, sample_checksum
 from attnfd_pipeline.cache.storage import Location
-
-
-def load_info(cache_dir: str | Path) -> dict:
-    p = paths(cache_dir)["info"]
-    if not storage.is_file(p):
-        raise CacheError(f"{cache_dir}: not a cache (no cache.json); run `attnfd cache build`")
-    try:
-        info = json.loads(storage.read_bytes(p))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CacheError(f"{p}: unreadable cache.json ({e}); {cache_dir} is not a usable cache") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("fingerprint"), str):
-        fmt = info.get("format") if isinstance(info, dict) else None
-        raise CacheError(f"{p}: not an attnfd cache description (format {fmt!r}, expected {FORMAT!r}); "
-                         f"{cache_dir} is not a cache")
-    return info
 
 
 class CacheReader:
@@ -49,12 +34,12 @@ class CacheReader:
     def __init__(self, path: str | Path, *, verify: bool = True):
         self.path = storage.location(path)  # a Path, or the URL of a cache on an fsspec store
         self.verify = verify
-        self.info: dict = load_info(self.path)
-        self.fingerprint: str = self.info["fingerprint"]
-        self.targets: tuple[str, ...] = tuple(self.info["target_names"])
-        self.num_images: int = int(self.info["num_images"])
-        self.K: int = int(self.info["K"])
-        self.encoding: str = cache_encoding(self.info)  # a cache without the attribute is float16
+        self.info: CacheInfo = load_info(self.path)
+        self.fingerprint: str = self.info.fingerprint
+        self.targets: tuple[str, ...] = self.info.target_names
+        self.num_images: int = self.info.num_images
+        self.K: int = self.info.K
+        self.encoding: str = self.info.encoding
         table = read_manifest(paths(self.path)["manifest"], self.fingerprint)
         n_slots = self.num_images * self.K
         # row of sample (i, k) in the columns below, -1 where not committed
@@ -181,7 +166,7 @@ class CacheReader:
         """The AugmentConfig the cache was built with (from cache.json)."""
         from attnfd_pipeline.config import AugmentConfig, from_dict
 
-        return from_dict(AugmentConfig, self.info["inputs"]["augment"], "cache.json inputs.augment")
+        return from_dict(AugmentConfig, self.info.augment, "cache.json inputs.augment")
 
     def manifest(self) -> pa.Table:
         """All committed rows (sorted by image index, seed); an empty table when nothing is committed."""
@@ -218,13 +203,13 @@ def find_cache(cfg, teacher: Any, source: Any, *, require_complete: bool = False
         raise CacheError(f"no cache {d} for this config/teacher/dataset (fingerprint {fp[:16]}); "
                          f"run `attnfd cache build`{hint}")
     info = load_info(d)
-    if info.get("fingerprint") != fp:
-        raise CacheError(f"{d}: cache.json fingerprint {str(info.get('fingerprint'))[:16]} does not match its "
+    if info.fingerprint != fp:
+        raise CacheError(f"{d}: cache.json fingerprint {info.fingerprint[:16]} does not match its "
                          f"directory ({fp[:16]})")
     if require_complete:
         n = committed_count(d)
-        if n < info["num_shards"]:
-            raise CacheError(f"{d}: incomplete cache ({n}/{info['num_shards']} shards committed); "
+        if n < info.num_shards:
+            raise CacheError(f"{d}: incomplete cache ({n}/{info.num_shards} shards committed); "
                              f"resume with `attnfd cache build`")
     return d
 
@@ -239,58 +224,57 @@ def committed_count(cache_dir: str | Path) -> int:
     return len(list_parts(paths(cache_dir)["manifest"]))
 
 
-def check_compatible(cfg, info: dict | str | Path, *, teacher: Any = None, source: Any = None) -> None:
-    """Raise CacheError naming every field where the cache (``cache.json`` dict or cache directory)
+def check_compatible(cfg, info: CacheInfo | dict | str | Path, *, teacher: Any = None, source: Any = None) -> None:
+    """Raise CacheError naming every field where the cache (its ``CacheInfo``, ``cache.json`` dict or directory)
     differs from what ``cfg`` would produce. Teacher and dataset are compared only when given."""
-    if not isinstance(info, dict):
+    if isinstance(info, dict):
+        info = CacheInfo.from_json(info)
+    elif not isinstance(info, CacheInfo):
         info = load_info(info)
-    recorded = dict(info["inputs"])
+    recorded = dict(info.inputs)
     expected = cache_inputs(cfg, teacher if teacher is not None else recorded["teacher_sha256"],
                             source if source is not None else recorded["dataset"])
     diffs = diff_inputs(recorded, expected)
     if diffs:
-        raise CacheError(f"cache {info['fingerprint'][:16]} does not match the config:\n  " + "\n  ".join(diffs))
+        raise CacheError(f"cache {info.fingerprint[:16]} does not match the config:\n  " + "\n  ".join(diffs))
 
 
 def describe_cache(cache_dir: str | Path) -> dict:
     """Summary for ``attnfd cache info``: size on disk, shapes, fingerprint, completeness, codec."""
     d = storage.location(cache_dir)
     info = load_info(d)
-    size = sum(storage.files(d).values())
-    committed = committed_count(d)
-    N, K = info["num_images"], info["K"]
-    raw = sum(int(np.prod(t["chw"])) * 2 for t in info["targets"].values())
+    N, K, S = info.num_images, info.K, info.shard_size
     targets = {}
-    for name in info["target_names"]:
-        t = info["targets"][name]
+    for name in info.target_names:
+        t = info.targets[name]
         nbytes = sum(sum(storage.files(storage.join(paths(d)["features"], array)).values())
-                     for array, _ in stored_arrays(name, cache_encoding(info)))
-        targets[name] = {"shape": [N, K, *t["chw"]], "stride": t["stride"], "bytes_on_disk": nbytes,
-                         "stored_bytes_per_sample": t["bytes_per_sample"],
-                         "float16_bytes_per_sample": int(np.prod(t["chw"])) * 2, "pool": int(t.get("pool", 1))}
+                     for array, _ in stored_arrays(name, info.encoding))
+        targets[name] = {"shape": [N, K, *t.chw], "stride": t.stride, "bytes_on_disk": nbytes,
+                         "stored_bytes_per_sample": t.bytes_per_sample,
+                         "float16_bytes_per_sample": int(np.prod(t.chw)) * 2, "pool": t.pool}
     parts = list_parts(paths(d)["manifest"])
-    samples_done = sum(max(0, min(N, (s + 1) * info["shard_size"]) - s * info["shard_size"]) * K for s in parts)
+    committed = len(parts)
     return {
         "path": str(d),
-        "fingerprint": info["fingerprint"],
-        "size_bytes": size,
+        "fingerprint": info.fingerprint,
+        "size_bytes": sum(storage.files(d).values()),
         "targets": targets,
         "num_images": N,
         "K": K,
         "shards_committed": committed,
-        "shards_total": info["num_shards"],
-        "complete": committed == info["num_shards"],
-        "codec": info["codec"],
-        "level": info["level"],
-        "dtype": info["dtype"],
-        "mantissa_bits": info["mantissa_bits"],
-        "encoding": cache_encoding(info),
-        "pool": {n: f for n, (f, _, _) in target_pools(info).items()},
-        "float16_bytes_per_sample": raw,
-        "samples_committed": samples_done,
-        "teacher_sha256": info["inputs"]["teacher_sha256"],
-        "dataset": info["inputs"]["dataset"],
+        "shards_total": info.num_shards,
+        "complete": committed == info.num_shards,
+        "codec": info.codec,
+        "level": info.level,
+        "dtype": info.dtype,
+        "mantissa_bits": info.mantissa_bits,
+        "encoding": info.encoding,
+        "pool": {n: f for n, (f, _, _) in info.pools.items()},
+        "float16_bytes_per_sample": sum(t["float16_bytes_per_sample"] for t in targets.values()),
+        "samples_committed": sum(max(0, min(N, (s + 1) * S) - s * S) * K for s in parts),
+        "teacher_sha256": info.teacher_sha256,
+        "dataset": info.dataset,
     }
 
 
-__all__ = ["CacheReader", "find_cache", "check_compatible", "describe_cache", "list_caches", "load_info"]
+__all__ = ["CacheReader", "find_cache", "check_compatible", "describe_cache", "list_caches"]

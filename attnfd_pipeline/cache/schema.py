@@ -1,5 +1,6 @@
-"""The teacher-feature cache layout, declared once: target names, array layout and codecs, the manifest
-columns, and the lossy float32 → float16 step with its checks.
+"""The teacher-feature cache layout, declared once: target names (from ``attnfd_pipeline.targets``), array
+layout and codecs, the manifest columns, and the lossy float32 → float16 step with its checks
+(docs/cache-format.md).
 
 One cache directory (``<cache.root>/<fingerprint[:16]>/``) holds
 
@@ -8,13 +9,12 @@ One cache directory (``<cache.root>/<fingerprint[:16]>/``) holds
   ``(S, K, C, H, W)``, spec codecs only (zstd or blosc, then crc32c), ``fill_value = NaN``;
 - ``manifest/part-<shard:05d>.parquet`` — one row per (image, aug seed) of that shard; the part is the
   commit record of its shard (written last, atomically);
-- ``cache.json`` — the fingerprint and every input that went into it.
+- ``cache.json`` — the fingerprint and every input that went into it (``info.CacheInfo``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +24,12 @@ import pyarrow as pa
 import torch
 
 from attnfd_pipeline.augment import AugmentParams
+from attnfd_pipeline.cache import encoding as enc
+from attnfd_pipeline.cache import storage
+from attnfd_pipeline.cache.errors import CacheError
+# the target names are declared in a module without dependencies (the teacher and the losses use them too)
+from attnfd_pipeline.targets import (LOGITS, RAW_PREFIX, extra_for, raw_name, target_kind,  # noqa: F401
+                                     target_names, target_point)
 
 FORMAT = "attnfd-cache/1"
 FEATURES_DIR = "features.zarr"
@@ -32,64 +38,13 @@ CACHE_JSON = "cache.json"
 LOCK_NAME = ".lock"
 DTYPE = "float16"
 FLOAT16_MAX = 65504.0
-RAW_PREFIX = "raw_"
 CHECKSUM_PREFIX = "checksum_"
 FILL_VALUE = float("nan")
 
 
-class CacheError(RuntimeError):
-    """Anything wrong with a cache: refused values, corrupt or missing data, incompatible config, a
-    held lock. The message names the cache and, where it applies, the image id, seed and target."""
-
-
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-
-
-def is_disk_full(e: BaseException) -> bool:
-    """True for an OSError meaning "no space left" (ENOSPC) or "disk quota exceeded" (EDQUOT)."""
-    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
-
-
-def disk_full_error(cache_dir: str | Path, e: OSError, what: str) -> CacheError:
-    """The CacheError for a full disk while ``what``: names the cache path and how to resume."""
-    return CacheError(f"{cache_dir}: disk full ({e.strerror or e}) while {what}; nothing of it was committed and "
-                      f"every shard committed before is intact. Free disk space on the cache's file system "
-                      f"(`attnfd cache plan` shows the space needed) and rerun `attnfd cache build` to resume")
-
-
-def target_names(points: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-    """Arrays a cache config produces: the refined points, then ``logits``, then ``raw_<point>``."""
-    names = list(points)
-    if "logits" in extra:
-        names.append("logits")
-    if "raw" in extra:
-        names += [RAW_PREFIX + p for p in points]
-    return names
-
-
-def extra_for(targets: typing.Iterable[str], extra: Sequence[str] = ()) -> tuple[str, ...]:
-    """The inverse of ``target_names``: the ``cache.extra`` entries (``logits``, ``raw``) that make a cache
-    hold every one of ``targets``, joined with the ``extra`` already asked for, in canonical order."""
-    targets = list(targets)
-    need = set(extra) | ({"logits"} if "logits" in targets else set())
-    need |= {"raw"} if any(t.startswith(RAW_PREFIX) for t in targets) else set()
-    return tuple(e for e in ("logits", "raw") if e in need)
-
-
 def cache_target_names(cache_cfg) -> list[str]:
+    """The arrays of a cache config (``cache.points`` and ``cache.extra``), in array order."""
     return target_names(cache_cfg.points, cache_cfg.extra)
-
-
-def target_kind(name: str) -> str:
-    if name == "logits":
-        return "logits"
-    return "raw" if name.startswith(RAW_PREFIX) else "refined"
-
-
-def target_point(name: str) -> str | None:
-    if name == "logits":
-        return None
-    return name[len(RAW_PREFIX):] if name.startswith(RAW_PREFIX) else name
 
 
 class ShardRange(typing.NamedTuple):
@@ -222,9 +177,7 @@ def to_float16(x: np.ndarray, mantissa_bits: int, *, target: str, ids: Sequence[
 def sample_checksum(*parts: np.ndarray) -> str:
     """Checksum of one stored sample (the bytes of its stored arrays, C order: float16 values, or int8
     codes then scales then offsets): recorded in the manifest, checked on every read."""
-    from attnfd_pipeline.cache.encoding import sample_checksum as _sum
-
-    return _sum(*parts)
+    return enc.sample_checksum(*parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +215,6 @@ def params_from_row(columns: dict[str, np.ndarray], row: int) -> AugmentParams:
 
 def paths(cache_dir: str | Path) -> dict:
     """The cache's parts as locations (``storage``): ``Path``s for a local cache, URLs on an fsspec store."""
-    from attnfd_pipeline.cache import storage
-
     d = storage.location(cache_dir)
     return {"dir": d, "features": storage.join(d, FEATURES_DIR), "manifest": storage.join(d, MANIFEST_DIR),
             "info": storage.join(d, CACHE_JSON), "lock": storage.join(d, LOCK_NAME)}

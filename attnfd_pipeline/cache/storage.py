@@ -24,7 +24,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Union
 
-from attnfd_pipeline.cache.schema import CacheError
+from attnfd_pipeline.cache.errors import CacheError
 from attnfd_pipeline.utils import atomic_write_bytes, atomic_write_json
 
 Location = Union[Path, str]

@@ -1,9 +1,8 @@
 """``attnfd cache verify``: re-read every committed sample and check it against its commit record.
 
 Checks: every chunk decodes (crc32c), no committed sample holds NaN (a NaN-filled sample is a chunk
-that was never written or was deleted), each sample's stored bytes (float16 values, or int8 codes + scales + offsets) match the manifest
-checksum, the
-manifest parts match the shards (rows exactly the shard's images × seeds, ids as in the dataset), and a
+that was never written or was deleted), each sample's stored bytes (float16 values, or int8 codes + scales
++ offsets) match the manifest checksum, the manifest parts match the shards (rows exactly the shard's images × seeds, ids as in the dataset), and a
 replay check on a sample of rows (re-draw and re-apply the augmentation, compare the stored
 parameters and image/label hashes). Shards are checked in parallel with dask's threaded scheduler.
 """
@@ -18,11 +17,12 @@ import numpy as np
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import storage
+from attnfd_pipeline.cache.encoding import stored_arrays
+from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.info import CacheInfo, load_info
 from attnfd_pipeline.cache.manifest import list_parts, read_part
-from attnfd_pipeline.cache.reader import load_info
-from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, CacheError, params_from_row, paths, sample_checksum, shard_range
+from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, params_from_row, paths, sample_checksum, shard_range
 from attnfd_pipeline.cache.storage import Location
-from attnfd_pipeline.cache.encoding import cache_encoding, stored_arrays
 from attnfd_pipeline.cache.writer import shard_file
 
 
@@ -103,74 +103,90 @@ def _check_shard(arrs: list, s0: int, s1: int, sums: np.ndarray) -> list[tuple]:
 def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, workers: int = 2,
                  seed: int = 0) -> VerifyReport:
     """Check a cache; never raises for what it finds (see ``VerifyReport``), only if it is not a cache."""
-    import dask
-    import zarr
-
     d = storage.location(cache_dir)
     info = load_info(d)
-    fp = info["fingerprint"]
-    N, K, S = info["num_images"], info["K"], info["shard_size"]
-    n_shards = info["num_shards"]
-    targets = list(info["target_names"])
-    encoding = cache_encoding(info)
     parts = list_parts(paths(d)["manifest"])
-    report = VerifyReport(d, fp, n_shards, len(parts))
-    try:
-        group = zarr.open_group(storage.zarr_store(paths(d)["features"], read_only=True), mode="r")
-        arrays = {name: [group[a] for a, _ in stored_arrays(name, encoding)] for name in targets}
-    except Exception as e:  # noqa: BLE001
-        report.problems.append(f"cannot open the arrays ({e})")
+    report = VerifyReport(d, info.fingerprint, info.num_shards, len(parts))
+    arrays = _open_arrays(report, d, info)
+    if arrays is None:
         return report
-    for name, arrs in arrays.items():
-        arr = arrs[0]
-        expected = (N, K, *info["targets"][name]["chw"])
-        if tuple(arr.shape) != expected:
-            report.problems.append(f"array {name!r} has shape {tuple(arr.shape)}, cache.json says {expected}")
-    if report.problems:
-        return report
-
     src_ids = None
     if source is not None:
         ident = source.identity()
-        if ident != info["inputs"]["dataset"]:
+        if ident != info.dataset:
             report.problems.append("the dataset differs from the one the cache was built on "
-                                   f"(cache: {info['inputs']['dataset']}, now: {ident}); id and replay checks skipped")
+                                   f"(cache: {info.dataset}, now: {ident}); id and replay checks skipped")
             source = None
         else:
             src_ids = np.asarray(source.ids).astype(str)
-
-    # manifest parts ↔ shards
     tables = {}
     for s, p in parts.items():
-        if s >= n_shards:
-            report.problems.append(f"{storage.name(p)}: shard {s} does not exist (cache has {n_shards} shards)")
-            continue
-        try:
-            t = read_part(p, fp)
-        except CacheError as e:
-            report.problems.append(str(e))
-            continue
-        s0, s1 = shard_range(s, S, N)
-        idx = t.column("image_index").to_numpy()
-        seeds = t.column("aug_seed").to_numpy()
-        want_idx = np.repeat(np.arange(s0, s1), K)
-        want_seed = np.tile(np.arange(K), s1 - s0)
-        if len(idx) != len(want_idx) or (idx != want_idx).any() or (seeds != want_seed).any():
-            report.problems.append(f"{storage.name(p)}: rows are not exactly images {s0}..{s1 - 1} × seeds 0..{K - 1} "
-                                   f"in order ({len(idx)} rows)")
-            continue
-        missing_cols = [CHECKSUM_PREFIX + n for n in targets if CHECKSUM_PREFIX + n not in t.column_names]
-        if missing_cols:
-            report.problems.append(f"{storage.name(p)}: columns missing: {missing_cols}")
-            continue
-        if src_ids is not None:
-            got = np.asarray(t.column("image_id").to_pylist(), dtype=str)
-            wrong = np.flatnonzero(got != src_ids[idx])
-            for r in wrong[:10]:
-                report.problems.append(f"{storage.name(p)}: row {r} has image id {got[r]!r}, the dataset has "
-                                       f"{src_ids[idx[r]]!r} at index {idx[r]}")
-        tables[s] = t
-    for s in range(n_shards):
+        t = _check_part(report, info, s, p, src_ids)
+        if t is not None:
+            tables[s] = t
+    _note_uncommitted(report, d, info, parts, src_ids)
+    _check_samples(report, info, arrays, tables, workers)
+    if source is not None and replay > 0 and tables:
+        _replay_check(report, info, tables, source, replay, seed)
+    return report
+
+
+def _open_arrays(report: VerifyReport, d: Location, info: CacheInfo) -> dict[str, list] | None:
+    """The stored arrays of every target, their shapes checked against ``cache.json``; None (the reason in
+    ``report.problems``) when they cannot be opened or do not match."""
+    import zarr
+
+    try:
+        group = zarr.open_group(storage.zarr_store(paths(d)["features"], read_only=True), mode="r")
+        arrays = {name: [group[a] for a, _ in stored_arrays(name, info.encoding)] for name in info.target_names}
+    except Exception as e:  # noqa: BLE001
+        report.problems.append(f"cannot open the arrays ({e})")
+        return None
+    for name, arrs in arrays.items():
+        expected = (info.num_images, info.K, *info.targets[name].chw)
+        if tuple(arrs[0].shape) != expected:
+            report.problems.append(f"array {name!r} has shape {tuple(arrs[0].shape)}, cache.json says {expected}")
+    return None if report.problems else arrays
+
+
+def _check_part(report: VerifyReport, info: CacheInfo, s: int, p: Location, src_ids: np.ndarray | None):
+    """The manifest part of shard ``s`` if its rows are exactly the shard's images × seeds with every checksum
+    column (and, given the dataset's ids, the right image ids); else None, the reason in ``report.problems``."""
+    N, K, S = info.num_images, info.K, info.shard_size
+    if s >= info.num_shards:
+        report.problems.append(f"{storage.name(p)}: shard {s} does not exist (cache has {info.num_shards} shards)")
+        return None
+    try:
+        t = read_part(p, info.fingerprint)
+    except CacheError as e:
+        report.problems.append(str(e))
+        return None
+    s0, s1 = shard_range(s, S, N)
+    idx = t.column("image_index").to_numpy()
+    seeds = t.column("aug_seed").to_numpy()
+    want_idx = np.repeat(np.arange(s0, s1), K)
+    want_seed = np.tile(np.arange(K), s1 - s0)
+    if len(idx) != len(want_idx) or (idx != want_idx).any() or (seeds != want_seed).any():
+        report.problems.append(f"{storage.name(p)}: rows are not exactly images {s0}..{s1 - 1} × seeds 0..{K - 1} "
+                               f"in order ({len(idx)} rows)")
+        return None
+    missing_cols = [CHECKSUM_PREFIX + n for n in info.target_names if CHECKSUM_PREFIX + n not in t.column_names]
+    if missing_cols:
+        report.problems.append(f"{storage.name(p)}: columns missing: {missing_cols}")
+        return None
+    if src_ids is not None:
+        got = np.asarray(t.column("image_id").to_pylist(), dtype=str)
+        wrong = np.flatnonzero(got != src_ids[idx])
+        for r in wrong[:10]:
+            report.problems.append(f"{storage.name(p)}: row {r} has image id {got[r]!r}, the dataset has "
+                                   f"{src_ids[idx[r]]!r} at index {idx[r]}")
+    return t
+
+
+def _note_uncommitted(report: VerifyReport, d: Location, info: CacheInfo, parts: dict, src_ids) -> None:
+    """A note (not an error) for each shard holding data without a manifest part."""
+    N, K, S, targets = info.num_images, info.K, info.shard_size, info.target_names
+    for s in range(info.num_shards):
         if s not in parts and any(storage.exists(shard_file(d, n, s)) for n in targets):  # the main arrays suffice
             s0, s1 = shard_range(s, S, N)
             who = (", ".join(repr(str(x)) for x in src_ids[s0:s1]) if src_ids is not None
@@ -179,7 +195,12 @@ def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, 
                                 f"aug seeds 0..{K - 1}, targets {', '.join(targets)} (interrupted build or deleted "
                                 f"part; `attnfd cache build` rewrites it)")
 
-    # every committed sample of every target, shards in parallel
+
+def _check_samples(report: VerifyReport, info: CacheInfo, arrays: dict, tables: dict, workers: int) -> None:
+    """Every committed sample of every target against its checksum, shards in parallel (dask threads)."""
+    import dask
+
+    N, K, S, targets = info.num_images, info.K, info.shard_size, list(info.target_names)
     tasks, keys = [], []
     for s, t in tables.items():
         s0, s1 = shard_range(s, S, N)
@@ -196,15 +217,11 @@ def verify_cache(cache_dir: str | Path, *, source: Any = None, replay: int = 8, 
             report.bad.append(BadSample(str(ids[i - s0, k]), i, k, name, reason))
     report.bad.sort(key=lambda b: (b.image_index, b.aug_seed, targets.index(b.target)))
 
-    if source is not None and replay > 0 and tables:
-        _replay_check(report, info, tables, source, replay, seed)
-    return report
 
-
-def _replay_check(report: VerifyReport, info: dict, tables: dict, source: Any, n: int, seed: int) -> None:
+def _replay_check(report: VerifyReport, info: CacheInfo, tables: dict, source: Any, n: int, seed: int) -> None:
     from attnfd_pipeline.config import AugmentConfig, from_dict
 
-    aug_cfg = from_dict(AugmentConfig, info["inputs"]["augment"], "cache.json inputs.augment")
+    aug_cfg = from_dict(AugmentConfig, info.augment, "cache.json inputs.augment")
     rows = [(s, r) for s, t in tables.items() for r in range(t.num_rows)]
     pick = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
     for j in sorted(pick):

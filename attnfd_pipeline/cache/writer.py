@@ -10,7 +10,6 @@ two writers in one shard lose data: docs/method.md "Concurrent writes").
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -21,36 +20,35 @@ from pathlib import Path
 import numpy as np
 
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.encoding import (OFFSET_SUFFIX, SCALE_SUFFIX, cache_encoding, pool_maps,
-                                            quantize_int8, stored_arrays)
+from attnfd_pipeline.cache.encoding import OFFSET_SUFFIX, SCALE_SUFFIX, pool_maps, quantize_int8, stored_arrays
+from attnfd_pipeline.cache.info import CacheInfo, load_info
 from attnfd_pipeline.cache.manifest import write_part
-from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, DTYPE, FEATURES_DIR, FILL_VALUE, CacheError,
-                                          compressors, disk_full_error, effective_mantissa_bits, is_disk_full,
-                                          lossy_steps, paths, sample_checksum, to_float16)
+from attnfd_pipeline.cache.errors import CacheError, disk_full_error, is_disk_full
+from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, DTYPE, FEATURES_DIR, FILL_VALUE, compressors,
+                                          effective_mantissa_bits, lossy_steps, paths, sample_checksum, to_float16)
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.utils import atomic_write_json
 
 
-def array_attributes(info: dict, name: str, array: str | None = None, dtype: str = DTYPE) -> dict:
+def array_attributes(info: CacheInfo, name: str, array: str | None = None, dtype: str = DTYPE) -> dict:
     """Attributes of ``array`` (default: the target's main array) storing target ``name``."""
-    t = info["targets"][name]
-    encoding = cache_encoding(info)
-    pool = int(t.get("pool", 1))
+    t = info.targets[name]
+    encoding, pool = info.encoding, t.pool
     attrs = {
         "target": name,
-        "kind": t["kind"],
-        "point": t["point"],
-        "stride": t["stride"],
+        "kind": t.kind,
+        "point": t.point,
+        "stride": t.stride,
         "layout": ["image", "aug_seed", "channel", "y", "x"],
         "dtype": dtype,
         "source_dtype": "float32",
-        "lossy": lossy_steps(info["mantissa_bits"], encoding, pool),
-        "mantissa_bits": effective_mantissa_bits(info["mantissa_bits"]),
+        "lossy": lossy_steps(info.mantissa_bits, encoding, pool),
+        "mantissa_bits": effective_mantissa_bits(info.mantissa_bits),
         "fill_value_meaning": "NaN = sample never written (its shard is not committed)",
-        "fingerprint": info["fingerprint"],
+        "fingerprint": info.fingerprint,
     }
     if encoding != "float16" or pool > 1:  # attributes of float16 caches stay as they were
-        attrs.update(encoding=encoding, pool=pool, full_chw=t.get("full_chw", t["chw"]))
+        attrs.update(encoding=encoding, pool=pool, full_chw=list(t.teacher_chw))
     if encoding == "int8":
         role = {name: "codes", name + SCALE_SUFFIX: "scale", name + OFFSET_SUFFIX: "offset"}[array or name]
         attrs.update(role=role, decode=f"{name} = {name}{OFFSET_SUFFIX} + {name} (uint8 code) * {name}{SCALE_SUFFIX}, "
@@ -64,12 +62,13 @@ def array_attributes(info: dict, name: str, array: str | None = None, dtype: str
     return attrs
 
 
-def _array_specs(info: dict, name: str) -> list[tuple[str, str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+def _array_specs(info: CacheInfo, name: str
+                 ) -> list[tuple[str, str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(array, dtype, shape, chunk, shard) of every array storing target ``name``."""
-    N, K, S = info["num_images"], info["K"], info["shard_size"]
-    C, H, W = info["targets"][name]["chw"]
+    N, K, S = info.num_images, info.K, info.shard_size
+    C, H, W = info.targets[name].chw
     out = []
-    for array, dtype in stored_arrays(name, cache_encoding(info)):
+    for array, dtype in stored_arrays(name, info.encoding):
         if array == name:
             out.append((array, dtype, (N, K, C, H, W), (1, 1, C, H, W), (S, K, C, H, W)))
         else:  # per (sample, channel) scale / offset
@@ -77,7 +76,7 @@ def _array_specs(info: dict, name: str) -> list[tuple[str, str, tuple[int, ...],
     return out
 
 
-def create_store(cache_dir: str | Path, info: dict) -> None:
+def create_store(cache_dir: str | Path, info: CacheInfo) -> None:
     """Create the Zarr group and one array per target if missing, then ``cache.json``. Idempotent and
     deterministic (no timestamps), so every writer may call it; an existing ``cache.json`` must agree."""
     import zarr
@@ -86,16 +85,16 @@ def create_store(cache_dir: str | Path, info: dict) -> None:
     storage.makedirs(p["dir"])
     storage.makedirs(p["manifest"])
     if storage.is_file(p["info"]):
-        recorded = json.loads(storage.read_bytes(p["info"]))
+        recorded = load_info(p["dir"])
         for key in ("fingerprint", "target_names", "targets", "num_images"):
-            if recorded.get(key) != info.get(key):
+            if getattr(recorded, key) != getattr(info, key):
                 raise CacheError(f"{p['info']}: recorded {key} differs from this build's "
-                                 f"({recorded.get(key)!r} vs {info.get(key)!r}); the cache directory is not "
-                                 f"consistent with its fingerprint — remove it and rebuild")
+                                 f"({getattr(recorded, key)!r} vs {getattr(info, key)!r}); the cache directory is "
+                                 f"not consistent with its fingerprint — remove it and rebuild")
     group = zarr.open_group(storage.zarr_store(p["features"], read_only=False), mode="a",
-                            attributes={"format": info["format"], "fingerprint": info["fingerprint"]})
+                            attributes={"format": info.format, "fingerprint": info.fingerprint})
     existing = set(group.array_keys())
-    for name in info["target_names"]:
+    for name in info.target_names:
         for array, dtype, shape, chunk, shard in _array_specs(info, name):
             if array in existing:
                 arr = group[array]
@@ -106,14 +105,14 @@ def create_store(cache_dir: str | Path, info: dict) -> None:
             dims = ["image", "aug_seed", "channel", "y", "x"][:len(shape)]
             try:
                 group.create_array(array, shape=shape, dtype=dtype, chunks=chunk, shards=shard,
-                                   compressors=compressors(info["codec"], info["level"], np.dtype(dtype).itemsize),
+                                   compressors=compressors(info.codec, info.level, np.dtype(dtype).itemsize),
                                    fill_value=0 if dtype == "uint8" else FILL_VALUE,
                                    attributes=array_attributes(info, name, array, dtype), dimension_names=dims)
             except Exception as e:  # another writer created it between our listing and now
                 if "exist" not in str(e).lower():
                     raise
     if not storage.is_file(p["info"]):
-        storage.write_json(p["info"], info, local=atomic_write_json)
+        storage.write_json(p["info"], info.to_json(), local=atomic_write_json)
 
 
 def shard_file(cache_dir: str | Path, name: str, shard: int, ndim: int = 5) -> Location:
@@ -158,16 +157,16 @@ class ShardWriter:
     """Background thread committing ``ShardBuffer``s: float16 step + checks, checksums, one slice write
     per target, then the manifest part. Errors are re-raised in the submitting thread."""
 
-    def __init__(self, cache_dir: str | Path, info: dict, *, rank: int = 0, max_queue: int = 1,
+    def __init__(self, cache_dir: str | Path, info: CacheInfo, *, rank: int = 0, max_queue: int = 1,
                  on_commit: Callable[[ShardBuffer, int, float], None] | None = None):
         import zarr
 
         self.dir = storage.location(cache_dir)
         self.info = info
         self.rank = rank
-        self.targets: Sequence[str] = list(info["target_names"])
+        self.targets: Sequence[str] = list(info.target_names)
         group = zarr.open_group(storage.zarr_store(paths(self.dir)["features"], read_only=False), mode="r+")
-        self.encoding = cache_encoding(info)
+        self.encoding = info.encoding
         self.arrays = {array: group[array] for name in self.targets for array, _ in stored_arrays(name, self.encoding)}
         self.on_commit = on_commit
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -229,8 +228,8 @@ class ShardWriter:
             x = buf.arrays[name]
             n, K = x.shape[:2]
             flat = x.reshape(n * K, *x.shape[2:])
-            parts = encode_target(flat, self.encoding, self.info["mantissa_bits"],
-                                  int(self.info["targets"][name].get("pool", 1)), target=name, ids=ids, seeds=seeds)
+            parts = encode_target(flat, self.encoding, self.info.mantissa_bits, self.info.targets[name].pool,
+                                  target=name, ids=ids, seeds=seeds)
             for j, row in enumerate(buf.rows):
                 row[CHECKSUM_PREFIX + name] = sample_checksum(*(p[j] for p in parts))
             for (array, _), p in zip(stored_arrays(name, self.encoding), parts):
@@ -244,7 +243,7 @@ class ShardWriter:
                 # durable before the commit record that vouches for it
                 nbytes += storage.durable_size(shard_file(self.dir, array, buf.shard, y.ndim))
             # the commit record comes last: a shard whose data did not fully land has no part
-            write_part(paths(self.dir)["manifest"], buf.shard, buf.rows, self.targets, self.info["fingerprint"])
+            write_part(paths(self.dir)["manifest"], buf.shard, buf.rows, self.targets, self.info.fingerprint)
         except OSError as e:
             if is_disk_full(e):
                 raise disk_full_error(self.dir, e, f"writing shard {buf.shard} (images {buf.start}..{buf.stop - 1})") from e

@@ -256,7 +256,6 @@ class SplitFiles:
 # --------------------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, DatasetInfo] = {}
-_BUILTINS_LOADED = False
 
 
 def register_dataset(info: DatasetInfo, *, overwrite: bool = False) -> DatasetInfo:
@@ -266,22 +265,13 @@ def register_dataset(info: DatasetInfo, *, overwrite: bool = False) -> DatasetIn
     return info
 
 
-def _ensure_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        from . import demo  # noqa: F401  (registers "demo"; imported lazily to avoid a cycle)
-
-
 def list_datasets() -> list[str]:
-    _ensure_builtins()
     return sorted(_REGISTRY)
 
 
 def get_dataset_info(name: Union[str, DatasetInfo]) -> DatasetInfo:
     if isinstance(name, DatasetInfo):
         return name
-    _ensure_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -513,6 +503,27 @@ VOC_AUG = register_dataset(
         split_layouts=(("val", VOC_LAYOUT),),
         splits=("train_aug", "val"),
         description="SBD-augmented VOC 2012 (SegmentationClassAug PNGs, train_aug = 10,582 images)",
+    )
+)
+
+# The embedded procedural dataset (drawn by ``data.demo``); declared here with the other built-ins so that
+# the registry knows it without importing the generator.
+DEMO_CLASS_NAMES = (
+    "background", "disc", "ring", "square", "triangle", "cross", "star", "bar", "crescent", "hexagon", "heart",
+)  # fmt: skip
+DEMO_PALETTE = (
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+)  # fmt: skip
+DEMO_INFO = register_dataset(
+    DatasetInfo(
+        name="demo",
+        num_classes=len(DEMO_CLASS_NAMES),
+        class_names=DEMO_CLASS_NAMES,
+        palette=DEMO_PALETTE,
+        layout=VOC_LAYOUT,
+        splits=("train", "val"),  # data.demo seeds each image by its split's position here
+        description="embedded procedural dataset (VOC layout): 10 shape+texture classes + background",
     )
 )
 

@@ -35,7 +35,7 @@ from typing import Union
 
 import numpy as np
 
-from .datasets import VOC_LAYOUT, DataError, DatasetInfo, register_dataset
+from .datasets import DEMO_CLASS_NAMES, DEMO_INFO, DEMO_PALETTE, DataError
 from .io import atomic_write_bytes, write_jpeg, write_palette_png
 
 __all__ = [
@@ -58,30 +58,11 @@ GENERATOR_VERSION = 2
 DEMO_N_TRAIN = 500
 DEMO_N_VAL = 400
 JPEG_QUALITY = 95
-SPLITS = ("train", "val")  # split_id = position
+SPLITS = DEMO_INFO.splits  # split_id = position
 
-DEMO_CLASS_NAMES = (
-    "background", "disc", "ring", "square", "triangle", "cross", "star", "bar", "crescent", "hexagon", "heart",
-)  # fmt: skip
-DEMO_PALETTE = (
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-)  # fmt: skip
 NUM_FG = len(DEMO_CLASS_NAMES) - 1
 TEX = 1.8  # texture scale: periods survive the ~0.5x downscale of a 64-px crop
 HUE_JITTER = 0.12  # each class's hue +- this: overlaps its neighbours, so colour is a partial cue
-
-DEMO_INFO = register_dataset(
-    DatasetInfo(
-        name="demo",
-        num_classes=len(DEMO_CLASS_NAMES),
-        class_names=DEMO_CLASS_NAMES,
-        palette=DEMO_PALETTE,
-        layout=VOC_LAYOUT,
-        splits=SPLITS,
-        description="embedded procedural dataset (VOC layout): 10 shape+texture classes + background",
-    )
-)
 
 
 # --------------------------------------------------------------------------------------------

@@ -120,14 +120,14 @@ def draw_runs(loaded: list[RunCurves], out: Path, *, title: str = "") -> list[Pa
 
 def overview(runs: list[RunCurves], path: Path, *, title: str = "") -> Path:
     """Train loss, train CE and val mIoU against the epoch, one panel each, runs overlaid."""
-    from attnfd_pipeline.experiments.plotting import DPI, _pyplot, _rgb, _save, integer_ticks
+    from attnfd_pipeline.experiments.plotting import DPI, integer_ticks, pyplot, save_figure, series_rgb
 
-    plt = _pyplot()
+    plt = pyplot()
     keys = [k for k in ("train_loss", "train_ce", "miou") if any(_series(runs, k, "epoch"))]
     fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.2 * max(len(keys), 1), 3.4), dpi=DPI, squeeze=False)
     for ax, key in zip(axes[0], keys):
         for i, s in enumerate(_series(runs, key, "epoch")):
-            ax.plot(s.x, s.y, marker="o", markersize=4, linewidth=1.6, label=s.label, color=_rgb(None, i))
+            ax.plot(s.x, s.y, marker="o", markersize=4, linewidth=1.6, label=s.label, color=series_rgb(None, i))
         ax.set_title(_label(key), fontsize=10)
         ax.set_xlabel("epoch")
         integer_ticks(ax)
@@ -138,4 +138,4 @@ def overview(runs: list[RunCurves], path: Path, *, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)

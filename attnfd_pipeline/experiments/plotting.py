@@ -21,7 +21,8 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 DPI = 100
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (the lab's figures need no display)."""
     try:
         import matplotlib
     except ImportError:
@@ -33,7 +34,8 @@ def _pyplot():
     return plt
 
 
-def _rgb(color: tuple[int, int, int] | None, i: int) -> tuple[float, float, float]:
+def series_rgb(color: tuple[int, int, int] | None, i: int) -> tuple[float, float, float]:
+    """Matplotlib colour of series ``i``: its own 0–255 ``color``, else the ``i``-th of the palette."""
     c = color if color is not None else COLORS[i % len(COLORS)]
     return tuple(v / 255 for v in c)
 
@@ -64,7 +66,7 @@ def line_plot(path: str | Path, series: Sequence[Series], *, title: str = "", xl
               logx: bool = False, hlines: Sequence[HLine] = (), xticks: Sequence[float] | None = None,
               size: tuple[int, int] = (760, 460)) -> Path:
     """Lines with markers and error bars; ``logx`` puts x on a log10 axis (x must be > 0)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
     for i, s in enumerate(series):
         pts = [(float(x), float(y), s.yerr[j] if s.yerr is not None else None)
@@ -73,35 +75,36 @@ def line_plot(path: str | Path, series: Sequence[Series], *, title: str = "", xl
             continue
         xs, ys, es = zip(*pts)
         err = [float(e) if _finite(e) else 0.0 for e in es]
-        ax.errorbar(xs, ys, yerr=err if any(err) else None, label=s.label, color=_rgb(s.color, i), marker="o",
+        ax.errorbar(xs, ys, yerr=err if any(err) else None, label=s.label, color=series_rgb(s.color, i), marker="o",
                     markersize=5, linestyle="--" if s.dashed else "-", linewidth=2, capsize=4)
     for h in hlines:
         if _finite(h.y):
-            ax.axhline(h.y, label=h.label, color=_rgb(h.color, 0), linestyle="--" if h.dashed else "-", linewidth=1.5)
+            ax.axhline(h.y, label=h.label, color=series_rgb(h.color, 0), linestyle="--" if h.dashed else "-",
+                       linewidth=1.5)
     if logx:
         ax.set_xscale("log")
     if xticks is not None:
         ax.set_xticks([float(t) for t in xticks], [f"{float(t):g}" for t in xticks])
     _finish(fig, ax, title, xlabel, ylabel, legend=bool(series) or bool(hlines))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def curve_plot(path: str | Path, series: Sequence[Series], *, title: str = "", xlabel: str = "", ylabel: str = "",
                logy: bool = False, size: tuple[int, int] = (760, 460)) -> Path:
     """Training curves: one line per run (markers only where a run has few points), legend by run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
     for i, s in enumerate(series):
         pts = [(float(x), float(y)) for x, y in zip(s.x, s.y) if _finite(y) and (not logy or float(y) > 0)]
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=s.label, color=_rgb(s.color, i), linestyle="--" if s.dashed else "-",
+            ax.plot(xs, ys, label=s.label, color=series_rgb(s.color, i), linestyle="--" if s.dashed else "-",
                     linewidth=1.6, marker="o" if len(pts) <= 30 else None, markersize=4)
     if logy:
         ax.set_yscale("log")
     integer_ticks(ax)
     _finish(fig, ax, title, xlabel, ylabel, legend=bool(series))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def integer_ticks(ax) -> None:
@@ -125,7 +128,7 @@ def barh_plot(path: str | Path, categories: Sequence[str], groups: Sequence[tupl
               title: str = "", xlabel: str = "", x_max: float | None = None, width: int = 760,
               bar_h: int = 9) -> Path:
     """Grouped horizontal bars: one band per category, one bar per group (nan = no bar)."""
-    plt = _pyplot()
+    plt = pyplot()
     band = bar_h * len(groups) + 8
     height = 100 + band * max(len(categories), 1)
     fig, ax = plt.subplots(figsize=(width / DPI, height / DPI), dpi=DPI)
@@ -133,13 +136,13 @@ def barh_plot(path: str | Path, categories: Sequence[str], groups: Sequence[tupl
     for g, (label, vs) in enumerate(groups):
         ys = [i + (g - (n - 1) / 2) / (n + 1) for i in range(len(categories))]
         vals = [float(vs[i]) if i < len(vs) and _finite(vs[i]) else np.nan for i in range(len(categories))]
-        ax.barh(ys, vals, height=0.8 / (n + 1), label=label, color=_rgb(None, g))
+        ax.barh(ys, vals, height=0.8 / (n + 1), label=label, color=series_rgb(None, g))
     ax.set_yticks(range(len(categories)), list(categories))
     ax.invert_yaxis()  # first category on top
     if x_max is not None:
         ax.set_xlim(0, x_max * 1.05)
     _finish(fig, ax, title, xlabel, "", legend=bool(groups))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def colormap(x: np.ndarray) -> np.ndarray:
@@ -155,7 +158,7 @@ def colormap(x: np.ndarray) -> np.ndarray:
 def image_grid(path: str | Path, rows: Sequence[Sequence[np.ndarray | None]], *, col_titles: Sequence[str] = (),
                row_titles: Sequence[str] = (), cell: int = 144, title: str = "") -> Path:
     """Cells are (H, W, 3) uint8 arrays (shown at ``cell`` × ``cell`` pixels) or None ("n/a")."""
-    plt = _pyplot()
+    plt = pyplot()
     nrows, ncols = max(len(rows), 1), max((len(r) for r in rows), default=1) or 1
     extra_w = 1.4 if row_titles else 0.2
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, dpi=DPI,
@@ -178,11 +181,12 @@ def image_grid(path: str | Path, rows: Sequence[Sequence[np.ndarray | None]], *,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
-    plt = _pyplot()
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically and close it."""
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from attnfd_pipeline.config import Config, load_config
+from attnfd_pipeline.targets import raw_name
 
 
 def _channel_mean(x: torch.Tensor) -> np.ndarray:
@@ -61,7 +62,7 @@ def attention_maps(cfg: Config, image_index: int, *, run_dir: str | Path | None 
     if not points:
         raise ValueError(f"the student run's points {list(rs.points)} and the teacher's {list(teacher.points)} "
                          f"have none in common")
-    t = teacher.targets(x, [*points, *(f"raw_{p}" for p in points)])
+    t = teacher.targets(x, [*points, *(raw_name(p) for p in points)])
 
     nc = teacher.num_classes
     student = build_model(rs.model.name, nc, output_stride=rs.model.output_stride)
@@ -80,7 +81,7 @@ def attention_maps(cfg: Config, image_index: int, *, run_dir: str | Path | None 
     return {
         "image": image.permute(1, 2, 0).numpy().astype(np.uint8), "points": points, "run": str(run),
         "checkpoint": str(ckpt),
-        "teacher": {"raw": {p: _channel_mean(t[f"raw_{p}"]) for p in points},
+        "teacher": {"raw": {p: _channel_mean(t[raw_name(p)]) for p in points},
                     "refined": {p: _channel_mean(t[p]) for p in points}},
         "student": {"raw": {p: _channel_mean(out[p]) for p in points}, "refined": s_ref},
     }

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnfd_pipeline.config import AfDCDConfig
-from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, raw_name, register
+from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, register
+from attnfd_pipeline.targets import raw_name
 
 
 def _pool_and_patch(h: int, w: int, pool: int, patch: int) -> tuple[int, int, int]:

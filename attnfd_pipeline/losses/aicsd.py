@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from attnfd_pipeline.config import AICSDConfig
-from attnfd_pipeline.losses.base import LOGITS, DistillMethod, MethodContext, as_float, match_size, register
+from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, register
+from attnfd_pipeline.targets import LOGITS
 from attnfd_pipeline.losses.kd import kd_loss
 
 

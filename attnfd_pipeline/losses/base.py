@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-RAW_PREFIX = "raw_"
-LOGITS = "logits"
+from attnfd_pipeline.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -104,10 +103,6 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def raw_name(point: str) -> str:
-    return RAW_PREFIX + point
-
-
 def target_channels(ctx: MethodContext, name: str) -> int:
     if name not in ctx.target_shapes:
         raise KeyError(f"no shape for teacher target {name!r} (have {', '.join(ctx.target_shapes)})")
@@ -144,14 +139,17 @@ def get_method(name: str) -> type[DistillMethod]:
 
 
 def parse_methods(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """``"attnfd+kd"`` (or ``["attnfd", "kd"]``) → ``("attnfd", "kd")``; unknown or repeated names raise."""
+    """``"attnfd+kd"`` (or ``["attnfd", "kd"]``) → ``("attnfd", "kd")``. This is where ``student.method`` is
+    validated: unknown, empty or repeated names raise a ConfigError naming the key and the known methods."""
     names = [n.strip() for n in (spec.split(SEPARATOR) if isinstance(spec, str) else spec)]
     if not names or any(not n for n in names):
-        raise ValueError(f"method {spec!r}: expected names joined by {SEPARATOR!r}, e.g. 'attnfd+kd'")
+        raise ConfigError(f"student.method: {spec!r}: expected names joined by {SEPARATOR!r}, e.g. 'attnfd+kd' "
+                          f"(known: {', '.join(_REGISTRY)})")
     for n in names:
-        get_method(n)
+        if n not in _REGISTRY:
+            raise ConfigError(f"student.method: unknown distillation method {n!r}; known: {', '.join(_REGISTRY)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"method {spec!r}: a method repeats")
+        raise ConfigError(f"student.method: {spec!r}: a method repeats")
     return tuple(names)
 
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnfd_pipeline.config import CIRKDConfig
-from attnfd_pipeline.losses.base import (DistillMethod, MethodContext, as_float, connector, match_size, raw_name,
-                                         register)
+from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, connector, match_size, register
+from attnfd_pipeline.targets import raw_name
 
 
 def cross_image_relation_loss(student: torch.Tensor, teacher: torch.Tensor, *, tau: float = 0.1,

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from attnfd_pipeline.config import KDConfig
-from attnfd_pipeline.losses.base import LOGITS, DistillMethod, as_float, match_size, register
+from attnfd_pipeline.losses.base import DistillMethod, as_float, match_size, register
+from attnfd_pipeline.targets import LOGITS
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

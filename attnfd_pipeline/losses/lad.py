@@ -18,7 +18,8 @@ from torch import nn
 
 from attnfd_pipeline.config import LADConfig
 from attnfd_pipeline.losses.attnfd import attnfd_loss
-from attnfd_pipeline.losses.base import DistillMethod, MethodContext, connector, match_size, raw_name, register
+from attnfd_pipeline.losses.base import DistillMethod, MethodContext, connector, match_size, register
+from attnfd_pipeline.targets import raw_name
 
 
 @register

@@ -191,7 +191,7 @@ def _targets_side(cfg, variant: str, names: Sequence[str], bundle, cache_dir, de
 
     if variant in ("cached", "inmemory"):
         reader = CacheReader(cache_dir)
-        return reader, None, {n: tuple(reader.info["targets"][n]["chw"]) for n in names}
+        return reader, None, {n: reader.info.targets[n].chw for n in names}
     if variant == "online":
         teacher = load_teacher(bundle, device)
         return None, teacher, dict(teacher.target_specs(cfg.augment.crop_size, names))
