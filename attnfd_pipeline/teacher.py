@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnfd_pipeline
-from attnfd_pipeline.config import Config, write_resolved
+from attnfd_pipeline.config import Config
 from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.layers import build_attention
 from attnfd_pipeline.models import build_model

@@ -79,16 +79,42 @@ def _edges(path: Path, modules: dict[str, Path], package: Path = PACKAGE) -> set
     return {m for m in found if m in modules and m != me}
 
 
+def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Tarjan's strongly connected components of ``graph`` (node → successors)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                comp.add(w)
+                if w == v:
+                    break
+            out.append(comp)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
 def import_cycles(package: Path = PACKAGE) -> list[list[str]]:
     """Every strongly connected component of more than one module in the package's import graph."""
-    import networkx as nx  # a dependency of torch
-
     modules = _modules(package)
-    graph = nx.DiGraph()
-    for name, path in modules.items():
-        graph.add_node(name)
-        graph.add_edges_from((name, target) for target in _edges(path, modules, package))
-    return sorted(sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1)
+    graph = {name: _edges(path, modules, package) for name, path in modules.items()}
+    return sorted(sorted(c) for c in strongly_connected(graph) if len(c) > 1)
 
 
 def test_no_import_cycle():

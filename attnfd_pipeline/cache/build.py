@@ -31,7 +31,7 @@ from attnfd_pipeline.cache.info import CacheInfo, TargetInfo, load_info
 from attnfd_pipeline.cache.lock import BuildLock, holder_alive
 from attnfd_pipeline.cache.manifest import committed_shards
 from attnfd_pipeline.cache.errors import CacheError, disk_full_error, is_disk_full
-from attnfd_pipeline.cache.schema import (CACHE_JSON, FORMAT, LOCK_NAME, ShardRange, cache_target_names, lossy_steps,
+from attnfd_pipeline.cache.schema import (CACHE_JSON, LOCK_NAME, ShardRange, cache_target_names, lossy_steps,
                                           num_shards, paths, shard_range, target_kind, target_point)
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import ShardBuffer, ShardWriter, create_store
