@@ -79,8 +79,8 @@ demo: $(STAMPS)/cache-$(CFG_NAME) ## Everything on the embedded dataset: teacher
 bench: $(STAMPS)/teacher-$(CFG_NAME) ## Measure what caching buys (step time, memory, build/read throughput, storage fidelity on the trained teacher) -> bench/results.{json,md}, bench/storage.{json,md}
 	$(ATTNFD) bench --config $(CONFIG) --out bench --wait-quiet 600 $(BENCH_ARGS)
 
-bench-accuracy: $(STAMPS)/cache-$(CFG_NAME) ## Teacher, student, KD/LAD/AICSD/Af-DCD/AttnFD (cached + online) on the config's data, goals checked (resumable) -> bench/accuracy.{json,md}
-	$(ATTNFD) bench-accuracy --config $(CONFIG) --seeds $(BENCH_SEEDS) --out bench
+bench-accuracy: $(STAMPS)/cache-$(CFG_NAME) ## Teacher, student, KD/LAD/AICSD/Af-DCD/AttnFD (cached + online, float16 vs compact caches) on the config's data, goals checked (resumable) -> bench/accuracy.{json,md}
+	$(ATTNFD) bench-accuracy --config $(CONFIG) --seeds $(BENCH_SEEDS) --compact int8 --compact int8+poolD2 --out bench
 
 studies: $(STAMPS)/teacher-$(CFG_NAME) ## Every study of the report on the config's data: K vs online, methods, α, points, norm, teacher CBAM mode (resumable) -> bench/studies/report.md + PNGs
 	$(ATTNFD) studies --config $(CONFIG) --out bench/studies

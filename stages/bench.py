@@ -58,22 +58,22 @@ def bench_accuracy(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                    extra_seeds: Annotated[int, typer.Option(help="Seeds of KD, LAD, AICSD and Af-DCD.")] = 1,
                    compact: Annotated[list[str] | None, typer.Option(
                        help="Compact cache storage AttnFD also trains on (--seeds seeds, paired with the float16 "
-                            "cache); repeatable: int8, int8+poolD2 (default both), or 'none'.")] = None,
+                            "cache); repeatable: int8, int8+poolD2 (make bench-accuracy: both).")] = None,
                    out: AccuracyOutOpt = None, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Accuracy of the teacher, the student and the student with KD, LAD, AICSD, Af-DCD and AttnFD (cached
     and online) on any config's data, with paired differences over shared seeds; checks the goals.
     Resumable: finished runs are skipped."""
     import shlex
 
-    from attnfd_pipeline.experiments.accuracy import COMPACT, goals, run_accuracy_bench
+    from attnfd_pipeline.experiments.accuracy import goals, run_accuracy_bench
 
     logs(verbose, quiet)
     cfg = load(config, set_)
     out = out or Path("reports") / cfg.name  # a user's config must not overwrite the committed demo bench
-    storages = list(COMPACT) if compact is None else [c for c in compact if c != "none"]
+    storages = list(dict.fromkeys(compact or []))
     command = " ".join(["attnfd bench-accuracy", "--config", shlex.quote(str(config)),
                         *(f"--set {shlex.quote(o)}" for o in set_ or []), f"--seeds {seeds}",
-                        f"--extra-seeds {extra_seeds}", *(f"--compact {c}" for c in storages or ["none"]),
+                        f"--extra-seeds {extra_seeds}", *(f"--compact {shlex.quote(c)}" for c in storages),
                         "--out", shlex.quote(str(out))])
     with errors():
         results = run_accuracy_bench(cfg, out, seeds=seeds, extra_seeds=extra_seeds, compact=storages,
