@@ -14,7 +14,7 @@ by method) on the config's own run folder, so the demo teacher and finished runs
    with ``seeds`` seeds (a goal on one seed would compare a mean with a single draw), KD, LAD, AICSD and
    Af-DCD with ``extra_seeds``; methods use the config's α and their own config
    section (``student.<method>``). A finished run is reused (``sweep.is_done``) unless it was trained
-   under another config (``student.finished_result`` refuses it), an interrupted one resumes from its
+   under another config (``runs.finished_result`` refuses it), an interrupted one resumes from its
    ``last.pt``.
 
 After the teacher and after every run, ``accuracy.json`` (a list of runs: ``method``, ``seed``, ``miou``,
