@@ -88,12 +88,12 @@ def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1, compact: Sequen
     if extra_seeds < 1:
         raise ValueError(f"--extra-seeds {extra_seeds}: every method needs at least 1 seed")
     main, extra = seed_range(cfg, seeds), seed_range(cfg, extra_seeds)
-    cached, online_fresh = {"targets": TargetSource.CACHED}, {"targets": TargetSource.ONLINE_FRESH}
+    cached, fresh = {"targets": TargetSource.CACHED}, {"targets": TargetSource.ONLINE_FRESH}
     return [
         PlannedRun("student", {**cached, "alpha": 0.0}, main),
         *(PlannedRun(m, {**cached, "method": m}, extra) for m in RIVALS),
         PlannedRun("attnfd", {**cached, "method": "attnfd"}, main),
-        PlannedRun("attnfd_online", {**online_fresh, "method": "attnfd"}, main),
+        PlannedRun("attnfd_online", {**fresh, "method": "attnfd"}, main),
         *(PlannedRun(COMPACT_METHODS[c], {**cached, "method": "attnfd"}, main, storage=COMPACT[c]) for c in compact),
     ]
 
