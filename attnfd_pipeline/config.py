@@ -8,6 +8,7 @@ written beside every output (``write_resolved``) so each checkpoint, cache and r
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import tomllib
 import types
@@ -344,6 +345,46 @@ class CIRKDConfig:
         _check(self.pool >= 1, "student.cirkd.pool", "must be >= 1")
 
 
+class TargetSource(enum.StrEnum):
+    """Where Stage 2 gets its teacher targets (``student.targets``), and on which crops."""
+
+    CACHED = "cached"  # read from the cache, on the replays of the K cached augmentation seeds
+    ONLINE_REPLAY = "online-replay"  # the frozen teacher every step, on the same replayed crops (checks the cache)
+    ONLINE_FRESH = "online-fresh"  # the frozen teacher every step, on a fresh augmentation draw every epoch
+
+    @property
+    def online(self) -> bool:
+        return self is not TargetSource.CACHED
+
+    @property
+    def fresh(self) -> bool:
+        """A fresh augmentation draw every epoch rather than the K cached seeds."""
+        return self is TargetSource.ONLINE_FRESH
+
+    @property
+    def mode(self) -> str:
+        """What result.json records as ``mode``: ``cached`` or ``online``."""
+        return "online" if self.online else "cached"
+
+    @property
+    def augment(self) -> str:
+        """What result.json records as ``augment``: ``replay`` or ``fresh``."""
+        return "fresh" if self.fresh else "replay"
+
+    @property
+    def tag(self) -> str:
+        """The run-name and report tag: ``cached``, ``online`` or ``online-fresh`` (names of finished runs)."""
+        return self.value if self.fresh else self.mode
+
+    @classmethod
+    def of(cls, mode: str, augment: str = "replay") -> "TargetSource":
+        """From a result.json's ``mode`` and ``augment`` (or the older ``student.mode`` / ``online_fresh``
+        settings as ``augment`` ``fresh``): fresh crops only count with the teacher online."""
+        if mode != "online":
+            return cls.CACHED
+        return cls.ONLINE_FRESH if augment == "fresh" else cls.ONLINE_REPLAY
+
+
 # the cached-seed order of runs that predate ``student.seed_order`` (their result.json / last.pt do not record it)
 LEGACY_SEED_ORDER = "random"
 
@@ -357,10 +398,10 @@ class StudentConfig:
     norm: Literal["batch", "sample", "channel"] = "batch"  # L_Attn normalisation (docs/method.md "Loss")
     points: tuple[str, ...] = POINTS
     connector_warmup_epochs: int = 0  # reference: 1 epoch training only the connectors
-    mode: Literal["cached", "online"] = "cached"
-    # mode "online" only: a fresh augmentation draw every epoch (FreshSeeds, as the teacher trains) instead of
-    # replaying the K cached seeds; false keeps online exactly comparable to cached (same crops)
-    online_fresh: bool = False
+    # where the teacher targets come from: "cached" (the cache), "online-replay" (the frozen teacher every step on
+    # the same replayed crops: exactly comparable to cached) or "online-fresh" (the teacher on a fresh draw every
+    # epoch, as the teacher trained); the older spelling student.mode / student.online_fresh is still read
+    targets: TargetSource = TargetSource.CACHED
     # which cached seed an image is shown with each epoch: "cycle" = every seed once per K epochs (without
     # replacement, in a shuffled order), "random" = an independent choice every epoch (what a run that does not
     # record its order followed)
@@ -380,9 +421,7 @@ class StudentConfig:
             _check(own is None or own >= 0, f"student.{name}.alpha", "must be >= 0")
         _check_points(self.points, "student.points")
         _check(self.connector_warmup_epochs >= 0, "student.connector_warmup_epochs", "must be >= 0")
-        _check(not (self.online_fresh and self.mode != "online"), "student.online_fresh",
-               f"fresh augmentation needs the teacher online: set student.mode = \"online\" (it is {self.mode!r}) "
-               f"or student.online_fresh = false")
+        object.__setattr__(self, "targets", _coerce(TargetSource, self.targets, "student.targets"))
         # the method names are checked by the losses registry where the methods are built (parse_methods): the
         # config cannot import the registry, whose methods import their config sections from here
         _check(isinstance(self.method, str) and bool(self.method.strip()), "student.method",
@@ -472,6 +511,8 @@ def _check_points(points, key: str) -> None:
 
 
 def _to_plain(obj):
+    if isinstance(obj, enum.Enum):
+        return obj.value
     if isinstance(obj, dict):
         return {k: _to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -487,6 +528,8 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
+    if cls is StudentConfig:
+        data = _student_targets(data, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -499,6 +542,32 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(_qualify(where, str(e))) from None
+
+
+# the older spelling of ``student.targets``: student.mode ("cached" | "online") and student.online_fresh (bool)
+LEGACY_TARGET_KEYS = ("mode", "online_fresh")
+
+
+def _student_targets(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data`` (a student table) with ``mode`` / ``online_fresh`` read into ``targets``; where ``targets``
+    is given too, the older keys must agree with it."""
+    legacy = {k: data[k] for k in LEGACY_TARGET_KEYS if k in data}
+    if not legacy:
+        return data
+    data = {k: v for k, v in data.items() if k not in LEGACY_TARGET_KEYS}
+    given = _coerce(TargetSource, data["targets"], _join(where, "targets")) if "targets" in data else None
+    mode_key, fresh_key = _join(where, "mode"), _join(where, "online_fresh")
+    mode = _coerce(Literal["cached", "online"], legacy.get("mode", given.mode if given else "cached"), mode_key)
+    fresh = _coerce(bool, legacy.get("online_fresh", given.fresh if given else False), fresh_key)
+    _check(not (fresh and mode != "online"), fresh_key,
+           f"fresh augmentation needs the teacher online: set {mode_key} = \"online\" (it is {mode!r}) "
+           f"or {fresh_key} = false")
+    implied = TargetSource.of(mode, "fresh" if fresh else "replay")
+    if given is not None and given is not implied:
+        said = ", ".join(f"{_join(where, k)} = {json.dumps(v)}" for k, v in legacy.items())
+        raise ConfigError(f"{_join(where, 'targets')}: {given.value!r} contradicts {said} (the older spelling of "
+                          f"the same setting, meaning {implied.value!r}); set only {_join(where, 'targets')}")
+    return {**data, "targets": implied}
 
 
 def _join(where: str, key: str) -> str:
@@ -529,6 +598,11 @@ def _coerce(tp, value, key: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
         return {_coerce(key_tp, str(k), f"{key}.{k}"): _coerce(value_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [m.value for m in tp]
+        if isinstance(value, tp) or value in allowed:
+            return tp(value)
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -609,13 +683,28 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    from_file = set(data.get("student") or ()) if isinstance(data.get("student"), dict) else set()
     for text in overrides:
         keys, value = parse_override(text)
+        _drop_other_spelling(data, keys, from_file)
         _deep_set(data, keys, value)
     try:
         return from_dict(Config, data)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+
+def _drop_other_spelling(data: dict, keys: list[str], from_file: set[str]) -> None:
+    """An override of where the targets come from replaces what the file says in the other spelling
+    (``student.targets`` vs ``student.mode`` / ``student.online_fresh``): an override wins over the file
+    whichever spelling each uses. ``from_file``: the student keys the file set (shrinks as they are dropped)."""
+    if len(keys) != 2 or keys[0] != "student" or keys[1] not in ("targets", *LEGACY_TARGET_KEYS):
+        return
+    other = LEGACY_TARGET_KEYS if keys[1] == "targets" else ("targets",)
+    for k in other:
+        if k in from_file:
+            data["student"].pop(k, None)
+            from_file.discard(k)
 
 
 def dump_toml(cfg: Config) -> str:

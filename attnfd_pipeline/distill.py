@@ -1,4 +1,6 @@
-"""The module Stage 2 trains (and checkpoints): the student plus the distillation methods' modules.
+"""The distillation head of Stage 2: the module it trains (and checkpoints) — the student plus the
+distillation methods' modules (CBAMs, connectors, projectors) —, the method weights, and the training task
+``StudentTask`` (L = ce_weight(epoch) · CE + α · Σ_m w_m L_m).
 
 ``Distiller(student, points, teacher_channels)`` is AttnFD (docs/method.md "CBAM" and "Loss"): a trainable CBAM at each
 distillation point, then a connector (1×1 conv student → teacher channels + BN), then bilinear resizing
@@ -9,15 +11,22 @@ plain student.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from attnfd_pipeline.losses import AttnFD, DistillMethod, MethodContext
+from attnfd_pipeline.config import StudentConfig
+from attnfd_pipeline.engine.optim import param_groups
+from attnfd_pipeline.losses import AttnFD, DistillMethod, MethodContext, build_methods, parse_methods, required_targets
 from attnfd_pipeline.losses.base import connector, match_size
+from attnfd_pipeline.models import build_model
+from attnfd_pipeline.utils import seed_everything
 
-__all__ = ["Distiller", "connector", "match_size"]
+__all__ = ["Distiller", "StudentTask", "build_distiller", "build_task", "connector", "match_size", "method_settings",
+           "method_targets", "method_weights"]
 
 
 class Distiller(nn.Module):
@@ -76,3 +85,136 @@ class Distiller(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.student(x)
+
+
+class StudentTask:
+    """L = ce_weight(epoch) · CE + α · Σ_m w_m · L_m over the distiller's methods (AttnFD by default).
+
+    ``norm`` (when given) is set on the methods that normalise features (attnfd, lad); ``weights`` maps
+    method names to w_m (default 1). With ``teacher`` the targets are computed online every step."""
+
+    def __init__(self, distiller: Distiller, *, alpha: float, norm: str | None = None, warmup_epochs: int = 0,
+                 teacher=None, weights: dict[str, float] | None = None):
+        self.distiller = self.modules = distiller
+        self.deploy_model = distiller.student  # best.pt also stores it alone (what evaluate / export load)
+        self.alpha, self.warmup_epochs, self.teacher = alpha, warmup_epochs, teacher
+        self.norm = norm
+        if norm is not None:
+            for m in distiller.methods.values():
+                if hasattr(m, "norm"):
+                    m.norm = norm
+        unknown = sorted(set(weights or {}) - set(distiller.methods))
+        if unknown:
+            raise ValueError(f"weights for methods {unknown} that are not in use ({list(distiller.methods)})")
+        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in distiller.methods}
+        self.target_names = distiller.required_targets()
+
+    def param_groups(self, cfg):
+        return param_groups(self.distiller.backbone_parameters(), self.distiller.head_parameters(), cfg)
+
+    def _targets(self, batch) -> dict[str, torch.Tensor]:
+        if self.teacher is not None:
+            return self.teacher.targets(batch["image"], self.target_names)
+        return batch["targets"]
+
+    def distill_terms(self, out, targets, epoch: int = 0, batch=None, *, warmup: bool = False):
+        """Σ_m w_m L_m and the logs (each method's loss and its own sub-terms)."""
+        total, logs = None, {}
+        for name, method in self.distiller.methods.items():
+            if warmup and not method.has_parameters():
+                continue  # nothing of this method learns while the student is frozen
+            fn = method.warmup_loss if warmup else method
+            loss, sub = fn(out, targets, epoch, batch)
+            w = self.weights[name]
+            total = w * loss if total is None else total + w * loss
+            logs[name] = float(loss.detach())
+            logs.update({f"{name}_{k}": v for k, v in sub.items()})
+        return total, logs
+
+    def distill_loss(self, feats, targets, epoch: int = 0, batch=None) -> torch.Tensor:
+        """The weighted distillation loss Σ_m w_m L_m (a tensor)."""
+        loss, _ = self.distill_terms(feats, targets, epoch, batch)
+        return loss if loss is not None else torch.zeros((), device=feats["out"].device)
+
+    def train_step(self, batch, epoch):
+        learnable = any(m.has_parameters() for m in self.distiller.methods.values())
+        if self.alpha > 0 and epoch < self.warmup_epochs and learnable:
+            # connector warm-up (reference): only the methods' modules learn, from frozen student features
+            with torch.no_grad():
+                out = self.distiller(batch["image"])
+            loss, logs = self.distill_terms(out, self._targets(batch), epoch, batch, warmup=True)
+            return self.alpha * loss, {"distill": float(loss.detach()), **logs}
+        out = self.distiller(batch["image"])
+        ce = F.cross_entropy(out["out"].float(), batch["label"], ignore_index=255)
+        if self.alpha == 0 or not self.distiller.methods:
+            return ce, {"ce": float(ce.detach())}
+        dl, logs = self.distill_terms(out, self._targets(batch), epoch, batch)
+        cw = self.distiller.ce_weight(epoch)
+        loss = ce if cw == 1.0 else cw * ce
+        return loss + self.alpha * dl, {"ce": float(ce.detach()), "distill": float(dl.detach()), **logs}
+
+    def predict(self, images):
+        return self.distiller(images)["out"]
+
+    def on_epoch_start(self, epoch):
+        pass
+
+
+def method_weights(s: StudentConfig) -> dict[str, float]:
+    """w_m (the factor on α) of every method of ``student.method``: ``StudentConfig.method_weight``."""
+    return {n: s.method_weight(n) for n in parse_methods(s.method)}
+
+
+def method_settings(s: StudentConfig) -> dict[str, dict]:
+    """The config sections of the methods in use (what a run's result records)."""
+    out = {}
+    for n in parse_methods(s.method):
+        params = s.method_params(n)
+        out[n] = dataclasses.asdict(params) if params is not None else {}
+    return out
+
+
+def method_targets(s: StudentConfig) -> list[str]:
+    """Teacher targets the configured methods read at ``student.points``."""
+    return required_targets(s.method, s.points)
+
+
+def build_distiller(student: torch.nn.Module, s: StudentConfig, target_shapes: dict[str, tuple[int, int, int]],
+                    num_classes: int, *, distill: bool = True,
+                    target_pool: dict[str, tuple[int, int, int]] | None = None) -> Distiller:
+    """The student wrapped with the modules of the methods of ``student.method`` (none when ``distill``
+    is false: the plain student). ``target_shapes``: (C, H, W) of each teacher target they read;
+    ``target_pool``: (factor, full H, full W) of the targets the cache stores pooled."""
+    if not distill:
+        return Distiller(student, s.points, methods={})
+
+    def context(name: str) -> MethodContext:
+        return MethodContext(points=tuple(s.points), student_channels={p: t.channels for p, t in student.taps.items()},
+                             target_shapes=target_shapes, num_classes=num_classes, epochs=s.train.epochs,
+                             norm=s.norm, params=s.method_params(name), target_pool=dict(target_pool or {}))
+
+    return Distiller(student, s.points, methods=build_methods(s.method, context))
+
+
+def build_task(s: StudentConfig, num_classes: int, target_shapes: dict[str, tuple[int, int, int]], *,
+               alpha: float | None = None, teacher=None, target_pool: dict[str, tuple[int, int, int]] | None = None,
+               device: torch.device | None = None, warmup_epochs: int | None = None) -> StudentTask:
+    """The student (seeded by ``student.train.seed``) with its distillation modules and the task that trains
+    them at ``alpha`` (default ``student.alpha``; 0 = the plain student); ``teacher`` computes the targets
+    online, else the batches carry them. ``warmup_epochs``: connector warm-up (default
+    ``student.connector_warmup_epochs``)."""
+    alpha = s.alpha if alpha is None else alpha
+    warmup_epochs = s.connector_warmup_epochs if warmup_epochs is None else warmup_epochs
+    seed_everything(s.train.seed)
+    student = build_model(s.model.name, num_classes, output_stride=s.model.output_stride,
+                          backbone_weights=s.model.backbone_weights or None)
+    # Distillation modules draw their init from a forked RNG: the student's init and its dropout
+    # stream are the plain student's, so α = 0 is exactly the baseline run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.train.seed + 1)
+        distiller = build_distiller(student, s, target_shapes, num_classes, distill=alpha > 0,
+                                    target_pool=target_pool)
+    if device is not None:
+        distiller = distiller.to(device)
+    return StudentTask(distiller, alpha=alpha, norm=s.norm, warmup_epochs=warmup_epochs, teacher=teacher,
+                       weights=method_weights(s) if alpha > 0 else None)

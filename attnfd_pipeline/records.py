@@ -1,6 +1,6 @@
 """``RunRecord``: what a finished student run records in its ``result.json``.
 
-The student runner (``student.run_student``) writes it; the lab (results, report, accuracy, studies,
+The student runner (``runs.run_student``) writes it; the lab (results, report, accuracy, studies,
 sweep) reads it back with ``RunRecord.from_dict`` / ``read_record``. Results written by older versions
 lack some fields: they get the defaults those versions implied (``seed_order`` ``random``, ``augment``
 ``replay``, evaluation protocol ``center_crop``), and ``read_record`` fills what the run's
@@ -16,17 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnfd_pipeline.config import LEGACY_SEED_ORDER
+from attnfd_pipeline.config import LEGACY_SEED_ORDER, TargetSource
 
 RESULT_JSON = "result.json"
 # validation as every version so far evaluates: short side resized to the crop size, then the centre crop
 CENTER_CROP = "center_crop"
-FRESH_TAG = "online-fresh"
 
 
 @dataclass(frozen=True)
 class RunRecord:
-    run: str  # the run folder's name (``student.run_name``)
+    run: str  # the run folder's name (``runs.run_name``)
     model: str | None = None  # student model name
     method: str = "none"  # ``student.method`` of a distilled run, "none" for the plain student (α = 0)
     methods: tuple[str, ...] = ()  # the methods of a combination ("attnfd+kd" → attnfd, kd)
@@ -35,8 +34,8 @@ class RunRecord:
     alpha: float = 0.0
     norm: str | None = None
     points: tuple[str, ...] = ()
-    mode: str = "cached"  # where the targets came from: "cached" or "online" (teacher running)
-    augment: str = "replay"  # "replay" (the K cached augmentation seeds) or "fresh" (a new draw every epoch)
+    mode: str = "cached"  # where the targets came from: "cached" or "online" (``TargetSource.mode``)
+    augment: str = "replay"  # "replay" (the K cached seeds) or "fresh" (a new draw every epoch; ``TargetSource.augment``)
     seed_order: str | None = LEGACY_SEED_ORDER  # cached-seed order per epoch; None for fresh crops
     seed: int | None = None  # the run seed (initialisation, data order, cached-seed order)
     K: int | None = None  # cached augmentation seeds per image
@@ -60,14 +59,19 @@ class RunRecord:
         return self.alpha > 0
 
     @property
+    def target_source(self) -> TargetSource:
+        """Where the run's targets came from, and on which crops (``student.targets``)."""
+        return TargetSource.of(self.mode, self.augment)
+
+    @property
     def fresh(self) -> bool:
-        """Online with a fresh augmentation every epoch (``student.online_fresh``)."""
-        return self.mode == "online" and self.augment == "fresh"
+        """Online with a fresh augmentation every epoch (``student.targets = "online-fresh"``)."""
+        return self.target_source.fresh
 
     @property
     def mode_tag(self) -> str:
         """``cached``, ``online`` (teacher online on the replayed cached crops) or ``online-fresh``."""
-        return FRESH_TAG if self.fresh else self.mode
+        return self.target_source.tag
 
     @property
     def finished(self) -> bool:
@@ -78,11 +82,12 @@ class RunRecord:
         """From a result.json dict; a field it lacks comes from ``resolved`` (the run's resolved config as a
         dict) where that has it, else the default. Unknown keys are ignored."""
         s = (resolved or {}).get("student", {})
-        mode = d.get("mode", s.get("mode", "cached"))
-        augment = d.get("augment") or ("fresh" if mode == "online" and s.get("online_fresh") else "replay")
+        configured = _configured_source(s)
+        mode = d.get("mode", configured.mode)
+        augment = d.get("augment") or TargetSource.of(mode, configured.augment).augment
         alpha = float(d.get("alpha", s.get("alpha", 0.0)))
         method = (d.get("method") or s.get("method", "attnfd")) if alpha > 0 else "none"
-        fresh = mode == "online" and augment == "fresh"
+        fresh = TargetSource.of(mode, augment).fresh
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         values |= {
@@ -107,6 +112,17 @@ class RunRecord:
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
+
+
+def _configured_source(s: dict) -> TargetSource:
+    """The target source a resolved student table names (``targets``, or the older ``mode`` /
+    ``online_fresh``); cached where it names none or one this version does not know."""
+    if "targets" in s:
+        try:
+            return TargetSource(s["targets"])
+        except ValueError:
+            return TargetSource.CACHED
+    return TargetSource.of(s.get("mode", "cached"), "fresh" if s.get("online_fresh") else "replay")
 
 
 def _read_toml(path: Path) -> dict:

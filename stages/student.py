@@ -18,7 +18,7 @@ def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
             resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
             tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Train the student with L = CE + α·L_Attn against the cached teacher targets."""
-    from attnfd_pipeline.student import run_student
+    from attnfd_pipeline.runs import run_student
 
     logs(verbose, quiet)
     overrides = list(set_ or [])

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 import attnfd_pipeline.experiments.accuracy as acc
-from attnfd_pipeline.config import dump_toml, load_config, write_resolved
-from attnfd_pipeline.student import finished_result, run_name, student_dir
+from attnfd_pipeline.config import TargetSource, dump_toml, load_config, write_resolved
+from attnfd_pipeline.runs import finished_result, run_name, student_dir
 
 REQUIRED = {"method", "seed", "miou", "pixel_acc"}
 
@@ -42,9 +42,9 @@ def test_plan_has_every_method_with_its_seeds():
     assert by[("student", 7)].alpha == 0
     for m in ("kd", "lad", "aicsd", "afdcd", "attnfd"):
         s = by[(m, 5)]
-        assert (s.method, s.alpha, s.mode, s.online_fresh) == (m, cfg.student.alpha, "cached", False)
+        assert (s.method, s.alpha, s.targets) == (m, cfg.student.alpha, TargetSource.CACHED)
     online = by[("attnfd_online", 5)]
-    assert (online.method, online.mode, online.online_fresh, online.alpha) == ("attnfd", "online", True, cfg.student.alpha)
+    assert (online.method, online.targets, online.alpha) == ("attnfd", TargetSource.ONLINE_FRESH, cfg.student.alpha)
     with pytest.raises(ValueError, match="--seeds 0"):
         acc.plan_runs(cfg, seeds=0)
     with pytest.raises(ValueError, match="--extra-seeds 0"):

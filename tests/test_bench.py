@@ -128,7 +128,7 @@ def test_inmemory_step_is_the_cached_step_without_reads(tiny_pipeline):
     from attnfd_pipeline.experiments.bench.measure import one_step
     from attnfd_pipeline.data.source import ImageSource
     from attnfd_pipeline.experiments.bench.workload import InMemoryLoader, block_keys, build_setup
-    from attnfd_pipeline.student import open_cache
+    from attnfd_pipeline.runs import open_cache
     from attnfd_pipeline.teacher import load_teacher_info
 
     cfg, bundle = tiny_pipeline

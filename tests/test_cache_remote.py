@@ -175,7 +175,8 @@ def test_unusable_roots_are_refused_naming_cache_root_and_the_fix():
 
 def test_student_dataset_reads_a_memory_cache(plain):
     from attnfd_pipeline.data.loaders import CachedSeeds
-    from attnfd_pipeline.student import StudentDataset, open_cache
+    from attnfd_pipeline.data.stage2 import StudentDataset
+    from attnfd_pipeline.runs import open_cache
 
     cfg = make_cfg(ROOT)
     build_cache(cfg, FakeTeacher(), FakeSource(), progress=False)

@@ -88,7 +88,7 @@ def test_torchrun_student_trains_evaluates_on_all_ranks_and_writes_once(tiny_pip
     from attnfd_pipeline.data.source import ImageSource
     from attnfd_pipeline.engine.checkpoint import load_checkpoint
     from attnfd_pipeline.engine.train import read_log
-    from attnfd_pipeline.student import student_dir
+    from attnfd_pipeline.runs import student_dir
 
     cfg, overrides = own_runs_root(tiny_pipeline[0], tmp_path, "student.alpha=2.0", 'student.train.device="cpu"',
                                    "student.train.seed=11")  # reads the pipeline's cache

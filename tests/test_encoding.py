@@ -240,7 +240,7 @@ def test_student_trains_on_int8_pooled_cache(tiny_pipeline, tmp_path, monkeypatc
     import attnfd_pipeline.losses.attnfd as attnfd_mod
     from attnfd_pipeline.config import dump_toml
     from attnfd_pipeline.data.source import ImageSource
-    from attnfd_pipeline.student import run_student, student_dir
+    from attnfd_pipeline.runs import run_student, student_dir
     from attnfd_pipeline.teacher import load_teacher
 
     cfg, bundle = tiny_pipeline

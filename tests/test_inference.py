@@ -123,7 +123,7 @@ def trained(tiny_pipeline, tmp_path_factory):
     """The tiny teacher bundle and a distilled (AttnFD, α 2) 1-epoch student run from its cache."""
     import dataclasses
 
-    from attnfd_pipeline.student import run_student, student_dir
+    from attnfd_pipeline.runs import run_student, student_dir
 
     cfg, bundle = tiny_pipeline
     s = cfg.student  # a seed no other test trains: this module's run is its own

@@ -17,7 +17,8 @@ from attnfd_pipeline.distill import Distiller
 from attnfd_pipeline.losses import (MethodContext, alw_weight, cross_image_relation_loss, get_method, ics_loss,
                                     ics_matrix, kd_loss, list_methods, omni_contrastive_loss, parse_methods,
                                     required_targets)
-from attnfd_pipeline.student import StudentTask, build_distiller, method_weights, run_name, run_student, student_dir
+from attnfd_pipeline.distill import StudentTask, build_distiller, method_weights
+from attnfd_pipeline.runs import run_name, run_student, student_dir
 
 torch.set_num_threads(2)
 
@@ -246,7 +247,7 @@ def test_rival_weights_do_not_track_alpha_and_old_configs_keep_their_runs(tmp_pa
     """demo.toml's rivals keep their papers' weight 1 at any student.alpha (their own ``alpha``), and a run
     finished under the α-relative spelling (``weight = 1/30`` at α = 30) is the same run: same name, reused."""
     from attnfd_pipeline.config import write_resolved
-    from attnfd_pipeline.student import finished_run_differences
+    from attnfd_pipeline.runs import finished_run_differences
 
     for alpha in (2, 30, 100):
         s = load_config("configs/demo.toml", [f"student.alpha={alpha}"]).student
@@ -354,7 +355,7 @@ def test_kd_run_from_a_cache_with_logits_never_loads_the_teacher(extra_cache, mo
     def forbidden(*a, **k):
         raise AssertionError("Stage 2 from cache must not load the teacher")
 
-    monkeypatch.setattr("attnfd_pipeline.student.load_teacher", forbidden)
+    monkeypatch.setattr("attnfd_pipeline.runs.student.load_teacher", forbidden)
     r = run_student(kd, progress=False)
     assert r["method"] == "kd" and r["methods"] == ["kd"] and r["targets"] == ["logits"] and r["cache"]
     assert r["method_settings"]["kd"]["temperature"] == 2.0 and r["weights"] == {"kd": 1.0}

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from attnfd_pipeline.config import dump_toml
-from attnfd_pipeline.student import run_student, student_dir
+from attnfd_pipeline.runs import run_student, student_dir
 
 TIMING = ("samples_per_s", "data_wait_s", "peak_mem_bytes", "lr")
 runner = CliRunner()
@@ -124,7 +124,7 @@ def test_a_missing_tensorboard_extra_is_one_error_naming_it(tiny_cfg, monkeypatc
 
 
 def test_cli_logs_and_an_error_that_ends_the_run_reaches_log_txt(tiny_cfg, monkeypatch, tmp_path):
-    from attnfd_pipeline.student import StudentTask
+    from attnfd_pipeline.distill import StudentTask
     from stages.cli import app
 
     p = tmp_path / "c.toml"

@@ -1,4 +1,5 @@
-"""`student.online_fresh`: online distillation with a fresh augmentation every epoch (not the K replays)."""
+"""`student.targets = "online-fresh"` (older spelling `student.online_fresh`): online distillation with a fresh
+augmentation every epoch (not the K replays)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import shutil
 import pytest
 
 from attnfd_pipeline import augment
-from attnfd_pipeline.config import ConfigError, dump_toml, load_config
+from attnfd_pipeline.config import ConfigError, TargetSource, dump_toml, load_config
 from attnfd_pipeline.data.loaders import CachedSeeds, FreshSeeds
 from attnfd_pipeline.data.source import ImageSource
-from attnfd_pipeline.student import StudentDataset, run_name, run_student, student_dir, train_seeds
+from attnfd_pipeline.data.stage2 import StudentDataset
+from attnfd_pipeline.runs import run_name, run_student, student_dir, train_seeds
 
 
 def _with(cfg, tmp_path, *overrides):
@@ -24,7 +26,56 @@ def test_online_fresh_needs_online_mode():
     with pytest.raises(ConfigError, match=r"student\.online_fresh: .*student\.mode = \"online\""):
         load_config("configs/demo.toml", ["student.online_fresh=true"])
     cfg = load_config("configs/demo.toml", ['student.mode="online"', "student.online_fresh=true"])
-    assert cfg.student.online_fresh and not load_config("configs/demo.toml").student.online_fresh
+    assert cfg.student.targets is TargetSource.ONLINE_FRESH
+    assert load_config("configs/demo.toml").student.targets is TargetSource.CACHED
+
+
+def test_both_spellings_of_the_target_source_mean_the_same_run(tmp_path):
+    """``student.targets`` and the older ``student.mode`` / ``student.online_fresh`` name the same runs (names
+    and result fields unchanged); a contradiction names both keys; an override wins over the file in
+    either spelling."""
+    legacy = {TargetSource.CACHED: [], TargetSource.ONLINE_REPLAY: ['student.mode="online"'],
+              TargetSource.ONLINE_FRESH: ['student.mode="online"', "student.online_fresh=true"]}
+    tags = {TargetSource.CACHED: ("cached", "cached", "replay"), TargetSource.ONLINE_REPLAY: ("online", "online", "replay"),
+            TargetSource.ONLINE_FRESH: ("online-fresh", "online", "fresh")}
+    for source, sets in legacy.items():
+        old, new = load_config("configs/demo.toml", sets), load_config("configs/demo.toml", [f'student.targets="{source}"'])
+        assert old == new and old.student.targets is source
+        assert (source.tag, source.mode, source.augment) == tags[source] and f"_{source.tag}_K" in run_name(new)
+        assert TargetSource.of(source.mode, source.augment) is source
+    agree = load_config("configs/demo.toml", ['student.targets="online-fresh"', 'student.mode="online"'])
+    assert agree.student.targets is TargetSource.ONLINE_FRESH
+    with pytest.raises(ConfigError, match=r"student\.targets: 'cached' contradicts student\.mode = \"online\""):
+        load_config("configs/demo.toml", ['student.targets="cached"', 'student.mode="online"'])
+    with pytest.raises(ConfigError, match=r"student\.targets: 'online' is not one of"):
+        load_config("configs/demo.toml", ['student.targets="online"'])
+    new_file, old_file = tmp_path / "new.toml", tmp_path / "old.toml"
+    new_file.write_text('[student]\ntargets = "online-fresh"\n')
+    old_file.write_text('[student]\nmode = "online"\nonline_fresh = true\n')
+    assert load_config(new_file, ['student.mode="cached"']).student.targets is TargetSource.CACHED
+    assert load_config(old_file, ['student.targets="cached"']).student.targets is TargetSource.CACHED
+    assert load_config(old_file, ["student.online_fresh=false"]).student.targets is TargetSource.ONLINE_REPLAY
+    assert 'targets = "online-fresh"' in dump_toml(load_config(old_file))
+
+
+def test_a_finished_run_resolved_in_the_older_spelling_is_still_the_same_run(tmp_path):
+    """A run whose config.resolved.toml says ``mode = "online"`` / ``online_fresh = true`` (written before
+    ``student.targets``) is found under the same name and stands for the same config."""
+    from attnfd_pipeline.runs import finished_run_differences
+
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path}"', 'student.targets="online-fresh"'])
+    d = student_dir(cfg)
+    d.mkdir(parents=True)
+    text = dump_toml(cfg)
+    assert 'targets = "online-fresh"' in text
+    (d / "config.resolved.toml").write_text(text.replace('targets = "online-fresh"',
+                                                         'mode = "online"\nonline_fresh = true'))
+    (d / "result.json").write_text(json.dumps({"run": d.name, "final_miou": 0.5, "mode": "online",
+                                               "augment": "fresh"}))
+    assert finished_run_differences(cfg) is None
+    other = load_config("configs/demo.toml", [f'runs_root="{tmp_path}"', 'student.targets="online-fresh"',
+                                              "student.train.lr=0.5"])
+    assert "student.train.lr" in finished_run_differences(other)
 
 
 def test_fresh_seeds_and_crops_differ_from_the_replayed_ones(tiny_cfg, tmp_path):

@@ -223,7 +223,7 @@ def test_student_killed_while_saving_checkpoint_resumes_to_identical_weights(tin
     """The student process SIGKILLs itself half-way through writing last.pt of epoch 2: the previous
     last.pt (epoch 1) is intact (atomic temp + rename), `--resume` ends with the same weights and
     metrics as an uninterrupted run, and the half-written temp file is removed."""
-    from attnfd_pipeline.student import run_student, student_dir
+    from attnfd_pipeline.runs import run_student, student_dir
 
     ref_cfg = _student_cfg(tiny_pipeline, tmp_path, "ref")
     ref = run_student(ref_cfg, progress=False)
@@ -363,7 +363,7 @@ def test_student_refuses_a_sample_whose_checksum_fails(tiny_pipeline, tmp_path):
     import zarr
 
     from attnfd_pipeline.data.loaders import EpochSampler
-    from attnfd_pipeline.student import student_dir
+    from attnfd_pipeline.runs import student_dir
     from stages.cli import app
 
     cfg, _ = tiny_pipeline
@@ -448,7 +448,7 @@ def test_changed_input_is_a_new_fingerprint_and_the_student_names_it(change, fie
     """A different teacher checkpoint, dataset file, crop size, K or augmentation recipe fingerprints to
     another cache: the old one is never reused, and `attnfd student` names the field that differs,
     exit 2, before it writes anything."""
-    from attnfd_pipeline.student import student_dir
+    from attnfd_pipeline.runs import student_dir
     from stages.cli import app
 
     cfg, _ = tiny_pipeline

@@ -223,7 +223,7 @@ def test_report_cli(runs, tmp_path):
 def test_visualize_teacher_and_student_maps(tiny_pipeline, tmp_path):
     from stages.cli import app
 
-    from attnfd_pipeline.student import run_student, student_dir
+    from attnfd_pipeline.runs import run_student, student_dir
     from attnfd_pipeline.experiments.visualize import attention_maps, visualize
 
     cfg, _ = tiny_pipeline

@@ -65,7 +65,7 @@ def _refused(r, path, marker):
 def test_crafted_files_are_refused_by_every_command(cli_cfg):
     """`evaluate --bundle`, `cache build` (a bundle with a matching sidecar: the hash passes, the unpickler
     refuses), `student --resume` (crafted last.pt) and `teacher import` refuse with one clear line."""
-    from attnfd_pipeline.student import student_dir
+    from attnfd_pipeline.runs import student_dir
     from attnfd_pipeline.teacher import BUNDLE_FORMAT
 
     cfg, p, tmp = cli_cfg

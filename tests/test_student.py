@@ -5,9 +5,11 @@ import torch
 
 import attnfd_pipeline.teacher as teacher_mod
 from attnfd_pipeline.cache import CacheError, CacheReader, find_cache
-from attnfd_pipeline.config import load_config
+from attnfd_pipeline.config import TargetSource, load_config
 from attnfd_pipeline.data.source import ImageSource
-from attnfd_pipeline.student import StudentDataset, StudentTask, run_student, student_dir
+from attnfd_pipeline.data.stage2 import StudentDataset
+from attnfd_pipeline.distill import StudentTask
+from attnfd_pipeline.runs import run_student, student_dir
 from attnfd_pipeline.data.loaders import CachedSeeds
 from attnfd_pipeline.teacher import load_teacher, load_teacher_info
 
@@ -35,7 +37,7 @@ def test_cached_student_never_builds_the_teacher(tiny_pipeline, tmp_path, monkey
     def forbidden(*a, **k):
         raise AssertionError("Stage 2 from cache must not load or build the teacher")
 
-    monkeypatch.setattr("attnfd_pipeline.student.load_teacher", forbidden)
+    monkeypatch.setattr("attnfd_pipeline.runs.student.load_teacher", forbidden)
     monkeypatch.setattr(teacher_mod, "load_teacher", forbidden)
     monkeypatch.setattr(teacher_mod, "build_teacher_model", forbidden)
     result = run_student(new, progress=False)
@@ -144,7 +146,7 @@ def test_online_mode_runs(tiny_pipeline, tmp_path):
     _share_teacher(cfg, new)
     r = run_student(new, progress=False)
     assert r["mode"] == "online" and r["epochs"] == 2
-    assert dataclasses.replace(new.student, mode="cached") != new.student
+    assert dataclasses.replace(new.student, targets=TargetSource.CACHED) != new.student
 
 
 def test_resume_with_a_checkpoint_that_does_not_fit_writes_nothing(tiny_pipeline, tmp_path):
@@ -174,7 +176,7 @@ def test_a_finished_run_ignores_the_sections_of_methods_it_does_not_train_with(t
     import json
 
     from attnfd_pipeline.config import load_config, write_resolved
-    from attnfd_pipeline.student import finished_run_differences, student_dir
+    from attnfd_pipeline.runs import finished_run_differences, student_dir
 
     def cfg(*sets):
         return load_config("configs/demo.toml", [f'runs_root="{tmp_path}"', "student.method=\"attnfd+kd\"", *sets])
@@ -199,7 +201,7 @@ def test_a_run_from_before_seed_orders_counts_as_random_order(tmp_path):
     import json
 
     from attnfd_pipeline.config import load_config, write_resolved
-    from attnfd_pipeline.student import finished_run_differences, student_dir, train_seeds
+    from attnfd_pipeline.runs import finished_run_differences, student_dir, train_seeds
 
     def cfg(*sets):
         return load_config("configs/demo.toml", [f'runs_root="{tmp_path}"', *sets])

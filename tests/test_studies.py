@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 import attnfd_pipeline.experiments.studies as st
-from attnfd_pipeline.config import dump_toml, load_config
-from attnfd_pipeline.student import run_name
+from attnfd_pipeline.config import TargetSource, dump_toml, load_config
+from attnfd_pipeline.runs import run_name
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 
 
@@ -25,8 +25,8 @@ def test_plan_covers_every_study_without_repeating_the_reference():
     # them): the methods, the K study's AttnFD rows and the α, points, norm and teacher-CBAM-mode ablations;
     # only the student at the other K has 1. The config's own K / α / points / norm / mode are the reference
     assert by["student"].seeds == by["attnfd"].seeds == by["attnfd K=8"].seeds == by["kd"].seeds == (3, 4, 5)
-    assert by["attnfd online (fresh augmentation)"].overrides | {} == {"method": "attnfd", "mode": "online",
-                                                                       "online_fresh": True}
+    assert by["attnfd online (fresh augmentation)"].overrides | {} == {"method": "attnfd",
+                                                                       "targets": TargetSource.ONLINE_FRESH}
     for label in ("attnfd α=100", "attnfd at B", "attnfd norm channel", "attnfd, fitted teacher CBAM"):
         assert by[label].seeds == (3, 4, 5), label
     assert by["student K=1"].seeds == (3,)
@@ -54,7 +54,7 @@ def test_plan_covers_every_study_without_repeating_the_reference():
     assert [p.label for p in only_k] == ["attnfd online (fresh augmentation)", "student (fresh augmentation)",
                                          "attnfd K=2", "student K=2"]
     fresh = {p.label: p for p in only_k}["student (fresh augmentation)"]
-    assert fresh.overrides["alpha"] == 0 and fresh.overrides["online_fresh"] and fresh.seeds == (3,)
+    assert fresh.overrides["alpha"] == 0 and fresh.overrides["targets"].fresh and fresh.seeds == (3,)
 
 
 @pytest.mark.parametrize("kwargs, match", [

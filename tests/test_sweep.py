@@ -18,7 +18,7 @@ def test_sweep_on_a_local_cluster_skips_finished_runs(tiny_pipeline):
     done = run_sweep(cfg, [0.0, 2.0], [3], workers=2)  # worker processes, as users run it
     assert sorted(r["alpha"] for r in done) == [0.0, 2.0]
     assert all(0 <= r["best_miou"] <= 1 for r in done)
-    from attnfd_pipeline.student import student_dir
+    from attnfd_pipeline.runs import student_dir
 
     for c in sweep_configs(cfg, [0.0, 2.0], [3]):  # the worker processes wrote into each run's own log
         log = (student_dir(c) / "log.txt").read_text()
@@ -38,7 +38,7 @@ def test_sweep_reuses_one_cache_without_the_teacher(tiny_pipeline, monkeypatch):
     for mod, name in [(teacher_mod, "load_teacher"), (teacher_mod, "build_teacher_model"),
                       (teacher_mod.FrozenTeacher, "targets"), (cache_mod, "build_cache")]:
         monkeypatch.setattr(mod, name, forbidden)
-    monkeypatch.setattr("attnfd_pipeline.student.load_teacher", forbidden)
+    monkeypatch.setattr("attnfd_pipeline.runs.student.load_teacher", forbidden)
     cfg, _ = tiny_pipeline
     done = run_sweep(cfg, [1.0, 2.0], [5, 6], workers=1, processes=False)
     assert sorted((r["alpha"], r["seed"]) for r in done) == [(1.0, 5), (1.0, 6), (2.0, 5), (2.0, 6)]
@@ -55,7 +55,7 @@ def test_sweep_refuses_a_finished_run_trained_otherwise(tiny_pipeline, tmp_path,
 
     import attnfd_pipeline.experiments.sweep as sweep_mod
     from attnfd_pipeline.config import write_resolved
-    from attnfd_pipeline.student import student_dir
+    from attnfd_pipeline.runs import student_dir
 
     cfg, _ = tiny_pipeline
     cfg = dataclasses.replace(cfg, runs_root=str(tmp_path / "runs"))

@@ -35,6 +35,7 @@ from attnfd_pipeline.cache.schema import (CACHE_JSON, LOCK_NAME, ShardRange, cac
                                           num_shards, paths, shard_range, target_kind, target_point)
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import ShardBuffer, ShardWriter, create_store
+from attnfd_pipeline.data.replay import replay
 from attnfd_pipeline.engine.logging import begin as begin_run_log
 from attnfd_pipeline.engine.logging import get_logger, run_log
 from attnfd_pipeline.progress import Progress
@@ -167,15 +168,6 @@ def remove_debris(cache_dir: Location, rank: int, world: int) -> None:
                 storage.remove(storage.join(cache_dir, name))
 
 
-def replay_sample(aug_cfg, source, index: int, aug_seed: int, image=None, label=None):
-    """(params, augmented uint8 image, augmented uint8 label) of sample (index, aug_seed)."""
-    if image is None:
-        image, label = source.load(index)
-    params = augment.draw(aug_cfg, index, aug_seed, tuple(image.shape[-2:]))
-    img, lab = augment.apply(params, image, label)
-    return params, img, lab
-
-
 def shard_samples(cfg, source, shard: ShardRange, ids) -> tuple[list[dict], list[torch.Tensor], float]:
     """Replay every (image, seed) of a shard: manifest rows (no checksums yet) and normalised crops."""
     t0 = time.perf_counter()
@@ -184,7 +176,7 @@ def shard_samples(cfg, source, shard: ShardRange, ids) -> tuple[list[dict], list
         image, label = source.load(i)
         h, w = image.shape[-2:]
         for k in range(cfg.cache.K):
-            params, img, lab = replay_sample(cfg.augment, source, i, k, image, label)
+            params, img, lab = replay(source, i, k, cfg.augment, image=image, label=label)
             rows.append({"image_id": str(ids[i]), "image_index": i, "aug_seed": k, "image_h": int(h),
                          "image_w": int(w), **params.as_dict(), "image_hash": augment.content_hash(img),
                          "label_hash": augment.content_hash(lab)})

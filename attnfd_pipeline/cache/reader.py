@@ -149,10 +149,9 @@ class CacheReader:
         """The augmented uint8 (image, label) the teacher saw for this sample, rebuilt from the stored
         parameters; with ``check``, its content hashes must equal the stored ones."""
         from attnfd_pipeline import augment
+        from attnfd_pipeline.data.replay import replay
 
-        params = self.params(index, aug_seed)
-        image, label = source.load(index)
-        img, lab = augment.apply(params, image, label)
+        _, img, lab = replay(source, index, aug_seed, params=self.params(index, aug_seed))
         if check:
             ih, lh = self.hashes(index, aug_seed)
             for what, got, want in (("image", augment.content_hash(img), ih), ("label", augment.content_hash(lab), lh)):

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.config import AugmentConfig
+from attnfd_pipeline.data.replay import replay
 from attnfd_pipeline.engine.protocol import EvalProtocol
 
 
@@ -85,7 +86,7 @@ class CachedSeeds:
 
 
 class AugmentedDataset(Dataset):
-    """Training crops: replay ``augment.draw(cfg, index, seed_fn(epoch, index))`` on the source image."""
+    """Training crops: ``replay`` of (index, ``seed_fn(epoch, index)``) on the source image."""
 
     def __init__(self, source, cfg: AugmentConfig, seed_fn):
         self.source, self.cfg, self.seed_fn = source, cfg, seed_fn
@@ -94,10 +95,8 @@ class AugmentedDataset(Dataset):
         return len(self.source)
 
     def crop(self, epoch: int, index: int):
-        image, label = self.source.load(index)
         k = self.seed_fn(epoch, index)
-        params = augment.draw(self.cfg, index, k, tuple(image.shape[-2:]))
-        image, label = augment.apply(params, image, label)
+        _, image, label = replay(self.source, index, k, self.cfg)
         return image, label, k
 
     def __getitem__(self, key: tuple[int, int]) -> dict:

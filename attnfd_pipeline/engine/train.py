@@ -242,6 +242,22 @@ def _log_epoch(desc: str, cfg: TrainConfig, row: dict) -> None:
     get_logger().info(f"[{desc}] epoch {row['epoch']}/{cfg.epochs} loss {row['train_loss']:.4f}{val}")
 
 
+def _preflight(cfg: TrainConfig, world: int, device: torch.device, main: bool) -> None:
+    """What stops a run before it writes anything."""
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ValueError("train.sync_bn: SyncBatchNorm needs CUDA devices (PyTorch has no CPU implementation); "
+                         "set train.sync_bn=false for a CPU run")
+    if cfg.tensorboard and main:
+        summary_writer_class()  # a missing extra stops the run before anything is written
+
+
+def _start_over(last_path: Path, best_path: Path, log_path: Path) -> None:
+    """A run started without ``resume`` over an earlier one's files: remove its checkpoints and log."""
+    if last_path.is_file() or log_path.is_file():
+        for p in (last_path, best_path, log_path, sidecar_path(last_path), sidecar_path(best_path)):
+            p.unlink(missing_ok=True)
+
+
 def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: TrainConfig, run_dir: str | Path,
         num_classes: int, device: torch.device, config_dict: dict, class_names=None, resume: bool = False,
         extra_state: dict | None = None, progress: bool = True, desc: str = "train",
@@ -258,11 +274,7 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
     world = distributed.world_size()
     main = distributed.rank() == 0
     progress = progress and main
-    if cfg.sync_bn and world > 1 and device.type != "cuda":
-        raise ValueError("train.sync_bn: SyncBatchNorm needs CUDA devices (PyTorch has no CPU implementation); "
-                         "set train.sync_bn=false for a CPU run")
-    if cfg.tensorboard and main:
-        summary_writer_class()  # a missing extra stops the run before anything is written
+    _preflight(cfg, world, device, main)
     last_path, best_path, log_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.parquet"
     extra = {**(extra_state or {}), "train_recipe": dataclasses.asdict(cfg)}
     if main:
@@ -274,9 +286,8 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
     start_epoch, step, best, rows = 0, 0, -math.inf, []
     if resume and last_path.is_file():
         start_epoch, step, best, rows = _restore(last_path, log_path, cfg, task, optimizer, scheduler, scaler)
-    elif (last_path.is_file() or log_path.is_file()) and not resume and main:
-        for p in (last_path, best_path, log_path, sidecar_path(last_path), sidecar_path(best_path)):
-            p.unlink(missing_ok=True)
+    elif not resume and main:
+        _start_over(last_path, best_path, log_path)
     step_fn, swapped = _wrap_for_ranks(task, cfg, device) if world > 1 else (None, [])
     t0 = time.perf_counter()
     last_metrics: dict = rows[-1] if rows else {}

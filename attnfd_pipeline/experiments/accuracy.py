@@ -9,11 +9,12 @@ by method) on the config's own run folder, so the demo teacher and finished runs
 2. one cache holding every target the methods read (``cache.extra`` = ``logits`` for KD / AICSD, ``raw``
    for LAD / Af-DCD, at the config's K), built (or resumed) only when a cached run still needs it;
 3. the student runs, one seed of every method first, then the remaining seeds: every row a goal compares —
-   the student (α = 0), AttnFD (cached) and AttnFD online (fresh augmentation, ``student.online_fresh``) —
+   the student (α = 0), AttnFD (cached) and AttnFD online (fresh augmentation, ``student.targets``
+   ``online-fresh``) —
    with ``seeds`` seeds (a goal on one seed would compare a mean with a single draw), KD, LAD, AICSD and
    Af-DCD with ``extra_seeds``; methods use the config's α and their own config
    section (``student.<method>``). A finished run is reused (``sweep.is_done``) unless it was trained
-   under another config (``student.finished_result`` refuses it), an interrupted one resumes from its
+   under another config (``runs.finished_result`` refuses it), an interrupted one resumes from its
    ``last.pt``.
 
 After the teacher and after every run, ``accuracy.json`` (a list of runs: ``method``, ``seed``, ``miou``,
@@ -33,14 +34,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from attnfd_pipeline.cache import CacheError, build_cache, find_cache
-from attnfd_pipeline.config import Config
+from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.records import CENTER_CROP, RunRecord
 from attnfd_pipeline.engine.logging import get_logger
 from attnfd_pipeline.progress import job
-from attnfd_pipeline.runs import check_student_inputs, evaluate_bundle, run_teacher
-from attnfd_pipeline.student import finished_result, run_student
-from attnfd_pipeline.experiments.plan import (CACHED, ONLINE_FRESH, PlannedRun, cache_extra, cache_key,
+from attnfd_pipeline.runs import check_student_inputs, evaluate_bundle, finished_result, run_student, run_teacher
+from attnfd_pipeline.experiments.plan import (PlannedRun, cache_extra, cache_key,
                                               reads_cache, run_config, seed_range, with_cache_extra)
 from attnfd_pipeline.experiments.plan import schedule as plan_schedule
 from attnfd_pipeline.experiments.report import PAIRED_NOTE, evaluation_line
@@ -88,12 +88,13 @@ def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1, compact: Sequen
     if extra_seeds < 1:
         raise ValueError(f"--extra-seeds {extra_seeds}: every method needs at least 1 seed")
     main, extra = seed_range(cfg, seeds), seed_range(cfg, extra_seeds)
+    cached, fresh = {"targets": TargetSource.CACHED}, {"targets": TargetSource.ONLINE_FRESH}
     return [
-        PlannedRun("student", {**CACHED, "alpha": 0.0}, main),
-        *(PlannedRun(m, {**CACHED, "method": m}, extra) for m in RIVALS),
-        PlannedRun("attnfd", {**CACHED, "method": "attnfd"}, main),
-        PlannedRun("attnfd_online", {**ONLINE_FRESH, "method": "attnfd"}, main),
-        *(PlannedRun(COMPACT_METHODS[c], {**CACHED, "method": "attnfd"}, main, storage=COMPACT[c]) for c in compact),
+        PlannedRun("student", {**cached, "alpha": 0.0}, main),
+        *(PlannedRun(m, {**cached, "method": m}, extra) for m in RIVALS),
+        PlannedRun("attnfd", {**cached, "method": "attnfd"}, main),
+        PlannedRun("attnfd_online", {**fresh, "method": "attnfd"}, main),
+        *(PlannedRun(COMPACT_METHODS[c], {**cached, "method": "attnfd"}, main, storage=COMPACT[c]) for c in compact),
     ]
 
 

@@ -17,12 +17,8 @@ from collections import defaultdict
 from typing import Any, NamedTuple, Sequence
 
 from attnfd_pipeline.cache.schema import extra_for
-from attnfd_pipeline.config import Config, ConfigError
+from attnfd_pipeline.config import Config, ConfigError, TargetSource
 from attnfd_pipeline.losses import required_targets
-
-# overrides of the three ways a run gets its targets
-CACHED = {"mode": "cached", "online_fresh": False}
-ONLINE_FRESH = {"mode": "online", "online_fresh": True}
 
 
 class PlannedRun(NamedTuple):
@@ -70,7 +66,7 @@ def run_config(cfg: Config, row: PlannedRun, seed: int) -> Config:
 
 def reads_cache(cfg: Config) -> bool:
     """Whether the run of ``cfg`` reads the cache (distilled, cached mode)."""
-    return cfg.student.alpha > 0 and cfg.student.mode == "cached"
+    return cfg.student.alpha > 0 and cfg.student.targets is TargetSource.CACHED
 
 
 def cache_key(c: Config) -> tuple:

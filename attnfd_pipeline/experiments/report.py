@@ -20,7 +20,7 @@ ablations — also gets the paired difference over the seeds both rows have, wit
 n (``experiments.stats.paired``); a row sharing no seed with its reference says so.
 
 A run's mode is ``cached``, ``online`` (teacher online on the replayed cached crops: equal to cached up to
-float16) or ``online-fresh`` (``student.online_fresh``: a fresh augmentation every epoch, result.json
+float16) or ``online-fresh`` (``student.targets = "online-fresh"``: a fresh augmentation every epoch, result.json
 ``"augment": "fresh"``) — the "online (fresh augmentation)" reference of the K study. Results without
 ``augment`` (older runs) replayed the cached seeds.
 """
@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from attnfd_pipeline.config import Config
+from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, paired, seed_values
 from attnfd_pipeline.records import CENTER_CROP, read_record
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
@@ -50,8 +50,10 @@ USES = {"attnfd": {"points", "norm"}, "lad": {"points", "norm"}, "afdcd": {"poin
 CBAM_MODES = ("inpath", "fitted", "parameter_free", "untrained")
 NORM_ORDER = ("batch", "sample", "channel")
 NO_RUNS = "no runs"
-MODES = ("cached", "online", "online-fresh")
-FRESH = "online-fresh"
+# the run tags of the three target sources (``TargetSource.tag``), as run names and result rows carry them
+CACHED, ONLINE, FRESH = (t.tag for t in TargetSource)
+MODES = (CACHED, ONLINE, FRESH)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,11 +142,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def method_label(method: str, mode: str = "cached") -> str:
+def method_label(method: str, mode: str = CACHED) -> str:
     if method == "none":
         return "Student"
     names = " + ".join(DISPLAY.get(m, m) for m in method.split("+"))
-    suffix = {"online": " (online)", FRESH: " (online, fresh augmentation)"}.get(mode, "")
+    suffix = {ONLINE: " (online)", FRESH: " (online, fresh augmentation)"}.get(mode, "")
     return f"S + {names}{suffix}"
 
 
@@ -194,7 +196,7 @@ def _matches(r: dict, ref: Reference, *, vary: str = "", method_aware: bool = Fa
         return False
     if vary != "points" and "points" in uses and tuple(r["points"]) != ref.points:
         return False
-    if vary != "K" and r["mode"] == "cached" and r["K"] is not None and r["K"] != ref.K:
+    if vary != "K" and r["mode"] == CACHED and r["K"] is not None and r["K"] != ref.K:
         return False
     if vary != "teacher_mode" and r["teacher_mode"] is not None and r["teacher_mode"] != ref.teacher_mode:
         return False
@@ -343,7 +345,7 @@ def resolved_line(rows: Sequence[dict]) -> str:
 
 
 def _study(students: list[dict], ref: Reference, vary: str, key, order: Sequence | None = None, *,
-           mode: str = "cached") -> list[tuple[Any, list[dict]]]:
+           mode: str = CACHED) -> list[tuple[Any, list[dict]]]:
     """AttnFD runs at the reference except for ``vary``, grouped by ``key(run)``."""
     groups: dict[Any, list[dict]] = defaultdict(list)
     for r in students:
@@ -358,7 +360,7 @@ def _study(students: list[dict], ref: Reference, vary: str, key, order: Sequence
 
 def reference_attnfd(students: list[dict], ref: Reference) -> list[dict]:
     """AttnFD (cached) at the reference setting: the row every ablation is paired with."""
-    return [r for r in students if r["method"] == "attnfd" and r["mode"] == "cached" and r["alpha"] == ref.alpha
+    return [r for r in students if r["method"] == "attnfd" and r["mode"] == CACHED and r["alpha"] == ref.alpha
             and _matches(r, ref)]
 
 
@@ -372,7 +374,7 @@ def alpha_study(students, ref, base_m, ref_runs: Sequence[dict] = ()) -> tuple[s
     for mode, groups in by_mode.items():
         for alpha, runs in groups:
             m = Stat.of([r["miou"] for r in runs])
-            is_ref = mode == "cached" and alpha == ref.alpha
+            is_ref = mode == CACHED and alpha == ref.alpha
             rows.append([f"{alpha:g}", mode, m.n, m.fmt(), _delta(m, base_m), _pair_cell(runs, ref_runs, is_ref=is_ref)])
             data.append({"alpha": alpha, "mode": mode} | _row_data(runs)
                         | {"paired_vs_reference": None if is_ref else _pair_dict(runs, ref_runs)})
@@ -390,7 +392,7 @@ def k_study(students, ref, base_by_k: dict[Any, list[dict]]) -> tuple[str, list[
     what the K cached seeds approximate — beside the plain student on fresh crops (``base_by_k[FRESH]``),
     so each row's Δ compares distillation with the student of the same augmentation regime."""
     cached = _study(students, ref, "K", lambda r: r["K"])
-    online = _study(students, ref, "K", lambda r: "online", mode="online")
+    online = _study(students, ref, "K", lambda r: ONLINE, mode=ONLINE)
     fresh = _study(students, ref, "K", lambda r: FRESH, mode=FRESH)
     if not cached and not online and not fresh:
         return NO_RUNS, [], {}
@@ -405,10 +407,10 @@ def k_study(students, ref, base_by_k: dict[Any, list[dict]]) -> tuple[str, list[
         data.append({"K": k, "student": _stat_dict(b)} | _row_data(runs) | {"paired_vs_student": _pair_dict(runs, b_runs)}
                     | ({"vs_fresh": m.mean - fresh_m.mean, "paired_vs_fresh": _pair_dict(runs, fresh_runs)}
                        if fresh else {}))
-    for label, key, groups in (("online", "online", online), (FRESH_LABEL, FRESH, fresh)):
+    for label, key, groups in (("online", ONLINE, online), (FRESH_LABEL, FRESH, fresh)):
         for _, runs in groups:
             m = Stat.of([r["miou"] for r in runs])
-            b_runs = base_by_k.get(ref.K if key == "online" else key, [])  # online replays the reference K's crops
+            b_runs = base_by_k.get(ref.K if key == ONLINE else key, [])  # online replays the reference K's crops
             b = Stat.of([r["miou"] for r in b_runs])
             rows.append([label, m.n, m.fmt(), _fmt(b), _delta(m, b), _pair_cell(runs, b_runs)] + (["", ""] if fresh else []))
             data.append({"K": key} | _row_data(runs) | ({"student": _stat_dict(b)} if b is not None else {})
@@ -419,8 +421,8 @@ def k_study(students, ref, base_by_k: dict[Any, list[dict]]) -> tuple[str, list[
     if fresh:
         md += ("\n\n`online`: the teacher computes the targets every step on the replayed cached crops (equal to "
                "cached at that K up to float16); `online (fresh augmentation)`: a new augmentation every epoch "
-               "(`student.online_fresh`), the reference the K cached seeds approximate.")
-    return md, data, {"cached": cached, "online": online, FRESH: fresh}
+               "(`student.targets = \"online-fresh\"`), the reference the K cached seeds approximate.")
+    return md, data, {CACHED: cached, ONLINE: online, FRESH: fresh}
 
 
 def simple_study(students, ref, base_m, vary: str, key, order, header: str,
@@ -551,7 +553,7 @@ def _alpha_figure(out_dir: Path, groups: dict, base_m: Stat | None, teacher: dic
     if not groups:
         return []
     series = []
-    for mode, color in (("cached", plotting.COLORS[0]), ("online", plotting.COLORS[1]), (FRESH, plotting.COLORS[2])):
+    for mode, color in ((CACHED, plotting.COLORS[0]), (ONLINE, plotting.COLORS[1]), (FRESH, plotting.COLORS[2])):
         g = [(a, runs) for a, runs in groups[mode] if a > 0]
         if g:
             stats = [Stat.of([r["miou"] for r in runs]) for _, runs in g]
@@ -570,11 +572,11 @@ def _k_figure(out_dir: Path, groups: dict, crops: dict[Any, list[dict]], teacher
     """k_study.png (AttnFD and the student per K, the online references as lines) into ``files``."""
     from attnfd_pipeline.experiments import plotting
 
-    if not groups or not groups["cached"]:
+    if not groups or not groups[CACHED]:
         return []
     base_by_k = {k: Stat.of([r["miou"] for r in runs]) for k, runs in crops.items()}
-    ks = [k for k, _ in groups["cached"]]
-    stats = [Stat.of([r["miou"] for r in runs]) for _, runs in groups["cached"]]
+    ks = [k for k, _ in groups[CACHED]]
+    stats = [Stat.of([r["miou"] for r in runs]) for _, runs in groups[CACHED]]
     series = [plotting.Series("AttnFD (cached)", ks, [s.mean for s in stats],
                               [s.std if s.std is not None else float("nan") for s in stats])]
     bk = [(k, base_by_k[k]) for k in ks if base_by_k.get(k) is not None]
@@ -583,7 +585,7 @@ def _k_figure(out_dir: Path, groups: dict, crops: dict[Any, list[dict]], teacher
                                       [s.std if s.std is not None else float("nan") for _, s in bk],
                                       plotting.COLORS[7]))
     hlines = []
-    for _, runs in groups["online"]:
+    for _, runs in groups[ONLINE]:
         hlines.append(plotting.HLine("AttnFD (online)", Stat.of([r["miou"] for r in runs]).mean, plotting.COLORS[1]))
     for _, runs in groups[FRESH]:
         hlines.append(plotting.HLine("AttnFD (online, fresh aug.)", Stat.of([r["miou"] for r in runs]).mean,
@@ -640,7 +642,7 @@ def _curves_section(students: list[dict], ref: Reference, base: list[dict], out_
     drawn into ``out_dir/curves``; ``attnfd curves`` draws any other selection."""
     from attnfd_pipeline.experiments.curves import draw_runs, load_run
 
-    attnfd = [r for r in students if r["method"] == "attnfd" and r["mode"] == "cached" and r["alpha"] == ref.alpha
+    attnfd = [r for r in students if r["method"] == "attnfd" and r["mode"] == CACHED and r["alpha"] == ref.alpha
               and _matches(r, ref)]
     picked = [r for group in (base, attnfd) for r in sorted(group, key=lambda r: r["seed"] or 0)[:CURVE_SEEDS]]
     paths = [Path(r["root"]) / "student" / r["run"] for r in picked]

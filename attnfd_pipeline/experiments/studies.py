@@ -6,7 +6,7 @@ command on one config:
 
 - ``reference``: the plain student (α = 0) and AttnFD at the config's setting, ``seeds`` seeds each;
 - ``K``: AttnFD from caches of K ∈ ``ks`` cached augmentation seeds (``seeds`` seeds each), the student at
-  each K (``extra_seeds``), and AttnFD online with a fresh augmentation every epoch (``student.online_fresh``,
+  each K (``extra_seeds``), and AttnFD online with a fresh augmentation every epoch (``student.targets = "online-fresh"``,
   ``seeds`` seeds) — the reference the K cached seeds approximate — with the plain student on fresh crops
   (``seeds`` seeds), so online's gain is measured against the student of its own augmentation regime;
 - ``methods``: KD, LAD, AICSD, Af-DCD, CIRKD and the combination AttnFD + KD on the same cache;
@@ -40,14 +40,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from attnfd_pipeline.experiments.accuracy import complete_cache, ensure_teacher
-from attnfd_pipeline.config import Config
+from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.experiments.report import CBAM_MODES, NORM_ORDER, build_report
 from attnfd_pipeline.records import RunRecord
 from attnfd_pipeline.engine.logging import get_logger
 from attnfd_pipeline.progress import Job, current_job, job
-from attnfd_pipeline.runs import check_student_inputs
-from attnfd_pipeline.student import finished_result, run_student
-from attnfd_pipeline.experiments.plan import (CACHED, ONLINE_FRESH, PlannedRun, cache_key, reads_cache, schedule,
+from attnfd_pipeline.runs import check_student_inputs, finished_result, run_student
+from attnfd_pipeline.experiments.plan import (PlannedRun, cache_key, reads_cache, schedule,
                                               seed_range, teacher_config)
 from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path
@@ -79,13 +78,13 @@ def plan_studies(cfg: Config, *, studies: Sequence[str] = STUDIES, seeds: int = 
         raise ValueError(f"--k {bad_k[0]}: K must be ≥ 1")
     s, ref_k = cfg.student, cfg.cache.K
     main, extra = seed_range(cfg, seeds), seed_range(cfg, extra_seeds)
-    cached = {**CACHED, "method": "attnfd"}
+    cached = {"targets": TargetSource.CACHED, "method": "attnfd"}
     out: list[PlannedRun] = []
     if "reference" in studies:
         out += [PlannedRun("student", {**cached, "alpha": 0.0}, main, "reference"),
                 PlannedRun("attnfd", cached, main, "reference")]
     if "K" in studies:
-        fresh = {**ONLINE_FRESH, "method": "attnfd"}
+        fresh = {"targets": TargetSource.ONLINE_FRESH, "method": "attnfd"}
         out += [PlannedRun("attnfd online (fresh augmentation)", fresh, main, "K"),
                 PlannedRun("student (fresh augmentation)", {**fresh, "alpha": 0.0}, main, "K")]
         for k in dict.fromkeys(int(k) for k in ks):

@@ -44,7 +44,7 @@ def sweep_configs(cfg: Config, alphas: Sequence[float], seeds: Sequence[int]) ->
 
 
 def is_done(cfg: Config) -> bool:
-    from attnfd_pipeline.student import student_dir
+    from attnfd_pipeline.runs import student_dir
 
     return (student_dir(cfg) / RESULT_JSON).is_file()
 
@@ -52,7 +52,7 @@ def is_done(cfg: Config) -> bool:
 def _run_one(cfg: Config) -> dict:
     import torch
 
-    from attnfd_pipeline.student import run_student
+    from attnfd_pipeline.runs import run_student
 
     torch.set_num_threads(1)  # one run per single-threaded worker: runs don't fight over cores
     return run_student(cfg, resume=True, progress=False)
@@ -65,7 +65,7 @@ def run_sweep(cfg: Config, alphas: Sequence[float], seeds: Sequence[int], *, sch
     import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
-    from attnfd_pipeline.student import finished_result
+    from attnfd_pipeline.runs import finished_result
 
     configs = sweep_configs(cfg, alphas, seeds)
     for c in configs:  # before anything runs: a finished run from another config must not stand in

@@ -23,7 +23,7 @@ def _channel_mean(x: torch.Tensor) -> np.ndarray:
 
 
 def _student_run(cfg: Config, run_dir: str | Path | None) -> Path:
-    from attnfd_pipeline.student import student_dir
+    from attnfd_pipeline.runs import student_dir
 
     if run_dir is None:
         path = student_dir(cfg)
@@ -45,7 +45,7 @@ def attention_maps(cfg: Config, image_index: int, *, run_dir: str | Path | None 
     from attnfd_pipeline.data.source import ImageSource
     from attnfd_pipeline.engine.checkpoint import load_checkpoint
     from attnfd_pipeline.models import build_model
-    from attnfd_pipeline.student import build_distiller, method_targets
+    from attnfd_pipeline.distill import build_distiller, method_targets
     from attnfd_pipeline.teacher import bundle_path, load_teacher
 
     run = _student_run(cfg, run_dir)

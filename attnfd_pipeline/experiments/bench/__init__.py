@@ -9,7 +9,7 @@ samples are kept in ``results.json["samples"]``.
 Everything is the library's own code path: a demo-style dataset generated at the workload size, a
 teacher bundle with random weights (BatchNorm statistics calibrated on a few crops so activations stay
 in float16 range; speed does not depend on the weights), ``cache.build_cache`` for the cache, and the
-training setups composed from the same pieces as ``student.run_student``. Peak memory is measured with
+training setups built by the same pieces as ``runs.run_student``. Peak memory is measured with
 each setup in its own process. torch runs with the intra-op threads the loader workers leave free
 (``auto_threads``): on 2 shared cores a 2-thread team stalls at every barrier and identical steps then
 vary several-fold.

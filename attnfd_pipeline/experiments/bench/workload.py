@@ -1,7 +1,6 @@
 """The bench's workload: its sizes, the recipe at those sizes, a generated dataset, a teacher bundle
-with random weights, and the four training setups composed from the same pieces as
-``student.run_student`` (``StudentDataset`` + ``CachedSeeds`` + ``make_loader``, ``build_distiller``,
-``StudentTask``)."""
+with random weights, and the four training setups built by the same pieces as ``runs.run_student``
+(``distill.build_task``, ``runs.student_dataset``, ``runs.train_loader``)."""
 
 from __future__ import annotations
 
@@ -200,37 +199,25 @@ def _targets_side(cfg, variant: str, names: Sequence[str], bundle, cache_dir, de
 
 def build_setup(cfg, variant: str, *, num_classes: int, bundle: str | Path | None, cache_dir: str | Path | None,
                 device: torch.device, total_iters: int = 1000) -> Setup:
-    """One of ``VARIANTS``, composed as ``student.run_student`` composes its run."""
-    from attnfd_pipeline.data.loaders import CachedSeeds, make_loader
+    """One of ``VARIANTS``, built by the pieces ``runs.run_student`` is built from (``distill.build_task``,
+    ``runs.student_dataset``, ``runs.train_loader``)."""
     from attnfd_pipeline.data.source import ImageSource
+    from attnfd_pipeline.distill import build_task, method_targets
     from attnfd_pipeline.engine.optim import build_optimizer, build_scheduler
-    from attnfd_pipeline.models import build_model
-    from attnfd_pipeline.student import (StudentDataset, StudentTask, build_distiller, method_targets,
-                                         method_weights)
-    from attnfd_pipeline.utils import seed_everything
+    from attnfd_pipeline.runs import student_dataset, train_loader
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown bench variant {variant!r}; known: {', '.join(VARIANTS)}")
     s = cfg.student
     alpha = 0.0 if variant == "plain" else s.alpha
     reader, teacher, shapes = _targets_side(cfg, variant, method_targets(s), bundle, cache_dir, device)
-    seed_everything(s.train.seed)
-    student = build_model(s.model.name, num_classes, output_stride=s.model.output_stride,
-                          backbone_weights=s.model.backbone_weights or None)
-    with torch.random.fork_rng(devices=[]):  # distillation modules do not shift the student's RNG stream
-        torch.manual_seed(s.train.seed + 1)
-        distiller = build_distiller(student, s, shapes, num_classes, distill=alpha > 0).to(device)
-    task = StudentTask(distiller, alpha=alpha, norm=s.norm, warmup_epochs=0, teacher=teacher,
-                       weights=method_weights(s) if alpha > 0 else None)
-    seeds = CachedSeeds(s.train.seed, cfg.cache.K, s.seed_order)
-    ds = StudentDataset(ImageSource.from_config(cfg, cfg.data.train_split), cfg.augment, seeds, reader,
-                        task.target_names if reader is not None else ())
+    task = build_task(s, num_classes, shapes, alpha=alpha, teacher=teacher, device=device, warmup_epochs=0)
+    ds = student_dataset(cfg, ImageSource.from_config(cfg, cfg.data.train_split), reader, task.target_names)
     sampler = KeySampler()
     if variant == "inmemory":
         loader = InMemoryLoader(ds, sampler, s.train.batch_size)
     else:
-        loader = make_loader(ds, batch_size=s.train.batch_size, workers=cfg.data.num_workers, sampler=sampler,
-                             drop_last=True, device=device)
+        loader = train_loader(cfg, s.train, ds, device, sampler=sampler, drop_last=True)
     optimizer = build_optimizer(task.param_groups(s.train), s.train)
     scheduler = build_scheduler(optimizer, s.train, total_iters)
     scaler = torch.amp.GradScaler("cuda") if (s.train.amp and device.type == "cuda") else None

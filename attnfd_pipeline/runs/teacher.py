@@ -1,7 +1,4 @@
-"""Stage runners: compose config, data, models, engine and cache into one call per stage.
-
-``stages/`` (the CLI) only parses arguments and calls these.
-"""
+"""Stage 1: train the teacher (or import a trained one), fit or attach its CBAMs, write the bundle."""
 
 from __future__ import annotations
 
@@ -11,69 +8,26 @@ from pathlib import Path
 import torch
 
 from attnfd_pipeline.config import Config, write_resolved
-from attnfd_pipeline.data.loaders import AugmentedDataset, EpochSampler, FreshSeeds, make_loader, make_val_loader
+from attnfd_pipeline.data.loaders import AugmentedDataset, FreshSeeds
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.checkpoint import check_resume
-from attnfd_pipeline.engine.protocol import EvalProtocol
 from attnfd_pipeline.engine.logging import begin as begin_run_log
 from attnfd_pipeline.engine.logging import get_logger, run_log
+from attnfd_pipeline.engine.protocol import EvalProtocol
 from attnfd_pipeline.engine.train import evaluate, fit
+from attnfd_pipeline.runs.inputs import check_dataset_inputs, num_classes_of
+from attnfd_pipeline.runs.loaders import epoch_loaders
 from attnfd_pipeline.teacher import (CBAMFitTask, SegTask, build_side_attention, build_teacher_model, bundle_path,
                                      save_bundle)
 from attnfd_pipeline.utils import atomic_write_json, resolve_device, seed_everything
 
 
-def check_dataset_inputs(cfg: Config, splits=None) -> None:
-    """Before a stage writes anything: the splits are listed and not empty, every listed image opens
-    (header) with the size of its label, every label decodes with legal values. Raises ``DataError``
-    naming the files (``attnfd data check`` decodes the images fully)."""
-    from attnfd_pipeline.data.check import check_dataset, format_problems
-    from attnfd_pipeline.data.datasets import DataError, dataset_info
-
-    splits = list(splits or (cfg.data.train_split, cfg.data.val_split))
-    problems = check_dataset(dataset_info(cfg), cfg.data.root, splits, decode_images=False)
-    if problems:
-        raise DataError(problems[0].path, f"dataset {cfg.data.dataset!r} at {cfg.data.root} (splits "
-                                          f"{', '.join(splits)}): {format_problems(problems, limit=10)}")
-
-
-def check_student_inputs(cfg: Config) -> None:
-    """What Stage 2 can check before it writes anything, beyond what ``run_student`` checks itself:
-    the dataset files, and a ``student.model.backbone_weights`` file that exists and fits the model."""
-    from attnfd_pipeline.models import build_model
-
-    check_dataset_inputs(cfg)
-    m = cfg.student.model
-    if m.backbone_weights:
-        build_model(m.name, cfg.data.num_classes, output_stride=m.output_stride,
-                    backbone_weights=m.backbone_weights)
-
-
-def num_classes_of(cfg: Config, source: ImageSource) -> int:
-    if cfg.num_classes and cfg.num_classes != source.info.num_classes:
-        raise ValueError(f"num_classes = {cfg.num_classes} but dataset {source.info.name!r} has "
-                         f"{source.info.num_classes} classes")
-    return source.info.num_classes
-
-
-def _loaders(cfg: Config, train_cfg, train_source: ImageSource, val_source: ImageSource, device, seed_fn,
-             ctx: distributed.DistContext | None = None):
-    """Train loader (per epoch) and val loader; with a distributed ``ctx``, this rank's share of both."""
-    ctx = ctx or distributed.DistContext(device=device)
-    train_ds = AugmentedDataset(train_source, cfg.augment, seed_fn)
-    sampler = EpochSampler(len(train_ds), seed=train_cfg.seed, shuffle=True, rank=ctx.rank, world=ctx.world)
-    train_loader = make_loader(train_ds, batch_size=train_cfg.batch_size, workers=cfg.data.num_workers,
-                               sampler=sampler, drop_last=len(sampler) > train_cfg.batch_size, device=device)
-
-    def train_loader_for(epoch: int):
-        sampler.set_epoch(epoch)
-        return train_loader
-
-    val_loader = make_val_loader(val_source, EvalProtocol.from_config(cfg), batch_size=train_cfg.val_batch_size,
-                                 workers=min(cfg.data.num_workers, 1),
-                                 sampler=distributed.eval_sampler(len(val_source), ctx), device=device)
-    return train_loader_for, val_loader
+def _teacher_loaders(cfg: Config, train_src: ImageSource, val_src: ImageSource, device, protocol: EvalProtocol,
+                     ctx: distributed.DistContext | None = None):
+    """The teacher trains (and fits its CBAMs) on a fresh augmentation draw every epoch."""
+    dataset = AugmentedDataset(train_src, cfg.augment, FreshSeeds())
+    return epoch_loaders(cfg, cfg.teacher.train, dataset, val_src, device, protocol, ctx)
 
 
 def run_teacher(cfg: Config, *, resume: bool = False, progress: bool = True) -> Path:
@@ -112,12 +66,12 @@ def _run_teacher(cfg: Config, *, resume: bool, progress: bool) -> Path:
     if ctx.is_main:
         begin_run_log(out_dir)
         write_resolved(cfg, out_dir)
-    train_for, val_loader = _loaders(cfg, t.train, train_src, val_src, device, FreshSeeds(), ctx)
+    protocol = EvalProtocol.from_config(cfg)
+    train_for, val_loader = _teacher_loaders(cfg, train_src, val_src, device, protocol, ctx)
     t0 = time.perf_counter()
     _next_run("teacher")
     seg_task = SegTask(model)
     seg_task.ddp_find_unused_parameters = False  # CE on the full forward: every parameter gets a gradient
-    protocol = EvalProtocol.from_config(cfg)
     result = fit(seg_task, train_loader_for=train_for, val_loader=val_loader, cfg=t.train,
                  run_dir=out_dir / "train", num_classes=nc, device=device, config_dict=cfg.to_dict(),
                  class_names=train_src.info.class_names, resume=resume, progress=progress, desc="teacher",
@@ -268,8 +222,8 @@ def _run_teacher_import(cfg: Config, path: str | Path, *, fmt: str, cbam_mode: s
     write_resolved(cfg, cfg.teacher_dir)
     begin_run_log(cfg.teacher_dir)
     t0 = time.perf_counter()
-    train_for, val_loader = _loaders(cfg, cfg.teacher.train, train_src, val_src, device, FreshSeeds())
     protocol = EvalProtocol.from_config(cfg)
+    train_for, val_loader = _teacher_loaders(cfg, train_src, val_src, device, protocol)
     if cfg.teacher.cbam_mode == "fitted":
         _fit_side_cbams(cfg, model, attention, nc, train_for, val_loader, device, resume=False, progress=progress,
                         protocol=protocol)

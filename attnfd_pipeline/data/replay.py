@@ -1,0 +1,36 @@
+"""One training sample, replayed: load image ``index``, draw its augmentation for ``aug_seed`` (or take
+parameters already drawn, e.g. those a cache stored), apply them.
+
+The cache build (which records the parameters and content hashes), the plain training loader and the
+cached reader (which re-applies the stored parameters and checks the hashes) all go through ``replay``,
+so the crop the teacher saw and the crop the student sees come from the same code.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from attnfd_pipeline import augment
+from attnfd_pipeline.augment import AugmentParams
+
+
+class Replayed(NamedTuple):
+    params: AugmentParams  # what was applied
+    image: torch.Tensor  # augmented uint8 (3, H, W)
+    label: torch.Tensor  # augmented uint8 (H, W)
+
+
+def replay(source, index: int, aug_seed: int, aug_cfg=None, *, params: AugmentParams | None = None,
+           image: torch.Tensor | None = None, label: torch.Tensor | None = None) -> Replayed:
+    """Sample (``index``, ``aug_seed``) of ``source``: parameters drawn from (``aug_cfg``, index, aug_seed)
+    unless ``params`` are given; ``image`` / ``label`` spare a reload when the caller already holds them."""
+    if image is None:
+        image, label = source.load(index)
+    if params is None:
+        if aug_cfg is None:
+            raise ValueError("replay needs the augmentation config (aug_cfg) or the parameters (params)")
+        params = augment.draw(aug_cfg, index, aug_seed, tuple(image.shape[-2:]))
+    img, lab = augment.apply(params, image, label)
+    return Replayed(params, img, lab)
