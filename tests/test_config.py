@@ -29,6 +29,7 @@ def test_paper_recipes():
     assert (cam.augment.crop_size, cam.student.train.lr, cam.student.train.epochs) == ((360, 360), 0.02, 120)
     assert (coco.student.train.epochs, coco.student.train.lr) == (10, 0.1)
     for cfg in (voc, cs, cam, coco):
+        assert cfg.cache.encoding == "int8" and cfg.cache.pool == ()  # the compact encoding that passed both tests
         t = cfg.student.train
         assert (t.momentum, t.nesterov, t.weight_decay, t.head_lr_mult) == (0.9, True, 5e-4, 10.0)
 
