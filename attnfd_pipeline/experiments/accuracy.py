@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from attnfd_pipeline.cache import CacheError, build_cache, find_cache
+from attnfd_pipeline.cache.plan import variant_name
 from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.records import CENTER_CROP, RunRecord
@@ -53,7 +54,7 @@ from attnfd_pipeline.utils import atomic_write_json, atomic_write_text, resolve_
 # accuracy test a compact encoding must pass before it can become the default (docs/storage.md)
 COMPACT = {"int8": (("encoding", "int8"),),
            "int8+poolD2": (("encoding", "int8"), ("pool", (("D", 2),)))}
-COMPACT_METHODS = {"int8": "attnfd_int8", "int8+poolD2": "attnfd_int8_poolD2"}
+COMPACT_METHODS = {name: "attnfd_" + name.replace("+", "_") for name in COMPACT}  # accuracy.json's method
 # accuracy.json's method labels, in table order (rivals, AttnFD cached and online, AttnFD on compact caches)
 METHODS = ("teacher", "student", "kd", "lad", "aicsd", "afdcd", "attnfd", "attnfd_online", *COMPACT_METHODS.values())
 LABELS = {"teacher": "Teacher", "student": "Student (α = 0)", "kd": "S + KD", "lad": "S + LAD", "aicsd": "S + AICSD",
@@ -151,9 +152,7 @@ def complete_cache(cfg: Config, bundle: Path, *, progress: bool = True) -> tuple
 def storage_label(cfg: Config) -> str | None:
     """``int8``, ``int8+poolD2`` … for a cache that is not float16 at full resolution; None for the float16 one."""
     c = cfg.cache
-    if c.encoding == "float16" and not c.pool:
-        return None
-    return c.encoding + "".join(f"+pool{p}{f}" for p, f in c.pool)
+    return None if c.encoding == "float16" and not c.pool else variant_name(c.encoding, c.pool)
 
 
 def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = True) -> dict:
