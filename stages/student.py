@@ -6,15 +6,22 @@ from typing import Annotated, Optional
 
 import typer
 
+from attnfd_pipeline.config import TargetSource
 from stages.common import (DEFAULT_CONFIG, ConfigOpt, QuietOpt, SeedOpt, SetOpt, TensorboardOpt, VerboseOpt, errors,
                            load, logs)
 
 
 def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedOpt = None,
             alpha: Annotated[Optional[float], typer.Option(help="Distillation weight α (0 = plain student).")] = None,
-            mode: Annotated[Optional[str], typer.Option(help="cached (default) or online (teacher every step).")] = None,
-            online_fresh: Annotated[bool, typer.Option("--online-fresh", help="With --mode online: fresh augmentation "
-                                                       "every epoch instead of replaying the K cached seeds.")] = False,
+            targets: Annotated[Optional[TargetSource], typer.Option(
+                help="Where the teacher targets come from: cached (the cache), online-replay (the teacher every step "
+                     "on the replayed cached crops) or online-fresh (the teacher on a fresh augmentation every epoch). "
+                     "Default: the config's student.targets.")] = None,
+            mode: Annotated[Optional[str], typer.Option(
+                hidden=True, help="Older spelling: cached or online (= --targets online-replay).")] = None,
+            online_fresh: Annotated[bool, typer.Option(
+                "--online-fresh", hidden=True, help="Older spelling: with --mode online, = --targets online-fresh.")]
+            = False,
             resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
             tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Train the student with L = CE + α·L_Attn against the cached teacher targets."""
@@ -25,8 +32,7 @@ def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
     overrides += ["student.train.tensorboard=true"] if tensorboard else []
     overrides += [f"student.train.seed={seed}"] if seed is not None else []
     overrides += [f"student.alpha={alpha}"] if alpha is not None else []
-    overrides += [f'student.mode="{mode}"'] if mode is not None else []
-    overrides += ["student.online_fresh=true"] if online_fresh else []
+    overrides += target_overrides(targets, mode, online_fresh)
     cfg = load(config, overrides)
     from attnfd_pipeline.engine import distributed
 
@@ -39,6 +45,18 @@ def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
         return
     typer.echo(f"{result['run']}: best mIoU {result['best_miou'] * 100:.2f} "
                f"({result['epochs']} epochs, {result['train_seconds']:.0f} s)")
+
+
+def target_overrides(targets: TargetSource | None, mode: str | None, online_fresh: bool) -> list[str]:
+    """The ``--set`` overrides of ``--targets`` or of its older spelling ``--mode`` / ``--online-fresh``
+    (both spellings at once: refused, as in a config file)."""
+    if targets is not None:
+        if mode is not None or online_fresh:
+            raise typer.BadParameter("give --targets alone: --mode / --online-fresh are its older spelling",
+                                     param_hint="--targets")
+        return [f'student.targets="{targets.value}"']
+    return ([f'student.mode="{mode}"'] if mode is not None else []) + (["student.online_fresh=true"] if online_fresh
+                                                                      else [])
 
 
 def main():  # pragma: no cover - thin entry point

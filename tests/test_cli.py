@@ -74,3 +74,28 @@ def test_data_demo_prepare_and_check(tmp_path):
     r = runner.invoke(app, ["data", "check", "--config", str(p)])
     assert r.exit_code == 1
     assert "train_00001.jpg" in r.output and "val_00000.png" in r.output
+
+
+def test_student_targets_flag_sets_student_targets(tiny_cfg, tmp_path, monkeypatch):
+    """``--targets`` reaches the run's config; its older spelling ``--mode`` / ``--online-fresh`` still does,
+    and both spellings at once are refused before anything runs."""
+    import attnfd_pipeline.runs as runs
+    from attnfd_pipeline.config import TargetSource
+
+    seen = []
+    monkeypatch.setattr(runs, "check_student_inputs", lambda cfg: None)
+    monkeypatch.setattr(runs, "run_student", lambda cfg, resume=False: seen.append(cfg.student.targets) or
+                        {"run": "r", "best_miou": 0.5, "epochs": 1, "train_seconds": 1.0})
+    p = _write_cfg(tiny_cfg, tmp_path)
+    for flags, want in ((["--targets", "online-fresh"], TargetSource.ONLINE_FRESH),
+                        (["--targets", "online-replay"], TargetSource.ONLINE_REPLAY),
+                        (["--mode", "online", "--online-fresh"], TargetSource.ONLINE_FRESH),
+                        ([], TargetSource.CACHED)):
+        r = runner.invoke(app, ["student", *_opts(p), *flags])
+        assert r.exit_code == 0, r.output
+        assert seen[-1] is want, flags
+    r = runner.invoke(app, ["student", *_opts(p), "--targets", "online-fresh", "--mode", "online"])
+    assert r.exit_code == 2 and "--targets" in r.output and "older spelling" in r.output
+    r = runner.invoke(app, ["student", *_opts(p), "--targets", "teacher"])
+    assert r.exit_code == 2 and "teacher" in r.output
+    assert len(seen) == 4
