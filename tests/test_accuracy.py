@@ -219,3 +219,31 @@ def test_goals_are_decided_by_the_paired_statistics():
     wide = acc.goals(cached + _rows("attnfd_online", [0.55, 0.58, 0.57]))[2]
     assert wide.met is False and wide.status == "equivalence not shown" and "reaches outside" in wide.detail
     assert "not measured yet" in acc.format_markdown(single)
+
+
+def test_reproduce_command_round_trips_through_the_cli(monkeypatch, tmp_path):
+    """The ``Reproduce:`` command accuracy.md prints parses back into the same bench (seeds, --set, compact
+    storages, out folder): a reader who pastes it reruns what the report shows."""
+    import shlex
+
+    from stages.cli import app
+
+    calls = []
+
+    def fake_bench(cfg, out, *, seeds, extra_seeds, compact, command):
+        calls.append({"out": str(out), "seeds": seeds, "extra": extra_seeds, "compact": list(compact),
+                      "lr": cfg.student.train.lr, "command": command})
+        return []
+
+    monkeypatch.setattr(acc, "run_accuracy_bench", fake_bench)
+    args = ["bench-accuracy", "--config", "configs/demo.toml", "--set", "student.train.lr=0.02", "--seeds", "5",
+            "--compact", "int8", "--compact", "int8+poolD2", "--compact", "int8", "--out", str(tmp_path / "a b")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    first = calls[-1]
+    assert first["compact"] == ["int8", "int8+poolD2"] and first["seeds"] == 5 and first["lr"] == 0.02
+    words = shlex.split(first["command"])
+    assert words[:2] == ["attnfd", "bench-accuracy"]
+    r = CliRunner().invoke(app, words[1:])
+    assert r.exit_code == 0, r.output
+    assert calls[-1] == first
