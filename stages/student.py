@@ -55,8 +55,8 @@ def target_overrides(targets: TargetSource | None, mode: str | None, online_fres
             raise typer.BadParameter("give --targets alone: --mode / --online-fresh are its older spelling",
                                      param_hint="--targets")
         return [f'student.targets="{targets.value}"']
-    return ([f'student.mode="{mode}"'] if mode is not None else []) + (["student.online_fresh=true"] if online_fresh
-                                                                      else [])
+    older = [f'student.mode="{mode}"'] if mode is not None else []
+    return older + (["student.online_fresh=true"] if online_fresh else [])
 
 
 def main():  # pragma: no cover - thin entry point

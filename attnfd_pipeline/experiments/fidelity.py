@@ -48,6 +48,7 @@ RHOS = (1.0, 0.3)
 # a compact encoding is recommended when the distillation gradient it gives points within ~2.6° of float16's
 MIN_COSINE = 0.999
 
+
 def teacher_from_checkpoint(cfg, path) -> Any:
     """The frozen ``inpath`` teacher of a teacher training checkpoint (``runs/<name>/teacher/train/last.pt``),
     for measuring before the run has written its bundle. Loaded with ``weights_only=True``; the numpy
@@ -247,7 +248,7 @@ def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
     best = max(ok, key=lambda n: out["variants"][n]["compression_vs_float16"]) if ok else "float16"
     b = out["variants"][best]
     out["recommended"] = {"encoding": best, "compression_vs_float16": b["compression_vs_float16"],
-                          "grad_cosine": b["grad_cosine"], "rel_error": b["rel_error"], "min_cosine": min_cosine}
+                          "grad_cosine": b["grad_cosine"], "rel_error": b["rel_error"]}
     out["min_cosine"] = min_cosine
     return out
 

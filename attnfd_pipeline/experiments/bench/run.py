@@ -119,7 +119,7 @@ def recommended_storage(recipe_cfg, out_dir: Path, quick: bool, *, crops=(64, 25
     source = ImageSource.from_config(recipe_cfg, recipe_cfg.data.train_split)
     fig = write_storage_bench(recipe_cfg, load_teacher(bundle, "cpu"), source, out_dir, crops=crops, images=images)
     log(f"storage: recommended {fig['recommended']['encoding']} (wrote {out_dir / 'storage.json'})")
-    return fig["recommended"] | {"teacher": str(bundle), "details": "storage.json"}
+    return fig["recommended"] | {"min_cosine": fig["min_cosine"], "teacher": str(bundle), "details": "storage.json"}
 
 
 def auto_threads(workers: int) -> int:
