@@ -26,7 +26,8 @@ from attnfd_pipeline.cache import (CacheError, CacheInfo, CacheReader, build_cac
                                    describe_cache, find_cache, load_info, plan_cache, verify_cache)
 from attnfd_pipeline.cache.build import run_teacher, shard_samples
 from attnfd_pipeline.cache.lock import BuildLock
-from attnfd_pipeline.cache.schema import ShardRange, round_mantissa, to_float16
+from attnfd_pipeline.cache.encoding import round_mantissa, to_float16
+from attnfd_pipeline.cache.schema import ShardRange
 from attnfd_pipeline.cache.writer import shard_file
 from attnfd_pipeline.config import AugmentConfig, CacheConfig, Config
 from attnfd_pipeline.utils import sha256_state_dict

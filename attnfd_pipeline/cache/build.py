@@ -4,8 +4,10 @@ For each shard a writer owns (``range(rank, n_shards, world)``) and that has no 
 part: replay ``AugmentParams(i, k)`` for its images and seeds, run the teacher in batches of
 ``cache.batch_size`` crops (eval, no_grad; batches never cross a shard, so a resumed or multi-writer
 build feeds the teacher exactly the batches of an uninterrupted one and ends bitwise identical), then
-hand the shard to the background ``ShardWriter``, which converts, checksums, compresses and writes it
-while the teacher runs on the next shard. The target shapes come from the first shard's outputs, so a
+encode each batch on the teacher's device (pooling, the float16 cast with its checks or the int8
+quantisation: ``encoding.encode``) and copy only the stored arrays to the host (pinned, non-blocking on
+CUDA, so the next batch's forward overlaps the copies), then hand the shard to the background
+``ShardWriter``, which checksums, compresses and writes it while the teacher runs on the next shard. The target shapes come from the first shard's outputs, so a
 build runs no extra dry forward.
 """
 
@@ -25,13 +27,14 @@ import torch
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache import encoding as enc
-from attnfd_pipeline.cache.encoding import DEFAULT_ENCODING, pool_of, pooled_hw
+from attnfd_pipeline.cache.encoding import (DEFAULT_ENCODING, HostCopies, encode, lossy_steps, pool_of, pooled_hw,
+                                            to_host)
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_fingerprint, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.info import CacheInfo, TargetInfo, load_info
 from attnfd_pipeline.cache.lock import BuildLock, holder_alive
 from attnfd_pipeline.cache.manifest import committed_shards
 from attnfd_pipeline.cache.errors import CacheError, disk_full_error, is_disk_full
-from attnfd_pipeline.cache.schema import (CACHE_JSON, LOCK_NAME, ShardRange, cache_target_names, lossy_steps,
+from attnfd_pipeline.cache.schema import (CACHE_JSON, LOCK_NAME, ShardRange, cache_target_names,
                                           num_shards, paths, shard_range, target_kind, target_point)
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import ShardBuffer, ShardWriter, create_store
@@ -51,9 +54,9 @@ class BuildResult:
     samples_written: int
     bytes_written: int  # compressed bytes on disk of the shards written now
     seconds: float
-    teacher_seconds: float  # main-thread time inside teacher.targets (incl. the copy to host)
+    teacher_seconds: float  # main-thread time: teacher.targets + encoding on its device + queuing the copies
     load_seconds: float  # image load + augmentation + normalisation (loader thread, overlapped)
-    writer_seconds: float  # background thread: float16 step, checksums, compression, I/O
+    writer_seconds: float  # background thread: checksums, compression, I/O
 
     @property
     def samples_per_s(self) -> float:
@@ -233,6 +236,42 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
         raise
 
 
+def run_teacher_stored(teacher, crops: Sequence[torch.Tensor], rows: Sequence[dict], names: Sequence[str],
+                       cache_cfg, device: torch.device) -> tuple[dict[str, np.ndarray], dict[str, tuple], float]:
+    """The teacher on ``crops`` in batches of ``cache.batch_size``, each batch encoded on ``device`` right
+    after its forward (``encoding.encode``); only the stored arrays cross to the host. Returns the host
+    stored arrays (n, …) per array name (``encoding.stored_arrays`` of each target), the teacher's (C, H, W)
+    per target, and the seconds spent. ``rows`` (the manifest rows of ``crops``) name samples in refusals."""
+    encoding = getattr(cache_cfg, "encoding", DEFAULT_ENCODING)
+    copies = HostCopies(device)
+    host: dict[str, list[list[torch.Tensor]]] = {n: [] for n in names}
+    specs: dict[str, tuple] = {}
+    seconds, bs = 0.0, cache_cfg.batch_size
+    for b in range(0, len(crops), bs):
+        x = torch.stack(list(crops[b:b + bs])).to(device)
+        ids = [r["image_id"] for r in rows[b:b + bs]]
+        seeds = [r["aug_seed"] for r in rows[b:b + bs]]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            got = teacher.targets(x, list(names))
+            for n in names:
+                if n not in got:
+                    raise CacheError(f"teacher returned no target {n!r} (got {sorted(got)})")
+                specs[n] = tuple(int(v) for v in got[n].shape[1:])
+                parts = encode(got[n].detach(), encoding, mantissa_bits=cache_cfg.mantissa_bits,
+                               pool=pool_of(getattr(cache_cfg, "pool", ()), n), target=n, ids=ids, seeds=seeds)
+                host[n].append(to_host(parts, copies))
+        seconds += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    copies.wait()
+    seconds += time.perf_counter() - t0
+    out = {}
+    for n in names:
+        for j, (array, _) in enumerate(enc.stored_arrays(n, encoding)):
+            out[array] = np.concatenate([batch[j].numpy() for batch in host[n]])
+    return out, specs, seconds
+
+
 @dataclass
 class _TeacherShards:
     """The shards of ``todo`` through the teacher, in order: one shard of images is loaded and augmented
@@ -258,9 +297,10 @@ class _TeacherShards:
                 rows, crops, dt = pending.result()
                 pending = prepare(todo[j + 1]) if j + 1 < len(todo) else None
                 self.load_s += dt
-                outs, dt = run_teacher(self.teacher, crops, self.names, self.cfg.cache.batch_size, self.device)
+                stored, specs, dt = run_teacher_stored(self.teacher, crops, rows, self.names, self.cfg.cache,
+                                                       self.device)
                 self.teacher_s += dt
-                yield shard, rows, outs
+                yield shard, rows, (stored, specs)
         finally:
             loader.shutdown(wait=True, cancel_futures=True)
 
@@ -270,7 +310,7 @@ def _target_specs(first: tuple | None, cache_dir: Location, teacher, cfg, names:
     crop costs a full teacher forward per build — else from the recorded ``cache.json`` (nothing left to
     build), else from ``teacher.target_specs``."""
     if first is not None:
-        return {n: tuple(first[2][n].shape[1:]) for n in names}
+        return dict(first[2][1])
     if storage.is_file(paths(cache_dir)["info"]):
         recorded = load_info(cache_dir).targets
         if all(n in recorded for n in names):  # the teacher's shapes: before pooling, when pooled
@@ -310,6 +350,8 @@ def _write_all(cfg, teacher, source, cache_dir: Location, stream, names: list[st
     first = next(stream, None)
     info = cache_info(cfg, teacher, source, _target_specs(first, cache_dir, teacher, cfg, names))
     create_store(cache_dir, info)
+    # the recorded cache.json rules a resumed build: an older cache keeps its checksum algorithm
+    info = load_info(cache_dir)
     begin_run_log(cache_dir if storage.is_local(cache_dir) else None)
     fp, K = info.fingerprint, cfg.cache.K
     bar = Progress(samples, desc=f"cache {fp[:8]} rank {rank}/{world}", unit="samples", enabled=progress)
@@ -318,9 +360,11 @@ def _write_all(cfg, teacher, source, cache_dir: Location, stream, names: list[st
         bar.update(len(buf.rows), counters={"MB": nbytes / 1e6})
 
     writer = ShardWriter(cache_dir, info, rank=rank, on_commit=on_commit)
+    device = teacher_device(teacher).type
     try:
-        for (s, start, stop), rows, outs in itertools.chain([first] if first else [], stream):
-            writer.submit(ShardBuffer(s, start, stop, _shard_arrays(outs, info, names, stop - start, K), rows))
+        for (s, start, stop), rows, (stored, specs) in itertools.chain([first] if first else [], stream):
+            arrays = _shard_arrays(stored, specs, info, names, stop - start, K)
+            writer.submit(ShardBuffer(s, start, stop, arrays, rows, encoded_on=device))
     finally:
         try:
             writer.close()
@@ -329,14 +373,15 @@ def _write_all(cfg, teacher, source, cache_dir: Location, stream, names: list[st
     return writer
 
 
-def _shard_arrays(outs: dict[str, np.ndarray], info: CacheInfo, names: list[str], n_images: int, K: int
-                  ) -> dict[str, np.ndarray]:
-    """Teacher outputs (n·K, C, H, W) → (n, K, C, H, W) per target, shapes checked against the store's."""
+def _shard_arrays(stored: dict[str, np.ndarray], specs: dict[str, tuple], info: CacheInfo, names: list[str],
+                  n_images: int, K: int) -> dict[str, np.ndarray]:
+    """Stored arrays (n·K, …) → (n, K, …) per array, the teacher's shapes checked against the store's."""
     arrays = {}
     for n in names:
         want = info.targets[n].teacher_chw  # before pooling, when pooled
-        if tuple(outs[n].shape[1:]) != tuple(want):
-            raise CacheError(f"teacher target {n!r} has shape {tuple(outs[n].shape[1:])}, expected "
+        if tuple(specs[n]) != tuple(want):
+            raise CacheError(f"teacher target {n!r} has shape {tuple(specs[n])}, expected "
                              f"{tuple(want)} (the store's, from the first shard)")
-        arrays[n] = outs[n].reshape(n_images, K, *outs[n].shape[1:])
+        for array, _ in enc.stored_arrays(n, info.encoding):
+            arrays[array] = stored[array].reshape(n_images, K, *stored[array].shape[1:])
     return arrays

@@ -21,7 +21,7 @@ from typing import Any
 import attnfd_pipeline
 from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.errors import CacheError
-from attnfd_pipeline.cache.schema import DTYPE, FORMAT, cache_target_names
+from attnfd_pipeline.cache.schema import DTYPE, FINGERPRINT_FORMAT, cache_target_names
 from attnfd_pipeline.cache.storage import Location
 
 
@@ -49,7 +49,7 @@ def cache_inputs(cfg, teacher: Any, source: Any) -> dict[str, Any]:
     ``source``: sample source or its identity dict."""
     c = cfg.cache
     inputs = {
-        "format": FORMAT,
+        "format": FINGERPRINT_FORMAT,
         "package_version": attnfd_pipeline.__version__,
         "teacher_sha256": teacher_sha256(teacher),
         "dataset": dataset_identity(source),

@@ -2,7 +2,8 @@
 reader, finder, checker and verifier reads, instead of a free-form dict.
 
 ``CacheInfo.from_json`` accepts every ``cache.json`` written so far (a file without ``encoding`` is float16;
-a target without ``pool`` is unpooled) and names the file and key of anything missing or ill-typed;
+a target without ``pool`` is unpooled; a ``attnfd-cache/1`` file without ``checksum`` was checksummed with
+blake2b) and names the file and key of anything missing or ill-typed;
 ``to_json`` gives back the same keys and values, so a rebuilt ``cache.json`` is byte for byte the one of
 an older build of the same inputs (``storage.write_json`` sorts the keys).
 """
@@ -16,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.encoding import DEFAULT_ENCODING
+from attnfd_pipeline.cache.encoding import CHECKSUM, CHECKSUMS, DEFAULT_ENCODING, LEGACY_CHECKSUM
 from attnfd_pipeline.cache.errors import CacheError
-from attnfd_pipeline.cache.schema import FORMAT, paths
+from attnfd_pipeline.cache.schema import FORMAT, FORMATS, paths
 from attnfd_pipeline.targets import extra_for
 
 def _get(d: Mapping, key: str, types: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
@@ -105,7 +106,8 @@ class CacheInfo:
     lossy: tuple[str, ...]  # the lossy steps from the teacher's float32 to what is stored, in words
     teacher_batch_size: int  # crops per teacher forward during the build (not fingerprinted)
     encoding: str = DEFAULT_ENCODING  # float16 or int8 (cache.encoding); absent from older files: float16
-    format: str = FORMAT  # the layout version; from_json refuses any other
+    format: str = FORMAT  # the layout version (schema.FORMATS); from_json refuses any other
+    checksum: str = CHECKSUM  # the per-sample manifest checksum (encoding.CHECKSUMS); /1 files: blake2b
 
     # -- derived --------------------------------------------------------------------------------
     @property
@@ -151,9 +153,10 @@ class CacheInfo:
     def from_json(cls, d: Any, path: str | Path = "cache.json") -> "CacheInfo":
         """Parse a ``cache.json`` object; CacheError naming ``path`` and the key when one is missing or of the
         wrong type, or when the file is not a cache description at all."""
-        if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("fingerprint"), str):
+        if not isinstance(d, dict) or d.get("format") not in FORMATS or not isinstance(d.get("fingerprint"), str):
             fmt = d.get("format") if isinstance(d, dict) else None
-            raise CacheError(f"{path}: not an attnfd cache description (format {fmt!r}, expected {FORMAT!r})")
+            raise CacheError(f"{path}: not an attnfd cache description (format {fmt!r}, expected one of "
+                             f"{', '.join(FORMATS)})")
         names = tuple(_get(d, "target_names", list, str(path)))
         if not all(isinstance(n, str) for n in names):
             raise CacheError(f"{path}: key 'target_names' is {list(names)!r}, expected a list of names")
@@ -172,7 +175,8 @@ class CacheInfo:
                    targets={n: TargetInfo.from_json(table[n], f"{path}: targets.{n}") for n in names},
                    dtype=g("dtype", str), codec=g("codec", str), level=g("level", int),
                    mantissa_bits=g("mantissa_bits", int), lossy=tuple(g("lossy", list)),
-                   teacher_batch_size=g("teacher_batch_size", int), encoding=g("encoding", str, DEFAULT_ENCODING))
+                   teacher_batch_size=g("teacher_batch_size", int), encoding=g("encoding", str, DEFAULT_ENCODING),
+                   format=d["format"], checksum=_checksum(d, str(path)))
 
     def to_json(self) -> dict[str, Any]:
         """The ``cache.json`` object (same keys and values as every build so far)."""
@@ -184,7 +188,18 @@ class CacheInfo:
             "targets": {n: self.targets[n].to_json() for n in self.target_names},
             "dtype": self.dtype, "codec": self.codec, "level": self.level, "mantissa_bits": self.mantissa_bits,
             "lossy": list(self.lossy), "teacher_batch_size": self.teacher_batch_size, "encoding": self.encoding,
+            **({} if self.format == FORMATS[0] else {"checksum": self.checksum}),
         }
+
+
+def _checksum(d: Mapping, where: str) -> str:
+    """The checksum algorithm of a ``cache.json``: recorded from /2 on, blake2b in a /1 file."""
+    if d["format"] == FORMATS[0]:
+        return LEGACY_CHECKSUM
+    algo = _get(d, "checksum", str, where)
+    if algo not in CHECKSUMS:
+        raise CacheError(f"{where}: key 'checksum' is {algo!r}, expected one of {', '.join(CHECKSUMS)}")
+    return algo
 
 
 def load_info(cache_dir: str | Path) -> CacheInfo:

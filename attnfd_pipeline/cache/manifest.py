@@ -23,9 +23,12 @@ from attnfd_pipeline.utils import atomic_write_bytes
 
 
 def write_part(manifest_dir: str | Path, shard: int, rows: Sequence[dict], targets: Sequence[str],
-               fingerprint: str) -> Location:
-    """Write the manifest part of ``shard`` atomically; ``rows`` sorted by (image_index, aug_seed)."""
+               fingerprint: str, meta: dict[str, str] | None = None) -> Location:
+    """Write the manifest part of ``shard`` atomically; ``rows`` sorted by (image_index, aug_seed); ``meta``:
+    more schema metadata (provenance: the device that encoded the shard, the checksum algorithm)."""
     schema = manifest_schema(targets, fingerprint, shard)
+    if meta:
+        schema = schema.with_metadata({**schema.metadata, **{k.encode(): str(v).encode() for k, v in meta.items()}})
     table = pa.Table.from_pylist(list(rows), schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

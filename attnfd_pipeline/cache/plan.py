@@ -19,12 +19,11 @@ from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.build import run_teacher, shard_samples, teacher_device
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.manifest import list_parts
-from attnfd_pipeline.cache.encoding import bytes_per_sample, decode, pool_maps, pool_of, pooled_hw
+from attnfd_pipeline.cache.encoding import bytes_per_sample, decode, encode_target, pool_maps, pool_of, pooled_hw
 from attnfd_pipeline.cache.errors import CacheError
 from attnfd_pipeline.cache.schema import (LOGITS, ShardRange, cache_target_names, num_shards, paths, shard_range,
                                           target_point)
 from attnfd_pipeline.cache.storage import Location
-from attnfd_pipeline.cache.writer import encode_target
 
 # per chunk: crc32c (4 B) + shard index entry (16 B); per shard: index crc (4 B)
 CHUNK_OVERHEAD = 20

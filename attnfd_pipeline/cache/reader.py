@@ -18,13 +18,13 @@ import pyarrow as pa
 
 from attnfd_pipeline.augment import AugmentParams
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.encoding import decode, stored_arrays
+from attnfd_pipeline.cache.encoding import checksum, decode, stored_arrays
 from attnfd_pipeline.cache.fingerprint import (cache_dir_for, cache_inputs, cache_root_path, diff_inputs,
                                                fingerprint_of)
 from attnfd_pipeline.cache.info import CacheInfo, load_info
 from attnfd_pipeline.cache.manifest import list_parts, read_manifest
 from attnfd_pipeline.cache.errors import CacheError
-from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, params_from_row, paths, sample_checksum
+from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, params_from_row, paths
 from attnfd_pipeline.cache.storage import Location
 
 
@@ -140,7 +140,7 @@ class CacheReader:
                 parts = [self._array(array)[index, aug_seed] for array, _ in stored_arrays(name, self.encoding)]
             except Exception as e:  # noqa: BLE001 - crc32c mismatch, truncated shard …
                 raise CacheError(f"{self.path}: unreadable data for {where}: {e}") from None
-            if self.verify and sample_checksum(*parts).encode() != self._cols[CHECKSUM_PREFIX + name][row]:
+            if self.verify and checksum(parts, self.info.checksum).encode() != self._cols[CHECKSUM_PREFIX + name][row]:
                 raise CacheError(f"{self.path}: checksum mismatch for {where} (data changed after it was written)")
             out[name] = parts
         return out

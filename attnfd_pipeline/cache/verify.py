@@ -17,11 +17,11 @@ import numpy as np
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.encoding import stored_arrays
+from attnfd_pipeline.cache.encoding import checksum, stored_arrays
 from attnfd_pipeline.cache.errors import CacheError
 from attnfd_pipeline.cache.info import CacheInfo, load_info
 from attnfd_pipeline.cache.manifest import list_parts, read_part
-from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, params_from_row, paths, sample_checksum, shard_range
+from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, params_from_row, paths, shard_range
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import shard_file
 
@@ -69,10 +69,11 @@ class VerifyReport:
         return out
 
 
-def _check_shard(arrs: list, s0: int, s1: int, sums: np.ndarray) -> list[tuple]:
+def _check_shard(arrs: list, s0: int, s1: int, sums: np.ndarray, algorithm: str) -> list[tuple]:
     """Read one shard of one target (its stored arrays: float16 values, or int8 codes, scales, offsets);
     (index, seed, reason) for each bad sample. ``sums``: (n, K). NaN marks a never-written sample: in the
-    float16 values, or in the scales of an int8 target (uint8 codes cannot hold NaN)."""
+    float16 values, or in the scales of an int8 target (uint8 codes cannot hold NaN). ``algorithm``: the
+    cache's checksum (``CacheInfo.checksum``)."""
     K = arrs[0].shape[1]
     nan_at = 0 if len(arrs) == 1 else 1
     bad = []
@@ -95,7 +96,7 @@ def _check_shard(arrs: list, s0: int, s1: int, sums: np.ndarray) -> list[tuple]:
                 bad.append((i, k, "missing: all NaN (chunk absent or deleted)"))
             elif nan.any():
                 bad.append((i, k, f"{int(nan.sum())} NaN values"))
-            elif sample_checksum(*xs) != sums[i - s0, k]:
+            elif checksum(xs, algorithm) != sums[i - s0, k]:
                 bad.append((i, k, "checksum mismatch"))
     return bad
 
@@ -207,7 +208,7 @@ def _check_samples(report: VerifyReport, info: CacheInfo, arrays: dict, tables: 
         ids = np.asarray(t.column("image_id").to_pylist(), dtype=str).reshape(s1 - s0, K)
         for name in targets:
             sums = np.asarray(t.column(CHECKSUM_PREFIX + name).to_pylist(), dtype=str).reshape(s1 - s0, K)
-            tasks.append(dask.delayed(_check_shard)(arrays[name], s0, s1, sums))
+            tasks.append(dask.delayed(_check_shard)(arrays[name], s0, s1, sums, info.checksum))
             keys.append((s, name, ids))
         report.samples_checked += (s1 - s0) * K
     results = dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers)) if tasks else []

@@ -1,9 +1,9 @@
 """Writing side: create the store's metadata once, then commit whole shards from a background thread.
 
-Each shard is buffered in full (S images × K seeds, float32 from the teacher) and handed to
-``ShardWriter``, whose thread does the lossy float16 step with its checks, the per-sample checksums,
-compression and I/O (``arr[s0:s1] = buf``, one slice per target), and finally writes the shard's
-manifest part — the commit record. The bounded queue lets the teacher run on the next shard while the
+Each shard is buffered in full (S images × K seeds, already in its stored form: the build encodes on the
+teacher's device, ``encoding.encode``) and handed to ``ShardWriter``, whose thread does the per-sample
+checksums, compression and I/O (``arr[s0:s1] = buf``, one slice per stored array), and finally writes the
+shard's manifest part — the commit record. The bounded queue lets the teacher run on the next shard while the
 previous one is compressed and written (whole-shard writes are ~10× faster than per-sample writes, and
 two writers in one shard lose data: docs/method.md "Concurrent writes").
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from attnfd_pipeline.cache import storage
-from attnfd_pipeline.cache.encoding import OFFSET_SUFFIX, SCALE_SUFFIX, pool_maps, quantize_int8, stored_arrays
+from attnfd_pipeline.cache.encoding import (OFFSET_SUFFIX, SCALE_SUFFIX, checksum, effective_mantissa_bits, lossy_steps,
+                                            stored_arrays)
 from attnfd_pipeline.cache.info import CacheInfo, load_info
 from attnfd_pipeline.cache.manifest import write_part
 from attnfd_pipeline.cache.errors import CacheError, disk_full_error, is_disk_full
-from attnfd_pipeline.cache.schema import (CHECKSUM_PREFIX, DTYPE, FEATURES_DIR, FILL_VALUE, compressors,
-                                          effective_mantissa_bits, lossy_steps, paths, sample_checksum, to_float16)
+from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, DTYPE, FEATURES_DIR, FILL_VALUE, compressors, paths
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.utils import atomic_write_json
 
@@ -121,41 +121,26 @@ def shard_file(cache_dir: str | Path, name: str, shard: int, ndim: int = 5) -> L
     return storage.join(storage.location(cache_dir), FEATURES_DIR, name, "c", str(shard), *["0"] * (ndim - 1))
 
 
-def encode_target(x: np.ndarray, encoding: str, mantissa_bits: int, pool: int, *, target: str,
-                  ids: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
-    """float32 samples ``(n, C, H, W)`` → the arrays stored for them (``encoding.stored_arrays`` order):
-    pooled first if asked, then float16 (refusing non-finite values and overflow) or int8 codes, scales and
-    offsets (refusing non-finite values). ``ids``/``seeds`` name the samples in error messages."""
-    x = pool_maps(np.ascontiguousarray(x, dtype=np.float32), pool)
-    if encoding == "float16":
-        return [to_float16(x, mantissa_bits, target=target, ids=ids, seeds=seeds)]
-    if x.size and not (np.isfinite(x.max()) and np.isfinite(x.min())):  # max/min propagate NaN
-        bad = ~np.isfinite(x.reshape(x.shape[0], -1))
-        rows = np.flatnonzero(bad.any(axis=1))
-        names = ", ".join(f"{ids[r]!r}/seed {seeds[r]}" for r in rows[:5])
-        raise CacheError(f"target {target!r}: {int(bad.sum())} non-finite teacher values (samples {names}); "
-                         f"refusing to write them")
-    return list(quantize_int8(x))
-
-
 @dataclass
 class ShardBuffer:
-    """One shard's teacher outputs (float32, (n_images, K, C, H, W) per target) and manifest rows
-    (sorted by image index then seed; checksums filled in by the writer)."""
+    """One shard's stored arrays (``encoding.stored_arrays`` of each target: (n_images, K, …), as written) and
+    manifest rows (sorted by image index then seed; checksums filled in by the writer). ``encoded_on``:
+    the device kind that encoded them (recorded in the manifest part)."""
 
     shard: int
     start: int
     stop: int
     arrays: dict[str, np.ndarray]
     rows: list[dict] = field(default_factory=list)
+    encoded_on: str = "cpu"
 
 
 _STOP = object()
 
 
 class ShardWriter:
-    """Background thread committing ``ShardBuffer``s: float16 step + checks, checksums, one slice write
-    per target, then the manifest part. Errors are re-raised in the submitting thread."""
+    """Background thread committing ``ShardBuffer``s: checksums, one slice write per stored array, then the
+    manifest part. Errors are re-raised in the submitting thread."""
 
     def __init__(self, cache_dir: str | Path, info: CacheInfo, *, rank: int = 0, max_queue: int = 1,
                  on_commit: Callable[[ShardBuffer, int, float], None] | None = None):
@@ -221,19 +206,13 @@ class ShardWriter:
 
     def commit(self, buf: ShardBuffer) -> int:
         """Write one shard (all targets) then its manifest part; returns the bytes on disk."""
-        ids = [r["image_id"] for r in buf.rows]
-        seeds = [r["aug_seed"] for r in buf.rows]
-        converted = {}
+        n, K = buf.stop - buf.start, self.info.K
         for name in self.targets:
-            x = buf.arrays[name]
-            n, K = x.shape[:2]
-            flat = x.reshape(n * K, *x.shape[2:])
-            parts = encode_target(flat, self.encoding, self.info.mantissa_bits, self.info.targets[name].pool,
-                                  target=name, ids=ids, seeds=seeds)
-            for j, row in enumerate(buf.rows):
-                row[CHECKSUM_PREFIX + name] = sample_checksum(*(p[j] for p in parts))
-            for (array, _), p in zip(stored_arrays(name, self.encoding), parts):
-                converted[array] = p.reshape(n, K, *p.shape[1:])
+            parts = [buf.arrays[array].reshape(n * K, *buf.arrays[array].shape[2:])
+                     for array, _ in stored_arrays(name, self.encoding)]
+            for j, row in enumerate(buf.rows):  # rows (image, seed) in order: row j is sample j of the shard
+                row[CHECKSUM_PREFIX + name] = checksum([p[j] for p in parts], self.info.checksum)
+        converted = {array: buf.arrays[array] for name in self.targets for array, _ in stored_arrays(name, self.encoding)}
         for row in buf.rows:
             row["rank"] = self.rank
         nbytes = 0
@@ -243,7 +222,8 @@ class ShardWriter:
                 # durable before the commit record that vouches for it
                 nbytes += storage.durable_size(shard_file(self.dir, array, buf.shard, y.ndim))
             # the commit record comes last: a shard whose data did not fully land has no part
-            write_part(paths(self.dir)["manifest"], buf.shard, buf.rows, self.targets, self.info.fingerprint)
+            write_part(paths(self.dir)["manifest"], buf.shard, buf.rows, self.targets, self.info.fingerprint,
+                       meta={"encoded_on": buf.encoded_on, "checksum": self.info.checksum})
         except OSError as e:
             if is_disk_full(e):
                 raise disk_full_error(self.dir, e, f"writing shard {buf.shard} (images {buf.start}..{buf.stop - 1})") from e

@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnfd_pipeline.cache.encoding import decode, pool_maps, pool_of, pool_student, sample_checksum
+from attnfd_pipeline.cache.encoding import CHECKSUM, checksum, decode, encode_target, pool_maps, pool_of, pool_student
 from attnfd_pipeline.cache.plan import precision_stats, storage_variants, variant_name
 from attnfd_pipeline.cache.schema import cache_target_names
-from attnfd_pipeline.cache.writer import encode_target
 from attnfd_pipeline.losses.attnfd import attnfd_loss
 
 RHOS = (1.0, 0.3)
@@ -106,7 +105,7 @@ def _encode(x: np.ndarray, encoding: str, pool: int, name: str) -> tuple[list[np
     t0 = time.thread_time()
     parts = encode_target(x, encoding, 0, pool, target=name, ids=[str(i) for i in range(n)], seeds=[0] * n)
     for j in range(n):
-        sample_checksum(*(p[j] for p in parts))
+        checksum([p[j] for p in parts], CHECKSUM)
     frames = [[comp.encode(np.ascontiguousarray(p[j])) for p in parts] for j in range(n)]
     return parts, frames, time.thread_time() - t0
 
@@ -117,7 +116,7 @@ def _decode(parts: list[np.ndarray], frames: list[list[bytes]], encoding: str) -
     t0 = time.thread_time()
     for j, fr in enumerate(frames):
         got = [np.frombuffer(comp.decode(f), dtype=p.dtype).reshape(p.shape[1:]) for f, p in zip(fr, parts)]
-        sample_checksum(*got)
+        checksum(got, CHECKSUM)
         out.append(decode(encoding, got))
     return np.stack(out).astype(np.float32), time.thread_time() - t0
 

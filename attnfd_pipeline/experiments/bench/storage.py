@@ -24,10 +24,10 @@ def storage_options(codec: str, level: int, mantissa_options: Sequence[int]) -> 
 
 
 def _option_figures(outs: dict[str, np.ndarray], opt: dict) -> dict:
-    """One option: per target and overall, with the cache's own lossy step (``schema.to_float16``) and
+    """One option: per target and overall, with the cache's own lossy step (``encoding.to_float16``) and
     per-sample compression (``plan.compression_ratio``, each sample compressed alone as in the store)."""
     from attnfd_pipeline.cache.plan import CHUNK_OVERHEAD, compression_ratio, precision_stats
-    from attnfd_pipeline.cache.schema import to_float16
+    from attnfd_pipeline.cache.encoding import to_float16
 
     per_target, f32_total, stored_total, worst = {}, 0, 0.0, 0.0
     for name, x32 in outs.items():
