@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnfd_pipeline.cache.encoding import decode_item
 from attnfd_pipeline.config import StudentConfig
 from attnfd_pipeline.engine.optim import param_groups
 from attnfd_pipeline.losses import AttnFD, DistillMethod, MethodContext, build_methods, parse_methods, required_targets
@@ -115,7 +116,9 @@ class StudentTask:
     def _targets(self, batch) -> dict[str, torch.Tensor]:
         if self.teacher is not None:
             return self.teacher.targets(batch["image"], self.target_names)
-        return batch["targets"]
+        # cached targets arrive as stored (float16, or int8 codes + scale/offset): decoded here, on the
+        # student's device, once per batch
+        return {n: decode_item(v) for n, v in batch["targets"].items()}
 
     def distill_terms(self, out, targets, epoch: int = 0, batch=None, *, warmup: bool = False):
         """Σ_m w_m L_m and the logs (each method's loss and its own sub-terms)."""

@@ -237,3 +237,58 @@ def test_format1_cache_reads_verifies_and_resumes_with_blake2b(tmp_path, int8_ca
     arr[2:4] = block
     with pytest.raises(CacheError, match="checksum mismatch"):
         CacheReader(res.path).read(2, 0, ["E"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: the stored arrays travel to the student's device, decoded there
+
+
+def _stage2(cfg, source, reader):
+    from attnfd_pipeline.data.loaders import CachedSeeds
+    from attnfd_pipeline.data.stage2 import StudentDataset
+
+    return StudentDataset(source, cfg.augment, CachedSeeds(0, cfg.cache.K), reader, reader.targets)
+
+
+def test_stage2_batches_carry_stored_bytes_and_decode_on_device(int8_cache):
+    from torch.utils.data import DataLoader
+
+    from attnfd_pipeline.distill import StudentTask
+    from attnfd_pipeline.engine.train import to_device
+
+    cfg, _, source, r = int8_cache
+    reader = CacheReader(r.path)
+    stored = sum(t.bytes_per_sample for t in reader.info.targets.values())
+    ds = _stage2(cfg, source, reader)
+    sample = ds[(0, 3)]
+    assert sample["targets"]["D"]["codes"].dtype == torch.uint8
+    assert sum(enc.item_nbytes(v) for v in sample["targets"].values()) == stored
+    keys = [(0, 0), (0, 3), (1, 4)]
+    loader = DataLoader(ds, batch_size=3, sampler=keys, num_workers=1)  # through worker shared memory
+    (batch,) = list(loader)
+    assert sum(enc.item_nbytes(v) for v in batch["targets"].values()) == 3 * stored
+    for device in DEVICES:
+        on = to_device(batch, torch.device(device))
+        assert sum(enc.item_nbytes(v) for v in on["targets"].values()) == 3 * stored  # host-to-device bytes
+        task = StudentTask.__new__(StudentTask)
+        task.teacher = None
+        got = task._targets(on)  # the distillation head decodes once per batch, on the student's device
+        for n in reader.targets:
+            assert got[n].dtype == torch.float32 and got[n].device.type == device
+            want = np.stack([reader.read(i, batch["aug_seed"][j].item(), [n])[n] for j, (_, i) in enumerate(keys)])
+            if device == "cpu":  # the CPU decode, bitwise
+                assert np.array_equal(got[n].numpy(), want)
+            else:  # a fused multiply-add may round once instead of twice: within float32 rounding
+                np.testing.assert_allclose(got[n].cpu().numpy(), want, rtol=2 * np.finfo(np.float32).eps,
+                                           atol=np.finfo(np.float32).tiny)
+
+
+def test_stage2_float16_targets_are_the_stored_values(tmp_path):
+    cfg, teacher, source = make_cfg(tmp_path), FakeTeacher(), FakeSource(n=2)
+    r = build_cache(cfg, teacher, source, progress=False)
+    reader = CacheReader(r.path)
+    sample = _stage2(cfg, source, reader)[(1, 1)]
+    for n, v in sample["targets"].items():
+        assert v.dtype == torch.float16 and enc.item_nbytes(v) == reader.info.targets[n].bytes_per_sample
+        k = sample["aug_seed"]
+        assert np.array_equal(v.numpy().view(np.uint16), reader.read(1, k, [n])[n].view(np.uint16))

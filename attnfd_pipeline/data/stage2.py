@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from attnfd_pipeline import augment
+from attnfd_pipeline.cache.encoding import batch_item
 from attnfd_pipeline.data.loaders import AugmentedDataset, CachedSeeds, FreshSeeds
 
 if TYPE_CHECKING:
@@ -16,7 +15,9 @@ if TYPE_CHECKING:
 class StudentDataset(AugmentedDataset):
     """Training crops at the cached seeds (or fresh ones, ``FreshSeeds``, when the targets are computed
     online on fresh draws); with a ``reader``, the crop is the replay of the stored parameters
-    (hash-checked against the manifest) and the sample carries its cached targets ``names``."""
+    (hash-checked against the manifest) and the sample carries its cached targets ``names`` in their stored
+    form (``encoding.batch_item``: float16, or uint8 codes + float32 scale/offset), decoded on the student's
+    device by the distillation head — never float32 through worker shared memory and the host-to-device copy."""
 
     def __init__(self, source, cfg, seeds: CachedSeeds | FreshSeeds, reader: CacheReader | None = None, names=()):
         super().__init__(source, cfg, seeds)
@@ -28,6 +29,7 @@ class StudentDataset(AugmentedDataset):
             return super().__getitem__(key)
         k = self.seed_fn(epoch, index)
         image, label = self.reader.replay(self.source, index, k, check=True)
-        targets = {n: torch.from_numpy(a) for n, a in self.reader.read(index, k, self.names).items()}
+        enc = self.reader.encoding
+        targets = {n: batch_item(enc, parts) for n, parts in self.reader.read_stored(index, k, self.names).items()}
         return {"image": augment.normalize(image), "label": label.long(), "index": index, "aug_seed": k,
                 "targets": targets}
