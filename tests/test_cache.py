@@ -30,6 +30,7 @@ from attnfd_pipeline.cache.encoding import round_mantissa, to_float16
 from attnfd_pipeline.cache.schema import ShardRange
 from attnfd_pipeline.cache.writer import shard_file
 from attnfd_pipeline.config import AugmentConfig, CacheConfig, Config
+from attnfd_pipeline.data.stage2 import replay_cached
 from attnfd_pipeline.utils import sha256_state_dict
 
 TESTS = Path(__file__).parent
@@ -168,7 +169,7 @@ def test_round_trip_bitwise_and_online(built):
     # online: one crop at a time, replayed from the manifest, within float16 tolerance
     for i in range(5):
         for k in range(2):
-            img, lab = reader.replay(source, i, k)
+            img, lab = replay_cached(reader, source, i, k)
             online = teacher.targets(augment.normalize(img)[None], names)
             got = reader.read(i, k)
             for n in names:
@@ -554,7 +555,7 @@ def test_verify_replay_detects_changed_dataset_content(built):
     rep = verify_cache(r.path, source=changed, replay=10)
     assert any("img_001" in p and "image hash" in p for p in rep.problems)
     with pytest.raises(CacheError, match="replayed image of image 'img_001'"):
-        CacheReader(r.path).replay(changed, 1, 0)
+        replay_cached(CacheReader(r.path), changed, 1, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ with a Parquet manifest per shard and a fingerprinted ``cache.json`` (layout in 
 Public API:
 - ``build_cache(cfg, teacher, source, rank=0, world=1)`` → ``BuildResult`` (resumable, whole shards)
 - ``plan_cache(cfg, source, teacher=…)`` → ``Plan`` (bytes, compression, free disk, time; refuses if too big)
-- ``CacheReader(path)`` → ``read(i, k, names)``, ``params``, ``hashes``, ``replay``, ``manifest()``, ``info`` (a
+- ``CacheReader(path)`` → ``read(i, k, names)``, ``read_stored``, ``params``, ``hashes``, ``manifest()``, ``info`` (a
   ``CacheInfo``)
 - ``find_cache(cfg, teacher_info_or_sha, source)``, ``check_compatible(cfg, info)``, ``describe_cache(path)``
 - ``verify_cache(path, source=…)`` → ``VerifyReport``

@@ -3,7 +3,9 @@
 ``CacheReader`` holds only paths, a dict and numpy arrays (no per-row Python objects), opens the Zarr
 group lazily on first use in each process and re-opens it after a fork (``os.getpid()`` changes), and
 drops the open handles when pickled (spawn / forkserver workers). Every read is checked against the
-manifest checksum of that (image, seed, target).
+manifest checksum of that (image, seed, target), with the algorithm ``cache.json`` records. The reader reads
+targets and manifest records only: the Stage 2 dataset replays and hash-checks its crops itself
+(``data.stage2.replay_cached``).
 """
 
 from __future__ import annotations
@@ -144,22 +146,6 @@ class CacheReader:
                 raise CacheError(f"{self.path}: checksum mismatch for {where} (data changed after it was written)")
             out[name] = parts
         return out
-
-    def replay(self, source: Any, index: int, aug_seed: int, *, check: bool = True):
-        """The augmented uint8 (image, label) the teacher saw for this sample, rebuilt from the stored
-        parameters; with ``check``, its content hashes must equal the stored ones."""
-        from attnfd_pipeline import augment
-        from attnfd_pipeline.data.replay import replay
-
-        _, img, lab = replay(source, index, aug_seed, params=self.params(index, aug_seed))
-        if check:
-            ih, lh = self.hashes(index, aug_seed)
-            for what, got, want in (("image", augment.content_hash(img), ih), ("label", augment.content_hash(lab), lh)):
-                if got != want:
-                    raise CacheError(f"{self.path}: replayed {what} of image {self.image_id(index, aug_seed)!r} "
-                                     f"(index {index}), aug seed {aug_seed} differs from the cached one (dataset "
-                                     f"files or augmentation code changed since the cache was built)")
-        return img, lab
 
     def augment_config(self):
         """The AugmentConfig the cache was built with (from cache.json)."""

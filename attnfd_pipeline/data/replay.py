@@ -2,7 +2,7 @@
 parameters already drawn, e.g. those a cache stored), apply them.
 
 The cache build (which records the parameters and content hashes), the plain training loader and the
-cached reader (which re-applies the stored parameters and checks the hashes) all go through ``replay``,
+Stage 2 dataset (which re-applies the stored parameters and checks the hashes: ``data.stage2.replay_cached``) all go through ``replay``,
 so the crop the teacher saw and the crop the student sees come from the same code.
 """
 

@@ -1,4 +1,9 @@
-"""The Stage 2 training dataset: the student's crops, with the teacher targets cached for them."""
+"""The Stage 2 training dataset: the student's crops, with the teacher targets cached for them.
+
+The dataset replays each crop from the parameters the cache stored and checks its content hashes itself
+(``replay_cached``); the cache reader only reads targets and manifest records — the image never goes data
+→ cache → data.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,27 @@ from typing import TYPE_CHECKING
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache.encoding import batch_item
+from attnfd_pipeline.cache.errors import CacheError
 from attnfd_pipeline.data.loaders import AugmentedDataset, CachedSeeds, FreshSeeds
+from attnfd_pipeline.data.replay import replay
 
 if TYPE_CHECKING:
     from attnfd_pipeline.cache.reader import CacheReader
+
+
+def replay_cached(reader: CacheReader, source, index: int, aug_seed: int, *, check: bool = True):
+    """The augmented uint8 (image, label) the teacher saw for cached sample (index, aug_seed), rebuilt from the
+    parameters its manifest row stores; with ``check``, its content hashes must equal the stored ones
+    (CacheError otherwise: dataset files or augmentation code changed since the cache was built)."""
+    _, img, lab = replay(source, index, aug_seed, params=reader.params(index, aug_seed))
+    if check:
+        ih, lh = reader.hashes(index, aug_seed)
+        for what, got, want in (("image", augment.content_hash(img), ih), ("label", augment.content_hash(lab), lh)):
+            if got != want:
+                raise CacheError(f"{reader.path}: replayed {what} of image {reader.image_id(index, aug_seed)!r} "
+                                 f"(index {index}), aug seed {aug_seed} differs from the cached one (dataset "
+                                 f"files or augmentation code changed since the cache was built)")
+    return img, lab
 
 
 class StudentDataset(AugmentedDataset):
@@ -28,7 +50,7 @@ class StudentDataset(AugmentedDataset):
         if self.reader is None:
             return super().__getitem__(key)
         k = self.seed_fn(epoch, index)
-        image, label = self.reader.replay(self.source, index, k, check=True)
+        image, label = replay_cached(self.reader, self.source, index, k, check=True)
         enc = self.reader.encoding
         targets = {n: batch_item(enc, parts) for n, parts in self.reader.read_stored(index, k, self.names).items()}
         return {"image": augment.normalize(image), "label": label.long(), "index": index, "aug_seed": k,

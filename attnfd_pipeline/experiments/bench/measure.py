@@ -160,6 +160,7 @@ def reader_breakdown(cached: Setup, plain: Setup, source, n: int) -> dict:
     """Per-sample ms in one process: the plain crop (load + augment), the cached replay (load + augment +
     hash check) and the target read (decode + checksum), so a slow reader can be attributed."""
     from attnfd_pipeline import augment
+    from attnfd_pipeline.data.stage2 import replay_cached
 
     reader = cached.dataset.reader
     names = cached.dataset.names
@@ -169,7 +170,7 @@ def reader_breakdown(cached: Setup, plain: Setup, source, n: int) -> dict:
         t0 = time.perf_counter()
         plain.dataset.crop(0, i)
         t1 = time.perf_counter()
-        img, _ = reader.replay(source, i, k, check=True)
+        img, _ = replay_cached(reader, source, i, k, check=True)
         augment.normalize(img)
         t2 = time.perf_counter()
         reader.read(i, k, names)
