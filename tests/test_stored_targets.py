@@ -292,3 +292,57 @@ def test_stage2_float16_targets_are_the_stored_values(tmp_path):
         assert v.dtype == torch.float16 and enc.item_nbytes(v) == reader.info.targets[n].bytes_per_sample
         k = sample["aug_seed"]
         assert np.array_equal(v.numpy().view(np.uint16), reader.read(1, k, [n])[n].view(np.uint16))
+
+
+# ---------------------------------------------------------------------------------------------
+# the direct shard read (cache.shards) is zarr's read, and the zarr paths stay as the fallback
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc", "none"])
+def test_direct_chunk_reads_equal_zarr_on_every_codec(tmp_path, codec):
+    import zarr
+
+    from attnfd_pipeline.cache.shards import ChunkFile
+
+    cfg = make_cfg(tmp_path, encoding="int8", codec=codec, level=0 if codec == "none" else 1, shard_size=3)
+    r = build_cache(cfg, FakeTeacher(), FakeSource(), progress=False)  # 5 images: the last shard is partial
+    feat = r.path / "features.zarr"
+    group = zarr.open_group(str(feat), mode="r")
+    for name in group.array_keys():
+        f = ChunkFile.open(feat / name)
+        assert f is not None and f.compressor == (None if codec == "none" else codec)
+        for i in range(5):
+            for k in range(2):
+                got = f.read(i, k)
+                assert got.flags.writeable and np.array_equal(got, group[name][i, k])
+    assert ChunkFile.open(tmp_path / "nowhere") is None
+
+
+def test_direct_read_detects_a_flipped_byte_and_fills_a_missing_shard(tmp_path):
+    from attnfd_pipeline.cache.shards import ChunkFile
+    from attnfd_pipeline.cache.writer import shard_file
+
+    cfg = make_cfg(tmp_path, codec="none", level=0)
+    r = build_cache(cfg, FakeTeacher(), FakeSource(), progress=False)
+    f = shard_file(r.path, "D", 1)
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0x01  # inside the first chunk (image 2, seed 0), behind the zarr codecs' back
+    f.write_bytes(bytes(data))
+    cf = ChunkFile.open(r.path / "features.zarr" / "D")
+    with pytest.raises(ValueError, match="crc32c do not match"):
+        cf.read(2, 0)
+    assert np.isfinite(cf.read(2, 1)).all()
+    with pytest.raises(CacheError, match=r"unreadable data for image 'img_002' \(index 2\), aug seed 0, target 'D'"):
+        CacheReader(r.path).read(2, 0)
+    shard_file(r.path, "E", 2).unlink()
+    assert np.isnan(ChunkFile.open(r.path / "features.zarr" / "E").read(4, 1)).all()  # zarr's fill value
+
+
+def test_reader_falls_back_to_zarr_for_other_layouts(int8_cache, monkeypatch):
+    import attnfd_pipeline.cache.reader as reader_mod
+
+    _, _, _, r = int8_cache
+    want = CacheReader(r.path).read_stored(3, 1)
+    monkeypatch.setattr(reader_mod.ChunkFile, "open", classmethod(lambda cls, d: None))
+    got = CacheReader(r.path).read_stored(3, 1)
+    assert all(np.array_equal(a, b) for n in want for a, b in zip(want[n], got[n]))
