@@ -4,8 +4,9 @@ reader, finder, checker and verifier reads, instead of a free-form dict.
 ``CacheInfo.from_json`` accepts every ``cache.json`` written so far (a file without ``encoding`` is float16;
 a target without ``pool`` is unpooled; a ``attnfd-cache/1`` file without ``checksum`` was checksummed with
 blake2b) and names the file and key of anything missing or ill-typed;
-``to_json`` gives back the same keys and values, so a rebuilt ``cache.json`` is byte for byte the one of
-an older build of the same inputs (``storage.write_json`` sorts the keys).
+``to_json`` gives back the same keys and values as the file read (a format-1 file stays format 1), and a
+build writes ``cache.json`` only where there is none, so a resumed older cache keeps its file and its
+checksum algorithm (``storage.write_json`` sorts the keys).
 """
 
 from __future__ import annotations
