@@ -151,7 +151,7 @@ class CacheReader:
         from attnfd_pipeline import augment
         from attnfd_pipeline.data.replay import replay
 
-        _, img, lab = replay(source, index, aug_seed, params=self.params(index, aug_seed))
+        _, img, lab = replay(source, index, aug_seed, params=self.params(index, aug_seed), impl=self.augment_impl)
         if check:
             ih, lh = self.hashes(index, aug_seed)
             for what, got, want in (("image", augment.content_hash(img), ih), ("label", augment.content_hash(lab), lh)):
@@ -160,6 +160,11 @@ class CacheReader:
                                      f"(index {index}), aug seed {aug_seed} differs from the cached one (dataset "
                                      f"files or augmentation code changed since the cache was built)")
         return img, lab
+
+    @property
+    def augment_impl(self) -> int:
+        """The augmentation implementation the cache was built with (``augment.impl``; absent: 1)."""
+        return int(self.info.augment.get("impl", 1))
 
     def augment_config(self):
         """The AugmentConfig the cache was built with (from cache.json)."""

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from attnfd_pipeline import augment
 from attnfd_pipeline.data.loaders import AugmentedDataset, CachedSeeds, FreshSeeds
 
 if TYPE_CHECKING:
@@ -29,5 +28,5 @@ class StudentDataset(AugmentedDataset):
         k = self.seed_fn(epoch, index)
         image, label = self.reader.replay(self.source, index, k, check=True)
         targets = {n: torch.from_numpy(a) for n, a in self.reader.read(index, k, self.names).items()}
-        return {"image": augment.normalize(image), "label": label.long(), "index": index, "aug_seed": k,
+        return {"image": image, "label": label.long(), "index": index, "aug_seed": k,  # uint8, as AugmentedDataset
                 "targets": targets}
