@@ -124,14 +124,14 @@ def _blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     """Implementation 2's Gaussian blur: torchvision's kernel (size 2·ceil(3σ) + 1, reflect padding), applied
     as two separable passes of shifted adds (a 3-channel ``conv2d`` is several times slower on a CPU)."""
     if sigma <= 0:
-        return image
+        return image if image.dtype == torch.uint8 else image.to(torch.uint8)
     k = 2 * math.ceil(3 * sigma) + 1
     x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
     w = torch.exp(-0.5 * (x / sigma) ** 2)
     w = (w / w.sum()).tolist()
     r = k // 2
     H, W = image.shape[-2:]
-    y = F.pad(image.float()[None], [r, r, r, r], mode="reflect")[0]
+    y = F.pad(image.float()[None], [r, r, r, r], mode="reflect")[0]  # a float image (integer values) is used as is
     rows = y[:, :H] * w[0]
     for t in range(1, k):
         rows.add_(y[:, t:t + H], alpha=w[t])
@@ -173,10 +173,10 @@ def _resample_rows(x: torch.Tensor, in_size: int, out_size: int, start: int, sto
 
 
 def resample_region(image: torch.Tensor, out_hw: tuple[int, int], rows: tuple[int, int],
-                    cols: tuple[int, int]) -> torch.Tensor:
+                    cols: tuple[int, int], *, as_float: bool = False) -> torch.Tensor:
     """Rows ``[r0, r1)`` × columns ``[c0, c1)`` of ``image`` (uint8 (3, H, W)) resized to ``out_hw`` (bilinear,
     antialiased), computing those pixels only: the width pass on the source rows they need, then the height
-    pass."""
+    pass. ``as_float``: the rounded values as float32 (spares a conversion when a blur follows)."""
     H, W = image.shape[-2:]
     (r0, r1), (c0, c1) = rows, cols
     if out_hw[0] != H:
@@ -186,7 +186,8 @@ def resample_region(image: torch.Tensor, out_hw: tuple[int, int], rows: tuple[in
         s0, s1 = r0, r1
     x = image[:, s0:s1].float().transpose(1, 2).contiguous()  # (3, W, rows): the width pass along dim 1
     x = _resample_rows(x, W, out_hw[1], c0, c1).transpose(1, 2).contiguous()
-    return _resample_rows(x, H, out_hw[0], r0, r1, first=s0).to(torch.uint8)
+    x = _resample_rows(x, H, out_hw[0], r0, r1, first=s0)
+    return x if as_float else x.to(torch.uint8)
 
 
 def nearest_index(in_size: int, out_size: int, start: int, stop: int) -> torch.Tensor:
@@ -207,10 +208,11 @@ def _apply_region(params: AugmentParams, image: torch.Tensor, label: torch.Tenso
     rh, rw = params.resized_h, params.resized_w
     r0, r1 = params.crop_top, min(params.crop_top + params.crop_h, rh)
     c0, c1 = params.crop_left, min(params.crop_left + params.crop_w, rw)
-    img = torch.zeros(3, params.crop_h, params.crop_w, dtype=torch.uint8)
+    blur = params.blur_sigma > 0
+    img = torch.zeros(3, params.crop_h, params.crop_w, dtype=torch.float32 if blur else torch.uint8)
     lab = torch.full((params.crop_h, params.crop_w), 255, dtype=torch.uint8)
     if r1 > r0 and c1 > c0:
-        img[:, :r1 - r0, :c1 - c0] = resample_region(image, (rh, rw), (r0, r1), (c0, c1))
+        img[:, :r1 - r0, :c1 - c0] = resample_region(image, (rh, rw), (r0, r1), (c0, c1), as_float=blur)
         lab[:r1 - r0, :c1 - c0] = label[nearest_index(H, rh, r0, r1)][:, nearest_index(W, rw, c0, c1)]
     return _blur(img, params.blur_sigma).contiguous(), lab
 
