@@ -43,6 +43,7 @@ GOALS_MS = {"target_read_ms": 5.0, "image_side_ms": 10.0, "targets_plus_image_ms
 # the throughputs the core counts assume (fidelity.RTX_CLASS: an RTX 4090 at ~30 % of its fp16 peak)
 R_TEACHER, S_STUDENT = 250.0, 200.0
 VOC_HW = (375, 500)  # a VOC-sized image (height, width)
+BLOSC_LEVEL = 5  # blosc's own default clevel, for blosc-lz4 in the codec table and the store
 
 
 @dataclass(frozen=True)
@@ -205,9 +206,10 @@ def teacher_side(w: FeedWorkload, work: Path, recipe, device: torch.device) -> T
     return TeacherSide(cfg, source, teacher, rows, maps)
 
 
-def open_shard_store(side: TeacherSide, encoding: str, root: Path):
-    """(cache dir, CacheInfo, writable arrays) of a one-shard cache of ``encoding`` laid out as the build
-    lays it out (chunk = one sample, shard = S × K samples, the recipe's codec + crc32c)."""
+def open_shard_store(side: TeacherSide, encoding: str, root: Path, codec: tuple[str, int] | None = None):
+    """(config, cache dir, CacheInfo, writable arrays) of a one-shard cache of ``encoding`` laid out as the build
+    lays it out (chunk = one sample, shard = S × K samples, the recipe's codec — or ``codec`` = (name, level) —
+    then crc32c)."""
     import zarr
 
     from attnfd_pipeline.cache import storage
@@ -217,8 +219,9 @@ def open_shard_store(side: TeacherSide, encoding: str, root: Path):
     from attnfd_pipeline.cache.schema import paths
     from attnfd_pipeline.cache.writer import create_store
 
-    cfg = dataclasses.replace(side.cfg, cache=dataclasses.replace(side.cfg.cache, encoding=encoding,
-                                                                  root=str(root / encoding)))
+    name, level = codec or (side.cfg.cache.codec, side.cfg.cache.level)
+    cfg = dataclasses.replace(side.cfg, cache=dataclasses.replace(side.cfg.cache, encoding=encoding, codec=name,
+                                                                  level=level, root=str(root / f"{encoding}-{name}")))
     specs = {n: tuple(x.shape[1:]) for n, x in side.maps.items()}
     info = cache_info(cfg, side.teacher, side.source, specs)
     cache_dir = cache_dir_for(cfg, info.fingerprint)
@@ -306,6 +309,28 @@ def floor_figures(stored_bytes: int, files: Sequence[Path], n: int) -> dict:
             "floor_page_cache_ms": cpu_ms(lambda: [f.read_bytes() for f in files]) / n}
 
 
+# the store's codecs (``cache.codec``, ``cache.level``) the read path is measured with
+STORE_CODECS = (("zstd", 1), ("blosc", BLOSC_LEVEL), ("none", 0))
+
+
+def store_codec_figures(side: TeacherSide, encoding: str, stored: dict, root: Path) -> dict:
+    """Per store codec: the Zarr read of one sample's stored arrays (decompression + crc32c + Zarr's own
+    work, no manifest checksum) and the bytes on disk — the read-path side of the codec choice."""
+    from attnfd_pipeline.cache import CacheReader
+
+    out = {}
+    n = len(side.rows)
+    for codec, level in STORE_CODECS:
+        _, cache_dir, info, arrays = open_shard_store(side, encoding, root, (codec, level))
+        commit_encoded(arrays, cache_dir, info, 0, 0, stored, [dict(r) for r in side.rows])
+        raw = CacheReader(cache_dir, verify=False)
+        names = list(info.target_names)
+        ms = cpu_ms(lambda: [raw.read_stored(i, 0, names) for i in range(n)]) / n
+        disk = sum(f.stat().st_size for f in shard_files(cache_dir, info)) / n
+        out[f"{codec}-{level}" if codec != "none" else "none"] = {"read_zarr_ms": ms, "disk_bytes_per_sample": disk}
+    return out
+
+
 def encoding_figures(side: TeacherSide, encoding: str, root: Path, device: torch.device) -> tuple[dict, dict]:
     """Every target-path figure of one encoding (and its stored arrays, for the codec table)."""
     cfg, cache_dir, info, arrays = open_shard_store(side, encoding, root)
@@ -320,6 +345,7 @@ def encoding_figures(side: TeacherSide, encoding: str, root: Path, device: torch
     fig.update(stored_bytes_per_sample=stored_bytes, disk_bytes_per_sample=sum(f.stat().st_size for f in files) / n,
                float32_bytes_per_sample=sum(x[0].numel() * 4 for x in side.maps.values()),
                **floor_figures(stored_bytes, files, n))
+    fig["store_codecs"] = store_codec_figures(side, encoding, stored, root)
     return fig, stored
 
 
@@ -404,7 +430,6 @@ def image_figures(w: FeedWorkload, aug_cfg, folder: Path) -> dict:
 # codecs: ratio and per-core speed of the lossless step, per stored chunk (one sample of one array)
 
 CODECS = ("zstd-1", "blosc-lz4-shuffle", "blosc-lz4-noshuffle", "none")
-BLOSC_LEVEL = 5  # blosc's own default; lz4's ratio barely moves with it
 
 
 def make_codec(name: str):
@@ -662,6 +687,12 @@ def feed_markdown(res: dict) -> str:
               *codec_rows(res["codecs"]["workload_teacher"], f"{w['teacher']} (workload, random weights)")]
     if "demo_teacher" in res["codecs"]:
         lines += codec_rows(res["codecs"]["demo_teacher"], "demo teacher (trained)")
+    lines += ["", "Read path by store codec (`cache.codec`-`level`; Zarr read of one sample's arrays: decompression + "
+                  "crc32c + Zarr's own work, no manifest checksum):", "",
+              "| encoding | codec | Zarr read ms | on disk |", "| --- | --- | --- | --- |"]
+    for enc in ENCODINGS:
+        for name, c in res[enc]["store_codecs"].items():
+            lines.append(f"| `{enc}` | {name} | {c['read_zarr_ms']:.2f} | {_mb(c['disk_bytes_per_sample'])} |")
     lines += ["", f"crc32c (in every variant): {_f(res['codecs']['crc32c_MBps'], 0)} MB/s; blosc clevel "
                   f"{res['codecs']['blosc_level']}; demo teacher: {res['codecs']['demo_teacher_source']}.", ""]
     return "\n".join(lines)
