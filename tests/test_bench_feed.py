@@ -39,7 +39,8 @@ def test_bench_feed_quick_writes_consistent_figures(tmp_path):
     # int8 reaches the loader either decoded (float32) or as stored
     assert res["int8"]["shm_bytes_per_sample"] in (res["int8"]["stored_bytes_per_sample"], 4 * values)
     met = {g["figure"]: g["met"] for g in res["int8"]["goals"]}
-    assert met["h2d_bytes_per_sample"] == (res["int8"]["h2d_bytes_per_sample"] == res["int8"]["stored_bytes_per_sample"])
+    i8 = res["int8"]
+    assert met["h2d_bytes_per_sample"] == (i8["h2d_bytes_per_sample"] == i8["stored_bytes_per_sample"])
     # the image side per implementation: the newest ships uint8 crops (a quarter of the float32 bytes)
     img = res["image_side"]
     assert img["impl1"]["image_shm_bytes_per_sample"] == 4 * img["impl2"]["image_shm_bytes_per_sample"]

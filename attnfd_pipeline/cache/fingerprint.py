@@ -5,9 +5,10 @@ fingerprint is computable without loading the teacher (only its recorded weights
 Stage 2 can find its cache from a config, the teacher bundle's metadata and the dataset listing.
 
 Inputs: teacher weights hash (incl. CBAMs and CBAM mode), dataset identity, the full augmentation
-recipe (crop size, scales, seed …, and its implementation ``impl`` when it is not 1), K, target names, dtype, codec + level, mantissa bits, encoding, pooling, shard size,
-package version and cache format. Not included: teacher batch size and device (eval-mode targets do
-not depend on the batch; float rounding differences between devices are within float16 tolerance).
+recipe (crop size, scales, seed …; its implementation ``impl`` only when it is not 1), K, target names, dtype,
+codec + level, mantissa bits, encoding, pooling, shard size, package version and cache format. Not included:
+teacher batch size and device (eval-mode targets do not depend on the batch; float rounding differences between
+devices are within float16 tolerance).
 """
 
 from __future__ import annotations

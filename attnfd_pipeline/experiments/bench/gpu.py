@@ -127,7 +127,8 @@ def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str
         feeds = feed_rates(cfg, w, bundle, cache_dir, dev, len(source), workers=(0,) if quick else FEED_WORKERS)
         keys = block_keys(cfg, len(source), max(1, w.memory_steps) * w.batch_size, first_epoch=77_000)
         if w.memory_mode == "inline":  # --quick: no process per variant (the harness only; peaks are shared)
-            memory = {v: {"rss_peak_bytes": peak_rss_bytes(), "process": "shared"} for v in ("inmemory", "cached", "online")}
+            memory = {v: {"rss_peak_bytes": peak_rss_bytes(), "process": "shared"}
+                      for v in ("inmemory", "cached", "online")}
         else:
             memory = measure_memory(cfg, ("inmemory", "cached", "online"), num_classes=w.num_classes, bundle=bundle,
                                     cache_dir=cache_dir, device=dev, keys=keys, work=work, mode=w.memory_mode)
