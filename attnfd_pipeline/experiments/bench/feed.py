@@ -575,10 +575,11 @@ def goals(fig: dict) -> list[dict]:
 
 
 def device_info(device: torch.device, load: Sequence[float]) -> dict:
-    import platform
+    """The bench's machine record (CPU model, cores, the card's name on CUDA) with the thread count."""
+    from attnfd_pipeline.experiments.bench.run import device_info as machine
 
-    d = {"device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-         "cores": os.cpu_count(), "load_average_start": [round(x, 2) for x in load], "torch": torch.__version__}
+    d = machine(device, [round(x, 2) for x in load])
+    d.update(device=str(device), threads=torch.get_num_threads(), cores=os.cpu_count(), torch=torch.__version__)
     if device.type == "cuda":
         d["gpu"] = torch.cuda.get_device_name(device)
     return d
