@@ -76,8 +76,9 @@ demo: $(STAMPS)/cache-$(CFG_NAME) ## Everything on the embedded dataset: teacher
 	$(ATTNFD) student --config $(CONFIG) --seed $(SEED) --resume
 	$(ATTNFD) results --config $(CONFIG)
 
-bench: $(STAMPS)/teacher-$(CFG_NAME) ## Measure what caching buys (step time, memory, build/read throughput, storage fidelity on the trained teacher) -> bench/results.{json,md}, bench/storage.{json,md}
+bench: $(STAMPS)/teacher-$(CFG_NAME) ## Measure what caching buys (step time, memory, build/read throughput, storage fidelity on the trained teacher; the feed at the paper's shapes) -> bench/results.{json,md}, bench/storage.{json,md}, bench/feed.{json,md}
 	$(ATTNFD) bench --config $(CONFIG) --out bench --wait-quiet 600 $(BENCH_ARGS)
+	$(ATTNFD) bench-feed --config configs/voc.toml --out bench
 
 bench-accuracy: $(STAMPS)/cache-$(CFG_NAME) ## Teacher, student, KD/LAD/AICSD/Af-DCD/AttnFD (cached + online, float16 vs compact caches) on the config's data, goals checked (resumable) -> bench/accuracy.{json,md}
 	$(ATTNFD) bench-accuracy --config $(CONFIG) --seeds $(BENCH_SEEDS) --compact int8 --compact int8+poolD2 --out bench

@@ -111,6 +111,10 @@ class AugmentConfig:
     blur_p: float = 0.5
     blur_radius_max: float = 1.0  # Gaussian blur sigma ~ U(0, blur_radius_max)
     seed: int = 0  # global augmentation seed: part of every replay key
+    # how the drawn parameters are applied (augment.AUGMENT_IMPLS): 1 resizes the whole image then crops, 2
+    # resamples only the crop's region (same filters, ~2x less CPU at 513 px). A cache records it and replays
+    # with it; 1 stays the default so existing caches and the demo's bit-for-bit runs keep their crops.
+    impl: int = 1
 
     def __post_init__(self):
         _check(len(self.crop_size) == 2 and min(self.crop_size) > 0, "augment.crop_size", "must be two positive ints")
@@ -123,6 +127,7 @@ class AugmentConfig:
                f"augment.base_size / augment.scale_max")
         _check(0 <= self.flip_p <= 1 and 0 <= self.blur_p <= 1, "augment.flip_p/blur_p", "probabilities in [0, 1]")
         _check(self.blur_radius_max >= 0, "augment.blur_radius_max", "must be >= 0")
+        _check(self.impl in (1, 2), "augment.impl", "must be 1 (whole-image resize) or 2 (region-only resize)")
 
 
 @dataclass(frozen=True)

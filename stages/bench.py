@@ -2,7 +2,10 @@
 storage — measured side by side in one run; writes ``results.json`` and ``results.md``.
 
 `attnfd bench-accuracy` / `make bench-accuracy`: what distillation buys — teacher, student and every
-method on the config's data (``attnfd_pipeline.experiments.accuracy``); writes ``accuracy.json`` and ``accuracy.md``."""
+method on the config's data (``attnfd_pipeline.experiments.accuracy``); writes ``accuracy.json`` and ``accuracy.md``.
+
+`attnfd bench-feed`: the host CPU cost of the feed at the paper's shapes, per sample
+(``attnfd_pipeline.experiments.bench.feed``); writes ``feed.json`` and ``feed.md``."""
 
 from __future__ import annotations
 
@@ -46,6 +49,57 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
         goal = f"  (goal {m['goal']}: {'met' if m.get('met') else 'MISSED'})" if "goal" in m else ""
         typer.echo(f"{key:38s} {v if v is None else round(v, 3)}{goal}")
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
+
+
+def bench_feed(config: Annotated[Path, typer.Option(help="Recipe whose augmentation and codec are measured.")]
+               = Path("configs/voc.toml"),
+               out: Annotated[Path, typer.Option(help="Folder for feed.json and feed.md.")] = Path("bench"),
+               quick: Annotated[bool, typer.Option("--quick", help="Tiny shapes (seconds): keeps the harness "
+                                                                   "working; figures are not meaningful.")] = False,
+               device: Annotated[str, typer.Option(help="Where the device-side encode/decode runs (cpu, cuda).")]
+               = "cpu",
+               demo_config: Annotated[Path, typer.Option(help="Config of the trained demo teacher whose maps "
+                                                              "the codec table also measures.")]
+               = Path("configs/demo.toml"),
+               work_dir: Annotated[Optional[Path], typer.Option(help="Where the temporary dataset, teacher and "
+                                                                     "cache go (default: the system temp dir).")]
+               = None):
+    """The host CPU cost of feeding a GPU at the paper's shapes (R101 teacher, 513 px, B + E + D), per sample:
+    build host work, Stage 2 target read, image side, device encode/decode, bytes, physical floors, codecs;
+    the feed goals met or missed."""
+    from attnfd_pipeline.experiments.bench.feed import run_feed_bench
+
+    with errors():
+        res = run_feed_bench(out, quick=quick, recipe=config, work_dir=work_dir, device=device,
+                             demo_config=demo_config)
+    for g in res["int8"]["goals"]:
+        typer.echo(f"int8 {g['figure']:24s} {g['value'] if isinstance(g['value'], int) else round(g['value'], 2)}"
+                   f"  (goal {g['goal']}: {'met' if g['met'] else 'MISSED'})")
+    typer.echo(f"results: {out / 'feed.json'}, {out / 'feed.md'}")
+
+
+def bench_gpu(config: Annotated[Path, typer.Option(help="Recipe (augmentation, codec, loss) of the check.")]
+              = Path("configs/voc.toml"),
+              out: Annotated[Path, typer.Option(help="Folder for gpu.json and gpu.md.")] = Path("bench"),
+              quick: Annotated[bool, typer.Option("--quick", help="CPU, tiny sizes (seconds): keeps the check "
+                                                                  "working; figures are not meaningful.")] = False,
+              device: Annotated[str, typer.Option(help="The GPU to measure (torch device).")] = "cuda",
+              work_dir: Annotated[Optional[Path], typer.Option(help="Where the temporary dataset, teacher and "
+                                                                    "cache go (default: the system temp dir).")]
+              = None):
+    """The prepared GPU check (scripts/gpu_check.sh, <= 8 min on one GPU): R101 -> R18 at 513 px, batch 6, AMP,
+    random weights: cached vs online vs in-memory step time and peak GPU memory, cache build vs bare teacher,
+    DataLoader feed rate with 4 and 8 workers vs the cached step's consumption."""
+    from attnfd_pipeline.experiments.bench.gpu import run_gpu_check
+
+    with errors():
+        res = run_gpu_check(out, quick=quick, recipe=config, work_dir=work_dir, device=device)
+    for key in ("step_ratio_cached_over_online", "step_ratio_cached_over_inmemory",
+                "peak_mem_ratio_cached_over_online", "cache_build_over_teacher_inference"):
+        m = res[key]
+        goal = f"  (goal {m['goal']}: {'met' if m['met'] else 'MISSED'})" if "goal" in m else ""
+        typer.echo(f"{key:38s} {m['value'] if m['value'] is None else round(m['value'], 3)}{goal}")
+    typer.echo(f"results: {out / 'gpu.json'}, {out / 'gpu.md'}")
 
 
 AccuracyOutOpt = Annotated[Optional[Path], typer.Option("--out", help="Folder for accuracy.json and accuracy.md "

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from attnfd_pipeline.data.demo import DEMO_N_TRAIN, DEMO_N_VAL
-from stages.bench import bench, bench_accuracy
+from stages.bench import bench, bench_accuracy, bench_feed, bench_gpu
 from stages.inference import evaluate, export, predict
 from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
 from stages.report import curves, report, studies, visualize
@@ -25,6 +25,8 @@ app.command("student")(student)
 app.command("sweep")(sweep)
 app.command("bench")(bench)
 app.command("bench-accuracy")(bench_accuracy)
+app.command("bench-feed")(bench_feed)
+app.command("bench-gpu")(bench_gpu)
 app.command("bench-storage")(bench_storage)
 app.command("report")(report)
 app.command("studies")(studies)

@@ -123,3 +123,69 @@ def test_cycle_order_shows_every_seed_once_per_k_epochs():
     assert augment.choose_aug_seed(3, 5, 2, 1) == 0
     with pytest.raises(ValueError, match="seed order 'sorted'"):
         augment.choose_aug_seed(0, 0, 0, 4, "sorted")
+
+
+# --- implementation 2: the crop's region resampled alone -----------------------------------------------
+
+
+def _smooth(h, w, seed=0):
+    """A natural-looking uint8 image (smooth gradients and edges), where interpolation differences show."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(3, max(2, h // 8), max(2, w // 8), generator=g)
+    img = torch.nn.functional.interpolate(small[None], size=(h, w), mode="bicubic", align_corners=False)[0]
+    img[:, h // 3:h // 2, :] = 1.0  # a hard edge
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("hw", [(57, 70), (20, 22), (70, 50)])
+def test_region_implementation_agrees_with_the_whole_image_one(hw):
+    """Implementation 2 evaluates the same antialiased bilinear filter at the crop's pixels only: every image
+    pixel within 1 uint8 level of implementation 1 (rounding of the fixed-point vs float weights), labels
+    equal, over scales that shrink and enlarge, flips, padding and blur."""
+    cfg = AugmentConfig(crop_size=(48, 40), base_size=50, scale_min=0.5, scale_max=2.0)
+    image, label = _smooth(*hw), _sample(*hw)[1]
+    shrink = enlarge = blurred = 0
+    for k in range(24):
+        p = augment.draw(cfg, 0, k, hw)
+        i1, l1 = augment.apply(p, image, label, impl=1)
+        i2, l2 = augment.apply(p, image, label, impl=2)
+        assert i2.dtype == torch.uint8 and i2.shape == i1.shape and l2.shape == l1.shape
+        assert torch.equal(l1, l2), (k, p)
+        diff = (i1.int() - i2.int()).abs()
+        assert int(diff.max()) <= 1, (k, p)
+        assert float(diff.float().mean()) < 0.1
+        shrink += p.resized_h < hw[0]
+        enlarge += p.resized_h > hw[0]
+        blurred += p.blur_sigma > 0
+    assert enlarge and blurred and (shrink or min(hw) < 25)  # the draws covered each case (short side >= 25)
+
+
+def test_region_implementation_is_deterministic_and_differs_in_bytes():
+    image, label = _smooth(57, 70), _sample()[1]
+    hashes = set()
+    for k in range(6):
+        p = augment.draw(CFG, 1, k, (57, 70))
+        a, b = augment.apply(p, image, label, impl=2), augment.apply(p, image.clone(), label.clone(), impl=2)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        hashes.add(augment.content_hash(a[0]) == augment.content_hash(augment.apply(p, image, label, impl=1)[0]))
+    assert False in hashes  # some crops differ by a level: a new implementation needs its own caches
+
+
+def test_aa_weights_match_torch_interpolate():
+    """The filter weights reproduce torch's float antialiased bilinear resize exactly (float64 weights)."""
+    x = torch.rand(1, 1, 1, 37, dtype=torch.float64)
+    for out in (11, 37, 60, 100):
+        ref = torch.nn.functional.interpolate(x, size=(1, out), mode="bilinear", antialias=True, align_corners=False)
+        lo, w = augment.aa_weights(37, out, 0, out)
+        idx = np.minimum(lo[:, None] + np.arange(w.shape[1]), 36)
+        got = (x[0, 0, 0].numpy()[idx] * w).sum(1)
+        assert np.allclose(got, ref[0, 0, 0].numpy(), atol=1e-12), out
+
+
+def test_unknown_implementation_is_refused():
+    image, label = _sample()
+    p = augment.draw(CFG, 0, 0, (57, 70))
+    with pytest.raises(ValueError, match="implementation"):
+        augment.apply(p, image, label, impl=3)
+    with pytest.raises(ValueError, match="augment.impl"):
+        AugmentConfig(impl=3)

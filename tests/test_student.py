@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import attnfd_pipeline.teacher as teacher_mod
+from attnfd_pipeline import augment
+from attnfd_pipeline.engine.train import to_device
 from attnfd_pipeline.cache import CacheError, CacheReader, find_cache
 from attnfd_pipeline.config import TargetSource, load_config
 from attnfd_pipeline.data.source import ImageSource
@@ -55,7 +57,8 @@ def test_cached_targets_equal_online_targets(tiny_pipeline):
     ds = StudentDataset(src, cfg.augment, CachedSeeds(0, cfg.cache.K), reader, ("B", "E", "D"))
     for epoch, index in [(0, 0), (1, 3), (2, 7)]:
         item = ds[(epoch, index)]
-        online = teacher.targets(item["image"][None], ["B", "E", "D"])
+        assert item["image"].dtype == torch.uint8  # crops travel as uint8, normalised on the device
+        online = teacher.targets(augment.normalize(item["image"])[None], ["B", "E", "D"])
         for p in "BED":
             cached = item["targets"][p].float()
             ref = online[p][0]
@@ -70,7 +73,8 @@ def test_online_and_cached_losses_agree(tiny_pipeline):
     reader = CacheReader(find_cache(cfg, load_teacher_info(bundle), src))
     teacher = load_teacher(bundle)
     ds = StudentDataset(src, cfg.augment, CachedSeeds(0, cfg.cache.K), reader, ("B", "E", "D"))
-    batch = torch.utils.data.default_collate([ds[(0, i)] for i in range(4)])
+    batch = to_device(torch.utils.data.default_collate([ds[(0, i)] for i in range(4)]), torch.device("cpu"))
+    assert batch["image"].dtype == torch.float32
     from attnfd_pipeline.distill import Distiller
     from attnfd_pipeline.models import build_model
 

@@ -5,9 +5,10 @@ fingerprint is computable without loading the teacher (only its recorded weights
 Stage 2 can find its cache from a config, the teacher bundle's metadata and the dataset listing.
 
 Inputs: teacher weights hash (incl. CBAMs and CBAM mode), dataset identity, the full augmentation
-recipe (crop size, scales, seed …), K, target names, dtype, codec + level, mantissa bits, encoding, pooling, shard size,
-package version and cache format. Not included: teacher batch size and device (eval-mode targets do
-not depend on the batch; float rounding differences between devices are within float16 tolerance).
+recipe (crop size, scales, seed …; its implementation ``impl`` only when it is not 1), K, target names, dtype,
+codec + level, mantissa bits, encoding, pooling, shard size, package version and cache format. Not included:
+teacher batch size and device (eval-mode targets do not depend on the batch; float rounding differences between
+devices are within float16 tolerance).
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ def cache_inputs(cfg, teacher: Any, source: Any) -> dict[str, Any]:
     """Everything the fingerprint hashes, as plain JSON. ``teacher``: object, info dict or sha256;
     ``source``: sample source or its identity dict."""
     c = cfg.cache
+    augment = json.loads(json.dumps(dataclasses.asdict(cfg.augment)))
+    if augment.get("impl") == 1:  # recorded only when not the first implementation: older caches keep theirs
+        del augment["impl"]
     inputs = {
         "format": FINGERPRINT_FORMAT,
         "package_version": attnfd_pipeline.__version__,
         "teacher_sha256": teacher_sha256(teacher),
         "dataset": dataset_identity(source),
-        "augment": json.loads(json.dumps(dataclasses.asdict(cfg.augment))),
+        "augment": augment,
         "K": c.K,
         "targets": cache_target_names(c),
         "dtype": DTYPE,

@@ -227,6 +227,11 @@ class CacheReader:
             out[name] = parts
         return out
 
+    @property
+    def augment_impl(self) -> int:
+        """The augmentation implementation the cache was built with (``augment.impl``; absent: 1)."""
+        return int(self.info.augment.get("impl", 1))
+
     def augment_config(self):
         """The AugmentConfig the cache was built with (from cache.json)."""
         from attnfd_pipeline.config import AugmentConfig, from_dict

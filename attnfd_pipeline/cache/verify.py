@@ -236,7 +236,7 @@ def _replay_check(report: VerifyReport, info: CacheInfo, tables: dict, source: A
         drawn = augment.draw(aug_cfg, i, k, tuple(image.shape[-2:]))
         if drawn != stored:
             report.problems.append(f"replay {where}: re-drawn augmentation {drawn} differs from the stored {stored}")
-        img, lab = augment.apply(stored, image, label)
+        img, lab = augment.apply(stored, image, label, impl=aug_cfg.impl)
         if augment.content_hash(img) != cols["image_hash"][0]:
             report.problems.append(f"replay {where}: augmented image hash differs from the stored one")
         if augment.content_hash(lab) != cols["label_hash"][0]:

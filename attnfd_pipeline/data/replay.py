@@ -23,14 +23,17 @@ class Replayed(NamedTuple):
 
 
 def replay(source, index: int, aug_seed: int, aug_cfg=None, *, params: AugmentParams | None = None,
-           image: torch.Tensor | None = None, label: torch.Tensor | None = None) -> Replayed:
+           image: torch.Tensor | None = None, label: torch.Tensor | None = None, impl: int | None = None) -> Replayed:
     """Sample (``index``, ``aug_seed``) of ``source``: parameters drawn from (``aug_cfg``, index, aug_seed)
-    unless ``params`` are given; ``image`` / ``label`` spare a reload when the caller already holds them."""
+    unless ``params`` are given; ``image`` / ``label`` spare a reload when the caller already holds them.
+    ``impl``: the augmentation implementation (default ``aug_cfg.impl``, else 1 — a cache passes its own)."""
     if image is None:
         image, label = source.load(index)
     if params is None:
         if aug_cfg is None:
             raise ValueError("replay needs the augmentation config (aug_cfg) or the parameters (params)")
         params = augment.draw(aug_cfg, index, aug_seed, tuple(image.shape[-2:]))
-    img, lab = augment.apply(params, image, label)
+    if impl is None:
+        impl = getattr(aug_cfg, "impl", 1) if aug_cfg is not None else 1
+    img, lab = augment.apply(params, image, label, impl=impl)
     return Replayed(params, img, lab)

@@ -23,7 +23,8 @@ def replay_cached(reader: CacheReader, source, index: int, aug_seed: int, *, che
     """The augmented uint8 (image, label) the teacher saw for cached sample (index, aug_seed), rebuilt from the
     parameters its manifest row stores; with ``check``, its content hashes must equal the stored ones
     (CacheError otherwise: dataset files or augmentation code changed since the cache was built)."""
-    _, img, lab = replay(source, index, aug_seed, params=reader.params(index, aug_seed))
+    _, img, lab = replay(source, index, aug_seed, params=reader.params(index, aug_seed),
+                          impl=reader.augment_impl)
     if check:
         ih, lh = reader.hashes(index, aug_seed)
         for what, got, want in (("image", augment.content_hash(img), ih), ("label", augment.content_hash(lab), lh)):
@@ -53,5 +54,5 @@ class StudentDataset(AugmentedDataset):
         image, label = replay_cached(self.reader, self.source, index, k, check=True)
         enc = self.reader.encoding
         targets = {n: batch_item(enc, parts) for n, parts in self.reader.read_stored(index, k, self.names).items()}
-        return {"image": augment.normalize(image), "label": label.long(), "index": index, "aug_seed": k,
+        return {"image": image, "label": label.long(), "index": index, "aug_seed": k,  # uint8, as AugmentedDataset
                 "targets": targets}

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from attnfd_pipeline.augment import normalize
 from attnfd_pipeline.config import TrainConfig
 from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.checkpoint import load_checkpoint, load_modules, save_checkpoint
@@ -65,6 +66,7 @@ def autocast_for(device: torch.device, enabled: bool):
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch on ``device``; uint8 training crops (``data.loaders.AugmentedDataset``) are normalised there."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
@@ -73,6 +75,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
             out[k] = to_device(v, device)
         else:
             out[k] = v
+    image = out.get("image")
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+        out["image"] = normalize(image)
     return out
 
 

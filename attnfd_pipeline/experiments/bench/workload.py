@@ -105,6 +105,7 @@ def calibrate_batchnorm(model: torch.nn.Module, batches: Sequence[torch.Tensor])
 
 def make_teacher_bundle(cfg, num_classes: int, source, calib_batches: int, batch_size: int) -> Path:
     """A teacher bundle with random weights (calibrated BatchNorm), written where the config expects it."""
+    from attnfd_pipeline.augment import normalize
     from attnfd_pipeline.data.loaders import AugmentedDataset, FreshSeeds
     from attnfd_pipeline.teacher import build_side_attention, build_teacher_model, bundle_path, save_bundle
     from attnfd_pipeline.utils import seed_everything
@@ -114,7 +115,7 @@ def make_teacher_bundle(cfg, num_classes: int, source, calib_batches: int, batch
     ds = AugmentedDataset(source, cfg.augment, FreshSeeds())
     n = len(source)
     per = max(2, batch_size)  # BatchNorm in train mode needs more than one value per channel (image pool)
-    batches = [torch.stack([ds[(0, (b * per + j) % n)]["image"] for j in range(per)])
+    batches = [normalize(torch.stack([ds[(0, (b * per + j) % n)]["image"] for j in range(per)]))
                for b in range(max(1, calib_batches))]
     calibrate_batchnorm(model, batches)
     attention = build_side_attention(cfg, model)  # non-inpath CBAM modes: seeded side branches

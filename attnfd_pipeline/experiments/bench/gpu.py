@@ -1,0 +1,166 @@
+"""`attnfd bench-gpu` (``scripts/gpu_check.sh``): the few GPU minutes a check gets, spent on the figures a CPU
+cannot give — at the paper's shapes (R101 teacher → R18 student, 513 px, batch 6, B + E + D, AMP, random
+weights, synthetic VOC-sized images): cached vs online vs in-memory step time and peak GPU memory, the cache
+build against bare teacher inference, and the DataLoader's feed rate with 4 and 8 workers against what the
+cached step consumes. Writes ``gpu.json`` (and ``gpu.md``).
+
+Sized for ≤ 8 minutes on one GPU: one dataset, one teacher bundle, one cache, the bench's own timed blocks
+(``measure.time_steps``, interleaved, 2 repeats) and a peak-memory process per variant
+(``memory.measure_memory``). ``--quick`` runs the same code on CPU at tiny sizes (a test)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnfd_pipeline.experiments.bench.common import log, median, num
+from attnfd_pipeline.experiments.bench.workload import Workload
+
+# VOC-sized generated images: sides 375..500 px (× the 513 crop)
+GPU = Workload(teacher="deeplabv3plus_resnet101", student="deeplabv3plus_resnet18", crop=513, batch_size=6,
+               workers=4, n_train=24, K=1, shard_size=6, image_scale=(375 / 513, 500 / 513), repeats=2,
+               warmup_steps=1, timed_steps=4, reader_batches=6, memory_steps=2, memory_mode="each", threads=0,
+               calib_batches=1, profile=False)
+QUICK = dataclasses.replace(GPU, teacher="deeplabv3plus_resnet18", crop=48, batch_size=2, workers=0, n_train=4,
+                            shard_size=2, image_scale=(1.0, 1.25), repeats=1, timed_steps=1, reader_batches=1,
+                            memory_steps=1, memory_mode="inline", threads=1)
+FEED_WORKERS = (4, 8)
+GOALS = {"step_ratio_cached_over_online": ("<=", 0.6), "peak_mem_ratio_cached_over_online": ("<", 1.0)}
+
+
+def _metric(key: str, value: float | None) -> dict:
+    out: dict[str, Any] = {"value": num(value)}
+    if key in GOALS and value is not None:
+        op, thr = GOALS[key]
+        out.update(goal=f"{op} {thr:g}", met=bool(value <= thr if op == "<=" else value < thr))
+    return out
+
+
+def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, workers=FEED_WORKERS) -> dict:
+    """Samples/s the cached variant's DataLoader delivers with nothing consuming, per worker count."""
+    from attnfd_pipeline.experiments.bench.measure import reader_block, shutdown
+    from attnfd_pipeline.experiments.bench.workload import block_keys, build_setup
+
+    out = {}
+    for n in workers:
+        c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=n))
+        setup = build_setup(c, "cached", num_classes=w.num_classes, bundle=bundle, cache_dir=cache_dir, device=device)
+        rows = []
+        for r in range(max(1, w.repeats)):
+            keys = block_keys(cfg, n_images, (w.reader_batches + 1) * w.batch_size, first_epoch=7000 + 100 * r)
+            rows.append(reader_block(setup, keys)["samples_per_s"])
+        shutdown(setup)
+        out[str(n)] = median(rows)
+        log(f"feed with {n} workers: {out[str(n)]:.1f} samples/s")
+    return out
+
+
+def gpu_figures(steps: dict, build_rows: list[dict], memory: dict, feeds: dict, batch: int) -> dict:
+    """gpu.json's figures from the raw blocks: per-repeat ratios (median), absolute medians, memory."""
+    from attnfd_pipeline.experiments.bench.common import ratios
+
+    per = {v: [median([x["total"] for x in block]) for block in steps[v]] for v in steps}
+    mem = {v: memory[v].get("cuda_max_allocated_bytes") or memory[v]["rss_peak_bytes"] for v in memory}
+    source = "cuda_max_allocated_bytes" if any("cuda_max_allocated_bytes" in m for m in memory.values()) else "rss"
+    cached_sps = batch / median(per["cached"])
+    res = {
+        "step_ratio_cached_over_online": _metric("step_ratio_cached_over_online",
+                                                 median(ratios(per["cached"], per["online"]))),
+        "step_ratio_cached_over_inmemory": _metric("step_ratio_cached_over_inmemory",
+                                                   median(ratios(per["cached"], per["inmemory"]))),
+        "peak_mem_ratio_cached_over_online": _metric("peak_mem_ratio_cached_over_online",
+                                                     mem["cached"] / mem["online"]),
+        "cache_build_over_teacher_inference": _metric("cache_build_over_teacher_inference",
+                                                      median([r["ratio"] for r in build_rows])),
+        "step_s": {v: median(per[v]) for v in per},
+        "peak_memory_bytes": mem, "peak_memory_source": source,
+        "build_samples_per_s": median([r["build_samples_per_s"] for r in build_rows]),
+        "bare_teacher_samples_per_s": median([r["bare_samples_per_s"] for r in build_rows]),
+        "cached_consumes_samples_per_s": cached_sps,
+        "feed_samples_per_s": feeds,
+        "feed_over_consumption": {k: v / cached_sps for k, v in feeds.items()},
+    }
+    return res
+
+
+def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str | Path | None = "configs/voc.toml",
+                  work_dir: str | Path | None = None, device: str = "cuda") -> dict:
+    """Measure, write ``gpu.json`` / ``gpu.md`` under ``out``, return the record."""
+    from attnfd_pipeline.cache.schema import cache_target_names
+    from attnfd_pipeline.data.source import ImageSource
+    from attnfd_pipeline.experiments.bench.measure import shutdown, time_cache_build, time_steps
+    from attnfd_pipeline.experiments.bench.memory import measure_memory, peak_rss_bytes
+    from attnfd_pipeline.experiments.bench.run import auto_threads, device_info
+    from attnfd_pipeline.experiments.bench.workload import (block_keys, build_setup, make_dataset,
+                                                            make_teacher_bundle, workload_config)
+    from attnfd_pipeline.teacher import load_teacher
+    from attnfd_pipeline.utils import atomic_write_json
+
+    w = QUICK if quick else GPU
+    dev = torch.device("cpu" if quick else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("bench-gpu: no CUDA device here (use --quick for the CPU harness check)")
+    t0 = time.perf_counter()
+    torch.set_num_threads(w.threads or auto_threads(w.workers))
+    load = list(os.getloadavg())
+    with tempfile.TemporaryDirectory(prefix="attnfd-gpu-", dir=work_dir) as tmp:
+        work = Path(tmp)
+        cfg = workload_config(w, make_dataset(w, work / "data"), work, recipe,
+                              [f'student.train.device="{dev.type}"', "student.train.amp=true"])
+        source = ImageSource.from_config(cfg, cfg.data.train_split)
+        log(f"bench-gpu: {w.teacher} → {w.student}, {w.crop} px, batch {w.batch_size}, {len(source)} images on {dev}")
+        bundle = make_teacher_bundle(cfg, w.num_classes, source, w.calib_batches, w.batch_size)
+        build_rows, cache_dir, _ = time_cache_build(cfg, load_teacher(bundle, dev), source, work, w.repeats,
+                                                    cache_target_names(cfg.cache), dev)
+        setups = {v: build_setup(cfg, v, num_classes=w.num_classes, bundle=bundle, cache_dir=cache_dir, device=dev)
+                  for v in ("plain", "inmemory", "cached", "online")}
+        steps, _ = time_steps(cfg, setups, w, len(source))
+        for s in setups.values():
+            shutdown(s)
+        del setups
+        feeds = feed_rates(cfg, w, bundle, cache_dir, dev, len(source), workers=(0,) if quick else FEED_WORKERS)
+        keys = block_keys(cfg, len(source), max(1, w.memory_steps) * w.batch_size, first_epoch=77_000)
+        if w.memory_mode == "inline":  # --quick: no process per variant (the harness only; peaks are shared)
+            memory = {v: {"rss_peak_bytes": peak_rss_bytes(), "process": "shared"}
+                      for v in ("inmemory", "cached", "online")}
+        else:
+            memory = measure_memory(cfg, ("inmemory", "cached", "online"), num_classes=w.num_classes, bundle=bundle,
+                                    cache_dir=cache_dir, device=dev, keys=keys, work=work, mode=w.memory_mode)
+    res = gpu_figures(steps, build_rows, memory, feeds, w.batch_size)
+    res.update(device=device_info(dev, load), workload=w.to_dict(), quick=quick, wall_s=time.perf_counter() - t0,
+               samples={"steps_s": {v: [[x["total"] for x in b] for b in steps[v]] for v in steps},
+                        "cache_build": build_rows, "memory": memory})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "gpu.json", res)
+    (out / "gpu.md").write_text(gpu_markdown(res))
+    log(f"wrote {out / 'gpu.json'} ({res['wall_s']:.0f} s)")
+    return res
+
+
+def gpu_markdown(res: dict) -> str:
+    d, w = res["device"], res["workload"]
+    name = d.get("name", d.get("cpu", d["type"]))
+    lines = [f"# bench-gpu: {w['teacher']} → {w['student']}, {w['crop']} px, batch {w['batch_size']}, AMP", "",
+             f"Device: {name}." + (" **--quick: CPU, tiny sizes, the figures mean nothing.**" if res["quick"] else ""),
+             "", "| figure | value | goal |", "| --- | --- | --- |"]
+    for key in ("step_ratio_cached_over_online", "step_ratio_cached_over_inmemory",
+                "peak_mem_ratio_cached_over_online", "cache_build_over_teacher_inference"):
+        m = res[key]
+        goal = f"{m['goal']}: {'met' if m['met'] else '**missed**'}" if "goal" in m else "–"
+        lines.append(f"| `{key}` | {m['value'] if m['value'] is None else round(m['value'], 3)} | {goal} |")
+    lines += ["", "| variant | step (s, median) | peak memory (MiB) |", "| --- | --- | --- |"]
+    for v, s in res["step_s"].items():
+        mem = res["peak_memory_bytes"].get(v)
+        lines.append(f"| {v} | {s:.4f} | {'–' if mem is None else f'{mem / 2**20:,.0f}'} |")
+    lines += ["", f"Cache build {res['build_samples_per_s']:.1f} samples/s vs bare teacher "
+                  f"{res['bare_teacher_samples_per_s']:.1f}; the cached step consumes "
+                  f"{res['cached_consumes_samples_per_s']:.1f} samples/s; the DataLoader alone delivers "
+              + ", ".join(f"{v:.1f} with {k} workers" for k, v in res["feed_samples_per_s"].items()) + ".", ""]
+    return "\n".join(lines)
