@@ -17,12 +17,26 @@ def test_sweep_on_a_local_cluster_skips_finished_runs(tiny_pipeline):
     cfg, _ = tiny_pipeline
     done = run_sweep(cfg, [0.0, 2.0], [3], workers=2)  # worker processes, as users run it
     assert sorted(r["alpha"] for r in done) == [0.0, 2.0]
-    assert all(0 <= r["best_miou"] <= 1 for r in done)
+    import json
+
+    from attnfd_pipeline.engine.train import read_log
     from attnfd_pipeline.runs import student_dir
 
+    by_alpha = {r["alpha"]: r for r in done}
     for c in sweep_configs(cfg, [0.0, 2.0], [3]):  # the worker processes wrote into each run's own log
         log = (student_dir(c) / "log.txt").read_text()
         assert f"student {student_dir(c).name} " in log and "epoch 1/1 loss" in log
+        # the sweep returns what the run wrote: its result.json, whose best mIoU is its logged evaluation's
+        row, on_disk = by_alpha[c.student.alpha], json.loads((student_dir(c) / "result.json").read_text())
+        assert row["run"] == student_dir(c).name and row["seed"] == 3
+        metrics = read_log(student_dir(c) / "metrics.parquet")
+        assert row["best_miou"] == on_disk["best_miou"] == max(m["miou"] for m in metrics if m["miou"] is not None)
+        # the logged epoch loss is the one the log line prints
+        assert f"epoch 1/1 loss {metrics[-1]['train_loss']:.4f}" in log
+    # α = 0 trains on CE alone, α = 2 adds the distillation term: same seed, different losses
+    losses = {a: read_log(student_dir(c) / "metrics.parquet")[-1]["train_loss"]
+              for a, c in zip((0.0, 2.0), sweep_configs(cfg, [0.0, 2.0], [3]))}
+    assert losses[2.0] != losses[0.0]
     assert run_sweep(cfg, [0.0, 2.0], [3], workers=2) == []  # rerun: nothing left to do
 
 
