@@ -25,6 +25,7 @@ def _write_cfg(cfg, tmp_path):
     return p
 
 
+@pytest.mark.slow
 def test_teacher_evaluate_student_results(tiny_cfg, tmp_path):
     p = _write_cfg(tiny_cfg, tmp_path)
     r = runner.invoke(app, ["teacher", *_opts(p)])

@@ -34,6 +34,7 @@ def _train(cfg, run_dir, **kw):
     return model, res
 
 
+@pytest.mark.slow
 def test_loss_goes_down(tiny_data, tmp_path):
     from conftest import make_cfg
 
@@ -55,6 +56,7 @@ def test_loss_goes_down(tiny_data, tmp_path):
     assert (tmp_path / "run" / "best.pt").stat().st_size < 0.75 * (tmp_path / "run" / "last.pt").stat().st_size
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_data, tmp_path):
     from conftest import make_cfg
 
@@ -74,6 +76,7 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert full_log[-1]["miou"] == cut_log[-1]["miou"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_recipe(tiny_data, tmp_path):
     import dataclasses
 

@@ -13,6 +13,7 @@ def test_parse_and_grid(tiny_cfg):
     assert all(c.cache == tiny_cfg.cache and c.teacher == tiny_cfg.teacher for c in cfgs)
 
 
+@pytest.mark.slow
 def test_sweep_on_a_local_cluster_skips_finished_runs(tiny_pipeline):
     cfg, _ = tiny_pipeline
     done = run_sweep(cfg, [0.0, 2.0], [3], workers=2)  # worker processes, as users run it
@@ -40,6 +41,7 @@ def test_sweep_on_a_local_cluster_skips_finished_runs(tiny_pipeline):
     assert run_sweep(cfg, [0.0, 2.0], [3], workers=2) == []  # rerun: nothing left to do
 
 
+@pytest.mark.slow
 def test_sweep_reuses_one_cache_without_the_teacher(tiny_pipeline, monkeypatch):
     """2 α × 2 seeds on one cache: no cache build, no teacher load or forward (threads, so the
     monkeypatched guards are seen by the runs)."""
@@ -60,6 +62,7 @@ def test_sweep_reuses_one_cache_without_the_teacher(tiny_pipeline, monkeypatch):
     assert run_sweep(cfg, [1.0, 2.0], [5, 6], workers=1, processes=False) == []
 
 
+@pytest.mark.slow
 def test_sweep_refuses_a_finished_run_trained_otherwise(tiny_pipeline, tmp_path, monkeypatch):
     """A finished run whose folder name matches but whose recipe or teacher differs must not be skipped as
     done: the sweep stops before running anything, naming the folder and the difference."""

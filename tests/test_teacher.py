@@ -8,6 +8,7 @@ from attnfd_pipeline.teacher import FrozenTeacher, load_teacher, load_teacher_in
 from hand_metrics import hand_metrics, val_loader
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["inpath", "fitted", "parameter_free", "untrained"])
 def test_teacher_modes_write_a_frozen_bundle(tiny_data, tmp_path, mode):
     from conftest import make_cfg
@@ -43,6 +44,7 @@ def test_teacher_modes_write_a_frozen_bundle(tiny_data, tmp_path, mode):
     assert json.loads((cfg.teacher_dir / "result.json").read_text())["miou"] == pytest.approx(m["miou"])
 
 
+@pytest.mark.slow
 def test_fitted_mode_trains_only_the_cbams(tiny_data, tmp_path):
     from conftest import make_cfg
 
@@ -59,6 +61,7 @@ def test_fitted_mode_trains_only_the_cbams(tiny_data, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # fitting moved the CBAM weights
 
 
+@pytest.mark.slow
 def test_bundle_tampering_is_detected(tiny_data, tmp_path):
     from conftest import make_cfg
 
