@@ -28,7 +28,7 @@ RUN_CACHE := $(if $(MULTI),$(TORCHRUN) -m stages.cache build,$(ATTNFD) cache bui
 RUN_STUDENT := $(if $(MULTI),$(TORCHRUN) -m stages.student,$(ATTNFD) student)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo data teacher cache student baseline results test clean-runs sweep bench bench-accuracy studies chaos
+.PHONY: help install demo data teacher cache student baseline results test test-fast clean-runs sweep bench bench-accuracy studies chaos
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-15s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -87,8 +87,11 @@ studies: $(STAMPS)/teacher-$(CFG_NAME) ## Every study of the report on the confi
 	$(ATTNFD) studies --config $(CONFIG) --out bench/studies
 	$(ATTNFD) visualize --config $(CONFIG) --out bench/studies/attention_0.png
 
-test: $(VENV)/.installed ## Run the test suite
+test: $(VENV)/.installed ## Run the test suite (everything, as CI does)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(VENV)/.installed ## Run the unit tests only (-m "not slow": no multi-step training, subprocess CLI or chaos)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean-runs: ## Delete runs/, data/demo, cache contents and stamps (asks nothing: be sure)
 	rm -rf runs data/demo $(STAMPS) && find cache -mindepth 1 ! -name README.md -exec rm -rf {} +

@@ -69,12 +69,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks by ``hashlib.file_digest`` (never whole into memory)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:

@@ -51,6 +51,7 @@ def test_plan_has_every_method_with_its_seeds():
         acc.plan_runs(cfg, extra_seeds=0)
 
 
+@pytest.mark.slow
 def test_tiny_bench_writes_results_and_resumes(tiny_pipeline, tmp_path, monkeypatch):
     base, _ = tiny_pipeline
     # 32 px crops (the bundle does not depend on the crop): 7 one-epoch runs on 10 images stay fast

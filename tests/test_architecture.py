@@ -1,11 +1,17 @@
-"""The house's rules, read from the import graph: the core never imports the lab."""
+"""The house's rules (docs/architecture.md "House rules the tests check"): import-linter's contracts, the
+module-level no-cycle rule on grimp's graph, and what no import linter states — private names stay in
+their module, no function over 80 lines."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "attnfd_pipeline"
+import grimp
+from importlinter.cli import lint_imports
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "attnfd_pipeline"
 
 
 def _module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -22,99 +28,48 @@ def _from_module(node: ast.ImportFrom, here: str, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module a file imports, function-level imports included, relative ones resolved."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            module = _from_module(node, _module_name(path), path.name == "__init__.py")
-            found.add(module)
-            found.update(f"{module}.{alias.name}" for alias in node.names)
-    return found
+# ---------------------------------------------------------------------------------------------
+# import-linter's contracts (pyproject.toml [tool.importlinter]): the core never imports the lab; no cycle
+# between the children of any package
 
 
-def core_files() -> list[Path]:
-    return [p for p in PACKAGE.rglob("*.py") if "experiments" not in p.relative_to(PACKAGE).parts]
+def test_import_linter_contracts_are_kept():
+    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True) == 0
 
 
-def test_core_never_imports_the_lab():
-    offenders = {
-        str(p.relative_to(PACKAGE.parent)): sorted(m for m in _imports(p) if m.startswith("attnfd_pipeline.experiments"))
-        for p in core_files()
-    }
-    offenders = {k: v for k, v in offenders.items() if v}
-    assert not offenders, f"core modules import the lab: {offenders}"
-
-
-def test_the_walker_sees_function_level_and_relative_imports(tmp_path):
-    # the check above is only as good as this walker: it must see imports inside functions
-    src = PACKAGE / "cache" / "build.py"
-    assert any(m.startswith("attnfd_pipeline.") for m in _imports(src))
-    assert _module_name(PACKAGE / "cache" / "__init__.py") == "attnfd_pipeline.cache"
+def test_the_contracts_see_function_level_imports_of_the_lab(tmp_path, monkeypatch):
+    """The protected contract catches a core module importing the lab inside a function."""
+    pkg = tmp_path / "fakepkg"
+    (pkg / "experiments").mkdir(parents=True)
+    for init in (pkg / "__init__.py", pkg / "experiments" / "__init__.py"):
+        init.write_text("")
+    (pkg / "experiments" / "report.py").write_text("from fakepkg import core\n")  # the lab may use the core
+    (pkg / "core.py").write_text("def f():\n    from fakepkg.experiments import report\n")
+    (tmp_path / "lint.toml").write_text(
+        '[tool.importlinter]\nroot_packages = ["fakepkg"]\n\n[[tool.importlinter.contracts]]\nname = "lab"\n'
+        'type = "protected"\nprotected_modules = ["fakepkg.experiments"]\nallowed_importers = []\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert lint_imports(config_filename="lint.toml", no_cache=True, no_logo=True) == 1
+    (pkg / "core.py").write_text("def f():\n    pass\n")
+    assert lint_imports(config_filename="lint.toml", no_cache=True, no_logo=True) == 0
 
 
 # ---------------------------------------------------------------------------------------------
-# no import cycles, no private names across modules, no long functions
+# no import cycles between modules: import-linter's acyclic_siblings contract works on packages (their
+# descendants squashed) and cannot see a cycle through a package's own __init__ or through the imports it
+# ignores, so the module-level rule stays here, on grimp's import graph (the one import-linter reads)
 
 
-def _modules(package: Path) -> dict[str, Path]:
-    return {_module_name(p, package): p for p in package.rglob("*.py")}
-
-
-def _edges(path: Path, modules: dict[str, Path], package: Path = PACKAGE) -> set[str]:
-    """The package modules a file imports (function-level imports included): ``from pkg import name`` is an
-    edge to ``pkg.name`` when that is a module, else to ``pkg`` (whose ``__init__`` runs)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    me = _module_name(path, package)
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            module = _from_module(node, me, path.name == "__init__.py")
-            found.update(f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module for a in node.names)
-    return {m for m in found if m in modules and m != me}
-
-
-def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
-    """Tarjan's strongly connected components of ``graph`` (node → successors)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    out: list[set[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        for w in graph.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = set()
-            while True:
-                w = stack.pop()
-                comp.add(w)
-                if w == v:
-                    break
-            out.append(comp)
-
-    for v in graph:
-        if v not in index:
-            visit(v)
-    return out
-
-
-def import_cycles(package: Path = PACKAGE) -> list[list[str]]:
-    """Every strongly connected component of more than one module in the package's import graph."""
-    modules = _modules(package)
-    graph = {name: _edges(path, modules, package) for name, path in modules.items()}
-    return sorted(sorted(c) for c in strongly_connected(graph) if len(c) > 1)
+def import_cycles(package: str = "attnfd_pipeline") -> list[list[str]]:
+    """Every strongly connected component of more than one module in the package's import graph (function-
+    level imports included; ``from pkg import name`` is an import of ``pkg.name`` when that is a module, else
+    of ``pkg``, whose ``__init__`` runs)."""
+    graph = grimp.build_graph(package, cache_dir=None)
+    upstream = {m: graph.find_upstream_modules(m) for m in graph.modules}  # what m imports, transitively
+    cyclic = {m for m in graph.modules if any(m in upstream[n] for n in graph.find_modules_directly_imported_by(m))}
+    components = {frozenset({m} | {n for n in cyclic if n in upstream[m] and m in upstream[n]}) for m in cyclic}
+    return sorted(sorted(c) for c in components)
 
 
 def test_no_import_cycle():
@@ -123,18 +78,19 @@ def test_no_import_cycle():
         "\n".join("  " + " <-> ".join(c) for c in cycles)
 
 
-def test_the_cycle_finder_sees_cycles_through_a_package_init_and_function_level_imports(tmp_path):
-    pkg = tmp_path / "attnfd_pipeline"
+def test_the_cycle_finder_sees_cycles_through_a_package_init_and_function_level_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "fakecycles"
     (pkg / "fake").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    (pkg / "fake" / "__init__.py").write_text("from attnfd_pipeline.fake.part import thing\n")
+    (pkg / "fake" / "__init__.py").write_text("from fakecycles.fake.part import thing\n")
     # a submodule taking a name from its own package's __init__, inside a function
-    (pkg / "fake" / "part.py").write_text("def thing():\n    from attnfd_pipeline.fake import CONST\n")
+    (pkg / "fake" / "part.py").write_text("def thing():\n    from fakecycles.fake import CONST\n")
     (pkg / "a.py").write_text("from . import b\n")
-    (pkg / "b.py").write_text("def f():\n    import attnfd_pipeline.a\n")
-    (pkg / "c.py").write_text("from attnfd_pipeline import a\n")  # imports into a cycle, is not in one
-    assert import_cycles(pkg) == [["attnfd_pipeline.a", "attnfd_pipeline.b"],
-                                  ["attnfd_pipeline.fake", "attnfd_pipeline.fake.part"]]
+    (pkg / "b.py").write_text("def f():\n    import fakecycles.a\n")
+    (pkg / "c.py").write_text("from fakecycles import a\n")  # imports into a cycle, is not in one
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_cycles("fakecycles") == [["fakecycles.a", "fakecycles.b"],
+                                           ["fakecycles.fake", "fakecycles.fake.part"]]
 
 
 def _is_private(name: str) -> bool:

@@ -94,6 +94,7 @@ def test_bad_dataset_stops_teacher_before_writing(case, setup):
     assert not Path(cfg.runs_root).exists()
 
 
+@pytest.mark.slow
 def test_bad_dataset_stops_student_and_cache_build_before_writing(setup, tiny_pipeline):
     cfg, p, root, tmp = setup
     f = _break("label values", root)

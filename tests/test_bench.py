@@ -22,6 +22,7 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_results(tmp_path):
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, ["bench", "--quick", "--out", str(out), "--config", "configs/demo.toml",
@@ -116,6 +117,7 @@ def test_wait_quiet_waits_for_the_load_to_fall(monkeypatch):
         check_load(quick=False, allow_busy=False, wait_quiet=60)
 
 
+@pytest.mark.slow
 def test_recommended_storage_runs_on_the_trained_teacher(tiny_pipeline, tmp_path):
     from attnfd_pipeline.experiments.bench.run import recommended_storage
 
@@ -131,6 +133,7 @@ def test_recommended_storage_runs_on_the_trained_teacher(tiny_pipeline, tmp_path
     assert "make teacher" in recommended_storage(missing, tmp_path, quick=False)["why"]
 
 
+@pytest.mark.slow
 def test_inmemory_step_is_the_cached_step_without_reads(tiny_pipeline):
     """Same keys → the same batches (image, label, targets) and, from the same seeded init, the same loss:
     the in-memory variant differs from the cached one only in where the batch comes from."""

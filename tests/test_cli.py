@@ -3,8 +3,11 @@
 import json
 import re
 
+import pytest
 from typer.testing import CliRunner
 
+from attnfd_pipeline.teacher import load_teacher
+from hand_metrics import hand_metrics, val_loader
 from stages.cli import app
 
 runner = CliRunner()
@@ -22,6 +25,7 @@ def _write_cfg(cfg, tmp_path):
     return p
 
 
+@pytest.mark.slow
 def test_teacher_evaluate_student_results(tiny_cfg, tmp_path):
     p = _write_cfg(tiny_cfg, tmp_path)
     r = runner.invoke(app, ["teacher", *_opts(p)])
@@ -30,9 +34,11 @@ def test_teacher_evaluate_student_results(tiny_cfg, tmp_path):
     r = runner.invoke(app, ["evaluate", *_opts(p), "--json"])
     assert r.exit_code == 0, r.output
     m = json.loads(r.output)
-    assert 0 <= m["miou"] <= 1 and len(m["per_class_iou"]) == 11
+    hand = hand_metrics(load_teacher(tiny_cfg.teacher_dir / "teacher_bundle.pt").model, val_loader(tiny_cfg), 11)
+    assert m["miou"] == pytest.approx(hand["miou"], abs=1e-12) and len(m["per_class_iou"]) == 11
+    assert m["per_class_iou"] == pytest.approx(hand["per_class_iou"], abs=1e-12)
     r = runner.invoke(app, ["evaluate", *_opts(p)])
-    assert re.search(r"mIoU \d+\.\d\d", r.output)
+    assert f"mIoU {hand['miou'] * 100:.2f}  pixel acc {hand['pixel_acc'] * 100:.2f}" in r.output
     r = runner.invoke(app, ["cache", "build", *_opts(p)])
     assert r.exit_code == 0, r.output
     for alpha in ("0", "2"):
@@ -43,6 +49,12 @@ def test_teacher_evaluate_student_results(tiny_cfg, tmp_path):
     lines = [line for line in r.output.splitlines() if line.startswith("| ")]
     assert len(lines) == 2 + 3  # header, rule, teacher, baseline, attnfd
     assert "baseline" not in r.output and "| student | deeplabv3plus_resnet18 | attnfd | 2 | cached |" in r.output
+    # each student row shows its own run's final mIoU (result.json), the teacher row the bundle's
+    (attnfd_row,) = [line for line in lines if "| attnfd | 2 |" in line]
+    result = json.loads(next(tiny_cfg.run_root.glob("student/*_a2_*/result.json")).read_text())
+    assert f"{result['final_miou'] * 100:.2f}" in attnfd_row
+    (teacher_row,) = [line for line in lines if line.startswith("| teacher")]
+    assert f"{hand['miou'] * 100:.2f}" in teacher_row
 
 
 def test_bad_config_and_missing_teacher_are_one_clear_line(tiny_cfg, tmp_path):

@@ -201,6 +201,7 @@ def test_missing_split_names_both_places(layouts, tmp_path):
 # -- every stage -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, layout", [("voc", "voc"), ("shifted", "folders")])
 def test_pipeline_on_a_declared_dataset(layouts, tmp_path, name, layout):
     """teacher → cache → student through the CLI, in the VOC layout and in the label-mapped folders layout;

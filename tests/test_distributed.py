@@ -83,6 +83,7 @@ def test_rank_partition_is_disjoint_and_complete():
 # DDP student under torchrun
 
 
+@pytest.mark.slow
 def test_torchrun_student_trains_evaluates_on_all_ranks_and_writes_once(tiny_pipeline, tmp_path):
     from attnfd_pipeline.data.loaders import ValDataset
     from attnfd_pipeline.data.source import ImageSource
@@ -159,6 +160,7 @@ def assert_same_cache(got: Path, ref: Path, ranks: list[int]) -> None:
 RANKS_OF_TWO_WRITERS = [0] * 8 + [1] * 8 + [0] * 4
 
 
+@pytest.mark.slow
 def test_torchrun_cache_build_equals_single_process(tiny_pipeline, reference_cache, tmp_path):
     cfg, overrides = own_runs_root(tiny_pipeline[0], tmp_path, cache_root=tmp_path / "cache")
     proc = run(["-m", "stages.cache", "build", "--config", "configs/demo.toml", *set_args(overrides)], torchrun=True)
@@ -168,6 +170,7 @@ def test_torchrun_cache_build_equals_single_process(tiny_pipeline, reference_cac
     assert_same_cache(Path(cfg.cache.root) / reference_cache.name, reference_cache, RANKS_OF_TWO_WRITERS)
 
 
+@pytest.mark.slow
 def test_dask_cache_build_equals_single_process(tiny_pipeline, reference_cache, tmp_path):
     cfg, overrides = own_runs_root(tiny_pipeline[0], tmp_path, cache_root=tmp_path / "cache")
     # 2 worker processes; the teacher and the dataset are loaded in the workers

@@ -234,6 +234,7 @@ def test_storage_figures_on_fake_teacher(tmp_path):
     assert fig["recommended"]["encoding"] in v and "| `int8` | 32 |" in storage_markdown(fig)
 
 
+@pytest.mark.slow
 def test_student_trains_on_int8_pooled_cache(tiny_pipeline, tmp_path, monkeypatch):
     import shutil
 

@@ -8,6 +8,7 @@ from attnfd_pipeline.engine.train import fit, read_log
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.teacher import SegTask
 from attnfd_pipeline.utils import seed_everything
+from hand_metrics import hand_metrics
 
 
 def _setup(cfg):
@@ -33,15 +34,20 @@ def _train(cfg, run_dir, **kw):
     return model, res
 
 
+@pytest.mark.slow
 def test_loss_goes_down(tiny_data, tmp_path):
     from conftest import make_cfg
 
     cfg = make_cfg(tiny_data, tmp_path, "teacher.train.epochs=6", "teacher.train.eval_every=6")
-    _, res = _train(cfg, tmp_path / "run")
+    model, res = _train(cfg, tmp_path / "run")
     log = read_log(tmp_path / "run" / "metrics.parquet")
     losses = [r["train_loss"] for r in log]
     assert len(log) == 6 and losses[-1] < 0.8 * losses[0]
-    assert 0.0 <= res.best_miou <= 1.0 and log[-1]["miou"] is not None
+    # one evaluation (epoch 6): best = the logged one = the final network scored class by class by hand
+    assert [r["miou"] is not None for r in log] == [False] * 5 + [True]
+    hand = hand_metrics(model, _setup(cfg)[2], 11)
+    assert res.best_miou == log[-1]["miou"] == pytest.approx(hand["miou"], abs=1e-12)
+    assert log[-1]["pixel_acc"] == pytest.approx(hand["pixel_acc"], abs=1e-12)
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "last.pt").is_file()
     # best.pt: weights and metrics only (evaluation needs no optimizer state); last.pt: everything resume needs
     best, last = (load_checkpoint(tmp_path / "run" / n) for n in ("best.pt", "last.pt"))
@@ -50,6 +56,7 @@ def test_loss_goes_down(tiny_data, tmp_path):
     assert (tmp_path / "run" / "best.pt").stat().st_size < 0.75 * (tmp_path / "run" / "last.pt").stat().st_size
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_data, tmp_path):
     from conftest import make_cfg
 
@@ -69,6 +76,7 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert full_log[-1]["miou"] == cut_log[-1]["miou"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_recipe(tiny_data, tmp_path):
     import dataclasses
 

@@ -62,6 +62,7 @@ def test_reference_checkpoint_imports_exactly(tiny_cfg, tmp_path, ref11):
     assert ["module.", ""] in info["source"]["key_map"] and "optimizer" in info["source"]["ignored_entries"]
 
 
+@pytest.mark.slow
 def test_resnet101_multigrid_layout_maps_exactly():
     """The paper's teacher: the reference R101 (multi-grid layer4) maps onto deeplabv3plus_resnet101 with
     every key used and the same outputs (in memory: the file path is the test above)."""
@@ -78,6 +79,7 @@ def test_resnet101_multigrid_layout_maps_exactly():
     assert sorted(cbam) == ["B", "D", "E"] and cbam["B"]["channel_gate.mlp.0.weight"].shape == (128, 2048, 1, 1)
 
 
+@pytest.mark.slow
 def test_cli_import_fitted_by_default_then_export_and_reimport(tiny_cfg, tmp_path, ref11):
     """`attnfd teacher import` (default `fitted`: the network is untouched, its side CBAMs are fitted), then
     `attnfd teacher export` → `teacher import --format state_dict`: same network, same mIoU."""
@@ -104,6 +106,7 @@ def test_cli_import_fitted_by_default_then_export_and_reimport(tiny_cfg, tmp_pat
     assert second["metrics"]["miou"] == first["metrics"]["miou"]
 
 
+@pytest.mark.slow
 def test_inpath_teacher_round_trips_with_the_same_weights_hash(tiny_cfg, tmp_path):
     """A teacher with in-path CBAMs (this project's default), exported and imported: the bundle is `inpath`
     with the same weights SHA-256 (so the cache fingerprint is the same) and the same val mIoU."""

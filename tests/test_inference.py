@@ -132,6 +132,7 @@ def trained(tiny_pipeline, tmp_path_factory):
     return cfg, bundle, student_dir(cfg), result
 
 
+@pytest.mark.slow
 def test_every_checkpoint_kind_evaluates_with_class_names(trained):
     from attnfd_pipeline.engine.checkpoint import load_checkpoint
 
@@ -153,6 +154,7 @@ def test_every_checkpoint_kind_evaluates_with_class_names(trained):
     assert "protocol: **center_crop**" in text and all(f"| {n} |" in text for n in names)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_before_model_state_still_loads(trained, tmp_path):
     from attnfd_pipeline.engine.checkpoint import load_checkpoint
 
@@ -187,6 +189,7 @@ def test_cli_evaluate_names_the_protocol_and_rejects_a_non_checkpoint(trained, t
 # predict
 
 
+@pytest.mark.slow
 def test_predict_writes_palette_masks_at_original_size_and_skips_a_corrupt_image(trained, tmp_path):
     cfg, _, run, _ = trained
     images = tmp_path / "in"
@@ -225,6 +228,7 @@ def _cfg_file(cfg, tmp_path):
 # export
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_matches_eager_and_scores_the_same(trained, tmp_path, fmt):
     if fmt == "onnx":

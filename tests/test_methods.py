@@ -273,6 +273,7 @@ def _tiny_student():
     return build_model("deeplabv3plus_resnet18", 5)
 
 
+@pytest.mark.slow
 def test_combination_sums_weighted_method_losses_and_trains_every_module():
     cfg = load_config(None, ['student.method="attnfd+kd+lad+aicsd+afdcd+cirkd"', "student.kd.weight=0.5",
                              "student.aicsd.adaptive=false", "student.points=[\"E\", \"D\"]", "student.afdcd.groups=4"])
@@ -347,6 +348,7 @@ def extra_cache(tiny_pipeline, tmp_path_factory):
     return new, tmp
 
 
+@pytest.mark.slow
 def test_kd_run_from_a_cache_with_logits_never_loads_the_teacher(extra_cache, monkeypatch):
     cfg, _ = extra_cache
     kd = _with(cfg, extra_cache[1], 'student.method="kd"', "student.alpha=1", "student.kd.temperature=2",
@@ -364,6 +366,7 @@ def test_kd_run_from_a_cache_with_logits_never_loads_the_teacher(extra_cache, mo
     assert saved["run"] == r["run"] and len(saved["class_names"]) == 11
 
 
+@pytest.mark.slow
 def test_every_method_combined_runs_end_to_end(extra_cache):
     cfg, tmp = extra_cache
     combo = _with(cfg, tmp, 'student.method="attnfd+kd+lad+aicsd+afdcd+cirkd"', 'student.points=["E", "D"]',
@@ -387,6 +390,7 @@ def test_refuses_a_cache_without_the_targets_the_method_needs(extra_cache):
         run_student(no_raw, progress=False)
 
 
+@pytest.mark.slow
 def test_online_mode_computes_the_targets_every_method_needs(extra_cache):
     cfg, tmp = extra_cache
     online = _with(cfg, tmp, 'student.method="kd+lad"', 'student.mode="online"', 'student.points=["D"]',

@@ -12,6 +12,9 @@ from attnfd_pipeline.layers import CBAM
 from attnfd_pipeline.models import TapSpec, build_model, list_models
 
 ALL_MODELS = [
+    "deeplabv3_mobilenetv2",
+    "deeplabv3_resnet101",
+    "deeplabv3_resnet18",
     "deeplabv3plus_mobilenetv2",
     "deeplabv3plus_resnet101",
     "deeplabv3plus_resnet18",
@@ -98,7 +101,7 @@ def _check_outputs(model, out, x, extra=()):
 )
 def test_forward_shapes(name, output_stride):
     model = build_model(name, 5, output_stride=output_stride).eval()
-    expected_os = output_stride or (8 if name.startswith("pspnet") else 16)
+    expected_os = output_stride or (16 if name.startswith("deeplabv3plus") else 8)
     assert model.name == name and model.num_classes == 5 and model.output_stride == expected_os
     assert set(model.taps) == {"B", "E", "D"}
     assert all(isinstance(t, TapSpec) for t in model.taps.values())

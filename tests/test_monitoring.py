@@ -28,6 +28,7 @@ def _override(cfg, *extra):
     return load_config(p, ["student.alpha=0", *extra])
 
 
+@pytest.mark.slow
 def test_a_run_leaves_log_txt_and_one_step_row_every_log_every_steps(tiny_cfg):
     """10 images, batch 4 → 2 steps per epoch; 3 epochs, log_every 2 → rows at steps 2, 4, 6."""
     cfg = _override(tiny_cfg, "student.train.epochs=3", "student.train.log_every=2", "student.train.eval_every=3")
@@ -43,6 +44,7 @@ def test_a_run_leaves_log_txt_and_one_step_row_every_log_every_steps(tiny_cfg):
     assert "epoch 3/3 loss" in log and "val mIoU" in log and "epoch 1/3 loss" in log
 
 
+@pytest.mark.slow
 def test_a_distilled_run_logs_each_methods_term(tiny_pipeline, tmp_path):
     cfg, _ = tiny_pipeline
     import shutil
@@ -57,6 +59,7 @@ def test_a_distilled_run_logs_each_methods_term(tiny_pipeline, tmp_path):
     assert r["loss"] == pytest.approx(r["ce"] + 2 * r["distill"], rel=1e-5)  # L = CE + α·L_Attn
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_run_has_no_duplicated_steps(tiny_cfg, monkeypatch):
     """Killed while saving epoch 2's last.pt (its step rows already on disk): --resume drops the rows after
     the checkpoint's step and writes them again; the result equals an uninterrupted run's, step for step."""
@@ -92,6 +95,7 @@ def test_a_killed_and_resumed_run_has_no_duplicated_steps(tiny_cfg, monkeypatch)
     assert "dropped 2 step rows" in log
 
 
+@pytest.mark.slow
 def test_tensorboard_writes_an_event_file(tiny_cfg):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     cfg = _override(tiny_cfg, "student.train.tensorboard=true", "student.train.log_every=1")
@@ -123,6 +127,7 @@ def test_a_missing_tensorboard_extra_is_one_error_naming_it(tiny_cfg, monkeypatc
     assert not (student_dir(cfg) / "steps.parquet").exists()
 
 
+@pytest.mark.slow
 def test_cli_logs_and_an_error_that_ends_the_run_reaches_log_txt(tiny_cfg, monkeypatch, tmp_path):
     from attnfd_pipeline.distill import StudentTask
     from stages.cli import app

@@ -106,6 +106,7 @@ def test_fresh_seeds_and_crops_differ_from_the_replayed_ones(tiny_cfg, tmp_path)
     assert all(other(e, 0) not in seen0 and other(e, 0) >= K for e in range(50))
 
 
+@pytest.mark.slow
 def test_online_fresh_run_trains_on_fresh_crops(tiny_pipeline, tmp_path, monkeypatch):
     cfg, _ = tiny_pipeline
     new = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', 'student.mode="online"',

@@ -62,6 +62,7 @@ def chaos_fixture(tmp_path_factory):
     return chaos.make_fixture(tmp_path_factory.mktemp("chaos"), n_images=12)
 
 
+@pytest.mark.slow
 def test_cache_build_killed_at_random_moments_resumes_bitwise(chaos_fixture, tmp_path):
     """3 random SIGKILLs of `attnfd cache build` (CI's share of `make chaos`): each rerun resumes, the
     final store equals the uninterrupted one byte for byte, verify passes, nothing committed is lost.
@@ -110,6 +111,7 @@ W.atomic_write_json = _write
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site", sorted(_KILL_SITES))
 def test_cache_build_killed_while_writing_resumes_bitwise(site, tmp_path, built):  # noqa: F811
     """A kill in the middle of a chunk, manifest-part or cache.json write leaves a temp file and no commit
@@ -172,6 +174,7 @@ def _rows(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "eval_seconds")} for r in read_log(path)]
 
 
+@pytest.mark.slow
 def test_teacher_killed_at_random_moment_resumes_to_identical_weights(tiny_data, tmp_path):
     """SIGKILL `attnfd teacher` at a random moment of its training, then `--resume` (here in-process):
     the bundle's weights hash, the metrics log and the final mIoU equal an uninterrupted run's."""
@@ -232,6 +235,7 @@ def _student_cfg(tiny_pipeline, tmp_path: Path, name: str, *extra):
     return new
 
 
+@pytest.mark.slow
 def test_student_killed_while_saving_checkpoint_resumes_to_identical_weights(tiny_pipeline, tmp_path):
     """The student process SIGKILLs itself half-way through writing last.pt of epoch 2: the previous
     last.pt (epoch 1) is intact (atomic temp + rename), `--resume` ends with the same weights and
@@ -370,6 +374,7 @@ def test_verify_names_every_corrupt_sample_and_exits_non_zero(env):  # noqa: F81
     assert cache_cli("verify", "--config", cfg_path, "--allow-incomplete").exit_code == 1  # still bad
 
 
+@pytest.mark.slow
 def test_student_refuses_a_sample_whose_checksum_fails(tiny_pipeline, tmp_path):
     """Stage 2 never trains on garbage: a cached sample whose bytes no longer match the manifest checksum
     stops `attnfd student` with a message naming the image, seed and target (exit 2)."""
@@ -400,6 +405,7 @@ def test_student_refuses_a_sample_whose_checksum_fails(tiny_pipeline, tmp_path):
 # two builds on one cache
 
 
+@pytest.mark.slow
 def test_second_build_on_a_live_cache_refuses_and_writes_nothing(env, monkeypatch):  # noqa: F811
     """While one process builds (and holds the lock), `attnfd cache build` on the same directory refuses
     naming the owner's pid and host — at once, after --wait, and with another --world (whose shards
@@ -456,6 +462,7 @@ def _copy_dataset(tiny_data, dest: Path) -> Path:
     ("K", "K: cache has 2, config gives 3"),
     ("augmentation", "augment.scale_max"),
 ])
+@pytest.mark.slow
 def test_changed_input_is_a_new_fingerprint_and_the_student_names_it(change, field, tiny_pipeline, tiny_data,
                                                                       tmp_path):
     """A different teacher checkpoint, dataset file, crop size, K or augmentation recipe fingerprints to

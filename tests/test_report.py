@@ -220,6 +220,7 @@ def test_report_cli(runs, tmp_path):
 # attention pictures
 
 
+@pytest.mark.slow
 def test_visualize_teacher_and_student_maps(tiny_pipeline, tmp_path):
     from stages.cli import app
 

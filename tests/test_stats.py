@@ -32,8 +32,16 @@ def test_t_distribution_closed_forms():
     assert stats.t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-10)
     assert stats.t_quantile(0.975, 1e6) == pytest.approx(1.959964, abs=1e-5)  # → the normal quantile
     assert stats.t_quantile(0.975, 2.5) == pytest.approx(3.5747, abs=1e-3)  # non-integer df (Welch)
+    for p in (0.6, 0.9, 0.975, 0.999):  # df = 2 inverts in closed form: t = u √(2 / (1 − u²)), u = 2p − 1
+        u = 2 * p - 1
+        assert stats.t_quantile(p, 2) == pytest.approx(u * math.sqrt(2 / (1 - u * u)), rel=1e-12)
+    for t in (-2.0, 0.3, 3.182, 10.0):  # df = 3: F(t) = 1/2 + (θ + sin θ cos θ) / π, θ = atan(t / √3)
+        th = math.atan(t / math.sqrt(3))
+        assert stats.t_cdf(t, 3) == pytest.approx(0.5 + (th + math.sin(th) * math.cos(th)) / math.pi, abs=1e-12)
     with pytest.raises(ValueError, match="probability 1"):
         stats.t_quantile(1.0, 3)
+    with pytest.raises(ValueError, match="degrees of freedom -1"):
+        stats.t_quantile(0.9, -1)
     with pytest.raises(ValueError, match="degrees of freedom 0"):
         stats.t_cdf(1.0, 0)
 

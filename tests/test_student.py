@@ -31,6 +31,7 @@ def _share_teacher(cfg, new):
     shutil.copytree(cfg.teacher_dir, new.teacher_dir, dirs_exist_ok=True)
 
 
+@pytest.mark.slow
 def test_cached_student_never_builds_the_teacher(tiny_pipeline, tmp_path, monkeypatch):
     cfg, _ = tiny_pipeline
     new = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"')
@@ -47,6 +48,7 @@ def test_cached_student_never_builds_the_teacher(tiny_pipeline, tmp_path, monkey
     assert (student_dir(new) / "config.resolved.toml").is_file()
 
 
+@pytest.mark.slow
 def test_cached_targets_equal_online_targets(tiny_pipeline):
     """What Stage 2 reads from the cache is what the teacher computes online on the same crop, up to
     float16 storage (relative error ≤ 2^-11 per value, 1e-3 on the whole map)."""
@@ -67,6 +69,7 @@ def test_cached_targets_equal_online_targets(tiny_pipeline):
             assert ((cached - ref).norm() / ref.norm()) < 1e-3
 
 
+@pytest.mark.slow
 def test_online_and_cached_losses_agree(tiny_pipeline):
     cfg, bundle = tiny_pipeline
     src = ImageSource.from_config(cfg)
@@ -88,6 +91,7 @@ def test_online_and_cached_losses_agree(tiny_pipeline):
     assert lc.item() == pytest.approx(lo.item(), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_alpha_zero_is_exactly_the_plain_student(tiny_pipeline, tmp_path):
     cfg, _ = tiny_pipeline
     a0 = _with(cfg, tmp_path, f'runs_root="{tmp_path / "a0"}"', "student.alpha=0")
@@ -114,6 +118,7 @@ def test_alpha_zero_is_exactly_the_plain_student(tiny_pipeline, tmp_path):
         assert torch.equal(saved[f"student.{k}"], v), k
 
 
+@pytest.mark.slow
 def test_refuses_a_cache_that_does_not_match(tiny_pipeline, tmp_path):
     cfg, _ = tiny_pipeline
     new = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "cache.K=3")
@@ -122,6 +127,7 @@ def test_refuses_a_cache_that_does_not_match(tiny_pipeline, tmp_path):
         run_student(new, progress=False)
 
 
+@pytest.mark.slow
 def test_replay_hash_mismatch_names_the_image(tiny_pipeline, tmp_path):
     cfg, bundle = tiny_pipeline
     src = ImageSource.from_config(cfg)
@@ -143,6 +149,7 @@ def test_replay_hash_mismatch_names_the_image(tiny_pipeline, tmp_path):
         ds[(0, 2)]
 
 
+@pytest.mark.slow
 def test_online_mode_runs(tiny_pipeline, tmp_path):
     cfg, _ = tiny_pipeline
     new = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', 'student.mode="online"',
@@ -153,6 +160,7 @@ def test_online_mode_runs(tiny_pipeline, tmp_path):
     assert dataclasses.replace(new.student, targets=TargetSource.CACHED) != new.student
 
 
+@pytest.mark.slow
 def test_resume_with_a_checkpoint_that_does_not_fit_writes_nothing(tiny_pipeline, tmp_path):
     """--resume checks that last.pt fits the student before the run folder is touched."""
     from attnfd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -222,6 +230,7 @@ def test_a_run_from_before_seed_orders_counts_as_random_order(tmp_path):
     assert train_seeds(cfg()).order == "cycle" and train_seeds(cfg('student.seed_order="random"')).order == "random"
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_seed_order_of_the_first_epochs(tiny_pipeline, tmp_path):
     """A run interrupted under one seed order (a last.pt from before the order was recorded: ``random``) is
     not continued under another — its crops would switch schedule mid-run; the error says how to go on."""

@@ -89,6 +89,7 @@ def _forbidden(*a, **k):
     raise AssertionError("finished studies must not train or build anything")
 
 
+@pytest.mark.slow
 def test_tiny_studies_train_once_and_report_every_study(tiny_pipeline, tmp_path, monkeypatch):
     base, _ = tiny_pipeline
     p = tmp_path / "cfg.toml"

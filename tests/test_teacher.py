@@ -5,8 +5,10 @@ import torch
 
 from attnfd_pipeline.runs import evaluate_bundle, run_teacher
 from attnfd_pipeline.teacher import FrozenTeacher, load_teacher, load_teacher_info
+from hand_metrics import hand_metrics, val_loader
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["inpath", "fitted", "parameter_free", "untrained"])
 def test_teacher_modes_write_a_frozen_bundle(tiny_data, tmp_path, mode):
     from conftest import make_cfg
@@ -35,10 +37,14 @@ def test_teacher_modes_write_a_frozen_bundle(tiny_data, tmp_path, mode):
     else:
         assert torch.allclose(teacher.attention["D"](t["raw_D"]), t["D"], atol=1e-6)
     m = evaluate_bundle(cfg, path)
-    assert 0.0 <= m["miou"] <= 1.0
+    hand = hand_metrics(teacher.model, val_loader(cfg), 11)  # the bundle's network, scored class by class
+    assert m["miou"] == pytest.approx(hand["miou"], abs=1e-12)
+    assert m["pixel_acc"] == pytest.approx(hand["pixel_acc"], abs=1e-12)
+    assert m["per_class_iou"] == pytest.approx(hand["per_class_iou"], abs=1e-12)
     assert json.loads((cfg.teacher_dir / "result.json").read_text())["miou"] == pytest.approx(m["miou"])
 
 
+@pytest.mark.slow
 def test_fitted_mode_trains_only_the_cbams(tiny_data, tmp_path):
     from conftest import make_cfg
 
@@ -55,6 +61,7 @@ def test_fitted_mode_trains_only_the_cbams(tiny_data, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # fitting moved the CBAM weights
 
 
+@pytest.mark.slow
 def test_bundle_tampering_is_detected(tiny_data, tmp_path):
     from conftest import make_cfg
 

@@ -15,10 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
-# matplotlib's default cycle ("tab10") as 0–255 RGB: callers pick colours by index to match series
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 DPI = 100
+# A colour is matplotlib's "CN" spec (the N-th colour of its own property cycle, wrapping around) or a
+# 0–255 RGB triple of the caller's.
+Color = str | tuple[int, int, int]
 
 
 def pyplot():
@@ -34,10 +34,17 @@ def pyplot():
     return plt
 
 
-def series_rgb(color: tuple[int, int, int] | None, i: int) -> tuple[float, float, float]:
-    """Matplotlib colour of series ``i``: its own 0–255 ``color``, else the ``i``-th of the palette."""
-    c = color if color is not None else COLORS[i % len(COLORS)]
-    return tuple(v / 255 for v in c)
+def cycle_color(i: int) -> str:
+    """The ``i``-th colour of matplotlib's property cycle: callers pick colours by index to match series
+    across figures (0 cached, 1 online, …)."""
+    return f"C{i}"
+
+
+def series_rgb(color: Color | None, i: int) -> str | tuple[float, float, float]:
+    """Matplotlib colour of series ``i``: its own ``color``, else the ``i``-th of matplotlib's cycle."""
+    if color is None:
+        return cycle_color(i)
+    return color if isinstance(color, str) else tuple(v / 255 for v in color)
 
 
 @dataclass
@@ -46,7 +53,7 @@ class Series:
     x: Sequence[float]
     y: Sequence[float]
     yerr: Sequence[float] | None = None  # half-length of the error bar per point (None / nan = none)
-    color: tuple[int, int, int] | None = None
+    color: Color | None = None
     dashed: bool = False
 
 
@@ -54,7 +61,7 @@ class Series:
 class HLine:
     label: str
     y: float
-    color: tuple[int, int, int] = (110, 110, 110)
+    color: Color = (110, 110, 110)
     dashed: bool = True
 
 

@@ -553,7 +553,7 @@ def _alpha_figure(out_dir: Path, groups: dict, base_m: Stat | None, teacher: dic
     if not groups:
         return []
     series = []
-    for mode, color in ((CACHED, plotting.COLORS[0]), (ONLINE, plotting.COLORS[1]), (FRESH, plotting.COLORS[2])):
+    for mode, color in ((CACHED, plotting.cycle_color(0)), (ONLINE, plotting.cycle_color(1)), (FRESH, plotting.cycle_color(2))):
         g = [(a, runs) for a, runs in groups[mode] if a > 0]
         if g:
             stats = [Stat.of([r["miou"] for r in runs]) for _, runs in g]
@@ -583,17 +583,17 @@ def _k_figure(out_dir: Path, groups: dict, crops: dict[Any, list[dict]], teacher
     if bk:
         series.append(plotting.Series("student (alpha = 0)", [k for k, _ in bk], [s.mean for _, s in bk],
                                       [s.std if s.std is not None else float("nan") for _, s in bk],
-                                      plotting.COLORS[7]))
+                                      plotting.cycle_color(7)))
     hlines = []
     for _, runs in groups[ONLINE]:
-        hlines.append(plotting.HLine("AttnFD (online)", Stat.of([r["miou"] for r in runs]).mean, plotting.COLORS[1]))
+        hlines.append(plotting.HLine("AttnFD (online)", Stat.of([r["miou"] for r in runs]).mean, plotting.cycle_color(1)))
     for _, runs in groups[FRESH]:
         hlines.append(plotting.HLine("AttnFD (online, fresh aug.)", Stat.of([r["miou"] for r in runs]).mean,
-                                     plotting.COLORS[2]))
+                                     plotting.cycle_color(2)))
     if base_by_k.get(FRESH) is not None:
-        hlines.append(plotting.HLine("student (fresh aug.)", base_by_k[FRESH].mean, plotting.COLORS[7]))
+        hlines.append(plotting.HLine("student (fresh aug.)", base_by_k[FRESH].mean, plotting.cycle_color(7)))
     if teacher is not None and teacher["miou"] is not None:
-        hlines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.COLORS[3], dashed=False))
+        hlines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.cycle_color(3), dashed=False))
     files["k_study"] = plotting.line_plot(out_dir / "k_study.png", series, title="mIoU vs cached seeds K",
                                           xlabel="K (log scale)", ylabel="val mIoU (%)", logx=True,
                                           hlines=hlines, xticks=ks)
@@ -665,7 +665,7 @@ def _reference_lines(base_m: Stat | None, teacher: dict | None) -> list:
     if base_m is not None:
         lines.append(plotting.HLine("student (alpha = 0)", base_m.mean))
     if teacher is not None and teacher["miou"] is not None:
-        lines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.COLORS[3], dashed=False))
+        lines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.cycle_color(3), dashed=False))
     return lines
 
 

@@ -7,8 +7,8 @@ removes the seed-to-seed spread both rows share, which the unpaired summary (mea
 row, ``Stat``) keeps. Rows without a shared seed cannot be paired; ``welch`` gives their unpaired
 interval when each has two or more runs.
 
-The t quantiles are computed exactly (regularised incomplete beta function, inverted by bisection) so
-the module needs numpy only, for any degrees of freedom (Welch's are not integers).
+The t quantiles are scipy's (``scipy.stats.t``, the lab extra), for any degrees of freedom (Welch's are
+not integers).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+from scipy.stats import t as student_t
 
 CONFIDENCE = 0.95  # two-sided level of every interval the lab prints
 LEVEL = f"{CONFIDENCE * 100:g} %"  # how tables name it
@@ -27,63 +28,20 @@ LEVEL = f"{CONFIDENCE * 100:g} %"  # how tables name it
 # Student's t distribution
 
 
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz), converging for x < (a+1)/(a+b+2)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 1000):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 ≤ x ≤ 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
 def t_cdf(t: float, df: float) -> float:
     """P(T ≤ t) for Student's t with ``df`` > 0 degrees of freedom."""
     if df <= 0:
         raise ValueError(f"degrees of freedom {df}: must be > 0")
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
-    return 1.0 - tail if t >= 0 else tail
+    return float(student_t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``t_quantile(0.975, 2)`` = 4.303)."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"probability {p}: must be in (0, 1)")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):  # bisection to float precision: the cdf is monotone, no derivative needed
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    if df <= 0:
+        raise ValueError(f"degrees of freedom {df}: must be > 0")
+    return float(student_t.ppf(p, df))
 
 
 # ---------------------------------------------------------------------------------------------

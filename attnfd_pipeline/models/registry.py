@@ -7,6 +7,7 @@ from os import PathLike
 
 from torch import nn
 
+from .deeplabv3 import DEEPLABV3_BACKBONES, build_deeplabv3
 from .deeplabv3plus import build_deeplabv3plus
 from .pspnet import build_pspnet
 
@@ -42,7 +43,7 @@ def build_model(
 ) -> nn.Module:
     """Build a registered segmentation model.
 
-    ``output_stride`` None means the architecture's default: 16 for DeepLabV3+, 8 for PSPNet.
+    ``output_stride`` None means the architecture's default: 16 for DeepLabV3+, 8 for DeepLabV3 and PSPNet.
     ``backbone_weights``: path to a torchvision-format ImageNet state dict (never downloaded).
     ``inpath_attention``: distillation points (subset of ``model.taps``) that get a CBAM in the
     forward path.
@@ -65,6 +66,18 @@ def _register_deeplabv3plus(backbone: str) -> None:
 
 for _bb in ("resnet101", "resnet50", "resnet34", "resnet18", "mobilenetv2"):
     _register_deeplabv3plus(_bb)
+
+
+def _register_deeplabv3(backbone: str) -> None:
+    name = f"deeplabv3_{backbone}"
+
+    @register_model(name)
+    def _build(num_classes: int, **kwargs) -> nn.Module:
+        return build_deeplabv3(backbone, num_classes, name=name, **kwargs)
+
+
+for _bb in DEEPLABV3_BACKBONES:
+    _register_deeplabv3(_bb)
 
 
 @register_model("pspnet_resnet18")
