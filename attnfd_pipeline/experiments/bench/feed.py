@@ -467,7 +467,7 @@ def crc32c_MBps(stored: dict[str, list[np.ndarray]]) -> float | None:
 
 
 def stored_of(maps: dict[str, np.ndarray], encoding: str) -> dict[str, list[np.ndarray]]:
-    from attnfd_pipeline.cache.writer import encode_target
+    from attnfd_pipeline.cache.encoding import encode_target
 
     return {n: encode_target(x, encoding, 0, 1, target=n, ids=[str(i) for i in range(len(x))], seeds=[0] * len(x))
             for n, x in maps.items()}
