@@ -221,8 +221,8 @@ class EvalConfig:
     """How validation images are scored (docs/inference.md): every result names its protocol, since numbers
     under different protocols are not comparable."""
 
-    # "reference": the whole image and its label resized to augment.crop_size, aspect not kept (the AttnFD /
-    # AICSD code, what their published numbers use); "whole": original resolution, sliding window when larger
+    # "reference": the short side of image and label resized to min(augment.crop_size), aspect kept, one image
+    # per batch (the AttnFD / AICSD released code, what their published numbers use); "whole": original resolution, sliding window when larger
     # than ``window`` (mmsegmentation, CIRKD, Af-DCD); "center_crop": short side resized to the crop, centre
     # crop (the default, so configs written before this section score as they did)
     protocol: Literal["reference", "whole", "center_crop"] = "center_crop"

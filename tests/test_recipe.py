@@ -191,3 +191,52 @@ def test_a_student_task_built_by_hand_keeps_the_paper_reading():
     task = StudentTask(d, alpha=1.0)
     assert task.recipe == StudentRecipe() and task.ce_divisor(6) == 1
     assert all(p.requires_grad for p in d.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference evaluation protocol: the released validation transform
+
+
+def test_reference_protocol_keeps_the_aspect_and_truncates_the_long_side():
+    from attnfd_pipeline.augment import reference_resize
+    from attnfd_pipeline.engine.protocol import EvalProtocol
+
+    p = EvalProtocol("reference", (513, 513), (513, 513), (342, 342))
+    # (h, w) → short side 513, long side int(513 · long / short) (torchvision Resize(int))
+    for (h, w), expected in {(90, 120): (513, 684), (120, 90): (684, 513), (90, 121): (513, 689),
+                             (500, 375): (684, 513), (513, 513): (513, 513)}.items():
+        image, label = p.transform(torch.zeros(3, h, w, dtype=torch.uint8), torch.zeros(h, w, dtype=torch.uint8))
+        assert tuple(image.shape) == (3, *expected) and tuple(label.shape) == expected, (h, w)
+        assert tuple(p.model_input(torch.zeros(3, h, w, dtype=torch.uint8)).shape[-2:]) == expected
+    assert 513 * 121 / 90 == pytest.approx(689.7)  # truncated to 689, where rounding would give 690
+    assert p.val_batch_size(8) == 1  # sizes differ from image to image: one per batch, as the released loader
+    assert "aspect kept" in p.describe()["text"]
+    # a cityscapes-sized crop: the short side goes to the crop's short side
+    wide = EvalProtocol.from_config(load_config("configs/cityscapes.toml"))
+    assert tuple(wide.transform(torch.zeros(3, 1024, 2048, dtype=torch.uint8),
+                                torch.zeros(1024, 2048, dtype=torch.uint8))[1].shape) == (512, 1024)
+    # 255 (ignore) survives the label resize
+    _, lab = reference_resize(torch.zeros(3, 4, 6, dtype=torch.uint8), torch.full((4, 6), 255, dtype=torch.uint8), 2)
+    assert lab.unique().tolist() == [255]
+
+
+def test_reference_labels_take_pil_nearest_pixel_centres_on_a_downscale():
+    """PIL's nearest samples source pixel floor((i + 0.5) · scale); torchvision's tensor nearest takes
+    floor(i · scale). Downscaling a 10-column ramp to 4 columns (scale 2.5) they pick columns 1, 3, 6, 8 vs
+    0, 2, 5, 7: the released transform resizes PIL images, so the labels must be PIL's."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from attnfd_pipeline.augment import reference_resize
+
+    ramp = torch.arange(10, dtype=torch.uint8).repeat(10, 1)  # 10 x 10, value = column
+    _, lab = reference_resize(torch.zeros(3, 10, 10, dtype=torch.uint8), ramp, 4)
+    assert lab[0].tolist() == [1, 3, 6, 8] and lab[:, 0].tolist() == [1, 1, 1, 1]
+    tv = TF.resize(ramp[None], [4, 4], interpolation=InterpolationMode.NEAREST)[0]
+    assert tv[0].tolist() == [0, 2, 5, 7]  # what a torchvision-tensor nearest would score instead
+    # on a blocky mask the two disagree on a good share of the pixels
+    blocks = torch.randint(0, 21, (9, 12), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    blocky = blocks.repeat_interleave(7, 0).repeat_interleave(7, 1)  # 63 x 84, 7 px blocks
+    _, ours = reference_resize(torch.zeros(3, 63, 84, dtype=torch.uint8), blocky, 40)
+    theirs = TF.resize(blocky[None], list(ours.shape), interpolation=InterpolationMode.NEAREST)[0]
+    assert tuple(ours.shape) == (40, 53) and (ours != theirs).float().mean() > 0.05
