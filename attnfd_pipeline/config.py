@@ -398,8 +398,9 @@ class StudentConfig:
     norm: Literal["batch", "sample", "channel"] = "batch"  # L_Attn normalisation (docs/method.md "Loss")
     points: tuple[str, ...] = POINTS
     connector_warmup_epochs: int = 0  # reference: 1 epoch training only the connectors
-    # Recipe details where the paper's text and the released AttnFD code differ (docs/method.md "Paper text
-    # and released code"); the defaults are the paper's reading, the paper configs set the released code's.
+    # Recipe details where the paper's text and the released AttnFD code differ
+    # (docs/method.md "Paper text and released code"): the defaults are the paper's reading, the paper configs
+    # set the released code's.
     # CE divided again by the batch size n (the released loss's batch_average): AttnFD weighs n× more against CE
     ce_batch_average: bool = False
     # "conv_bn": only Conv2d / BatchNorm parameters learn, as the released optimiser takes; the student CBAMs'
