@@ -130,6 +130,17 @@ def reference_size(h: int, w: int, short: int) -> tuple[int, int]:
     return int(short * h / w), short
 
 
+def reference_image(image: torch.Tensor, short: int) -> torch.Tensor:
+    """A uint8 image (3,H,W) with its short side resized to ``short`` as the AttnFD / AICSD released code
+    does (``reference_size``, PIL bilinear)."""
+    h, w = (int(v) for v in image.shape[-2:])
+    nh, nw = reference_size(h, w, short)
+    if (nh, nw) == (h, w):
+        return image.contiguous()
+    pil = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy().astype(np.uint8)))  # RGB
+    return torch.from_numpy(np.asarray(pil.resize((nw, nh), Image.BILINEAR)).copy()).permute(2, 0, 1).contiguous()
+
+
 def reference_resize(image: torch.Tensor, label: torch.Tensor, short: int):
     """Validation of the AttnFD / AICSD released code: the short side resized to ``short``, aspect kept
     (``reference_size``), image bilinear and label nearest with PIL, as its transform resizes PIL images
@@ -139,11 +150,9 @@ def reference_resize(image: torch.Tensor, label: torch.Tensor, short: int):
     nh, nw = reference_size(h, w, short)
     if (nh, nw) == (h, w):
         return image.contiguous(), label.contiguous()
-    pil = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy().astype(np.uint8)))  # RGB
-    out = np.asarray(pil.resize((nw, nh), Image.BILINEAR))
     mask = Image.fromarray(np.ascontiguousarray(label.numpy().astype(np.uint8)))  # "L": values 0-255 kept
     lab = np.asarray(mask.resize((nw, nh), Image.NEAREST))
-    return torch.from_numpy(out.copy()).permute(2, 0, 1).contiguous(), torch.from_numpy(lab.copy())
+    return reference_image(image, short), torch.from_numpy(lab.copy())
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:

@@ -88,13 +88,13 @@ class EvalProtocol:
 
     # -- any image at its own size (prediction) ----------------------------------------------------------
     def model_input(self, image: torch.Tensor) -> torch.Tensor:
-        """A uint8 image (3,H,W) at the scale this protocol shows the model, without cropping: resized to
-        the crop's with ``reference``'s rounding (``reference``), short side resized to the crop's
-        (``center_crop``), as is (``whole``)."""
+        """A uint8 image (3,H,W) at the scale this protocol shows the model, without cropping: short side
+        resized to the crop's as the released code does (``reference``: PIL, long side truncated) or with
+        torchvision (``center_crop``), as is (``whole``)."""
         h, w = image.shape[-2:]
         if self.name == "reference":
-            size = list(augment.reference_size(int(h), int(w), min(self.crop)))
-        elif self.name == "center_crop":
+            return augment.reference_image(image, min(self.crop))
+        if self.name == "center_crop":
             short = min(self.crop)
             size = [short, max(1, round(w * short / h))] if h <= w else [max(1, round(h * short / w)), short]
         else:
