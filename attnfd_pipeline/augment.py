@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -236,13 +237,37 @@ def val_transform(image: torch.Tensor, label: torch.Tensor, crop_size: tuple[int
     return image.contiguous(), mask.as_subclass(torch.Tensor)[0].contiguous()
 
 
-def fixed_resize(image: torch.Tensor, label: torch.Tensor, size: tuple[int, int]):
-    """Validation of the AttnFD / AICSD reference code (``FixedResize``): the whole image (bilinear,
-    antialiased like PIL's) and its label (nearest) resized to ``size``, aspect ratio not kept."""
-    mask = tv_tensors.Mask(label.unsqueeze(0))
-    image = TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
-    mask = TF.resize(mask, list(size), interpolation=InterpolationMode.NEAREST)
-    return image.contiguous(), mask.as_subclass(torch.Tensor)[0].contiguous()
+def reference_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """(h, w) with the short side at ``short`` and the aspect kept, the long side truncated to an int:
+    torchvision ``Resize(int)``'s rule, which the AttnFD / AICSD validation transform (``FixedResize``) uses."""
+    if h <= w:
+        return short, int(short * w / h)
+    return int(short * h / w), short
+
+
+def reference_image(image: torch.Tensor, short: int) -> torch.Tensor:
+    """A uint8 image (3,H,W) with its short side resized to ``short`` as the AttnFD / AICSD released code
+    does (``reference_size``, PIL bilinear)."""
+    h, w = (int(v) for v in image.shape[-2:])
+    nh, nw = reference_size(h, w, short)
+    if (nh, nw) == (h, w):
+        return image.contiguous()
+    pil = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy().astype(np.uint8)))  # RGB
+    return torch.from_numpy(np.asarray(pil.resize((nw, nh), Image.BILINEAR)).copy()).permute(2, 0, 1).contiguous()
+
+
+def reference_resize(image: torch.Tensor, label: torch.Tensor, short: int):
+    """Validation of the AttnFD / AICSD released code: the short side resized to ``short``, aspect kept
+    (``reference_size``), image bilinear and label nearest with PIL, as its transform resizes PIL images
+    (PIL's nearest samples pixel centres, floor((i + 0.5) · scale); torchvision's tensor nearest takes
+    floor(i · scale) and picks other label pixels on a downscale)."""
+    h, w = (int(v) for v in image.shape[-2:])
+    nh, nw = reference_size(h, w, short)
+    if (nh, nw) == (h, w):
+        return image.contiguous(), label.contiguous()
+    mask = Image.fromarray(np.ascontiguousarray(label.numpy().astype(np.uint8)))  # "L": values 0-255 kept
+    lab = np.asarray(mask.resize((nw, nh), Image.NEAREST))
+    return reference_image(image, short), torch.from_numpy(lab.copy())
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:

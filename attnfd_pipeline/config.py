@@ -226,8 +226,8 @@ class EvalConfig:
     """How validation images are scored (docs/inference.md): every result names its protocol, since numbers
     under different protocols are not comparable."""
 
-    # "reference": the whole image and its label resized to augment.crop_size, aspect not kept (the AttnFD /
-    # AICSD code, what their published numbers use); "whole": original resolution, sliding window when larger
+    # "reference": the short side of image and label resized to min(augment.crop_size), aspect kept, one image
+    # per batch (the AttnFD / AICSD released code, what their published numbers use); "whole": original resolution, sliding window when larger
     # than ``window`` (mmsegmentation, CIRKD, Af-DCD); "center_crop": short side resized to the crop, centre
     # crop (the default, so configs written before this section score as they did)
     protocol: Literal["reference", "whole", "center_crop"] = "center_crop"
@@ -403,6 +403,21 @@ class StudentConfig:
     norm: Literal["batch", "sample", "channel"] = "batch"  # L_Attn normalisation (docs/method.md "Loss")
     points: tuple[str, ...] = POINTS
     connector_warmup_epochs: int = 0  # reference: 1 epoch training only the connectors
+    # Recipe details where the paper's text and the released AttnFD code differ
+    # (docs/method.md "Paper text and released code"): the defaults are the paper's reading, the paper configs
+    # set the released code's.
+    # CE divided again by the batch size n (the released loss's batch_average): AttnFD weighs n× more against CE
+    ce_batch_average: bool = False
+    # "conv_bn": only Conv2d / BatchNorm parameters learn, as the released optimiser takes; the student CBAMs'
+    # channel MLPs (Linear layers there) then stay at their initialisation. "all": every CBAM parameter learns
+    cbam_trainable: Literal["all", "conv_bn"] = "all"
+    # "warmup_only": the connectors learn during the connector warm-up alone, in their own group at the
+    # backbone lr (the released warm-up optimiser has one group, which its scheduler sets to 1× lr), and are
+    # frozen after it; "always": they learn in every epoch with the head (10× lr)
+    connector_schedule: Literal["always", "warmup_only"] = "always"
+    # "tap": a CBAM learns at the lr of the module whose output it refines (the backbone point B at the
+    # backbone lr, as the released code holds that CBAM inside the backbone); "head": every CBAM at the head lr
+    cbam_lr: Literal["head", "tap"] = "head"
     # where the teacher targets come from: "cached" (the cache), "online-replay" (the frozen teacher every step on
     # the same replayed crops: exactly comparable to cached) or "online-fresh" (the teacher on a fresh draw every
     # epoch, as the teacher trained); the older spelling student.mode / student.online_fresh is still read
@@ -426,6 +441,9 @@ class StudentConfig:
             _check(own is None or own >= 0, f"student.{name}.alpha", "must be >= 0")
         _check_points(self.points, "student.points")
         _check(self.connector_warmup_epochs >= 0, "student.connector_warmup_epochs", "must be >= 0")
+        _check(self.connector_schedule == "always" or self.connector_warmup_epochs >= 1,
+               "student.connector_schedule", "\"warmup_only\" trains the connectors during the warm-up alone: set "
+               "student.connector_warmup_epochs >= 1 (the released code warms up for 1 epoch), or use \"always\"")
         object.__setattr__(self, "targets", _coerce(TargetSource, self.targets, "student.targets"))
         # the method names are checked by the losses registry where the methods are built (parse_methods): the
         # config cannot import the registry, whose methods import their config sections from here

@@ -20,14 +20,34 @@ from torch import nn
 
 from attnfd_pipeline.cache.encoding import decode_item
 from attnfd_pipeline.config import StudentConfig
+from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.engine.optim import param_groups
+from attnfd_pipeline.layers.cbam import ChannelGate
 from attnfd_pipeline.losses import AttnFD, DistillMethod, MethodContext, build_methods, parse_methods, required_targets
 from attnfd_pipeline.losses.base import connector, match_size
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.utils import seed_everything
 
-__all__ = ["Distiller", "StudentTask", "build_distiller", "build_task", "connector", "match_size", "method_settings",
-           "method_targets", "method_weights"]
+__all__ = ["Distiller", "StudentRecipe", "StudentTask", "build_distiller", "build_task", "connector", "match_size",
+           "method_settings", "method_targets", "method_weights"]
+
+# the distillation point at the backbone's output: the released code holds its CBAM inside the backbone
+BACKBONE_POINTS = ("B",)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentRecipe:
+    """The recipe details where the paper's text and the released AttnFD code differ (config.StudentConfig,
+    docs/method.md "Paper text and released code"); the defaults are the paper's reading."""
+
+    ce_batch_average: bool = False  # CE / n
+    cbam_trainable: str = "all"  # "conv_bn": the CBAM channel MLPs stay at their initialisation
+    connector_schedule: str = "always"  # "warmup_only": connectors learn during the warm-up alone, at 1× lr
+    cbam_lr: str = "head"  # "tap": the CBAM at a backbone point learns at the backbone lr
+
+    @classmethod
+    def from_config(cls, s: StudentConfig) -> "StudentRecipe":
+        return cls(s.ce_batch_average, s.cbam_trainable, s.connector_schedule, s.cbam_lr)
 
 
 class Distiller(nn.Module):
@@ -95,8 +115,13 @@ class StudentTask:
     method names to w_m (default 1). With ``teacher`` the targets are computed online every step."""
 
     def __init__(self, distiller: Distiller, *, alpha: float, norm: str | None = None, warmup_epochs: int = 0,
-                 teacher=None, weights: dict[str, float] | None = None):
+                 teacher=None, weights: dict[str, float] | None = None, recipe: StudentRecipe = StudentRecipe()):
         self.distiller = self.modules = distiller
+        self.recipe = recipe
+        if recipe.cbam_trainable == "conv_bn":  # in no optimiser group, and no gradient is kept for them
+            for m in distiller.modules():
+                if isinstance(m, ChannelGate):
+                    m.mlp.requires_grad_(False)
         self.deploy_model = distiller.student  # best.pt also stores it alone (what evaluate / export load)
         self.alpha, self.warmup_epochs, self.teacher = alpha, warmup_epochs, teacher
         self.norm = norm
@@ -110,8 +135,29 @@ class StudentTask:
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in distiller.methods}
         self.target_names = distiller.required_targets()
 
+    def _connectors(self) -> list[torch.nn.Parameter]:
+        """AttnFD's connector parameters when they learn on their own schedule (``warmup_only``), else none."""
+        if self.recipe.connector_schedule != "warmup_only" or "attnfd" not in self.distiller.methods:
+            return []
+        return list(self.distiller.methods["attnfd"].connectors.parameters())
+
+    def _tap_cbams(self) -> list[torch.nn.Parameter]:
+        """The CBAM parameters of backbone points when CBAMs learn at their tap's lr (``cbam_lr = "tap"``)."""
+        if self.recipe.cbam_lr != "tap" or "attnfd" not in self.distiller.methods:
+            return []
+        attention = self.distiller.methods["attnfd"].attention
+        return [q for p in BACKBONE_POINTS if p in attention for q in attention[p].parameters()]
+
     def param_groups(self, cfg):
-        return param_groups(self.distiller.backbone_parameters(), self.distiller.head_parameters(), cfg)
+        """Backbone (lr) and head (lr × head_lr_mult) groups; under ``warmup_only`` a third group, the
+        connectors at lr, which only the warm-up epochs step (``on_epoch_start`` freezes them after)."""
+        connectors, tap = self._connectors(), self._tap_cbams()
+        apart = {id(p) for p in connectors + tap}
+        head = (p for p in self.distiller.head_parameters() if id(p) not in apart)
+        groups = param_groups([*self.distiller.backbone_parameters(), *tap], head, cfg)
+        if connectors:  # every connector parameter, frozen or not, so a resumed run builds the same groups
+            groups.append({"params": connectors, "lr": cfg.lr, "name": "connectors"})
+        return groups
 
     def _targets(self, batch) -> dict[str, torch.Tensor]:
         if self.teacher is not None:
@@ -149,18 +195,28 @@ class StudentTask:
             return self.alpha * loss, {"distill": float(loss.detach()), **logs}
         out = self.distiller(batch["image"])
         ce = F.cross_entropy(out["out"].float(), batch["label"], ignore_index=255)
+        seg = ce / self.ce_divisor(out["out"].shape[0])
         if self.alpha == 0 or not self.distiller.methods:
-            return ce, {"ce": float(ce.detach())}
+            return seg, {"ce": float(ce.detach())}
         dl, logs = self.distill_terms(out, self._targets(batch), epoch, batch)
         cw = self.distiller.ce_weight(epoch)
-        loss = ce if cw == 1.0 else cw * ce
+        loss = seg if cw == 1.0 else cw * seg
         return loss + self.alpha * dl, {"ce": float(ce.detach()), "distill": float(dl.detach()), **logs}
 
     def predict(self, images):
         return self.distiller(images)["out"]
 
+    def ce_divisor(self, n: int) -> int:
+        """What the mean CE is divided by: the step's batch over every rank under ``ce_batch_average``
+        (the released code's n: its DataParallel loss sees the whole batch), else 1."""
+        return n * distributed.world_size() if self.recipe.ce_batch_average else 1
+
     def on_epoch_start(self, epoch):
-        pass
+        """Under ``warmup_only`` the connectors learn in the warm-up epochs only: after them they keep no
+        gradient, so their optimiser group skips them (no step, no weight decay) — frozen, as in no optimiser."""
+        learns = epoch < self.warmup_epochs
+        for p in self._connectors():
+            p.requires_grad_(learns)
 
 
 def method_weights(s: StudentConfig) -> dict[str, float]:
@@ -220,4 +276,4 @@ def build_task(s: StudentConfig, num_classes: int, target_shapes: dict[str, tupl
     if device is not None:
         distiller = distiller.to(device)
     return StudentTask(distiller, alpha=alpha, norm=s.norm, warmup_epochs=warmup_epochs, teacher=teacher,
-                       weights=method_weights(s) if alpha > 0 else None)
+                       weights=method_weights(s) if alpha > 0 else None, recipe=StudentRecipe.from_config(s))

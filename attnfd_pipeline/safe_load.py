@@ -133,14 +133,15 @@ def read_sha256(path: str | Path) -> str | None:
 
 
 def state_mismatch(own: dict[str, Any], state: dict[str, Any], *, skip=lambda key: False,
-                   shown: int = 5) -> list[str]:
+                   shown: int = 5, name=lambda key: key) -> list[str]:
     """What keeps ``state`` from loading into a module whose state dict is ``own``: one phrase per kind
     (``"2 missing keys: a, b"``, ``"1 unexpected keys: c"``, ``"1 mis-shaped keys: d (file (5,), expected
     (3,))"``), the first ``shown`` keys of each; empty when it fits. Keys for which ``skip`` is true are not
-    compared (optional heads, BatchNorm counters)."""
-    missing = [k for k in own if k not in state and not skip(k)]
-    unexpected = [k for k in state if k not in own and not skip(k)]
-    shapes = [f"{k} (file {tuple(state[k].shape)}, expected {tuple(own[k].shape)})" for k in own
+    compared (optional heads, BatchNorm counters). ``name`` shows a key as the reader should look for it
+    (e.g. in the layout of the file it came from)."""
+    missing = [name(k) for k in own if k not in state and not skip(k)]
+    unexpected = [name(k) for k in state if k not in own and not skip(k)]
+    shapes = [f"{name(k)} (file {tuple(state[k].shape)}, expected {tuple(own[k].shape)})" for k in own
               if k in state and not skip(k) and hasattr(state[k], "shape")
               and tuple(state[k].shape) != tuple(own[k].shape)]
     problems = []

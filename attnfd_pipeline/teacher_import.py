@@ -86,6 +86,27 @@ class TeacherWeights:
             return ()
         return tuple(p for p in POINTS if p in self.cbam_state) + tuple(sorted(set(self.cbam_state) - set(POINTS)))
 
+    def file_key(self, key: str) -> str:
+        """``key`` (this project's name) as the imported file spells it: the reference's name under its
+        layout (``aspp.project.0.weight`` → ``aspp.conv1.weight``), with the ``module.`` prefix the file has."""
+        prefix = "module." if self.key_map and self.key_map[0] == ["module.", ""] else ""
+        if self.format != "reference":
+            return prefix + key
+        m = _ATTENTION.match(key)
+        if m:  # a CBAM key: the reference's side CBAM of that point
+            outer = _rename(f"attention.{m.group(1)}.", [(d, s) for s, d in REFERENCE_KEY_MAP])
+            inner = _rename(key[m.end():], [(d, s) for s, d in REFERENCE_CBAM_MAP])
+            if outer is not None and inner is not None:
+                return prefix + outer + inner
+            return prefix + key
+        # a key the map does not cover is kept under the file's own name (map_reference)
+        return prefix + (_rename(key, [(d, s) for s, d in REFERENCE_KEY_MAP if not d.startswith("attention.")]) or key)
+
+    def shown_key(self, key: str) -> str:
+        """``key`` for a message: the file's name, with this project's beside it where they differ."""
+        theirs = self.file_key(key)
+        return theirs if theirs == key else f"{theirs} (here {key})"
+
     def source(self, path: str | Path) -> dict[str, Any]:
         return {"path": str(path), "sha256": self.sha256, "format": self.format, "key_map": self.key_map,
                 "ignored_entries": self.ignored}
@@ -181,16 +202,18 @@ def map_reference(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return model_state, cbam
 
 
-def check_state_fits(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str) -> dict:
+def check_state_fits(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str,
+                     name=lambda key: key) -> dict:
     """``state`` completed with ``module``'s own ``num_batches_tracked`` buffers where absent (files from
     older PyTorch lack them); otherwise any missing, unexpected or mis-shaped key raises ONE ``ValueError``
-    listing all three kinds, naming ``path`` and ``what`` was expected."""
+    listing all three kinds, naming ``path`` and ``what`` was expected; ``name`` shows each key (the file's
+    layout: ``TeacherWeights.shown_key``)."""
     own = module.state_dict()
     state = dict(state)
     for k, v in own.items():
         if k.endswith("num_batches_tracked") and k not in state:
             state[k] = v
-    problems = state_mismatch(own, state, shown=8)
+    problems = state_mismatch(own, state, shown=8, name=name)
     if problems:
         raise ValueError(f"{path}: does not fit {what} — {'; '.join(problems)}")
     return state

@@ -138,7 +138,9 @@ def test_bad_teacher_files_are_refused_naming_the_problem(problem, tiny_cfg, tmp
         from conftest import make_cfg
 
         cfg = make_cfg(tiny_cfg.data.root, tmp_path, 'teacher.model.name="deeplabv3plus_resnet34"')
-        words = r"does not fit deeplabv3plus_resnet34 .*missing keys: backbone.layer1.2"
+        # named as the file spells them (its DataParallel prefix too), this project's name beside
+        words = (r"does not fit deeplabv3plus_resnet34 .*missing keys: module\.backbone\.layer1\.2\.conv1\.weight "
+                 r"\(here backbone\.layer1\.2\.conv1\.weight\)")
     elif problem == "wrong class count":
         save_reference(path, randomize(RefDeepLab("resnet18", 5)))
         words = "predicts 5 classes, dataset 'demo' has 11"
@@ -151,3 +153,27 @@ def test_bad_teacher_files_are_refused_naming_the_problem(problem, tiny_cfg, tmp
         run_teacher_import(cfg, path, fmt=fmt, progress=False)
     assert str(path) in str(e.value)
     assert not bundle_path(cfg).exists()
+
+
+@pytest.mark.parametrize("prefix", ["module.", ""])
+def test_refusal_names_the_keys_of_the_file_being_imported(prefix, tiny_cfg, tmp_path, ref11):
+    """A reference checkpoint without ``aspp.conv1.weight``: the message names that key (what the user can
+    find in the file), with this project's ``aspp.project.0.weight`` beside it; CBAM keys the same way."""
+    state = dict(ref11.state_dict())
+    del state["aspp.conv1.weight"]
+    state["decoder.last_conv.8.bias"] = torch.zeros(3)  # mis-shaped: 3 classes' bias for an 11-class head
+    path = tmp_path / "t.pth"
+    torch.save({"state_dict": {prefix + k: v for k, v in state.items()}}, path)
+    with pytest.raises(ValueError) as e:
+        run_teacher_import(tiny_cfg, path, progress=False)
+    msg = str(e.value)
+    assert f"missing keys: {prefix}aspp.conv1.weight (here aspp.project.0.weight)" in msg
+    assert f"mis-shaped keys: {prefix}decoder.last_conv.8.bias (here classifier.bias) (file (3,), expected (11,))" in msg
+    # the file's own CBAMs (--cbam-mode untrained): a missing MLP weight under its reference name
+    state = dict(ref11.state_dict())
+    del state["backbone.cbam.ChannelGate.mlp.1.weight"]
+    torch.save({"state_dict": {prefix + k: v for k, v in state.items()}}, path)
+    with pytest.raises(ValueError, match="a CBAM at point B") as e:
+        run_teacher_import(tiny_cfg, path, cbam_mode="untrained", progress=False)
+    assert (f"missing keys: {prefix}backbone.cbam.ChannelGate.mlp.1.weight "
+            f"(here attention.B.channel_gate.mlp.0.weight)") in str(e.value)

@@ -56,12 +56,13 @@ def constant(cls: int = 0, num_classes: int = 21) -> Segmenter:
 # Class 0 predicted everywhere. Counting the pixels each protocol scores (rows: truth; all predicted 0):
 #   center_crop (crop 20x20): A → short side 20 → 20x40, centre 20 columns = original columns 20..59: 400 px of
 #     class 0; B → 20x20: 400 px of 2.  IoU0 = 400 / 800 = 0.5, IoU2 = 0 → mIoU 0.25, pixel acc 0.5
-#   reference: A → 20x20 (aspect lost): columns 0-4 and 15-19 are class 1 (200 px), 5-14 class 0 (200 px);
-#     B → 400 px of 2.  IoU0 = 200 / 800, IoU1 = IoU2 = 0 → mIoU 1/12, pixel acc 0.25
+#   reference: A → short side 20 → 20x40 whole (aspect kept; PIL nearest takes source column 2j + 1): columns
+#     0-9 and 30-39 are class 1 (400 px), 10-29 class 0 (400 px); B → 20x20: 400 px of 2.
+#     IoU0 = 400 / 1200, IoU1 = IoU2 = 0 → mIoU 1/9, pixel acc 1/3
 #   whole: A 3200 px (1600 of 1, 1600 of 0), B 3600 of 2.  IoU0 = 1600 / 6800 → mIoU 1600 / 20400, acc 1600 / 6800
 EXPECTED = {
     "center_crop": (0.25, 0.5, [0.5, None, 0.0]),
-    "reference": (1 / 12, 0.25, [0.25, 0.0, 0.0]),
+    "reference": (1 / 9, 1 / 3, [1 / 3, 0.0, 0.0]),
     "whole": (1600 / 20400, 1600 / 6800, [1600 / 6800, 0.0, 0.0]),
 }
 

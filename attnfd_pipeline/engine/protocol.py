@@ -1,8 +1,10 @@
 """Evaluation protocols: what a validation image looks like when it is scored, and how the model's logits
 cover it (docs/inference.md).
 
-* ``reference``: the whole image and its label resized to the crop size, aspect ratio not kept — the
-  AttnFD / AICSD reference code (``FixedResize``); their published numbers use it.
+* ``reference``: the whole image and its label with the short side resized to the crop's, aspect ratio kept
+  (a 120×90 image at crop 513 is scored at 513×684), one image per batch — the AttnFD / AICSD released
+  validation transform (``FixedResize``, a torchvision ``Resize(int)`` on PIL images); their published
+  numbers use it.
 * ``whole``: the original resolution; an image larger than the window is covered by overlapping windows
   whose logits are averaged (mmsegmentation's ``slide`` mode, used by CIRKD and Af-DCD).
 * ``center_crop``: the short side resized to the crop's, then a centre crop (what this project scored
@@ -31,7 +33,7 @@ Predict = Callable[[torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class EvalProtocol:
     name: str  # one of config.EVAL_PROTOCOLS
-    crop: tuple[int, int]  # (h, w): the size "reference" resizes to and "center_crop" cuts
+    crop: tuple[int, int]  # (h, w): "center_crop" cuts it; "reference" resizes the short side to min(crop)
     window: tuple[int, int]  # (h, w) of a sliding window ("whole")
     stride: tuple[int, int]  # (h, w) step between windows ("whole")
 
@@ -54,7 +56,8 @@ class EvalProtocol:
         """What every result records about how it was scored."""
         h, w = self.crop
         text = {
-            "reference": f"whole image and label resized to {h}x{w} (aspect not kept), scored at {h}x{w}",
+            "reference": f"short side of image and label resized to {min(self.crop)} (aspect kept, PIL bilinear / "
+                         f"nearest), the whole image scored",
             "whole": f"original resolution; sliding {self.window[0]}x{self.window[1]} windows with stride "
                      f"{self.stride[0]}x{self.stride[1]} when larger",
             "center_crop": f"short side resized to {min(self.crop)}, centre {h}x{w} crop scored",
@@ -70,12 +73,12 @@ class EvalProtocol:
         if self.name == "center_crop":
             return augment.val_transform(image, label, self.crop)
         if self.name == "reference":
-            return augment.fixed_resize(image, label, self.crop)
+            return augment.reference_resize(image, label, min(self.crop))
         return image, label
 
     def val_batch_size(self, requested: int) -> int:
-        """Images of a split differ in size at their original resolution: ``whole`` scores one at a time."""
-        return 1 if self.name == "whole" else requested
+        """Images keep their own sizes (``whole``) or aspect ratios (``reference``): one image per batch."""
+        return 1 if self.name in ("whole", "reference") else requested
 
     def logits(self, predict: Predict, images: torch.Tensor) -> torch.Tensor:
         """Logits at the size of ``images`` (normalised, already transformed)."""
@@ -85,12 +88,13 @@ class EvalProtocol:
 
     # -- any image at its own size (prediction) ----------------------------------------------------------
     def model_input(self, image: torch.Tensor) -> torch.Tensor:
-        """A uint8 image (3,H,W) at the scale this protocol shows the model, without cropping: resized to
-        the crop (``reference``), short side resized to the crop's (``center_crop``), as is (``whole``)."""
+        """A uint8 image (3,H,W) at the scale this protocol shows the model, without cropping: short side
+        resized to the crop's as the released code does (``reference``: PIL, long side truncated) or with
+        torchvision (``center_crop``), as is (``whole``)."""
         h, w = image.shape[-2:]
         if self.name == "reference":
-            size = list(self.crop)
-        elif self.name == "center_crop":
+            return augment.reference_image(image, min(self.crop))
+        if self.name == "center_crop":
             short = min(self.crop)
             size = [short, max(1, round(w * short / h))] if h <= w else [max(1, round(h * short / w)), short]
         else:

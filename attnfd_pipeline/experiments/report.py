@@ -228,7 +228,7 @@ PAIRED_NOTE = (f"Paired Δ: the mean of the per-seed differences over the seeds 
                f"the unpaired means.")
 # what each evaluation protocol name means, for the reports' header
 PROTOCOLS = {CENTER_CROP: "short side resized to the crop size, then the centre crop",
-             "reference": "whole image and label resized to the crop size (aspect not kept)",
+             "reference": "short side of the whole image resized to the crop size, aspect kept",
              "whole": "original resolution, sliding window when larger than eval.window"}
 
 

@@ -35,6 +35,14 @@ def _settings_tag(s: StudentConfig) -> str:
     return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def recipe_tag(s: StudentConfig) -> str:
+    """``_ceavg``, ``_convbn``, ``_connwarm``, ``_cbamtap`` for the released-code recipe details a run follows
+    (config.StudentConfig); "" at the defaults, so the names of earlier runs are kept."""
+    parts = [("ceavg", s.ce_batch_average), ("convbn", s.cbam_trainable == "conv_bn"),
+             ("connwarm", s.connector_schedule == "warmup_only"), ("cbamtap", s.cbam_lr == "tap")]
+    return "".join(f"_{name}" for name, on in parts if on)
+
+
 def run_name(cfg: Config) -> str:
     """Run folder name: everything that makes runs differ (method, α, norm, points, target source — ``cached``,
     ``online`` or ``online-fresh`` —, K, method settings when not the defaults, storage, seed)."""
@@ -44,10 +52,12 @@ def run_name(cfg: Config) -> str:
     if settings:
         tag += f"_p{settings}"
     tag += storage_tag(cfg)
+    tag += recipe_tag(s)
     tag += f"_s{s.train.seed}"
-    if s.alpha == 0:  # the plain student: only its crops (cached seeds at K, or fresh) set it apart
+    if s.alpha == 0:  # the plain student: only its crops (cached seeds at K, or fresh) and its CE set it apart
         crops = "fresh" if s.targets.fresh else f"K{cfg.cache.K}"
-        tag = f"{s.model.name}_baseline_{crops}_s{s.train.seed}"
+        ceavg = "_ceavg" if s.ce_batch_average else ""
+        tag = f"{s.model.name}_baseline_{crops}{ceavg}_s{s.train.seed}"
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", tag)
 
 

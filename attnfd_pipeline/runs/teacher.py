@@ -175,7 +175,8 @@ def _imported_attention(cfg: Config, model, weights, path: Path):
             if p not in weights.cbam_state:
                 raise ValueError(f"{path}: --cbam-mode untrained keeps the file's CBAMs, but it has none at point "
                                  f"{p} (it has {', '.join(sorted(weights.cbam_state))}); set teacher.points")
-            att.load_state_dict(check_state_fits(att, weights.cbam_state[p], path, f"a CBAM at point {p}"))
+            att.load_state_dict(check_state_fits(att, weights.cbam_state[p], path, f"a CBAM at point {p}",
+                                                 lambda k, p=p: weights.shown_key(f"attention.{p}.{k}")))
     return attention
 
 
@@ -215,7 +216,7 @@ def _run_teacher_import(cfg: Config, path: str | Path, *, fmt: str, cbam_mode: s
     state.update({f"attention.{p}.{k}": v for p, s in weights.cbam_state.items() if weights.inpath_points
                   for k, v in s.items()})
     model.load_state_dict(check_state_fits(model, state, path, f"{cfg.teacher.model.name} ({nc} classes, "
-                                                               f"{weights.format} layout)"))
+                                                               f"{weights.format} layout)", weights.shown_key))
     model = model.to(device)
     attention = _imported_attention(cfg, model, weights, path)
     attention = attention.to(device) if attention is not None else None
