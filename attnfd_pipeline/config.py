@@ -345,6 +345,22 @@ class CIRKDConfig:
         _check(self.pool >= 1, "student.cirkd.pool", "must be >= 1")
 
 
+@dataclass(frozen=True)
+class DISTConfig:
+    """DIST ("DistKD"): inter- and intra-class Pearson relations of per-pixel class distributions (logits)."""
+
+    weight: float = 1.0
+    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
+    beta: float = 1.0  # weight of the inter-class relation (per pixel, across classes)
+    gamma: float = 1.0  # weight of the intra-class relation (per class, across the batch's pixels)
+    temperature: float = 1.0  # softmax temperature T (the released segmentation recipe: 1); the loss is × T²
+
+    def __post_init__(self):
+        _check(self.weight >= 0 and self.beta >= 0 and self.gamma >= 0, "student.dist.weight",
+               "weight, beta and gamma must be >= 0")
+        _check(self.temperature > 0, "student.dist.temperature", "must be > 0")
+
+
 class TargetSource(enum.StrEnum):
     """Where Stage 2 gets its teacher targets (``student.targets``), and on which crops."""
 
@@ -413,6 +429,7 @@ class StudentConfig:
     aicsd: AICSDConfig = field(default_factory=AICSDConfig)
     afdcd: AfDCDConfig = field(default_factory=AfDCDConfig)
     cirkd: CIRKDConfig = field(default_factory=CIRKDConfig)
+    dist: DISTConfig = field(default_factory=DISTConfig)
 
     def __post_init__(self):
         _check(self.alpha >= 0, "student.alpha", "must be >= 0")
@@ -460,7 +477,7 @@ class StudentConfig:
 
 
 # config sections of the registered methods (a new method adds its section here)
-METHOD_SECTIONS = ("attnfd", "lad", "kd", "aicsd", "afdcd", "cirkd")
+METHOD_SECTIONS = ("attnfd", "lad", "kd", "aicsd", "afdcd", "cirkd", "dist")
 
 
 @dataclass(frozen=True)

@@ -195,11 +195,12 @@ def test_cirkd_cross_image_pixel_relations_match_the_pairwise_loop():
 
 
 def test_registry_lists_every_method_with_its_targets():
-    assert list_methods() == ["attnfd", "kd", "lad", "aicsd", "afdcd", "cirkd"]
+    assert list_methods() == ["attnfd", "kd", "lad", "aicsd", "afdcd", "cirkd", "dist"]
     pts = ("B", "D")
     assert get_method("attnfd").required_targets(pts) == ("B", "D")
     assert get_method("kd").required_targets(pts) == ("logits",)
     assert get_method("aicsd").required_targets(pts) == ("logits",)
+    assert get_method("dist").required_targets(pts) == ("logits",)
     for name in ("lad", "afdcd", "cirkd"):
         assert get_method(name).required_targets(pts) == ("raw_B", "raw_D")
     assert required_targets("attnfd+kd+lad+aicsd", pts) == ["B", "D", "logits", "raw_B", "raw_D"]

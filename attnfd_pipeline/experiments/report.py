@@ -42,11 +42,11 @@ from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, paired, s
 from attnfd_pipeline.records import CENTER_CROP, read_record
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
-DISPLAY = {"attnfd": "AttnFD", "kd": "KD", "lad": "LAD", "aicsd": "AICSD", "afdcd": "Af-DCD", "cirkd": "CIRKD"}
-METHOD_ORDER = ["kd", "lad", "aicsd", "afdcd", "cirkd", "attnfd"]  # paper table order: rivals, then AttnFD
+DISPLAY = {"attnfd": "AttnFD", "kd": "KD", "lad": "LAD", "aicsd": "AICSD", "afdcd": "Af-DCD", "cirkd": "CIRKD", "dist": "DIST"}
+METHOD_ORDER = ["kd", "lad", "aicsd", "afdcd", "cirkd", "dist", "attnfd"]  # paper table order: rivals, then AttnFD
 # which run settings a method's result depends on (the others are ignored when matching the reference)
 USES = {"attnfd": {"points", "norm"}, "lad": {"points", "norm"}, "afdcd": {"points"}, "cirkd": {"points"},
-        "kd": set(), "aicsd": set()}
+        "kd": set(), "aicsd": set(), "dist": set()}
 CBAM_MODES = ("inpath", "fitted", "parameter_free", "untrained")
 NORM_ORDER = ("batch", "sample", "channel")
 NO_RUNS = "no runs"
