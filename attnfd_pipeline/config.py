@@ -288,11 +288,22 @@ class KDConfig:
 
 @dataclass(frozen=True)
 class AICSDConfig:
-    """AICSD: inter-class similarity + pixel KL on logits, adaptive CE/distillation weighting."""
+    """AICSD: the paper's reading (inter-class similarity + pixel KL on logits, adaptive CE/distillation
+    weighting) or the released code's terms (``variant``; attnfd_pipeline/losses/aicsd.py)."""
 
     weight: float = 1.0
     alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    temperature: float = 1.0  # of both the spatial (per-class) and the pixel-wise softmax
+    variant: Literal["paper", "released"] = "paper"
+    temperature: float = 1.0  # of both the spatial (per-class) and the pixel-wise softmax (released: 1)
+    # -- variant = "released": the authors' code (its README command without the undefined --ALW)
+    pa_weight: float = 9500.0  # pairwise spatial similarity of the ASPP feature (0 = off)
+    pi_weight: float = 10.0  # pixel KL, mean over B·C·H·W, no T²
+    lo_weight: float = 0.0  # logit inter-class similarity (the release's lo_loss; off unless given)
+    pa_point: str = "E"  # the student tap / raw teacher target of the pairwise term (the ASPP output)
+    pa_scale: float = 0.5  # max-pool window as a fraction of the map's sides
+    released_alw: bool = False  # the commented-out weighting: α·(CE + lo) + (1 − α)·pi, α = epoch / alw_epochs
+    alw_epochs: int = 120  # its denominator (the release's literal); 0 = train.epochs
+    # -- variant = "paper"
     ics_weight: float = 1.0  # λ of the inter-class-similarity MSE
     kd_weight: float = 1.0  # λ of the pixel-wise KL
     adaptive: bool = True  # adaptive loss weighting: a·CE + (1 − a)·distillation, a growing over epochs
@@ -305,6 +316,12 @@ class AICSDConfig:
         _check(self.temperature > 0, "student.aicsd.temperature", "must be > 0")
         _check(0 <= self.alw_start <= self.alw_end <= 1, "student.aicsd.alw_start",
                "need 0 <= alw_start <= alw_end <= 1")
+        _check(min(self.pa_weight, self.pi_weight, self.lo_weight) >= 0, "student.aicsd.pa_weight",
+               "pa_weight, pi_weight and lo_weight must be >= 0")
+        _check(self.pa_point in POINTS, "student.aicsd.pa_point", f"unknown point {self.pa_point!r}; known: "
+               f"{', '.join(POINTS)}")
+        _check(0 < self.pa_scale <= 1, "student.aicsd.pa_scale", "must be in (0, 1]")
+        _check(self.alw_epochs >= 0, "student.aicsd.alw_epochs", "must be >= 0 (0 = train.epochs)")
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,7 @@ def method_settings(s: StudentConfig) -> dict[str, dict]:
 
 def method_targets(s: StudentConfig) -> list[str]:
     """Teacher targets the configured methods read at ``student.points``."""
-    return required_targets(s.method, s.points)
+    return required_targets(s.method, s.points, s.method_params)
 
 
 def build_distiller(student: torch.nn.Module, s: StudentConfig, target_shapes: dict[str, tuple[int, int, int]],

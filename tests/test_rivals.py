@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from attnfd_pipeline.config import DISTConfig, load_config
+import torch.nn.functional as F
+
+from attnfd_pipeline.config import AICSDConfig, ConfigError, DISTConfig, load_config
 from attnfd_pipeline.losses import MethodContext, get_method, list_methods
+from attnfd_pipeline.losses.aicsd import logit_similarity_loss, pairwise_similarity_loss, released_pixel_kl
 from attnfd_pipeline.losses.dist import dist_loss
 
 torch.set_num_threads(2)
@@ -65,3 +68,95 @@ def test_dist_defaults_are_the_released_segmentation_recipe():
     assert loss.item() == pytest.approx(_dist_reference(s.float().double(), t.half().double()), rel=1e-4)
     cfg = load_config(None, ["student.method=dist", "student.dist.beta=2"])
     assert cfg.student.dist.beta == 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# AICSD, released variant
+
+
+def _pool_half(x):
+    """Max-pool windows of int(side / 2), starting at every multiple of the window below the side."""
+    n, c, h, w = x.shape
+    kh, kw = h // 2, w // 2
+    rows = [[x[:, :, y:y + kh, z:z + kw].max(axis=(2, 3)) for z in range(0, w, kw)] for y in range(0, h, kh)]
+    return np.stack([np.stack(r, axis=-1) for r in rows], axis=-2)
+
+
+def _pa_reference(fs, ft):
+    s, t = _pool_half(fs.numpy()), _pool_half(ft.numpy())
+    n = s.shape[0]
+    p = s.shape[2] * s.shape[3]
+    total = 0.0
+    for b in range(n):
+        vs = s[b].reshape(s.shape[1], -1).T
+        vt = t[b].reshape(t.shape[1], -1).T
+        vs = vs / (np.linalg.norm(vs, axis=1, keepdims=True) + 1e-8)
+        vt = vt / (np.linalg.norm(vt, axis=1, keepdims=True) + 1e-8)
+        total += ((vt @ vt.T - vs @ vs.T) ** 2).sum()
+    return total / p ** 2 / n
+
+
+def _pi_reference(s, t):
+    ls = np.log(_softmax(s.numpy(), 1))
+    pt = _softmax(t.numpy(), 1)
+    return (pt * (np.log(pt) - ls)).mean()
+
+
+def _lo_matrix(z):
+    p = _softmax(z, 2)  # over H only
+    b, c = z.shape[:2]
+    m = np.zeros((c, c))
+    for i in range(c):
+        for j in range(i, c):
+            m[i, j] = m[j, i] = (p[:, j] * (np.log(p[:, j]) - p[:, i])).sum() / b
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+
+
+def _lo_reference(s, t):
+    return ((_lo_matrix(s.numpy()) - _lo_matrix(t.numpy())) ** 2).mean() / s.shape[0]
+
+
+@pytest.mark.parametrize("side", [7, 8, 33])
+def test_aicsd_pairwise_term_equals_the_release(side):
+    fs, ft = _randn(2, 3, side, side, seed=5), _randn(2, 6, side, side, seed=6)  # channels may differ
+    assert pairwise_similarity_loss(fs, ft).item() == pytest.approx(_pa_reference(fs, ft), rel=REL)
+
+
+def test_aicsd_pixel_kl_and_logit_similarity_equal_the_release():
+    s, t = _randn(2, 4, 6, 5, seed=7, scale=2), _randn(2, 4, 6, 5, seed=8, scale=2)
+    assert released_pixel_kl(s, t).item() == pytest.approx(_pi_reference(s, t), rel=REL)
+    assert logit_similarity_loss(s, t).item() == pytest.approx(_lo_reference(s, t), rel=REL)
+    assert logit_similarity_loss(t, t).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def _aicsd(**kw):
+    params = AICSDConfig(variant="released", **kw)
+    return get_method("aicsd")(MethodContext(("D",), {"D": 8, "E": 3}, {"logits": (4, 4, 4), "raw_E": (6, 7, 7)},
+                                             epochs=3, params=params))
+
+
+def test_aicsd_released_total_and_its_adaptive_weighting():
+    s_dec, t_dec = _randn(2, 4, 4, 4, seed=9), _randn(2, 4, 4, 4, seed=10)
+    up = {k: F.interpolate(v, size=(16, 16), mode="bilinear", align_corners=True) for k, v in
+          (("s", s_dec), ("t", t_dec))}
+    fs, ft = _randn(2, 3, 7, 7, seed=11), _randn(2, 6, 7, 7, seed=12)
+    out, targets = {"out": up["s"], "logits": s_dec, "E": fs}, {"logits": t_dec, "raw_E": ft}
+    pi, lo, pa = _pi_reference(up["s"], up["t"]), _lo_reference(up["s"], up["t"]), _pa_reference(fs, ft)
+    m = _aicsd(lo_weight=0.3)
+    assert m.targets() == ("logits", "raw_E") and m.ce_weight(5) == 1.0
+    loss, logs = m(out, targets, epoch=5)
+    assert loss.item() == pytest.approx(9500 * pa + 10 * pi + 0.3 * lo, rel=REL)
+    alw = _aicsd(lo_weight=0.3, released_alw=True)
+    assert alw.targets() == ("logits",)  # the adaptive lines leave the pairwise term out
+    assert alw.ce_weight(30) == pytest.approx(0.25) and _aicsd(released_alw=True, alw_epochs=0).ce_weight(1) == 1 / 3
+    loss, logs = alw(out, targets, epoch=30)
+    assert loss.item() == pytest.approx(0.25 * 0.3 * lo + 0.75 * 10 * pi, rel=REL)
+    assert get_method("aicsd").required_targets(("D",)) == ("logits",)  # the paper variant, the default
+
+
+def test_aicsd_released_settings_are_checked():
+    assert (AICSDConfig().pa_weight, AICSDConfig().pi_weight, AICSDConfig().lo_weight) == (9500.0, 10.0, 0.0)
+    with pytest.raises(ConfigError, match="student.aicsd.variant"):
+        load_config(None, ["student.aicsd.variant=\"both\""])
+    with pytest.raises(ConfigError, match="student.aicsd.pa_point"):
+        load_config(None, ["student.aicsd.pa_point=\"X\""])

@@ -103,7 +103,7 @@ class AfDCD(DistillMethod):
     params_type = AfDCDConfig
 
     @classmethod
-    def required_targets(cls, points):
+    def required_targets(cls, points, params=None):
         return tuple(raw_name(p) for p in points)
 
     def __init__(self, ctx: MethodContext):

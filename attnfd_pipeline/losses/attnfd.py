@@ -63,7 +63,7 @@ class AttnFD(DistillMethod):
     paper = "Mansourian et al., Attention-guided Feature Distillation for Semantic Segmentation (AttnFD)"
 
     @classmethod
-    def required_targets(cls, points):
+    def required_targets(cls, points, params=None):
         return tuple(points)
 
     def __init__(self, ctx: MethodContext):

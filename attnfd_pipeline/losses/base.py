@@ -2,7 +2,8 @@
 
 A method (a ``DistillMethod`` subclass, registered with ``@register``) declares
 
-- ``required_targets(points)``: the teacher targets it reads, named as in the cache — ``"B"``, ``"E"``,
+- ``required_targets(points, params)``: the teacher targets it reads at ``points`` under its config section
+  ``params`` (None = the section's defaults), named as in the cache — ``"B"``, ``"E"``,
   ``"D"`` (refined F''), ``"raw_B"`` … (raw teacher features), ``"logits"`` (teacher logits at the
   decoder's resolution). Stage 2 refuses a cache that lacks one of them;
 - its trainable modules (connectors, projectors …), built in ``__init__`` from a ``MethodContext``
@@ -59,11 +60,11 @@ class DistillMethod(nn.Module):
         self.params = ctx.params if ctx.params is not None else (self.params_type() if self.params_type else None)
 
     @classmethod
-    def required_targets(cls, points: Sequence[str]) -> tuple[str, ...]:
+    def required_targets(cls, points: Sequence[str], params: Any = None) -> tuple[str, ...]:
         raise NotImplementedError
 
     def targets(self) -> tuple[str, ...]:
-        return type(self).required_targets(self.points)
+        return type(self).required_targets(self.points, self.params)
 
     def forward(self, out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], epoch: int = 0,
                 batch: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -153,11 +154,14 @@ def parse_methods(spec: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def required_targets(spec: str | Sequence[str], points: Sequence[str]) -> list[str]:
-    """Union (in order) of the teacher targets the methods of ``spec`` read at ``points``."""
+def required_targets(spec: str | Sequence[str], points: Sequence[str],
+                     params_of: Callable[[str], Any] | None = None) -> list[str]:
+    """Union (in order) of the teacher targets the methods of ``spec`` read at ``points``; ``params_of(name)``
+    gives a method's config section (``StudentConfig.method_params``; None = every section at its defaults)."""
     out: list[str] = []
     for n in parse_methods(spec):
-        for t in get_method(n).required_targets(tuple(points)):
+        params = params_of(n) if params_of is not None else None
+        for t in get_method(n).required_targets(tuple(points), params):
             if t not in out:
                 out.append(t)
     return out

@@ -50,7 +50,7 @@ class CIRKD(DistillMethod):
     params_type = CIRKDConfig
 
     @classmethod
-    def required_targets(cls, points):
+    def required_targets(cls, points, params=None):
         return tuple(raw_name(p) for p in points)
 
     def __init__(self, ctx: MethodContext):

@@ -63,7 +63,7 @@ class DIST(DistillMethod):
     params_type = DISTConfig
 
     @classmethod
-    def required_targets(cls, points):
+    def required_targets(cls, points, params=None):
         return (LOGITS,)
 
     def forward(self, out, targets, epoch=0, batch=None):

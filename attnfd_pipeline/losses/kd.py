@@ -40,7 +40,7 @@ class KD(DistillMethod):
     params_type = KDConfig
 
     @classmethod
-    def required_targets(cls, points):
+    def required_targets(cls, points, params=None):
         return (LOGITS,)
 
     def forward(self, out, targets, epoch=0, batch=None):

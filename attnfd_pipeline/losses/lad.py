@@ -29,7 +29,7 @@ class LAD(DistillMethod):
     params_type = LADConfig
 
     @classmethod
-    def required_targets(cls, points):
+    def required_targets(cls, points, params=None):
         return tuple(raw_name(p) for p in points)
 
     def __init__(self, ctx: MethodContext):
