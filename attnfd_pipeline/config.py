@@ -349,17 +349,38 @@ class AfDCDConfig:
 
 @dataclass(frozen=True)
 class CIRKDConfig:
-    """CIRKD (mini-batch pixel-to-pixel part): cross-image pixel relations on raw features."""
+    """CIRKD: the mini-batch pixel-to-pixel relations and the memory-bank pixel-to-pixel and pixel-to-region
+    contrast on raw features, with the released code's defaults (attnfd_pipeline/losses/cirkd.py)."""
 
     weight: float = 1.0
     alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    tau: float = 0.1  # temperature of the similarity softmax
-    pool: int = 2  # max-pool factor before relating pixels (memory grows as (N·H·W)²)
+    points: tuple[str, ...] = ("E",)  # taps it distils (the release: after the ASPP head); () = student.points
+    tau: float = 0.1  # temperature of the similarity softmax (the release's contrast temperature)
+    pool: int = 1  # pooling factor before relating pixels (1 = none, as released; its option: 2)
+    pool_mode: Literal["avg", "max"] = "avg"  # the release's option average-pools
+    connector: bool = False  # a 1×1 conv + BN on the student first (the release relates each network's own map)
+    pixel_memory_weight: float = 0.01  # memory pixel-to-pixel contrast (the release's VOC script; 0 = off)
+    region_memory_weight: float = 0.01  # memory pixel-to-region contrast (the release's VOC script; 0 = off)
+    pixel_memory_size: int = 20000  # queue entries per class
+    region_memory_size: int = 2000
+    pixel_contrast_size: int = 4096  # queue entries drawn per step, over all classes
+    region_contrast_size: int = 1024
+    pixel_update_freq: int = 16  # pixels of a class pushed per image and step
+    contrast_kd_temperature: float = 1.0  # of the memory terms' distillation
 
     def __post_init__(self):
-        _check(self.weight >= 0, "student.cirkd.weight", "must be >= 0")
-        _check(self.tau > 0, "student.cirkd.tau", "must be > 0")
+        _check(min(self.weight, self.pixel_memory_weight, self.region_memory_weight) >= 0, "student.cirkd.weight",
+               "weight, pixel_memory_weight and region_memory_weight must be >= 0")
+        _check(self.tau > 0 and self.contrast_kd_temperature > 0, "student.cirkd.tau",
+               "tau and contrast_kd_temperature must be > 0")
         _check(self.pool >= 1, "student.cirkd.pool", "must be >= 1")
+        for p in self.points:
+            _check(p in POINTS, "student.cirkd.points", f"unknown point {p!r}; known: {', '.join(POINTS)}")
+        _check(min(self.pixel_memory_size, self.region_memory_size, self.pixel_contrast_size,
+                   self.region_contrast_size, self.pixel_update_freq) >= 1, "student.cirkd.pixel_memory_size",
+               "memory and contrast sizes must be >= 1")
+        _check(self.pixel_update_freq <= self.pixel_memory_size, "student.cirkd.pixel_update_freq",
+               "must be <= pixel_memory_size")
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,7 @@ def test_cirkd_cross_image_pixel_relations_match_the_pairwise_loop():
             total += F.kl_div(ps, pt, reduction="batchmean").item()
     got = cross_image_relation_loss(s, t, tau=tau, pool=1)
     assert got.item() == pytest.approx(total / 9, rel=1e-9)
-    pooled = cross_image_relation_loss(s, t, tau=tau, pool=2)
+    pooled = cross_image_relation_loss(s, t, tau=tau, pool=2, pool_mode="max")
     ref = cross_image_relation_loss(F.max_pool2d(s, 2, ceil_mode=True), F.max_pool2d(t, 2, ceil_mode=True),
                                     tau=tau, pool=1)
     assert pooled.item() == pytest.approx(ref.item(), rel=1e-12)
@@ -201,8 +201,9 @@ def test_registry_lists_every_method_with_its_targets():
     assert get_method("kd").required_targets(pts) == ("logits",)
     assert get_method("aicsd").required_targets(pts) == ("logits",)
     assert get_method("dist").required_targets(pts) == ("logits",)
-    for name in ("lad", "afdcd", "cirkd"):
+    for name in ("lad", "afdcd"):
         assert get_method(name).required_targets(pts) == ("raw_B", "raw_D")
+    assert get_method("cirkd").required_targets(pts) == ("raw_E",)  # its own points: after the ASPP head
     assert required_targets("attnfd+kd+lad+aicsd", pts) == ["B", "D", "logits", "raw_B", "raw_D"]
     assert parse_methods(" attnfd + kd ") == ("attnfd", "kd")
     for bad, msg in (("foo", "unknown distillation method 'foo'"), ("kd+kd", "repeats"), ("kd+", "expected names")):

@@ -160,3 +160,101 @@ def test_aicsd_released_settings_are_checked():
         load_config(None, ["student.aicsd.variant=\"both\""])
     with pytest.raises(ConfigError, match="student.aicsd.pa_point"):
         load_config(None, ["student.aicsd.pa_point=\"X\""])
+
+
+# ---------------------------------------------------------------------------------------------
+# CIRKD
+
+
+def _kl_rows(s_logits, t_logits, T=1.0):
+    """Σ_col p_t (log p_t − log p_s) per row, averaged over rows, × T² (numpy)."""
+    ps, pt = _softmax(s_logits / T, 1), _softmax(t_logits / T, 1)
+    return (pt * (np.log(pt) - np.log(ps))).sum(1).mean() * T * T
+
+
+def _unit(x, axis):
+    return x / np.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def _minibatch_reference(fs, ft, tau=0.1, avg_pool=False):
+    s, t = fs.numpy(), ft.numpy()
+    if avg_pool:
+        s = s.reshape(*s.shape[:2], s.shape[2] // 2, 2, s.shape[3] // 2, 2).mean(axis=(3, 5))
+        t = t.reshape(*t.shape[:2], t.shape[2] // 2, 2, t.shape[3] // 2, 2).mean(axis=(3, 5))
+    s, t = _unit(s, 1), _unit(t, 1)
+    n = s.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            a_s, b_s = s[i].reshape(s.shape[1], -1).T, s[j].reshape(s.shape[1], -1).T
+            a_t, b_t = t[i].reshape(t.shape[1], -1).T, t[j].reshape(t.shape[1], -1).T
+            total += _kl_rows(a_s @ b_s.T / tau, a_t @ b_t.T / tau)  # batchmean over the rows of image i
+    return total / n ** 2
+
+
+def test_cirkd_minibatch_term_equals_the_release_without_connector_or_pooling():
+    from attnfd_pipeline.losses.cirkd import cross_image_relation_loss
+
+    fs, ft = _randn(3, 4, 4, 6, seed=13), _randn(3, 7, 4, 6, seed=14)  # channels differ: no connector needed
+    assert cross_image_relation_loss(fs, ft).item() == pytest.approx(_minibatch_reference(fs, ft), rel=REL)
+    ref = _minibatch_reference(fs, ft, avg_pool=True)
+    assert cross_image_relation_loss(fs, ft, pool=2, pool_mode="avg").item() == pytest.approx(ref, rel=REL)
+
+
+def test_cirkd_memory_contrast_equals_the_release():
+    from attnfd_pipeline.losses.cirkd import memory_contrast_loss
+
+    s, t, bank = (F.normalize(_randn(5, 4, seed=k), dim=1) for k in (15, 16, 17))
+    ref = _kl_rows(s.numpy() @ bank.numpy().T / 0.1, t.numpy() @ bank.numpy().T / 0.1, T=2.0)
+    assert memory_contrast_loss(s, t, bank, tau=0.1, temperature=2.0).item() == pytest.approx(ref, rel=REL)
+
+
+def _cirkd(**kw):
+    from attnfd_pipeline.config import CIRKDConfig
+
+    params = CIRKDConfig(**kw)
+    ctx = MethodContext(("D",), {"E": 3, "D": 5}, {"raw_E": (4, 4, 4)}, num_classes=3, params=params)
+    torch.manual_seed(0)
+    return get_method("cirkd")(ctx).double()
+
+
+def test_cirkd_memory_bank_fills_from_the_batches_teacher_embeddings():
+    m = _cirkd(pixel_memory_size=50, region_memory_size=4)
+    memory = m.memory["E"]
+    t = _randn(2, 4, 4, 4, seed=18)
+    labels = torch.full((2, 8, 8), 255, dtype=torch.long)
+    labels[0, :4] = 1  # image 0: class 1 in its top half (feature rows 0-1), image 1: class 2 on the left
+    labels[1, :, :4] = 2
+    memory.enqueue(F.normalize(t, dim=1), F.interpolate(labels[:, None].float(), size=(4, 4))[:, 0].long())
+    tn = _unit(t.numpy(), 1)
+    np.testing.assert_allclose(memory.regions[1, 0].numpy(), _unit(tn[0, :, :2].reshape(4, -1).mean(1), 0),
+                               rtol=1e-6)
+    np.testing.assert_allclose(memory.regions[2, 0].numpy(), _unit(tn[1, :, :, :2].reshape(4, -1).mean(1), 0),
+                               rtol=1e-6)
+    assert memory.regions_ptr.tolist() == [0, 1, 1] and memory.pixels_ptr.tolist() == [0, 8, 8]
+    class1 = {tuple(np.round(v, 6)) for v in tn[0, :, :2].reshape(4, -1).T}
+    assert {tuple(np.round(v, 6)) for v in memory.pixels[1, :8].numpy()} == class1
+
+
+def test_cirkd_total_with_memory_equals_the_release_terms():
+    # queues small enough that every step samples all their entries: the loss is then deterministic
+    m = _cirkd(pixel_memory_size=8, region_memory_size=2, pixel_contrast_size=30, region_contrast_size=30,
+               pixel_update_freq=4, pixel_memory_weight=0.01, region_memory_weight=0.01)
+    assert m.targets() == ("raw_E",) and m.connectors is None
+    fs, ft = _randn(2, 3, 4, 4, seed=19), _randn(2, 4, 4, 4, seed=20)
+    labels = torch.randint(0, 3, (2, 16, 16), generator=torch.Generator().manual_seed(1))
+    labels[:, :2] = 255
+    loss, logs = m({"E": fs}, {"raw_E": ft}, batch={"label": labels})
+    memory = m.memory["E"]
+    lab = F.interpolate(labels[:, None].float(), size=(4, 4), mode="nearest")[:, 0].long().flatten().numpy()
+    keep = lab != 255
+    with torch.no_grad():
+        s = _unit(memory.project(fs).numpy(), 1).transpose(0, 2, 3, 1).reshape(-1, 4)[keep]
+    t = _unit(ft.numpy(), 1).transpose(0, 2, 3, 1).reshape(-1, 4)[keep]
+    terms = []
+    for queue in (memory.pixels, memory.regions):
+        bank = queue.reshape(-1, 4).numpy()
+        terms.append(_kl_rows(s @ bank.T / 0.1, t @ bank.T / 0.1))
+    ref = _minibatch_reference(fs, ft) + 0.01 * terms[0] + 0.01 * terms[1]
+    assert loss.item() == pytest.approx(ref, rel=REL)
+    assert logs["pixel_memory_E"] == pytest.approx(terms[0], rel=REL)

@@ -110,6 +110,13 @@ def target_channels(ctx: MethodContext, name: str) -> int:
     return int(ctx.target_shapes[name][0])
 
 
+def per_point(ctx: MethodContext, points: Sequence[str], build: Callable[[int, int], nn.Module],
+              target: Callable[[str], str]) -> nn.ModuleDict:
+    """One module per distillation point, ``build(student channels, teacher channels)``, the teacher's
+    channels read from the shape of target ``target(point)`` (``raw_name`` for raw features)."""
+    return nn.ModuleDict({p: build(ctx.student_channels[p], target_channels(ctx, target(p))) for p in points})
+
+
 # ---------------------------------------------------------------------------------------------
 # registry
 
