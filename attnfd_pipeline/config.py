@@ -324,23 +324,39 @@ class AICSDConfig:
         _check(self.alw_epochs >= 0, "student.aicsd.alw_epochs", "must be >= 0 (0 = train.epochs)")
 
 
+AFDCD_DATASETS = ("voc", "cityscapes", "camvid", "ade20k", "coco")  # the release's training scripts
+
+
 @dataclass(frozen=True)
 class AfDCDConfig:
-    """Af-DCD: masked feature mimicking + omni-contrastive loss on raw features."""
+    """Af-DCD: masked feature mimicking + omni-contrastive loss on raw features; ``recipe = "released"`` is
+    the authors' training code, ``"mean"`` the project's mean form (attnfd_pipeline/losses/afdcd.py)."""
 
     weight: float = 1.0
     alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    fd_weight: float = 1.0  # masked feature mimicking (MSE, mean over elements)
-    ctr_weight: float = 0.01  # contrastive term (mean over anchors); ≈ the reference's 0.005 : 1e-6 ratio
+    recipe: Literal["released", "mean"] = "released"
+    dataset: Literal["voc", "cityscapes", "camvid", "ade20k", "coco"] = "voc"  # whose released weights
+    points: tuple[str, ...] = ()  # () = the recipe's: released B (after its ReLU), mean student.points
+    fd_weight: float | None = None  # masked feature mimicking; unset = the recipe's (released: per dataset)
+    ctr_weight: float | None = None  # contrastive term; unset = the recipe's (released: per dataset)
+    kd_weight: float | None = None  # logit KD; unset = the recipe's (released: 1, ADE20K / COCO 0.5; mean: 0)
+    kd_temperature: float = 1.0
+    grad_clip: float | None = None  # max gradient norm of the method's modules; unset = released 15, mean none
     mask_ratio: float = 0.75  # fraction of student pixels zeroed before the projector
+    mask: Literal["random", "centre"] = "random"  # or the release's centre-third mask
+    projector: Literal["plain", "enhanced"] = "plain"  # or the release's enhanced projector
     tau: float = 0.07  # contrastive temperature
     groups: int = 16  # channel partitions M
     patch: int = 4  # spatial partition: patch side (positions contrasted together)
     pool: int = 4  # max-pool factor before contrasting (reduced when the map is too small)
 
     def __post_init__(self):
-        _check(self.weight >= 0 and self.fd_weight >= 0 and self.ctr_weight >= 0, "student.afdcd.weight",
-               "weights must be >= 0")
+        weights = [self.weight, *(w for w in (self.fd_weight, self.ctr_weight, self.kd_weight) if w is not None)]
+        _check(min(weights) >= 0, "student.afdcd.weight", "weights must be >= 0")
+        _check(self.grad_clip is None or self.grad_clip >= 0, "student.afdcd.grad_clip", "must be >= 0 (0 = none)")
+        _check(self.kd_temperature > 0, "student.afdcd.kd_temperature", "must be > 0")
+        for p in self.points:
+            _check(p in POINTS, "student.afdcd.points", f"unknown point {p!r}; known: {', '.join(POINTS)}")
         _check(0 <= self.mask_ratio < 1, "student.afdcd.mask_ratio", "must be in [0, 1)")
         _check(self.tau > 0, "student.afdcd.tau", "must be > 0")
         _check(self.groups >= 1 and self.patch >= 1 and self.pool >= 1, "student.afdcd.groups",

@@ -258,3 +258,108 @@ def test_cirkd_total_with_memory_equals_the_release_terms():
     ref = _minibatch_reference(fs, ft) + 0.01 * terms[0] + 0.01 * terms[1]
     assert loss.item() == pytest.approx(ref, rel=REL)
     assert logs["pixel_memory_E"] == pytest.approx(terms[0], rel=REL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Af-DCD, released recipe
+
+
+def _omni_released(rec, t, groups, patch, tau):
+    """Cross-entropy of each anchor's positive among the other-group teacher vectors of its patch, summed,
+    ÷ (H · W) ÷ batch (loops)."""
+    rec, t = rec.detach().numpy(), t.numpy()
+    n, c, h, w = rec.shape
+    cg = c // groups
+    total = 0.0
+    for b in range(n):
+        for py in range(0, h, patch):
+            for px in range(0, w, patch):
+                cells = [(y, x) for y in range(py, py + patch) for x in range(px, px + patch)]
+                for (y, x) in cells:
+                    for g in range(groups):
+                        a = rec[b, g * cg:(g + 1) * cg, y, x]
+                        pos = -np.abs(a - t[b, g * cg:(g + 1) * cg, y, x]).sum() / tau
+                        neg = [-np.abs(a - t[b, k * cg:(k + 1) * cg, yy, xx]).sum() / tau
+                               for (yy, xx) in cells for k in range(groups) if k != g]
+                        z = np.array([pos, *neg])
+                        total += np.log(np.exp(z - z.max()).sum()) + z.max() - pos
+    return total / (h * w) / n
+
+
+def _kd_reference(s, t):
+    return _kl_rows(s.numpy().transpose(0, 2, 3, 1).reshape(-1, s.shape[1]),
+                    t.numpy().transpose(0, 2, 3, 1).reshape(-1, t.shape[1]))
+
+
+def _afdcd(**kw):
+    from attnfd_pipeline.config import AfDCDConfig
+
+    params = AfDCDConfig(**kw)
+    shapes = {"raw_B": (8, 4, 4), "raw_D": (8, 4, 4), "logits": (4, 4, 4)}
+    ctx = MethodContext(("D",), {"B": 3, "D": 5}, shapes, params=params)
+    torch.manual_seed(0)
+    return get_method("afdcd")(ctx).double()
+
+
+@pytest.mark.parametrize("dataset, fd_w, ctr_w, kd_w", [("voc", 1e-6, 5e-3, 1.0), ("ade20k", 1e-6, 0.04, 0.5)])
+def test_afdcd_released_recipe_equals_the_release(dataset, fd_w, ctr_w, kd_w):
+    m = _afdcd(dataset=dataset, groups=4, patch=2, pool=1)
+    assert m.points == ("B",) and m.targets() == ("raw_B", "logits") and m.grad_clip() == 15.0
+    fs, ft = _randn(2, 3, 4, 4, seed=21), _randn(2, 8, 4, 4, seed=22)
+    zs, zt = _randn(2, 4, 4, 4, seed=23), _randn(2, 4, 4, 4, seed=24)
+    torch.manual_seed(7)
+    loss, logs = m({"B": fs, "logits": zs}, {"raw_B": ft, "logits": zt})
+    torch.manual_seed(7)  # the release's mask on the same draw: zero where u > 1 − ratio
+    mask = torch.where(torch.rand(2, 1, 4, 4) > 1 - 0.75, 0, 1).double()
+    head = m.heads["B"]
+    with torch.no_grad():
+        rec = head.projector(head.align(F.relu(fs)) * mask)  # tap after the ReLU, teacher's too
+    t = F.relu(ft)
+    fd = ((rec - t) ** 2).sum().item() / 2
+    ctr = _omni_released(rec, t, 4, 2, 0.07)
+    assert logs["fd_B"] == pytest.approx(fd, rel=REL) and logs["ctr_B"] == pytest.approx(ctr, rel=REL)
+    assert loss.item() == pytest.approx(fd_w * fd + ctr_w * ctr + kd_w * _kd_reference(zs, zt), rel=REL)
+
+
+def test_afdcd_released_options_and_the_mean_form():
+    from attnfd_pipeline.losses.afdcd import centre_mask, omni_contrastive_loss
+
+    same = _afdcd(points=("B",), projector="enhanced")
+    same_ch = get_method("afdcd")(MethodContext(("B",), {"B": 8}, {"raw_B": (8, 4, 4), "logits": (4, 4, 4)},
+                                                params=same.params))
+    assert isinstance(same_ch.heads["B"].align, torch.nn.Identity)  # the release aligns only differing channels
+    assert sum(p.numel() for p in same.heads["B"].projector.parameters()) == 4 * (8 * 8 * 9 + 8)
+    mask = centre_mask(torch.zeros(1, 1, 6, 6))
+    assert mask.sum() == 36 - 4 and mask[0, 0, 2:4, 2:4].sum() == 0
+    s, t = _randn(1, 8, 50, 50, seed=25), _randn(1, 8, 50, 50, seed=26)  # CamVid: crop 44 × 44, no pooling
+    crop = omni_contrastive_loss(s, t, groups=2, patch=4, pool=4, crop=44, sums=True)
+    ref = omni_contrastive_loss(s[:, :, :44, :44], t[:, :, :44, :44], groups=2, patch=4, pool=1, sums=True)
+    assert crop.item() == pytest.approx(ref.item(), rel=1e-12)
+    mean_sum = omni_contrastive_loss(s[:, :, :8, :8], t[:, :, :8, :8], groups=2, patch=4, pool=1)
+    released = omni_contrastive_loss(s[:, :, :8, :8], t[:, :, :8, :8], groups=2, patch=4, pool=1, sums=True)
+    assert released.item() == pytest.approx(2 * mean_sum.item(), rel=1e-12)  # the release's sum = M × the mean
+    mean = _afdcd(recipe="mean")
+    assert mean.points == ("D",) and mean.targets() == ("raw_D",) and mean.grad_clip() == 0.0
+    camvid = _afdcd(dataset="camvid")
+    assert (camvid.recipe.fd, camvid.recipe.ctr, camvid.recipe.kd, camvid.recipe.crop) == (8e-6, 0.01, 1.0, 44)
+
+
+def test_afdcd_module_gradients_are_clipped_at_15():
+    from attnfd_pipeline.distill import StudentTask, build_distiller
+    from attnfd_pipeline.engine.train import clip_task_gradients
+    from attnfd_pipeline.models import build_model
+
+    cfg = load_config(None, ['student.method="afdcd"', "student.afdcd.groups=4", "student.afdcd.fd_weight=1e3"])
+    torch.manual_seed(0)
+    student = build_model("deeplabv3plus_resnet18", 5)
+    shapes = {"raw_B": (16, 2, 2), "logits": (5, 8, 8)}
+    task = StudentTask(build_distiller(student, cfg.student, shapes, 5), alpha=1.0)
+    batch = {"image": torch.randn(2, 3, 32, 32), "label": torch.randint(0, 5, (2, 32, 32)),
+             "targets": {k: 10 * torch.randn(2, *v) for k, v in shapes.items()}}
+    loss, _ = task.train_step(batch, 0)
+    loss.backward()
+    params = list(task.distiller.methods["afdcd"].parameters())
+    norm = lambda: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()  # noqa: E731
+    assert norm() > 15 and task.clips_gradients
+    clip_task_gradients(task, None, None)
+    assert norm() == pytest.approx(15.0, rel=1e-4)

@@ -79,6 +79,10 @@ class DistillMethod(nn.Module):
         """Factor on the segmentation CE in ``epoch`` (1 unless the method re-weights it, e.g. AICSD)."""
         return 1.0
 
+    def grad_clip(self) -> float:
+        """Max gradient norm of the method's own modules, clipped before each optimiser step (0 = none)."""
+        return 0.0
+
     def has_parameters(self) -> bool:
         return any(True for _ in self.parameters())
 
