@@ -363,3 +363,27 @@ def test_afdcd_module_gradients_are_clipped_at_15():
     assert norm() > 15 and task.clips_gradients
     clip_task_gradients(task, None, None)
     assert norm() == pytest.approx(15.0, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry is where the method facts live
+
+
+def test_every_registered_method_has_its_config_section_label_and_citation():
+    import dataclasses
+
+    from attnfd_pipeline.config import METHOD_SECTIONS, StudentConfig
+    from attnfd_pipeline.experiments import accuracy, report
+    from attnfd_pipeline.losses import method_label
+
+    assert set(METHOD_SECTIONS) == set(list_methods())
+    fields = {f.name: f for f in dataclasses.fields(StudentConfig)}
+    for name in list_methods():
+        cls = get_method(name)
+        section = fields[name].default_factory()
+        assert cls.params_type is None or isinstance(section, cls.params_type), name
+        assert {"weight", "alpha"} <= {f.name for f in dataclasses.fields(section)}, name
+        assert cls.label and cls.paper and report.DISPLAY[name] == method_label(name) == cls.label
+        assert report.USES[name] == set(cls.uses)
+    assert report.DISPLAY["afdcd"] == "Af-DCD" and accuracy.LABELS["dist"] == "S + DIST"
+    assert report.METHOD_ORDER[-1] == "attnfd" and "dist" in report.METHOD_ORDER

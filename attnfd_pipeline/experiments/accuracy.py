@@ -37,6 +37,7 @@ from attnfd_pipeline.cache import CacheError, build_cache, find_cache
 from attnfd_pipeline.cache.plan import variant_name
 from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.data.source import ImageSource
+from attnfd_pipeline.losses import method_label
 from attnfd_pipeline.records import CENTER_CROP, RunRecord
 from attnfd_pipeline.engine.logging import get_logger
 from attnfd_pipeline.progress import job
@@ -57,11 +58,10 @@ COMPACT = {"int8": (("encoding", "int8"),),
 COMPACT_METHODS = {name: "attnfd_" + name.replace("+", "_") for name in COMPACT}  # accuracy.json's method
 # accuracy.json's method labels, in table order (rivals, AttnFD cached and online, AttnFD on compact caches)
 METHODS = ("teacher", "student", "kd", "lad", "aicsd", "afdcd", "dist", "attnfd", "attnfd_online", *COMPACT_METHODS.values())
-LABELS = {"teacher": "Teacher", "student": "Student (α = 0)", "kd": "S + KD", "lad": "S + LAD", "aicsd": "S + AICSD",
-          "afdcd": "S + Af-DCD", "dist": "S + DIST", "attnfd": "S + AttnFD (cached)",
-          "attnfd_online": "S + AttnFD (online, fresh augmentation)",
-          "attnfd_int8": "S + AttnFD (cached, int8)", "attnfd_int8_poolD2": "S + AttnFD (cached, int8 + D pooled ×2)"}
 RIVALS = ("kd", "lad", "aicsd", "afdcd", "dist")
+LABELS = {"teacher": "Teacher", "student": "Student (α = 0)", **{m: f"S + {method_label(m)}" for m in RIVALS},
+          "attnfd": "S + AttnFD (cached)", "attnfd_online": "S + AttnFD (online, fresh augmentation)",
+          "attnfd_int8": "S + AttnFD (cached, int8)", "attnfd_int8_poolD2": "S + AttnFD (cached, int8 + D pooled ×2)"}
 # the goals, in mIoU points
 TEACHER_GAP = 5.0  # teacher − student ≥ 5
 ATTNFD_GAIN = 2.0  # AttnFD (cached) − student ≥ 2: paired mean over shared seeds, interval above 0

@@ -165,6 +165,8 @@ class _Point(nn.Module):
 @register
 class AfDCD(DistillMethod):
     name = "afdcd"
+    label = "Af-DCD"
+    uses = frozenset({"points"})
     paper = ("Fan et al., Augmentation-free Dense Contrastive Knowledge Distillation for Efficient Semantic "
              "Segmentation (NeurIPS 2023)")
     params_type = AfDCDConfig

@@ -134,6 +134,7 @@ def input_size_logits(out, targets) -> tuple[torch.Tensor, torch.Tensor]:
 @register
 class AICSD(DistillMethod):
     name = "aicsd"
+    label = "AICSD"
     paper = "Mansourian et al., AICSD: Adaptive Inter-Class Similarity Distillation for Semantic Segmentation"
     params_type = AICSDConfig
 

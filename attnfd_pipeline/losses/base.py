@@ -52,6 +52,9 @@ class DistillMethod(nn.Module):
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""  # short citation, shown by ``list_methods(verbose=True)``
+    label: ClassVar[str] = ""  # display name in tables and reports ("Af-DCD"); "" = the name
+    # the Stage 2 settings (of "points", "norm") its loss depends on: reports match runs on these only
+    uses: ClassVar[frozenset[str]] = frozenset()
     params_type: ClassVar[type | None] = None  # config dataclass of the method's hyper-parameters
 
     def __init__(self, ctx: MethodContext):
@@ -141,6 +144,12 @@ def register(cls: type[DistillMethod]) -> type[DistillMethod]:
 def list_methods() -> list[str]:
     """Registered method names, in registration order."""
     return list(_REGISTRY)
+
+
+def method_label(name: str) -> str:
+    """Display name of method ``name`` (``label``, else the name itself for an unknown one)."""
+    cls = _REGISTRY.get(name)
+    return (cls.label or cls.name) if cls is not None else name
 
 
 def get_method(name: str) -> type[DistillMethod]:

@@ -137,6 +137,8 @@ class PixelRegionMemory(nn.Module):
 @register
 class CIRKD(DistillMethod):
     name = "cirkd"
+    label = "CIRKD"
+    uses = frozenset({"points"})
     paper = "Yang et al., Cross-Image Relational Knowledge Distillation for Semantic Segmentation (CVPR 2022)"
     params_type = CIRKDConfig
 

@@ -59,6 +59,7 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, bet
 @register
 class DIST(DistillMethod):
     name = "dist"
+    label = "DIST"
     paper = "Huang et al., Knowledge Distillation from A Stronger Teacher (NeurIPS 2022)"
     params_type = DISTConfig
 

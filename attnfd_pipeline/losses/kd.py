@@ -36,6 +36,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 @register
 class KD(DistillMethod):
     name = "kd"
+    label = "KD"
     paper = "Hinton et al., Distilling the Knowledge in a Neural Network (2015)"
     params_type = KDConfig
 

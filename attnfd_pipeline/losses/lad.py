@@ -23,6 +23,8 @@ from attnfd_pipeline.targets import raw_name
 @register
 class LAD(DistillMethod):
     name = "lad"
+    label = "LAD"
+    uses = frozenset({"points", "norm"})
     paper = "T. Liu et al., Rethinking Knowledge Distillation with Raw Features for Semantic Segmentation (WACV 2024)"
     params_type = LADConfig
 
