@@ -382,6 +382,9 @@ class CIRKDConfig:
     pixel_contrast_size: int = 4096  # queue entries drawn per step, over all classes
     region_contrast_size: int = 1024
     pixel_update_freq: int = 16  # pixels of a class pushed per image and step
+    # which pixels are pushed: "released" = random positions among the image's first n (the release's indexing),
+    # "class" = random pixels of the class
+    pixel_sampling: Literal["released", "class"] = "released"
     contrast_kd_temperature: float = 1.0  # of the memory terms' distillation
 
     def __post_init__(self):

@@ -232,8 +232,14 @@ def test_cirkd_memory_bank_fills_from_the_batches_teacher_embeddings():
     np.testing.assert_allclose(memory.regions[2, 0].numpy(), _unit(tn[1, :, :, :2].reshape(4, -1).mean(1), 0),
                                rtol=1e-6)
     assert memory.regions_ptr.tolist() == [0, 1, 1] and memory.pixels_ptr.tolist() == [0, 8, 8]
-    class1 = {tuple(np.round(v, 6)) for v in tn[0, :, :2].reshape(4, -1).T}
-    assert {tuple(np.round(v, 6)) for v in memory.pixels[1, :8].numpy()} == class1
+    rows = lambda q: {tuple(np.round(v, 6)) for v in q}  # noqa: E731
+    assert rows(memory.pixels[1, :8].numpy()) == rows(tn[0, :, :2].reshape(4, -1).T)  # its first 8 positions
+    # class 2 fills the left half of image 1: the release pushes the image's first 8 positions (the top two
+    # rows), the "class" sampling the class's own pixels
+    assert rows(memory.pixels[2, :8].numpy()) == rows(tn[1].reshape(4, -1).T[:8])
+    by_class = _cirkd(pixel_memory_size=50, region_memory_size=4, pixel_sampling="class").memory["E"]
+    by_class.enqueue(F.normalize(t, dim=1), F.interpolate(labels[:, None].float(), size=(4, 4))[:, 0].long())
+    assert rows(by_class.pixels[2, :8].numpy()) == rows(tn[1, :, :, :2].reshape(4, -1).T)
 
 
 def test_cirkd_total_with_memory_equals_the_release_terms():

@@ -23,6 +23,11 @@ At each point (``student.cirkd.points``; the release taps the feature after the 
        L_mem = T_c² · KL( softmax(t · Q / τ / T_c) ‖ softmax(s · Q / τ / T_c) ), averaged over the pixels;
    L = L_mb + pixel_memory_weight · L_pixel + region_memory_weight · L_region, summed over points.
 
+The release pushes into class c's pixel queue the pixels at k random positions among the image's first n
+positions (raster order; n = the class's pixel count): its draw indexes the whole map rather than the
+class's pixels. The queues' class split is not used by the loss, so this biases the bank towards the top
+rows rather than mislabelling it; ``pixel_sampling = "class"`` draws among the class's pixels instead.
+
 The release's weights: the VOC script's 0.01 / 0.01 (the defaults here; its argparse default, used for
 Cityscapes, CamVid, ADE20K and COCO-Stuff, is 0.1 / 0.1) and logit KD at weight 1 — a method of its own
 here: ``student.method = "cirkd+kd"``. The queues start as random unit vectors (as released), are not
@@ -101,7 +106,9 @@ class PixelRegionMemory(nn.Module):
                 self.regions[c, ptr] = F.normalize(feat[:, idx].mean(1), dim=0)
                 self.regions_ptr[c] = (ptr + 1) % self.p.region_memory_size
                 k = min(idx.numel(), self.p.pixel_update_freq)
-                rows = F.normalize(feat[:, idx[torch.randperm(idx.numel(), device=idx.device)[:k]]].T, dim=1)
+                pick = torch.randperm(idx.numel(), device=idx.device)[:k]
+                # released: the draw indexes the image's positions, not the class's (see pixel_sampling)
+                rows = F.normalize(feat[:, pick if self.p.pixel_sampling == "released" else idx[pick]].T, dim=1)
                 ptr, size = int(self.pixels_ptr[c]), self.p.pixel_memory_size
                 if ptr + k >= size:
                     self.pixels[c, size - k:] = rows
