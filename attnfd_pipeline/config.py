@@ -251,6 +251,11 @@ class EvalConfig:
 # plain student, whatever the sections say.
 
 
+# field metadata of a method-section key added after runs were named: at its default it is left out of the
+# method's recipe (``StudentConfig.method_recipe``), so the names and matching of earlier runs stay as they were
+WHEN_SET = {"recipe": "when_set"}
+
+
 @dataclass(frozen=True)
 class AttnFDConfig:
     """AttnFD (docs/method.md "Loss"); its normalisation is ``student.norm``."""
@@ -293,16 +298,19 @@ class AICSDConfig:
 
     weight: float = 1.0
     alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    variant: Literal["paper", "released"] = "paper"
+    # the keys below name a run only when set away from their defaults (``WHEN_SET``): runs of the paper variant
+    # keep the names they had before the released variant existed
+    variant: Literal["paper", "released"] = field(default="paper", metadata=WHEN_SET)
     temperature: float = 1.0  # of both the spatial (per-class) and the pixel-wise softmax (released: 1)
     # -- variant = "released": the authors' code (its README command without the undefined --ALW)
-    pa_weight: float = 9500.0  # pairwise spatial similarity of the ASPP feature (0 = off)
-    pi_weight: float = 10.0  # pixel KL, mean over B·C·H·W, no T²
-    lo_weight: float = 0.0  # logit inter-class similarity (the release's lo_loss; off unless given)
-    pa_point: str = "E"  # the student tap / raw teacher target of the pairwise term (the ASPP output)
-    pa_scale: float = 0.5  # max-pool window as a fraction of the map's sides
-    released_alw: bool = False  # the commented-out weighting: α·(CE + lo) + (1 − α)·pi, α = epoch / alw_epochs
-    alw_epochs: int = 120  # its denominator (the release's literal); 0 = train.epochs
+    pa_weight: float = field(default=9500.0, metadata=WHEN_SET)  # pairwise spatial similarity, ASPP feature (0 = off)
+    pi_weight: float = field(default=10.0, metadata=WHEN_SET)  # pixel KL, mean over B·C·H·W, no T²
+    lo_weight: float = field(default=0.0, metadata=WHEN_SET)  # logit inter-class similarity (the release's lo_loss)
+    pa_point: str = field(default="E", metadata=WHEN_SET)  # tap / raw teacher target of the pairwise term (ASPP)
+    pa_scale: float = field(default=0.5, metadata=WHEN_SET)  # max-pool window as a fraction of the map's sides
+    # the commented-out weighting: α·(CE + lo) + (1 − α)·pi, α = epoch / alw_epochs
+    released_alw: bool = field(default=False, metadata=WHEN_SET)
+    alw_epochs: int = field(default=120, metadata=WHEN_SET)  # its denominator (the release's literal); 0 = train.epochs
     # -- variant = "paper"
     ics_weight: float = 1.0  # λ of the inter-class-similarity MSE
     kd_weight: float = 1.0  # λ of the pixel-wise KL
@@ -524,6 +532,9 @@ class StudentConfig:
         if params is None:
             return {}
         out = {k: v for k, v in dataclasses.asdict(params).items() if k != "alpha"}
+        for f in dataclasses.fields(params):
+            if f.metadata.get("recipe") == "when_set" and getattr(params, f.name) == f.default:
+                del out[f.name]
         out["weight"] = self.method_weight(name)
         return out
 

@@ -393,3 +393,14 @@ def test_every_registered_method_has_its_config_section_label_and_citation():
         assert report.USES[name] == set(cls.uses)
     assert report.DISPLAY["afdcd"] == "Af-DCD" and accuracy.LABELS["dist"] == "S + DIST"
     assert report.METHOD_ORDER[-1] == "attnfd" and "dist" in report.METHOD_ORDER
+
+
+def test_aicsd_paper_runs_keep_their_names_and_the_released_variant_gets_its_own():
+    from attnfd_pipeline.runs import run_name
+
+    def name(*sets):
+        return run_name(load_config("configs/demo.toml", ['student.method="aicsd"', *sets]))
+
+    assert name() == "deeplabv3plus_resnet18_aicsd_a30_batch_D_cached_K4_p6031d366_s0"  # bench/accuracy.json's run
+    assert name('student.aicsd.variant="released"') not in (name(), name('student.aicsd.variant="paper"'))
+    assert name("student.aicsd.pa_weight=9500") == name()  # a key at its default names nothing
