@@ -256,6 +256,11 @@ class EvalConfig:
 # plain student, whatever the sections say.
 
 
+# field metadata of a method-section key added after runs were named: at its default it is left out of the
+# method's recipe (``StudentConfig.method_recipe``), so the names and matching of earlier runs stay as they were
+WHEN_SET = {"recipe": "when_set"}
+
+
 @dataclass(frozen=True)
 class AttnFDConfig:
     """AttnFD (docs/method.md "Loss"); its normalisation is ``student.norm``."""
@@ -293,11 +298,25 @@ class KDConfig:
 
 @dataclass(frozen=True)
 class AICSDConfig:
-    """AICSD: inter-class similarity + pixel KL on logits, adaptive CE/distillation weighting."""
+    """AICSD: the paper's reading (inter-class similarity + pixel KL on logits, adaptive CE/distillation
+    weighting) or the released code's terms (``variant``; attnfd_pipeline/losses/aicsd.py)."""
 
     weight: float = 1.0
     alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    temperature: float = 1.0  # of both the spatial (per-class) and the pixel-wise softmax
+    # the keys below name a run only when set away from their defaults (``WHEN_SET``): runs of the paper variant
+    # keep the names they had before the released variant existed
+    variant: Literal["paper", "released"] = field(default="paper", metadata=WHEN_SET)
+    temperature: float = 1.0  # of both the spatial (per-class) and the pixel-wise softmax (released: 1)
+    # -- variant = "released": the authors' code (its README command without the undefined --ALW)
+    pa_weight: float = field(default=9500.0, metadata=WHEN_SET)  # pairwise spatial similarity, ASPP feature (0 = off)
+    pi_weight: float = field(default=10.0, metadata=WHEN_SET)  # pixel KL, mean over B·C·H·W, no T²
+    lo_weight: float = field(default=0.0, metadata=WHEN_SET)  # logit inter-class similarity (the release's lo_loss)
+    pa_point: str = field(default="E", metadata=WHEN_SET)  # tap / raw teacher target of the pairwise term (ASPP)
+    pa_scale: float = field(default=0.5, metadata=WHEN_SET)  # max-pool window as a fraction of the map's sides
+    # the commented-out weighting: α·(CE + lo) + (1 − α)·pi, α = epoch / alw_epochs
+    released_alw: bool = field(default=False, metadata=WHEN_SET)
+    alw_epochs: int = field(default=120, metadata=WHEN_SET)  # its denominator (the release's literal); 0 = train.epochs
+    # -- variant = "paper"
     ics_weight: float = 1.0  # λ of the inter-class-similarity MSE
     kd_weight: float = 1.0  # λ of the pixel-wise KL
     adaptive: bool = True  # adaptive loss weighting: a·CE + (1 − a)·distillation, a growing over epochs
@@ -310,25 +329,47 @@ class AICSDConfig:
         _check(self.temperature > 0, "student.aicsd.temperature", "must be > 0")
         _check(0 <= self.alw_start <= self.alw_end <= 1, "student.aicsd.alw_start",
                "need 0 <= alw_start <= alw_end <= 1")
+        _check(min(self.pa_weight, self.pi_weight, self.lo_weight) >= 0, "student.aicsd.pa_weight",
+               "pa_weight, pi_weight and lo_weight must be >= 0")
+        _check(self.pa_point in POINTS, "student.aicsd.pa_point", f"unknown point {self.pa_point!r}; known: "
+               f"{', '.join(POINTS)}")
+        _check(0 < self.pa_scale <= 1, "student.aicsd.pa_scale", "must be in (0, 1]")
+        _check(self.alw_epochs >= 0, "student.aicsd.alw_epochs", "must be >= 0 (0 = train.epochs)")
+
+
+AFDCD_DATASETS = ("voc", "cityscapes", "camvid", "ade20k", "coco")  # the release's training scripts
 
 
 @dataclass(frozen=True)
 class AfDCDConfig:
-    """Af-DCD: masked feature mimicking + omni-contrastive loss on raw features."""
+    """Af-DCD: masked feature mimicking + omni-contrastive loss on raw features; ``recipe = "released"`` is
+    the authors' training code, ``"mean"`` the project's mean form (attnfd_pipeline/losses/afdcd.py)."""
 
     weight: float = 1.0
     alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    fd_weight: float = 1.0  # masked feature mimicking (MSE, mean over elements)
-    ctr_weight: float = 0.01  # contrastive term (mean over anchors); ≈ the reference's 0.005 : 1e-6 ratio
+    recipe: Literal["released", "mean"] = "released"
+    dataset: Literal["voc", "cityscapes", "camvid", "ade20k", "coco"] = "voc"  # whose released weights
+    points: tuple[str, ...] = ()  # () = the recipe's: released B (after its ReLU), mean student.points
+    fd_weight: float | None = None  # masked feature mimicking; unset = the recipe's (released: per dataset)
+    ctr_weight: float | None = None  # contrastive term; unset = the recipe's (released: per dataset)
+    kd_weight: float | None = None  # logit KD; unset = the recipe's (released: 1, ADE20K / COCO 0.5; mean: 0)
+    kd_temperature: float = 1.0
+    grad_clip: float | None = None  # max gradient norm of the method's modules; unset = released 15, mean none
     mask_ratio: float = 0.75  # fraction of student pixels zeroed before the projector
+    mask: Literal["random", "centre"] = "random"  # or the release's centre-third mask
+    projector: Literal["plain", "enhanced"] = "plain"  # or the release's enhanced projector
     tau: float = 0.07  # contrastive temperature
     groups: int = 16  # channel partitions M
     patch: int = 4  # spatial partition: patch side (positions contrasted together)
     pool: int = 4  # max-pool factor before contrasting (reduced when the map is too small)
 
     def __post_init__(self):
-        _check(self.weight >= 0 and self.fd_weight >= 0 and self.ctr_weight >= 0, "student.afdcd.weight",
-               "weights must be >= 0")
+        weights = [self.weight, *(w for w in (self.fd_weight, self.ctr_weight, self.kd_weight) if w is not None)]
+        _check(min(weights) >= 0, "student.afdcd.weight", "weights must be >= 0")
+        _check(self.grad_clip is None or self.grad_clip >= 0, "student.afdcd.grad_clip", "must be >= 0 (0 = none)")
+        _check(self.kd_temperature > 0, "student.afdcd.kd_temperature", "must be > 0")
+        for p in self.points:
+            _check(p in POINTS, "student.afdcd.points", f"unknown point {p!r}; known: {', '.join(POINTS)}")
         _check(0 <= self.mask_ratio < 1, "student.afdcd.mask_ratio", "must be in [0, 1)")
         _check(self.tau > 0, "student.afdcd.tau", "must be > 0")
         _check(self.groups >= 1 and self.patch >= 1 and self.pool >= 1, "student.afdcd.groups",
@@ -337,17 +378,57 @@ class AfDCDConfig:
 
 @dataclass(frozen=True)
 class CIRKDConfig:
-    """CIRKD (mini-batch pixel-to-pixel part): cross-image pixel relations on raw features."""
+    """CIRKD: the mini-batch pixel-to-pixel relations and the memory-bank pixel-to-pixel and pixel-to-region
+    contrast on raw features, with the released code's defaults (attnfd_pipeline/losses/cirkd.py)."""
 
     weight: float = 1.0
     alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    tau: float = 0.1  # temperature of the similarity softmax
-    pool: int = 2  # max-pool factor before relating pixels (memory grows as (N·H·W)²)
+    points: tuple[str, ...] = ("E",)  # taps it distils (the release: after the ASPP head); () = student.points
+    tau: float = 0.1  # temperature of the similarity softmax (the release's contrast temperature)
+    pool: int = 1  # pooling factor before relating pixels (1 = none, as released; its option: 2)
+    pool_mode: Literal["avg", "max"] = "avg"  # the release's option average-pools
+    connector: bool = False  # a 1×1 conv + BN on the student first (the release relates each network's own map)
+    pixel_memory_weight: float = 0.01  # memory pixel-to-pixel contrast (the release's VOC script; 0 = off)
+    region_memory_weight: float = 0.01  # memory pixel-to-region contrast (the release's VOC script; 0 = off)
+    pixel_memory_size: int = 20000  # queue entries per class
+    region_memory_size: int = 2000
+    pixel_contrast_size: int = 4096  # queue entries drawn per step, over all classes
+    region_contrast_size: int = 1024
+    pixel_update_freq: int = 16  # pixels of a class pushed per image and step
+    # which pixels are pushed: "released" = random positions among the image's first n (the release's indexing),
+    # "class" = random pixels of the class
+    pixel_sampling: Literal["released", "class"] = "released"
+    contrast_kd_temperature: float = 1.0  # of the memory terms' distillation
 
     def __post_init__(self):
-        _check(self.weight >= 0, "student.cirkd.weight", "must be >= 0")
-        _check(self.tau > 0, "student.cirkd.tau", "must be > 0")
+        _check(min(self.weight, self.pixel_memory_weight, self.region_memory_weight) >= 0, "student.cirkd.weight",
+               "weight, pixel_memory_weight and region_memory_weight must be >= 0")
+        _check(self.tau > 0 and self.contrast_kd_temperature > 0, "student.cirkd.tau",
+               "tau and contrast_kd_temperature must be > 0")
         _check(self.pool >= 1, "student.cirkd.pool", "must be >= 1")
+        for p in self.points:
+            _check(p in POINTS, "student.cirkd.points", f"unknown point {p!r}; known: {', '.join(POINTS)}")
+        _check(min(self.pixel_memory_size, self.region_memory_size, self.pixel_contrast_size,
+                   self.region_contrast_size, self.pixel_update_freq) >= 1, "student.cirkd.pixel_memory_size",
+               "memory and contrast sizes must be >= 1")
+        _check(self.pixel_update_freq <= self.pixel_memory_size, "student.cirkd.pixel_update_freq",
+               "must be <= pixel_memory_size")
+
+
+@dataclass(frozen=True)
+class DISTConfig:
+    """DIST ("DistKD"): inter- and intra-class Pearson relations of per-pixel class distributions (logits)."""
+
+    weight: float = 1.0
+    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
+    beta: float = 1.0  # weight of the inter-class relation (per pixel, across classes)
+    gamma: float = 1.0  # weight of the intra-class relation (per class, across the batch's pixels)
+    temperature: float = 1.0  # softmax temperature T (the released segmentation recipe: 1); the loss is × T²
+
+    def __post_init__(self):
+        _check(self.weight >= 0 and self.beta >= 0 and self.gamma >= 0, "student.dist.weight",
+               "weight, beta and gamma must be >= 0")
+        _check(self.temperature > 0, "student.dist.temperature", "must be > 0")
 
 
 class TargetSource(enum.StrEnum):
@@ -433,6 +514,7 @@ class StudentConfig:
     aicsd: AICSDConfig = field(default_factory=AICSDConfig)
     afdcd: AfDCDConfig = field(default_factory=AfDCDConfig)
     cirkd: CIRKDConfig = field(default_factory=CIRKDConfig)
+    dist: DISTConfig = field(default_factory=DISTConfig)
 
     def __post_init__(self):
         _check(self.alpha >= 0, "student.alpha", "must be >= 0")
@@ -473,6 +555,9 @@ class StudentConfig:
         if params is None:
             return {}
         out = {k: v for k, v in dataclasses.asdict(params).items() if k != "alpha"}
+        for f in dataclasses.fields(params):
+            if f.metadata.get("recipe") == "when_set" and getattr(params, f.name) == f.default:
+                del out[f.name]
         out["weight"] = self.method_weight(name)
         return out
 
@@ -483,7 +568,7 @@ class StudentConfig:
 
 
 # config sections of the registered methods (a new method adds its section here)
-METHOD_SECTIONS = ("attnfd", "lad", "kd", "aicsd", "afdcd", "cirkd")
+METHOD_SECTIONS = ("attnfd", "lad", "kd", "aicsd", "afdcd", "cirkd", "dist")
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,17 @@ class StudentTask:
         loss = seg if cw == 1.0 else cw * seg
         return loss + self.alpha * dl, {"ce": float(ce.detach()), "distill": float(dl.detach()), **logs}
 
+    @property
+    def clips_gradients(self) -> bool:
+        """Whether a method clips its modules' gradients (``DistillMethod.grad_clip``, e.g. Af-DCD's 15)."""
+        return self.alpha > 0 and any(m.grad_clip() > 0 for m in self.distiller.methods.values())
+
+    def clip_gradients(self) -> None:
+        """Clip each method's module gradients at its own norm, after backward and before the step."""
+        for m in self.distiller.methods.values():
+            if m.grad_clip() > 0:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm=m.grad_clip(), norm_type=2)
+
     def predict(self, images):
         return self.distiller(images)["out"]
 
@@ -235,7 +246,7 @@ def method_settings(s: StudentConfig) -> dict[str, dict]:
 
 def method_targets(s: StudentConfig) -> list[str]:
     """Teacher targets the configured methods read at ``student.points``."""
-    return required_targets(s.method, s.points)
+    return required_targets(s.method, s.points, s.method_params)
 
 
 def build_distiller(student: torch.nn.Module, s: StudentConfig, target_shapes: dict[str, tuple[int, int, int]],

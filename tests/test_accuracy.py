@@ -31,13 +31,13 @@ def test_plan_has_every_method_with_its_seeds():
     seeds = {p.label: p.seeds for p in plan}
     assert set(seeds) == set(acc.METHODS) - {"teacher", *acc.COMPACT_METHODS.values()}  # compact rows: asked for
     assert seeds["student"] == seeds["attnfd"] == seeds["attnfd_online"] == (5, 6, 7)  # the rows the goals compare
-    assert all(seeds[m] == (5,) for m in ("kd", "lad", "aicsd", "afdcd"))
+    assert all(seeds[m] == (5,) for m in ("kd", "lad", "aicsd", "afdcd", "dist"))
     assert {p.label: len(p.seeds) for p in acc.plan_runs(cfg, seeds=2, extra_seeds=2)}["kd"] == 2
     bench = acc.bench_config(cfg, plan)
     assert bench.cache.extra == ("logits", "raw") and bench.cache.K == cfg.cache.K == 4
     runs = acc.schedule(bench, plan)
-    assert len(runs) == 3 * 3 + 4 and len({run_name(c) for _, c in runs}) == len(runs)
-    assert [m for m, _ in runs[:7]] == ["student", "kd", "lad", "aicsd", "afdcd", "attnfd", "attnfd_online"]
+    assert len(runs) == 3 * 3 + 5 and len({run_name(c) for _, c in runs}) == len(runs)
+    assert [m for m, _ in runs[:8]] == ["student", "kd", "lad", "aicsd", "afdcd", "dist", "attnfd", "attnfd_online"]
     by = {(m, c.student.train.seed): c.student for m, c in runs}
     assert by[("student", 7)].alpha == 0
     for m in ("kd", "lad", "aicsd", "afdcd", "attnfd"):
@@ -54,7 +54,7 @@ def test_plan_has_every_method_with_its_seeds():
 @pytest.mark.slow
 def test_tiny_bench_writes_results_and_resumes(tiny_pipeline, tmp_path, monkeypatch):
     base, _ = tiny_pipeline
-    # 32 px crops (the bundle does not depend on the crop): 7 one-epoch runs on 10 images stay fast
+    # 32 px crops (the bundle does not depend on the crop): 8 one-epoch runs on 10 images stay fast
     cfg, cfg_file = _with(base, tmp_path, f'runs_root="{tmp_path / "runs"}"', f'cache.root="{tmp_path / "cache"}"',
                           "augment.crop_size=[32, 32]", "augment.base_size=32")
     shutil.copytree(base.teacher_dir, cfg.teacher_dir)  # the teacher is reused, not retrained

@@ -153,7 +153,8 @@ def test_afdcd_omni_contrastive_loss_matches_the_loop_formula():
 def test_afdcd_method_masks_projects_and_contrasts():
     from attnfd_pipeline.config import AfDCDConfig
 
-    params = AfDCDConfig(mask_ratio=0.5, fd_weight=2.0, ctr_weight=0.1, groups=2, patch=2, pool=1, tau=1.0)
+    params = AfDCDConfig(recipe="mean", mask_ratio=0.5, fd_weight=2.0, ctr_weight=0.1, groups=2, patch=2, pool=1,
+                         tau=1.0)
     ctx = MethodContext(("E",), {"E": 3}, {"raw_E": (4, 4, 4)}, params=params)
     torch.manual_seed(0)
     m = get_method("afdcd")(ctx).double()
@@ -184,7 +185,7 @@ def test_cirkd_cross_image_pixel_relations_match_the_pairwise_loop():
             total += F.kl_div(ps, pt, reduction="batchmean").item()
     got = cross_image_relation_loss(s, t, tau=tau, pool=1)
     assert got.item() == pytest.approx(total / 9, rel=1e-9)
-    pooled = cross_image_relation_loss(s, t, tau=tau, pool=2)
+    pooled = cross_image_relation_loss(s, t, tau=tau, pool=2, pool_mode="max")
     ref = cross_image_relation_loss(F.max_pool2d(s, 2, ceil_mode=True), F.max_pool2d(t, 2, ceil_mode=True),
                                     tau=tau, pool=1)
     assert pooled.item() == pytest.approx(ref.item(), rel=1e-12)
@@ -195,13 +196,15 @@ def test_cirkd_cross_image_pixel_relations_match_the_pairwise_loop():
 
 
 def test_registry_lists_every_method_with_its_targets():
-    assert list_methods() == ["attnfd", "kd", "lad", "aicsd", "afdcd", "cirkd"]
+    assert list_methods() == ["attnfd", "kd", "lad", "aicsd", "afdcd", "cirkd", "dist"]
     pts = ("B", "D")
     assert get_method("attnfd").required_targets(pts) == ("B", "D")
     assert get_method("kd").required_targets(pts) == ("logits",)
     assert get_method("aicsd").required_targets(pts) == ("logits",)
-    for name in ("lad", "afdcd", "cirkd"):
-        assert get_method(name).required_targets(pts) == ("raw_B", "raw_D")
+    assert get_method("dist").required_targets(pts) == ("logits",)
+    assert get_method("lad").required_targets(pts) == ("raw_B", "raw_D")
+    assert get_method("afdcd").required_targets(pts) == ("raw_B", "logits")  # released: B after ReLU, with KD
+    assert get_method("cirkd").required_targets(pts) == ("raw_E",)  # its own points: after the ASPP head
     assert required_targets("attnfd+kd+lad+aicsd", pts) == ["B", "D", "logits", "raw_B", "raw_D"]
     assert parse_methods(" attnfd + kd ") == ("attnfd", "kd")
     for bad, msg in (("foo", "unknown distillation method 'foo'"), ("kd+kd", "repeats"), ("kd+", "expected names")):
@@ -276,7 +279,8 @@ def _tiny_student():
 @pytest.mark.slow
 def test_combination_sums_weighted_method_losses_and_trains_every_module():
     cfg = load_config(None, ['student.method="attnfd+kd+lad+aicsd+afdcd+cirkd"', "student.kd.weight=0.5",
-                             "student.aicsd.adaptive=false", "student.points=[\"E\", \"D\"]", "student.afdcd.groups=4"])
+                             "student.aicsd.adaptive=false", "student.points=[\"E\", \"D\"]", "student.afdcd.groups=4",
+                             'student.afdcd.recipe="mean"'])
     s = cfg.student
     student = _tiny_student()
     x = torch.randn(2, 3, 32, 32)
@@ -373,7 +377,7 @@ def test_every_method_combined_runs_end_to_end(extra_cache):
                   "student.afdcd.groups=4", "student.connector_warmup_epochs=1", "student.train.epochs=2")
     r = run_student(combo, progress=False)
     assert r["methods"] == ["attnfd", "kd", "lad", "aicsd", "afdcd", "cirkd"] and r["epochs"] == 2
-    assert r["targets"] == ["E", "D", "logits", "raw_E", "raw_D"]
+    assert r["targets"] == ["E", "D", "logits", "raw_E", "raw_D", "raw_B"]  # Af-DCD's released tap: B
     from attnfd_pipeline.engine.train import read_log
 
     log = read_log(student_dir(combo) / "metrics.parquet")

@@ -163,4 +163,4 @@ def test_every_shipped_config_plans_paired_studies_and_bench(config):
     assert len(runs) == count_runs(plan) and len({(c.name, run_name(c)) for _, c in runs}) == len(runs)
     assert {c.cache.extra for _, c in runs if c.name == cfg.name and c.cache.K == cfg.cache.K} == {("logits", "raw")}
     bench = acc.bench_config(cfg, acc.plan_runs(cfg))
-    assert bench.cache.extra == ("logits", "raw") and len(acc.schedule(bench, acc.plan_runs(cfg))) == 13
+    assert bench.cache.extra == ("logits", "raw") and len(acc.schedule(bench, acc.plan_runs(cfg))) == 3 * 3 + 5

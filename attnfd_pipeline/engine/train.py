@@ -81,6 +81,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def clip_task_gradients(task: Task, optimizer, scaler) -> None:
+    """Let a task that clips gradients (``clips_gradients`` / ``clip_gradients()``: a distillation method's
+    own modules, e.g. Af-DCD's) do it on the unscaled gradients, before the optimiser step."""
+    if not getattr(task, "clips_gradients", False):
+        return
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    task.clip_gradients()
+
+
 def train_one_epoch(task: Task, loader, optimizer, scheduler, scaler, device, epoch: int, *, amp: bool,
                     desc: str = "train", progress: bool = True, step: Callable | None = None,
                     bar: Progress | None = None, step_log: StepLog | None = None,
@@ -112,10 +122,12 @@ def train_one_epoch(task: Task, loader, optimizer, scheduler, scaler, device, ep
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            clip_task_gradients(task, optimizer, scaler)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            clip_task_gradients(task, optimizer, None)
             optimizer.step()
         scheduler.step()
         logs = {"loss": float(loss.detach()), **logs}

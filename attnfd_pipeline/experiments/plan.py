@@ -83,7 +83,7 @@ def cache_extra(configs: Sequence[Config]) -> dict[tuple, tuple[str, ...]]:
         key = cache_key(c)
         asked[key].update(c.cache.extra)
         if reads_cache(c):
-            targets[key].update(required_targets(c.student.method, c.student.points))
+            targets[key].update(required_targets(c.student.method, c.student.points, c.student.method_params))
     return {key: extra_for(targets[key], sorted(asked[key])) for key in asked}
 
 

@@ -39,14 +39,15 @@ import numpy as np
 
 from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, paired, seed_values
+from attnfd_pipeline.losses import get_method, list_methods, method_label
 from attnfd_pipeline.records import CENTER_CROP, read_record
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
-DISPLAY = {"attnfd": "AttnFD", "kd": "KD", "lad": "LAD", "aicsd": "AICSD", "afdcd": "Af-DCD", "cirkd": "CIRKD"}
-METHOD_ORDER = ["kd", "lad", "aicsd", "afdcd", "cirkd", "attnfd"]  # paper table order: rivals, then AttnFD
-# which run settings a method's result depends on (the others are ignored when matching the reference)
-USES = {"attnfd": {"points", "norm"}, "lad": {"points", "norm"}, "afdcd": {"points"}, "cirkd": {"points"},
-        "kd": set(), "aicsd": set()}
+# display names and the run settings a method's result depends on (the others are ignored when matching the
+# reference), as each method declares them (``DistillMethod.label`` / ``uses``)
+DISPLAY = {n: method_label(n) for n in list_methods()}
+METHOD_ORDER = [*(n for n in list_methods() if n != "attnfd"), "attnfd"]  # paper table order: rivals, then AttnFD
+USES = {n: set(get_method(n).uses) for n in list_methods()}
 CBAM_MODES = ("inpath", "fitted", "parameter_free", "untrained")
 NORM_ORDER = ("batch", "sample", "channel")
 NO_RUNS = "no runs"

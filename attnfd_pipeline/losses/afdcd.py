@@ -1,43 +1,78 @@
-"""Af-DCD: augmentation-free dense contrastive distillation.
+"""Af-DCD: augmentation-free dense contrastive distillation, as its authors' training code runs it.
 
 J. Fan, C. Li, X. Liu, M. Song, A. Yao, "Augmentation-free Dense Contrastive Knowledge Distillation for
 Efficient Semantic Segmentation", NeurIPS 2023 (seeds/afdcd-readme.txt).
 
-At each point, on the raw teacher feature F_T (cached ``raw_<point>``) and the student's F_S:
+At each point, on the teacher feature F_T (cached ``raw_<point>``) and the student's F_S:
 
-1. *masked feature mimicking*: the student feature is aligned to the teacher's channels (1×1 conv),
-   a random ``mask_ratio`` of its pixels is zeroed, and a projector (3×3 conv, ReLU, 3×3 conv)
-   reconstructs the teacher feature: F̂ = proj(mask ⊙ align(F_S)); L_fd = mean (F̂ − F_T)².
-2. *omni-contrasting* over channel and spatial partitions: both maps are max-pooled, cut into
-   patches of ``patch × patch`` positions, and each position's channel vector into ``groups`` (M) equal
-   channel groups. Within one patch every (position, group) vector of F̂ is an anchor; its positive is
-   the teacher vector at the same (position, group); its negatives are the teacher vectors of every
-   *other* channel group (at any position of the patch). With similarity −‖a − b‖₁ and temperature τ:
+1. *masked feature mimicking*: the student feature is aligned to the teacher's channels (1×1 conv, only
+   when the channels differ), a random ``mask_ratio`` of its pixels is zeroed (or the centre third of the
+   map: ``mask = "centre"``), and a projector (3×3 conv, ReLU, 3×3 conv; or the release's "enhanced" one:
+   two conv-ReLU blocks, each read out by its own 3×3 conv, averaged) reconstructs the teacher feature
+   F̂ = proj(mask ⊙ align(F_S)); L_fd = Σ (F̂ − F_T)² / batch.
+2. *omni-contrasting* over channel and spatial partitions: both maps are max-pooled by ``pool`` (CamVid:
+   cropped to their top-left 44 × 44 instead), cut into patches of ``patch × patch`` positions, and each
+   position's channel vector into ``groups`` (M) equal channel groups. Within one patch every (position,
+   group) vector of F̂ is an anchor; its positive is the teacher vector at the same (position, group); its
+   negatives are the teacher vectors of every *other* channel group (at any position of the patch). With
+   similarity −‖a − b‖₁ and temperature τ, the cross-entropy of the positive, summed over anchors,
+   ÷ (H · W of the pooled map) ÷ batch = the mean over anchors × M.
 
-       L_ctr = mean over anchors of −log( e^{s⁺/τ} / (e^{s⁺/τ} + Σ_neg e^{s⁻/τ}) )
+The release (``recipe = "released"``, the default) distils one point, the backbone's last stage after its
+ReLU (the project's tap ``B`` is before it: both maps pass a ReLU here), adds logit KD (``kd_loss``) and clips
+the gradient norm of the method's modules at 15, with its per-dataset weights (``student.afdcd.dataset``;
+``RELEASED_WEIGHTS``). Its Cityscapes script asks for the centre mask and the enhanced projector with flags
+the parser does not define (``--rand_mask`` / ``--enhance_projector`` against ``--rand-mask`` …); both are
+options here. ``recipe = "mean"`` is the project's earlier form: means instead of the sums (so weights 1 and
+0.01 keep the reference's balance in mean terms), ``student.points`` un-ReLU'd, no KD, no clipping.
 
-   L = fd_weight · L_fd + ctr_weight · L_ctr, summed over points.
-
-Simplified or changed with respect to the paper / its released code: the teacher features are the
-cached eval-mode ones (one augmentation per cached seed, the same for every method); the mask is drawn
-from the global torch RNG each step; means replace the reference's sums (sum / batch size), so the
-default weights (1, 0.01) keep the reference's fd : ctr balance in mean terms rather than its
-1e-6 : 5e-3 literals; for small maps the pooling factor shrinks until a patch fits and patches are
-cut to the map (the reference assumes ≥ 16×16 after pooling); channel groups fall back to
-gcd(C, groups) when C is not divisible; the "enhanced projector" variant is not offered.
+Kept from the project's form in both recipes: for maps too small for ``pool × patch`` the pooling shrinks
+until a patch fits and patches are cut to the map (the release needs ≥ 16 × 16 after pooling, divisible by
+the patch); channel groups fall back to gcd(C, groups); the teacher features are the cached eval-mode ones.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from attnfd_pipeline.config import AfDCDConfig
-from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, register
-from attnfd_pipeline.targets import raw_name
+from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, per_point, register
+from attnfd_pipeline.losses.kd import kd_loss
+from attnfd_pipeline.targets import LOGITS, raw_name
+
+# the release's training scripts (DeepLabV3-R101 → R18): mimicking, contrastive and KD weights, and the
+# contrast crop used instead of pooling (0 = pool)
+RELEASED_WEIGHTS = {"voc": (1e-6, 5e-3, 1.0, 0), "cityscapes": (2e-6, 5e-3, 1.0, 0), "camvid": (8e-6, 0.01, 1.0, 44),
+                    "ade20k": (1e-6, 0.04, 0.5, 0), "coco": (5e-6, 5e-3, 0.5, 0)}
+MEAN_WEIGHTS = (1.0, 0.01, 0.0, 0)
+RELEASED_POINTS = ("B",)
+RELEASED_CLIP = 15.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The settings a config section resolves to (its unset values taken from the recipe)."""
+
+    fd: float
+    ctr: float
+    kd: float
+    crop: int
+    clip: float
+    relu: bool
+    sums: bool
+
+
+def recipe_of(p: AfDCDConfig) -> Recipe:
+    released = p.recipe == "released"
+    fd, ctr, kd, crop = RELEASED_WEIGHTS[p.dataset] if released else MEAN_WEIGHTS
+    pick = lambda given, default: default if given is None else given  # noqa: E731 - three uses below
+    return Recipe(fd=pick(p.fd_weight, fd), ctr=pick(p.ctr_weight, ctr), kd=pick(p.kd_weight, kd), crop=crop,
+                  clip=pick(p.grad_clip, RELEASED_CLIP if released else 0.0), relu=released, sums=released)
 
 
 def _pool_and_patch(h: int, w: int, pool: int, patch: int) -> tuple[int, int, int]:
@@ -61,12 +96,17 @@ def to_contrast_rows(x: torch.Tensor, ph: int, pw: int, groups: int) -> torch.Te
 
 
 def omni_contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, *, groups: int = 16, patch: int = 4,
-                          pool: int = 4, tau: float = 0.07) -> torch.Tensor:
-    """Af-DCD's omni-contrastive loss between equal-shape (N, C, H, W) maps (mean over anchors)."""
+                          pool: int = 4, tau: float = 0.07, crop: int = 0, sums: bool = False) -> torch.Tensor:
+    """Af-DCD's omni-contrastive loss between equal-shape (N, C, H, W) maps: the mean over anchors, or
+    (``sums``) the release's sum over anchors ÷ (H · W of the pooled map) ÷ batch. ``crop`` > 0: the top-left
+    ``crop × crop`` of the maps instead of pooling."""
     if student.shape != teacher.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
     s, t = as_float(student), as_float(teacher)
-    _, c, h, w = s.shape
+    if crop > 0:
+        s, t = s[:, :, :crop, :crop], t[:, :, :crop, :crop]
+        pool = 1
+    n, c, h, w = s.shape
     k, ph, pw = _pool_and_patch(h, w, pool, patch)
     if k > 1:
         s, t = F.max_pool2d(s, k), F.max_pool2d(t, k)
@@ -78,49 +118,102 @@ def omni_contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, *, group
     eye = torch.eye(rs.shape[1], dtype=torch.bool, device=sim.device)
     # keep the positive (diagonal) and every other-group negative; drop same-group, other-position pairs
     logits = sim.masked_fill(same_group & ~eye, float("-inf"))
-    return (torch.logsumexp(logits, dim=2) - sim.diagonal(dim1=1, dim2=2)).mean()
+    per_anchor = torch.logsumexp(logits, dim=2) - sim.diagonal(dim1=1, dim2=2)
+    return per_anchor.sum() / (n * s.shape[2] * s.shape[3]) if sums else per_anchor.mean()
 
 
-def random_pixel_mask(like: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(N, 1, H, W) mask with each pixel zeroed with probability ``ratio``."""
+def random_pixel_mask(like: torch.Tensor, ratio: float, released: bool = False) -> torch.Tensor:
+    """(N, 1, H, W) mask with each pixel zeroed with probability ``ratio`` (``released``: the release's test
+    on the same uniform draw, zero where u > 1 − ratio)."""
     n, _, h, w = like.shape
-    return (torch.rand(n, 1, h, w, device=like.device) >= ratio).to(like.dtype)
+    u = torch.rand(n, 1, h, w, device=like.device)
+    keep = u <= 1 - ratio if released else u >= ratio
+    return keep.to(like.dtype)
+
+
+def centre_mask(like: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) ones with the centre third (rows and columns H//3 … 2H//3) zeroed."""
+    n, _, h, w = like.shape
+    mask = torch.ones(n, 1, h, w, device=like.device, dtype=like.dtype)
+    mask[:, :, h // 3:2 * h // 3, w // 3:2 * w // 3] = 0
+    return mask
+
+
+class EnhancedProjector(nn.Module):
+    """The release's enhanced projector: two 3×3 conv + ReLU blocks, each read out by a 3×3 conv, averaged."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.block_1 = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(inplace=True))
+        self.block_2 = nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(inplace=True))
+        self.readout_1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.readout_2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        x1 = self.block_1(x)
+        return (self.readout_1(x1) + self.readout_2(self.block_2(x1))) / 2.0
 
 
 class _Point(nn.Module):
-    def __init__(self, s_ch: int, t_ch: int):
+    def __init__(self, s_ch: int, t_ch: int, projector: str = "plain", always_align: bool = True):
         super().__init__()
-        self.align = nn.Conv2d(s_ch, t_ch, 1)
-        self.projector = nn.Sequential(nn.Conv2d(t_ch, t_ch, 3, padding=1), nn.ReLU(inplace=True),
-                                       nn.Conv2d(t_ch, t_ch, 3, padding=1))
+        self.align = nn.Conv2d(s_ch, t_ch, 1) if always_align or s_ch != t_ch else nn.Identity()
+        self.projector = EnhancedProjector(t_ch) if projector == "enhanced" else nn.Sequential(
+            nn.Conv2d(t_ch, t_ch, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(t_ch, t_ch, 3, padding=1))
 
 
 @register
 class AfDCD(DistillMethod):
     name = "afdcd"
+    label = "Af-DCD"
+    uses = frozenset({"points"})
     paper = ("Fan et al., Augmentation-free Dense Contrastive Knowledge Distillation for Efficient Semantic "
              "Segmentation (NeurIPS 2023)")
     params_type = AfDCDConfig
 
     @classmethod
-    def required_targets(cls, points):
-        return tuple(raw_name(p) for p in points)
+    def points_of(cls, points, p: AfDCDConfig) -> tuple[str, ...]:
+        return tuple(p.points or (RELEASED_POINTS if p.recipe == "released" else points))
+
+    @classmethod
+    def required_targets(cls, points, params=None):
+        p = params if params is not None else AfDCDConfig()
+        raw = tuple(raw_name(q) for q in cls.points_of(points, p))
+        return raw + ((LOGITS,) if recipe_of(p).kd > 0 else ())
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
-        self.heads = nn.ModuleDict({p: _Point(ctx.student_channels[p], int(ctx.target_shapes[raw_name(p)][0]))
-                                    for p in self.points})
+        p = self.params
+        self.recipe = recipe_of(p)
+        self.points = self.points_of(ctx.points, p)
+        build = lambda s, t: _Point(s, t, p.projector, always_align=p.recipe == "mean")  # noqa: E731
+        self.heads = per_point(ctx, self.points, build, raw_name)
+
+    def grad_clip(self) -> float:
+        """Max gradient norm of this method's modules (0 = none): the release clips them at 15."""
+        return self.recipe.clip
+
+    def _mask(self, s: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        return centre_mask(s) if p.mask == "centre" else random_pixel_mask(s, p.mask_ratio, p.recipe == "released")
 
     def forward(self, out, targets, epoch=0, batch=None):
-        p = self.params
+        p, r = self.params, self.recipe
         total, logs = 0.0, {}
         for point in self.points:
-            t = as_float(targets[raw_name(point)])
+            t, s = as_float(targets[raw_name(point)]), out[point]
+            if r.relu:
+                t, s = F.relu(t), F.relu(s)
             head = self.heads[point]
-            s = match_size(head.align(out[point]), t)
-            rec = head.projector(s * random_pixel_mask(s, p.mask_ratio))
-            l_fd = (as_float(rec) - t).pow(2).mean()
-            l_ctr = omni_contrastive_loss(rec, t, groups=p.groups, patch=p.patch, pool=p.pool, tau=p.tau)
-            total = total + p.fd_weight * l_fd + p.ctr_weight * l_ctr
+            s = match_size(head.align(s), t)
+            rec = as_float(head.projector(s * self._mask(s)))
+            l_fd = (rec - t).pow(2).sum() / t.shape[0] if r.sums else (rec - t).pow(2).mean()
+            l_ctr = omni_contrastive_loss(rec, t, groups=p.groups, patch=p.patch, pool=p.pool, tau=p.tau,
+                                          crop=r.crop, sums=r.sums)
+            total = total + r.fd * l_fd + r.ctr * l_ctr
             logs[f"fd_{point}"], logs[f"ctr_{point}"] = float(l_fd.detach()), float(l_ctr.detach())
+        if r.kd > 0:
+            l_kd = kd_loss(out[LOGITS], targets[LOGITS], p.kd_temperature)
+            total = total + r.kd * l_kd
+            logs["kd"] = float(l_kd.detach())
         return total, logs

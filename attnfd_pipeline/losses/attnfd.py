@@ -60,10 +60,12 @@ class AttnFD(DistillMethod):
     L = Σ_points L_Attn(connector(CBAM_S(F_S)), F''_T) against the teacher's refined maps F''_T."""
 
     name = "attnfd"
+    label = "AttnFD"
+    uses = frozenset({"points", "norm"})
     paper = "Mansourian et al., Attention-guided Feature Distillation for Semantic Segmentation (AttnFD)"
 
     @classmethod
-    def required_targets(cls, points):
+    def required_targets(cls, points, params=None):
         return tuple(points)
 
     def __init__(self, ctx: MethodContext):

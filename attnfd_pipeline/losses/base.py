@@ -2,7 +2,8 @@
 
 A method (a ``DistillMethod`` subclass, registered with ``@register``) declares
 
-- ``required_targets(points)``: the teacher targets it reads, named as in the cache — ``"B"``, ``"E"``,
+- ``required_targets(points, params)``: the teacher targets it reads at ``points`` under its config section
+  ``params`` (None = the section's defaults), named as in the cache — ``"B"``, ``"E"``,
   ``"D"`` (refined F''), ``"raw_B"`` … (raw teacher features), ``"logits"`` (teacher logits at the
   decoder's resolution). Stage 2 refuses a cache that lacks one of them;
 - its trainable modules (connectors, projectors …), built in ``__init__`` from a ``MethodContext``
@@ -51,6 +52,9 @@ class DistillMethod(nn.Module):
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""  # short citation, shown by ``list_methods(verbose=True)``
+    label: ClassVar[str] = ""  # display name in tables and reports ("Af-DCD"); "" = the name
+    # the Stage 2 settings (of "points", "norm") its loss depends on: reports match runs on these only
+    uses: ClassVar[frozenset[str]] = frozenset()
     params_type: ClassVar[type | None] = None  # config dataclass of the method's hyper-parameters
 
     def __init__(self, ctx: MethodContext):
@@ -59,11 +63,11 @@ class DistillMethod(nn.Module):
         self.params = ctx.params if ctx.params is not None else (self.params_type() if self.params_type else None)
 
     @classmethod
-    def required_targets(cls, points: Sequence[str]) -> tuple[str, ...]:
+    def required_targets(cls, points: Sequence[str], params: Any = None) -> tuple[str, ...]:
         raise NotImplementedError
 
     def targets(self) -> tuple[str, ...]:
-        return type(self).required_targets(self.points)
+        return type(self).required_targets(self.points, self.params)
 
     def forward(self, out: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], epoch: int = 0,
                 batch: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -77,6 +81,10 @@ class DistillMethod(nn.Module):
     def ce_weight(self, epoch: int) -> float:
         """Factor on the segmentation CE in ``epoch`` (1 unless the method re-weights it, e.g. AICSD)."""
         return 1.0
+
+    def grad_clip(self) -> float:
+        """Max gradient norm of the method's own modules, clipped before each optimiser step (0 = none)."""
+        return 0.0
 
     def has_parameters(self) -> bool:
         return any(True for _ in self.parameters())
@@ -109,6 +117,13 @@ def target_channels(ctx: MethodContext, name: str) -> int:
     return int(ctx.target_shapes[name][0])
 
 
+def per_point(ctx: MethodContext, points: Sequence[str], build: Callable[[int, int], nn.Module],
+              target: Callable[[str], str]) -> nn.ModuleDict:
+    """One module per distillation point, ``build(student channels, teacher channels)``, the teacher's
+    channels read from the shape of target ``target(point)`` (``raw_name`` for raw features)."""
+    return nn.ModuleDict({p: build(ctx.student_channels[p], target_channels(ctx, target(p))) for p in points})
+
+
 # ---------------------------------------------------------------------------------------------
 # registry
 
@@ -129,6 +144,12 @@ def register(cls: type[DistillMethod]) -> type[DistillMethod]:
 def list_methods() -> list[str]:
     """Registered method names, in registration order."""
     return list(_REGISTRY)
+
+
+def method_label(name: str) -> str:
+    """Display name of method ``name`` (``label``, else the name itself for an unknown one)."""
+    cls = _REGISTRY.get(name)
+    return (cls.label or cls.name) if cls is not None else name
 
 
 def get_method(name: str) -> type[DistillMethod]:
@@ -153,11 +174,14 @@ def parse_methods(spec: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def required_targets(spec: str | Sequence[str], points: Sequence[str]) -> list[str]:
-    """Union (in order) of the teacher targets the methods of ``spec`` read at ``points``."""
+def required_targets(spec: str | Sequence[str], points: Sequence[str],
+                     params_of: Callable[[str], Any] | None = None) -> list[str]:
+    """Union (in order) of the teacher targets the methods of ``spec`` read at ``points``; ``params_of(name)``
+    gives a method's config section (``StudentConfig.method_params``; None = every section at its defaults)."""
     out: list[str] = []
     for n in parse_methods(spec):
-        for t in get_method(n).required_targets(tuple(points)):
+        params = params_of(n) if params_of is not None else None
+        for t in get_method(n).required_targets(tuple(points), params):
             if t not in out:
                 out.append(t)
     return out

@@ -36,11 +36,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 @register
 class KD(DistillMethod):
     name = "kd"
+    label = "KD"
     paper = "Hinton et al., Distilling the Knowledge in a Neural Network (2015)"
     params_type = KDConfig
 
     @classmethod
-    def required_targets(cls, points):
+    def required_targets(cls, points, params=None):
         return (LOGITS,)
 
     def forward(self, out, targets, epoch=0, batch=None):

@@ -14,29 +14,28 @@ are not reproduced; this is the "raw features + MSE" ablation the AttnFD paper c
 
 from __future__ import annotations
 
-from torch import nn
-
 from attnfd_pipeline.config import LADConfig
 from attnfd_pipeline.losses.attnfd import attnfd_loss
-from attnfd_pipeline.losses.base import DistillMethod, MethodContext, connector, match_size, register
+from attnfd_pipeline.losses.base import DistillMethod, MethodContext, connector, match_size, per_point, register
 from attnfd_pipeline.targets import raw_name
 
 
 @register
 class LAD(DistillMethod):
     name = "lad"
+    label = "LAD"
+    uses = frozenset({"points", "norm"})
     paper = "T. Liu et al., Rethinking Knowledge Distillation with Raw Features for Semantic Segmentation (WACV 2024)"
     params_type = LADConfig
 
     @classmethod
-    def required_targets(cls, points):
+    def required_targets(cls, points, params=None):
         return tuple(raw_name(p) for p in points)
 
     def __init__(self, ctx: MethodContext):
         super().__init__(ctx)
         self.norm = ctx.norm
-        self.connectors = nn.ModuleDict({p: connector(ctx.student_channels[p], int(ctx.target_shapes[raw_name(p)][0]))
-                                         for p in self.points})
+        self.connectors = per_point(ctx, self.points, connector, raw_name)
 
     def forward(self, out, targets, epoch=0, batch=None):
         per = {}
