@@ -141,7 +141,7 @@ def test_cli_logs_and_an_error_that_ends_the_run_reaches_log_txt(tiny_cfg, monke
         raise ValueError("the batch is broken")
 
     monkeypatch.setattr(StudentTask, "train_step", boom)
-    r = runner.invoke(app, ["student", "--config", str(p), "--alpha", "0", "--quiet"])
+    r = runner.invoke(app, ["student", "--config", str(p), "--alpha", "0", "--quiet", "--force"])
     assert r.exit_code == 2 and "error: the batch is broken" in r.output
     log = (d / "log.txt").read_text()
     assert log.rstrip().endswith("run ended by an error: error: the batch is broken")

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from attnfd_pipeline.errors import UserError
 
 ENCODINGS = ("float16", "int8")
 DEFAULT_ENCODING = "float16"
@@ -54,7 +55,7 @@ def stored_arrays(name: str, encoding: str) -> list[tuple[str, str]]:
         return [(name, "float16")]
     if encoding == "int8":
         return [(name, "uint8"), (name + SCALE_SUFFIX, "float32"), (name + OFFSET_SUFFIX, "float32")]
-    raise ValueError(f"unknown cache encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+    raise UserError(f"unknown cache encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
 
 
 def bytes_per_sample(chw: Sequence[int], encoding: str) -> int:
@@ -64,7 +65,7 @@ def bytes_per_sample(chw: Sequence[int], encoding: str) -> int:
         return C * H * W * 2
     if encoding == "int8":
         return C * H * W + 2 * 4 * C
-    raise ValueError(f"unknown cache encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+    raise UserError(f"unknown cache encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
 
 
 def sample_checksum(*parts: np.ndarray) -> str:
@@ -116,7 +117,7 @@ def decode(encoding: str, parts: Sequence[np.ndarray]) -> np.ndarray:
         return parts[0]
     if encoding == "int8":
         return dequantize_int8(*parts)
-    raise ValueError(f"unknown cache encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+    raise UserError(f"unknown cache encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,12 +210,11 @@ def model_target_specs(cfg, names: list[str] | None = None) -> dict[str, tuple[i
     model is built on torch's ``meta`` device (no weights, no memory, no bundle) and run on a meta input."""
     import torch
 
-    from attnfd_pipeline.data.datasets import get_dataset_info
     from attnfd_pipeline.models import build_model
 
     names = names or cache_target_names(cfg.cache)
     m = cfg.teacher.model
-    num_classes = get_dataset_info(cfg.data.dataset).num_classes
+    num_classes = cfg.data.num_classes  # a built-in's or the declared classes
     with torch.device("meta"):
         model = build_model(m.name, num_classes, output_stride=m.output_stride).eval()
         out = model(torch.zeros(1, 3, *cfg.augment.crop_size))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from attnfd_pipeline.errors import UserError
 
 # matplotlib's default cycle ("tab10") as 0–255 RGB: callers pick colours by index to match series
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -26,7 +27,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("the lab's figures need matplotlib: pip install -e '.[lab]'") from None
+        raise UserError("the lab's figures need matplotlib: pip install -e '.[lab]'") from None
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

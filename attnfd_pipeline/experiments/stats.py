@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+from attnfd_pipeline.errors import UserError
 
 CONFIDENCE = 0.95  # two-sided level of every interval the lab prints
 LEVEL = f"{CONFIDENCE * 100:g} %"  # how tables name it
@@ -61,7 +62,7 @@ def betainc(a: float, b: float, x: float) -> float:
 def t_cdf(t: float, df: float) -> float:
     """P(T ≤ t) for Student's t with ``df`` > 0 degrees of freedom."""
     if df <= 0:
-        raise ValueError(f"degrees of freedom {df}: must be > 0")
+        raise UserError(f"degrees of freedom {df}: must be > 0")
     tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
     return 1.0 - tail if t >= 0 else tail
 
@@ -69,7 +70,7 @@ def t_cdf(t: float, df: float) -> float:
 def t_quantile(p: float, df: float) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``t_quantile(0.975, 2)`` = 4.303)."""
     if not 0.0 < p < 1.0:
-        raise ValueError(f"probability {p}: must be in (0, 1)")
+        raise UserError(f"probability {p}: must be in (0, 1)")
     if p < 0.5:
         return -t_quantile(1.0 - p, df)
     lo, hi = 0.0, 1.0

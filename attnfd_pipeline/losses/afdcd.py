@@ -38,6 +38,7 @@ from torch import nn
 from attnfd_pipeline.config import AfDCDConfig
 from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, register
 from attnfd_pipeline.targets import raw_name
+from attnfd_pipeline.errors import UserError
 
 
 def _pool_and_patch(h: int, w: int, pool: int, patch: int) -> tuple[int, int, int]:
@@ -64,7 +65,7 @@ def omni_contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, *, group
                           pool: int = 4, tau: float = 0.07) -> torch.Tensor:
     """Af-DCD's omni-contrastive loss between equal-shape (N, C, H, W) maps (mean over anchors)."""
     if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
+        raise UserError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
     s, t = as_float(student), as_float(teacher)
     _, c, h, w = s.shape
     k, ph, pw = _pool_and_patch(h, w, pool, patch)

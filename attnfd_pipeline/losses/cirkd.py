@@ -24,13 +24,14 @@ from torch import nn
 from attnfd_pipeline.config import CIRKDConfig
 from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, connector, match_size, register
 from attnfd_pipeline.targets import raw_name
+from attnfd_pipeline.errors import UserError
 
 
 def cross_image_relation_loss(student: torch.Tensor, teacher: torch.Tensor, *, tau: float = 0.1,
                               pool: int = 2) -> torch.Tensor:
     """CIRKD's mini-batch pixel-to-pixel loss between equal-shape (N, C, H, W) maps."""
     if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
+        raise UserError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
     s, t = as_float(student), as_float(teacher)
     if pool > 1:
         s = F.max_pool2d(s, pool, ceil_mode=True)

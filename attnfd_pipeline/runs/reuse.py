@@ -1,0 +1,88 @@
+"""Finished work is never overwritten by default: a rerun of a finished student run or teacher bundle reuses
+it when the recipe is the same, and is refused — naming the keys that differ and the two ways on (``--force``
+replaces it, another ``name`` keeps both) — when it is not.
+
+The library's ``run_student`` / ``run_teacher`` train whatever they are asked to; the command line asks these
+first (``attnfd student`` / ``attnfd teacher`` without ``--force``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from attnfd_pipeline.config import Config, ConfigError, load_config
+from attnfd_pipeline.records import RESULT_JSON
+from attnfd_pipeline.runs.naming import differences, finished_run_differences, student_dir
+from attnfd_pipeline.teacher import bundle_path
+
+# data settings that change where or how fast the files are read, not what the teacher learns from them
+_DATA_UNCHANGED = frozenset({"root", "num_workers"})
+
+
+class FinishedWorkError(ConfigError):
+    """A rerun would replace a finished run or bundle trained under another recipe."""
+
+
+def _ways_on(what: str, flag: str) -> str:
+    return (f"pass {flag} to replace the {what}, or keep it and give the new recipe another run folder with "
+            f"--set name=\"NEW\"")
+
+
+def reusable_student(cfg: Config) -> dict | None:
+    """The result.json of the finished run ``cfg`` describes (None when the folder has no finished run);
+    :class:`FinishedWorkError` naming what differs when the finished run was trained under another recipe."""
+    result = student_dir(cfg) / RESULT_JSON
+    if not result.is_file():
+        return None
+    reason = finished_run_differences(cfg)
+    if reason:
+        raise FinishedWorkError(f"{student_dir(cfg)}: a finished run with another recipe is there ({reason}); "
+                                f"{_ways_on('finished run', '--force')}")
+    return json.loads(result.read_text())
+
+
+def teacher_differences(cfg: Config) -> str | None:
+    """How ``cfg``'s teacher recipe differs from the one its teacher folder's bundle was made with (None when it
+    does not, or when the folder records no recipe to compare). An imported bundle is always another recipe."""
+    folder = cfg.teacher_dir
+    result = folder / "result.json"
+    if result.is_file():
+        imported = json.loads(result.read_text()).get("imported_from")
+        if imported:
+            return f"the bundle was imported from {imported}, not trained"
+    resolved = folder / "config.resolved.toml"
+    if not resolved.is_file():
+        return None
+    try:
+        old = load_config(resolved)
+    except (ConfigError, ValueError):
+        return None  # written by another version: nothing to compare
+    diff = differences("teacher", _teacher_recipe(old), _teacher_recipe(cfg))
+    diff += differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
+    diff += differences("data", _data_recipe(old), _data_recipe(cfg))
+    return "; ".join(diff) or None
+
+
+def _teacher_recipe(cfg: Config) -> dict:
+    t = dataclasses.asdict(cfg.teacher)
+    if cfg.teacher.cbam_mode != "fitted":  # the side-CBAM fit runs in "fitted" mode only
+        t.pop("fit_epochs"), t.pop("fit_lr")
+    return t
+
+
+def _data_recipe(cfg: Config) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _DATA_UNCHANGED}
+
+
+def reusable_teacher(cfg: Config) -> Path | None:
+    """The bundle ``cfg`` would write when one made with the same recipe is there (None: no bundle yet);
+    :class:`FinishedWorkError` naming what differs otherwise."""
+    path = bundle_path(cfg)
+    if not path.is_file():
+        return None
+    reason = teacher_differences(cfg)
+    if reason:
+        raise FinishedWorkError(f"{path}: a finished teacher bundle with another recipe is there ({reason}); caches "
+                                f"and students built from it need it as it is; {_ways_on('bundle', '--force')}")
+    return Path(path)
