@@ -10,7 +10,7 @@ import typer
 from attnfd_pipeline.data.demo import DEMO_N_TRAIN, DEMO_N_VAL
 from stages.bench import bench, bench_accuracy
 from stages.inference import evaluate, export, predict
-from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load, show_paths
+from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load, logs, show_paths
 from stages.report import curves, report, studies, visualize
 from stages.storage import bench_storage
 from stages.student import student, sweep
@@ -76,6 +76,7 @@ def data_prepare(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
     from attnfd_pipeline.data.datasets import dataset_info
     from attnfd_pipeline.data.demo import generate_demo
 
+    logs(False, False)
     cfg = load(config, set_)
     show_paths(cfg)
     with errors():
@@ -95,6 +96,7 @@ def data_check(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
     from attnfd_pipeline.data.check import check_dataset, format_problems, masks_without_images, split_counts
     from attnfd_pipeline.data.datasets import dataset_info
 
+    logs(False, False)
     cfg = load(config, set_)
     show_paths(cfg)
     splits = split or [cfg.data.train_split, cfg.data.val_split]
@@ -103,8 +105,8 @@ def data_check(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
         problems = check_dataset(info, cfg.data.root, splits)
         orphans = masks_without_images(info, cfg.data.root, splits)
         counts = split_counts(info, cfg.data.root, splits)
-    typer.echo(f"{cfg.data.dataset} at {cfg.data.root}: {info.num_classes} classes; "
-               + ", ".join(f"{s} {n} images" for s, n in counts.items()))
+    typer.echo(f"{cfg.data.dataset} at {cfg.data.root}: " + ", ".join([f"{info.num_classes} classes",
+                                                                       *(f"{s} {n} images" for s, n in counts.items())]))
     if orphans:
         shown = "".join(f"\n  {p}" for p in orphans[:10]) + (f"\n  ... and {len(orphans) - 10} more" if len(orphans) > 10 else "")
         typer.secho(f"warning: {len(orphans)} mask(s) without their image (not read by any split):{shown}", err=True,

@@ -83,3 +83,15 @@ def test_conflicting_sources_are_refused_naming_both(config, tmp_path):
     assert r.exit_code == 2 and "--seed 1 and --set teacher.train.seed=2 both set" in r.text, r.output
     r = _cli("evaluate", "-c", config, "--checkpoint", tmp_path / "a.pt", "--bundle", tmp_path / "b.pt")
     assert r.exit_code == 2 and f"--checkpoint {tmp_path / 'a.pt'} and --bundle {tmp_path / 'b.pt'}" in r.text, r.output
+
+
+def test_cache_plan_marks_the_configs_encoding_and_shows_free_disk(config, tmp_path):
+    import shutil
+
+    r = _cli("cache", "plan", "-c", config, "--images", "10", "--set", 'cache.encoding="int8"')
+    assert r.exit_code == 0, r.output
+    marked = [line.split()[0] for line in r.output.splitlines() if "<- this config" in line]
+    assert marked == ["int8"]
+    free = shutil.disk_usage(tmp_path).free / 1e9
+    line = next(line for line in r.output.splitlines() if line.startswith("free disk at "))
+    assert abs(float(line.split(": ")[1].split()[0].replace(",", "")) - free) < 1.0, line
