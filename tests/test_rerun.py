@@ -61,3 +61,7 @@ def test_a_finished_teacher_bundle_is_reused_or_refused(tiny_cfg, tmp_path):
     r = _cli("teacher", "-c", p, "--set", "teacher.train.device=\"cpu\"")  # where it runs is no other recipe
     assert r.exit_code == 0 and "reused" in r.output, r.output
     assert bundle.read_bytes() == first
+    bundle.with_suffix(".json").unlink()  # a save killed between the .pt and its .json: not finished work
+    from attnfd_pipeline.runs import reusable_teacher
+
+    assert reusable_teacher(tiny_cfg) is None

@@ -11,10 +11,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from attnfd_pipeline.config import Config, ConfigError, load_config
+from attnfd_pipeline.config import Config, ConfigError, from_dict
 from attnfd_pipeline.records import RESULT_JSON
 from attnfd_pipeline.runs.naming import differences, finished_run_differences, student_dir
-from attnfd_pipeline.teacher import bundle_path
+from attnfd_pipeline.teacher import bundle_path, load_teacher_info
+from attnfd_pipeline.utils import sha256_file
 
 # data settings that change where or how fast the files are read, not what the teacher learns from them
 _DATA_UNCHANGED = frozenset({"root", "num_workers"})
@@ -44,24 +45,40 @@ def reusable_student(cfg: Config) -> dict | None:
 
 def teacher_differences(cfg: Config) -> str | None:
     """How ``cfg``'s teacher recipe differs from the one its teacher folder's bundle was made with (None when it
-    does not, or when the folder records no recipe to compare). An imported bundle is always another recipe."""
-    folder = cfg.teacher_dir
-    result = folder / "result.json"
-    if result.is_file():
-        imported = json.loads(result.read_text()).get("imported_from")
-        if imported:
-            return f"the bundle was imported from {imported}, not trained"
-    resolved = folder / "config.resolved.toml"
-    if not resolved.is_file():
+    does not, or when the bundle records no recipe to compare). An imported bundle is always another recipe."""
+    source = _bundle_info(bundle_path(cfg)).get("source")
+    if isinstance(source, dict):
+        return f"the bundle was imported from {source.get('path')}, not trained"
+    old = _bundle_recipe(bundle_path(cfg))
+    if old is None:
         return None
-    try:
-        old = load_config(resolved)
-    except (ConfigError, ValueError):
-        return None  # written by another version: nothing to compare
     diff = differences("teacher", _teacher_recipe(old), _teacher_recipe(cfg))
     diff += differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
     diff += differences("data", _data_recipe(old), _data_recipe(cfg))
     return "; ".join(diff) or None
+
+
+def _bundle_info(path: Path) -> dict:
+    try:
+        return load_teacher_info(path)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _bundle_recipe(path: Path) -> Config | None:
+    """The config the bundle records it was made with (its .json; not ``config.resolved.toml``, which a later
+    run that was interrupted before writing its bundle may have rewritten); None when it records none that
+    this version reads."""
+    try:
+        recorded = _bundle_info(path).get("config")
+        return from_dict(Config, _without_nulls(recorded)) if isinstance(recorded, dict) else None
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _without_nulls(d: dict) -> dict:
+    """A recorded ``Config.to_dict()`` as a config file reads: an unset optional key (None) left out."""
+    return {k: _without_nulls(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
 
 def _teacher_recipe(cfg: Config) -> dict:
@@ -75,12 +92,23 @@ def _data_recipe(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _DATA_UNCHANGED}
 
 
+def _whole_bundle(path: Path) -> bool:
+    """The bundle and its metadata are there and belong together (the .json records the .pt's SHA-256)."""
+    if not path.is_file():
+        return False
+    try:
+        recorded = load_teacher_info(path).get("file_sha256")
+    except (FileNotFoundError, ValueError):
+        return False
+    return recorded is None or recorded == sha256_file(path)
+
+
 def reusable_teacher(cfg: Config) -> Path | None:
     """The bundle ``cfg`` would write when one made with the same recipe is there (None: no bundle yet);
     :class:`FinishedWorkError` naming what differs otherwise."""
     path = bundle_path(cfg)
-    if not path.is_file():
-        return None
+    if not _whole_bundle(path):
+        return None  # none yet, or a save cut between the .pt and its .json: train it (again)
     reason = teacher_differences(cfg)
     if reason:
         raise FinishedWorkError(f"{path}: a finished teacher bundle with another recipe is there ({reason}); caches "
