@@ -27,7 +27,7 @@ def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
             quiet: QuietOpt = False):
     """Train the student with L = CE + α·L_Attn against the cached teacher targets. A finished run of the same
     recipe is reused; one of another recipe is refused (--force replaces it)."""
-    from attnfd_pipeline.runs import reusable_student, run_student
+    from attnfd_pipeline.runs import forget_finished_student, reusable_student, run_student
 
     logs(verbose, quiet)
     overrides = option_overrides(set_, seed=("student.train.seed", seed), alpha=("student.alpha", alpha))
@@ -39,6 +39,8 @@ def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
 
     with errors():
         reused = None if force else reusable_student(cfg)
+        if force and distributed.is_main():
+            forget_finished_student(cfg)
     if reused is not None:
         typer.echo(f"{reused['run']}: finished run reused, best mIoU {reused['best_miou'] * 100:.2f} "
                    f"({reused['epochs']} epochs; --force trains it again)")

@@ -42,6 +42,19 @@ def test_a_finished_student_run_is_reused_refused_or_replaced_with_force(tiny_cf
     assert r.exit_code == 2, r.output
     assert "student.train.epochs: 1 → 2" in r.output and "--force" in r.output and "name=" in r.output
     assert result.read_bytes() == first  # nothing finished was touched
+    import attnfd_pipeline.runs.student as runs_student
+
+    real = runs_student.fit
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    runs_student.fit = interrupted  # a forced retrain cut short: the old result is not found as finished
+    try:
+        r = _cli("student", "-c", p, "--alpha", "0", "--set", "student.train.epochs=2", "--force")
+    finally:
+        runs_student.fit = real
+    assert r.exit_code == 130 and not result.exists(), r.output
     r = _cli("student", "-c", p, "--alpha", "0", "--set", "student.train.epochs=2", "--force")
     assert r.exit_code == 0, r.output
     assert json.loads(result.read_text())["epochs"] == 2

@@ -43,6 +43,12 @@ def reusable_student(cfg: Config) -> dict | None:
     return json.loads(result.read_text())
 
 
+def forget_finished_student(cfg: Config) -> None:
+    """``--force``: the run folder no longer holds a finished run (its result.json goes first), so a forced
+    retrain that is interrupted is not later taken for the finished run it replaces."""
+    (student_dir(cfg) / RESULT_JSON).unlink(missing_ok=True)
+
+
 def teacher_differences(cfg: Config) -> str | None:
     """How ``cfg``'s teacher recipe differs from the one its teacher folder's bundle was made with (None when it
     does not, or when the bundle records no recipe to compare). An imported bundle is always another recipe."""
