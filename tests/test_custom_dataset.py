@@ -274,3 +274,17 @@ def test_predict_export_and_cache_plan_on_a_declared_dataset(layouts, tmp_path):
         assert meta["class_names"] == NAMES[:3]
     r = ok("cache", "plan", "--images", "10")
     assert "float16" in r.output
+
+
+def test_storage_bench_student_maps_and_chaos_classes_on_a_declared_dataset(layouts, tmp_path):
+    """The storage fidelity bench and the chaos fixture take the class count from the config's dataset (here 3
+    declared classes), not from a lookup of its name ("custom" is no built-in)."""
+    from attnfd_pipeline.cache.plan import model_target_specs
+    from attnfd_pipeline.experiments.fidelity import untrained_student_maps
+
+    cfg = _cfg(layouts["voc"], tmp_path, "voc", "data.classes=" + json.dumps(NAMES[:3]),
+               "data.label_map={" + ", ".join(f"{t} = {min(t, 2)}" for t in range(11)) + "}")
+    specs = model_target_specs(cfg)
+    maps = untrained_student_maps(cfg, ImageSource.from_config(cfg), 32, 2, specs)
+    assert set(maps) <= set(specs) and all(m.shape[0] == 2 for m in maps.values())
+    assert cfg.data.num_classes == 3  # what chaos' fixture and the cache plan use
