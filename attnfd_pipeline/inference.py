@@ -429,9 +429,9 @@ def export_segmenter(seg: Segmenter, fmt: str, out: str | Path, *, example_hw: t
                      info: DatasetInfo | None = None) -> Path:
     """Write ``seg``'s network alone as TorchScript (traced) or ONNX (batch, height and width dynamic), with
     :func:`export_meta` inside; written through a temporary file, so ``out`` is complete or absent."""
-    check_export_name(fmt, out)
     if seg.module is None:
         raise UserError(f"{seg.path}: already an exported {seg.kind} model; export from the checkpoint it came from")
+    check_export_name(fmt, out)
     if info is not None:
         check_classes(seg, info)
     out = Path(out)
