@@ -67,12 +67,13 @@ def show_paths(cfg: Config) -> None:
                       f"{cfg.cache.root if '://' in cfg.cache.root else Path(cfg.cache.root).resolve()}")
 
 
-def rerun_command(command: str, config: Path, overrides: list[str] | None) -> str:
-    """The command line that repeats this run with ``--resume`` (the overrides as ``--set``)."""
+def rerun_command(command: str, config: Path, overrides: list[str] | None, *, force: bool = False) -> str:
+    """The command line that repeats this run with ``--resume`` (the overrides as ``--set``; ``--force`` kept:
+    a forced teacher retrain cut short still has the bundle it replaces beside it)."""
     import shlex
 
     sets = "".join(f" --set {shlex.quote(o)}" for o in overrides or [])
-    return f"attnfd {command} -c {shlex.quote(str(config))}{sets} --resume"
+    return f"attnfd {command} -c {shlex.quote(str(config))}{sets}{' --force' if force else ''} --resume"
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
         typer.echo(f"{reused['run']}: finished run reused, best mIoU {reused['best_miou'] * 100:.2f} "
                    f"({reused['epochs']} epochs; --force trains it again)")
         return
-    with interrupts(rerun_command("student", config, overrides)), errors(), distributed.launched():
+    with interrupts(rerun_command("student", config, overrides, force=force)), errors(), distributed.launched():
         from attnfd_pipeline.runs import check_student_inputs
 
         check_student_inputs(cfg)  # dataset files, backbone weights: before anything is written

@@ -37,7 +37,7 @@ def teacher(ctx: typer.Context, config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt
     if reused is not None:
         typer.echo(f"teacher bundle: {reused} (finished, same recipe: reused; --force trains it again)")
         return
-    with interrupts(rerun_command("teacher", config, overrides)), errors(), distributed.launched():
+    with interrupts(rerun_command("teacher", config, overrides, force=force)), errors(), distributed.launched():
         path = run_teacher(cfg, resume=resume)
     if distributed.is_main():
         typer.echo(f"teacher bundle: {path}")
