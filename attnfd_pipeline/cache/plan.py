@@ -275,7 +275,15 @@ def encoding_table(cfg, num_images: int, *, specs: dict[str, tuple[int, int, int
             "teacher_images_per_s": teacher_images_per_s,
             "encodings": table, "recommended": recommended if recommended in table else "float16",
             "configured": variant_name(c.encoding, c.pool), "cache_root": c.root,
-            "free_bytes": storage.free_bytes(cache_root_path(c.root))}
+            "free_bytes": _root_free_bytes(c.root)}
+
+
+def _root_free_bytes(root: str) -> int | None:
+    """Free disk under ``cache.root`` (None on an object store, or where its backend is not installed)."""
+    try:
+        return storage.free_bytes(cache_root_path(root))
+    except (CacheError, OSError, ValueError):
+        return None
 
 
 def encoding_lines(t: dict) -> list[str]:
