@@ -23,6 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from attnfd_pipeline.config import AugmentConfig
 from attnfd_pipeline.utils import blake2b_hex
+from attnfd_pipeline.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -300,7 +301,7 @@ def choose_aug_seed(run_seed: int, epoch: int, image_index: int, K: int, order: 
         mixed = np.random.SeedSequence([run_seed, epoch, image_index]).generate_state(1, np.uint64)[0]
         return int(mixed % np.uint64(K))
     if order != "cycle":
-        raise ValueError(f"unknown seed order {order!r}: expected one of {SEED_ORDERS}")
+        raise UserError(f"unknown seed order {order!r}: expected one of {SEED_ORDERS}")
     block, position = divmod(epoch, K)
     # the trailing 1 keeps these streams apart from the ``random`` order's [run_seed, epoch, index]
     rng = np.random.default_rng(np.random.SeedSequence([run_seed, block, image_index, 1]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 import tomllib
 import types
 import typing
@@ -17,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from attnfd_pipeline.errors import UserError
 from attnfd_pipeline.targets import EXTRAS
 
 POINTS = ("B", "E", "D")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override is invalid; the message names the file and key."""
 
 
@@ -57,9 +59,9 @@ class DataConfig:
         """The class count the dataset defines (declared classes, or the built-in's)."""
         if self.dataset == CUSTOM_DATASET:
             return len(self.classes)
-        from attnfd_pipeline.data.datasets import get_dataset_info  # numpy only
+        from attnfd_pipeline.data.datasets import dataset_info  # numpy only
 
-        return get_dataset_info(self.dataset).num_classes
+        return dataset_info(self).num_classes
 
 
 def _check_builtin_dataset(d: DataConfig) -> None:
@@ -757,11 +759,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``"student.train.lr=0.01"`` → (["student", "train", "lr"], 0.01). Values are TOML literals;
     anything that is not valid TOML is taken as a string."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. student.alpha=2")
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. student.alpha=2")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override {text!r}: empty key")
+        raise ConfigError(f"--set {text!r}: empty key")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -779,7 +781,9 @@ def _deep_set(data: dict, path: list[str], value) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a TOML config file (None = all defaults) and apply ``KEY=VALUE`` overrides."""
+    """Read a TOML config file (None = all defaults) and apply ``KEY=VALUE`` overrides. Relative paths the file
+    sets (``data.root``, ``runs_root``, ``cache.root``) are relative to its folder; those of overrides and
+    defaults to the current folder."""
     data: dict[str, Any] = {}
     where = ""
     if path is not None:
@@ -791,6 +795,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        _paths_from(data, path.parent)
     from_file = set(data.get("student") or ()) if isinstance(data.get("student"), dict) else set()
     for text in overrides:
         keys, value = parse_override(text)
@@ -799,7 +804,51 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     try:
         return from_dict(Config, data)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+        source = _source_of(str(e), overrides, where)
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+
+def _source_of(message: str, overrides: typing.Sequence[str], where: str) -> str:
+    """Where the bad value came from: ``--set KEY=VALUE (over FILE)`` when an override set the key the error is
+    about (the last one wins, as in loading), else the file ('' for defaults)."""
+    for text in reversed(overrides):
+        dotted = ".".join(parse_override(text)[0])
+        if message.startswith((f"{dotted}:", f"{dotted}.")):
+            return f"--set {text}" + (f" (over {where})" if where else "")
+    return where
+
+
+# the settings that are paths on the local disk: relative ones written in a config file are relative to the
+# file's folder (``--set`` values and defaults: to the current folder); a URL (``memory://``, ``s3://``) is kept
+PATH_KEYS = (("data", "root"), ("runs_root",), ("cache", "root"))
+
+
+def _is_relative_path(value) -> bool:
+    return isinstance(value, str) and bool(value) and "://" not in value and not os.path.isabs(value)
+
+
+def _paths_from(data: dict, folder: Path) -> None:
+    """Rewrite the relative paths a config file sets (``PATH_KEYS``) as paths from the current folder: the short
+    relative form when they lie under it (the shipped configs, run from the repository, keep their paths),
+    absolute otherwise."""
+    for *tables, key in PATH_KEYS:
+        table = data
+        for t in tables:
+            table = table.get(t) if isinstance(table.get(t), dict) else {}
+        if _is_relative_path(table.get(key)):
+            full = os.path.normpath(os.path.join(os.path.abspath(folder), table[key]))
+            short = os.path.relpath(full)
+            table[key] = full if short.split(os.sep)[0] == os.pardir else short
+
+
+def _paths_for(cfg: Config, folder: Path) -> Config:
+    """``cfg`` with its relative paths rewritten relative to ``folder``, for a config file written there."""
+    def rebase(value: str) -> str:
+        return os.path.relpath(os.path.abspath(value), os.path.abspath(folder)) if _is_relative_path(value) else value
+
+    return dataclasses.replace(cfg, runs_root=rebase(cfg.runs_root),
+                               data=dataclasses.replace(cfg.data, root=rebase(cfg.data.root)),
+                               cache=dataclasses.replace(cfg.cache, root=rebase(cfg.cache.root)))
 
 
 def _drop_other_spelling(data: dict, keys: list[str], from_file: set[str]) -> None:
@@ -835,9 +884,10 @@ def dump_toml(cfg: Config) -> str:
 
 
 def write_resolved(cfg: Config, directory: str | Path) -> Path:
-    """Write ``config.resolved.toml`` into ``directory`` atomically; returns its path."""
+    """Write ``config.resolved.toml`` into ``directory`` atomically (its relative paths rewritten from
+    ``directory``, so it loads back as the same config from anywhere); returns its path."""
     from attnfd_pipeline.utils import atomic_write_text
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(directory / "config.resolved.toml", dump_toml(cfg))
+    return atomic_write_text(directory / "config.resolved.toml", dump_toml(_paths_for(cfg, directory)))

@@ -27,6 +27,7 @@ from attnfd_pipeline.losses import AttnFD, DistillMethod, MethodContext, build_m
 from attnfd_pipeline.losses.base import connector, match_size
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.utils import seed_everything
+from attnfd_pipeline.errors import UserError
 
 __all__ = ["Distiller", "StudentRecipe", "StudentTask", "build_distiller", "build_task", "connector", "match_size",
            "method_settings", "method_targets", "method_weights"]
@@ -58,7 +59,7 @@ class Distiller(nn.Module):
         self.points = tuple(points)
         if methods is None:  # AttnFD, the default
             if teacher_channels is None:
-                raise ValueError("Distiller needs teacher_channels (AttnFD) or methods")
+                raise UserError("Distiller needs teacher_channels (AttnFD) or methods")
             ctx = MethodContext(self.points, {p: student.taps[p].channels for p in self.points},
                                 {p: (int(teacher_channels[p]), 0, 0) for p in self.points})
             methods = {"attnfd": AttnFD(ctx)}
@@ -131,7 +132,7 @@ class StudentTask:
                     m.norm = norm
         unknown = sorted(set(weights or {}) - set(distiller.methods))
         if unknown:
-            raise ValueError(f"weights for methods {unknown} that are not in use ({list(distiller.methods)})")
+            raise UserError(f"weights for methods {unknown} that are not in use ({list(distiller.methods)})")
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in distiller.methods}
         self.target_names = distiller.required_targets()
 

@@ -31,8 +31,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from attnfd_pipeline import augment
-from attnfd_pipeline.config import Config
-from attnfd_pipeline.data.datasets import DataError, DatasetInfo, get_dataset_info
+from attnfd_pipeline.config import Config, DataConfig, from_dict
+from attnfd_pipeline.data import datasets
+from attnfd_pipeline.data.datasets import DataError, DatasetInfo
 from attnfd_pipeline.data.io import read_image, write_jpeg, write_palette_png
 from attnfd_pipeline.data.loaders import make_val_loader
 from attnfd_pipeline.data.source import ImageSource
@@ -43,6 +44,7 @@ from attnfd_pipeline.models import build_model
 from attnfd_pipeline.progress import Progress
 from attnfd_pipeline.teacher import BUNDLE_FORMAT, BUNDLE_NAME, load_teacher
 from attnfd_pipeline.utils import resolve_device
+from attnfd_pipeline.errors import UserError
 
 EXPORT_FORMAT = "attnfd-export/1"
 EXPORT_FORMATS = ("torchscript", "onnx")
@@ -51,8 +53,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".p
 
 
 def dataset_info(cfg: Config) -> DatasetInfo:
-    """Class names, palette and ignore index of the config's dataset: the one place inference reads them."""
-    return get_dataset_info(cfg.data.dataset)
+    """Class names, palette and ignore index of the config's dataset (a built-in or the one its ``[data]``
+    declares): the one place inference reads them."""
+    return datasets.dataset_info(cfg)
 
 
 class SegmentationNet(nn.Module):
@@ -115,7 +118,7 @@ def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> Segm
                                 f"(best.pt)")
     if not path.is_file():
         what = "teacher bundle" if path.name == BUNDLE_NAME else "checkpoint"
-        raise FileNotFoundError(f"{path}: {what} not found" + (" (run `make teacher` first)" if what != "checkpoint"
+        raise FileNotFoundError(f"{path}: {what} not found" + (" (train it with `attnfd teacher -c CONFIG` first)" if what != "checkpoint"
                                                               else ""))
     if path.suffix.lower() == ".onnx":
         return _load_onnx(path)
@@ -141,7 +144,7 @@ def _archive_kind(path: Path) -> str:
             if pickle is not None and BUNDLE_FORMAT.encode() in z.read(pickle):
                 return "bundle"
     except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{path}: not a teacher bundle, student checkpoint or exported model ({e})") from None
+        raise UserError(f"{path}: not a teacher bundle, student checkpoint or exported model ({e})") from None
     return "checkpoint"
 
 
@@ -162,17 +165,17 @@ def _load_student(path: Path, device) -> Segmenter:
     if weights is None:  # written before checkpoints stored the plain student apart
         weights = {k[len("student."):]: v for k, v in state["modules"].items() if k.startswith("student.")}
     if not weights:
-        raise ValueError(f"{path}: a checkpoint without a student network (a teacher's training checkpoint?); "
+        raise UserError(f"{path}: a checkpoint without a student network (a teacher's training checkpoint?); "
                          f"give a student run folder, its best.pt, or a teacher bundle ({BUNDLE_NAME})")
     cfg = state.get("config") or {}
     spec = dict((state.get("extra") or {}).get("model_spec") or {})
     if not spec:
         try:
             m, dataset = cfg["student"]["model"], cfg["data"]["dataset"]
-            nc = cfg.get("num_classes") or get_dataset_info(dataset).num_classes
+            nc = cfg.get("num_classes") or from_dict(DataConfig, cfg["data"], "data").num_classes
             spec = {"name": m["name"], "output_stride": m["output_stride"], "num_classes": nc, "dataset": dataset}
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: the checkpoint does not say which student it holds ({e})") from None
+            raise UserError(f"{path}: the checkpoint does not say which student it holds ({e})") from None
     model = build_model(spec["name"], spec["num_classes"], output_stride=spec["output_stride"])
     load_modules(model, weights, path)
     net = SegmentationNet(model).eval().to(device)
@@ -189,7 +192,7 @@ def _load_torchscript(path: Path, device) -> Segmenter:
         with _quiet_jit():
             net = torch.jit.load(str(path), map_location=torch.device(device), _extra_files=files)
     except RuntimeError as e:
-        raise ValueError(f"{path}: not a loadable TorchScript model ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a loadable TorchScript model ({str(e).splitlines()[0]})") from None
     meta = _meta(path, files[META_KEY])
     return Segmenter(net.eval(), meta["num_classes"], "torchscript", path, _exported_info(meta))
 
@@ -198,11 +201,11 @@ def _load_onnx(path: Path) -> Segmenter:
     try:
         import onnx
     except ImportError:
-        raise ValueError(f"{path}: ONNX models need the onnx extra (pip install 'attnfd-pipeline[onnx]')") from None
+        raise UserError(f"{path}: ONNX models need the onnx extra (pip install 'attnfd-pipeline[onnx]')") from None
     try:
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     except Exception as e:  # noqa: BLE001 - any decode problem of the protobuf
-        raise ValueError(f"{path}: not a readable ONNX model ({e})") from None
+        raise UserError(f"{path}: not a readable ONNX model ({e})") from None
     meta = _meta(path, props.get(META_KEY, ""))
     return Segmenter(OnnxNet(path), meta["num_classes"], "onnx", path, _exported_info(meta))
 
@@ -213,7 +216,7 @@ def _meta(path: Path, text: str) -> dict:
     except ValueError:
         meta = None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not exported by `attnfd export` (no {META_KEY} description with format "
+        raise UserError(f"{path}: not exported by `attnfd export` (no {META_KEY} description with format "
                          f"{EXPORT_FORMAT!r}): its classes and input convention are unknown")
     return meta
 
@@ -228,7 +231,7 @@ def _exported_info(meta: dict) -> dict:
 
 def check_classes(seg: Segmenter, info: DatasetInfo) -> None:
     if seg.num_classes != info.num_classes:
-        raise ValueError(f"{seg.path}: {seg.kind} has {seg.num_classes} classes, dataset {info.name!r} has "
+        raise UserError(f"{seg.path}: {seg.kind} has {seg.num_classes} classes, dataset {info.name!r} has "
                          f"{info.num_classes}")
 
 
@@ -293,11 +296,11 @@ def list_images(spec: str | Path) -> list[Path]:
     else:
         raise FileNotFoundError(f"{spec}: no such file or folder")
     if not files:
-        raise ValueError(f"{spec}: no images there (a folder is searched for {', '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"{spec}: no images there (a folder is searched for {', '.join(IMAGE_SUFFIXES)})")
     seen: dict[str, Path] = {}
     for f in files:
         if f.stem in seen:
-            raise ValueError(f"{f} and {seen[f.stem]} would both be written as {f.stem}.png: predict one folder "
+            raise UserError(f"{f} and {seen[f.stem]} would both be written as {f.stem}.png: predict one folder "
                              f"at a time")
         seen[f.stem] = f
     return files
@@ -407,14 +410,28 @@ def export_meta(seg: Segmenter, info: DatasetInfo | None) -> dict:
     return meta
 
 
+def check_export_name(fmt: str, out: str | Path) -> None:
+    """Before anything is written: the format is known and ``out``'s name says it (``load_segmenter`` reads a
+    ``.onnx`` file as ONNX and anything else as a torch archive, so a mismatched name is a file nothing reads)."""
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: a folder; give the file to write (e.g. {out / ('model.onnx' if fmt == 'onnx' else 'model.pt')})")
+    onnx_name = out.suffix.lower() == ".onnx"
+    if (fmt == "onnx") != onnx_name:
+        want = out.with_suffix(".onnx" if fmt == "onnx" else ".pt").name
+        raise UserError(f"--out {out}: a {fmt} export needs a name ending in {'.onnx' if fmt == 'onnx' else '.pt'} "
+                         f"(--format {fmt} --out {want}); nothing was written")
+
+
 def export_segmenter(seg: Segmenter, fmt: str, out: str | Path, *, example_hw: tuple[int, int],
                      info: DatasetInfo | None = None) -> Path:
     """Write ``seg``'s network alone as TorchScript (traced) or ONNX (batch, height and width dynamic), with
     :func:`export_meta` inside; written through a temporary file, so ``out`` is complete or absent."""
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     if seg.module is None:
-        raise ValueError(f"{seg.path}: already an exported {seg.kind} model; export from the checkpoint it came from")
+        raise UserError(f"{seg.path}: already an exported {seg.kind} model; export from the checkpoint it came from")
+    check_export_name(fmt, out)
     if info is not None:
         check_classes(seg, info)
     out = Path(out)
@@ -451,7 +468,7 @@ def _export_onnx(net: nn.Module, example: torch.Tensor, path: Path, meta: str) -
         import onnx
         import onnxscript  # noqa: F401 - the exporter needs it; fail here with the fix rather than deep inside
     except ImportError:
-        raise ValueError("ONNX export needs the onnx extra: pip install 'attnfd-pipeline[onnx]'") from None
+        raise UserError("ONNX export needs the onnx extra: pip install 'attnfd-pipeline[onnx]'") from None
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     torch.onnx.export(net, (example,), str(path), input_names=["image"], output_names=["logits"],
                       dynamic_shapes={"image": dims}, external_data=False, dynamo=True, verbose=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from attnfd_pipeline.config import LEGACY_SEED_ORDER, TargetSource
+from attnfd_pipeline.errors import UserError
 
 RESULT_JSON = "result.json"
 # validation as every version so far evaluates: short side resized to the crop size, then the centre crop
@@ -140,8 +141,8 @@ def read_record(run_dir: str | Path) -> RunRecord:
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(d).__name__}")
     rec = RunRecord.from_dict(d, _read_toml(run_dir / "config.resolved.toml"))
     return rec if rec.run else dataclasses.replace(rec, run=run_dir.name)

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from attnfd_pipeline.errors import UserError
 
-__all__ = ["SECURITY_DOC", "UnsafeFileError", "load_torch_file", "numpy_safe_globals", "read_sha256", "sidecar_path",
+__all__ = ["SECURITY_DOC", "UnsafeFileError", "load_torch_file", "numpy_safe_globals", "read_sha256", "read_sha256s", "sidecar_path",
            "to_plain", "write_sha256"]
 
 SECURITY_DOC = "docs/security.md"
@@ -34,7 +35,7 @@ _NUMERIC_DTYPES = ("BoolDType", "Int8DType", "UInt8DType", "Int16DType", "UInt16
                    "ULongLongDType", "Float16DType", "Float32DType", "Float64DType")
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(UserError):
     """A file holds Python objects other than tensors and plain data: it was not deserialised."""
 
 
@@ -64,10 +65,11 @@ def _unsafe_message(path: Path, what: str, err: BaseException) -> str:
             f"{SECURITY_DOC} (\"Converting an old or foreign file\") to re-save it as plain data")
 
 
-def load_torch_file(path: str | Path, *, what: str = "file", expected_sha256: str | None = None,
+def load_torch_file(path: str | Path, *, what: str = "file", expected_sha256: str | tuple[str, ...] | None = None,
                     sha_source: str | None = None) -> tuple[Any, str]:
     """``(object, sha256 of the file's bytes)``. ``expected_sha256``: refuse (``ValueError``) before
-    deserialising when the bytes hash to something else (``sha_source`` names where it was recorded).
+    deserialising when the bytes hash to something else (``sha_source`` names where it was recorded; a tuple:
+    any of these hashes).
     A pickle that needs anything beyond tensors, plain data and numeric NumPy values raises
     :class:`UnsafeFileError`; a truncated or corrupt file raises ``ValueError``; both name ``path``."""
     path = Path(path)
@@ -75,9 +77,10 @@ def load_torch_file(path: str | Path, *, what: str = "file", expected_sha256: st
         raise FileNotFoundError(f"{path}: {what} not found")
     data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    if expected_sha256 is not None and sha != expected_sha256:
+    accepted = (expected_sha256,) if isinstance(expected_sha256, str) else expected_sha256
+    if accepted is not None and sha not in accepted:
         where = f" recorded in {sha_source}" if sha_source else ""
-        raise ValueError(f"{path}: SHA-256 of the file is {sha[:16]}…, not the {expected_sha256[:16]}…{where}: "
+        raise UserError(f"{path}: SHA-256 of the file is {sha[:16]}…, not the {accepted[0][:16]}…{where}: "
                          f"the {what} was modified, corrupted or replaced after it was written; nothing was loaded")
     try:
         with torch.serialization.safe_globals(numpy_safe_globals()):
@@ -85,9 +88,9 @@ def load_torch_file(path: str | Path, *, what: str = "file", expected_sha256: st
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e) or "Unsupported" in str(e):
             raise UnsafeFileError(_unsafe_message(path, what, e)) from None
-        raise ValueError(f"{path}: not a readable {what} (truncated or corrupt: {e})") from None
+        raise UserError(f"{path}: not a readable {what} (truncated or corrupt: {e})") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, wrong magic number, EOF … depend on torch internals
-        raise ValueError(f"{path}: not a readable {what} (truncated or corrupt: {' '.join(str(e).split())[:300]})") from None
+        raise UserError(f"{path}: not a readable {what} (truncated or corrupt: {' '.join(str(e).split())[:300]})") from None
     return obj, sha
 
 
@@ -113,23 +116,33 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def write_sha256(path: str | Path, sha: str) -> Path:
-    """``<file>.sha256`` in ``sha256sum`` format (``sha256sum -c`` checks it by hand)."""
+def write_sha256(path: str | Path, sha: str, *also: str) -> Path:
+    """``<file>.sha256`` in ``sha256sum`` format (``sha256sum -c`` checks it by hand). ``also``: further
+    hashes the file may have while a new version is being committed (``engine.checkpoint.save_hashed``)."""
     from attnfd_pipeline.utils import atomic_write_text
 
-    return atomic_write_text(sidecar_path(path), f"{sha}  {Path(path).name}\n")
+    name = Path(path).name
+    return atomic_write_text(sidecar_path(path), "".join(f"{h}  {name}\n" for h in dict.fromkeys((sha, *also))))
 
 
-def read_sha256(path: str | Path) -> str | None:
-    """The SHA-256 recorded in ``<file>.sha256`` (None when there is none: a file written before hashes
-    were recorded); a sidecar that is not a SHA-256 raises ``ValueError`` naming it."""
+def read_sha256s(path: str | Path) -> tuple[str, ...] | None:
+    """Every SHA-256 recorded in ``<file>.sha256`` — one, or two while a save is being committed (the new
+    file's and the one it replaces) — None when there is none (a file written before hashes were recorded);
+    a sidecar that is not a SHA-256 list raises ``ValueError`` naming it."""
     side = sidecar_path(path)
     if not side.is_file():
         return None
-    text = side.read_text(errors="replace").split()
-    if not text or len(text[0]) != 64 or any(c not in "0123456789abcdef" for c in text[0]):
-        raise ValueError(f"{side}: not a SHA-256 sidecar (expected '<64 hex digits>  {Path(path).name}')")
-    return text[0]
+    lines = [line.split() for line in side.read_text(errors="replace").splitlines() if line.strip()]
+    hashes = tuple(words[0] for words in lines if words)
+    if not hashes or any(len(h) != 64 or any(c not in "0123456789abcdef" for c in h) for h in hashes):
+        raise UserError(f"{side}: not a SHA-256 sidecar (expected '<64 hex digits>  {Path(path).name}')")
+    return hashes
+
+
+def read_sha256(path: str | Path) -> str | None:
+    """The SHA-256 of the file's current version recorded in ``<file>.sha256`` (None without a sidecar)."""
+    hashes = read_sha256s(path)
+    return hashes[0] if hashes else None
 
 
 def state_mismatch(own: dict[str, Any], state: dict[str, Any], *, skip=lambda key: False,

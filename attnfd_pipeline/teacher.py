@@ -34,6 +34,7 @@ from attnfd_pipeline.models import build_model
 from attnfd_pipeline.safe_load import load_torch_file, to_plain
 from attnfd_pipeline.targets import LOGITS, is_raw, target_names, target_point
 from attnfd_pipeline.utils import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_state_dict
+from attnfd_pipeline.errors import UserError
 
 BUNDLE_FORMAT = "attnfd-teacher-bundle/1"
 BUNDLE_NAME = "teacher_bundle.pt"
@@ -220,13 +221,13 @@ def load_teacher_info(path: str | Path) -> dict:
     path = Path(path)
     side = path.with_suffix(".json")
     if not side.is_file():
-        raise FileNotFoundError(f"{side}: teacher bundle metadata not found (run `make teacher` first)")
+        raise FileNotFoundError(f"{side}: teacher bundle metadata not found (train it with `attnfd teacher -c CONFIG` first)")
     try:
         info = json.loads(side.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{side}: unreadable teacher bundle metadata ({e})") from None
+        raise UserError(f"{side}: unreadable teacher bundle metadata ({e})") from None
     if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{side}: not a teacher bundle (format {info.get('format') if isinstance(info, dict) else None!r})")
+        raise UserError(f"{side}: not a teacher bundle (format {info.get('format') if isinstance(info, dict) else None!r})")
     return info
 
 
@@ -244,13 +245,13 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Frozen
     before they are deserialised (weights-only), and the weights' hash must match the recorded one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: teacher bundle not found (run `make teacher` first)")
+        raise FileNotFoundError(f"{path}: teacher bundle not found (train it with `attnfd teacher -c CONFIG` first)")
     from attnfd_pipeline.engine.checkpoint import load_modules
 
     state, _ = load_torch_file(path, what="teacher bundle", expected_sha256=_recorded_file_sha(path),
                                sha_source=str(path.with_suffix(".json")))
     if not isinstance(state, dict) or state.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{path}: not a teacher bundle")
+        raise UserError(f"{path}: not a teacher bundle")
     model = build_model(state["model"], state["num_classes"], output_stride=state["output_stride"],
                         inpath_attention=state["points"] if state["cbam_mode"] == "inpath" else None)
     load_modules(model, state["model_state"], path)  # a clear error naming the file if it does not fit
@@ -261,7 +262,7 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Frozen
         load_modules(attention, state["attention_state"], path)
     sha = _weights_sha(model, attention, state["cbam_mode"])
     if sha != state["sha256"]:
-        raise ValueError(f"{path}: weights hash {sha[:12]} does not match the recorded {state['sha256'][:12]} "
+        raise UserError(f"{path}: weights hash {sha[:12]} does not match the recorded {state['sha256'][:12]} "
                          f"(file modified or corrupt)")
     info = {k: state[k] for k in ("model", "output_stride", "num_classes", "cbam_mode", "points", "sha256",
                                   "package_version")}

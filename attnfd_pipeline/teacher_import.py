@@ -29,6 +29,7 @@ from torch import nn
 
 from attnfd_pipeline.config import POINTS
 from attnfd_pipeline.safe_load import load_torch_file, state_mismatch
+from attnfd_pipeline.errors import UserError
 
 __all__ = ["FORMATS", "IMPORT_CBAM_MODES", "REFERENCE_CBAM_MAP", "REFERENCE_KEY_MAP", "REFERENCE_MODELS",
            "TeacherWeights", "check_state_fits", "map_reference", "read_teacher_file"]
@@ -115,7 +116,7 @@ class TeacherWeights:
 def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors of a loaded file and the names of the top-level entries that were not read."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a teacher checkpoint (a {type(obj).__name__}, expected a dict of tensors "
+        raise UserError(f"{path}: not a teacher checkpoint (a {type(obj).__name__}, expected a dict of tensors "
                          f"or a dict with 'state_dict')")
     for key in ("state_dict", "model_state", "modules"):
         if isinstance(obj.get(key), dict):
@@ -137,7 +138,7 @@ def _detect(state: dict[str, Any], path: Path) -> str:
     if any(k.startswith(("aspp.branches.", "decoder.reduce.")) for k in keys):
         return "state_dict"
     shown = ", ".join(keys[:5]) or "no keys"
-    raise ValueError(f"{path}: cannot tell the checkpoint's format (keys {shown}): neither the reference layout "
+    raise UserError(f"{path}: cannot tell the checkpoint's format (keys {shown}): neither the reference layout "
                      f"(aspp.aspp1.*, decoder.last_conv.*) nor this project's (aspp.branches.*, decoder.reduce.*); "
                      f"pass --format reference|state_dict")
 
@@ -146,18 +147,18 @@ def read_teacher_file(path: str | Path, fmt: str = "auto") -> TeacherWeights:
     """Load ``path`` weights-only and bring it into this project's names (``fmt`` auto-detects)."""
     path = Path(path)
     if fmt not in FORMATS:
-        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     obj, sha = load_torch_file(path, what="teacher checkpoint")
     raw, ignored = _state_dict_of(obj, path)
     state = _strip_module(raw)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path}: not a state dict of tensors ({', '.join(map(str, bad[:3]))} are not tensors)")
+        raise UserError(f"{path}: not a state dict of tensors ({', '.join(map(str, bad[:3]))} are not tensors)")
     detected = _detect(state, path)
     if fmt == "auto":
         fmt = detected
     elif (fmt == "reference") != (detected == "reference"):
-        raise ValueError(f"{path}: --format {fmt} but the keys are in the {detected} layout")
+        raise UserError(f"{path}: --format {fmt} but the keys are in the {detected} layout")
     if fmt == "reference":
         model_state, cbam = map_reference(state)
         key_map = [list(rule) for rule in REFERENCE_KEY_MAP] + [["<cbam>." + a, "<cbam>." + b]
@@ -215,5 +216,5 @@ def check_state_fits(module: nn.Module, state: dict[str, torch.Tensor], path: st
             state[k] = v
     problems = state_mismatch(own, state, shown=8, name=name)
     if problems:
-        raise ValueError(f"{path}: does not fit {what} — {'; '.join(problems)}")
+        raise UserError(f"{path}: does not fit {what} — {'; '.join(problems)}")
     return state

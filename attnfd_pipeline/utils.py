@@ -1,17 +1,24 @@
-"""Small side-effect helpers shared by every stage: atomic files, hashing, devices, seeding."""
+"""Small side-effect helpers shared by every stage: atomic files, hashing, devices, seeding.
+
+torch is imported on first use, so processes that only write files (the demo generator's workers) start quickly."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def _umask() -> int:
@@ -20,28 +27,59 @@ def _umask() -> int:
     return mask
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """Give the temp file normal permissions (mkstemp makes it 0600) and rename it into place."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: the folder's entry survives a power loss as well as the file's bytes."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a dot-prefixed temp file in the same folder + fsync + rename,
-    so a reader (or a crash) never sees a half-written file."""
+def write_temp(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Write a file's bytes with ``write(f)`` into a dot-prefixed temp file beside ``path`` and fsync it; the
+    caller publishes it with :func:`publish` (or removes it). Split in two so a caller can commit something
+    else (a checksum sidecar) between writing the bytes and making them visible."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def publish(tmp: str | Path, path: str | Path) -> Path:
+    """Give the temp file normal permissions (mkstemp makes it 0600) and rename it into place, durably."""
+    path = Path(path)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
     return path
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """The project's one durable writer: temp file in the same folder + fsync + rename (+ fsync of the folder),
+    so a reader (or a crash) never sees a half-written file, and the file gets the umask's permissions."""
+    return publish(write_temp(path, write), path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -53,20 +91,32 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save through a temp file + fsync + rename: a kill while saving never corrupts ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """torch.save through :func:`atomic_write`: a kill while saving never corrupts ``path``."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has finished, so a write that
+    commits several files together is completed, never cut between them; the interrupt is then raised as
+    usual. Outside the main thread (where Python cannot install handlers) the block runs unprotected."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if not caught or previous is signal.SIG_IGN:
+        return
+    if callable(previous):  # Python's own handler raises KeyboardInterrupt; a caller's runs as it would have
+        previous(signal.SIGINT, None)
+        return
+    raise KeyboardInterrupt
 
 
 def sha256_file(path: str | Path) -> str:
@@ -77,6 +127,8 @@ def sha256_file(path: str | Path) -> str:
 
 def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
     """Hash of a state dict's names, dtypes, shapes and bytes, independent of how it was saved."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name]
@@ -94,6 +146,8 @@ def blake2b_hex(data: bytes, digest_size: int = 16) -> str:
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
+    import torch
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
@@ -103,6 +157,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -111,6 +167,8 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict[str, Any]:
     """Every global RNG's state as tensors and plain Python values, so a checkpoint holding it loads with
     ``torch.load(weights_only=True)`` and no allow-list."""
+    import torch
+
     version, internal, gauss = random.getstate()
     name, key, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
@@ -124,6 +182,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore :func:`rng_state`; also takes the raw ``getstate()`` tuples that older checkpoints hold."""
+    import torch
+
     py = state["python"]
     if isinstance(py[1], torch.Tensor):
         py = (py[0], tuple(int(v) for v in py[1].tolist()), py[2])

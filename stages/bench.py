@@ -21,15 +21,15 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
           out: Annotated[Path, typer.Option(help="Folder for results.json and results.md.")] = Path("bench"),
           quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (seconds): keeps the harness working; "
                                                               "figures are not meaningful.")] = False,
-          repeats: Annotated[Optional[int], typer.Option(help="Interleaved repeats (default: 4, quick: 1).")] = None,
-          threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (default: the cores the "
+          repeats: Annotated[Optional[int], typer.Option(min=1, help="Interleaved repeats (default: 4, quick: 1).")] = None,
+          threads: Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (default: the cores the "
                                                               "loader workers leave, at least 1).")] = None,
           work_dir: Annotated[Optional[Path], typer.Option(help="Where the temporary dataset, teacher and cache "
                                                                 "go (default: the system temp dir).")] = None,
           allow_busy: Annotated[bool, typer.Option("--allow-busy", help="Measure even when the load average "
                                                                         "at start is >= 0.5 (the wall-clock figures "
                                                                         "then carry the other load).")] = False,
-          wait_quiet: Annotated[float, typer.Option(help="Seconds to wait for the load average to fall below 0.5 "
+          wait_quiet: Annotated[float, typer.Option(min=0, help="Seconds to wait for the load average to fall below 0.5 "
                                                          "before starting (0: check once).")] = 0.0):
     """Benchmark plain vs cached vs online distillation: step time, peak memory, cache build and read
     throughput, storage, sweep economics (interleaved ratios, medians over repeats)."""
@@ -107,9 +107,9 @@ AccuracyOutOpt = Annotated[Optional[Path], typer.Option("--out", help="Folder fo
 
 
 def bench_accuracy(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
-                   seeds: Annotated[int, typer.Option(help="Seeds of the student and of AttnFD (cached and "
+                   seeds: Annotated[int, typer.Option(min=1, help="Seeds of the student and of AttnFD (cached and "
                                                            "online): the rows the goals compare.")] = 3,
-                   extra_seeds: Annotated[int, typer.Option(help="Seeds of KD, LAD, AICSD and Af-DCD.")] = 1,
+                   extra_seeds: Annotated[int, typer.Option(min=0, help="Seeds of KD, LAD, AICSD and Af-DCD.")] = 1,
                    compact: Annotated[list[str] | None, typer.Option(
                        help="Compact cache storage AttnFD also trains on (--seeds seeds, paired with the float16 "
                             "cache); repeatable: int8, int8+poolD2 (make bench-accuracy: both).")] = None,

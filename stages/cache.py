@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.common import DEFAULT_CONFIG, ConfigOpt, QuietOpt, SetOpt, VerboseOpt, errors, load, logs
+from stages.common import DEFAULT_CONFIG, ConfigOpt, QuietOpt, SetOpt, VerboseOpt, errors, load, logs, show_paths
+from attnfd_pipeline.errors import UserError
 
 app = typer.Typer(help="Stage 1b: the teacher-feature cache (plan, build, info, verify).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -70,7 +71,7 @@ def _check_inputs(cfg, source, teacher_path: Path, t) -> None:
     info = t.info() if callable(getattr(t, "info", None)) else {}
     nc = info.get("num_classes")
     if nc is not None and nc != source.info.num_classes:
-        raise ValueError(f"{teacher_path}: teacher bundle has {nc} classes, dataset {source.info.name!r} has "
+        raise UserError(f"{teacher_path}: teacher bundle has {nc} classes, dataset {source.info.name!r} has "
                          f"{source.info.num_classes}")
 
 
@@ -85,14 +86,22 @@ def _locate(cfg, teacher: Path | None, path: str | None):
 
 
 # -- commands ------------------------------------------------------------------------------------
+def positive(value: float | None) -> float | None:
+    """A rate or size option must be > 0 (typer's ``min`` admits the bound itself)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value:g} is not > 0")
+    return value
+
+
 @app.command("plan")
 def plan_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: TeacherOpt = None,
              device: Annotated[Optional[str], typer.Option(help="Teacher device (default: teacher.train.device).")] = None,
              images: Annotated[Optional[int], typer.Option(
-                 "--images", help="Training images (when the dataset is not on disk): plans from the model "
-                                  "config alone, without a teacher bundle.")] = None,
+                 "--images", min=1, help="Training images (when the dataset is not on disk): plans from the model "
+                                         "config alone, without a teacher bundle.")] = None,
              teacher_images_per_s: Annotated[Optional[float], typer.Option(
-                 "--teacher-images-per-s", help="Assumed teacher throughput, for the build time.")] = None,
+                 "--teacher-images-per-s", callback=positive,
+                 help="Assumed teacher throughput, for the build time.")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print the per-encoding table as JSON.")] = False):
     """Before writing anything: samples, bytes per sample per target, estimated size, free disk, time.
     With a teacher bundle and the dataset: compression and time measured on a few real teacher outputs
@@ -125,23 +134,23 @@ def _count_images(cfg) -> int:
     try:
         return len(make_source(cfg))
     except Exception as e:  # noqa: BLE001 - a dataset not on disk: say how to plan without it
-        raise ValueError(f"{cfg.data.root}: cannot list the {cfg.data.train_split!r} split ({e}); pass --images N "
+        raise UserError(f"{cfg.data.root}: cannot list the {cfg.data.train_split!r} split ({e}); pass --images N "
                          f"to plan without the dataset") from None
 
 
 @app.command("build")
 def build_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: TeacherOpt = None,
               device: Annotated[Optional[str], typer.Option(help="Teacher device (default: teacher.train.device).")] = None,
-              rank: Annotated[int, typer.Option(help="This writer's rank: it owns shards rank, rank+world, …")] = 0,
-              world: Annotated[int, typer.Option(help="Number of writers (with --scheduler: default one per "
+              rank: Annotated[int, typer.Option(min=0, help="This writer's rank: it owns shards rank, rank+world, …")] = 0,
+              world: Annotated[int, typer.Option(min=1, help="Number of writers (with --scheduler: default one per "
                                                       "dask worker).")] = 1,
-              wait: Annotated[float, typer.Option(help="Seconds to wait for another build's lock.")] = 0.0,
+              wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for another build's lock.")] = 0.0,
               progress: Annotated[bool, typer.Option(help="Show the progress line.")] = True,
               scheduler: Annotated[Optional[str], typer.Option(help="Address of a dask scheduler: one writer task "
                                                                     "per rank, the teacher loaded in the workers.")] = None,
-              workers: Annotated[int, typer.Option(help="Writers on a dask LocalCluster of this many worker "
+              workers: Annotated[int, typer.Option(min=0, help="Writers on a dask LocalCluster of this many worker "
                                                         "processes (0 = no dask).")] = 0,
-              gpus_per_writer: Annotated[int, typer.Option(help="GPU resource each dask writer task claims "
+              gpus_per_writer: Annotated[int, typer.Option(min=0, help="GPU resource each dask writer task claims "
                                                                 "(workers started with --resources GPU=1).")] = 0,
               verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Build (or resume) the cache: plan first (refuses if it does not fit), then commit every shard
@@ -149,6 +158,7 @@ def build_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: 
     (--scheduler ADDRESS or --workers N), or by hand (--rank/--world in N processes)."""
     logs(verbose, quiet)
     cfg = load(config, set_)
+    show_paths(cfg)
     from attnfd_pipeline.engine import distributed
 
     env_world = distributed.env_ranks()[1]
@@ -278,8 +288,8 @@ def info_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: T
 @app.command("verify")
 def verify_cmd(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, teacher: TeacherOpt = None,
                path: PathOpt = None,
-               replay: Annotated[int, typer.Option(help="Rows to re-augment and compare with the stored hashes.")] = 8,
-               workers: Annotated[int, typer.Option(help="Threads reading shards in parallel.")] = 2,
+               replay: Annotated[int, typer.Option(min=0, help="Rows to re-augment and compare with the stored hashes.")] = 8,
+               workers: Annotated[int, typer.Option(min=1, help="Threads reading shards in parallel.")] = 2,
                allow_incomplete: Annotated[bool, typer.Option(help="Exit 0 on a correct but incomplete cache.")] = False):
     """Re-read every committed sample: chunk checksums, NaN scan, manifest ↔ arrays, replay check.
     Exit 1 naming every bad (image, seed, target)."""

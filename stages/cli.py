@@ -10,7 +10,7 @@ import typer
 from attnfd_pipeline.data.demo import DEMO_N_TRAIN, DEMO_N_VAL
 from stages.bench import bench, bench_accuracy, bench_feed, bench_gpu
 from stages.inference import evaluate, export, predict
-from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load
+from stages.common import DEFAULT_CONFIG, ConfigOpt, SetOpt, errors, load, logs, show_paths
 from stages.report import curves, report, studies, visualize
 from stages.storage import bench_storage
 from stages.student import student, sweep
@@ -18,6 +18,22 @@ from stages.teacher import app as teacher_app
 
 app = typer.Typer(help="AttnFD pipeline: teacher → cache → student.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
+
+
+def _version(show: bool) -> None:
+    if show:
+        from attnfd_pipeline import __version__
+
+        typer.echo(f"attnfd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False):
+    """AttnFD pipeline: teacher → cache → student."""
+
+
 data_app = typer.Typer(help="Datasets: generate the embedded demo, validate a dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
@@ -62,7 +78,9 @@ def data_prepare(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
     from attnfd_pipeline.data.datasets import dataset_info
     from attnfd_pipeline.data.demo import generate_demo
 
+    logs(False, False)
     cfg = load(config, set_)
+    show_paths(cfg)
     with errors():
         if cfg.data.dataset == "demo":
             generate_demo(cfg.data.root, seed=cfg.augment.seed)
@@ -77,13 +95,24 @@ def data_prepare(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None):
 def data_check(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                split: Annotated[Optional[list[str]], typer.Option(help="Splits to check (default: train and val).")] = None):
     """Validate a dataset before anything trains; every problem is reported with its file."""
-    from attnfd_pipeline.data.check import check_dataset, format_problems
+    from attnfd_pipeline.data.check import check_dataset, format_problems, masks_without_images, split_counts
     from attnfd_pipeline.data.datasets import dataset_info
 
+    logs(False, False)
     cfg = load(config, set_)
+    show_paths(cfg)
     splits = split or [cfg.data.train_split, cfg.data.val_split]
     with errors():
-        problems = check_dataset(dataset_info(cfg), cfg.data.root, splits)
+        info = dataset_info(cfg)
+        problems = check_dataset(info, cfg.data.root, splits)
+        orphans = masks_without_images(info, cfg.data.root, splits)
+        counts = split_counts(info, cfg.data.root, splits)
+    typer.echo(f"{cfg.data.dataset} at {cfg.data.root}: " + ", ".join([f"{info.num_classes} classes",
+                                                                       *(f"{s} {n} images" for s, n in counts.items())]))
+    if orphans:
+        shown = "".join(f"\n  {p}" for p in orphans[:10]) + (f"\n  ... and {len(orphans) - 10} more" if len(orphans) > 10 else "")
+        typer.secho(f"warning: {len(orphans)} mask(s) without their image (not read by any split):{shown}", err=True,
+                    fg=typer.colors.YELLOW)
     if problems:
         typer.echo(format_problems(problems), err=True)
         raise typer.Exit(1)

@@ -15,14 +15,32 @@ from attnfd_pipeline.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = Path("configs/demo.toml")
 
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a finished run trained under another recipe "
+                                         "(without it, a finished run is reused or the rerun refused).")]
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="TOML recipe (configs/*.toml).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. student.alpha=2 (repeatable).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Run seed (train.seed of the stage).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", min=0, help="Run seed (train.seed of the stage).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="DEBUG detail on the console and in log.txt.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only on the console "
                                         "(log.txt keeps INFO).")]
 TensorboardOpt = Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard scalars into <run>/tb/ "
                                               "(needs the tensorboard extra).")]
+
+
+def option_overrides(overrides: list[str] | None, **options: tuple[str, object]) -> list[str]:
+    """``--set`` overrides plus those of dedicated options (``name=(key, value)``, ``value`` None: not given).
+    An option and a ``--set`` of the same key are refused naming both, never silently resolved."""
+    out = list(overrides or [])
+    given = {o.split("=", 1)[0].strip(): o for o in out}
+    for name, (key, value) in options.items():
+        if value is None:
+            continue
+        if key in given:
+            flag = "--" + name.replace("_", "-")
+            raise typer.BadParameter(f"{flag} {value} and --set {given[key]} both set {key}; give one",
+                                     param_hint=f"{flag} / --set {key}")
+        out.append(f"{key}={value}")
+    return out
 
 
 def logs(verbose: bool, quiet: bool) -> None:
@@ -35,7 +53,41 @@ def logs(verbose: bool, quiet: bool) -> None:
 
 def load(config: Path, overrides: list[str] | None) -> Config:
     with errors():
+        if config == DEFAULT_CONFIG and not config.is_file():
+            raise ConfigError(f"{config}: no config here (the default is the demo's, read from the repository's "
+                              f"folder); pass --config FILE")
         return load_config(config, overrides or [])
+
+
+def show_paths(cfg: Config) -> None:
+    """The folders a stage reads and writes, resolved (relative paths in a config file are from its folder)."""
+    from attnfd_pipeline.engine.logging import get_logger
+
+    get_logger().info(f"data {Path(cfg.data.root).resolve()} | runs {cfg.run_root.resolve()} | cache "
+                      f"{cfg.cache.root if '://' in cfg.cache.root else Path(cfg.cache.root).resolve()}")
+
+
+def rerun_command(command: str, config: Path, overrides: list[str] | None, *, force: bool = False) -> str:
+    """The command line that repeats this run with ``--resume`` (the overrides as ``--set``; ``--force`` kept:
+    a forced teacher retrain cut short still has the bundle it replaces beside it)."""
+    import shlex
+
+    sets = "".join(f" --set {shlex.quote(o)}" for o in overrides or [])
+    return f"attnfd {command} -c {shlex.quote(str(config))}{sets}{' --force' if force else ''} --resume"
+
+
+@contextlib.contextmanager
+def interrupts(resume_with: str):
+    """Ctrl-C → where the run stopped and the command that continues it, exit code 130 (no traceback). The
+    last checkpoint is whole: a save under way when the interrupt came finished first."""
+    from attnfd_pipeline.engine.train import RunInterrupted
+
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        where = f"interrupted at epoch {e.epoch}/{e.epochs}, step {e.step}" if isinstance(e, RunInterrupted) else "interrupted"
+        typer.secho(f"{where}; resume with {resume_with}", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(130) from None
 
 
 @contextlib.contextmanager
@@ -72,7 +124,11 @@ def _known_errors():
     from attnfd_pipeline.data.datasets import DataError
     from attnfd_pipeline.engine import logging as run_logging
 
-    known: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError, ValueError)
+    from attnfd_pipeline.errors import UserError
+
+    # the project's own error types only: any other exception (a ValueError of NumPy or torch too) is a bug,
+    # and keeps its traceback (``_logged`` writes it into log.txt as well)
+    known: tuple[type[BaseException], ...] = (UserError, ConfigError, DataError, FileNotFoundError)
     try:
         from attnfd_pipeline.cache import CacheError
 

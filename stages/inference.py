@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,6 +27,9 @@ def evaluate(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, checkpoint
     from attnfd_pipeline.teacher import bundle_path
     from attnfd_pipeline.utils import atomic_write_json
 
+    if checkpoint is not None and bundle is not None and checkpoint != bundle:
+        raise typer.BadParameter(f"--checkpoint {checkpoint} and --bundle {bundle} name two networks; give one",
+                                 param_hint="--checkpoint / --bundle")
     cfg = load(config, set_)
     with errors():
         m = evaluate_checkpoint(cfg, checkpoint or bundle or bundle_path(cfg), split=split)
@@ -54,16 +58,30 @@ def predict(input_: Annotated[str, typer.Option("--input", "-i", help="Image fol
                f"{result.seconds:.1f} s)")
 
 
+@contextlib.contextmanager
+def removed_on_failure(path: Path):
+    """A command that fails (or is interrupted) after writing ``path`` removes it: nothing half-checked stays."""
+    before = path.stat().st_mtime_ns if path.is_file() else None
+    try:
+        yield
+    except BaseException:
+        if path.is_file() and path.stat().st_mtime_ns != before:  # written by this command
+            path.unlink()
+        raise
+
+
 def export(out: Annotated[Path, typer.Option(help="File to write (.pt for TorchScript, .onnx for ONNX).")],
            config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, checkpoint: CheckpointOpt = None,
            format_: Annotated[str, typer.Option("--format", help="torchscript or onnx (the onnx extra).")] = "torchscript",
            check: Annotated[bool, typer.Option(help="Compare the exported model with the eager one.")] = True):
     """Export the network alone (no distillation heads): input normalised images, output logits."""
-    from attnfd_pipeline.inference import compare_outputs, dataset_info, export_segmenter, load_segmenter
+    from attnfd_pipeline.inference import (check_export_name, compare_outputs, dataset_info, export_segmenter,
+                                           load_segmenter)
     from attnfd_pipeline.teacher import bundle_path
 
     cfg = load(config, set_)
-    with errors():
+    with errors(), removed_on_failure(out):
+        check_export_name(format_, out)
         seg = load_segmenter(checkpoint or bundle_path(cfg))
         crop = tuple(cfg.augment.crop_size)
         path = export_segmenter(seg, format_, out, example_hw=crop, info=dataset_info(cfg))

@@ -35,10 +35,10 @@ def studies(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
             study: Annotated[Optional[list[str]], typer.Option(
                 "--study", help="Only these studies (repeatable): reference, K, methods, alpha, points, norm, "
                                 "teacher_mode. Default: all.")] = None,
-            seeds: Annotated[int, typer.Option(
+            seeds: Annotated[int, typer.Option(min=1,
                 help="Seeds of every row compared with a reference row (reference, methods, K, α, points, norm, "
                      "teacher CBAM mode): differences are paired over them.")] = 3,
-            extra_seeds: Annotated[int, typer.Option(help="Seeds of the plain student at each other K.")] = 1,
+            extra_seeds: Annotated[int, typer.Option(min=0, help="Seeds of the plain student at each other K.")] = 1,
             k: Annotated[str, typer.Option("--k", help="Cached augmentation seeds K of the K study.")] = "1,2,4,8",
             alpha: Annotated[str, typer.Option("--alpha", help="α values of the α sweep (besides the config's).")]
             = "3,10,100,300",
@@ -71,7 +71,7 @@ def curves(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
 
 
 def visualize(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
-              image_index: Annotated[int, typer.Option("--image-index", help="Validation image index.")] = 0,
+              image_index: Annotated[int, typer.Option("--image-index", min=0, help="Validation image index.")] = 0,
               out: Annotated[Optional[Path], typer.Option(
                   help="PNG to write (default: reports/<name>/attention_<N>.png).")] = None,
               run: Annotated[Optional[str], typer.Option(

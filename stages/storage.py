@@ -15,7 +15,7 @@ def bench_storage(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                   teacher: Annotated[Optional[Path], typer.Option(help="Teacher bundle (default: the config's).")] = None,
                   out: Annotated[Path, typer.Option(help="Output folder: storage.json and storage.md.")] = Path("bench"),
                   crops: Annotated[str, typer.Option(help="Comma-separated square crops.")] = "64,257",
-                  images: Annotated[int, typer.Option(help="Training images per crop.")] = 8,
+                  images: Annotated[int, typer.Option(min=1, help="Training images per crop.")] = 8,
                   checkpoint: Annotated[Optional[Path], typer.Option(
                       help="Measure on a teacher training checkpoint (train/last.pt) instead of the bundle.")] = None):
     """Every storage variant (float16 / int8, with and without pooling) on the trained teacher's maps: error

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from attnfd_pipeline.config import TargetSource
-from stages.common import (DEFAULT_CONFIG, ConfigOpt, QuietOpt, SeedOpt, SetOpt, TensorboardOpt, VerboseOpt, errors,
-                           load, logs)
+from stages.common import (DEFAULT_CONFIG, ConfigOpt, ForceOpt, QuietOpt, SeedOpt, SetOpt, TensorboardOpt, VerboseOpt,
+                           errors, interrupts, load, logs, option_overrides, rerun_command, show_paths)
 
 
 def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedOpt = None,
@@ -23,20 +23,29 @@ def student(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedO
                 "--online-fresh", hidden=True, help="Older spelling: with --mode online, = --targets online-fresh.")]
             = False,
             resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-            tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False, quiet: QuietOpt = False):
-    """Train the student with L = CE + α·L_Attn against the cached teacher targets."""
-    from attnfd_pipeline.runs import run_student
+            force: ForceOpt = False, tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False,
+            quiet: QuietOpt = False):
+    """Train the student with L = CE + α·L_Attn against the cached teacher targets. A finished run of the same
+    recipe is reused; one of another recipe is refused (--force replaces it)."""
+    from attnfd_pipeline.runs import forget_finished_student, reusable_student, run_student
 
     logs(verbose, quiet)
-    overrides = list(set_ or [])
+    overrides = option_overrides(set_, seed=("student.train.seed", seed), alpha=("student.alpha", alpha))
     overrides += ["student.train.tensorboard=true"] if tensorboard else []
-    overrides += [f"student.train.seed={seed}"] if seed is not None else []
-    overrides += [f"student.alpha={alpha}"] if alpha is not None else []
     overrides += target_overrides(targets, mode, online_fresh)
     cfg = load(config, overrides)
+    show_paths(cfg)
     from attnfd_pipeline.engine import distributed
 
-    with errors(), distributed.launched():  # under torchrun: one DDP rank (process group from the env)
+    with errors():
+        reused = None if force else reusable_student(cfg)
+        if force and distributed.is_main():
+            forget_finished_student(cfg)
+    if reused is not None:
+        typer.echo(f"{reused['run']}: finished run reused, best mIoU {reused['best_miou'] * 100:.2f} "
+                   f"({reused['epochs']} epochs; --force trains it again)")
+        return
+    with interrupts(rerun_command("student", config, overrides, force=force)), errors(), distributed.launched():
         from attnfd_pipeline.runs import check_student_inputs
 
         check_student_inputs(cfg)  # dataset files, backbone weights: before anything is written
@@ -71,8 +80,8 @@ def sweep(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
           alpha: Annotated[str, typer.Option(help="Comma-separated α values, e.g. 0.1,1,2,10.")] = "0.1,1,2,10",
           seed: Annotated[str, typer.Option(help="Comma-separated seeds, e.g. 0,1,2.")] = "0",
           scheduler: Annotated[Optional[str], typer.Option(help="Address of an existing dask scheduler.")] = None,
-          workers: Annotated[int, typer.Option(help="LocalCluster worker processes (no --scheduler).")] = 1,
-          gpus_per_run: Annotated[int, typer.Option(help="GPU resource each run claims on the cluster.")] = 0,
+          workers: Annotated[int, typer.Option(min=1, help="LocalCluster worker processes (no --scheduler).")] = 1,
+          gpus_per_run: Annotated[int, typer.Option(min=0, help="GPU resource each run claims on the cluster.")] = 0,
           tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Run an α × seed grid on one cache on a dask.distributed cluster; finished runs are skipped."""
     from attnfd_pipeline.experiments.results import collect_results, format_table

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from attnfd_pipeline.runs import run_teacher
-from stages.common import (DEFAULT_CONFIG, ConfigOpt, QuietOpt, SeedOpt, SetOpt, TensorboardOpt, VerboseOpt, errors,
-                           load, logs)
+from attnfd_pipeline.runs import reusable_teacher, run_teacher
+from stages.common import (DEFAULT_CONFIG, ConfigOpt, ForceOpt, QuietOpt, SeedOpt, SetOpt, TensorboardOpt, VerboseOpt,
+                           errors, interrupts, load, logs, option_overrides, rerun_command, show_paths)
 
 app = typer.Typer(help="Stage 1a: train the teacher (default), or import / export a trained one.",
                   pretty_exceptions_enable=False)
@@ -19,17 +19,25 @@ app = typer.Typer(help="Stage 1a: train the teacher (default), or import / expor
 @app.callback(invoke_without_command=True)
 def teacher(ctx: typer.Context, config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None, seed: SeedOpt = None,
             resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
-            tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False, quiet: QuietOpt = False):
-    """Train the teacher (CE) with its CBAMs per teacher.cbam_mode, then freeze both into teacher_bundle.pt."""
+            force: ForceOpt = False, tensorboard: TensorboardOpt = False, verbose: VerboseOpt = False,
+            quiet: QuietOpt = False):
+    """Train the teacher (CE) with its CBAMs per teacher.cbam_mode, then freeze both into teacher_bundle.pt. A
+    bundle of the same recipe is reused; one of another recipe is refused (--force replaces it)."""
     if ctx.invoked_subcommand is not None:
         return
     logs(verbose, quiet)
-    overrides = list(set_ or []) + ([f"teacher.train.seed={seed}"] if seed is not None else [])
+    overrides = option_overrides(set_, seed=("teacher.train.seed", seed))
     overrides += ["teacher.train.tensorboard=true"] if tensorboard else []
     cfg = load(config, overrides)
+    show_paths(cfg)
     from attnfd_pipeline.engine import distributed
 
-    with errors(), distributed.launched():  # under torchrun: one DDP rank (process group from the env)
+    with errors():
+        reused = None if force else reusable_teacher(cfg)
+    if reused is not None:
+        typer.echo(f"teacher bundle: {reused} (finished, same recipe: reused; --force trains it again)")
+        return
+    with interrupts(rerun_command("teacher", config, overrides, force=force)), errors(), distributed.launched():
         path = run_teacher(cfg, resume=resume)
     if distributed.is_main():
         typer.echo(f"teacher bundle: {path}")

@@ -245,3 +245,47 @@ def test_shipped_example_declares_the_demo_classes(layouts):
     assert dataset_palette(cfg)[10].tolist() == [250, 190, 212]
     r = runner.invoke(app, ["data", "check", "-c", "configs/custom_example.toml", "--set", f'data.root="{layouts["voc"]}"'])
     assert r.exit_code == 0, r.output
+
+
+def test_predict_export_and_cache_plan_on_a_declared_dataset(layouts, tmp_path):
+    """Every command that needs the dataset's classes resolves the declared one (an untrained bundle: only
+    the commands' plumbing is under test)."""
+    import torch
+
+    from attnfd_pipeline.teacher import build_teacher_model, bundle_path, save_bundle
+
+    cfg = _cfg(layouts["voc"], tmp_path, "voc", "data.classes=" + json.dumps(NAMES[:3]),
+               "data.label_map={" + ", ".join(f"{t} = {min(t, 2)}" for t in range(11)) + "}")
+    p = _write(cfg, tmp_path)
+    torch.manual_seed(0)
+    save_bundle(bundle_path(cfg), cfg, build_teacher_model(cfg, 3).eval(), None, 3)
+    images = next(layouts["voc"].glob("JPEGImages/*.jpg"))
+
+    def ok(*args):
+        r = runner.invoke(app, [*map(str, args), "-c", str(p)])
+        assert r.exit_code == 0 and "unknown dataset" not in r.output and "Traceback" not in r.output, (args, r.output)
+        return r
+
+    ok("predict", "--input", images, "--out", tmp_path / "masks", "--no-progress")
+    mask = np.asarray(Image.open(tmp_path / "masks" / f"{images.stem}.png"))
+    assert mask.shape == Image.open(images).size[::-1] and mask.max() <= 2
+    for fmt, name in (("torchscript", "t.pt"), ("onnx", "t.onnx")):
+        ok("export", "--format", fmt, "--out", tmp_path / name, "--no-check")
+        meta = json.loads(runner.invoke(app, ["evaluate", "-c", str(p), "-k", str(tmp_path / name), "--json"]).output)
+        assert meta["class_names"] == NAMES[:3]
+    r = ok("cache", "plan", "--images", "10")
+    assert "float16" in r.output
+
+
+def test_storage_bench_student_maps_and_chaos_classes_on_a_declared_dataset(layouts, tmp_path):
+    """The storage fidelity bench and the chaos fixture take the class count from the config's dataset (here 3
+    declared classes), not from a lookup of its name ("custom" is no built-in)."""
+    from attnfd_pipeline.cache.plan import model_target_specs
+    from attnfd_pipeline.experiments.fidelity import untrained_student_maps
+
+    cfg = _cfg(layouts["voc"], tmp_path, "voc", "data.classes=" + json.dumps(NAMES[:3]),
+               "data.label_map={" + ", ".join(f"{t} = {min(t, 2)}" for t in range(11)) + "}")
+    specs = model_target_specs(cfg)
+    maps = untrained_student_maps(cfg, ImageSource.from_config(cfg), 32, 2, specs)
+    assert set(maps) <= set(specs) and all(m.shape[0] == 2 for m in maps.values())
+    assert cfg.data.num_classes == 3  # what chaos' fixture and the cache plan use

@@ -130,6 +130,7 @@ def test_a_missing_tensorboard_extra_is_one_error_naming_it(tiny_cfg, monkeypatc
 @pytest.mark.slow
 def test_cli_logs_and_an_error_that_ends_the_run_reaches_log_txt(tiny_cfg, monkeypatch, tmp_path):
     from attnfd_pipeline.distill import StudentTask
+    from attnfd_pipeline.errors import UserError
     from stages.cli import app
 
     p = tmp_path / "c.toml"
@@ -143,10 +144,10 @@ def test_cli_logs_and_an_error_that_ends_the_run_reaches_log_txt(tiny_cfg, monke
     assert "epoch 1/1 loss" in log
 
     def boom(self, batch, epoch):
-        raise ValueError("the batch is broken")
+        raise UserError("the batch is broken")
 
     monkeypatch.setattr(StudentTask, "train_step", boom)
-    r = runner.invoke(app, ["student", "--config", str(p), "--alpha", "0", "--quiet"])
+    r = runner.invoke(app, ["student", "--config", str(p), "--alpha", "0", "--quiet", "--force"])
     assert r.exit_code == 2 and "error: the batch is broken" in r.output
     log = (d / "log.txt").read_text()
     assert log.rstrip().endswith("run ended by an error: error: the batch is broken")

@@ -138,26 +138,26 @@ def test_cache_build_killed_while_writing_resumes_bitwise(site, tmp_path, built)
 
 def _train_script(argv: list[str], *, kill_at_save: int | None = None) -> str:
     """A child running the CLI on the test's torch thread count; with ``kill_at_save=n`` it SIGKILLs itself
-    half-way through writing its n-th ``last.pt`` (inside utils.atomic_torch_save's temp file)."""
+    half-way through writing its n-th ``last.pt`` (inside the temp file of ``utils.write_temp``)."""
     hook = ""
     if kill_at_save is not None:
         hook = f'''
 import io, os, signal
 from pathlib import Path
 import attnfd_pipeline.engine.checkpoint as C
-_real_save, _real_atomic, _n, _armed = torch.save, C.atomic_torch_save, [0], [False]
+_real_save, _real_temp, _n, _armed = torch.save, C.write_temp, [0], [False]
 def _save(obj, f, *a, **k):
     if _armed[0]:
         buf = io.BytesIO(); _real_save(obj, buf, *a, **k); data = buf.getvalue()
         f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
     return _real_save(obj, f, *a, **k)
-def _atomic(obj, path):
+def _temp(path, write):
     if Path(path).name == "last.pt":
         _n[0] += 1
         _armed[0] = _n[0] == {kill_at_save}
-    return _real_atomic(obj, path)
-torch.save, C.atomic_torch_save = _save, _atomic
+    return _real_temp(path, write)
+torch.save, C.write_temp = _save, _temp
 '''
     return (f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n{hook}\n"
             f"from stages.cli import app\napp({argv!r})\n")

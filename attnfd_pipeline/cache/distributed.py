@@ -34,6 +34,7 @@ from attnfd_pipeline.cache.errors import CacheError
 from attnfd_pipeline.cache.schema import cache_target_names
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import create_store
+from attnfd_pipeline.errors import UserError
 
 Hook = Callable[[Any, Any], None]  # (teacher, source) → None; raises to refuse the build
 
@@ -207,7 +208,7 @@ def build_cache_dask(cfg, load_teacher: Callable[[], Any], make_source: Callable
             world = world or len(client.scheduler_info()["workers"])
         else:
             if workers < 1:
-                raise ValueError(f"workers = {workers}: need at least one")
+                raise UserError(f"workers = {workers}: need at least one")
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
                                    dashboard_address=None)
             client = Client(cluster)
@@ -215,7 +216,7 @@ def build_cache_dask(cfg, load_teacher: Callable[[], Any], make_source: Callable
             world = world or workers
         try:
             if world < 1:
-                raise ValueError("no dask workers to write the cache")
+                raise UserError("no dask workers to write the cache")
             resources = {"GPU": gpus_per_writer} if gpus_per_writer else None
             prepared = client.submit(_prepare_task, cfg, load_teacher, make_source, plan, before, lock_wait, threads,
                                      resources=resources, pure=False).result()

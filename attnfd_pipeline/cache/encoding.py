@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from attnfd_pipeline.errors import UserError
 
 from attnfd_pipeline.cache.errors import CacheError
 
@@ -76,8 +77,8 @@ MEASURED_COMPRESSION = {"float16": 1.86, "int8": 1.77, "float16+poolD2": 1.57, "
 RECOMMENDED = ("int8", ())
 
 
-def _unknown(encoding: str) -> ValueError:
-    return ValueError(f"unknown cache encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+def _unknown(encoding: str) -> UserError:
+    return UserError(f"unknown cache encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
 
 
 def stored_arrays(name: str, encoding: str) -> list[tuple[str, str]]:

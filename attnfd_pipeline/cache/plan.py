@@ -17,7 +17,7 @@ import numpy as np
 
 from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.build import run_teacher, shard_samples, teacher_device
-from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, fingerprint_of
+from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_inputs, cache_root_path, fingerprint_of
 from attnfd_pipeline.cache.manifest import list_parts
 from attnfd_pipeline.cache.encoding import bytes_per_sample, decode, encode_target, pool_maps, pool_of, pooled_hw
 from attnfd_pipeline.cache.errors import CacheError
@@ -209,12 +209,11 @@ def model_target_specs(cfg, names: list[str] | None = None) -> dict[str, tuple[i
     model is built on torch's ``meta`` device (no weights, no memory, no bundle) and run on a meta input."""
     import torch
 
-    from attnfd_pipeline.data.datasets import get_dataset_info
     from attnfd_pipeline.models import build_model
 
     names = names or cache_target_names(cfg.cache)
     m = cfg.teacher.model
-    num_classes = get_dataset_info(cfg.data.dataset).num_classes
+    num_classes = cfg.data.num_classes  # a built-in's or the declared classes
     with torch.device("meta"):
         model = build_model(m.name, num_classes, output_stride=m.output_stride).eval()
         out = model(torch.zeros(1, 3, *cfg.augment.crop_size))
@@ -273,7 +272,17 @@ def encoding_table(cfg, num_images: int, *, specs: dict[str, tuple[int, int, int
             "(zstd level 1 on a trained teacher's maps), not on this config's teacher",
             "build_seconds": samples / teacher_images_per_s if teacher_images_per_s else None,
             "teacher_images_per_s": teacher_images_per_s,
-            "encodings": table, "recommended": recommended if recommended in table else "float16"}
+            "encodings": table, "recommended": recommended if recommended in table else "float16",
+            "configured": variant_name(c.encoding, c.pool), "cache_root": c.root,
+            "free_bytes": _root_free_bytes(c.root)}
+
+
+def _root_free_bytes(root: str) -> int | None:
+    """Free disk under ``cache.root`` (None on an object store, or where its backend is not installed)."""
+    try:
+        return storage.free_bytes(cache_root_path(root))
+    except (CacheError, OSError, ValueError):
+        return None
 
 
 def encoding_lines(t: dict) -> list[str]:
@@ -283,10 +292,16 @@ def encoding_lines(t: dict) -> list[str]:
            f"compression: {t['compression_source']}",
            f"{'storage':<18} {'per sample (raw)':>17} {'zstd':>6} {'per sample':>12} {'total':>11} {'vs float16':>10}"]
     for name, r in t["encodings"].items():
-        mark = "  <- recommended" if name == t["recommended"] else ""
+        marks = [m for m, on in (("this config", name == t.get("configured")), ("recommended", name == t["recommended"]))
+                 if on]
+        mark = f"  <- {', '.join(marks)}" if marks else ""
         out.append(f"{name:<18} {r['raw_bytes_per_sample'] / 1e6:>14.2f} MB {r['compression']:>5.2f}× "
                    f"{r['bytes_per_sample'] / 1e6:>9.2f} MB {r['total_bytes'] / 1e9:>8.1f} GB "
                    f"{r['compression_vs_float16']:>9.2f}×{mark}")
+    if "free_bytes" in t:
+        free = t["free_bytes"]
+        out.append(f"free disk at {t['cache_root']}: " + ("unknown (object store)" if free is None else
+                                                         f"{free / 1e9:,.1f} GB"))
     if t["build_seconds"] is not None:
         out.append(f"build time at {t['teacher_images_per_s']:g} teacher images/s (assumed; one forward per "
                    f"sample): {t['build_seconds'] / 60:,.0f} min")

@@ -15,7 +15,7 @@ import numpy as np
 
 from .datasets import DataError, DatasetInfo, SplitFiles, get_dataset_info, list_split
 
-__all__ = ["Problem", "check_dataset", "check_split", "format_problems"]
+__all__ = ["Problem", "check_dataset", "check_split", "format_problems", "masks_without_images", "split_counts"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,20 @@ def _image_hw(img_path: str, decode: bool) -> tuple[int, int]:
     return h, w
 
 
+JPEG_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")
+MASK_SUFFIXES = (".png", ".PNG")
+
+
+def _missing_label(lbl_path: str) -> str:
+    """Why a listed mask is not there; a JPEG of the same name is named: JPEG masks are refused."""
+    stem = os.path.splitext(lbl_path)[0]
+    jpeg = next((stem + s for s in JPEG_SUFFIXES if os.path.isfile(stem + s)), None)
+    if jpeg is None:
+        return "listed label file is missing"
+    return (f"listed label file is missing, but {jpeg} is there: JPEG masks are refused — lossy compression "
+            f"turns the pixels at class edges into values of other classes (or none); save masks as PNG")
+
+
 def _check_sample(info: DatasetInfo, img_path: str, lbl_path: str, decode_images: bool = True) -> list[Problem]:
     from .io import read_label_raw
 
@@ -74,7 +88,7 @@ def _check_sample(info: DatasetInfo, img_path: str, lbl_path: str, decode_images
     if not img_ok:
         problems.append(Problem(img_path, "listed image file is missing"))
     if not lbl_ok:
-        problems.append(Problem(lbl_path, "listed label file is missing"))
+        problems.append(Problem(lbl_path, _missing_label(lbl_path)))
     image_hw = raw = None
     if img_ok:
         try:
@@ -154,6 +168,37 @@ def check_dataset(
             continue
         problems.extend(check_split(info, files, threads=threads, decode_images=decode_images))
     return problems
+
+
+def masks_without_images(info_or_name: Union[str, DatasetInfo], root: Union[str, os.PathLike],
+                         splits: Iterable[str]) -> list[str]:
+    """PNG masks in the folders the splits' masks are read from that belong to no listed image of any of
+    ``splits`` (an image deleted or renamed, a typo): not an error — nothing reads them — but worth a look."""
+    info = get_dataset_info(info_or_name)
+    listed: set[str] = set()
+    folders: set[str] = set()
+    for split in splits:
+        try:
+            files = list_split(info, root, split)
+        except DataError:
+            continue  # check_dataset reports it
+        listed.update(os.path.abspath(p) for p in files.labels)
+        folders.update(os.path.dirname(os.path.abspath(p)) for p in files.labels)
+    return sorted(os.path.join(d, n) for d in folders for n in os.listdir(d)
+                  if n.endswith(MASK_SUFFIXES) and os.path.join(d, n) not in listed)
+
+
+def split_counts(info_or_name: Union[str, DatasetInfo], root: Union[str, os.PathLike],
+                 splits: Iterable[str]) -> dict[str, int]:
+    """Images listed in each split (a split that cannot be listed is left out: check_dataset reports it)."""
+    info = get_dataset_info(info_or_name)
+    out = {}
+    for split in splits:
+        try:
+            out[split] = len(list_split(info, root, split))
+        except DataError:
+            continue
+    return out
 
 
 def format_problems(problems: Sequence[Problem], limit: int = 50) -> str:

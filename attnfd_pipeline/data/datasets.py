@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Union
 
 import numpy as np
+from attnfd_pipeline.errors import UserError
 
 __all__ = [
     "DataError",
@@ -166,21 +167,21 @@ class DatasetInfo:
 
     def __post_init__(self):
         if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
+            raise UserError(f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes")
         if len(self.palette) != self.num_classes:
-            raise ValueError(f"{self.name}: {len(self.palette)} palette colours for {self.num_classes} classes")
+            raise UserError(f"{self.name}: {len(self.palette)} palette colours for {self.num_classes} classes")
         if any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in self.palette):
-            raise ValueError(f"{self.name}: palette entries must be RGB triples in 0..255")
+            raise UserError(f"{self.name}: palette entries must be RGB triples in 0..255")
         if not (self.num_classes <= self.ignore_index <= 255):
-            raise ValueError(f"{self.name}: ignore_index {self.ignore_index} must be in [num_classes, 255]")
+            raise UserError(f"{self.name}: ignore_index {self.ignore_index} must be in [num_classes, 255]")
         if self.layout is None:
-            raise ValueError(f"{self.name}: a layout is required")
+            raise UserError(f"{self.name}: a layout is required")
         if self.raw_to_train is not None:
             if len(self.raw_to_train) > 256:
-                raise ValueError(f"{self.name}: raw_to_train longer than 256")
+                raise UserError(f"{self.name}: raw_to_train longer than 256")
             bad = {t for t in self.raw_to_train if not (0 <= t < self.num_classes or t == self.ignore_index)}
             if bad:
-                raise ValueError(f"{self.name}: raw_to_train has targets {sorted(bad)} outside the classes")
+                raise UserError(f"{self.name}: raw_to_train has targets {sorted(bad)} outside the classes")
 
     # -- label encoding ---------------------------------------------------------------------
 
@@ -260,7 +261,7 @@ _REGISTRY: dict[str, DatasetInfo] = {}
 
 def register_dataset(info: DatasetInfo, *, overwrite: bool = False) -> DatasetInfo:
     if not overwrite and info.name in _REGISTRY and _REGISTRY[info.name] != info:
-        raise ValueError(f"dataset {info.name!r} is already registered")
+        raise UserError(f"dataset {info.name!r} is already registered")
     _REGISTRY[info.name] = info
     return info
 
@@ -275,7 +276,7 @@ def get_dataset_info(name: Union[str, DatasetInfo]) -> DatasetInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_REGISTRY))}") from None
+        raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_REGISTRY))}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -748,7 +749,7 @@ def declared_dataset(classes: Iterable[str], *, palette: Iterable[Iterable[int]]
     names = tuple(classes)
     n = len(names)
     if layout not in DECLARED_LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(DECLARED_LAYOUTS)}")
+        raise UserError(f"unknown layout {layout!r}; known: {', '.join(DECLARED_LAYOUTS)}")
     raw_to_train = known = None
     if label_map or ignore_index != IGNORE_INDEX:
         table = {int(r): int(t) for r, t in label_map.items()} if label_map else {r: r for r in range(n)}

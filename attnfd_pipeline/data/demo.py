@@ -37,6 +37,7 @@ import numpy as np
 
 from .datasets import DEMO_CLASS_NAMES, DEMO_INFO, DEMO_PALETTE, DataError
 from .io import atomic_write_bytes, write_jpeg, write_palette_png
+from attnfd_pipeline.errors import UserError
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -142,7 +143,7 @@ def _shape_mask(cls: int, u: np.ndarray, v: np.ndarray, p: float) -> np.ndarray:
         x = u * 1.15
         y = -v * 1.15 + 0.12
         return (x * x + y * y - 1.0) ** 3 - x * x * y**3 <= 0.0
-    raise ValueError(cls)
+    raise UserError(cls)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def _texture(cls: int, rng: np.random.Generator, pu: np.ndarray, pv: np.ndarray,
         h, w = pu.shape
         cells = rng.random(((h + 3) // 4, (w + 3) // 4), dtype=np.float32) < 0.5
         return np.repeat(np.repeat(cells, 4, axis=0), 4, axis=1)[:h, :w].astype(np.float32)
-    raise ValueError(cls)
+    raise UserError(cls)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,9 +429,9 @@ def generate_demo(
     records these parameters as complete, nothing is rewritten (missing files are re-created).
     Refuses to write into a non-empty folder that is not a demo dataset."""
     if not (8 <= min_size <= max_size):
-        raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
+        raise UserError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
     if n_train < 0 or n_val < 0:
-        raise ValueError("n_train and n_val must be >= 0")
+        raise UserError("n_train and n_val must be >= 0")
     seed = int(seed)
     out = Path(out_dir).expanduser().resolve()
     meta_path = out / "demo.json"

@@ -3,7 +3,7 @@
 * ``read_image``  -> uint8 (3, H, W) RGB tensor (torchvision decoder, Pillow fallback).
 * ``read_label``  -> uint8 (H, W) tensor of train ids (palette/grayscale PNG indices mapped
   through the dataset's table).
-* ``write_palette_png`` / ``write_jpeg`` write atomically (temp file + ``os.replace``).
+* ``write_palette_png`` / ``write_jpeg`` write atomically (``utils.atomic_write_bytes``: temp file + fsync + rename).
 * ``load_pair``   -> (image, label) of one sample of a :class:`SplitFiles`, sizes checked.
 
 torch/torchvision are imported on first use so that processes that only write files (the demo
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io as _io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Union
@@ -22,7 +21,9 @@ from typing import TYPE_CHECKING, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from ..utils import atomic_write_bytes
 from .datasets import DataError, DatasetInfo, SplitFiles, get_dataset_info, voc_colormap
+from attnfd_pipeline.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -184,23 +185,6 @@ def load_pair(info: Union[str, DatasetInfo], files: SplitFiles, index: int) -> t
 # --------------------------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _to_numpy(x) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
         x = x.detach().cpu().numpy()
@@ -222,10 +206,10 @@ def write_palette_png(path: PathLike, label_hw_uint8, palette: Sequence[Sequence
     """Write a palette ("P") PNG whose indices are the label values."""
     arr = _to_numpy(label_hw_uint8)
     if arr.ndim != 2:
-        raise ValueError(f"label must be (H, W), got shape {arr.shape}")
+        raise UserError(f"label must be (H, W), got shape {arr.shape}")
     if arr.dtype != np.uint8:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise ValueError("label values must be in 0..255")
+            raise UserError("label values must be in 0..255")
         arr = arr.astype(np.uint8)
     arr = np.ascontiguousarray(arr)
     h, w = arr.shape
@@ -240,9 +224,9 @@ def write_jpeg(path: PathLike, image_chw_uint8, quality: int = 95) -> None:
     """Write a (3, H, W) uint8 RGB image as a baseline JPEG (Pillow, deterministic bytes)."""
     arr = _to_numpy(image_chw_uint8)
     if arr.ndim != 3 or arr.shape[0] != 3:
-        raise ValueError(f"image must be (3, H, W), got shape {arr.shape}")
+        raise UserError(f"image must be (3, H, W), got shape {arr.shape}")
     if arr.dtype != np.uint8:
-        raise ValueError(f"image must be uint8, got {arr.dtype}")
+        raise UserError(f"image must be uint8, got {arr.dtype}")
     hwc = np.ascontiguousarray(arr.transpose(1, 2, 0))
     buf = _io.BytesIO()
     Image.fromarray(hwc).save(buf, format="JPEG", quality=int(quality))

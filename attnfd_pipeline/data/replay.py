@@ -14,6 +14,7 @@ import torch
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.augment import AugmentParams
+from attnfd_pipeline.errors import UserError
 
 
 class Replayed(NamedTuple):
@@ -31,7 +32,7 @@ def replay(source, index: int, aug_seed: int, aug_cfg=None, *, params: AugmentPa
         image, label = source.load(index)
     if params is None:
         if aug_cfg is None:
-            raise ValueError("replay needs the augmentation config (aug_cfg) or the parameters (params)")
+            raise UserError("replay needs the augmentation config (aug_cfg) or the parameters (params)")
         params = augment.draw(aug_cfg, index, aug_seed, tuple(image.shape[-2:]))
     if impl is None:
         impl = getattr(aug_cfg, "impl", 1) if aug_cfg is not None else 1

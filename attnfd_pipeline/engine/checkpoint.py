@@ -2,7 +2,8 @@
 
 Each checkpoint holds tensors and plain Python values only (RNG states as tensors, metrics without NumPy
 objects), so it loads with ``torch.load(weights_only=True)``; a ``<name>.sha256`` sidecar records the
-SHA-256 of its bytes, checked before the file is deserialised (``attnfd_pipeline.safe_load``)."""
+SHA-256 of its bytes, checked before the file is deserialised (``attnfd_pipeline.safe_load``); the pair is
+committed in an order that a kill at any moment leaves readable (``save_hashed``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import Any
 
 import torch
 
-from attnfd_pipeline.safe_load import (load_torch_file, read_sha256, sidecar_path, state_mismatch, to_plain,
+from attnfd_pipeline.safe_load import (load_torch_file, read_sha256s, sidecar_path, state_mismatch, to_plain,
                                       write_sha256)
-from attnfd_pipeline.utils import atomic_torch_save, sha256_file
+from attnfd_pipeline.utils import deferred_interrupts, publish, sha256_file, write_temp
+from attnfd_pipeline.errors import UserError
 
 FORMAT = "attnfd-checkpoint/1"
 
@@ -44,10 +46,39 @@ def save_checkpoint(path: str | Path, *, modules: torch.nn.Module, optimizer, sc
 
 
 def save_hashed(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` atomically, then the SHA-256 of the written bytes into ``<path>.sha256``."""
-    atomic_torch_save(obj, path)
-    write_sha256(path, sha256_file(path))
-    return Path(path)
+    """``torch.save`` atomically with the SHA-256 of its bytes in ``<path>.sha256``, committed so that a kill
+    (SIGKILL, power loss) at any moment leaves a pair a reader accepts:
+
+    1. the bytes go to a temp file (fsynced), their hash is computed;
+    2. the sidecar is replaced by one listing the new hash *and* the current file's;
+    3. the temp file is renamed over ``path``;
+    4. the sidecar is replaced by the new hash alone.
+
+    Between 2 and 4 the sidecar names both versions, so whichever ``path`` holds matches it. A Ctrl-C inside
+    the save waits for it to finish (``utils.deferred_interrupts``)."""
+    path = Path(path)
+    with deferred_interrupts():
+        tmp = write_temp(path, lambda f: torch.save(obj, f))
+        try:
+            new = sha256_file(tmp)
+            write_sha256(path, new, *_current_hashes(path))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        publish(tmp, path)
+        write_sha256(path, new)
+    return path
+
+
+def _current_hashes(path: Path) -> tuple[str, ...]:
+    """The hashes a reader may currently accept for ``path``: its sidecar's (a save killed midway leaves two),
+    or the file's own when it has no readable sidecar; none without a file."""
+    if not path.is_file():
+        return ()
+    try:
+        return read_sha256s(path) or (sha256_file(path),)
+    except ValueError:  # an unreadable sidecar: the file as it is
+        return (sha256_file(path),)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -55,10 +86,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     # a checkpoint written before hashes were recorded has no sidecar: it is still loaded weights-only
-    state, _ = load_torch_file(path, what="checkpoint", expected_sha256=read_sha256(path),
+    state, _ = load_torch_file(path, what="checkpoint", expected_sha256=read_sha256s(path),
                                sha_source=str(sidecar_path(path)))
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an attnfd checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
+        raise UserError(f"{path}: not an attnfd checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
     return state
 
 
@@ -67,7 +98,7 @@ def check_fits(modules: torch.nn.Module, state: dict[str, Any], path: str | Path
     (missing / unexpected keys, shapes — e.g. written for another number of classes or model)."""
     problems = state_mismatch(modules.state_dict(), state, shown=3)
     if problems:
-        raise ValueError(f"{path}: checkpoint does not fit this model ({'; '.join(problems)}); it was written for "
+        raise UserError(f"{path}: checkpoint does not fit this model ({'; '.join(problems)}); it was written for "
                          f"another model, number of classes or set of points — use another run directory or "
                          f"delete the checkpoint to start over")
 

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from attnfd_pipeline.utils import resolve_device
+from attnfd_pipeline.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def env_ranks() -> tuple[int, int, int]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} / WORLD_SIZE={world} from the environment are inconsistent")
+        raise UserError(f"RANK={rank} / WORLD_SIZE={world} from the environment are inconsistent")
     return rank, world, local
 
 
@@ -180,7 +181,7 @@ class RankPartitionSampler(Sampler):
 
     def __init__(self, n: int, *, rank: int = 0, world: int = 1):
         if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} not in [0, world={world})")
+            raise UserError(f"rank {rank} not in [0, world={world})")
         self.n, self.rank, self.world = n, rank, world
 
     def __iter__(self) -> Iterator[int]:

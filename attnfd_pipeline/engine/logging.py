@@ -21,6 +21,7 @@ import logging
 import sys
 import threading
 from pathlib import Path
+from attnfd_pipeline.errors import UserError
 
 LOGGER_NAME = "attnfd"
 FILE_NAME = "log.txt"
@@ -107,7 +108,7 @@ def configure(*, verbose: bool = False, quiet: bool = False) -> None:
     """Console level for this process (``--verbose``: DEBUG, ``--quiet``: WARNING) and the run logs' level
     (DEBUG with ``--verbose``, INFO otherwise)."""
     if verbose and quiet:
-        raise ValueError("--verbose and --quiet exclude each other")
+        raise UserError("--verbose and --quiet exclude each other")
     get_logger()
     _state["console"].setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     _state["file_level"] = logging.DEBUG if verbose else logging.INFO
@@ -153,7 +154,8 @@ def run_log(folder: str | Path | None):
         yield
     except BaseException as e:
         if h is not None and not _state["held"]:
-            _write_error(h, f"{type(e).__name__}: {e}")
+            kind = "KeyboardInterrupt" if isinstance(e, KeyboardInterrupt) else type(e).__name__  # Ctrl-C, however raised
+            _write_error(h, f"{kind}: {e}")
             _detach(h)
         raise  # inside held(): the file stays open until the CLI has written the error it reports
     if h is not None:

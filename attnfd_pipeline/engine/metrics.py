@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from attnfd_pipeline.errors import UserError
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
@@ -16,7 +17,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     t = target[valid].long()
     p = pred[valid].long()
     if t.numel() and (int(t.max()) >= num_classes or int(t.min()) < 0):
-        raise ValueError(f"label values {sorted(set(t.unique().tolist()) - set(range(num_classes)))} "
+        raise UserError(f"label values {sorted(set(t.unique().tolist()) - set(range(num_classes)))} "
                          f"outside [0, {num_classes}) ∪ {{{ignore_index}}}")
     return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
 

@@ -10,6 +10,7 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler
 
 from attnfd_pipeline.config import TrainConfig
+from attnfd_pipeline.errors import UserError
 
 
 def param_groups(backbone: Iterable[torch.nn.Parameter], head: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> list[dict]:
@@ -19,7 +20,7 @@ def param_groups(backbone: Iterable[torch.nn.Parameter], head: Iterable[torch.nn
     head = [p for p in head if p.requires_grad]
     seen = {id(p) for p in backbone}
     if any(id(p) in seen for p in head):
-        raise ValueError("a parameter is in both the backbone and the head group")
+        raise UserError("a parameter is in both the backbone and the head group")
     groups = []
     if backbone:
         groups.append({"params": backbone, "lr": cfg.lr, "name": "backbone"})

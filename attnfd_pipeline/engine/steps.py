@@ -27,6 +27,7 @@ import torch
 
 from attnfd_pipeline.engine import distributed
 from attnfd_pipeline.utils import atomic_write_bytes
+from attnfd_pipeline.errors import UserError
 
 STEPS_FILE = "steps.parquet"
 TB_DIR = "tb"
@@ -52,7 +53,7 @@ def summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise ValueError(f"train.tensorboard = true needs the tensorboard package, which is not installed ({e}): "
+        raise UserError(f"train.tensorboard = true needs the tensorboard package, which is not installed ({e}): "
                          f"pip install -e '.[{TENSORBOARD_EXTRA}]', or set train.tensorboard = false") from None
     return SummaryWriter
 

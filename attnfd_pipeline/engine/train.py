@@ -35,6 +35,7 @@ from attnfd_pipeline.engine.protocol import EvalProtocol
 from attnfd_pipeline.engine.steps import StepLog, summary_writer_class, write_table
 from attnfd_pipeline.progress import Progress
 from attnfd_pipeline.utils import atomic_write_json, rng_state, set_rng_state
+from attnfd_pipeline.errors import UserError
 
 
 class Task(Protocol):
@@ -47,6 +48,15 @@ class Task(Protocol):
     def predict(self, images: torch.Tensor) -> torch.Tensor: ...
 
     def on_epoch_start(self, epoch: int) -> None: ...
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``fit``: where the run was (1-based epoch of ``epochs``, global step). ``last.pt`` holds
+    the last finished epoch (a save under way completes first), so ``--resume`` continues from there."""
+
+    def __init__(self, run_dir: Path, epoch: int, epochs: int, step: int):
+        super().__init__(f"interrupted at epoch {epoch}/{epochs}, step {step}")
+        self.run_dir, self.epoch, self.epochs, self.step = run_dir, epoch, epochs, step
 
 
 @dataclass
@@ -197,7 +207,7 @@ def check_recipe(state: dict, cfg: TrainConfig, path: Path) -> None:
     diff = [f"train.{k}: {old.get(k)!r} -> {new[k]!r}" for k in new
             if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
     if diff:
-        raise ValueError(f"{path}: cannot resume, the training recipe changed ({'; '.join(diff)}); restore those "
+        raise UserError(f"{path}: cannot resume, the training recipe changed ({'; '.join(diff)}); restore those "
                          f"settings, or rerun without --resume to start this run over")
 
 
@@ -262,7 +272,7 @@ def _log_epoch(desc: str, cfg: TrainConfig, row: dict) -> None:
 def _preflight(cfg: TrainConfig, world: int, device: torch.device, main: bool) -> None:
     """What stops a run before it writes anything."""
     if cfg.sync_bn and world > 1 and device.type != "cuda":
-        raise ValueError("train.sync_bn: SyncBatchNorm needs CUDA devices (PyTorch has no CPU implementation); "
+        raise UserError("train.sync_bn: SyncBatchNorm needs CUDA devices (PyTorch has no CPU implementation); "
                          "set train.sync_bn=false for a CPU run")
     if cfg.tensorboard and main:
         summary_writer_class()  # a missing extra stops the run before anything is written
@@ -273,6 +283,13 @@ def _start_over(last_path: Path, best_path: Path, log_path: Path) -> None:
     if last_path.is_file() or log_path.is_file():
         for p in (last_path, best_path, log_path, sidecar_path(last_path), sidecar_path(best_path)):
             p.unlink(missing_ok=True)
+
+
+def _save(path: Path, task: Task, optim_state: tuple, epoch: int, step: int, best: float, config_dict: dict,
+          extra: dict, model=None) -> None:
+    optimizer, scheduler, scaler = optim_state
+    save_checkpoint(path, modules=task.modules, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch,
+                    step=step, best=best, rng=rng_state(), config=config_dict, extra=extra, model=model)
 
 
 def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: TrainConfig, run_dir: str | Path,
@@ -315,35 +332,34 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
         get_logger().info(f"[{desc}] resumed at epoch {start_epoch}/{cfg.epochs} (step {step})" + (
             f"; dropped {step_log.dropped} step rows written after that checkpoint" if step_log.dropped else ""))
     bar = Progress(cfg.epochs * iters_per_epoch, desc, "it", enabled=progress, done=step, epochs=cfg.epochs)
-    for epoch in range(start_epoch, cfg.epochs):
-        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-            break
-        te = time.perf_counter()
-        train_logs = train_one_epoch(task, train_loader_for(epoch), optimizer, scheduler, scaler, device, epoch,
-                                     amp=cfg.amp, desc=desc, progress=progress, step=step_fn, bar=bar,
-                                     step_log=step_log, first_step=step)
-        step += iters_per_epoch
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                               "epoch_seconds": time.perf_counter() - te, "eval_seconds": 0.0, **train_logs}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            m = _evaluate_into(row, task, val_loader, num_classes, device, class_names, cfg.amp, eval_protocol)
-            if m["miou"] > best:  # the same decision on every rank: the metrics are of the whole split
-                best = m["miou"]
-                if main:
-                    save_checkpoint(best_path, modules=task.modules, optimizer=None, scheduler=None,
-                                    scaler=None, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
-                                    config=config_dict, extra={**extra, "metrics": m},
-                                    model=getattr(task, "deploy_model", None))
-        rows.append(row)
-        if main:
-            _log_epoch(desc, cfg, row)
-            _write_log(log_path, rows)
-            step_log.epoch_end(row)
-            save_checkpoint(last_path, modules=task.modules, optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, epoch=epoch + 1, step=step, best=best, rng=rng_state(),
-                            config=config_dict, extra=extra)
-        last_metrics = row
-        epochs_run += 1
+    try:  # Ctrl-C: the files are those of the last finished epoch; say where the run stopped
+        for epoch in range(start_epoch, cfg.epochs):
+            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+                break
+            te = time.perf_counter()
+            train_logs = train_one_epoch(task, train_loader_for(epoch), optimizer, scheduler, scaler, device, epoch,
+                                         amp=cfg.amp, desc=desc, progress=progress, step=step_fn, bar=bar,
+                                         step_log=step_log, first_step=step)
+            step += iters_per_epoch
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                                   "epoch_seconds": time.perf_counter() - te, "eval_seconds": 0.0, **train_logs}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                m = _evaluate_into(row, task, val_loader, num_classes, device, class_names, cfg.amp, eval_protocol)
+                if m["miou"] > best:  # the same decision on every rank: the metrics are of the whole split
+                    best = m["miou"]
+                    if main:  # weights only: evaluation and export need no optimizer state
+                        _save(best_path, task, (None, None, None), epoch + 1, step, best, config_dict,
+                              {**extra, "metrics": m}, model=getattr(task, "deploy_model", None))
+            rows.append(row)
+            if main:
+                _log_epoch(desc, cfg, row)
+                _write_log(log_path, rows)
+                step_log.epoch_end(row)
+                _save(last_path, task, (optimizer, scheduler, scaler), epoch + 1, step, best, config_dict, extra)
+            last_metrics = row
+            epochs_run += 1
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir, bar.epoch or start_epoch + epochs_run + 1, cfg.epochs, bar.n) from None
     bar.close()
     step_log.close()
     done = start_epoch + epochs_run

@@ -50,6 +50,7 @@ from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, equivalen
 from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text, resolve_device
+from attnfd_pipeline.errors import UserError
 
 # the compact cache storages the bench can compare with the float16 cache (AttnFD cached, same seeds): the
 # accuracy test a compact encoding must pass before it can become the default (docs/storage.md)
@@ -82,12 +83,12 @@ def plan_runs(cfg: Config, seeds: int = 3, extra_seeds: int = 1, compact: Sequen
     with the float16 cache's runs."""
     unknown = [c for c in compact if c not in COMPACT]
     if unknown:
-        raise ValueError(f"--compact {unknown[0]!r}: not a compact storage (choose from {', '.join(COMPACT)})")
+        raise UserError(f"--compact {unknown[0]!r}: not a compact storage (choose from {', '.join(COMPACT)})")
     if seeds < 1:
-        raise ValueError(f"--seeds {seeds}: the student and AttnFD (cached, online) need at least 1 seed "
+        raise UserError(f"--seeds {seeds}: the student and AttnFD (cached, online) need at least 1 seed "
                          f"(the goals 3)")
     if extra_seeds < 1:
-        raise ValueError(f"--extra-seeds {extra_seeds}: every method needs at least 1 seed")
+        raise UserError(f"--extra-seeds {extra_seeds}: every method needs at least 1 seed")
     main, extra = seed_range(cfg, seeds), seed_range(cfg, extra_seeds)
     cached, fresh = {"targets": TargetSource.CACHED}, {"targets": TargetSource.ONLINE_FRESH}
     return [

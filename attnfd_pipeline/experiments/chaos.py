@@ -96,7 +96,6 @@ def make_fixture(workdir: str | Path, *, n_images: int = 16, seed: int = 0) -> F
     """Generate the dataset, write the config and an untrained (seeded) teacher bundle, build the reference."""
     from attnfd_pipeline.config import dump_toml, load_config
     from attnfd_pipeline.data.demo import generate_demo
-    from attnfd_pipeline.data.datasets import get_dataset_info
     from attnfd_pipeline.teacher import build_teacher_model, bundle_path, save_bundle
 
     root = Path(workdir)
@@ -111,7 +110,7 @@ def make_fixture(workdir: str | Path, *, n_images: int = 16, seed: int = 0) -> F
     cfg = load_config(None, overrides)
     config = root / "chaos.toml"
     config.write_text(dump_toml(cfg))
-    nc = get_dataset_info(cfg.data.dataset).num_classes
+    nc = cfg.data.num_classes
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_teacher_model(cfg, nc).eval()

@@ -40,6 +40,7 @@ from attnfd_pipeline.cache.encoding import CHECKSUM, checksum, decode, encode_ta
 from attnfd_pipeline.cache.plan import precision_stats, storage_variants, variant_name
 from attnfd_pipeline.cache.schema import cache_target_names
 from attnfd_pipeline.losses.attnfd import attnfd_loss
+from attnfd_pipeline.errors import UserError
 
 RHOS = (1.0, 0.3)
 
@@ -56,19 +57,18 @@ def teacher_from_checkpoint(cfg, path) -> Any:
 
     from numpy._core.multiarray import _reconstruct
 
-    from attnfd_pipeline.data.datasets import get_dataset_info
     from attnfd_pipeline.engine.checkpoint import load_modules
     from attnfd_pipeline.models import build_model
     from attnfd_pipeline.teacher import FrozenTeacher
 
     t = cfg.teacher
     if t.cbam_mode != "inpath":
-        raise ValueError(f"{path}: only an inpath teacher's checkpoint holds its CBAMs (teacher.cbam_mode is "
+        raise UserError(f"{path}: only an inpath teacher's checkpoint holds its CBAMs (teacher.cbam_mode is "
                          f"{t.cbam_mode!r}); use its bundle")
     allowed = [_reconstruct, np.ndarray, np.dtype] + [type(np.dtype(c)) for c in ("uint32", "float64", "int64")]
     with torch.serialization.safe_globals(allowed):
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    model = build_model(t.model.name, get_dataset_info(cfg.data.dataset).num_classes,
+    model = build_model(t.model.name, cfg.data.num_classes,
                         output_stride=t.model.output_stride, inpath_attention=t.points)
     load_modules(model, state["modules"], path)
     info = {"model": t.model.name, "checkpoint": str(path), "epoch": state.get("epoch"), "cbam_mode": "inpath",
@@ -160,7 +160,6 @@ def untrained_student_maps(cfg, source, crop: int, images: int, shapes: dict[str
     of distillation (``norm`` makes their scale irrelevant)."""
     from attnfd_pipeline.cache.build import shard_samples
     from attnfd_pipeline.cache.schema import ShardRange
-    from attnfd_pipeline.data.datasets import get_dataset_info
     from attnfd_pipeline.models import build_model
 
     aug = dataclasses.replace(cfg.augment, crop_size=(crop, crop), base_size=crop, scale_min=1.0, scale_max=1.0,
@@ -170,7 +169,7 @@ def untrained_student_maps(cfg, source, crop: int, images: int, shapes: dict[str
     m = cfg.student.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_model(m.name, get_dataset_info(cfg.data.dataset).num_classes, output_stride=m.output_stride).eval()
+        model = build_model(m.name, cfg.data.num_classes, output_stride=m.output_stride).eval()
         with torch.no_grad():
             out = model(torch.stack(list(crops)))
             maps = {}

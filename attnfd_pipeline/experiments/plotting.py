@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from attnfd_pipeline.errors import UserError
 
 DPI = 100
 # A colour is matplotlib's "CN" spec (the N-th colour of its own property cycle, wrapping around) or a
@@ -26,7 +27,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ValueError("the lab's figures need matplotlib: pip install -e '.[lab]'") from None
+        raise UserError("the lab's figures need matplotlib: pip install -e '.[lab]'") from None
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

@@ -64,7 +64,7 @@ def alpha_cell(alpha: float | None, weights: dict[str, float]) -> str:
 def format_table(rows: list[dict]) -> str:
     """Markdown table; runs that differ only by seed are merged into mean ± std."""
     if not rows:
-        return "no results yet (run `make demo` or the stages)"
+        return "no results yet (run `attnfd teacher -c CONFIG`, `attnfd cache build -c CONFIG`, `attnfd student -c CONFIG`)"
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["role"], r["model"], r["method"], alpha_cell(r["alpha"], r.get("weights") or {}), r["mode"])].append(r)

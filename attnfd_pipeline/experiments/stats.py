@@ -20,6 +20,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy.stats import t as student_t
 
+from attnfd_pipeline.errors import UserError
+
 CONFIDENCE = 0.95  # two-sided level of every interval the lab prints
 LEVEL = f"{CONFIDENCE * 100:g} %"  # how tables name it
 
@@ -31,16 +33,16 @@ LEVEL = f"{CONFIDENCE * 100:g} %"  # how tables name it
 def t_cdf(t: float, df: float) -> float:
     """P(T ≤ t) for Student's t with ``df`` > 0 degrees of freedom."""
     if df <= 0:
-        raise ValueError(f"degrees of freedom {df}: must be > 0")
+        raise UserError(f"degrees of freedom {df}: must be > 0")
     return float(student_t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
     """The ``p`` quantile of Student's t with ``df`` degrees of freedom (``t_quantile(0.975, 2)`` = 4.303)."""
     if not 0.0 < p < 1.0:
-        raise ValueError(f"probability {p}: must be in (0, 1)")
+        raise UserError(f"probability {p}: must be in (0, 1)")
     if df <= 0:
-        raise ValueError(f"degrees of freedom {df}: must be > 0")
+        raise UserError(f"degrees of freedom {df}: must be > 0")
     return float(student_t.ppf(p, df))
 
 

@@ -50,6 +50,7 @@ from attnfd_pipeline.experiments.plan import (PlannedRun, cache_key, reads_cache
                                               seed_range, teacher_config)
 from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path
+from attnfd_pipeline.errors import UserError
 
 STUDIES = ("reference", "K", "methods", "alpha", "points", "norm", "teacher_mode")
 DEFAULT_KS = (1, 2, 4, 8)
@@ -70,12 +71,12 @@ def plan_studies(cfg: Config, *, studies: Sequence[str] = STUDIES, seeds: int = 
     each difference is paired over that many seeds; ``extra_seeds``: the plain student at each other K."""
     unknown = [s for s in studies if s not in STUDIES]
     if unknown:
-        raise ValueError(f"--study {unknown[0]!r}: not a study (choose from {', '.join(STUDIES)})")
+        raise UserError(f"--study {unknown[0]!r}: not a study (choose from {', '.join(STUDIES)})")
     if seeds < 1 or extra_seeds < 1:
-        raise ValueError(f"--seeds {seeds} / --extra-seeds {extra_seeds}: every row needs at least 1 seed")
+        raise UserError(f"--seeds {seeds} / --extra-seeds {extra_seeds}: every row needs at least 1 seed")
     bad_k = [k for k in ks if int(k) < 1]
     if bad_k:
-        raise ValueError(f"--k {bad_k[0]}: K must be ≥ 1")
+        raise UserError(f"--k {bad_k[0]}: K must be ≥ 1")
     s, ref_k = cfg.student, cfg.cache.K
     main, extra = seed_range(cfg, seeds), seed_range(cfg, extra_seeds)
     cached = {"targets": TargetSource.CACHED, "method": "attnfd"}

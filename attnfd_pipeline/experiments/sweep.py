@@ -14,19 +14,20 @@ from typing import Sequence
 
 from attnfd_pipeline.config import Config
 from attnfd_pipeline.records import RESULT_JSON, RunRecord
+from attnfd_pipeline.errors import UserError
 
 
 def parse_list(text: str, kind=float) -> list:
     """``"0.1,1,2"`` → [0.1, 1.0, 2.0] (clear error naming the bad item)."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise ValueError(f"empty list {text!r}")
+        raise UserError(f"empty list {text!r}")
     out = []
     for t in items:
         try:
             out.append(kind(t))
         except ValueError:
-            raise ValueError(f"{t!r} in {text!r} is not a {kind.__name__}") from None
+            raise UserError(f"{t!r} in {text!r} is not a {kind.__name__}") from None
     return out
 
 
@@ -35,7 +36,7 @@ def sweep_configs(cfg: Config, alphas: Sequence[float], seeds: Sequence[int]) ->
     out = []
     for alpha in alphas:
         if alpha < 0:
-            raise ValueError(f"alpha {alpha} must be >= 0")
+            raise UserError(f"alpha {alpha} must be >= 0")
         for seed in seeds:
             train = dataclasses.replace(cfg.student.train, seed=int(seed))
             student = dataclasses.replace(cfg.student, alpha=float(alpha), train=train)

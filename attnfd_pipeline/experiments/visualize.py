@@ -16,6 +16,7 @@ import torch
 
 from attnfd_pipeline.config import Config, load_config
 from attnfd_pipeline.targets import raw_name
+from attnfd_pipeline.errors import UserError
 
 
 def _channel_mean(x: torch.Tensor) -> np.ndarray:
@@ -52,7 +53,7 @@ def attention_maps(cfg: Config, image_index: int, *, run_dir: str | Path | None 
     run_cfg = load_config(run / "config.resolved.toml")
     src = ImageSource.from_config(cfg, split or cfg.data.val_split)
     if not 0 <= image_index < len(src):
-        raise ValueError(f"image index {image_index} is out of range: split {split or cfg.data.val_split!r} has "
+        raise UserError(f"image index {image_index} is out of range: split {split or cfg.data.val_split!r} has "
                          f"{len(src)} images")
     image, label = augment.val_transform(*src.load(image_index), cfg.augment.crop_size)
     x = augment.normalize(image)[None]
@@ -60,7 +61,7 @@ def attention_maps(cfg: Config, image_index: int, *, run_dir: str | Path | None 
     rs = run_cfg.student
     points = [p for p in rs.points if p in teacher.points]
     if not points:
-        raise ValueError(f"the student run's points {list(rs.points)} and the teacher's {list(teacher.points)} "
+        raise UserError(f"the student run's points {list(rs.points)} and the teacher's {list(teacher.points)} "
                          f"have none in common")
     t = teacher.targets(x, [*points, *(raw_name(p) for p in points)])
 

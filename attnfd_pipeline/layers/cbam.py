@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from attnfd_pipeline.errors import UserError
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -43,7 +44,7 @@ class ChannelGate(nn.Module):
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
         if channels <= 0 or reduction <= 0:
-            raise ValueError(f"channels and reduction must be positive, got {channels}, {reduction}")
+            raise UserError(f"channels and reduction must be positive, got {channels}, {reduction}")
         hidden = max(1, channels // reduction)
         self.channels = channels
         self.reduction = reduction
@@ -121,4 +122,4 @@ def build_attention(kind: str, channels: int, reduction: int = 16) -> nn.Module:
         return CBAM(channels, reduction)
     if kind == "parameter_free":
         return ParameterFreeCBAM()
-    raise ValueError(f"unknown attention kind {kind!r}; expected one of {list(ATTENTION_KINDS)}")
+    raise UserError(f"unknown attention kind {kind!r}; expected one of {list(ATTENTION_KINDS)}")

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnfd_pipeline.config import AfDCDConfig
+from attnfd_pipeline.errors import UserError
 from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, per_point, register
 from attnfd_pipeline.losses.kd import kd_loss
 from attnfd_pipeline.targets import LOGITS, raw_name
@@ -101,7 +102,7 @@ def omni_contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, *, group
     (``sums``) the release's sum over anchors ÷ (H · W of the pooled map) ÷ batch. ``crop`` > 0: the top-left
     ``crop × crop`` of the maps instead of pooling."""
     if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
+        raise UserError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
     s, t = as_float(student), as_float(teacher)
     if crop > 0:
         s, t = s[:, :, :crop, :crop], t[:, :, :crop, :crop]

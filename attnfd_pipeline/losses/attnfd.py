@@ -26,6 +26,7 @@ from torch import nn
 from attnfd_pipeline.cache.encoding import pool_student
 from attnfd_pipeline.layers import CBAM
 from attnfd_pipeline.losses.base import DistillMethod, MethodContext, connector, match_size, register
+from attnfd_pipeline.errors import UserError
 
 NORMS = ("batch", "sample", "channel")
 EPS = 1e-12
@@ -38,7 +39,7 @@ def _unit(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 def attnfd_loss(student: torch.Tensor, teacher: torch.Tensor, norm: str = "batch") -> torch.Tensor:
     """Loss between refined maps of equal shape (N, C, H, W); computed in float32."""
     if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
+        raise UserError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
     s, t = student.float(), teacher.float()
     n = s.shape[0]
     if norm == "batch":
@@ -47,7 +48,7 @@ def attnfd_loss(student: torch.Tensor, teacher: torch.Tensor, norm: str = "batch
         return (_unit(s, (1, 2, 3)) - _unit(t, (1, 2, 3))).pow(2).sum() / n
     if norm == "channel":
         return (_unit(s, (1,)) - _unit(t, (1,))).pow(2).sum(1).mean()
-    raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+    raise UserError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnfd_pipeline.config import ConfigError
+from attnfd_pipeline.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,9 @@ SEPARATOR = "+"
 def register(cls: type[DistillMethod]) -> type[DistillMethod]:
     """Class decorator: make ``cls`` available as ``student.method = cls.name``."""
     if not cls.name or SEPARATOR in cls.name:
-        raise ValueError(f"method class {cls.__name__} needs a name without {SEPARATOR!r}")
+        raise UserError(f"method class {cls.__name__} needs a name without {SEPARATOR!r}")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method {cls.name!r} registered twice")
+        raise UserError(f"method {cls.name!r} registered twice")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -156,7 +157,7 @@ def get_method(name: str) -> type[DistillMethod]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown distillation method {name!r}; known: {', '.join(_REGISTRY)}") from None
+        raise UserError(f"unknown distillation method {name!r}; known: {', '.join(_REGISTRY)}") from None
 
 
 def parse_methods(spec: str | Sequence[str]) -> tuple[str, ...]:

@@ -45,6 +45,7 @@ from attnfd_pipeline.config import CIRKDConfig
 from attnfd_pipeline.losses.base import (DistillMethod, MethodContext, as_float, connector, match_size, per_point,
                                          register)
 from attnfd_pipeline.targets import raw_name
+from attnfd_pipeline.errors import UserError
 
 IGNORE = 255
 
@@ -60,7 +61,7 @@ def cross_image_relation_loss(student: torch.Tensor, teacher: torch.Tensor, *, t
                               pool_mode: str = "avg") -> torch.Tensor:
     """CIRKD's mini-batch pixel-to-pixel loss between (N, C_S, H, W) and (N, C_T, H, W) maps."""
     if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
-        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}: batch or size differ")
+        raise UserError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}: batch or size differ")
     s, t = _pool(as_float(student), pool, pool_mode), _pool(as_float(teacher), pool, pool_mode)
     s = F.normalize(s.flatten(2), dim=1)  # (N, C, P)
     t = F.normalize(t.flatten(2), dim=1)

@@ -41,6 +41,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..layers.cbam import CBAM
 from ..safe_load import state_mismatch
+from attnfd_pipeline.errors import UserError
 
 __all__ = [
     "BACKBONES",
@@ -89,9 +90,9 @@ def load_torchvision_weights(
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # pragma: no cover - message depends on torch internals
-        raise ValueError(f"could not read backbone weights from {str(p)!r}: {exc}") from exc
+        raise UserError(f"could not read backbone weights from {str(p)!r}: {exc}") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"backbone weights file {str(p)!r} is not a state dict of tensors")
+        raise UserError(f"backbone weights file {str(p)!r} is not a state dict of tensors")
 
     def optional(key: str) -> bool:
         return key.startswith(tuple(optional_prefixes)) or key.endswith("num_batches_tracked")
@@ -99,7 +100,7 @@ def load_torchvision_weights(
     own = net.state_dict()
     problems = state_mismatch(own, state, skip=optional)
     if problems:
-        raise ValueError(
+        raise UserError(
             f"backbone weights file {str(p)!r} does not match torchvision {label or type(net).__name__}: "
             + "; ".join(problems)
         )
@@ -183,9 +184,9 @@ class ResNetBackbone(Backbone):
     ) -> None:
         super().__init__()
         if arch not in _RESNETS:
-            raise ValueError(f"unknown ResNet {arch!r}; expected one of {sorted(_RESNETS)}")
+            raise UserError(f"unknown ResNet {arch!r}; expected one of {sorted(_RESNETS)}")
         if output_stride not in VALID_OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {VALID_OUTPUT_STRIDES}, got {output_stride!r}")
+            raise UserError(f"output_stride must be one of {VALID_OUTPUT_STRIDES}, got {output_stride!r}")
         bottleneck = arch in ("resnet50", "resnet101")
         if bottleneck:
             rswd = [False, output_stride == 8, True]
@@ -200,7 +201,7 @@ class ResNetBackbone(Backbone):
         if bottleneck:
             if multi_grid is not None:
                 if len(multi_grid) != len(net.layer4):
-                    raise ValueError(f"multi_grid needs {len(net.layer4)} entries, got {multi_grid}")
+                    raise UserError(f"multi_grid needs {len(net.layer4)} entries, got {multi_grid}")
                 for block, mg in zip(net.layer4, multi_grid):
                     _dilate_conv(block.conv2, mg * d4)
                 if d3 > 1:
@@ -208,7 +209,7 @@ class ResNetBackbone(Backbone):
                         _dilate_conv(block.conv2, d3)
         else:
             if multi_grid is not None:
-                raise ValueError("multi_grid is only supported for Bottleneck ResNets")
+                raise UserError("multi_grid is only supported for Bottleneck ResNets")
             if d3 > 1:
                 _unstride_basic_layer(net.layer3, d3)
             _unstride_basic_layer(net.layer4, d4)
@@ -249,7 +250,7 @@ class MobileNetV2Backbone(Backbone):
     def __init__(self, output_stride: int = 16, weights: str | PathLike[str] | None = None) -> None:
         super().__init__()
         if output_stride not in VALID_OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {VALID_OUTPUT_STRIDES}, got {output_stride!r}")
+            raise UserError(f"output_stride must be one of {VALID_OUTPUT_STRIDES}, got {output_stride!r}")
         net = tvm.mobilenet_v2(weights=None)
         if weights is not None:
             load_torchvision_weights(
@@ -310,7 +311,7 @@ def build_backbone(
 ) -> Backbone:
     """Build a backbone by name (``resnet18/34/50/101``, ``mobilenetv2``)."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
+        raise UserError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
     return BACKBONES[name](output_stride, weights)
 
 
@@ -337,7 +338,7 @@ class SegmentationModel(nn.Module):
             requested = [inpath_attention] if isinstance(inpath_attention, str) else list(inpath_attention)
             unknown = [p for p in requested if p not in self.taps]
             if unknown:
-                raise ValueError(f"unknown in-path attention point(s) {unknown}; expected a subset of {list(self.taps)}")
+                raise UserError(f"unknown in-path attention point(s) {unknown}; expected a subset of {list(self.taps)}")
             points = tuple(p for p in self.taps if p in requested)  # canonical order, no duplicates
         self.inpath_points = points
         if points:

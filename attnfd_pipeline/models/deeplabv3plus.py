@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone, SegmentationModel, TapSpec, build_backbone, init_head_weights
+from attnfd_pipeline.errors import UserError
 
 __all__ = ["ASPP", "DeepLabV3Plus", "DeepLabV3PlusDecoder", "build_deeplabv3plus"]
 
@@ -49,7 +50,7 @@ class ASPP(nn.Module):
         elif output_stride == 8:
             rates = (12, 24, 36)
         else:
-            raise ValueError(f"output_stride must be 16 or 8, got {output_stride!r}")
+            raise UserError(f"output_stride must be 16 or 8, got {output_stride!r}")
         self.rates = rates
         self.branches = nn.ModuleList(
             [_conv_bn_relu(in_channels, out_channels, 1)]
@@ -102,7 +103,7 @@ class DeepLabV3Plus(SegmentationModel):
     ) -> None:
         super().__init__()
         if num_classes <= 0:
-            raise ValueError(f"num_classes must be positive, got {num_classes!r}")
+            raise UserError(f"num_classes must be positive, got {num_classes!r}")
         self.name = name
         self.num_classes = num_classes
         self.output_stride = backbone.output_stride

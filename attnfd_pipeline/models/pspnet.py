@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone, SegmentationModel, TapSpec, build_backbone, init_head_weights
+from attnfd_pipeline.errors import UserError
 
 __all__ = ["PSPNet", "PyramidPooling", "build_pspnet"]
 
@@ -26,7 +27,7 @@ class PyramidPooling(nn.Module):
     def __init__(self, in_channels: int, bins: Sequence[int] = (1, 2, 3, 6)) -> None:
         super().__init__()
         if in_channels % len(bins):
-            raise ValueError(f"in_channels {in_channels} not divisible by {len(bins)} bins")
+            raise UserError(f"in_channels {in_channels} not divisible by {len(bins)} bins")
         branch_ch = in_channels // len(bins)
         self.bins = tuple(bins)
         self.stages = nn.ModuleList(
@@ -63,7 +64,7 @@ class PSPNet(SegmentationModel):
     ) -> None:
         super().__init__()
         if num_classes <= 0:
-            raise ValueError(f"num_classes must be positive, got {num_classes!r}")
+            raise UserError(f"num_classes must be positive, got {num_classes!r}")
         self.name = name
         self.num_classes = num_classes
         self.output_stride = backbone.output_stride

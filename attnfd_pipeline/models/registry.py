@@ -10,6 +10,7 @@ from torch import nn
 from .deeplabv3 import DEEPLABV3_BACKBONES, build_deeplabv3
 from .deeplabv3plus import build_deeplabv3plus
 from .pspnet import build_pspnet
+from attnfd_pipeline.errors import UserError
 
 __all__ = ["build_model", "list_models", "register_model"]
 
@@ -21,7 +22,7 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered")
+            raise UserError(f"model {name!r} is already registered")
         _MODELS[name] = fn
         return fn
 
@@ -49,7 +50,7 @@ def build_model(
     forward path.
     """
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     kwargs = {"backbone_weights": backbone_weights, "inpath_attention": inpath_attention}
     if output_stride is not None:
         kwargs["output_stride"] = output_stride

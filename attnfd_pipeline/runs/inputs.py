@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from attnfd_pipeline.config import Config
 from attnfd_pipeline.data.source import ImageSource
+from attnfd_pipeline.errors import UserError
 
 
 def check_dataset_inputs(cfg: Config, splits=None) -> None:
@@ -35,6 +36,6 @@ def check_student_inputs(cfg: Config) -> None:
 
 def num_classes_of(cfg: Config, source: ImageSource) -> int:
     if cfg.num_classes and cfg.num_classes != source.info.num_classes:
-        raise ValueError(f"num_classes = {cfg.num_classes} but dataset {source.info.name!r} has "
+        raise UserError(f"num_classes = {cfg.num_classes} but dataset {source.info.name!r} has "
                          f"{source.info.num_classes} classes")
     return source.info.num_classes

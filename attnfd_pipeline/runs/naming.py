@@ -21,6 +21,7 @@ from attnfd_pipeline.engine.train import RESUMABLE_CHANGES
 from attnfd_pipeline.losses import parse_methods
 from attnfd_pipeline.records import RESULT_JSON
 from attnfd_pipeline.teacher import bundle_path, load_teacher_info
+from attnfd_pipeline.errors import UserError
 
 
 def _settings_tag(s: StudentConfig) -> str:
@@ -103,8 +104,8 @@ def finished_run_differences(cfg: Config) -> str | None:
     # the order a run followed is what result.json records (a resolved config without the key loads with the
     # current default, which may not be the order that run followed)
     old_student = dataclasses.replace(old.student, seed_order=result.get("seed_order", LEGACY_SEED_ORDER))
-    diff = _differences("student", _recipe(old_student), _recipe(cfg.student))
-    diff += _differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
+    diff = differences("student", _recipe(old_student), _recipe(cfg.student))
+    diff += differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
     diff += [] if old.cache.K == cfg.cache.K else [f"cache.K: {old.cache.K} → {cfg.cache.K}"]
     diff += [f"cache.{k}: {getattr(old.cache, k)!r} → {getattr(cfg.cache, k)!r}" for k in ("encoding", "pool")
              if cfg.student.targets is TargetSource.CACHED and getattr(old.cache, k) != getattr(cfg.cache, k)]
@@ -124,11 +125,13 @@ def _plain(v):
     return v.value if isinstance(v, enum.Enum) else v
 
 
-def _differences(prefix: str, old: dict, new: dict) -> list[str]:
+def differences(prefix: str, old: dict, new: dict) -> list[str]:
+    """``"prefix.key: old → new"`` for each (nested) key whose value differs, except where a run happens
+    (``engine.train.RESUMABLE_CHANGES``)."""
     out = []
     for k in new:
         if isinstance(new[k], dict) and isinstance(old.get(k), dict):
-            out += _differences(f"{prefix}.{k}", old[k], new[k])
+            out += differences(f"{prefix}.{k}", old[k], new[k])
         elif k not in RESUMABLE_CHANGES and old.get(k) != new[k]:
             out.append(f"{prefix}.{k}: {old.get(k)!r} → {new[k]!r}")
     return out
@@ -139,6 +142,6 @@ def finished_result(cfg: Config) -> dict:
     when it was trained under another config (``finished_run_differences``)."""
     reason = finished_run_differences(cfg)
     if reason:
-        raise ValueError(f"{student_dir(cfg)}: a finished run with another config ({reason}); move or delete "
+        raise UserError(f"{student_dir(cfg)}: a finished run with another config ({reason}); move or delete "
                          f"that folder to retrain it")
     return json.loads((student_dir(cfg) / RESULT_JSON).read_text())

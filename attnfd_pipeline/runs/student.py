@@ -43,6 +43,7 @@ from attnfd_pipeline.runs.loaders import epoch_loaders, student_dataset
 from attnfd_pipeline.runs.naming import run_name, seed_order, student_dir
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json
+from attnfd_pipeline.errors import UserError
 
 
 def model_spec(cfg: Config, num_classes: int, dataset: str) -> dict:
@@ -95,7 +96,7 @@ def _check_resume_seed_order(state: dict | None, path: Path, s: StudentConfig) -
         return
     recorded = (state.get("extra") or {}).get("seed_order", LEGACY_SEED_ORDER)
     if recorded != s.seed_order:
-        raise ValueError(f"{path}: this run's first epochs showed the cached seeds in order {recorded!r}, the config "
+        raise UserError(f"{path}: this run's first epochs showed the cached seeds in order {recorded!r}, the config "
                          f"says student.seed_order = {s.seed_order!r}; resume with --set "
                          f"'student.seed_order=\"{recorded}\"' or delete the run folder to start over")
 
@@ -123,7 +124,7 @@ class _Targets:
         nc = train_src.info.num_classes
         self.info = load_teacher_info(bundle_path(cfg))
         if self.info["num_classes"] != nc:
-            raise ValueError(f"{bundle_path(cfg)}: teacher has {self.info['num_classes']} classes, dataset "
+            raise UserError(f"{bundle_path(cfg)}: teacher has {self.info['num_classes']} classes, dataset "
                              f"{train_src.info.name!r} has {nc}")
         if s.targets is TargetSource.CACHED:
             self.reader = open_cache(cfg, self.info, train_src, names)

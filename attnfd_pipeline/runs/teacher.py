@@ -21,6 +21,7 @@ from attnfd_pipeline.runs.loaders import epoch_loaders
 from attnfd_pipeline.teacher import (CBAMFitTask, SegTask, build_side_attention, build_teacher_model, bundle_path,
                                      save_bundle)
 from attnfd_pipeline.utils import atomic_write_json, resolve_device, seed_everything
+from attnfd_pipeline.errors import UserError
 
 
 def _teacher_loaders(cfg: Config, train_src: ImageSource, val_src: ImageSource, device, protocol: EvalProtocol,
@@ -146,19 +147,19 @@ def _imported_config(cfg: Config, weights, cbam_mode: str | None, path: Path) ->
 
     t = cfg.teacher
     if weights.format == "reference" and t.model.name not in REFERENCE_MODELS:
-        raise ValueError(f"{path}: the reference layout imports into {', '.join(REFERENCE_MODELS)}, not "
+        raise UserError(f"{path}: the reference layout imports into {', '.join(REFERENCE_MODELS)}, not "
                          f"teacher.model.name = {t.model.name!r}")
     points = t.points
     if weights.inpath_points:
         if cbam_mode not in (None, "inpath"):
-            raise ValueError(f"{path}: this network has in-path CBAMs at {', '.join(weights.inpath_points)} (keys "
+            raise UserError(f"{path}: this network has in-path CBAMs at {', '.join(weights.inpath_points)} (keys "
                              f"attention.*): they are part of its forward, so --cbam-mode {cbam_mode} cannot apply; "
                              f"leave --cbam-mode out to import it as it is (inpath)")
         mode, points = "inpath", weights.inpath_points
     else:
         mode = cbam_mode or "fitted"
         if mode not in IMPORT_CBAM_MODES:
-            raise ValueError(f"--cbam-mode {mode!r}: expected one of {', '.join(IMPORT_CBAM_MODES)}")
+            raise UserError(f"--cbam-mode {mode!r}: expected one of {', '.join(IMPORT_CBAM_MODES)}")
     model_cfg = dataclasses.replace(t.model, backbone_weights="")
     return dataclasses.replace(cfg, teacher=dataclasses.replace(t, cbam_mode=mode, points=tuple(points),
                                                                 model=model_cfg))
@@ -173,7 +174,7 @@ def _imported_attention(cfg: Config, model, weights, path: Path):
     if cfg.teacher.cbam_mode == "untrained" and weights.format == "reference" and weights.cbam_state:
         for p, att in attention.items():
             if p not in weights.cbam_state:
-                raise ValueError(f"{path}: --cbam-mode untrained keeps the file's CBAMs, but it has none at point "
+                raise UserError(f"{path}: --cbam-mode untrained keeps the file's CBAMs, but it has none at point "
                                  f"{p} (it has {', '.join(sorted(weights.cbam_state))}); set teacher.points")
             att.load_state_dict(check_state_fits(att, weights.cbam_state[p], path, f"a CBAM at point {p}",
                                                  lambda k, p=p: weights.shown_key(f"attention.{p}.{k}")))
@@ -198,7 +199,7 @@ def _run_teacher_import(cfg: Config, path: str | Path, *, fmt: str, cbam_mode: s
     path = Path(path)
     out = bundle_path(cfg)
     if out.exists() and not force:
-        raise ValueError(f"{out}: a teacher bundle is already there; pass --force to replace it with {path}")
+        raise UserError(f"{out}: a teacher bundle is already there; pass --force to replace it with {path}")
     weights = read_teacher_file(path, fmt)
     check_dataset_inputs(cfg)
     train_src = ImageSource.from_config(cfg, cfg.data.train_split)
@@ -206,7 +207,7 @@ def _run_teacher_import(cfg: Config, path: str | Path, *, fmt: str, cbam_mode: s
     nc = num_classes_of(cfg, train_src)
     head = weights.model_state.get("classifier.weight")
     if head is not None and head.shape[0] != nc:
-        raise ValueError(f"{path}: the teacher predicts {head.shape[0]} classes, dataset {train_src.info.name!r} "
+        raise UserError(f"{path}: the teacher predicts {head.shape[0]} classes, dataset {train_src.info.name!r} "
                          f"has {nc}")
     cfg = _imported_config(cfg, weights, cbam_mode, path)
     device = resolve_device(cfg.teacher.train.device)

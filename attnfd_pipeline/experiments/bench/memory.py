@@ -16,6 +16,7 @@ import torch
 from attnfd_pipeline.experiments.bench.common import log
 from attnfd_pipeline.experiments.bench.measure import shutdown, train_block, worker_pids
 from attnfd_pipeline.experiments.bench.workload import build_setup
+from attnfd_pipeline.errors import UserError
 
 
 def proc_kb(pid: int | str, field: str) -> int | None:
@@ -137,7 +138,7 @@ def measure_memory(cfg, variants: Sequence[str], *, num_classes: int, bundle: Pa
     from attnfd_pipeline.config import dump_toml
 
     if mode not in ("each", "parallel", "one"):
-        raise ValueError(f"memory mode {mode!r}: expected each, parallel or one")
+        raise UserError(f"memory mode {mode!r}: expected each, parallel or one")
     cfg_path = work / "mem.toml"
     cfg_path.write_text(dump_toml(cfg))
     spec = {"config": str(cfg_path), "num_classes": num_classes, "bundle": str(bundle), "cache_dir": str(cache_dir),

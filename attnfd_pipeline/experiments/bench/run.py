@@ -23,6 +23,7 @@ from attnfd_pipeline.experiments.bench.storage import on_disk, storage_analysis,
 from attnfd_pipeline.experiments.bench.workload import (DEFAULT, QUICK, Workload, block_keys, build_setup,
                                                         make_dataset, make_teacher_bundle, param_counts,
                                                         workload_config)
+from attnfd_pipeline.errors import UserError
 
 
 class BusyMachineError(RuntimeError):
@@ -69,11 +70,11 @@ def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: in
     w = workload or (QUICK if quick else DEFAULT)
     if repeats is not None:
         if repeats < 1:
-            raise ValueError("repeats must be >= 1")
+            raise UserError("repeats must be >= 1")
         w = dataclasses.replace(w, repeats=repeats)
     if threads is not None:
         if threads < 0:
-            raise ValueError("threads must be >= 0 (0 = auto)")
+            raise UserError("threads must be >= 0 (0 = auto)")
         w = dataclasses.replace(w, threads=threads)
     load = check_load(quick, allow_busy, wait_quiet=wait_quiet)
     out_dir = Path(out_dir)

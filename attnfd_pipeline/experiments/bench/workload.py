@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Sampler, default_collate
 
 from attnfd_pipeline.experiments.bench.common import VARIANTS
+from attnfd_pipeline.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def build_setup(cfg, variant: str, *, num_classes: int, bundle: str | Path | Non
     from attnfd_pipeline.runs import student_dataset, train_loader
 
     if variant not in VARIANTS:
-        raise ValueError(f"unknown bench variant {variant!r}; known: {', '.join(VARIANTS)}")
+        raise UserError(f"unknown bench variant {variant!r}; known: {', '.join(VARIANTS)}")
     s = cfg.student
     alpha = 0.0 if variant == "plain" else s.alpha
     reader, teacher, shapes = _targets_side(cfg, variant, method_targets(s), bundle, cache_dir, device)
