@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from attnfd_pipeline.config import DISTConfig
+from attnfd_pipeline.errors import UserError
 from attnfd_pipeline.losses.base import DistillMethod, as_float, match_size, register
 from attnfd_pipeline.targets import LOGITS
 
@@ -49,7 +50,7 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, bet
     t = as_float(teacher_logits)
     s = match_size(as_float(student_logits), t)
     if s.shape != t.shape:
-        raise ValueError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ")
+        raise UserError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ")
     ps, pt = pixel_class_rows(s, temperature), pixel_class_rows(t, temperature)
     inter = 1 - pearson_rows(ps, pt).mean()
     intra = 1 - pearson_rows(ps.T, pt.T).mean()
