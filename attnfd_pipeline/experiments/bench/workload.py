@@ -71,7 +71,9 @@ def workload_config(w: Workload, data_root: Path, work: Path, recipe: str | Path
         f"cache.shard_size={w.shard_size}", f"cache.batch_size={w.batch_size}",
         f'student.model.name="{w.student}"', 'student.model.backbone_weights=""', f"student.points={pts}",
         'student.method="attnfd"',
+        # the steady-state step with every module training: no warm-up epoch (and so connectors always on)
         f"student.train.batch_size={w.batch_size}", "student.connector_warmup_epochs=0",
+        'student.connector_schedule="always"',
     ]
     cfg = load_config(recipe, list(o) + list(overrides))
     if cfg.student.alpha <= 0:  # the distilled variants need α > 0 (the plain one sets α = 0 itself)
