@@ -30,6 +30,9 @@ def _state(n: int) -> dict:
 def _saver(path: Path) -> None:
     """The child: save versions 1, 2, … until killed; a Ctrl-C exits 130 once the save under way is done."""
     torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork(): stay out of it
+    # Python's own Ctrl-C handler, whatever an earlier test of this process left installed (an ignored
+    # SIGINT would keep the child saving forever)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         n = load_checkpoint(path)["n"]
         while True:
@@ -39,6 +42,19 @@ def _saver(path: Path) -> None:
         os._exit(130)
     finally:
         os._exit(1)
+
+
+def _reap(pid: int, timeout: float = 60.0) -> int:
+    """The child's wait status; a child still running after ``timeout`` is killed and the test fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the saver {pid} ignored its signal for {timeout:.0f} s")
 
 
 def _kill_loop(path: Path, kills: int) -> dict:
@@ -54,7 +70,7 @@ def _kill_loop(path: Path, kills: int) -> dict:
             _saver(path)
         time.sleep(period * (0.3 + 4.0 * i / kills))  # from inside the first save to several saves in
         os.kill(pid, sig)
-        _, status = os.waitpid(pid, 0)
+        status = _reap(pid)
         tally["kills"] += 1
         if sig == signal.SIGINT and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130:
             tally["sigint_exit_130"] += 1
