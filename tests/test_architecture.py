@@ -33,8 +33,22 @@ def _from_module(node: ast.ImportFrom, here: str, is_package: bool) -> str:
 # between the children of any package
 
 
+def lint(config_filename: str) -> int:
+    """``lint-imports`` in this process; it configures logging with ``disable_existing_loggers``, which would
+    silence the pipeline's logger for every later test of the session: the loggers' state is put back."""
+    import logging
+
+    loggers = [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    disabled = [lg.disabled for lg in loggers]
+    try:
+        return lint_imports(config_filename=config_filename, no_cache=True, no_logo=True)
+    finally:
+        for lg, was in zip(loggers, disabled):
+            lg.disabled = was
+
+
 def test_import_linter_contracts_are_kept():
-    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True) == 0
+    assert lint(str(ROOT / "pyproject.toml")) == 0
 
 
 def test_the_contracts_see_function_level_imports_of_the_lab(tmp_path, monkeypatch):
@@ -50,9 +64,9 @@ def test_the_contracts_see_function_level_imports_of_the_lab(tmp_path, monkeypat
         'type = "protected"\nprotected_modules = ["fakepkg.experiments"]\nallowed_importers = []\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    assert lint_imports(config_filename="lint.toml", no_cache=True, no_logo=True) == 1
+    assert lint("lint.toml") == 1
     (pkg / "core.py").write_text("def f():\n    pass\n")
-    assert lint_imports(config_filename="lint.toml", no_cache=True, no_logo=True) == 0
+    assert lint("lint.toml") == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,6 +63,16 @@ def _kill_loop(path: Path, kills: int) -> dict:
         save_hashed(_state(0), path)
     period = (time.perf_counter() - t0) / 3
     tally = {"kills": 0, "resumed": 0, "refused": 0, "sigint_exit_130": 0}
+    # the children inherit Python's Ctrl-C handler at fork, before their first line runs (a shell that starts
+    # a test run in the background ignores SIGINT, and a SIGINT ignored by a child would never stop it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _kills(path, kills, period, tally)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _kills(path: Path, kills: int, period: float, tally: dict) -> dict:
     for i in range(kills):
         sig = signal.SIGINT if i % 2 == 0 else signal.SIGKILL
         pid = os.fork()
@@ -111,8 +121,11 @@ def test_ctrl_c_during_a_student_run_says_where_and_how_to_resume(tiny_cfg, tmp_
     args = ["--alpha", "0", "--set", "student.train.epochs=2"]
     last = student_dir(load_config(p, ["student.alpha=0", "student.train.epochs=2"])) / "last.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # SIGINT at its default in the child, so Python installs its Ctrl-C handler there even when this test
+    # run was started in the background (which ignores SIGINT, and an ignored signal is inherited)
     proc = subprocess.Popen([sys.executable, "-m", "stages.cli", "student", "-c", str(p), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
