@@ -1,6 +1,6 @@
 """Ctrl-C and SIGKILL during checkpoint saves never leave a run that --resume refuses.
 
-The kill loop forks a process that saves a checkpoint back to back (``engine.checkpoint.save_hashed``, as
+The kill loop starts a process that saves a checkpoint back to back (``engine.checkpoint.save_hashed``, as
 ``fit`` does after every epoch) and delivers SIGINT or SIGKILL at delays spread over several saves; after each
 kill the checkpoint must load hash-checked, whole. The CLI test interrupts a real ``attnfd student`` run:
 exit code 130, the epoch / step it stopped at and the command that resumes it, then that command finishes."""
@@ -28,33 +28,41 @@ def _state(n: int) -> dict:
 
 
 def _saver(path: Path) -> None:
-    """The child: save versions 1, 2, … until killed; a Ctrl-C exits 130 once the save under way is done."""
-    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork(): stay out of it
-    # Python's own Ctrl-C handler, whatever an earlier test of this process left installed (an ignored
-    # SIGINT would keep the child saving forever)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """The child: save versions 1, 2, … until killed, saying "ready" after its first save; a Ctrl-C exits 130
+    once the save under way is done."""
+    torch.set_num_threads(1)
     try:
-        n = load_checkpoint(path)["n"]
+        n = first = load_checkpoint(path)["n"]
         while True:
             n += 1
             save_hashed(_state(n), path)
+            if n == first + 1:
+                print("ready", flush=True)
     except KeyboardInterrupt:
         os._exit(130)
     finally:
         os._exit(1)
 
 
-def _reap(pid: int, timeout: float = 60.0) -> int:
-    """The child's wait status; a child still running after ``timeout`` is killed and the test fails."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"the saver {pid} ignored its signal for {timeout:.0f} s")
+def _reap(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """The child's exit code; a child still running after ``timeout`` is killed and the test fails."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the saver {proc.pid} ignored its signal for {timeout:.0f} s") from None
+
+
+def _start_saver(path: Path) -> subprocess.Popen:
+    """A fresh interpreter (not a fork of this one: a fork of a process with threads — zarr's event loop,
+    dask, torch's pools — can deadlock on a lock one of them held), SIGINT at its default so Python installs
+    its Ctrl-C handler even when the suite runs from a background shell (which ignores SIGINT)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, __file__, str(path)], env=env, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout.readline().strip() == "ready", f"the saver {proc.pid} did not start"
+    return proc
 
 
 def _kill_loop(path: Path, kills: int) -> dict:
@@ -63,26 +71,14 @@ def _kill_loop(path: Path, kills: int) -> dict:
         save_hashed(_state(0), path)
     period = (time.perf_counter() - t0) / 3
     tally = {"kills": 0, "resumed": 0, "refused": 0, "sigint_exit_130": 0}
-    # the children inherit Python's Ctrl-C handler at fork, before their first line runs (a shell that starts
-    # a test run in the background ignores SIGINT, and a SIGINT ignored by a child would never stop it)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return _kills(path, kills, period, tally)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _kills(path: Path, kills: int, period: float, tally: dict) -> dict:
     for i in range(kills):
         sig = signal.SIGINT if i % 2 == 0 else signal.SIGKILL
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            _saver(path)
-        time.sleep(period * (0.3 + 4.0 * i / kills))  # from inside the first save to several saves in
-        os.kill(pid, sig)
-        status = _reap(pid)
+        proc = _start_saver(path)
+        time.sleep(period * (0.3 + 4.0 * i / kills))  # from inside the next save to several saves in
+        proc.send_signal(sig)
+        code = _reap(proc)
         tally["kills"] += 1
-        if sig == signal.SIGINT and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130:
+        if sig == signal.SIGINT and code == 130:
             tally["sigint_exit_130"] += 1
         try:
             state = load_checkpoint(path)
@@ -140,3 +136,7 @@ def test_ctrl_c_during_a_student_run_says_where_and_how_to_resume(tiny_cfg, tmp_
     r = subprocess.run([sys.executable, "-m", "stages.cli", "student", "-c", str(p), *args, "--resume"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "(2 epochs" in r.stdout, r.stdout + r.stderr
+
+
+if __name__ == "__main__":  # the kill loop's child (``_start_saver``)
+    _saver(Path(sys.argv[1]))
