@@ -103,7 +103,7 @@ def apply(params: AugmentParams, image: torch.Tensor, label: torch.Tensor, *,
     if impl == 2:
         return _apply_region(params, image, label)
     if impl != 1:
-        raise ValueError(f"unknown augmentation implementation {impl!r} (known: {AUGMENT_IMPLS})")
+        raise UserError(f"unknown augmentation implementation {impl!r} (known: {AUGMENT_IMPLS})")
     mask = tv_tensors.Mask(label.unsqueeze(0))
     if params.flip:
         image, mask = TF.horizontal_flip(image), TF.horizontal_flip(mask)

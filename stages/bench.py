@@ -16,6 +16,14 @@ import typer
 
 from stages.common import DEFAULT_CONFIG, ConfigOpt, QuietOpt, SetOpt, VerboseOpt, errors, load, logs
 
+WorkDirOpt = Annotated[Optional[Path], typer.Option(help="Where the temporary dataset, teacher and cache go "
+                                                         "(default: the system temp dir).")]
+
+
+def goal_text(m: dict) -> str:
+    """``"  (goal G: met|MISSED)"`` for a figure record that has a goal, else ``""``."""
+    return f"  (goal {m['goal']}: {'met' if m.get('met') else 'MISSED'})" if "goal" in m else ""
+
 
 def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
           out: Annotated[Path, typer.Option(help="Folder for results.json and results.md.")] = Path("bench"),
@@ -24,8 +32,7 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
           repeats: Annotated[Optional[int], typer.Option(min=1, help="Interleaved repeats (default: 4, quick: 1).")] = None,
           threads: Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (default: the cores the "
                                                               "loader workers leave, at least 1).")] = None,
-          work_dir: Annotated[Optional[Path], typer.Option(help="Where the temporary dataset, teacher and cache "
-                                                                "go (default: the system temp dir).")] = None,
+          work_dir: WorkDirOpt = None,
           allow_busy: Annotated[bool, typer.Option("--allow-busy", help="Measure even when the load average "
                                                                         "at start is >= 0.5 (the wall-clock figures "
                                                                         "then carry the other load).")] = False,
@@ -46,8 +53,7 @@ def bench(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
     for key in (*TABLE_KEYS, "storage"):
         m = res[key]
         v = m.get("value")
-        goal = f"  (goal {m['goal']}: {'met' if m.get('met') else 'MISSED'})" if "goal" in m else ""
-        typer.echo(f"{key:38s} {v if v is None else round(v, 3)}{goal}")
+        typer.echo(f"{key:38s} {v if v is None else round(v, 3)}{goal_text(m)}")
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}")
 
 
@@ -61,9 +67,7 @@ def bench_feed(config: Annotated[Path, typer.Option(help="Recipe whose augmentat
                demo_config: Annotated[Path, typer.Option(help="Config of the trained demo teacher whose maps "
                                                               "the codec table also measures.")]
                = Path("configs/demo.toml"),
-               work_dir: Annotated[Optional[Path], typer.Option(help="Where the temporary dataset, teacher and "
-                                                                     "cache go (default: the system temp dir).")]
-               = None):
+               work_dir: WorkDirOpt = None):
     """The host CPU cost of feeding a GPU at the paper's shapes (R101 teacher, 513 px, B + E + D), per sample:
     build host work, Stage 2 target read, image side, device encode/decode, bytes, physical floors, codecs;
     the feed goals met or missed."""
@@ -74,7 +78,7 @@ def bench_feed(config: Annotated[Path, typer.Option(help="Recipe whose augmentat
                              demo_config=demo_config)
     for g in res["int8"]["goals"]:
         typer.echo(f"int8 {g['figure']:24s} {g['value'] if isinstance(g['value'], int) else round(g['value'], 2)}"
-                   f"  (goal {g['goal']}: {'met' if g['met'] else 'MISSED'})")
+                   f"{goal_text(g)}")
     typer.echo(f"results: {out / 'feed.json'}, {out / 'feed.md'}")
 
 
@@ -84,9 +88,7 @@ def bench_gpu(config: Annotated[Path, typer.Option(help="Recipe (augmentation, c
               quick: Annotated[bool, typer.Option("--quick", help="CPU, tiny sizes (seconds): keeps the check "
                                                                   "working; figures are not meaningful.")] = False,
               device: Annotated[str, typer.Option(help="The GPU to measure (torch device).")] = "cuda",
-              work_dir: Annotated[Optional[Path], typer.Option(help="Where the temporary dataset, teacher and "
-                                                                    "cache go (default: the system temp dir).")]
-              = None):
+              work_dir: WorkDirOpt = None):
     """The prepared GPU check (scripts/gpu_check.sh, <= 8 min on one GPU): R101 -> R18 at 513 px, batch 6, AMP,
     random weights: cached vs online vs in-memory step time and peak GPU memory, cache build vs bare teacher,
     DataLoader feed rate with 4 and 8 workers vs the cached step's consumption."""
@@ -97,8 +99,7 @@ def bench_gpu(config: Annotated[Path, typer.Option(help="Recipe (augmentation, c
     for key in ("step_ratio_cached_over_online", "step_ratio_cached_over_inmemory",
                 "peak_mem_ratio_cached_over_online", "cache_build_over_teacher_inference"):
         m = res[key]
-        goal = f"  (goal {m['goal']}: {'met' if m['met'] else 'MISSED'})" if "goal" in m else ""
-        typer.echo(f"{key:38s} {m['value'] if m['value'] is None else round(m['value'], 3)}{goal}")
+        typer.echo(f"{key:38s} {m['value'] if m['value'] is None else round(m['value'], 3)}{goal_text(m)}")
     typer.echo(f"results: {out / 'gpu.json'}, {out / 'gpu.md'}")
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from attnfd_pipeline.config import AICSDConfig
-from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, register
+from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, paired_logits, register
 from attnfd_pipeline.targets import LOGITS, raw_name
 from attnfd_pipeline.losses.kd import kd_loss
 
@@ -58,8 +58,7 @@ def ics_matrix(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 def ics_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """MSE between the teacher's and the student's inter-class similarity matrices."""
-    t = as_float(teacher_logits)
-    s = match_size(as_float(student_logits), t)
+    s, t = paired_logits(student_logits, teacher_logits)
     return (ics_matrix(t, temperature) - ics_matrix(s, temperature)).pow(2).mean()
 
 
@@ -98,8 +97,7 @@ def pairwise_similarity_loss(student_feat: torch.Tensor, teacher_feat: torch.Ten
 def released_pixel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
     """KL(p_T ‖ p_S) of the class softmaxes averaged over all B·C·H·W elements (no T²)."""
-    t = as_float(teacher_logits)
-    s = match_size(as_float(student_logits), t)
+    s, t = paired_logits(student_logits, teacher_logits)
     log_pt = F.log_softmax(t / temperature, dim=1)
     return (log_pt.exp() * (log_pt - F.log_softmax(s / temperature, dim=1))).mean()
 
@@ -117,8 +115,7 @@ def logit_similarity_matrix(logits: torch.Tensor, temperature: float = 1.0) -> t
 def logit_similarity_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                           temperature: float = 1.0) -> torch.Tensor:
     """Mean squared difference of the row-normalised class-pair matrices, ÷ batch size."""
-    t = as_float(teacher_logits)
-    s = match_size(as_float(student_logits), t)
+    s, t = paired_logits(student_logits, teacher_logits)
     ms = F.normalize(logit_similarity_matrix(s, temperature), dim=1)
     mt = F.normalize(logit_similarity_matrix(t, temperature), dim=1)
     return (ms - mt).pow(2).mean() / t.shape[0]

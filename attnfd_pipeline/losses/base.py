@@ -112,6 +112,16 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def paired_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) logits as float32, the student's resized to the teacher's size; a class-count or
+    batch mismatch is refused naming both shapes."""
+    t = as_float(teacher_logits)
+    s = match_size(as_float(student_logits), t)
+    if s.shape != t.shape:
+        raise UserError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ")
+    return s, t
+
+
 def target_channels(ctx: MethodContext, name: str) -> int:
     if name not in ctx.target_shapes:
         raise KeyError(f"no shape for teacher target {name!r} (have {', '.join(ctx.target_shapes)})")

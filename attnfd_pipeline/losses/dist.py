@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 
 from attnfd_pipeline.config import DISTConfig
-from attnfd_pipeline.errors import UserError
-from attnfd_pipeline.losses.base import DistillMethod, as_float, match_size, register
+from attnfd_pipeline.losses.base import DistillMethod, paired_logits, register
 from attnfd_pipeline.targets import LOGITS
 
 EPS = 1e-8  # added to the product of norms in the Pearson correlation, as in the release
@@ -47,10 +46,7 @@ def pixel_class_rows(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 1.0, gamma: float = 1.0,
               temperature: float = 1.0) -> torch.Tensor:
     """T² · (β · inter-class + γ · intra-class) Pearson-relation loss; (N, C, H, W) inputs."""
-    t = as_float(teacher_logits)
-    s = match_size(as_float(student_logits), t)
-    if s.shape != t.shape:
-        raise UserError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ")
+    s, t = paired_logits(student_logits, teacher_logits)
     ps, pt = pixel_class_rows(s, temperature), pixel_class_rows(t, temperature)
     inter = 1 - pearson_rows(ps, pt).mean()
     intra = 1 - pearson_rows(ps.T, pt.T).mean()

@@ -17,17 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from attnfd_pipeline.config import KDConfig
-from attnfd_pipeline.losses.base import DistillMethod, as_float, match_size, register
+from attnfd_pipeline.losses.base import DistillMethod, paired_logits, register
 from attnfd_pipeline.targets import LOGITS
-from attnfd_pipeline.errors import UserError
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T² · pixel-mean KL(p_T ‖ p_S) of temperature-softened class distributions; (N, C, H, W) inputs."""
-    t = as_float(teacher_logits)
-    s = match_size(as_float(student_logits), t)
-    if s.shape != t.shape:
-        raise UserError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ")
+    s, t = paired_logits(student_logits, teacher_logits)
     log_ps = F.log_softmax(s / temperature, dim=1)
     log_pt = F.log_softmax(t / temperature, dim=1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(1)

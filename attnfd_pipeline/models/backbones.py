@@ -321,8 +321,9 @@ def build_backbone(
 class SegmentationModel(nn.Module):
     """Base class: taps, in-path CBAM attention and backbone/head parameter groups.
 
-    Subclasses set ``self.backbone``, ``self.taps`` (``dict[str, TapSpec]``), ``self.num_classes``,
-    ``self.name`` and call ``self._init_attention(...)`` once ``taps`` is known.
+    Subclasses call ``super().__init__(backbone, num_classes, name)`` (which checks the class count and sets
+    ``backbone``, ``num_classes``, ``name``, ``output_stride``), set ``self.taps`` (``dict[str, TapSpec]``) and
+    call ``self._init_attention(...)`` once ``taps`` is known.
     """
 
     backbone: Backbone
@@ -330,6 +331,15 @@ class SegmentationModel(nn.Module):
     num_classes: int
     name: str
     attention: nn.ModuleDict | None
+
+    def __init__(self, backbone: Backbone, num_classes: int, name: str) -> None:
+        super().__init__()
+        if num_classes <= 0:
+            raise UserError(f"num_classes must be positive, got {num_classes!r}")
+        self.name = name
+        self.num_classes = num_classes
+        self.output_stride = backbone.output_stride
+        self.backbone = backbone
 
     def _init_attention(self, inpath_attention: Iterable[str] | str | None, reduction: int = 16) -> None:
         if inpath_attention is None:

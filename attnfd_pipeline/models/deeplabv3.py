@@ -21,6 +21,8 @@ from os import PathLike
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnfd_pipeline.errors import UserError
+
 from .backbones import Backbone, ResNetBackbone, SegmentationModel, TapSpec, build_backbone, init_head_weights
 from .deeplabv3plus import ASPP
 
@@ -43,13 +45,8 @@ class DeepLabV3(SegmentationModel):
         inpath_attention: Iterable[str] | str | None = None,
         name: str = "deeplabv3",
     ) -> None:
-        super().__init__()
-        if num_classes <= 0:
-            raise ValueError(f"num_classes must be positive, got {num_classes!r}")
-        self.name = name
-        self.num_classes = num_classes
-        self.output_stride = os_ = backbone.output_stride
-        self.backbone = backbone
+        super().__init__(backbone, num_classes, name)
+        os_ = self.output_stride
         self.aspp = ASPP(backbone.out_channels, os_, out_channels=channels)
         self.head = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False),
@@ -99,7 +96,7 @@ def build_deeplabv3(
     """DeepLabV3 on ``backbone`` (one of :data:`DEEPLABV3_BACKBONES`), output stride 8 by default as in the
     Af-DCD / CIRKD tables."""
     if backbone not in DEEPLABV3_BACKBONES:
-        raise ValueError(f"DeepLabV3 backbone {backbone!r} unknown; expected one of {sorted(DEEPLABV3_BACKBONES)}")
+        raise UserError(f"DeepLabV3 backbone {backbone!r} unknown; expected one of {sorted(DEEPLABV3_BACKBONES)}")
     bb = _backbone(backbone, output_stride, backbone_weights)
     return DeepLabV3(
         bb, num_classes, channels=DEEPLABV3_BACKBONES[backbone], inpath_attention=inpath_attention,

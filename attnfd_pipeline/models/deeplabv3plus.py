@@ -101,13 +101,7 @@ class DeepLabV3Plus(SegmentationModel):
         inpath_attention: Iterable[str] | str | None = None,
         name: str = "deeplabv3plus",
     ) -> None:
-        super().__init__()
-        if num_classes <= 0:
-            raise UserError(f"num_classes must be positive, got {num_classes!r}")
-        self.name = name
-        self.num_classes = num_classes
-        self.output_stride = backbone.output_stride
-        self.backbone = backbone
+        super().__init__(backbone, num_classes, name)
         self.aspp = ASPP(backbone.out_channels, backbone.output_stride)
         self.decoder = DeepLabV3PlusDecoder(backbone.low_level_channels)
         self.dropout = nn.Dropout(0.1)

@@ -62,13 +62,7 @@ class PSPNet(SegmentationModel):
         inpath_attention: Iterable[str] | str | None = None,
         name: str = "pspnet",
     ) -> None:
-        super().__init__()
-        if num_classes <= 0:
-            raise UserError(f"num_classes must be positive, got {num_classes!r}")
-        self.name = name
-        self.num_classes = num_classes
-        self.output_stride = backbone.output_stride
-        self.backbone = backbone
+        super().__init__(backbone, num_classes, name)
         in_ch = backbone.out_channels
         self.ppm = PyramidPooling(in_ch, bins)
         self.bottleneck = nn.Sequential(
