@@ -267,8 +267,14 @@ def test_stage2_batches_carry_stored_bytes_and_decode_on_device(int8_cache):
     loader = DataLoader(ds, batch_size=3, sampler=keys, num_workers=1)  # through worker shared memory
     (batch,) = list(loader)
     assert sum(enc.item_nbytes(v) for v in batch["targets"].values()) == 3 * stored
+    # the crop and its labels cross as uint8 (1 byte a pixel each), widened and normalised on the device
+    h, w = cfg.augment.crop_size
+    assert batch["image"].dtype == batch["label"].dtype == torch.uint8
+    assert batch["image"].nbytes == 3 * 3 * h * w and batch["label"].nbytes == 3 * h * w
     for device in DEVICES:
         on = to_device(batch, torch.device(device))
+        assert on["label"].dtype == torch.long and torch.equal(on["label"].cpu(), batch["label"].long())
+        assert on["image"].dtype == torch.float32
         assert sum(enc.item_nbytes(v) for v in on["targets"].values()) == 3 * stored  # host-to-device bytes
         task = StudentTask.__new__(StudentTask)
         task.teacher = None

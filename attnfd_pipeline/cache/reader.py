@@ -217,15 +217,19 @@ class CacheReader:
         out = {}
         for name, arrays in layout.items():
             parts = [next(got) for _ in arrays]
-            where = (f"image {str(self._cols['image_id'][row])!r} (index {index}), aug seed {aug_seed}, "
-                     f"target {name!r}")
             failed = next((p for p in parts if isinstance(p, BaseException)), None)
             if failed is not None:  # crc32c mismatch, truncated shard …
-                raise CacheError(f"{self.path}: unreadable data for {where}: {failed}") from None
+                raise CacheError(f"{self.path}: unreadable data for {self._where(row, index, aug_seed, name)}: "
+                                 f"{failed}") from None
             if self.verify and checksum(parts, self.info.checksum).encode() != self._cols[CHECKSUM_PREFIX + name][row]:
-                raise CacheError(f"{self.path}: checksum mismatch for {where} (data changed after it was written)")
+                raise CacheError(f"{self.path}: checksum mismatch for {self._where(row, index, aug_seed, name)} "
+                                 f"(data changed after it was written)")
             out[name] = parts
         return out
+
+    def _where(self, row: int, index: int, aug_seed: int, name: str) -> str:
+        """The sample and target an error names (formatted only when there is one: reads are the hot path)."""
+        return f"image {str(self._cols['image_id'][row])!r} (index {index}), aug seed {aug_seed}, target {name!r}"
 
     @property
     def augment_impl(self) -> int:

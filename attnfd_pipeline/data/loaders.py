@@ -102,9 +102,10 @@ class AugmentedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         image, label, k = self.crop(epoch, index)
-        # uint8: a quarter of float32's bytes through worker shared memory and the host-to-device copy; the
-        # training loop normalises on the device (engine.train.to_device)
-        return {"image": image, "label": label.long(), "index": index, "aug_seed": k}
+        # uint8 image and label: a quarter of float32's and an eighth of int64's bytes through worker shared
+        # memory and the host-to-device copy; the training loop normalises and widens on the device
+        # (engine.train.to_device)
+        return {"image": image, "label": label, "index": index, "aug_seed": k}
 
 
 class ValDataset(Dataset):

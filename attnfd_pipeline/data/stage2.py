@@ -54,5 +54,5 @@ class StudentDataset(AugmentedDataset):
         image, label = replay_cached(self.reader, self.source, index, k, check=True)
         enc = self.reader.encoding
         targets = {n: batch_item(enc, parts) for n, parts in self.reader.read_stored(index, k, self.names).items()}
-        return {"image": image, "label": label.long(), "index": index, "aug_seed": k,  # uint8, as AugmentedDataset
+        return {"image": image, "label": label, "index": index, "aug_seed": k,  # uint8, as AugmentedDataset
                 "targets": targets}

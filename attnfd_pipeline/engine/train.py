@@ -76,7 +76,8 @@ def autocast_for(device: torch.device, enabled: bool):
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch on ``device``; uint8 training crops (``data.loaders.AugmentedDataset``) are normalised there."""
+    """The batch on ``device``; uint8 training crops (``data.loaders.AugmentedDataset``) are normalised there,
+    and their uint8 labels widened to the int64 class indices the losses take."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
@@ -88,6 +89,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
     image = out.get("image")
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
         out["image"] = normalize(image)
+    label = out.get("label")
+    if isinstance(label, torch.Tensor) and label.dtype == torch.uint8:
+        out["label"] = label.long()
     return out
 
 
