@@ -14,18 +14,16 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from attnfd_pipeline.errors import UserError
-from attnfd_pipeline.targets import EXTRAS
+from attnfd_pipeline.errors import ConfigError, check
+from attnfd_pipeline.targets import EXTRAS, POINTS
 
-POINTS = ("B", "E", "D")
-
-
-class ConfigError(UserError):
-    """A config file or override is invalid; the message names the file and key."""
+__all__ = ["POINTS", "CUSTOM_DATASET", "Config", "ConfigError", "StudentConfig", "TargetSource", "dump_toml",
+           "from_dict", "load_config", "parse_override", "write_resolved"]
 
 
 CUSTOM_DATASET = "custom"  # data.dataset value of a dataset declared in the config itself
@@ -228,10 +226,11 @@ class EvalConfig:
     """How validation images are scored (docs/inference.md): every result names its protocol, since numbers
     under different protocols are not comparable."""
 
-    # "reference": the short side of image and label resized to min(augment.crop_size), aspect kept, one image
-    # per batch (the AttnFD / AICSD released code, what their published numbers use); "whole": original resolution, sliding window when larger
-    # than ``window`` (mmsegmentation, CIRKD, Af-DCD); "center_crop": short side resized to the crop, centre
-    # crop (the default, so configs written before this section score as they did)
+    # "reference": the short side of image and label resized to min(augment.crop_size), aspect kept, one
+    # image per batch (the AttnFD / AICSD released code, what their published numbers use); "whole": original
+    # resolution, sliding window when larger than ``window`` (mmsegmentation, CIRKD, Af-DCD); "center_crop":
+    # short side resized to the crop, centre crop (the default, so configs written before this section score
+    # as they did)
     protocol: Literal["reference", "whole", "center_crop"] = "center_crop"
     window: tuple[int, int] = (0, 0)  # "whole": sliding-window (h, w); (0, 0) = augment.crop_size
     stride: tuple[int, int] = (0, 0)  # "whole": window step (h, w); (0, 0) = 2/3 of the window (mmseg's overlap)
@@ -247,190 +246,6 @@ class EvalConfig:
             _check(all(s <= w for s, w in zip(self.stride, self.window)), "eval.stride",
                    f"{list(self.stride)} is larger than the window {list(self.window)}: pixels between windows "
                    f"would never be scored")
-
-
-# ---------------------------------------------------------------------------------------------
-# distillation methods (attnfd_pipeline.losses): one section per method, ``student.<name>``; a section
-# is used only when its method is in ``student.method``. Stage 2's loss is
-#     ce_weight(epoch) · CE + Σ_m α_m · weight_m · L_m,   α_m = student.<m>.alpha, or student.alpha when unset
-# A rival whose own paper fixes its weight sets ``alpha`` in its section, so an α sweep of AttnFD (or a
-# change of student.alpha) cannot silently change that rival's weight. student.alpha = 0 is always the
-# plain student, whatever the sections say.
-
-
-# field metadata of a method-section key added after runs were named: at its default it is left out of the
-# method's recipe (``StudentConfig.method_recipe``), so the names and matching of earlier runs stay as they were
-WHEN_SET = {"recipe": "when_set"}
-
-
-@dataclass(frozen=True)
-class AttnFDConfig:
-    """AttnFD (docs/method.md "Loss"); its normalisation is ``student.norm``."""
-
-    weight: float = 1.0  # weight inside a method combination (× the method's α)
-    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-
-    def __post_init__(self):
-        _check(self.weight >= 0, "student.attnfd.weight", "must be >= 0")
-
-
-@dataclass(frozen=True)
-class LADConfig:
-    """LAD: normalised MSE between raw features (AttnFD without CBAM); normalisation = ``student.norm``."""
-
-    weight: float = 1.0
-    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-
-    def __post_init__(self):
-        _check(self.weight >= 0, "student.lad.weight", "must be >= 0")
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    """Hinton KD on pixel logits; needs ``cache.extra = ["logits"]``."""
-
-    weight: float = 1.0
-    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    temperature: float = 1.0  # softmax temperature T; the loss is multiplied by T²
-
-    def __post_init__(self):
-        _check(self.weight >= 0, "student.kd.weight", "must be >= 0")
-        _check(self.temperature > 0, "student.kd.temperature", "must be > 0")
-
-
-@dataclass(frozen=True)
-class AICSDConfig:
-    """AICSD: the paper's reading (inter-class similarity + pixel KL on logits, adaptive CE/distillation
-    weighting) or the released code's terms (``variant``; attnfd_pipeline/losses/aicsd.py)."""
-
-    weight: float = 1.0
-    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    # the keys below name a run only when set away from their defaults (``WHEN_SET``): runs of the paper variant
-    # keep the names they had before the released variant existed
-    variant: Literal["paper", "released"] = field(default="paper", metadata=WHEN_SET)
-    temperature: float = 1.0  # of both the spatial (per-class) and the pixel-wise softmax (released: 1)
-    # -- variant = "released": the authors' code (its README command without the undefined --ALW)
-    pa_weight: float = field(default=9500.0, metadata=WHEN_SET)  # pairwise spatial similarity, ASPP feature (0 = off)
-    pi_weight: float = field(default=10.0, metadata=WHEN_SET)  # pixel KL, mean over B·C·H·W, no T²
-    lo_weight: float = field(default=0.0, metadata=WHEN_SET)  # logit inter-class similarity (the release's lo_loss)
-    pa_point: str = field(default="E", metadata=WHEN_SET)  # tap / raw teacher target of the pairwise term (ASPP)
-    pa_scale: float = field(default=0.5, metadata=WHEN_SET)  # max-pool window as a fraction of the map's sides
-    # the commented-out weighting: α·(CE + lo) + (1 − α)·pi, α = epoch / alw_epochs
-    released_alw: bool = field(default=False, metadata=WHEN_SET)
-    alw_epochs: int = field(default=120, metadata=WHEN_SET)  # its denominator (the release's literal); 0 = train.epochs
-    # -- variant = "paper"
-    ics_weight: float = 1.0  # λ of the inter-class-similarity MSE
-    kd_weight: float = 1.0  # λ of the pixel-wise KL
-    adaptive: bool = True  # adaptive loss weighting: a·CE + (1 − a)·distillation, a growing over epochs
-    alw_start: float = 0.5  # a at epoch 0 …
-    alw_end: float = 1.0  # … growing linearly towards this value at the end of training
-
-    def __post_init__(self):
-        _check(self.weight >= 0 and self.ics_weight >= 0 and self.kd_weight >= 0, "student.aicsd.weight",
-               "weights must be >= 0")
-        _check(self.temperature > 0, "student.aicsd.temperature", "must be > 0")
-        _check(0 <= self.alw_start <= self.alw_end <= 1, "student.aicsd.alw_start",
-               "need 0 <= alw_start <= alw_end <= 1")
-        _check(min(self.pa_weight, self.pi_weight, self.lo_weight) >= 0, "student.aicsd.pa_weight",
-               "pa_weight, pi_weight and lo_weight must be >= 0")
-        _check(self.pa_point in POINTS, "student.aicsd.pa_point", f"unknown point {self.pa_point!r}; known: "
-               f"{', '.join(POINTS)}")
-        _check(0 < self.pa_scale <= 1, "student.aicsd.pa_scale", "must be in (0, 1]")
-        _check(self.alw_epochs >= 0, "student.aicsd.alw_epochs", "must be >= 0 (0 = train.epochs)")
-
-
-AFDCD_DATASETS = ("voc", "cityscapes", "camvid", "ade20k", "coco")  # the release's training scripts
-
-
-@dataclass(frozen=True)
-class AfDCDConfig:
-    """Af-DCD: masked feature mimicking + omni-contrastive loss on raw features; ``recipe = "released"`` is
-    the authors' training code, ``"mean"`` the project's mean form (attnfd_pipeline/losses/afdcd.py)."""
-
-    weight: float = 1.0
-    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    recipe: Literal["released", "mean"] = "released"
-    dataset: Literal["voc", "cityscapes", "camvid", "ade20k", "coco"] = "voc"  # whose released weights
-    points: tuple[str, ...] = ()  # () = the recipe's: released B (after its ReLU), mean student.points
-    fd_weight: float | None = None  # masked feature mimicking; unset = the recipe's (released: per dataset)
-    ctr_weight: float | None = None  # contrastive term; unset = the recipe's (released: per dataset)
-    kd_weight: float | None = None  # logit KD; unset = the recipe's (released: 1, ADE20K / COCO 0.5; mean: 0)
-    kd_temperature: float = 1.0
-    grad_clip: float | None = None  # max gradient norm of the method's modules; unset = released 15, mean none
-    mask_ratio: float = 0.75  # fraction of student pixels zeroed before the projector
-    mask: Literal["random", "centre"] = "random"  # or the release's centre-third mask
-    projector: Literal["plain", "enhanced"] = "plain"  # or the release's enhanced projector
-    tau: float = 0.07  # contrastive temperature
-    groups: int = 16  # channel partitions M
-    patch: int = 4  # spatial partition: patch side (positions contrasted together)
-    pool: int = 4  # max-pool factor before contrasting (reduced when the map is too small)
-
-    def __post_init__(self):
-        weights = [self.weight, *(w for w in (self.fd_weight, self.ctr_weight, self.kd_weight) if w is not None)]
-        _check(min(weights) >= 0, "student.afdcd.weight", "weights must be >= 0")
-        _check(self.grad_clip is None or self.grad_clip >= 0, "student.afdcd.grad_clip", "must be >= 0 (0 = none)")
-        _check(self.kd_temperature > 0, "student.afdcd.kd_temperature", "must be > 0")
-        for p in self.points:
-            _check(p in POINTS, "student.afdcd.points", f"unknown point {p!r}; known: {', '.join(POINTS)}")
-        _check(0 <= self.mask_ratio < 1, "student.afdcd.mask_ratio", "must be in [0, 1)")
-        _check(self.tau > 0, "student.afdcd.tau", "must be > 0")
-        _check(self.groups >= 1 and self.patch >= 1 and self.pool >= 1, "student.afdcd.groups",
-               "groups, patch and pool must be >= 1")
-
-
-@dataclass(frozen=True)
-class CIRKDConfig:
-    """CIRKD: the mini-batch pixel-to-pixel relations and the memory-bank pixel-to-pixel and pixel-to-region
-    contrast on raw features, with the released code's defaults (attnfd_pipeline/losses/cirkd.py)."""
-
-    weight: float = 1.0
-    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    points: tuple[str, ...] = ("E",)  # taps it distils (the release: after the ASPP head); () = student.points
-    tau: float = 0.1  # temperature of the similarity softmax (the release's contrast temperature)
-    pool: int = 1  # pooling factor before relating pixels (1 = none, as released; its option: 2)
-    pool_mode: Literal["avg", "max"] = "avg"  # the release's option average-pools
-    connector: bool = False  # a 1×1 conv + BN on the student first (the release relates each network's own map)
-    pixel_memory_weight: float = 0.01  # memory pixel-to-pixel contrast (the release's VOC script; 0 = off)
-    region_memory_weight: float = 0.01  # memory pixel-to-region contrast (the release's VOC script; 0 = off)
-    pixel_memory_size: int = 20000  # queue entries per class
-    region_memory_size: int = 2000
-    pixel_contrast_size: int = 4096  # queue entries drawn per step, over all classes
-    region_contrast_size: int = 1024
-    pixel_update_freq: int = 16  # pixels of a class pushed per image and step
-    # which pixels are pushed: "released" = random positions among the image's first n (the release's indexing),
-    # "class" = random pixels of the class
-    pixel_sampling: Literal["released", "class"] = "released"
-    contrast_kd_temperature: float = 1.0  # of the memory terms' distillation
-
-    def __post_init__(self):
-        _check(min(self.weight, self.pixel_memory_weight, self.region_memory_weight) >= 0, "student.cirkd.weight",
-               "weight, pixel_memory_weight and region_memory_weight must be >= 0")
-        _check(self.tau > 0 and self.contrast_kd_temperature > 0, "student.cirkd.tau",
-               "tau and contrast_kd_temperature must be > 0")
-        _check(self.pool >= 1, "student.cirkd.pool", "must be >= 1")
-        for p in self.points:
-            _check(p in POINTS, "student.cirkd.points", f"unknown point {p!r}; known: {', '.join(POINTS)}")
-        _check(min(self.pixel_memory_size, self.region_memory_size, self.pixel_contrast_size,
-                   self.region_contrast_size, self.pixel_update_freq) >= 1, "student.cirkd.pixel_memory_size",
-               "memory and contrast sizes must be >= 1")
-        _check(self.pixel_update_freq <= self.pixel_memory_size, "student.cirkd.pixel_update_freq",
-               "must be <= pixel_memory_size")
-
-
-@dataclass(frozen=True)
-class DISTConfig:
-    """DIST ("DistKD"): inter- and intra-class Pearson relations of per-pixel class distributions (logits)."""
-
-    weight: float = 1.0
-    alpha: float | None = None  # this method's own α; unset = student.alpha (see the loss above)
-    beta: float = 1.0  # weight of the inter-class relation (per pixel, across classes)
-    gamma: float = 1.0  # weight of the intra-class relation (per class, across the batch's pixels)
-    temperature: float = 1.0  # softmax temperature T (the released segmentation recipe: 1); the loss is × T²
-
-    def __post_init__(self):
-        _check(self.weight >= 0 and self.beta >= 0 and self.gamma >= 0, "student.dist.weight",
-               "weight, beta and gamma must be >= 0")
-        _check(self.temperature > 0, "student.dist.temperature", "must be > 0")
 
 
 class TargetSource(enum.StrEnum):
@@ -509,34 +324,36 @@ class StudentConfig:
     # replacement, in a shuffled order), "random" = an independent choice every epoch (what a run that does not
     # record its order followed)
     seed_order: Literal["cycle", "random"] = "cycle"
-    # per-method weights and hyper-parameters (see the method sections above)
-    attnfd: AttnFDConfig = field(default_factory=AttnFDConfig)
-    lad: LADConfig = field(default_factory=LADConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    aicsd: AICSDConfig = field(default_factory=AICSDConfig)
-    afdcd: AfDCDConfig = field(default_factory=AfDCDConfig)
-    cirkd: CIRKDConfig = field(default_factory=CIRKDConfig)
-    dist: DISTConfig = field(default_factory=DISTConfig)
+    # the distillation methods' config sections by method name, ``[student.<method>]`` in TOML, read as
+    # ``cfg.student.<method>``: each method declares its own section beside its loss (losses.base.MethodSection);
+    # a section is used only when its method is in ``student.method``; missing ones are at their defaults
+    sections: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         _check(self.alpha >= 0, "student.alpha", "must be >= 0")
-        for name in METHOD_SECTIONS:
-            own = getattr(self, name).alpha
-            _check(own is None or own >= 0, f"student.{name}.alpha", "must be >= 0")
+        object.__setattr__(self, "sections", _method_sections(self.sections))
         _check_points(self.points, "student.points")
         _check(self.connector_warmup_epochs >= 0, "student.connector_warmup_epochs", "must be >= 0")
         _check(self.connector_schedule == "always" or self.connector_warmup_epochs >= 1,
                "student.connector_schedule", "\"warmup_only\" trains the connectors during the warm-up alone: set "
                "student.connector_warmup_epochs >= 1 (the released code warms up for 1 epoch), or use \"always\"")
         object.__setattr__(self, "targets", _coerce(TargetSource, self.targets, "student.targets"))
-        # the method names are checked by the losses registry where the methods are built (parse_methods): the
-        # config cannot import the registry, whose methods import their config sections from here
         _check(isinstance(self.method, str) and bool(self.method.strip()), "student.method",
                "names one distillation method or several joined by '+', e.g. \"attnfd+kd\"")
+        from attnfd_pipeline.losses import parse_methods  # the registry: unknown, empty or repeated names
+
+        parse_methods(self.method)
+
+    def __getattr__(self, name: str):
+        """``student.<method>``: the method's config section."""
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def method_params(self, name: str):
-        """The config section of method ``name`` (None for a method without one)."""
-        return getattr(self, name, None) if name in METHOD_SECTIONS else None
+        """The config section of method ``name`` (None for a name that is not a registered method)."""
+        return self.sections.get(name)
 
     def method_weight(self, name: str) -> float:
         """w_m, the factor on ``student.alpha`` of method ``name``'s loss: its section's ``alpha × weight``
@@ -566,11 +383,24 @@ class StudentConfig:
     def default_method_recipe(self, name: str) -> dict[str, Any]:
         """``method_recipe`` of method ``name`` with its section at the defaults."""
         params = self.method_params(name)
-        return {} if params is None else dataclasses.replace(self, **{name: type(params)()}).method_recipe(name)
+        if params is None:
+            return {}
+        return dataclasses.replace(self, sections={**self.sections, name: type(params)()}).method_recipe(name)
 
 
-# config sections of the registered methods (a new method adds its section here)
-METHOD_SECTIONS = ("attnfd", "lad", "kd", "aicsd", "afdcd", "cirkd", "dist")
+def _method_sections(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every registered method's section (registration order): ``given``'s, or the section at its defaults.
+    The registry is imported here, not at the top: the methods import their sections' base from the losses
+    package, which needs torch; a config that is only read does not."""
+    from attnfd_pipeline.losses import method_sections
+
+    known = method_sections()
+    for name, section in given.items():
+        _check(name in known, f"student.{name}", f"no distillation method of that name has a config section "
+               f"(methods: {', '.join(known)})")
+        _check(isinstance(section, known[name]), f"student.{name}",
+               f"expected a {known[name].__name__}, got {type(section).__name__}")
+    return {name: given.get(name) or cls() for name, cls in known.items()}
 
 
 @dataclass(frozen=True)
@@ -605,12 +435,13 @@ class Config:
         return self.run_root / "teacher"
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        """Plain values in the shape of a config file: the method sections as ``student.<method>`` tables."""
+        out = _to_plain(dataclasses.asdict(self))
+        out["student"].update(out["student"].pop("sections"))
+        return out
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
+_check = check
 
 
 def _check_points(points, key: str) -> None:
@@ -638,14 +469,21 @@ def from_dict(cls, data: dict[str, Any], where: str = ""):
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a table, got {type(data).__name__}")
-    if cls is StudentConfig:
-        data = _student_targets(data, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    if cls is StudentConfig:
+        data = _student_targets(data, where)
+        names.discard("sections")  # not a key: the sections are the student table's method-named tables
+        from attnfd_pipeline.losses import method_sections
+
+        known = method_sections()
+        kwargs["sections"] = {k: from_dict(known[k], data[k], _join(where, k)) for k in known if k in data}
+        data = {k: v for k, v in data.items() if k not in known}
+        names |= set(known)
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{_join(where, unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {}
     for key, value in data.items():
         kwargs[key] = _coerce(hints[key], value, _join(where, key))
     try:

@@ -10,3 +10,13 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input (a file, key, option or run state the user can fix); the message names it and the fix."""
+
+
+class ConfigError(UserError):
+    """A config file or override is invalid; the message names the file and key."""
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError("<key>: <message>")`` unless ``ok``: the config sections' validation."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+POINTS = ("B", "E", "D")  # the distillation points: backbone output, ASPP output, decoder feature
 RAW_PREFIX = "raw_"
 LOGITS = "logits"
 EXTRAS = (LOGITS, "raw")  # the ``cache.extra`` entries, in canonical order

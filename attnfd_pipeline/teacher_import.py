@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnfd_pipeline.config import POINTS
+from attnfd_pipeline.targets import POINTS
 from attnfd_pipeline.safe_load import load_torch_file, state_mismatch
 from attnfd_pipeline.errors import UserError
 

@@ -31,16 +31,17 @@ def test_plan_has_every_method_with_its_seeds():
     seeds = {p.label: p.seeds for p in plan}
     assert set(seeds) == set(acc.METHODS) - {"teacher", *acc.COMPACT_METHODS.values()}  # compact rows: asked for
     assert seeds["student"] == seeds["attnfd"] == seeds["attnfd_online"] == (5, 6, 7)  # the rows the goals compare
-    assert all(seeds[m] == (5,) for m in ("kd", "lad", "aicsd", "afdcd", "dist"))
+    assert acc.RIVALS == ("kd", "lad", "aicsd", "afdcd", "cirkd", "dist")  # every registered method but AttnFD
+    assert all(seeds[m] == (5,) for m in acc.RIVALS)
     assert {p.label: len(p.seeds) for p in acc.plan_runs(cfg, seeds=2, extra_seeds=2)}["kd"] == 2
     bench = acc.bench_config(cfg, plan)
     assert bench.cache.extra == ("logits", "raw") and bench.cache.K == cfg.cache.K == 4
     runs = acc.schedule(bench, plan)
-    assert len(runs) == 3 * 3 + 5 and len({run_name(c) for _, c in runs}) == len(runs)
-    assert [m for m, _ in runs[:8]] == ["student", "kd", "lad", "aicsd", "afdcd", "dist", "attnfd", "attnfd_online"]
+    assert len(runs) == 3 * 3 + 6 and len({run_name(c) for _, c in runs}) == len(runs)
+    assert [m for m, _ in runs[:9]] == ["student", *acc.RIVALS, "attnfd", "attnfd_online"]
     by = {(m, c.student.train.seed): c.student for m, c in runs}
     assert by[("student", 7)].alpha == 0
-    for m in ("kd", "lad", "aicsd", "afdcd", "attnfd"):
+    for m in (*acc.RIVALS, "attnfd"):
         s = by[(m, 5)]
         assert (s.method, s.alpha, s.targets) == (m, cfg.student.alpha, TargetSource.CACHED)
     online = by[("attnfd_online", 5)]

@@ -1,7 +1,6 @@
 """The `attnfd` CLI end to end on tiny data: exit codes, messages, files written."""
 
 import json
-import re
 
 import pytest
 from typer.testing import CliRunner

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -73,7 +74,7 @@ def test_ics_matrix_is_kl_between_spatial_class_distributions():
 
 
 def test_aicsd_adaptive_weighting_grows_the_ce_weight():
-    from attnfd_pipeline.config import AICSDConfig
+    from attnfd_pipeline.losses import AICSDConfig
 
     ctx = MethodContext(("D",), {"D": 8}, {"logits": (3, 4, 4)}, num_classes=3, epochs=4,
                         params=AICSDConfig(ics_weight=2.0, kd_weight=0.5, alw_start=0.5, alw_end=1.0))
@@ -151,7 +152,7 @@ def test_afdcd_omni_contrastive_loss_matches_the_loop_formula():
 
 
 def test_afdcd_method_masks_projects_and_contrasts():
-    from attnfd_pipeline.config import AfDCDConfig
+    from attnfd_pipeline.losses import AfDCDConfig
 
     params = AfDCDConfig(recipe="mean", mask_ratio=0.5, fd_weight=2.0, ctr_weight=0.1, groups=2, patch=2, pool=1,
                          tau=1.0)
@@ -218,14 +219,11 @@ def test_registry_lists_every_method_with_its_targets():
 def test_config_validates_methods_and_their_sections():
     cfg = load_config(None, ['student.method="attnfd+kd"', "student.kd.weight=0.5", "student.kd.temperature=4"])
     assert method_weights(cfg.student) == {"attnfd": 1.0, "kd": 0.5}
-    # the method names are checked where the methods are built (the registry), naming the key and the choices
+    # the method names are checked by the registry as the config loads, naming the key and the choices
     for spec, msg in (("attnfd+foo", r"student.method: unknown distillation method 'foo'; known: attnfd, .*kd"),
                       ("kd+kd", "student.method: 'kd\\+kd': a method repeats"), ("kd+", "student.method: .*known: ")):
-        bad = load_config(None, [f'student.method="{spec}"'])
         with pytest.raises(ConfigError, match=msg):
-            method_weights(bad.student)
-        with pytest.raises(ConfigError, match=msg):
-            build_distiller(_tiny_student(), bad.student, {}, 5)
+            load_config(None, [f'student.method="{spec}"'])
     with pytest.raises(ConfigError, match="student.method: names one distillation method"):
         load_config(None, ['student.method=" "'])
     for override, msg in (("student.kd.temperature=0", "student.kd.temperature: must be > 0"),
@@ -234,6 +232,62 @@ def test_config_validates_methods_and_their_sections():
                           ("student.lad.bogus=1", "student.lad.bogus: unknown key")):
         with pytest.raises(ConfigError, match=msg):
             load_config(None, [override])
+
+
+def test_a_method_is_one_module_its_section_a_config_key(tmp_path, monkeypatch):
+    """A new method declares its section beside its loss; registering it makes ``[student.<name>]`` a config
+    table (typed, validated, dumped and read back, with errors naming the file and key) — nothing else changes."""
+    import dataclasses
+    import pickle
+
+    from attnfd_pipeline.errors import check
+    from attnfd_pipeline.losses import base
+
+    plain = load_config(None, ['student.method="attnfd+kd"', "student.kd.temperature=4"])
+    assert pickle.loads(pickle.dumps(plain)) == plain  # loader workers and dask receive configs pickled
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    @dataclasses.dataclass(frozen=True)
+    class ToySection(base.MethodSection):
+        scale: float = 2.0
+
+        def __post_init__(self):
+            super().__post_init__()
+            check(self.scale > 0, self.key("scale"), "must be > 0")
+
+    @base.register
+    class Toy(base.DistillMethod):
+        name, label, paper, params_type = "toy", "Toy", "a test", ToySection
+
+        @classmethod
+        def required_targets(cls, points, params=None):
+            return ("logits",)
+
+        def forward(self, out, targets, epoch=0, batch=None):
+            return self.params.scale * (out["logits"].float() - targets["logits"].float()).pow(2).mean(), {}
+
+    cfg_file = tmp_path / "toy.toml"
+    cfg_file.write_text('[student]\nmethod = "attnfd+toy"\n\n[student.toy]\nscale = 0.5\nweight = 3\n')
+    cfg = load_config(cfg_file)
+    assert cfg.student.toy == ToySection(weight=3.0, scale=0.5) and cfg.student.method_params("toy").scale == 0.5
+    assert method_weights(cfg.student) == {"attnfd": 1.0, "toy": 3.0}
+    assert required_targets(cfg.student.method, cfg.student.points, cfg.student.method_params) == ["B", "E", "D",
+                                                                                                    "logits"]
+    assert "attnfd+toy" in run_name(cfg) and run_name(cfg) != run_name(load_config(cfg_file, ["student.toy.scale=1"]))
+    again = tmp_path / "again.toml"
+    again.write_text(dump_toml(cfg))
+    assert load_config(again).student == cfg.student and "[student.toy]" in again.read_text()
+    for text, msg in (("scale = 0", f"{cfg_file}: student.toy.scale: must be > 0"),
+                      ("weight = -1", f"{cfg_file}: student.toy.weight: must be >= 0"),
+                      ("bogus = 1", f"{cfg_file}: student.toy.bogus: unknown key"),
+                      ("scale = \"x\"", f"{cfg_file}: student.toy.scale: expected a number")):
+        cfg_file.write_text(f'[student]\nmethod = "toy"\n\n[student.toy]\n{text}\n')
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            load_config(cfg_file)
+    with pytest.raises(ConfigError, match=r"student.sections: unknown key"):
+        load_config(None, ["student.sections.toy.scale=1"])
+    with pytest.raises(ValueError, match="params_type must be its own MethodSection"):
+        base.register(type("Bare", (Toy,), {"name": "bare"}))  # a section is the method's own, never shared
 
 
 def test_run_names_separate_k_and_method_settings():

@@ -25,7 +25,7 @@ import torch
 from typer.testing import CliRunner
 
 from attnfd_pipeline.experiments import chaos
-from attnfd_pipeline.cache import CacheError, CacheReader, build_cache, verify_cache
+from attnfd_pipeline.cache import CacheError, build_cache, verify_cache
 from attnfd_pipeline.cache.writer import shard_file
 from attnfd_pipeline.engine.checkpoint import load_checkpoint
 from attnfd_pipeline.engine.train import read_log

@@ -9,8 +9,8 @@ import torch
 
 import torch.nn.functional as F
 
-from attnfd_pipeline.config import AICSDConfig, ConfigError, DISTConfig, load_config
-from attnfd_pipeline.losses import MethodContext, get_method, list_methods
+from attnfd_pipeline.config import ConfigError, load_config
+from attnfd_pipeline.losses import AICSDConfig, DISTConfig, MethodContext, get_method, list_methods
 from attnfd_pipeline.losses.aicsd import logit_similarity_loss, pairwise_similarity_loss, released_pixel_kl
 from attnfd_pipeline.losses.dist import dist_loss
 
@@ -210,7 +210,7 @@ def test_cirkd_memory_contrast_equals_the_release():
 
 
 def _cirkd(**kw):
-    from attnfd_pipeline.config import CIRKDConfig
+    from attnfd_pipeline.losses import CIRKDConfig
 
     params = CIRKDConfig(**kw)
     ctx = MethodContext(("D",), {"E": 3, "D": 5}, {"raw_E": (4, 4, 4)}, num_classes=3, params=params)
@@ -298,7 +298,7 @@ def _kd_reference(s, t):
 
 
 def _afdcd(**kw):
-    from attnfd_pipeline.config import AfDCDConfig
+    from attnfd_pipeline.losses import AfDCDConfig
 
     params = AfDCDConfig(**kw)
     shapes = {"raw_B": (8, 4, 4), "raw_D": (8, 4, 4), "logits": (4, 4, 4)}
@@ -378,17 +378,16 @@ def test_afdcd_module_gradients_are_clipped_at_15():
 def test_every_registered_method_has_its_config_section_label_and_citation():
     import dataclasses
 
-    from attnfd_pipeline.config import METHOD_SECTIONS, StudentConfig
+    from attnfd_pipeline.config import StudentConfig
     from attnfd_pipeline.experiments import accuracy, report
-    from attnfd_pipeline.losses import method_label
+    from attnfd_pipeline.losses import MethodSection, method_label, method_sections
 
-    assert set(METHOD_SECTIONS) == set(list_methods())
-    fields = {f.name: f for f in dataclasses.fields(StudentConfig)}
+    assert list(method_sections()) == list_methods() == list(StudentConfig().sections)
     for name in list_methods():
         cls = get_method(name)
-        section = fields[name].default_factory()
-        assert cls.params_type is None or isinstance(section, cls.params_type), name
-        assert {"weight", "alpha"} <= {f.name for f in dataclasses.fields(section)}, name
+        section = getattr(StudentConfig(), name)
+        assert type(section) is cls.params_type and isinstance(section, MethodSection), name
+        assert section.method == name and {"weight", "alpha"} <= {f.name for f in dataclasses.fields(section)}, name
         assert cls.label and cls.paper and report.DISPLAY[name] == method_label(name) == cls.label
         assert report.USES[name] == set(cls.uses)
     assert report.DISPLAY["afdcd"] == "Af-DCD" and accuracy.LABELS["dist"] == "S + DIST"

@@ -7,7 +7,6 @@ import builtins
 import hashlib
 import json
 import random
-import shutil
 
 import numpy as np
 import pytest

@@ -31,17 +31,17 @@ def test_plan_covers_every_study_without_repeating_the_reference():
         assert by[label].seeds == (3, 4, 5), label
     assert by["student K=1"].seeds == (3,)
     assert [p.K for p in plan if p.study == "K" and p.K] == [1, 1, 2, 2, 8, 8]  # K = 4 is the reference row
-    assert [p.label for p in plan if p.study == "methods"] == ["kd", "lad", "aicsd", "afdcd", "cirkd", "attnfd+kd"]
+    assert [p.label for p in plan if p.study == "methods"] == ["kd", "lad", "aicsd", "afdcd", "cirkd", "dist", "attnfd+kd"]
     assert [p.overrides["alpha"] for p in plan if p.study == "alpha"] == [3.0, 10.0, 100.0, 300.0]  # 30: reference
     assert [p.overrides["points"] for p in plan if p.study == "points"] == [("B",), ("E",), ("B", "E", "D")]
     assert [p.overrides["norm"] for p in plan if p.study == "norm"] == ["sample", "channel"]
     assert [p.teacher_mode for p in plan if p.study == "teacher_mode"] == ["fitted", "parameter_free", "untrained"]
 
     runs = st.schedule(cfg, plan)
-    # 54 runs before the ablations had seeds: 4 α + 3 points + 2 norms + 3 teacher modes, 2 more seeds each
-    assert len(runs) == sum(len(p.seeds) for p in plan) == 54 + 2 * 12 == 78
+    # 54 runs before the ablations had seeds: 4 α + 3 points + 2 norms + 3 teacher modes, 2 more seeds each; DIST
+    assert len(runs) == sum(len(p.seeds) for p in plan) == 54 + 2 * 12 + 3 == 81
     assert len({(c.name, run_name(c)) for _, c in runs}) == len(runs)  # every run has its own folder
-    assert [c.student.train.seed for _, c in runs[:28]] == [3] * 28  # every row's first seed comes first
+    assert [c.student.train.seed for _, c in runs[:29]] == [3] * 29  # every row's first seed comes first
     # one cache per (teacher root, K), holding what its cached runs read: the rivals need logits and raw maps
     extras = {(c.name, c.cache.K): c.cache.extra for _, c in runs}
     assert extras == {("demo", 4): ("logits", "raw"), ("demo", 1): (), ("demo", 2): (), ("demo", 8): (),
@@ -163,4 +163,4 @@ def test_every_shipped_config_plans_paired_studies_and_bench(config):
     assert len(runs) == count_runs(plan) and len({(c.name, run_name(c)) for _, c in runs}) == len(runs)
     assert {c.cache.extra for _, c in runs if c.name == cfg.name and c.cache.K == cfg.cache.K} == {("logits", "raw")}
     bench = acc.bench_config(cfg, acc.plan_runs(cfg))
-    assert bench.cache.extra == ("logits", "raw") and len(acc.schedule(bench, acc.plan_runs(cfg))) == 3 * 3 + 5
+    assert bench.cache.extra == ("logits", "raw") and len(acc.schedule(bench, acc.plan_runs(cfg))) == 3 * 3 + len(acc.RIVALS)

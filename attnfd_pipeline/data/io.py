@@ -15,7 +15,6 @@ from __future__ import annotations
 import io as _io
 import os
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np

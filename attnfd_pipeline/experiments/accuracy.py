@@ -6,13 +6,13 @@ The bench is a plan of ordinary Stage 2 runs (``plan_runs``: ``experiments.plan.
 by method) on the config's own run folder, so the demo teacher and finished runs are reused:
 
 1. the teacher (``runs/<name>/teacher``): trained with ``run_teacher`` only when its bundle is missing;
-2. one cache holding every target the methods read (``cache.extra`` = ``logits`` for KD / AICSD, ``raw``
-   for LAD / Af-DCD; DIST reads the logits too, at the config's K), built (or resumed) only when a cached run still needs it;
+2. one cache holding every target the methods read (``cache.extra``: ``logits``, ``raw`` as the methods'
+   ``required_targets`` ask, at the config's K), built (or resumed) only when a cached run still needs it;
 3. the student runs, one seed of every method first, then the remaining seeds: every row a goal compares —
    the student (α = 0), AttnFD (cached) and AttnFD online (fresh augmentation, ``student.targets``
    ``online-fresh``) —
-   with ``seeds`` seeds (a goal on one seed would compare a mean with a single draw), KD, LAD, AICSD,
-   Af-DCD and DIST with ``extra_seeds``; methods use the config's α and their own config
+   with ``seeds`` seeds (a goal on one seed would compare a mean with a single draw), every other registered
+   method (``RIVALS``: KD, LAD, AICSD, Af-DCD, CIRKD, DIST) with ``extra_seeds``; methods use the config's α and their own config
    section (``student.<method>``). A finished run is reused (``sweep.is_done``) unless it was trained
    under another config (``runs.finished_result`` refuses it), an interrupted one resumes from its
    ``last.pt``.
@@ -37,7 +37,7 @@ from attnfd_pipeline.cache import CacheError, build_cache, find_cache
 from attnfd_pipeline.cache.plan import variant_name
 from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.data.source import ImageSource
-from attnfd_pipeline.losses import method_label
+from attnfd_pipeline.losses import list_methods, method_label
 from attnfd_pipeline.records import CENTER_CROP, RunRecord
 from attnfd_pipeline.engine.logging import get_logger
 from attnfd_pipeline.progress import job
@@ -58,8 +58,8 @@ COMPACT = {"int8": (("encoding", "int8"),),
            "int8+poolD2": (("encoding", "int8"), ("pool", (("D", 2),)))}
 COMPACT_METHODS = {name: "attnfd_" + name.replace("+", "_") for name in COMPACT}  # accuracy.json's method
 # accuracy.json's method labels, in table order (rivals, AttnFD cached and online, AttnFD on compact caches)
-METHODS = ("teacher", "student", "kd", "lad", "aicsd", "afdcd", "dist", "attnfd", "attnfd_online", *COMPACT_METHODS.values())
-RIVALS = ("kd", "lad", "aicsd", "afdcd", "dist")
+RIVALS = tuple(m for m in list_methods() if m != "attnfd")  # every registered method: a new one joins the bench
+METHODS = ("teacher", "student", *RIVALS, "attnfd", "attnfd_online", *COMPACT_METHODS.values())
 LABELS = {"teacher": "Teacher", "student": "Student (α = 0)", **{m: f"S + {method_label(m)}" for m in RIVALS},
           "attnfd": "S + AttnFD (cached)", "attnfd_online": "S + AttnFD (online, fresh augmentation)",
           "attnfd_int8": "S + AttnFD (cached, int8)", "attnfd_int8_poolD2": "S + AttnFD (cached, int8 + D pooled ×2)"}

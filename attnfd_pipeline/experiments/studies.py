@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 from attnfd_pipeline.experiments.accuracy import complete_cache, ensure_teacher
 from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.experiments.report import CBAM_MODES, NORM_ORDER, build_report
+from attnfd_pipeline.losses import list_methods
 from attnfd_pipeline.records import RunRecord
 from attnfd_pipeline.engine.logging import get_logger
 from attnfd_pipeline.progress import Job, current_job, job
@@ -56,7 +57,7 @@ STUDIES = ("reference", "K", "methods", "alpha", "points", "norm", "teacher_mode
 DEFAULT_KS = (1, 2, 4, 8)
 DEFAULT_ALPHAS = (3.0, 10.0, 100.0, 300.0)
 POINT_SETS = (("B",), ("E",), ("D",), ("B", "E", "D"))
-RIVALS = ("kd", "lad", "aicsd", "afdcd", "cirkd", "attnfd+kd")
+RIVALS = (*(m for m in list_methods() if m != "attnfd"), "attnfd+kd")  # every registered rival, and one combination
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,16 +35,51 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnfd_pipeline.config import AfDCDConfig
-from attnfd_pipeline.errors import UserError
-from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, per_point, register
+from attnfd_pipeline.errors import UserError, check
+from attnfd_pipeline.losses.base import (DistillMethod, MethodContext, MethodSection, as_float, match_size, per_point,
+                                        register)
 from attnfd_pipeline.losses.kd import kd_loss
-from attnfd_pipeline.targets import LOGITS, raw_name
+from attnfd_pipeline.targets import LOGITS, POINTS, raw_name
+
+@dataclass(frozen=True)
+class AfDCDConfig(MethodSection):
+    """Af-DCD: masked feature mimicking + omni-contrastive loss on raw features; ``recipe = "released"`` is
+    the authors' training code, ``"mean"`` the project's mean form (attnfd_pipeline/losses/afdcd.py)."""
+
+    recipe: Literal["released", "mean"] = "released"
+    dataset: Literal["voc", "cityscapes", "camvid", "ade20k", "coco"] = "voc"  # whose released weights
+    points: tuple[str, ...] = ()  # () = the recipe's: released B (after its ReLU), mean student.points
+    fd_weight: float | None = None  # masked feature mimicking; unset = the recipe's (released: per dataset)
+    ctr_weight: float | None = None  # contrastive term; unset = the recipe's (released: per dataset)
+    kd_weight: float | None = None  # logit KD; unset = the recipe's (released: 1, ADE20K / COCO 0.5; mean: 0)
+    kd_temperature: float = 1.0
+    grad_clip: float | None = None  # max gradient norm of the method's modules; unset = released 15, mean none
+    mask_ratio: float = 0.75  # fraction of student pixels zeroed before the projector
+    mask: Literal["random", "centre"] = "random"  # or the release's centre-third mask
+    projector: Literal["plain", "enhanced"] = "plain"  # or the release's enhanced projector
+    tau: float = 0.07  # contrastive temperature
+    groups: int = 16  # channel partitions M
+    patch: int = 4  # spatial partition: patch side (positions contrasted together)
+    pool: int = 4  # max-pool factor before contrasting (reduced when the map is too small)
+
+    def __post_init__(self):
+        super().__post_init__()
+        weights = [self.weight, *(w for w in (self.fd_weight, self.ctr_weight, self.kd_weight) if w is not None)]
+        check(min(weights) >= 0, "student.afdcd.weight", "weights must be >= 0")
+        check(self.grad_clip is None or self.grad_clip >= 0, "student.afdcd.grad_clip", "must be >= 0 (0 = none)")
+        check(self.kd_temperature > 0, "student.afdcd.kd_temperature", "must be > 0")
+        for p in self.points:
+            check(p in POINTS, "student.afdcd.points", f"unknown point {p!r}; known: {', '.join(POINTS)}")
+        check(0 <= self.mask_ratio < 1, "student.afdcd.mask_ratio", "must be in [0, 1)")
+        check(self.tau > 0, "student.afdcd.tau", "must be > 0")
+        check(self.groups >= 1 and self.patch >= 1 and self.pool >= 1, "student.afdcd.groups",
+               "groups, patch and pool must be >= 1")
 
 # the release's training scripts (DeepLabV3-R101 → R18): mimicking, contrastive and KD weights, and the
 # contrast crop used instead of pooling (0 = pool)

@@ -36,13 +36,57 @@ commented out, so what runs is CE + 9500 · L_pa + 10 · L_pi:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
-from attnfd_pipeline.config import AICSDConfig
-from attnfd_pipeline.losses.base import DistillMethod, MethodContext, as_float, match_size, paired_logits, register
-from attnfd_pipeline.targets import LOGITS, raw_name
+from attnfd_pipeline.errors import check
+from attnfd_pipeline.losses.base import (DistillMethod, MethodContext, MethodSection, WHEN_SET, as_float, match_size,
+                                        paired_logits, register)
 from attnfd_pipeline.losses.kd import kd_loss
+from attnfd_pipeline.targets import LOGITS, POINTS, raw_name
+
+
+@dataclass(frozen=True)
+class AICSDConfig(MethodSection):
+    """AICSD: the paper's reading (inter-class similarity + pixel KL on logits, adaptive CE/distillation
+    weighting) or the released code's terms (``variant``; attnfd_pipeline/losses/aicsd.py)."""
+
+    # the keys below name a run only when set away from their defaults (``WHEN_SET``): runs of the paper variant
+    # keep the names they had before the released variant existed
+    variant: Literal["paper", "released"] = field(default="paper", metadata=WHEN_SET)
+    temperature: float = 1.0  # of both the spatial (per-class) and the pixel-wise softmax (released: 1)
+    # -- variant = "released": the authors' code (its README command without the undefined --ALW)
+    pa_weight: float = field(default=9500.0, metadata=WHEN_SET)  # pairwise spatial similarity, ASPP feature (0 = off)
+    pi_weight: float = field(default=10.0, metadata=WHEN_SET)  # pixel KL, mean over B·C·H·W, no T²
+    lo_weight: float = field(default=0.0, metadata=WHEN_SET)  # logit inter-class similarity (the release's lo_loss)
+    pa_point: str = field(default="E", metadata=WHEN_SET)  # tap / raw teacher target of the pairwise term (ASPP)
+    pa_scale: float = field(default=0.5, metadata=WHEN_SET)  # max-pool window as a fraction of the map's sides
+    # the commented-out weighting: α·(CE + lo) + (1 − α)·pi, α = epoch / alw_epochs
+    released_alw: bool = field(default=False, metadata=WHEN_SET)
+    alw_epochs: int = field(default=120, metadata=WHEN_SET)  # its denominator (the release's literal); 0 = train.epochs
+    # -- variant = "paper"
+    ics_weight: float = 1.0  # λ of the inter-class-similarity MSE
+    kd_weight: float = 1.0  # λ of the pixel-wise KL
+    adaptive: bool = True  # adaptive loss weighting: a·CE + (1 − a)·distillation, a growing over epochs
+    alw_start: float = 0.5  # a at epoch 0 …
+    alw_end: float = 1.0  # … growing linearly towards this value at the end of training
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.weight >= 0 and self.ics_weight >= 0 and self.kd_weight >= 0, "student.aicsd.weight",
+               "weights must be >= 0")
+        check(self.temperature > 0, "student.aicsd.temperature", "must be > 0")
+        check(0 <= self.alw_start <= self.alw_end <= 1, "student.aicsd.alw_start",
+               "need 0 <= alw_start <= alw_end <= 1")
+        check(min(self.pa_weight, self.pi_weight, self.lo_weight) >= 0, "student.aicsd.pa_weight",
+               "pa_weight, pi_weight and lo_weight must be >= 0")
+        check(self.pa_point in POINTS, "student.aicsd.pa_point", f"unknown point {self.pa_point!r}; known: "
+               f"{', '.join(POINTS)}")
+        check(0 < self.pa_scale <= 1, "student.aicsd.pa_scale", "must be in (0, 1]")
+        check(self.alw_epochs >= 0, "student.aicsd.alw_epochs", "must be >= 0 (0 = train.epochs)")
 
 RELEASED, PAPER = "released", "paper"
 

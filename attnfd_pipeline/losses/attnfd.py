@@ -20,12 +20,14 @@ the student's map is resized to the teacher's full map and pooled the same way b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from attnfd_pipeline.cache.encoding import pool_student
 from attnfd_pipeline.layers import CBAM
-from attnfd_pipeline.losses.base import DistillMethod, MethodContext, connector, match_size, register
+from attnfd_pipeline.losses.base import DistillMethod, MethodContext, MethodSection, connector, match_size, register
 from attnfd_pipeline.errors import UserError
 
 NORMS = ("batch", "sample", "channel")
@@ -55,6 +57,12 @@ def attnfd_loss(student: torch.Tensor, teacher: torch.Tensor, norm: str = "batch
 # the method: a trainable CBAM at each point, then a connector (1×1 conv + BN) to the teacher's channels
 
 
+@dataclass(frozen=True)
+class AttnFDConfig(MethodSection):
+    """AttnFD's section: its weights only; its normalisation is ``student.norm``, its points ``student.points``
+    and the released-code recipe switches are ``student`` keys (config.StudentConfig)."""
+
+
 @register
 class AttnFD(DistillMethod):
     """AttnFD (Mansourian et al., "Attention-guided Feature Distillation for Semantic Segmentation"):
@@ -63,6 +71,7 @@ class AttnFD(DistillMethod):
     name = "attnfd"
     label = "AttnFD"
     uses = frozenset({"points", "norm"})
+    params_type = AttnFDConfig
     paper = "Mansourian et al., Attention-guided Feature Distillation for Semantic Segmentation (AttnFD)"
 
     @classmethod

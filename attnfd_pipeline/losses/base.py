@@ -27,8 +27,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnfd_pipeline.config import ConfigError
-from attnfd_pipeline.errors import UserError
+from attnfd_pipeline.errors import ConfigError, UserError, check
+
+# field metadata of a section key added after runs were named: at its default it is left out of the method's
+# recipe (``StudentConfig.method_recipe``), so the names and matching of earlier runs stay as they were
+WHEN_SET = {"recipe": "when_set"}
+
+
+@dataclass(frozen=True)
+class MethodSection:
+    """A method's config section ``student.<name>`` (a frozen dataclass the method declares beside its loss, as
+    ``params_type``; ``register`` makes it a key of the student config). Stage 2's loss is
+        ce_weight(epoch) · CE + Σ_m α_m · weight_m · L_m,   α_m = student.<m>.alpha, or student.alpha when unset
+    A rival whose own paper fixes its weight sets ``alpha`` in its section, so an α sweep of AttnFD (or a change
+    of student.alpha) cannot silently change that rival's weight; student.alpha = 0 is always the plain student."""
+
+    weight: float = 1.0  # weight inside a method combination (× the method's α)
+    alpha: float | None = None  # this method's own α; unset = student.alpha
+
+    method: ClassVar[str] = ""  # the section's method name (set by ``register``): the keys its errors name
+
+    def key(self, name: str) -> str:
+        """The full config key of field ``name``: ``student.<method>.<name>``."""
+        return f"student.{self.method}.{name}"
+
+    def __post_init__(self):
+        check(self.weight >= 0, self.key("weight"), "must be >= 0")
+        check(self.alpha is None or self.alpha >= 0, self.key("alpha"), "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -56,12 +81,12 @@ class DistillMethod(nn.Module):
     label: ClassVar[str] = ""  # display name in tables and reports ("Af-DCD"); "" = the name
     # the Stage 2 settings (of "points", "norm") its loss depends on: reports match runs on these only
     uses: ClassVar[frozenset[str]] = frozenset()
-    params_type: ClassVar[type | None] = None  # config dataclass of the method's hyper-parameters
+    params_type: ClassVar[type[MethodSection]] = MethodSection  # its config section (a MethodSection subclass)
 
     def __init__(self, ctx: MethodContext):
         super().__init__()
         self.points = tuple(ctx.points)
-        self.params = ctx.params if ctx.params is not None else (self.params_type() if self.params_type else None)
+        self.params = ctx.params if ctx.params is not None else self.params_type()
 
     @classmethod
     def required_targets(cls, points: Sequence[str], params: Any = None) -> tuple[str, ...]:
@@ -143,13 +168,25 @@ SEPARATOR = "+"
 
 
 def register(cls: type[DistillMethod]) -> type[DistillMethod]:
-    """Class decorator: make ``cls`` available as ``student.method = cls.name``."""
+    """Class decorator: make ``cls`` available as ``student.method = cls.name``, with its config section
+    ``student.<name>`` (``params_type``, a ``MethodSection`` subclass of its own)."""
     if not cls.name or SEPARATOR in cls.name:
         raise UserError(f"method class {cls.__name__} needs a name without {SEPARATOR!r}")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise UserError(f"method {cls.name!r} registered twice")
+    section = cls.params_type
+    if not (isinstance(section, type) and issubclass(section, MethodSection)) or section is MethodSection \
+            or section.method not in ("", cls.name):
+        raise UserError(f"method {cls.name!r}: params_type must be its own MethodSection dataclass, declared in "
+                        f"its module (its config section student.{cls.name})")
+    section.method = cls.name
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def method_sections() -> dict[str, type[MethodSection]]:
+    """Config section class of every registered method, by name (registration order)."""
+    return {name: cls.params_type for name, cls in _REGISTRY.items()}
 
 
 def list_methods() -> list[str]:

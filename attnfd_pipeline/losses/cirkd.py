@@ -37,15 +37,55 @@ saved in checkpoints (a resumed run refills them) and, under torchrun, hold each
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnfd_pipeline.config import CIRKDConfig
-from attnfd_pipeline.losses.base import (DistillMethod, MethodContext, as_float, connector, match_size, per_point,
-                                         register)
-from attnfd_pipeline.targets import raw_name
-from attnfd_pipeline.errors import UserError
+from attnfd_pipeline.errors import UserError, check
+from attnfd_pipeline.losses.base import (DistillMethod, MethodContext, MethodSection, as_float, connector, match_size,
+                                        per_point, register)
+from attnfd_pipeline.targets import POINTS, raw_name
+
+
+@dataclass(frozen=True)
+class CIRKDConfig(MethodSection):
+    """CIRKD: the mini-batch pixel-to-pixel relations and the memory-bank pixel-to-pixel and pixel-to-region
+    contrast on raw features, with the released code's defaults (attnfd_pipeline/losses/cirkd.py)."""
+
+    points: tuple[str, ...] = ("E",)  # taps it distils (the release: after the ASPP head); () = student.points
+    tau: float = 0.1  # temperature of the similarity softmax (the release's contrast temperature)
+    pool: int = 1  # pooling factor before relating pixels (1 = none, as released; its option: 2)
+    pool_mode: Literal["avg", "max"] = "avg"  # the release's option average-pools
+    connector: bool = False  # a 1×1 conv + BN on the student first (the release relates each network's own map)
+    pixel_memory_weight: float = 0.01  # memory pixel-to-pixel contrast (the release's VOC script; 0 = off)
+    region_memory_weight: float = 0.01  # memory pixel-to-region contrast (the release's VOC script; 0 = off)
+    pixel_memory_size: int = 20000  # queue entries per class
+    region_memory_size: int = 2000
+    pixel_contrast_size: int = 4096  # queue entries drawn per step, over all classes
+    region_contrast_size: int = 1024
+    pixel_update_freq: int = 16  # pixels of a class pushed per image and step
+    # which pixels are pushed: "released" = random positions among the image's first n (the release's indexing),
+    # "class" = random pixels of the class
+    pixel_sampling: Literal["released", "class"] = "released"
+    contrast_kd_temperature: float = 1.0  # of the memory terms' distillation
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(min(self.weight, self.pixel_memory_weight, self.region_memory_weight) >= 0, "student.cirkd.weight",
+               "weight, pixel_memory_weight and region_memory_weight must be >= 0")
+        check(self.tau > 0 and self.contrast_kd_temperature > 0, "student.cirkd.tau",
+               "tau and contrast_kd_temperature must be > 0")
+        check(self.pool >= 1, "student.cirkd.pool", "must be >= 1")
+        for p in self.points:
+            check(p in POINTS, "student.cirkd.points", f"unknown point {p!r}; known: {', '.join(POINTS)}")
+        check(min(self.pixel_memory_size, self.region_memory_size, self.pixel_contrast_size,
+                   self.region_contrast_size, self.pixel_update_freq) >= 1, "student.cirkd.pixel_memory_size",
+               "memory and contrast sizes must be >= 1")
+        check(self.pixel_update_freq <= self.pixel_memory_size, "student.cirkd.pixel_update_freq",
+               "must be <= pixel_memory_size")
 
 IGNORE = 255
 

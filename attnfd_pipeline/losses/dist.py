@@ -21,11 +21,28 @@ its DeepLabV3); here the cached teacher ``"logits"`` (decoder resolution) and th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from attnfd_pipeline.config import DISTConfig
-from attnfd_pipeline.losses.base import DistillMethod, paired_logits, register
+from attnfd_pipeline.errors import check
+from attnfd_pipeline.losses.base import DistillMethod, MethodSection, paired_logits, register
 from attnfd_pipeline.targets import LOGITS
+
+
+@dataclass(frozen=True)
+class DISTConfig(MethodSection):
+    """DIST ("DistKD"): inter- and intra-class Pearson relations of per-pixel class distributions (logits)."""
+
+    beta: float = 1.0  # weight of the inter-class relation (per pixel, across classes)
+    gamma: float = 1.0  # weight of the intra-class relation (per class, across the batch's pixels)
+    temperature: float = 1.0  # softmax temperature T (the released segmentation recipe: 1); the loss is × T²
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.weight >= 0 and self.beta >= 0 and self.gamma >= 0, "student.dist.weight",
+               "weight, beta and gamma must be >= 0")
+        check(self.temperature > 0, "student.dist.temperature", "must be > 0")
 
 EPS = 1e-8  # added to the product of norms in the Pearson correlation, as in the release
 

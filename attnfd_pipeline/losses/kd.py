@@ -13,12 +13,25 @@ the student's ``"logits"`` are resized bilinearly to them when the resolutions d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from attnfd_pipeline.config import KDConfig
-from attnfd_pipeline.losses.base import DistillMethod, paired_logits, register
+from attnfd_pipeline.errors import check
+from attnfd_pipeline.losses.base import DistillMethod, MethodSection, paired_logits, register
 from attnfd_pipeline.targets import LOGITS
+
+
+@dataclass(frozen=True)
+class KDConfig(MethodSection):
+    """Hinton KD on pixel logits; needs ``cache.extra = ["logits"]``."""
+
+    temperature: float = 1.0  # softmax temperature T; the loss is multiplied by T²
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.temperature > 0, "student.kd.temperature", "must be > 0")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -14,10 +14,17 @@ are not reproduced; this is the "raw features + MSE" ablation the AttnFD paper c
 
 from __future__ import annotations
 
-from attnfd_pipeline.config import LADConfig
+from dataclasses import dataclass
+
 from attnfd_pipeline.losses.attnfd import attnfd_loss
-from attnfd_pipeline.losses.base import DistillMethod, MethodContext, connector, match_size, per_point, register
+from attnfd_pipeline.losses.base import (DistillMethod, MethodContext, MethodSection, connector, match_size, per_point,
+                                        register)
 from attnfd_pipeline.targets import raw_name
+
+
+@dataclass(frozen=True)
+class LADConfig(MethodSection):
+    """LAD's section: its weights only; its normalisation is ``student.norm``, its points ``student.points``."""
 
 
 @register
@@ -25,8 +32,8 @@ class LAD(DistillMethod):
     name = "lad"
     label = "LAD"
     uses = frozenset({"points", "norm"})
-    paper = "T. Liu et al., Rethinking Knowledge Distillation with Raw Features for Semantic Segmentation (WACV 2024)"
     params_type = LADConfig
+    paper = "T. Liu et al., Rethinking Knowledge Distillation with Raw Features for Semantic Segmentation (WACV 2024)"
 
     @classmethod
     def required_targets(cls, points, params=None):

@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from attnfd_pipeline.config import (LEGACY_SEED_ORDER, METHOD_SECTIONS, Config, ConfigError, StudentConfig,
+from attnfd_pipeline.config import (LEGACY_SEED_ORDER, Config, ConfigError, StudentConfig,
                                     TargetSource, load_config)
 from attnfd_pipeline.engine.train import RESUMABLE_CHANGES
 from attnfd_pipeline.losses import parse_methods
@@ -117,8 +117,10 @@ def _recipe(s: StudentConfig) -> dict:
     change an AttnFD run: adding or tuning it in a config must not orphan finished runs)."""
     used = set(parse_methods(s.method)) if s.alpha > 0 else set()
     unused = {"seed_order"} if s.targets.fresh else set()  # fresh crops never read the cached seeds
-    return {k: (s.method_recipe(k) if k in METHOD_SECTIONS else _plain(v)) for k, v in dataclasses.asdict(s).items()
-            if (k not in METHOD_SECTIONS or k in used) and k not in unused}
+    fields = dataclasses.asdict(s)
+    del fields["sections"]
+    return {**{k: _plain(v) for k, v in fields.items() if k not in unused},
+            **{name: s.method_recipe(name) for name in s.sections if name in used}}
 
 
 def _plain(v):
