@@ -80,7 +80,7 @@ bench: $(STAMPS)/teacher-$(CFG_NAME) ## Measure what caching buys (step time, me
 	$(ATTNFD) bench --config $(CONFIG) --out bench --wait-quiet 600 $(BENCH_ARGS)
 	$(ATTNFD) bench-feed --config configs/voc.toml --out bench
 
-bench-accuracy: $(STAMPS)/cache-$(CFG_NAME) ## Teacher, student, KD/LAD/AICSD/Af-DCD/AttnFD (cached + online, float16 vs compact caches) on the config's data, goals checked (resumable) -> bench/accuracy.{json,md}
+bench-accuracy: $(STAMPS)/cache-$(CFG_NAME) ## Teacher, student, every rival (KD/LAD/AICSD/Af-DCD/CIRKD/DIST), AttnFD (cached + online, float16 vs compact caches) on the config's data, goals checked (resumable) -> bench/accuracy.{json,md}
 	$(ATTNFD) bench-accuracy --config $(CONFIG) --seeds $(BENCH_SEEDS) --compact int8 --compact int8+poolD2 --out bench
 
 studies: $(STAMPS)/teacher-$(CFG_NAME) ## Every study of the report on the config's data: K vs online, methods, α, points, norm, teacher CBAM mode (resumable) -> bench/studies/report.md + PNGs

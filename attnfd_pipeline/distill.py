@@ -5,7 +5,7 @@ distillation methods' modules (CBAMs, connectors, projectors) —, the method we
 ``Distiller(student, points, teacher_channels)`` is AttnFD (docs/method.md "CBAM" and "Loss"): a trainable CBAM at each
 distillation point, then a connector (1×1 conv student → teacher channels + BN), then bilinear resizing
 to the teacher's map. ``Distiller(student, points, methods={...})`` holds any set of registered methods
-(``attnfd_pipeline.losses``) — KD, LAD, AICSD, Af-DCD, CIRKD or a combination; ``methods={}`` is the
+(``attnfd_pipeline.losses``) — KD, LAD, AICSD, Af-DCD, CIRKD, DIST or a combination; ``methods={}`` is the
 plain student.
 """
 

@@ -110,13 +110,13 @@ AccuracyOutOpt = Annotated[Optional[Path], typer.Option("--out", help="Folder fo
 def bench_accuracy(config: ConfigOpt = DEFAULT_CONFIG, set_: SetOpt = None,
                    seeds: Annotated[int, typer.Option(min=1, help="Seeds of the student and of AttnFD (cached and "
                                                            "online): the rows the goals compare.")] = 3,
-                   extra_seeds: Annotated[int, typer.Option(min=0, help="Seeds of KD, LAD, AICSD and Af-DCD.")] = 1,
+                   extra_seeds: Annotated[int, typer.Option(min=0, help="Seeds of the rival methods (every registered method but AttnFD).")] = 1,
                    compact: Annotated[list[str] | None, typer.Option(
                        help="Compact cache storage AttnFD also trains on (--seeds seeds, paired with the float16 "
                             "cache); repeatable: int8, int8+poolD2 (make bench-accuracy: both).")] = None,
                    out: AccuracyOutOpt = None, verbose: VerboseOpt = False, quiet: QuietOpt = False):
-    """Accuracy of the teacher, the student and the student with KD, LAD, AICSD, Af-DCD and AttnFD (cached
-    and online) on any config's data, with paired differences over shared seeds; checks the goals.
+    """Accuracy of the teacher, the student and the student with each rival (KD, LAD, AICSD, Af-DCD, CIRKD,
+    DIST) and AttnFD (cached and online) on any config's data, with paired differences over shared seeds; checks the goals.
     Resumable: finished runs are skipped."""
     import shlex
 

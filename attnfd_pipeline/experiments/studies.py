@@ -9,7 +9,7 @@ command on one config:
   each K (``extra_seeds``), and AttnFD online with a fresh augmentation every epoch (``student.targets = "online-fresh"``,
   ``seeds`` seeds) — the reference the K cached seeds approximate — with the plain student on fresh crops
   (``seeds`` seeds), so online's gain is measured against the student of its own augmentation regime;
-- ``methods``: KD, LAD, AICSD, Af-DCD, CIRKD and the combination AttnFD + KD on the same cache;
+- ``methods``: every registered rival (KD, LAD, AICSD, Af-DCD, CIRKD, DIST) and AttnFD + KD on the same cache;
 - ``alpha``: AttnFD at each α of ``alphas``;
 - ``points``: B, E, D and B+E+D (paper Table 5); ``norm``: batch, sample and channel normalisation;
 - ``teacher_mode``: AttnFD distilled from teachers whose CBAMs are ``fitted``, ``parameter_free`` or
