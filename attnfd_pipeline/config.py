@@ -703,22 +703,14 @@ def _drop_other_spelling(data: dict, keys: list[str], from_file: set[str]) -> No
 
 
 def dump_toml(cfg: Config) -> str:
-    """Serialise a config as TOML (readable back by ``load_config``)."""
-    lines: list[str] = []
+    """Serialise a config as TOML (readable back by ``load_config``). TOML has no null: an unset optional key
+    (None) is left out and reads back as its default, None."""
+    import tomli_w
 
-    def emit(prefix: str, obj: dict):
-        # TOML has no null: an unset optional key (None) is left out and reads back as its default, None
-        scalars = {k: v for k, v in obj.items() if not isinstance(v, dict) and v is not None}
-        tables = {k: v for k, v in obj.items() if isinstance(v, dict)}
-        if prefix and scalars:
-            lines.append(f"\n[{prefix}]")
-        for k, v in scalars.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-        for k, v in tables.items():
-            emit(f"{prefix}.{k}" if prefix else k, v)
+    def present(obj):
+        return {k: present(v) if isinstance(v, dict) else v for k, v in obj.items() if v is not None}
 
-    emit("", cfg.to_dict())
-    return "\n".join(lines).lstrip() + "\n"
+    return tomli_w.dumps(present(cfg.to_dict()))
 
 
 def write_resolved(cfg: Config, directory: str | Path) -> Path:

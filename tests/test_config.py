@@ -80,6 +80,16 @@ def test_resolved_config_round_trips(tmp_path):
     assert isinstance(Config(), Config)
 
 
+def test_resolved_config_round_trips_a_class_name_json_spelled_toml_could_not(tmp_path):
+    """A class name outside the Basic Multilingual Plane: JSON writes it as a surrogate pair, which TOML
+    refuses; the resolved config of a run on such a dataset must read back as written."""
+    cfg = load_config(None, ['data.dataset="custom"', 'data.root="my_data"',
+                             'data.classes=["background", "cat \U0001F431", "road"]'])
+    assert cfg.data.classes[1] == "cat \U0001F431"
+    back = load_config(write_resolved(cfg, tmp_path))
+    assert back.data.classes == cfg.data.classes and back.data == cfg.data
+
+
 def test_a_method_with_its_own_alpha_keeps_its_weight_when_student_alpha_changes(tmp_path):
     # KD at its paper's weight 1 whatever AttnFD's α; LAD has no alpha of its own and follows student.alpha
     own = ['student.method="attnfd+kd+lad"', "student.kd.alpha=1", "student.kd.weight=0.5"]

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DISTRIBUTION = {"PIL": "pillow", "google_crc32c": "google-crc32c"}  # import name → distribution name, where they differ
+DISTRIBUTION = {"PIL": "pillow", "google_crc32c": "google-crc32c", "tomli_w": "tomli-w"}  # import name → distribution name, where they differ
 
 
 def _imports() -> dict[str, str]:
