@@ -1,10 +1,10 @@
 """``RunRecord``: what a finished student run records in its ``result.json``.
 
 The student runner (``runs.run_student``) writes it; the lab (results, report, accuracy, studies,
-sweep) reads it back with ``RunRecord.from_dict`` / ``read_record``. Results written by older versions
-lack some fields: they get the defaults those versions implied (``seed_order`` ``random``, ``augment``
-``replay``, evaluation protocol ``center_crop``), and ``read_record`` fills what the run's
-``config.resolved.toml`` still says (mode, α, method, norm, points, seed, K, model).
+sweep) reads it back with ``RunRecord.from_dict`` / ``read_record``. The file records its format
+(``RESULT_JSON_FORMAT``); ``RESULT.migrate`` brings one written by an older version to the current shape
+(``formats.SavedFormat``), with what the run's ``config.resolved.toml`` still says where the old file is
+silent.
 """
 
 from __future__ import annotations
@@ -18,10 +18,37 @@ from typing import Any
 
 from attnfd_pipeline.config import LEGACY_SEED_ORDER, TargetSource
 from attnfd_pipeline.errors import UserError
+from attnfd_pipeline.formats import SavedFormat
 
 RESULT_JSON = "result.json"
 # validation as every version so far evaluates: short side resized to the crop size, then the centre crop
 CENTER_CROP = "center_crop"
+RESULT_JSON_FORMATS = ("attnfd-result/1", "attnfd-result/2")
+RESULT_JSON_FORMAT = RESULT_JSON_FORMATS[-1]
+
+
+def _v1_to_v2(d: dict, resolved: dict | None = None) -> dict:
+    """attnfd-result/2 records the whole recipe and the protocol of its scores. A /1 file (no ``format``) left
+    mode, α, method, model, norm, points, seed and K to the run's resolved config where it lacks them (the
+    first ones record little more than the scores), and predates ``augment`` (then always the replayed
+    cached seeds, or fresh crops under the older ``student.online_fresh``), ``student.seed_order`` (runs
+    then followed ``LEGACY_SEED_ORDER``) and ``eval.protocol`` (then always the centre crop)."""
+    s = (resolved or {}).get("student", {})
+    configured = _configured_source(s)
+    mode = d.get("mode", configured.mode)
+    filled = {
+        "mode": mode, "augment": d.get("augment") or TargetSource.of(mode, configured.augment).augment,
+        "alpha": float(d.get("alpha", s.get("alpha", 0.0))), "method": d.get("method") or s.get("method", "attnfd"),
+        "model": d.get("model", s.get("model", {}).get("name")), "norm": d.get("norm", s.get("norm")),
+        "points": d.get("points") or s.get("points") or [], "seed": d.get("seed", s.get("train", {}).get("seed")),
+        "K": d.get("K", (resolved or {}).get("cache", {}).get("K")),
+        "seed_order": d.get("seed_order", LEGACY_SEED_ORDER), "eval_protocol": d.get("eval_protocol") or CENTER_CROP,
+    }
+    return {**d, **filled}
+
+
+RESULT = SavedFormat("result.json", RESULT_JSON_FORMATS, {RESULT_JSON_FORMATS[0]: _v1_to_v2},
+                     unversioned=RESULT_JSON_FORMATS[0])
 
 
 @dataclass(frozen=True)
@@ -79,36 +106,28 @@ class RunRecord:
         return self.final_miou is not None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], resolved: dict[str, Any] | None = None) -> "RunRecord":
-        """From a result.json dict; a field it lacks comes from ``resolved`` (the run's resolved config as a
-        dict) where that has it, else the default. Unknown keys are ignored."""
-        s = (resolved or {}).get("student", {})
-        configured = _configured_source(s)
-        mode = d.get("mode", configured.mode)
-        augment = d.get("augment") or TargetSource.of(mode, configured.augment).augment
-        alpha = float(d.get("alpha", s.get("alpha", 0.0)))
-        method = (d.get("method") or s.get("method", "attnfd")) if alpha > 0 else "none"
-        fresh = TargetSource.of(mode, augment).fresh
+    def from_dict(cls, d: dict[str, Any], resolved: dict[str, Any] | None = None,
+                  where: str = RESULT_JSON) -> "RunRecord":
+        """From a result.json dict of any version (``RESULT.migrate``; ``resolved``: the run's resolved config
+        as a dict, for what an older file left to it). Unknown keys are ignored."""
+        d = RESULT.migrate(d, where, resolved=resolved)
+        alpha = float(d.get("alpha", 0.0))
+        fresh = TargetSource.of(d["mode"], d["augment"]).fresh
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         values |= {
-            "run": d.get("run") or "", "model": d.get("model", s.get("model", {}).get("name")), "method": method,
-            "methods": tuple(d.get("methods") or ()), "alpha": alpha, "norm": d.get("norm", s.get("norm")),
-            "points": tuple(d.get("points") or s.get("points") or ()), "mode": mode, "augment": augment,
-            # fresh crops read no cached seed; a result that does not record its order followed the legacy one
-            "seed_order": None if fresh else d.get("seed_order", LEGACY_SEED_ORDER),
-            "seed": d.get("seed", s.get("train", {}).get("seed")),
-            "K": d.get("K", (resolved or {}).get("cache", {}).get("K")),
+            "run": d.get("run") or "", "method": d.get("method", "attnfd") if alpha > 0 else "none",
+            "methods": tuple(d.get("methods") or ()), "alpha": alpha, "points": tuple(d.get("points") or ()),
+            "seed_order": None if fresh else d["seed_order"],  # fresh crops read no cached seed
             "targets": tuple(d.get("targets") or ()), "class_names": tuple(d.get("class_names") or ()),
             "per_class_iou": tuple(d["per_class_iou"]) if d.get("per_class_iou") is not None else None,
             "weights": dict(d.get("weights") or {}), "method_settings": dict(d.get("method_settings") or {}),
-            "eval_protocol": d.get("eval_protocol") or CENTER_CROP,
         }
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The result.json dict (tuples as lists, so it equals the file read back)."""
-        out = {}
+        """The result.json dict (tuples as lists, so it equals the file read back), with its format."""
+        out: dict[str, Any] = {"format": RESULT_JSON_FORMAT}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v
@@ -144,5 +163,5 @@ def read_record(run_dir: str | Path) -> RunRecord:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    rec = RunRecord.from_dict(d, _read_toml(run_dir / "config.resolved.toml"))
+    rec = RunRecord.from_dict(d, _read_toml(run_dir / "config.resolved.toml"), where=str(path))
     return rec if rec.run else dataclasses.replace(rec, run=run_dir.name)

@@ -166,17 +166,17 @@ def test_int8_checksum_covers_scale(tmp_path, int8_built):
     assert [(b.image_index, b.aug_seed, b.target) for b in bad] == [(1, 0, "E")]
 
 
-def test_cache_without_encoding_attribute_reads_as_float16(tmp_path):
+def test_a_current_cache_json_without_its_encoding_is_refused_naming_the_key(tmp_path):
+    """Only attnfd-cache/1 files predate ``encoding`` (their migration reads them as float16:
+    tests/test_formats.py); a current-format file without it is damaged, and says which key is missing."""
     cfg, teacher, source = make_cfg(tmp_path), FakeTeacher(), FakeSource(n=2)
     r = build_cache(cfg, teacher, source, progress=False)
     info = json.loads((r.path / "cache.json").read_text())
-    info.pop("encoding")  # as written before encodings existed
+    assert info["format"] == "attnfd-cache/2" and info["encoding"] == "float16"
+    info.pop("encoding")
     (r.path / "cache.json").write_text(json.dumps(info))
-    reader = CacheReader(r.path)
-    assert reader.encoding == reader.info.encoding == "float16" and reader.read(0, 0, ["D"])["D"].dtype == np.float16
-    assert CacheInfo.from_json(info).to_json() == {**info, "encoding": "float16"}
-    again = build_cache(cfg, teacher, source, progress=False)  # reused, not rebuilt
-    assert again.path == r.path and again.shards_written == 0
+    with pytest.raises(CacheError, match=r"cache.json: key 'encoding' is missing; .* is not a usable cache"):
+        CacheReader(r.path)
 
 
 def test_tensorstore_reads_int8_arrays(int8_built):

@@ -213,11 +213,11 @@ def test_format1_cache_reads_verifies_and_resumes_with_blake2b(tmp_path, int8_ca
     names = list(CacheReader(r.path).targets)
     make_format1(d, names)
     reader = CacheReader(d)
-    assert reader.info.format == "attnfd-cache/1" and reader.info.checksum == "blake2b"
+    assert reader.info.written_as == "attnfd-cache/1" and reader.info.checksum == "blake2b"
     want = CacheReader(r.path).read(1, 1)
     assert all(np.array_equal(reader.read(1, 1)[n], want[n]) for n in names)
     assert verify_cache(d, source=source, replay=2).ok
-    assert "checksum" not in reader.info.to_json() and reader.info.to_json()["format"] == "attnfd-cache/1"
+    assert reader.info.format == "attnfd-cache/2" and reader.info.to_json()["checksum"] == "blake2b"
     # a resumed build of the old cache keeps its algorithm: the new shard verifies with blake2b
     root = tmp_path / "root"
     old = root / r.path.name
@@ -230,6 +230,7 @@ def test_format1_cache_reads_verifies_and_resumes_with_blake2b(tmp_path, int8_ca
     part = read_part(res.path / "manifest" / "part-00001.parquet")
     assert len(part.column("checksum_D")[0].as_py()) == 32 and part.schema.metadata[b"checksum"] == b"blake2b"
     assert verify_cache(res.path, source=source, replay=0).ok
+    assert json.loads((old / "cache.json").read_text())["format"] == "attnfd-cache/1"  # its file, not rewritten
     # and a change is still caught
     arr = zarr.open_array(str(res.path / "features.zarr" / "E.offset"), mode="r+")
     block = arr[2:4]

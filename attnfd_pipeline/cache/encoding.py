@@ -11,8 +11,8 @@ Public API (torch tensors on any device; NumPy arrays are accepted and given bac
 - ``decode(encoding, parts)``: stored arrays → values (float16 as stored; int8 → float32) on their device.
 - ``batch_item(encoding, parts)`` / ``decode_item(item)``: the form a target travels in through a DataLoader
   (a float16 tensor, or ``{"codes", "scale", "offset"}``) and its decoding on the student's device.
-- ``checksum(parts, algorithm)``: the manifest checksum of one stored sample (``CHECKSUM`` for new caches;
-  older caches record none and use ``LEGACY_CHECKSUM``).
+- ``checksum(parts, algorithm)``: the manifest checksum of one stored sample (``CHECKSUM`` for new caches,
+  ``LEGACY_CHECKSUM`` for attnfd-cache/1 ones).
 - ``stored_arrays(name, encoding)``, ``bytes_per_sample(chw, encoding)``: the stored layout and its size.
 
 The encodings:
@@ -58,8 +58,8 @@ SCALE_SUFFIX = ".scale"
 OFFSET_SUFFIX = ".offset"
 LEVELS = 255  # uint8 codes 0..255
 FLOAT16_MAX = 65504.0
-# per-sample manifest checksums: the algorithm new caches record in cache.json, and the one a cache.json
-# that records none (every cache written before the choice existed) was written with
+# per-sample manifest checksums: the algorithm new caches record in cache.json, and the one attnfd-cache/1
+# caches were written with (they record none: ``info.CACHE_JSON``)
 CHECKSUMS = ("crc32c", "blake2b")
 CHECKSUM = "crc32c"
 LEGACY_CHECKSUM = "blake2b"

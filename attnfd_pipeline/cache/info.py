@@ -1,12 +1,10 @@
 """``cache.json``, typed: ``CacheInfo`` (and one ``TargetInfo`` per array) is what the build writes and every
 reader, finder, checker and verifier reads, instead of a free-form dict.
 
-``CacheInfo.from_json`` accepts every ``cache.json`` written so far (a file without ``encoding`` is float16;
-a target without ``pool`` is unpooled; a ``attnfd-cache/1`` file without ``checksum`` was checksummed with
-blake2b) and names the file and key of anything missing or ill-typed;
-``to_json`` gives back the same keys and values as the file read (a format-1 file stays format 1), and a
-build writes ``cache.json`` only where there is none, so a resumed older cache keeps its file and its
-checksum algorithm (``storage.write_json`` sorts the keys).
+``CacheInfo.from_json`` reads every ``cache.json`` written so far: ``CACHE_JSON.migrate`` brings an older
+format to the current one (``formats.SavedFormat``), then the current shape is parsed, naming the file and
+key of anything missing or ill-typed. A build writes ``cache.json`` only where there is none, so a resumed
+older cache keeps its file, and with it its checksum algorithm (``storage.write_json`` sorts the keys).
 """
 
 from __future__ import annotations
@@ -21,7 +19,20 @@ from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.encoding import CHECKSUM, CHECKSUMS, DEFAULT_ENCODING, LEGACY_CHECKSUM
 from attnfd_pipeline.cache.errors import CacheError
 from attnfd_pipeline.cache.schema import FORMAT, FORMATS, paths
+from attnfd_pipeline.formats import SavedFormat
 from attnfd_pipeline.targets import extra_for
+
+
+def _v1_to_v2(d: dict) -> dict:
+    """attnfd-cache/2 records the per-sample manifest checksum (crc32c from then on): a /1 cache was
+    checksummed with blake2b; a /1 file written before ``cache.encoding`` existed holds float16 targets."""
+    d.setdefault("encoding", "float16")
+    d["checksum"] = LEGACY_CHECKSUM
+    return d
+
+
+CACHE_JSON = SavedFormat("cache.json", FORMATS, {FORMATS[0]: _v1_to_v2}, error=CacheError)
+
 
 def _get(d: Mapping, key: str, types: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
     """``d[key]``, checked against ``types`` (a bool is not an int); CacheError naming ``where`` and the key."""
@@ -106,9 +117,10 @@ class CacheInfo:
     mantissa_bits: int  # float16 mantissa bits kept (10 = all)
     lossy: tuple[str, ...]  # the lossy steps from the teacher's float32 to what is stored, in words
     teacher_batch_size: int  # crops per teacher forward during the build (not fingerprinted)
-    encoding: str = DEFAULT_ENCODING  # float16 or int8 (cache.encoding); absent from older files: float16
-    format: str = FORMAT  # the layout version (schema.FORMATS); from_json refuses any other
-    checksum: str = CHECKSUM  # the per-sample manifest checksum (encoding.CHECKSUMS); /1 files: blake2b
+    encoding: str = DEFAULT_ENCODING  # float16 or int8 (cache.encoding)
+    format: str = FORMAT  # the layout version read: always the current one (CACHE_JSON.migrate)
+    checksum: str = CHECKSUM  # the per-sample manifest checksum (encoding.CHECKSUMS)
+    written_as: str = FORMAT  # the version the file was written in (an older cache keeps its file)
 
     # -- derived --------------------------------------------------------------------------------
     @property
@@ -158,6 +170,7 @@ class CacheInfo:
             fmt = d.get("format") if isinstance(d, dict) else None
             raise CacheError(f"{path}: not an attnfd cache description (format {fmt!r}, expected one of "
                              f"{', '.join(FORMATS)})")
+        written_as, d = d["format"], CACHE_JSON.migrate(d, str(path))
         names = tuple(_get(d, "target_names", list, str(path)))
         if not all(isinstance(n, str) for n in names):
             raise CacheError(f"{path}: key 'target_names' is {list(names)!r}, expected a list of names")
@@ -176,11 +189,11 @@ class CacheInfo:
                    targets={n: TargetInfo.from_json(table[n], f"{path}: targets.{n}") for n in names},
                    dtype=g("dtype", str), codec=g("codec", str), level=g("level", int),
                    mantissa_bits=g("mantissa_bits", int), lossy=tuple(g("lossy", list)),
-                   teacher_batch_size=g("teacher_batch_size", int), encoding=g("encoding", str, DEFAULT_ENCODING),
-                   format=d["format"], checksum=_checksum(d, str(path)))
+                   teacher_batch_size=g("teacher_batch_size", int), encoding=g("encoding", str),
+                   format=d["format"], checksum=_checksum(d, str(path)), written_as=written_as)
 
     def to_json(self) -> dict[str, Any]:
-        """The ``cache.json`` object (same keys and values as every build so far)."""
+        """The ``cache.json`` object of the current format (what a new build writes)."""
         return {
             "format": self.format, "fingerprint": self.fingerprint, "inputs": json.loads(json.dumps(self.inputs)),
             "teacher": json.loads(json.dumps(self.teacher)), "num_images": self.num_images, "K": self.K,
@@ -189,14 +202,12 @@ class CacheInfo:
             "targets": {n: self.targets[n].to_json() for n in self.target_names},
             "dtype": self.dtype, "codec": self.codec, "level": self.level, "mantissa_bits": self.mantissa_bits,
             "lossy": list(self.lossy), "teacher_batch_size": self.teacher_batch_size, "encoding": self.encoding,
-            **({} if self.format == FORMATS[0] else {"checksum": self.checksum}),
+            "checksum": self.checksum,
         }
 
 
 def _checksum(d: Mapping, where: str) -> str:
-    """The checksum algorithm of a ``cache.json``: recorded from /2 on, blake2b in a /1 file."""
-    if d["format"] == FORMATS[0]:
-        return LEGACY_CHECKSUM
+    """The recorded checksum algorithm of a (current-format) ``cache.json``."""
     algo = _get(d, "checksum", str, where)
     if algo not in CHECKSUMS:
         raise CacheError(f"{where}: key 'checksum' is {algo!r}, expected one of {', '.join(CHECKSUMS)}")

@@ -29,8 +29,7 @@ from attnfd_pipeline.cache.errors import CacheError
 from attnfd_pipeline.targets import (LOGITS, RAW_PREFIX, extra_for, raw_name, target_kind,  # noqa: F401
                                      target_names, target_point)
 
-# the layout version cache.json records: /2 adds the per-sample checksum algorithm (``checksum``; a /1 file
-# has none and was written with ``encoding.LEGACY_CHECKSUM``); both are read
+# the layout versions cache.json records, oldest first (what changed: the steps of ``info.CACHE_JSON``)
 FORMAT = "attnfd-cache/2"
 FORMATS = ("attnfd-cache/1", FORMAT)
 # what the fingerprint hashes as the format: the stored values are those of /1, so a config keeps the

@@ -2,8 +2,9 @@
 a config describes (the name does not encode everything, so the resolved config decides).
 
 Run names are stable across versions — a finished run is found and reused by its name — and runs written
-before a setting existed are read with what they followed then (``LEGACY_SEED_ORDER``; the older
-``student.mode`` / ``student.online_fresh`` spelling of ``student.targets`` loads through ``config``).
+before a setting existed are read with what they followed then (their result.json through
+``records.RESULT.migrate``; the older ``student.mode`` / ``student.online_fresh`` spelling of
+``student.targets`` loads through ``config``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import json
 import re
 from pathlib import Path
 
-from attnfd_pipeline.config import (LEGACY_SEED_ORDER, Config, ConfigError, StudentConfig,
-                                    TargetSource, load_config)
+from attnfd_pipeline.config import Config, ConfigError, StudentConfig, TargetSource, load_config
 from attnfd_pipeline.engine.train import RESUMABLE_CHANGES
 from attnfd_pipeline.losses import parse_methods
-from attnfd_pipeline.records import RESULT_JSON
+from attnfd_pipeline.records import RESULT, RESULT_JSON
 from attnfd_pipeline.teacher import bundle_path, load_teacher_info
 from attnfd_pipeline.errors import UserError
 
@@ -103,7 +103,8 @@ def finished_run_differences(cfg: Config) -> str | None:
         return None  # written by another version: nothing to compare
     # the order a run followed is what result.json records (a resolved config without the key loads with the
     # current default, which may not be the order that run followed)
-    old_student = dataclasses.replace(old.student, seed_order=result.get("seed_order", LEGACY_SEED_ORDER))
+    followed = RESULT.migrate(result, str(run_dir / RESULT_JSON))["seed_order"]
+    old_student = dataclasses.replace(old.student, seed_order=followed)
     diff = differences("student", _recipe(old_student), _recipe(cfg.student))
     diff += differences("augment", dataclasses.asdict(old.augment), dataclasses.asdict(cfg.augment))
     diff += [] if old.cache.K == cfg.cache.K else [f"cache.K: {old.cache.K} → {cfg.cache.K}"]

@@ -1,0 +1,90 @@
+"""Saved formats: each file read back later has a version and one migration per older version, tested on a
+fixture of that version (``tests/fixtures/formats/``); a version this release does not know is refused
+naming the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from attnfd_pipeline.cache import CacheError
+from attnfd_pipeline.cache.info import CACHE_JSON, CacheInfo
+from attnfd_pipeline.errors import UserError
+from attnfd_pipeline.formats import SavedFormat
+from attnfd_pipeline.records import RESULT, RESULT_JSON_FORMAT, RunRecord, read_record
+
+FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+
+
+def test_a_saved_format_steps_through_every_version_and_refuses_an_unknown_one():
+    seen = []
+    fmt = SavedFormat("thing.json", ("t/1", "t/2", "t/3"),
+                      {"t/1": lambda d, **c: seen.append(("1→2", c)) or {**d, "b": 1},
+                       "t/2": lambda d, **c: seen.append(("2→3", c)) or {**d, "c": d.get("b", 0) + 1}},
+                      unversioned="t/1")
+    old = {"a": 0}
+    assert fmt.migrate(old, "x/thing.json", ctx=5) == {"a": 0, "b": 1, "c": 2, "format": "t/3"}
+    assert seen == [("1→2", {"ctx": 5}), ("2→3", {"ctx": 5})] and old == {"a": 0}  # the input is left as it is
+    assert fmt.migrate({"format": "t/2"}, "x") == {"format": "t/3", "c": 1}
+    assert fmt.migrate({"format": "t/3", "z": 1}, "x") == {"format": "t/3", "z": 1}
+    with pytest.raises(UserError, match=r"x/thing.json: thing.json format 't/4' is not one this release reads "
+                                        r"\(t/1, t/2, t/3\); a newer attnfd-pipeline may have written it"):
+        fmt.migrate({"format": "t/4"}, "x/thing.json")
+    with pytest.raises(ValueError, match="no migration step"):
+        SavedFormat("thing.json", ("t/1", "t/2"), {})
+
+
+def test_cache_json_format_1_migrates_to_the_current_format():
+    """A /1 cache.json (this fixture is one a build of that format wrote) records no checksum: its manifests
+    were checksummed with blake2b; one written before cache.encoding existed holds float16."""
+    raw = json.loads((FIXTURES / "cache-attnfd-cache-1.json").read_text())
+    assert raw["format"] == "attnfd-cache/1" and "checksum" not in raw
+    info = CacheInfo.from_json(raw, "old/cache.json")
+    assert (info.format, info.written_as, info.checksum, info.encoding) == (
+        "attnfd-cache/2", "attnfd-cache/1", "blake2b", "float16")
+    assert info.fingerprint == raw["fingerprint"] and info.target_names[:3] == ("B", "E", "D")
+    assert info.targets["D"].chw == tuple(raw["targets"]["D"]["chw"]) and info.targets["D"].pool == 1
+    before_encoding = {k: v for k, v in raw.items() if k != "encoding"}
+    assert CacheInfo.from_json(before_encoding, "older/cache.json").encoding == "float16"
+    # the current form written and read back is the same description
+    again = CacheInfo.from_json(info.to_json(), "new/cache.json")
+    assert again == info.__class__(**{**info.__dict__, "written_as": "attnfd-cache/2"})
+    assert CACHE_JSON.current == "attnfd-cache/2"
+
+
+def test_cache_json_of_another_version_or_a_current_one_without_its_checksum_is_refused():
+    raw = json.loads((FIXTURES / "cache-attnfd-cache-1.json").read_text())
+    with pytest.raises(CacheError, match=r"new/cache.json: not an attnfd cache description \(format "
+                                         r"'attnfd-cache/3', expected one of attnfd-cache/1, attnfd-cache/2\)"):
+        CacheInfo.from_json({**raw, "format": "attnfd-cache/3"}, "new/cache.json")
+    with pytest.raises(CacheError, match=r"cur/cache.json: key 'checksum' is missing"):
+        CacheInfo.from_json({**raw, "format": "attnfd-cache/2"}, "cur/cache.json")
+
+
+def test_result_json_format_1_migrates_with_its_resolved_config(tmp_path):
+    """The first student runs' result.json records little beyond the scores and no format; its recipe is
+    completed from the run's resolved config (the older student.mode spelling), and what that version
+    implied: replayed cached seeds in the legacy random order, scored on the centre crop."""
+    run = tmp_path / "deeplabv3plus_resnet18_attnfd_a2_batch_B-E-D_online_K4_s1"
+    run.mkdir()
+    shutil.copy(FIXTURES / "result-attnfd-result-1.json", run / "result.json")
+    shutil.copy(FIXTURES / "result-attnfd-result-1.resolved.toml", run / "config.resolved.toml")
+    rec = read_record(run)
+    assert (rec.mode, rec.augment, rec.seed_order, rec.eval_protocol) == ("online", "replay", "random", "center_crop")
+    assert (rec.alpha, rec.method, rec.model, rec.points, rec.seed, rec.K) == (
+        2.0, "attnfd", "deeplabv3plus_resnet18", ("B", "E", "D"), 1, 4)
+    assert rec.final_miou == 0.1802 and rec.mode_tag == "online" and rec.finished
+    # the resolved config alone fills what the file lacks
+    bare = RunRecord.from_dict({"final_miou": 0.2},
+                               tomllib.loads((FIXTURES / "result-attnfd-result-1.resolved.toml").read_text()))
+    assert (bare.alpha, bare.seed, bare.K, bare.mode) == (2.0, 1, 4, "online")
+    # a record written now carries the current format and reads back as itself, with no config beside it
+    current = rec.to_dict()
+    assert current["format"] == RESULT_JSON_FORMAT == RESULT.current
+    assert RunRecord.from_dict(json.loads(json.dumps(current))) == rec
+    with pytest.raises(UserError, match=r"r/result.json: result.json format 'attnfd-result/9' is not one"):
+        RunRecord.from_dict({**current, "format": "attnfd-result/9"}, where="r/result.json")
