@@ -6,8 +6,7 @@ logits (N,C,H,W) at the input size:
 
 * a teacher bundle (``teacher_bundle.pt``, or its folder; an imported teacher is a bundle too),
 * a student run folder (``runs/<name>/student/<run>/``) or its ``best.pt``: the plain student, without the
-  distillation modules (``model_state``; checkpoints written before it was stored give their
-  ``student.*`` keys),
+  distillation modules (``model_state``),
 * a TorchScript or ONNX file written by :func:`export_segmenter`.
 """
 
@@ -161,9 +160,7 @@ def _teacher_info(path: Path, info: dict) -> dict:
 def _load_student(path: Path, device) -> Segmenter:
     """The plain student of a Stage 2 checkpoint (``best.pt``), without the distillation modules."""
     state = load_checkpoint(path)
-    weights = state.get("model_state")
-    if weights is None:  # written before checkpoints stored the plain student apart
-        weights = {k[len("student."):]: v for k, v in state["modules"].items() if k.startswith("student.")}
+    weights = state["model_state"]
     if not weights:
         raise UserError(f"{path}: a checkpoint without a student network (a teacher's training checkpoint?); "
                          f"give a student run folder, its best.pt, or a teacher bundle ({BUNDLE_NAME})")

@@ -181,18 +181,14 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore :func:`rng_state`; also takes the raw ``getstate()`` tuples that older checkpoints hold."""
+    """Restore :func:`rng_state` (older checkpoints' raw tuples: ``engine.checkpoint.CHECKPOINT.migrate``)."""
     import torch
 
-    py = state["python"]
-    if isinstance(py[1], torch.Tensor):
-        py = (py[0], tuple(int(v) for v in py[1].tolist()), py[2])
-    random.setstate(tuple(py))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
     npy = state["numpy"]
-    if isinstance(npy, dict):
-        npy = (npy["name"], np.asarray(npy["key"].numpy(), dtype=np.uint32), npy["pos"], npy["has_gauss"],
-               npy["cached_gaussian"])
-    np.random.set_state(npy)
+    np.random.set_state((npy["name"], np.asarray(npy["key"].numpy(), dtype=np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

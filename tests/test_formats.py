@@ -88,3 +88,40 @@ def test_result_json_format_1_migrates_with_its_resolved_config(tmp_path):
     assert RunRecord.from_dict(json.loads(json.dumps(current))) == rec
     with pytest.raises(UserError, match=r"r/result.json: result.json format 'attnfd-result/9' is not one"):
         RunRecord.from_dict({**current, "format": "attnfd-result/9"}, where="r/result.json")
+
+
+def test_checkpoint_format_1_migrates_its_student_weights_rng_and_seed_order(tmp_path):
+    """A /1 student checkpoint as the first versions wrote it: no ``model_state`` (the plain student is its
+    ``student.*`` modules), Python and NumPy RNG states as the raw ``getstate()`` tuples, no recorded
+    cached-seed order (those runs followed ``random``); no sidecar."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from attnfd_pipeline.engine.checkpoint import CHECKPOINT, FORMAT, load_checkpoint
+    from attnfd_pipeline.utils import set_rng_state
+
+    modules = torch.nn.ModuleDict({"student": torch.nn.Linear(3, 2), "connectors": torch.nn.Linear(2, 2)})
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    expected = random.random(), float(np.random.rand())
+    old = {"format": "attnfd-checkpoint/1", "modules": modules.state_dict(), "optimizer": None, "scheduler": None,
+           "scaler": None, "epoch": 1, "step": 10, "best": 0.2, "rng": rng, "config": {}, "extra": {}}
+    torch.save(old, tmp_path / "last.pt")
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["format"] == FORMAT == CHECKPOINT.current == "attnfd-checkpoint/2"
+    assert set(state["model_state"]) == {"weight", "bias"}
+    assert torch.equal(state["model_state"]["weight"], modules["student"].weight)
+    assert state["extra"]["seed_order"] == "random"
+    assert isinstance(state["rng"]["python"][1], torch.Tensor) and isinstance(state["rng"]["numpy"], dict)
+    set_rng_state(state["rng"])
+    assert (random.random(), float(np.random.rand())) == expected
+    # a teacher's /1 checkpoint has no student: no plain-student weights and no seed order are invented
+    teacher = {**old, "modules": torch.nn.ModuleDict({"model": torch.nn.Linear(3, 2)}).state_dict()}
+    torch.save(teacher, tmp_path / "teacher.pt")
+    t = load_checkpoint(tmp_path / "teacher.pt")
+    assert t["model_state"] is None and "seed_order" not in t["extra"]
+    torch.save({**old, "format": "attnfd-checkpoint/7"}, tmp_path / "new.pt")
+    with pytest.raises(UserError, match=r"new.pt: checkpoint format 'attnfd-checkpoint/7' is not one this release"):
+        load_checkpoint(tmp_path / "new.pt")

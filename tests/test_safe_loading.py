@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from attnfd_pipeline.config import dump_toml, load_config
-from attnfd_pipeline.engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from attnfd_pipeline.engine.checkpoint import FORMAT, FORMATS, load_checkpoint, save_checkpoint
 from attnfd_pipeline.safe_load import UnsafeFileError, load_torch_file, sidecar_path
 from attnfd_pipeline.utils import rng_state, set_rng_state
 from stages.cli import app
@@ -122,7 +122,7 @@ def test_a_checkpoint_written_before_this_change_still_loads(tmp_path):
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
     old_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     expected = random.random(), np.random.rand()
-    state = {"format": FORMAT, "modules": torch.nn.Linear(3, 2).state_dict(), "optimizer": None, "scheduler": None,
+    state = {"format": FORMATS[0], "modules": torch.nn.Linear(3, 2).state_dict(), "optimizer": None, "scheduler": None,
              "scaler": None, "epoch": 2, "step": 4, "best": 0.1, "rng": old_rng, "config": {},
              "extra": {"metrics": {"miou": np.float64(0.1), "confusion": np.zeros((2, 2))}}}
     torch.save(state, tmp_path / "last.pt")

@@ -12,12 +12,42 @@ from typing import Any
 
 import torch
 
+from attnfd_pipeline.config import LEGACY_SEED_ORDER
+from attnfd_pipeline.formats import SavedFormat
 from attnfd_pipeline.safe_load import (load_torch_file, read_sha256s, sidecar_path, state_mismatch, to_plain,
                                       write_sha256)
 from attnfd_pipeline.utils import deferred_interrupts, publish, sha256_file, write_temp
 from attnfd_pipeline.errors import UserError
 
-FORMAT = "attnfd-checkpoint/1"
+FORMATS = ("attnfd-checkpoint/1", "attnfd-checkpoint/2")
+FORMAT = FORMATS[-1]
+
+
+def _v1_to_v2(d: dict) -> dict:
+    """attnfd-checkpoint/2 always holds ``model_state`` (the plain student, None for a teacher), its RNG
+    states as tensors and, for a student, the cached-seed order it followed. A /1 checkpoint may predate
+    each: its student weights are then its ``student.*`` modules, its Python and NumPy RNG states the raw
+    ``getstate()`` tuples, and its order ``random``."""
+    student = {k[len("student."):]: v for k, v in d.get("modules", {}).items() if k.startswith("student.")}
+    if d.get("model_state") is None:
+        d["model_state"] = student or None
+    rng = dict(d.get("rng") or {})
+    if "python" in rng and not isinstance(rng["python"][1], torch.Tensor):
+        version, internal, gauss = rng["python"]
+        rng["python"] = [version, torch.tensor(internal, dtype=torch.int64), gauss]
+    if "numpy" in rng and not isinstance(rng["numpy"], dict):
+        name, key, pos, has_gauss, cached = rng["numpy"]
+        rng["numpy"] = {"name": name, "key": torch.as_tensor(key).to(torch.int64), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    d["rng"] = rng
+    extra = dict(d.get("extra") or {})
+    if student:
+        extra.setdefault("seed_order", LEGACY_SEED_ORDER)
+    d["extra"] = extra
+    return d
+
+
+CHECKPOINT = SavedFormat("checkpoint", FORMATS, {FORMATS[0]: _v1_to_v2})
 
 
 def save_checkpoint(path: str | Path, *, modules: torch.nn.Module, optimizer, scheduler, scaler, epoch: int,
@@ -85,12 +115,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    # a checkpoint written before hashes were recorded has no sidecar: it is still loaded weights-only
+    """The checkpoint at ``path`` in the current format (``CHECKPOINT.migrate``). A checkpoint without a
+    ``.sha256`` sidecar (copied alone) is still loaded weights-only."""
     state, _ = load_torch_file(path, what="checkpoint", expected_sha256=read_sha256s(path),
                                sha_source=str(sidecar_path(path)))
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or not str(state.get("format", "")).startswith("attnfd-checkpoint/"):
         raise UserError(f"{path}: not an attnfd checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
-    return state
+    return CHECKPOINT.migrate(state, str(path))
 
 
 def check_fits(modules: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:

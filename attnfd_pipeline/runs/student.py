@@ -28,7 +28,7 @@ from attnfd_pipeline.cache import CacheError, CacheReader, check_compatible, fin
 from attnfd_pipeline.cache.encoding import target_pools
 from attnfd_pipeline.cache.schema import extra_for, target_point
 from attnfd_pipeline.cache.schema import target_names as cache_target_names
-from attnfd_pipeline.config import LEGACY_SEED_ORDER, Config, StudentConfig, TargetSource, write_resolved
+from attnfd_pipeline.config import Config, StudentConfig, TargetSource, write_resolved
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.distill import StudentTask, build_task, method_settings, method_targets, method_weights
 from attnfd_pipeline.engine import distributed
@@ -91,10 +91,10 @@ def _cache_fix(missing: list[str], cfg: Config) -> str:
 
 def _check_resume_seed_order(state: dict | None, path: Path, s: StudentConfig) -> None:
     """A resumed run must keep the crop schedule its first epochs had: ``last.pt`` (``state``) records the
-    seed order (one that does not record it followed ``LEGACY_SEED_ORDER``)."""
+    seed order (``engine.checkpoint.CHECKPOINT.migrate`` fills it for one written before it was recorded)."""
     if state is None or s.targets.fresh:
         return
-    recorded = (state.get("extra") or {}).get("seed_order", LEGACY_SEED_ORDER)
+    recorded = state["extra"]["seed_order"]
     if recorded != s.seed_order:
         raise UserError(f"{path}: this run's first epochs showed the cached seeds in order {recorded!r}, the config "
                          f"says student.seed_order = {s.seed_order!r}; resume with --set "
