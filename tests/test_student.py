@@ -243,6 +243,7 @@ def test_resume_keeps_the_seed_order_of_the_first_epochs(tiny_pipeline, tmp_path
     assert load_checkpoint(d / "last.pt")["extra"]["seed_order"] == "cycle"
     state = torch.load(d / "last.pt", weights_only=True)
     del state["extra"]["seed_order"]  # as written before the order was recorded (and without a .sha256 sidecar)
+    state["format"] = "attnfd-checkpoint/1"
     torch.save(state, d / "last.pt")
     (d / "last.pt.sha256").unlink()
     (d / "result.json").unlink()  # "interrupted": resuming it continues from last.pt
