@@ -139,7 +139,7 @@ def test_format_markdown_statistics_and_goals():
     assert table["S + LAD"][1:4] == ["0 of 1", "", "–"]  # planned, not run yet
     assert "S + AICSD" not in table  # neither planned nor run
     assert "Dataset `demo`; evaluation protocol `center_crop`: short side resized to the crop size (64×64)" in md
-    assert ("Differences resolved (the 95 % interval of the paired Δ vs the student excludes 0): S + AttnFD (cached); "
+    assert ("Differences resolved (95 % interval of the paired Δ vs the student excludes 0): S + AttnFD (cached); "
             "one shared seed, no interval: S + KD, S + AttnFD (online, fresh augmentation).") in md
     assert "- teacher − student ≥ 5 mIoU (the teacher's run minus the student's mean): **28.00** — met" in md
     assert ("- AttnFD (cached) − student ≥ 2 mIoU, decided by the paired mean over shared seeds, with its 95 % "

@@ -39,9 +39,11 @@ def test_table_groups_seeds_and_states_gain_and_effective_weight(tmp_path):
     student = by_method[("none", "0", "")]
     assert "| 2 | 11.00 ± 1.41 |" in student  # mean and sample std (ddof 1) of 10 and 12
     attnfd = by_method[("attnfd", "100", "cached")]
-    assert "| 2 | 15.00 ± 1.41 | +4.00 |" in attnfd  # gain over the student's mean, not a seed's
+    # gain over the student's mean, then paired over seeds 0, 1 (4, 4: no spread, so the interval is the point)
+    assert "| 2 | 15.00 ± 1.41 | +4.00 | +4.00 [+4.00, +4.00] (n = 2) |" in attnfd
     kd = by_method[("kd", "1 (= 100 × 0.01)", "cached")]  # the weight KD actually trained with
-    assert "| 1 | 13.00 | +2.00 |" in kd
+    # the means differ by 2, the paired Δ (seed 0 only: 13 − 10) by 3, as report.md would say
+    assert "| 1 | 13.00 | +2.00 | +3.00 (n = 1) |" in kd
     assert ("attnfd", "100", "online-fresh") in by_method
     teacher = next(line for line in table if line.startswith("| teacher"))
     assert "| 30.00 |" in teacher

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,7 +45,8 @@ from attnfd_pipeline.experiments.plan import (PlannedRun, cache_extra, cache_key
                                               reads_cache, run_config, seed_range, with_cache_extra)
 from attnfd_pipeline.experiments.plan import schedule as plan_schedule
 from attnfd_pipeline.experiments.report import PAIRED_NOTE, evaluation_line
-from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, equivalent, paired, seed_values
+from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, equivalent, paired
+from attnfd_pipeline.experiments.table import Row, cell, markdown, number, paired_header, resolved_sentence
 from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -279,24 +279,14 @@ def write_outputs(out_dir: Path, results: Sequence[dict], meta: dict | None = No
 # statistics, goals and the markdown
 
 
-def method_stats(results: Sequence[dict]) -> dict[str, dict[str, Stat | None]]:
-    """Per method: mIoU and pixel accuracy as ``stats.Stat`` (percent, sample std over seeds)."""
-    out = {}
-    for m in METHODS:
-        rows = [r for r in results if r["method"] == m]
-        if rows:
-            out[m] = {"miou": Stat.of([r["miou"] for r in rows]), "pixel_acc": Stat.of([r["pixel_acc"] for r in rows])}
-    return out
-
-
-def miou_by_seed(results: Sequence[dict], method: str) -> dict[int, float]:
-    """{seed: mIoU in percent} of one method's runs."""
-    return seed_values((r["seed"], r["miou"]) for r in results if r["method"] == method)
+def method_row(results: Sequence[dict], method: str) -> Row:
+    """One method's runs as a table row (``experiments.table``: mIoU and pixel accuracy in percent, per seed)."""
+    return Row.of(LABELS.get(method, method), [r for r in results if r["method"] == method])
 
 
 def paired_vs(results: Sequence[dict], method: str, reference: str = "student") -> Difference | None:
     """``method − reference`` mIoU (points), paired over the seeds both rows have."""
-    return paired(miou_by_seed(results, method), miou_by_seed(results, reference))
+    return method_row(results, method).paired(method_row(results, reference))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,14 +345,8 @@ def _online_goal(results: Sequence[dict]) -> Goal:
 
 def goals(results: Sequence[dict]) -> list[Goal]:
     """The three goals of the bench on ``results`` (mIoU points), each decided by the statistic its text names."""
-    st = {m: s["miou"] for m, s in method_stats(results).items()}
+    st = {m: method_row(results, m).miou for m in ("teacher", "student")}
     return [_teacher_goal(st), _gain_goal(results), _online_goal(results)]
-
-
-def _num(v: float | None, signed: bool = False) -> str:
-    if v is None or not math.isfinite(v):
-        return "–"
-    return f"{v:+.2f}" if signed else f"{v:.2f}"
 
 
 def _secs(v: float | None) -> str:
@@ -370,41 +354,18 @@ def _secs(v: float | None) -> str:
 
 
 def _method_table(rows: Sequence[dict], planned: dict) -> list[str]:
-    stats = method_stats(rows)
-    base = (stats.get("student") or {}).get("miou")
-    table = [f"| method | n | seeds | mIoU (%) | Δ mIoU vs student (means) | paired Δ vs student [{LEVEL} CI] (n) "
-             f"| pixel acc (%) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    base, cells = method_row(rows, "student"), []
     for m in METHODS:
-        runs = [r for r in rows if r["method"] == m]
-        if not runs and m not in planned:
+        row = method_row(rows, m)
+        if not row.runs and m not in planned:
             continue
-        n = f"{len(runs)}" + (f" of {planned[m]}" if m in planned and len(runs) < planned[m] else "")
-        s = stats.get(m, {})
-        miou, acc = s.get("miou"), s.get("pixel_acc")
-        delta = pair = ""
-        if m not in ("teacher", "student"):
-            delta = _num(miou.mean - base.mean, signed=True) if (miou and base) else ""
-            d = paired_vs(rows, m)
-            pair = d.fmt() if d is not None else ("no shared seeds" if runs and base else "")
-        table.append(f"| {LABELS[m]} | {n} | {', '.join(str(r['seed']) for r in runs)} | "
-                     f"{miou.fmt() if miou else '–'} | {delta} | {pair} | {acc.fmt() if acc else '–'} |")
-    return table
-
-
-def resolved_sentence(rows: Sequence[dict]) -> str:
-    """Which paired differences vs the student are resolved (interval excludes 0) and which are not."""
-    yes, no, single = [], [], []
-    for m in METHODS[2:]:
-        d = paired_vs(rows, m)
-        if d is not None:
-            (single if not d.has_interval else yes if d.resolved else no).append(LABELS[m])
-    parts = [f"resolved (the {LEVEL} interval of the paired Δ vs the student excludes 0): "
-             + (", ".join(yes) or "none")]
-    if no:
-        parts.append("not resolved: " + ", ".join(no))
-    if single:
-        parts.append("one shared seed, no interval: " + ", ".join(single))
-    return "Differences " + "; ".join(parts) + "."
+        n = f"{len(row.runs)}" + (f" of {planned[m]}" if m in planned and len(row.runs) < planned[m] else "")
+        compared = m not in ("teacher", "student") and base.runs
+        cells.append([row.label, n, ", ".join(str(r["seed"]) for r in row.runs), cell(row.miou),
+                      row.delta(base) if compared else "", row.pair_cell(base) if compared else "",
+                      cell(row.pixel_acc)])
+    return [markdown(["method", "n", "seeds", "mIoU (%)", "Δ mIoU vs student (means)", paired_header("student"),
+                      "pixel acc (%)"], cells)]
 
 
 def format_markdown(results: Sequence[dict], meta: dict | None = None) -> str:
@@ -421,11 +382,11 @@ def format_markdown(results: Sequence[dict], meta: dict | None = None) -> str:
           "every step on a fresh augmentation every epoch; every other method reads the cache"
           + (f" (K = {meta['K']})" if meta.get("K") else "") + ".", ""]
     md += _method_table(rows, meta.get("planned", {}))
-    md += ["", resolved_sentence(rows), ""]
+    md += ["", resolved_sentence([(LABELS[m], paired_vs(rows, m)) for m in METHODS[2:]]), ""]
     md += _compact_section(rows)
     md += ["## Goals", ""]
     for g in goals(rows):
-        value = "" if g.value is None else f"**{_num(g.value)}**"
+        value = "" if g.value is None else f"**{number(g.value)}**"
         md.append(f"- {g.text}: {value}{' — ' if value else ''}{g.status}" + (f" ({g.detail})" if g.detail else ""))
     md += ["", "## Time", ""]
     md += _time_lines(rows, meta)
@@ -435,7 +396,7 @@ def format_markdown(results: Sequence[dict], meta: dict | None = None) -> str:
 def compact_comparison(rows: Sequence[dict], method: str) -> dict | None:
     """AttnFD on a compact cache − AttnFD on the float16 cache, paired over shared seeds: the paired
     difference, the mean |Δ| and whether equivalence within ±``ONLINE_GAP`` is shown; None without a shared seed."""
-    row, ref = miou_by_seed(rows, method), miou_by_seed(rows, "attnfd")
+    row, ref = method_row(rows, method).seeds, method_row(rows, "attnfd").seeds
     d = paired(row, ref)
     if d is None:
         return None
@@ -447,23 +408,20 @@ def _compact_section(rows: Sequence[dict]) -> list[str]:
     present = [m for m in COMPACT_METHODS.values() if any(r["method"] == m for r in rows)]
     if not present:
         return []
-    md = ["## Compact cache storages vs the float16 cache", "",
-          "AttnFD (cached) on the same seeds, its targets read from a cache stored in a compact encoding "
-          "(sizes, gradient fidelity and what pooling does to the loss: docs/storage.md). Paired Δ = compact − "
-          f"float16 over the shared seeds; equivalence: the {LEVEL} interval inside [−{ONLINE_GAP:g}, "
-          f"{ONLINE_GAP:g}].", "",
-          f"| storage | n | mIoU (%) | paired Δ vs float16 [{LEVEL} CI] (n) | SE | mean abs Δ | equivalence ±{ONLINE_GAP:g} |",
-          "| --- | --- | --- | --- | --- | --- | --- |"]
-    stats = method_stats(rows)
+    cells = []
     for m in present:
-        c = compact_comparison(rows, m)
-        miou = stats[m]["miou"]
+        c, row = compact_comparison(rows, m), method_row(rows, m)
         d = c["difference"] if c else None
-        se = f"{d.se:.2f}" if d is not None and d.se is not None else "–"
         eq = "–" if c is None or c["equivalent"] is None else ("shown" if c["equivalent"] else "not shown")
-        md.append(f"| {LABELS[m]} | {miou.n} | {miou.fmt()} | {d.fmt() if d else 'no shared seeds'} | {se} | "
-                  f"{_num(c['mean_abs']) if c else '–'} | {eq} |")
-    return md + [""]
+        cells.append([row.label, row.n, cell(row.miou), d.fmt() if d else "no shared seeds",
+                      number(d.se if d else None), number(c["mean_abs"] if c else None), eq])
+    return ["## Compact cache storages vs the float16 cache", "",
+            "AttnFD (cached) on the same seeds, its targets read from a cache stored in a compact encoding "
+            "(sizes, gradient fidelity and what pooling does to the loss: docs/storage.md). Paired Δ = compact − "
+            f"float16 over the shared seeds; equivalence: the {LEVEL} interval inside [−{ONLINE_GAP:g}, "
+            f"{ONLINE_GAP:g}].", "",
+            markdown(["storage", "n", "mIoU (%)", paired_header("float16"), "SE", "mean abs Δ",
+                      f"equivalence ±{ONLINE_GAP:g}"], cells), ""]
 
 
 def _recorded(rows: Sequence[dict], key: str) -> str | None:

@@ -33,12 +33,14 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from attnfd_pipeline.config import Config, TargetSource
-from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, paired, seed_values
+from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat
+from attnfd_pipeline.experiments.table import (Row, cell, markdown, number, paired_header, resolved_sentence, signed,
+                                               stat_dict)
 from attnfd_pipeline.losses import get_method, list_methods, method_label
 from attnfd_pipeline.records import CENTER_CROP, read_record
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
@@ -124,23 +126,7 @@ def collect_runs(cfg: Config, extra_roots: Iterable[str | Path] = ()) -> tuple[l
 
 
 # ---------------------------------------------------------------------------------------------
-# statistics and formatting
-
-
-def _fmt(stat: Stat | None) -> str:
-    return stat.fmt() if stat is not None else "–"
-
-
-def _delta(stat: Stat | None, base: Stat | None) -> str:
-    if stat is None or base is None:
-        return ""
-    return f"{stat.mean - base.mean:+.2f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+# labels
 
 
 def method_label(method: str, mode: str = CACHED) -> str:
@@ -242,38 +228,6 @@ def evaluation_line(dataset: str | None, protocols: Sequence[str], crop: Sequenc
             f"of each run, mean ± sample std over seeds (n runs per row).")
 
 
-def _seeds(runs: Sequence[dict]) -> dict[int, float]:
-    return seed_values((r.get("seed"), r["miou"]) for r in runs)
-
-
-def _paired(runs: Sequence[dict], ref_runs: Sequence[dict]) -> Difference | None:
-    return paired(_seeds(runs), _seeds(ref_runs)) if runs and ref_runs else None
-
-
-def _pair_cell(runs: Sequence[dict], ref_runs: Sequence[dict] | None, *, is_ref: bool = False) -> str:
-    """The paired-Δ cell: ``+0.20 [-0.28, +0.68] (n = 3)``, "reference", "no shared seeds", or "" (no reference)."""
-    if is_ref:
-        return "reference"
-    if not ref_runs or not runs:
-        return ""
-    d = _paired(runs, ref_runs)
-    return d.fmt() if d is not None else "no shared seeds"
-
-
-def _pair_dict(runs: Sequence[dict], ref_runs: Sequence[dict] | None) -> dict | None:
-    d = _paired(runs, ref_runs) if ref_runs else None
-    return d.as_dict() if d is not None else None
-
-
-def _row_data(runs: Sequence[dict]) -> dict:
-    """report.json's figures of one row: the summary and the per-seed values (so differences can be re-paired)."""
-    return {"miou": _stat_dict(Stat.of([r["miou"] for r in runs])), "seeds": {str(k): v for k, v in _seeds(runs).items()}}
-
-
-def _stat_dict(s: Stat | None) -> dict | None:
-    return None if s is None else s.as_dict()
-
-
 # ---------------------------------------------------------------------------------------------
 # the tables
 
@@ -299,50 +253,38 @@ def _main_rows(teachers: list[dict], students: list[dict], cfg: Config, base: li
         if ref.alpha in by_alpha:
             alpha = ref.alpha
         else:  # the α with the most seeds (then the best mean)
-            alpha = max(by_alpha, key=lambda a: (len(by_alpha[a]), Stat.of([r["miou"] for r in by_alpha[a]]).mean))
+            alpha = max(by_alpha, key=lambda a: (len(by_alpha[a]), Row.of("", by_alpha[a]).miou.mean))
         rows.append({"label": method_label(method, mode), "method": method, "alpha": alpha, "mode": mode,
                      "runs": by_alpha[alpha]})
     return rows
 
 
 def main_table(teachers: list[dict], students: list[dict], cfg: Config) -> tuple[str, list[dict]]:
-    base = _baseline(students, Reference.of(cfg))
-    base_m, base_a = Stat.of([r["miou"] for r in base]), Stat.of([r["pixel_acc"] for r in base])
-    out_rows, table = [], []
-    for row in _main_rows(teachers, students, cfg, base):
-        m = Stat.of([r["miou"] for r in row["runs"]])
-        a = Stat.of([r["pixel_acc"] for r in row["runs"]])
-        is_method = row["method"] not in ("teacher", "none")
-        table.append([row["label"], "" if row["alpha"] is None else f"{row['alpha']:g}", m.n if m else 0, _fmt(m),
-                      _delta(m, base_m) if is_method else "", _pair_cell(row["runs"], base) if is_method else "",
-                      _fmt(a), _delta(a, base_a) if is_method else ""])
-        out_rows.append({"label": row["label"], "method": row["method"], "alpha": row["alpha"], "mode": row["mode"],
-                         "n": m.n if m else 0, "pixel_acc": _stat_dict(a),
-                         "runs": [r.get("run", "teacher") for r in row["runs"]]} | _row_data(row["runs"])
-                        | {"paired_vs_student": _pair_dict(row["runs"], base) if is_method else None})
-    if not table:
+    base = Row.of("student", _baseline(students, Reference.of(cfg)))
+    out_rows, cells = [], []
+    for spec in _main_rows(teachers, students, cfg, base.runs):
+        row, is_method = Row.of(spec["label"], spec["runs"]), spec["method"] not in ("teacher", "none")
+        cells.append([row.label, "" if spec["alpha"] is None else f"{spec['alpha']:g}", row.n, cell(row.miou),
+                      row.delta(base) if is_method else "", row.pair_cell(base) if is_method else "",
+                      cell(row.pixel_acc), row.delta(base, "pixel_acc") if is_method else ""])
+        out_rows.append({k: spec[k] for k in ("label", "method", "alpha", "mode")}
+                        | {"n": row.n, "pixel_acc": stat_dict(row.pixel_acc),
+                           "runs": [r.get("run", "teacher") for r in row.runs]} | row.data()
+                        | {"paired_vs_student": row.pair_dict(base) if is_method else None})
+    if not cells:
         return NO_RUNS, []
-    md = _table(["Method", "α", "n", "mIoU (%)", "Δ mIoU (means)", f"paired Δ mIoU [{LEVEL} CI] (n)",
-                 "pixel acc (%)", "Δ acc"], table)
+    md = markdown(["Method", "α", "n", "mIoU (%)", "Δ mIoU (means)", f"paired Δ mIoU [{LEVEL} CI] (n)",
+                   "pixel acc (%)", "Δ acc"], cells)
     return md, out_rows
 
 
 def resolved_line(rows: Sequence[dict]) -> str:
     """One sentence: which methods' paired Δ over the student is resolved (interval excludes 0), which not."""
-    yes, no, single = [], [], []
-    for r in rows:
-        d = r.get("paired_vs_student")
-        if d is not None:
-            if d["lo"] is None:
-                single.append(r["label"])
-            else:
-                (yes if d["lo"] > 0 or d["hi"] < 0 else no).append(r["label"])
-    if not (yes or no or single):
-        return ""
-    parts = [f"resolved ({LEVEL} interval of the paired Δ vs the student excludes 0): " + (", ".join(yes) or "none")]
-    parts += ["not resolved: " + ", ".join(no)] if no else []
-    parts += ["one shared seed, no interval: " + ", ".join(single)] if single else []
-    return "Differences " + "; ".join(parts) + "."
+    return resolved_sentence([(r["label"], _difference(r.get("paired_vs_student"))) for r in rows])
+
+
+def _difference(d: dict | None) -> Difference | None:
+    return None if d is None else Difference(**{k: tuple(v) if k == "seeds" else v for k, v in d.items()})
 
 
 def _study(students: list[dict], ref: Reference, vary: str, key, order: Sequence | None = None, *,
@@ -365,23 +307,67 @@ def reference_attnfd(students: list[dict], ref: Reference) -> list[dict]:
             and _matches(r, ref)]
 
 
-def alpha_study(students, ref, base_m, ref_runs: Sequence[dict] = ()) -> tuple[str, list[dict], dict]:
-    by_mode = {mode: _study(students, ref, "alpha", lambda r: r["alpha"], mode=mode) for mode in MODES}
+@dataclass(frozen=True)
+class Ablation:
+    """One study that varies a single factor of AttnFD (cached unless ``modes`` says otherwise) and pairs
+    each row with AttnFD at the reference setting: its section, its first column and how runs group."""
+
+    vary: str  # the factor: a key of the report's run rows, and of report.json
+    title: str
+    column: str
+    key: Callable[[dict], Any]  # a run's group
+    at_reference: Callable[[Reference], Any]  # the reference's group
+    against: Callable[[Reference], str] = lambda ref: "the reference"
+    order: Sequence | None = None
+    show: Callable[[Any], str] = str  # a group's first cell (and its report.json value unless ``raw_json``)
+    raw_json: bool = False
+    modes: tuple[str, ...] = (CACHED,)  # more than one: a mode column
+    student_row: bool = False  # a first row with the plain student
+    teacher_column: bool = False  # the teachers' mIoU of the group (the teacher CBAM mode study)
+    value_header: str = "AttnFD mIoU (%)"
+    json_key: str = ""  # report.json's key of the section and of each row's group (default ``vary``)
+
+
+ABLATIONS = (
+    Ablation("alpha", "α sweep (AttnFD)", "α", lambda r: r["alpha"], lambda ref: ref.alpha,
+             lambda ref: f"AttnFD at α = {ref.alpha:g}", show=lambda a: f"{a:g}", raw_json=True, modes=MODES,
+             student_row=True, value_header="mIoU (%)"),
+    Ablation("points", "Distillation points (paper Table 5)", "points", lambda r: tuple(r["points"]),
+             lambda ref: tuple(ref.points), order=[("B",), ("E",), ("D",), ("B", "E"), ("B", "D"), ("E", "D"),
+                                                  ("B", "E", "D")], show=lambda p: _points_label(p)),
+    Ablation("norm", "Normalisation of L_Attn", "norm", lambda r: r["norm"], lambda ref: ref.norm, order=NORM_ORDER),
+    Ablation("teacher_mode", "Teacher CBAM mode", "teacher CBAM mode", lambda r: r["teacher_mode"],
+             lambda ref: ref.teacher_mode, lambda ref: f"`{ref.teacher_mode}`", order=CBAM_MODES,
+             teacher_column=True, json_key="teacher_cbam_mode"),
+)
+
+
+def ablation_table(study: Ablation, students, teachers, ref: Reference, base: Row,
+                   ref_runs: Sequence[dict] = ()) -> tuple[str, list[dict], dict]:
+    """A study's Markdown table, its report.json rows and its groups per mode (for the figures)."""
+    by_mode = {mode: _study(students, ref, study.vary, study.key, study.order, mode=mode) for mode in study.modes}
     if not any(by_mode.values()):
         return NO_RUNS, [], {}
+    reference, json_key = Row.of("reference", ref_runs), study.json_key or study.vary
+    teacher_by_mode: dict[str, list[dict]] = defaultdict(list)
+    for t in teachers:
+        teacher_by_mode[t["cbam_mode"]].append(t)
+    multi = len(study.modes) > 1
     rows, data = [], []
-    if base_m is not None:
-        rows.append(["0 (student)", "", base_m.n, base_m.fmt(), "", ""])
+    if study.student_row and base.miou is not None:
+        rows.append(["0 (student)", *([""] if multi else []), base.n, base.miou.fmt(), "", ""])
     for mode, groups in by_mode.items():
-        for alpha, runs in groups:
-            m = Stat.of([r["miou"] for r in runs])
-            is_ref = mode == CACHED and alpha == ref.alpha
-            rows.append([f"{alpha:g}", mode, m.n, m.fmt(), _delta(m, base_m), _pair_cell(runs, ref_runs, is_ref=is_ref)])
-            data.append({"alpha": alpha, "mode": mode} | _row_data(runs)
-                        | {"paired_vs_reference": None if is_ref else _pair_dict(runs, ref_runs)})
-    md = _table(["α", "mode", "n", "mIoU (%)", "Δ vs student (means)",
-                 f"paired Δ vs AttnFD at α = {ref.alpha:g} [{LEVEL} CI] (n)"], rows)
-    return md, data, by_mode
+        for k, runs in groups:
+            row, is_ref = Row.of(study.show(k), runs), mode == CACHED and k == study.at_reference(ref)
+            teacher = Row.of("teacher", teacher_by_mode.get(k, [])).miou if study.teacher_column else None
+            rows.append([row.label, *([mode] if multi else []), *([cell(teacher)] if study.teacher_column else []),
+                         row.n, cell(row.miou), row.delta(base), row.pair_cell(reference, is_ref=is_ref)])
+            data.append({json_key: k if study.raw_json else row.label} | ({"mode": mode} if multi else {})
+                        | ({"teacher_miou": stat_dict(teacher)} if study.teacher_column else {}) | row.data()
+                        | {"paired_vs_reference": None if is_ref else row.pair_dict(reference)})
+    header = [study.column, *(["mode"] if multi else []), *(["teacher mIoU (%)"] if study.teacher_column else []),
+              "n", study.value_header, "Δ vs student (means)", paired_header(study.against(ref))]
+    return markdown(header, rows), data, by_mode
 
 
 FRESH_LABEL = "online (fresh augmentation)"
@@ -397,69 +383,31 @@ def k_study(students, ref, base_by_k: dict[Any, list[dict]]) -> tuple[str, list[
     fresh = _study(students, ref, "K", lambda r: FRESH, mode=FRESH)
     if not cached and not online and not fresh:
         return NO_RUNS, [], {}
-    fresh_runs = [r for _, runs in fresh for r in runs]
-    fresh_m = Stat.of([r["miou"] for r in fresh_runs])
+    fresh_row = Row.of(FRESH_LABEL, [r for _, runs in fresh for r in runs])
     rows, data = [], []
     for k, runs in cached:
-        m, b_runs = Stat.of([r["miou"] for r in runs]), base_by_k.get(k, [])
-        b = Stat.of([r["miou"] for r in b_runs])
-        rows.append([k, m.n, m.fmt(), _fmt(b), _delta(m, b), _pair_cell(runs, b_runs)]
-                    + ([_delta(m, fresh_m), _pair_cell(runs, fresh_runs)] if fresh else []))
-        data.append({"K": k, "student": _stat_dict(b)} | _row_data(runs) | {"paired_vs_student": _pair_dict(runs, b_runs)}
-                    | ({"vs_fresh": m.mean - fresh_m.mean, "paired_vs_fresh": _pair_dict(runs, fresh_runs)}
+        row, b = Row.of(str(k), runs), Row.of("student", base_by_k.get(k, []))
+        rows.append([k, row.n, cell(row.miou), cell(b.miou), row.delta(b), row.pair_cell(b)]
+                    + ([row.delta(fresh_row), row.pair_cell(fresh_row)] if fresh else []))
+        data.append({"K": k, "student": stat_dict(b.miou)} | row.data() | {"paired_vs_student": row.pair_dict(b)}
+                    | ({"vs_fresh": row.miou.mean - fresh_row.miou.mean, "paired_vs_fresh": row.pair_dict(fresh_row)}
                        if fresh else {}))
     for label, key, groups in (("online", ONLINE, online), (FRESH_LABEL, FRESH, fresh)):
         for _, runs in groups:
-            m = Stat.of([r["miou"] for r in runs])
-            b_runs = base_by_k.get(ref.K if key == ONLINE else key, [])  # online replays the reference K's crops
-            b = Stat.of([r["miou"] for r in b_runs])
-            rows.append([label, m.n, m.fmt(), _fmt(b), _delta(m, b), _pair_cell(runs, b_runs)] + (["", ""] if fresh else []))
-            data.append({"K": key} | _row_data(runs) | ({"student": _stat_dict(b)} if b is not None else {})
-                        | {"paired_vs_student": _pair_dict(runs, b_runs)})
+            row = Row.of(label, runs)
+            b = Row.of("student", base_by_k.get(ref.K if key == ONLINE else key, []))  # online replays ref K's crops
+            rows.append([label, row.n, cell(row.miou), cell(b.miou), row.delta(b), row.pair_cell(b)]
+                        + (["", ""] if fresh else []))
+            data.append({"K": key} | row.data() | ({"student": stat_dict(b.miou)} if b.miou is not None else {})
+                        | {"paired_vs_student": row.pair_dict(b)})
     header = ["K (cached seeds)", "n", "AttnFD mIoU (%)", "student (α = 0) on the same crops", "Δ (means)",
-              f"paired Δ vs that student [{LEVEL} CI] (n)"]
-    md = _table(header + (["Δ vs online (fresh, means)", "paired Δ vs online (fresh)"] if fresh else []), rows)
+              paired_header("that student")]
+    md = markdown(header + (["Δ vs online (fresh, means)", "paired Δ vs online (fresh)"] if fresh else []), rows)
     if fresh:
         md += ("\n\n`online`: the teacher computes the targets every step on the replayed cached crops (equal to "
                "cached at that K up to float16); `online (fresh augmentation)`: a new augmentation every epoch "
                "(`student.targets = \"online-fresh\"`), the reference the K cached seeds approximate.")
     return md, data, {CACHED: cached, ONLINE: online, FRESH: fresh}
-
-
-def simple_study(students, ref, base_m, vary: str, key, order, header: str,
-                 ref_runs: Sequence[dict] = ()) -> tuple[str, list[dict]]:
-    groups = _study(students, ref, vary, key, order)
-    if not groups:
-        return NO_RUNS, []
-    ref_key = {"points": tuple(ref.points), "norm": ref.norm}[vary]
-    rows, data = [], []
-    for k, runs in groups:
-        m = Stat.of([r["miou"] for r in runs])
-        label = _points_label(k) if vary == "points" else k
-        rows.append([label, m.n, m.fmt(), _delta(m, base_m), _pair_cell(runs, ref_runs, is_ref=k == ref_key)])
-        data.append({vary: label} | _row_data(runs)
-                    | {"paired_vs_reference": None if k == ref_key else _pair_dict(runs, ref_runs)})
-    return _table([header, "n", "AttnFD mIoU (%)", "Δ vs student (means)",
-                   f"paired Δ vs the reference [{LEVEL} CI] (n)"], rows), data
-
-
-def cbam_study(students, teachers, ref, base_m, ref_runs: Sequence[dict] = ()) -> tuple[str, list[dict]]:
-    groups = _study(students, ref, "teacher_mode", lambda r: r["teacher_mode"], CBAM_MODES)
-    if not groups:
-        return NO_RUNS, []
-    teacher_by_mode: dict[str, list[dict]] = defaultdict(list)
-    for t in teachers:
-        teacher_by_mode[t["cbam_mode"]].append(t)
-    rows, data = [], []
-    for mode, runs in groups:
-        m = Stat.of([r["miou"] for r in runs])
-        t = Stat.of([x["miou"] for x in teacher_by_mode.get(mode, [])])
-        is_ref = mode == ref.teacher_mode
-        rows.append([mode, _fmt(t), m.n, m.fmt(), _delta(m, base_m), _pair_cell(runs, ref_runs, is_ref=is_ref)])
-        data.append({"teacher_cbam_mode": mode, "teacher_miou": _stat_dict(t)} | _row_data(runs)
-                    | {"paired_vs_reference": None if is_ref else _pair_dict(runs, ref_runs)})
-    return _table(["teacher CBAM mode", "teacher mIoU (%)", "n", "AttnFD mIoU (%)", "Δ vs student (means)",
-                   f"paired Δ vs `{ref.teacher_mode}` [{LEVEL} CI] (n)"], rows), data
 
 
 def _per_class(runs: list[dict]) -> tuple[np.ndarray | None, list[str] | None]:
@@ -507,8 +455,7 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     out_dir.mkdir(parents=True, exist_ok=True)
     teachers, students = collect_runs(cfg, extra_roots)
     ref = Reference.of(cfg)
-    base = _baseline(students, ref)
-    base_m = Stat.of([r["miou"] for r in base])
+    base = Row.of("student", _baseline(students, ref))
     ref_runs = reference_attnfd(students, ref)
     teacher = _teacher_at_ref(teachers, cfg)
     files: dict[str, Path] = {}
@@ -524,22 +471,17 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
         md += ["(A method joined with `+` is a combination; each term is weighted by `student.<method>.weight` × its "
                "α: `student.<method>.alpha`, or `student.alpha` when unset.)", ""]
 
-    table, data["alpha"], groups = alpha_study(students, ref, base_m, ref_runs)
-    md += ["## α sweep (AttnFD)", "", table, ""] + _alpha_figure(out_dir, groups, base_m, teacher, files)
-    table, data["K"], groups = k_study(students, ref, _crop_baselines(students, ref))
-    md += ["## Cached augmentation seeds K vs online distillation", "", table, ""]
-    md += _k_figure(out_dir, groups, _crop_baselines(students, ref), teacher, files)
-
-    table, data["points"] = simple_study(students, ref, base_m, "points", lambda r: tuple(r["points"]),
-                                         [("B",), ("E",), ("D",), ("B", "E"), ("B", "D"), ("E", "D"), ("B", "E", "D")],
-                                         "points", ref_runs)
-    md += ["## Distillation points (paper Table 5)", "", table, ""]
-    table, data["norm"] = simple_study(students, ref, base_m, "norm", lambda r: r["norm"], NORM_ORDER, "norm", ref_runs)
-    md += ["## Normalisation of L_Attn", "", table, ""]
-    table, data["teacher_cbam_mode"] = cbam_study(students, teachers, ref, base_m, ref_runs)
-    md += ["## Teacher CBAM mode", "", table, ""]
-    md += _per_class_section(out_dir, data, students, base, files)
-    md += _curves_section(students, ref, base, out_dir, files)
+    for study in ABLATIONS:
+        table, data[study.json_key or study.vary], groups = ablation_table(study, students, teachers, ref, base,
+                                                                           ref_runs)
+        md += [f"## {study.title}", "", table, ""]
+        if study.vary == "alpha":  # the K study, with its own baseline per crop regime, follows the α sweep
+            md += _alpha_figure(out_dir, groups, base.miou, teacher, files)
+            table, data["K"], groups = k_study(students, ref, _crop_baselines(students, ref))
+            md += ["## Cached augmentation seeds K vs online distillation", "", table, ""]
+            md += _k_figure(out_dir, groups, _crop_baselines(students, ref), teacher, files)
+    md += _per_class_section(out_dir, data, students, base.runs, files)
+    md += _curves_section(students, ref, base.runs, out_dir, files)
 
     files["report"] = atomic_write_text(out_dir / "report.md", "\n".join(md).rstrip() + "\n")
     files["json"] = atomic_write_json(out_dir / "report.json", data)
@@ -619,12 +561,12 @@ def _per_class_section(out_dir: Path, data: dict, students: list[dict], base: li
         data["per_class"] = None
         return md + [NO_RUNS + " (needs student runs and at least one method with per-class IoU)", ""]
     names = names or best_names or [f"class {i}" for i in range(student_pc.size)]
-    rows = [[n, _num(a), _num(b), f"{b - a:+.2f}" if np.isfinite(a) and np.isfinite(b) else "–"]
+    rows = [[n, number(a), number(b), signed(b - a)]
             for n, a, b in zip(names, student_pc, best_pc)]
     among = " among the methods with 2 or more seeds" if repeated else ""
     md += [f"Best method{among}: **{best['label']}** (α = {best['alpha']:g}, n = {best['n']}); "
            f"student n = {len(base)}.", "",
-           _table(["class", "student IoU (%)", f"{best['label']} IoU (%)", "Δ"], rows), ""]
+           markdown(["class", "student IoU (%)", f"{best['label']} IoU (%)", "Δ"], rows), ""]
     files["per_class_iou"] = plotting.barh_plot(
         out_dir / "per_class_iou.png", list(names),
         [("student", [float(v) for v in student_pc]), (best["label"], [float(v) for v in best_pc])],
@@ -668,10 +610,6 @@ def _reference_lines(base_m: Stat | None, teacher: dict | None) -> list:
     if teacher is not None and teacher["miou"] is not None:
         lines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.cycle_color(3), dashed=False))
     return lines
-
-
-def _num(v: float) -> str:
-    return f"{v:.2f}" if np.isfinite(v) else "–"
 
 
 def _nan_none(v: float) -> float | None:

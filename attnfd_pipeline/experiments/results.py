@@ -8,6 +8,7 @@ from collections import defaultdict
 import numpy as np
 
 from attnfd_pipeline.config import Config
+from attnfd_pipeline.experiments.table import Row, cell, markdown, number, paired_header
 from attnfd_pipeline.records import RESULT_JSON, read_record
 
 
@@ -62,22 +63,20 @@ def alpha_cell(alpha: float | None, weights: dict[str, float]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table; runs that differ only by seed are merged into mean ± std."""
+    """Markdown table; runs that differ only by seed are merged into mean ± std, and each distilled row is
+    compared with the plain student as the report does (``experiments.table``): the difference of the
+    means and the paired Δ over the seeds both have."""
     if not rows:
         return "no results yet (run `attnfd teacher -c CONFIG`, `attnfd cache build -c CONFIG`, `attnfd student -c CONFIG`)"
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["role"], r["model"], r["method"], alpha_cell(r["alpha"], r.get("weights") or {}), r["mode"])].append(r)
-    baseline = [g for k, g in groups.items() if k[0] == "student" and k[2] == "none"]
-    base_miou = float(np.mean([r["miou"] for r in baseline[0]])) if baseline else None
-    lines = ["| role | model | method | α | mode | seeds | mIoU % | Δ vs student | pixel acc % | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base = next((Row.of("student", g) for k, g in groups.items() if k[0] == "student" and k[2] == "none"), None)
+    cells = []
     for (role, model, method, alpha, mode), g in groups.items():
-        m = np.array([r["miou"] for r in g]) * 100
-        miou = f"{m.mean():.2f}" + (f" ± {m.std(ddof=1):.2f}" if len(m) > 1 else "")
-        delta = "" if (base_miou is None or role == "teacher" or method == "none") else f"{m.mean() - base_miou * 100:+.2f}"
-        acc = np.mean([r["pixel_acc"] for r in g]) * 100
-        secs = np.mean([r["seconds"] for r in g])
-        lines.append(f"| {role} | {model} | {method} | {alpha} | {mode} | "
-                     f"{len(g)} | {miou} | {delta} | {acc:.2f} | {secs:.0f} |")
-    return "\n".join(lines)
+        row, compared = Row.of(method, g), role != "teacher" and method != "none"
+        cells.append([role, model, method, alpha, mode, len(g), cell(row.miou), row.delta(base) if compared else "",
+                      row.pair_cell(base) if compared else "", number(row.pixel_acc.mean if row.pixel_acc else None),
+                      f"{np.mean([r['seconds'] for r in g]):.0f}"])
+    return markdown(["role", "model", "method", "α", "mode", "seeds", "mIoU %", "Δ vs student (means)",
+                     paired_header("student"), "pixel acc %", "train s"], cells)
