@@ -228,7 +228,8 @@ def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
         for crop, r in v["crops"].items():
             r["compression_vs_float16"] = (out["variants"]["float16"]["crops"][crop]["stored_bytes_per_sample"]
                                            / r["stored_bytes_per_sample"])
-            r["zstd_ratio"] = sum(t["raw_bytes_per_sample"] for t in r["targets"].values()) / r["stored_bytes_per_sample"]
+            raw = sum(t["raw_bytes_per_sample"] for t in r["targets"].values())
+            r["zstd_ratio"] = raw / r["stored_bytes_per_sample"]
         worst = lambda k, f: f(r[k] for r in v["crops"].values())  # noqa: E731
         v.update(grad_cosine=worst("grad_cosine", min), rel_error=worst("rel_error", max),
                  compression_vs_float16=worst("compression_vs_float16", min), zstd_ratio=worst("zstd_ratio", min))
@@ -243,24 +244,26 @@ def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
 
 def storage_markdown(fig: dict) -> str:
     """``bench/storage.md``: one row per (variant, crop)."""
-    L = ["# Storage variants: fidelity, size, speed", "",
-         f"Teacher maps of {fig['images']} training images at crops {fig['crops']} (points "
-         f"{', '.join(fig['points'])}); loss norm `{fig['norm']}`; student maps: teacher map + rho·RMS·white noise, "
-         f"rho ∈ {fig['student_noise_rho']}, and the student at initialisation (worst reported). Speeds: float32 MB of teacher output per CPU-second of one thread.",
-         "", "| storage | crop | rel. error (ch.-norm.) | grad cosine (worst) | cosine: untrained student | "
-             "grad rel. error | loss rel. error | zstd ratio | vs float16 | encode MB/s | decode MB/s |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, v in fig["variants"].items():
-        for crop, r in v["crops"].items():
-            L.append(f"| `{name}` | {crop} | {r['rel_error']:.2e} | {r['grad_cosine']:.6f} | "
-                     f"{r['grad_cosine_by_student']['untrained']:.6f} | {r['grad_rel_error']:.2e} | "
-                     f"{r['loss_rel_error']:.2e} | {r['zstd_ratio']:.2f} | {r['compression_vs_float16']:.2f}× | "
-                     f"{r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} |")
+    from attnfd_pipeline.experiments.bench.common import table
+
     rec = fig["recommended"]
-    L += ["", f"Recommended (smallest with gradient cosine ≥ {fig['min_cosine']} at every crop): `{rec['encoding']}` — "
-              f"{rec['compression_vs_float16']:.2f}× smaller than float16, gradient cosine {rec['grad_cosine']:.6f}, "
-              f"rel. error {rec['rel_error']:.2e}.", ""]
-    return "\n".join(L)
+    return "\n".join(["# Storage variants: fidelity, size, speed", "",
+                      f"Teacher maps of {fig['images']} training images at crops {fig['crops']} (points "
+                      f"{', '.join(fig['points'])}); loss norm `{fig['norm']}`; student maps: teacher map + "
+                      f"rho·RMS·white noise, rho ∈ {fig['student_noise_rho']}, and the student at initialisation "
+                      f"(worst reported). Speeds: float32 MB of teacher output per CPU-second of one thread.", ""]
+                     + table(["storage", "crop", "rel. error (ch.-norm.)", "grad cosine (worst)",
+                              "cosine: untrained student", "grad rel. error", "loss rel. error", "zstd ratio",
+                              "vs float16", "encode MB/s", "decode MB/s"],
+                             [[f"`{name}`", crop, f"{r['rel_error']:.2e}", f"{r['grad_cosine']:.6f}",
+                               f"{r['grad_cosine_by_student']['untrained']:.6f}", f"{r['grad_rel_error']:.2e}",
+                               f"{r['loss_rel_error']:.2e}", f"{r['zstd_ratio']:.2f}",
+                               f"{r['compression_vs_float16']:.2f}×", f"{r['encode_mb_s']:.0f}",
+                               f"{r['decode_mb_s']:.0f}"]
+                              for name, v in fig["variants"].items() for crop, r in v["crops"].items()])
+                     + ["", f"Recommended (smallest with gradient cosine ≥ {fig['min_cosine']} at every crop): "
+                            f"`{rec['encoding']}` — {rec['compression_vs_float16']:.2f}× smaller than float16, "
+                            f"gradient cosine {rec['grad_cosine']:.6f}, rel. error {rec['rel_error']:.2e}.", ""])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,8 +281,8 @@ class FeedAssumption:
 # An RTX 4090 (165 TFLOPS dense fp16 tensor throughput) at ~30 % of peak: the DeepLabV3+ R101 teacher's forward
 # at 513 px is 186 GFLOP and the R18 student's 85 GFLOP (torch.utils.flop_counter on the meta device), a
 # training step ~3 forwards.
-RTX_CLASS = FeedAssumption("RTX 4090", 250.0, 200.0, 513,
-                           "165 TFLOPS fp16 at ~30 % of peak; teacher forward 186 GFLOP, student step ~256 GFLOP at 513 px")
+RTX_CLASS = FeedAssumption("RTX 4090", 250.0, 200.0, 513, "165 TFLOPS fp16 at ~30 % of peak; teacher forward "
+                           "186 GFLOP, student step ~256 GFLOP at 513 px")
 
 
 def feed_projection(fig: dict, sample_bytes: float, assume: FeedAssumption = RTX_CLASS) -> dict[str, dict]:
@@ -301,15 +304,17 @@ def feed_projection(fig: dict, sample_bytes: float, assume: FeedAssumption = RTX
 
 def projection_markdown(proj: dict[str, dict], sample_bytes: float, assume: FeedAssumption = RTX_CLASS) -> str:
     """The projection as a Markdown table, its assumptions named."""
-    L = [f"Cores for an {assume.card}-class card at {assume.crop} px ({sample_bytes / 1e6:.1f} MB of float32 targets "
-         f"per sample). **Assumed, not measured**: teacher R = {assume.teacher_images_per_s:g} images/s, student "
-         f"S = {assume.student_samples_per_s:g} samples/s ({assume.basis}). Measured: MB/s per core at "
-         f"{next(iter(proj.values()))['measured_crop']} px.", "",
-         "| storage | encode MB/s per core | decode MB/s per core | (a) build: cores for R | (b) DataLoader: cores for S |",
-         "| --- | --- | --- | --- | --- |"]
-    L += [f"| `{n}` | {p['encode_mb_s']:.0f} | {p['decode_mb_s']:.0f} | {p['build_cores']:.1f} | {p['loader_cores']:.1f} |"
-          for n, p in proj.items()]
-    return "\n".join(L) + "\n"
+    from attnfd_pipeline.experiments.bench.common import table
+
+    return "\n".join([
+        f"Cores for an {assume.card}-class card at {assume.crop} px ({sample_bytes / 1e6:.1f} MB of float32 targets "
+        f"per sample). **Assumed, not measured**: teacher R = {assume.teacher_images_per_s:g} images/s, student "
+        f"S = {assume.student_samples_per_s:g} samples/s ({assume.basis}). Measured: MB/s per core at "
+        f"{next(iter(proj.values()))['measured_crop']} px.", ""] + table(
+        ["storage", "encode MB/s per core", "decode MB/s per core", "(a) build: cores for R",
+         "(b) DataLoader: cores for S"],
+        [[f"`{n}`", f"{p['encode_mb_s']:.0f}", f"{p['decode_mb_s']:.0f}", f"{p['build_cores']:.1f}",
+          f"{p['loader_cores']:.1f}"] for n, p in proj.items()])) + "\n"
 
 
 def write_storage_bench(cfg, teacher, source, out_dir, *, crops=(64, 257), images: int = 8) -> dict:

@@ -1,5 +1,6 @@
 """What the bench reports and how a figure is judged: the variants, the keys of ``results.json``, the
-goals, and the few helpers every bench module shares (logging, medians, JSON-safe numbers)."""
+goals, and the few helpers every bench module shares (logging, medians, JSON-safe numbers, report
+tables)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,19 @@ def num(x):
         return None
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def fmt(x, spec=".3f", none="n/a") -> str:
+    """A figure for a report (``none`` where it is missing or not finite)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return format(x, spec)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    """A Markdown table; cells are written as given."""
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
+        "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
 def goal_met(key: str, value: float) -> bool | None:

@@ -3,27 +3,13 @@ advice (with its profile tables) for each missed goal."""
 
 from __future__ import annotations
 
-import math
-
-from attnfd_pipeline.experiments.bench.common import (GOALS, STORAGE_MAX_REL_ERROR, TABLE_KEYS, VARIANTS,
-                                                      goal_met)
+from attnfd_pipeline.experiments.bench.common import (GOALS, STORAGE_MAX_REL_ERROR, TABLE_KEYS, VARIANTS, fmt,
+                                                      goal_met, table)
 from attnfd_pipeline.experiments.fidelity import MIN_COSINE
-
-
-def fmt(x, spec=".3f", none="n/a") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return none
-    return format(x, spec)
 
 
 def met_cell(m) -> str:
     return {True: "yes", False: "**no**", None: "–"}[m]
-
-
-def table(header: list[str], rows: list[list]) -> list[str]:
-    """A Markdown table; cells are written as given."""
-    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
-        "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
 # what closes each goal when it is missed, and the profiled steps (``samples.profile``: time,
