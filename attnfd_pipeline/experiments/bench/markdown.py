@@ -14,41 +14,30 @@ def met_cell(m) -> str:
 
 # what closes each goal when it is missed, and the profiled steps (``samples.profile``: time,
 # ``samples.profile_memory``: memory) that show where it goes
+_READ = ("a cheaper codec for the large maps (`cache.codec = \"none\"` or blosc), skipping the per-read checksum "
+         "after a `cache verify`")
 ADVICE: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "step_ratio_cached_over_plain": (
-        "The extra time is the distillation head (a student CBAM, 1×1 connectors + BatchNorm up to the teacher's "
-        "maps and the AttnFD loss at every point, forward and backward), which online distillation pays as well, "
-        "plus the target read in the loader workers. To close it: fewer or coarser points, a fused loss, or a GPU "
-        "where these ops are a negligible share of the step; for the read, a cheaper codec for the large maps "
-        "(`cache.codec = \"none\"` or blosc) and skipping the per-read checksum after a `cache verify`.",
+        "Most of the extra time is the distillation head (CBAM, connectors and loss at every point), which online "
+        f"distillation pays too: use fewer or coarser points, a fused loss or a GPU; for the read, {_READ}.",
         ("cached", "plain"), ()),
-    "step_ratio_cached_over_inmemory": (
-        "Both steps compute the same thing on the same targets: the difference is the DataLoader (crop replay, hash "
-        "check, target read and decode in the workers). To close it: a cheaper codec for the large maps, skipping "
-        "the per-read checksum after a `cache verify`, or more cores than the step uses.", (), ()),
+    "step_ratio_cached_over_inmemory": (f"The difference is the DataLoader: {_READ}, or more cores.", (), ()),
     "peak_mem_ratio_cached_over_inmemory": (
-        "The cached process also holds the batches its workers prefetch and the DataLoader's shared-memory "
-        "buffers. To close it: a smaller `prefetch_factor` or fewer workers.", (), ()),
+        "The cached process also holds its workers' prefetched batches: lower `prefetch_factor` or the workers.",
+        (), ()),
     "saving_efficiency": (
-        "What the cached run still pays over the plain one is the distillation head and the target read; the "
-        "measures for `step_ratio_cached_over_plain` close it.", ("online",), ()),
+        "The cached run still pays the head and the read: the advice for `step_ratio_cached_over_plain` applies.",
+        ("online",), ()),
     "peak_mem_ratio_cached_over_plain": (
-        "The extra memory is the head's parameters with their gradients and momentum, a batch of targets in "
-        "float32 and the activations kept for backward at every point (D at stride 4 the largest). To close it: "
-        "keep targets float16 into the loss, recompute the head in backward (activation checkpointing of CBAM + "
-        "connector + loss), compute and backpropagate the loss point by point, or drop or downsample D.",
-        (), ("cached", "plain")),
+        "Keep targets float16 into the loss, checkpoint the head's activations (CBAM + connector + loss), compute "
+        "the loss point by point, or drop or downsample D (the largest map).", (), ("cached", "plain")),
     "cache_build_over_teacher_inference": (
-        "The loader thread and the writer compete with the teacher for the CPU, and fixed per-build costs weigh "
-        "heavily in a small build. To close it: a teacher on a GPU (the CPU work then overlaps for free); on CPU, "
-        "cheaper writer work (blosc or no codec); for this measurement, more samples per build.", (), ()),
-    "reader_over_consumer": (
-        "To close it: raw or blosc storage for the large maps, more workers, skipping the per-read checksum after "
-        "a `cache verify`.", (), ()),
+        "Run the teacher on a GPU (the CPU work then overlaps); on CPU, cheaper writer work (blosc or no codec); "
+        "for this measurement, more samples per build.", (), ()),
+    "reader_over_consumer": (f"More loader workers, or {_READ}.", (), ()),
     "storage": (
-        "float16 gives ×2 and lossless codecs gain mostly from exact zeros. To close it: drop more mantissa bits "
-        "where the error budget allows, fewer points or a smaller K, a per-channel scale where float16 loses "
-        "small channels, and re-measure on a trained teacher with `attnfd cache plan`.", (), ()),
+        "Drop more mantissa bits where the error budget allows, cache fewer points or a smaller K, and re-measure "
+        "on a trained teacher with `attnfd cache plan`.", (), ()),
 }
 assert set(ADVICE) == set(GOALS)
 
