@@ -244,26 +244,24 @@ def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
 
 def storage_markdown(fig: dict) -> str:
     """``bench/storage.md``: one row per (variant, crop)."""
-    from attnfd_pipeline.experiments.bench.common import table
-
+    L = ["# Storage variants: fidelity, size, speed", "",
+         f"Teacher maps of {fig['images']} training images at crops {fig['crops']} (points "
+         f"{', '.join(fig['points'])}); loss norm `{fig['norm']}`; student maps: teacher map + rho·RMS·white noise, "
+         f"rho ∈ {fig['student_noise_rho']}, and the student at initialisation (worst reported). Speeds: float32 MB of teacher output per CPU-second of one thread.",
+         "", "| storage | crop | rel. error (ch.-norm.) | grad cosine (worst) | cosine: untrained student | "
+             "grad rel. error | loss rel. error | zstd ratio | vs float16 | encode MB/s | decode MB/s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, v in fig["variants"].items():
+        for crop, r in v["crops"].items():
+            L.append(f"| `{name}` | {crop} | {r['rel_error']:.2e} | {r['grad_cosine']:.6f} | "
+                     f"{r['grad_cosine_by_student']['untrained']:.6f} | {r['grad_rel_error']:.2e} | "
+                     f"{r['loss_rel_error']:.2e} | {r['zstd_ratio']:.2f} | {r['compression_vs_float16']:.2f}× | "
+                     f"{r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} |")
     rec = fig["recommended"]
-    return "\n".join(["# Storage variants: fidelity, size, speed", "",
-                      f"Teacher maps of {fig['images']} training images at crops {fig['crops']} (points "
-                      f"{', '.join(fig['points'])}); loss norm `{fig['norm']}`; student maps: teacher map + "
-                      f"rho·RMS·white noise, rho ∈ {fig['student_noise_rho']}, and the student at initialisation "
-                      f"(worst reported). Speeds: float32 MB of teacher output per CPU-second of one thread.", ""]
-                     + table(["storage", "crop", "rel. error (ch.-norm.)", "grad cosine (worst)",
-                              "cosine: untrained student", "grad rel. error", "loss rel. error", "zstd ratio",
-                              "vs float16", "encode MB/s", "decode MB/s"],
-                             [[f"`{name}`", crop, f"{r['rel_error']:.2e}", f"{r['grad_cosine']:.6f}",
-                               f"{r['grad_cosine_by_student']['untrained']:.6f}", f"{r['grad_rel_error']:.2e}",
-                               f"{r['loss_rel_error']:.2e}", f"{r['zstd_ratio']:.2f}",
-                               f"{r['compression_vs_float16']:.2f}×", f"{r['encode_mb_s']:.0f}",
-                               f"{r['decode_mb_s']:.0f}"]
-                              for name, v in fig["variants"].items() for crop, r in v["crops"].items()])
-                     + ["", f"Recommended (smallest with gradient cosine ≥ {fig['min_cosine']} at every crop): "
-                            f"`{rec['encoding']}` — {rec['compression_vs_float16']:.2f}× smaller than float16, "
-                            f"gradient cosine {rec['grad_cosine']:.6f}, rel. error {rec['rel_error']:.2e}.", ""])
+    L += ["", f"Recommended (smallest with gradient cosine ≥ {fig['min_cosine']} at every crop): `{rec['encoding']}` — "
+              f"{rec['compression_vs_float16']:.2f}× smaller than float16, gradient cosine {rec['grad_cosine']:.6f}, "
+              f"rel. error {rec['rel_error']:.2e}.", ""]
+    return "\n".join(L)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,17 +302,15 @@ def feed_projection(fig: dict, sample_bytes: float, assume: FeedAssumption = RTX
 
 def projection_markdown(proj: dict[str, dict], sample_bytes: float, assume: FeedAssumption = RTX_CLASS) -> str:
     """The projection as a Markdown table, its assumptions named."""
-    from attnfd_pipeline.experiments.bench.common import table
-
-    return "\n".join([
-        f"Cores for an {assume.card}-class card at {assume.crop} px ({sample_bytes / 1e6:.1f} MB of float32 targets "
-        f"per sample). **Assumed, not measured**: teacher R = {assume.teacher_images_per_s:g} images/s, student "
-        f"S = {assume.student_samples_per_s:g} samples/s ({assume.basis}). Measured: MB/s per core at "
-        f"{next(iter(proj.values()))['measured_crop']} px.", ""] + table(
-        ["storage", "encode MB/s per core", "decode MB/s per core", "(a) build: cores for R",
-         "(b) DataLoader: cores for S"],
-        [[f"`{n}`", f"{p['encode_mb_s']:.0f}", f"{p['decode_mb_s']:.0f}", f"{p['build_cores']:.1f}",
-          f"{p['loader_cores']:.1f}"] for n, p in proj.items()])) + "\n"
+    L = [f"Cores for an {assume.card}-class card at {assume.crop} px ({sample_bytes / 1e6:.1f} MB of float32 targets "
+         f"per sample). **Assumed, not measured**: teacher R = {assume.teacher_images_per_s:g} images/s, student "
+         f"S = {assume.student_samples_per_s:g} samples/s ({assume.basis}). Measured: MB/s per core at "
+         f"{next(iter(proj.values()))['measured_crop']} px.", "",
+         "| storage | encode MB/s per core | decode MB/s per core | (a) build: cores for R | (b) DataLoader: cores for S |",
+         "| --- | --- | --- | --- | --- |"]
+    L += [f"| `{n}` | {p['encode_mb_s']:.0f} | {p['decode_mb_s']:.0f} | {p['build_cores']:.1f} | {p['loader_cores']:.1f} |"
+          for n, p in proj.items()]
+    return "\n".join(L) + "\n"
 
 
 def write_storage_bench(cfg, teacher, source, out_dir, *, crops=(64, 257), images: int = 8) -> dict:
