@@ -169,3 +169,45 @@ def test_inmemory_step_is_the_cached_step_without_reads(tiny_pipeline):
         losses[v] = [p.detach().clone() for p in s.task.distiller.parameters()]
     for p, q in zip(losses["cached"], losses["inmemory"]):
         assert torch.equal(p, q)
+
+
+
+def test_results_md_tables_and_advice_per_missed_goal():
+    """On the committed bench/results.json: the table rows carry the figures, and exactly the missed goals (on
+    the wall clock or in CPU seconds) get their paragraph of advice, with the profiles behind them."""
+    from pathlib import Path
+
+    from attnfd_pipeline.experiments.bench.markdown import ADVICE, format_markdown
+
+    res = json.loads((Path(__file__).parents[1] / "bench" / "results.json").read_text())
+    assert set(ADVICE) == set(GOALS)
+    md = format_markdown(res)
+    sc, st = res["step_ratio_cached_over_plain"], res["storage"]
+    assert (f"| `step_ratio_cached_over_plain` | {sc['value']:.3f} | <= 1.1 | {'yes' if sc['met'] else '**no**'} | "
+            f"{sc['cpu_ratio']:.3f} | " + ", ".join(f"{x:.2f}" for x in sc["per_repeat"]) + " |") in md
+    assert f"| cached | {sc['cached_s_per_step']:.3f} | {sc['breakdown_s']['cached']['wait']:.3f} |" in md
+    best = st["options"][st["best_option"]]
+    assert f"| `{st['best_option']}` |" in md
+    assert f"{best['compression_vs_float32']:.2f} | {best['rel_error']:.1e} |" in md
+    n1 = res["sweep_economics"]["N"]["1"]
+    assert f"| 1 | {n1['cached_s_per_image']:.2f} | {n1['online_s_per_image']:.2f} |" in md
+    assert f"| cache build (samples/s) | {res['cache_build_over_teacher_inference']['build_samples_per_s']:.2f} |" in md
+
+    for key in GOALS:  # every goal met, on both clocks: no advice
+        res[key]["met"] = True
+        res[key].pop("cpu_ratio", None)
+        res[key].pop("cpu_value", None)
+    assert "## Advice" not in format_markdown(res)
+    for key in GOALS:
+        res[key]["met"] = False
+        md = format_markdown(res)
+        assert {k for k in GOALS if f"### `{k}` =" in md} == {key} and ADVICE[key][0] in md, key
+        res[key]["met"] = True
+    res["saving_efficiency"]["met"] = False
+    assert "Top ops of one online step" in format_markdown(res)
+    res["saving_efficiency"]["met"] = True
+    # met on the wall clock, missed in CPU seconds
+    res["cache_build_over_teacher_inference"]["cpu_ratio"] = 0.5
+    res["saving_efficiency"]["cpu_value"] = 0.95
+    md = format_markdown(res)
+    assert "### `cache_build_over_teacher_inference` =" in md and "### `saving_efficiency`" not in md

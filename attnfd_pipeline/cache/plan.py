@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -107,17 +107,33 @@ def _free_bytes(path: Location) -> int | None:
     return storage.free_bytes(path)
 
 
-def compression_ratio(x16: np.ndarray, codec: str, level: int) -> float:
-    """Raw / compressed size of float16 samples ``(n, C, H, W)``, each compressed alone as in the store."""
+def compressed_bytes(x: np.ndarray, codec: str, level: int) -> int:
+    """Bytes of the samples ``x[i]`` of one stored array after ``codec`` at ``level``, each sample compressed
+    alone as in the store (chunk = one sample); the raw bytes for ``codec = "none"``."""
     if codec == "none":
-        return 1.0
+        return int(x.nbytes)
     import numcodecs
 
     comp = numcodecs.Zstd(level=level) if codec == "zstd" else numcodecs.Blosc(
         cname="lz4", clevel=level, shuffle=numcodecs.Blosc.SHUFFLE)
-    raw = sum(x.nbytes for x in x16)
-    packed = sum(len(comp.encode(np.ascontiguousarray(x))) for x in x16)
-    return raw / max(packed, 1)
+    return sum(len(comp.encode(np.ascontiguousarray(s))) for s in x)
+
+
+def measure_storage(x32: np.ndarray, encoding: str, mantissa_bits: int, pool: int, codec: str, level: int, *,
+                    target: str, ids: Sequence[str] = (), seeds: Sequence[int] = ()) -> dict[str, Any]:
+    """What float32 maps ``(n, C, H, W)`` cost as the store holds them: encoded (``encode_target``: pooled by
+    ``pool``, then float16 with ``mantissa_bits`` or int8), each sample of each stored array compressed alone,
+    decoded back. Per sample ``raw_bytes`` and ``stored_bytes`` (without ``CHUNK_OVERHEAD``), their ``ratio``,
+    ``precision_stats`` of the decoded maps against the pooled float32 ones and their ``zero_fraction``;
+    ``parts`` (the stored arrays) and ``decoded`` (float32) for further measures. The one place that computes
+    the storage figures: ``plan_cache``, the bench's storage options and the fidelity bench all call it."""
+    parts = encode_target(x32, encoding, mantissa_bits, pool, target=target, ids=ids, seeds=seeds)
+    y = np.asarray(decode(encoding, parts), dtype=np.float32)
+    raw = sum(int(p.nbytes) for p in parts)
+    packed = sum(compressed_bytes(p, codec, level) for p in parts)
+    return {"raw_bytes": raw // len(x32), "stored_bytes": packed / len(x32), "ratio": raw / max(packed, 1),
+            **precision_stats(pool_maps(x32, pool), y), "zero_fraction": float((y == 0).mean()),
+            "parts": parts, "decoded": y}
 
 
 def precision_stats(x32: np.ndarray, x16: np.ndarray) -> dict[str, float]:
@@ -187,11 +203,9 @@ def plan_cache(cfg, source: Any, *, teacher: Any = None, teacher_info: Any = Non
         ids = [r["image_id"] for r in rows][:len(crops)]
         seeds = [r["aug_seed"] for r in rows][:len(crops)]
         for n in names:
-            f = pool_of(c.pool, n)
-            parts = encode_target(outs[n], encoding, c.mantissa_bits, f, target=n, ids=ids, seeds=seeds)
-            stored = sum(compression_ratio(p, c.codec, c.level) ** -1 * p.nbytes for p in parts)
-            plan.targets[n]["ratio"] = sum(p.nbytes for p in parts) / max(stored, 1)
-            plan.targets[n].update(precision_stats(pool_maps(outs[n], f), decode(encoding, parts)))
+            m = measure_storage(outs[n], encoding, c.mantissa_bits, pool_of(c.pool, n), c.codec, c.level,
+                                target=n, ids=ids, seeds=seeds)
+            plan.targets[n].update({k: m[k] for k in ("ratio", "rel_error", "tiny_channels")})
         plan.seconds_per_sample = teacher_s / timed + load_s / max(len(rows), 1)
         plan.probe_samples = len(crops)
         plan.measured = True

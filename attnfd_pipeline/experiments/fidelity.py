@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnfd_pipeline.cache.encoding import CHECKSUM, checksum, decode, encode_target, pool_maps, pool_of, pool_student
-from attnfd_pipeline.cache.plan import precision_stats, storage_variants, variant_name
+from attnfd_pipeline.cache.encoding import CHECKSUM, checksum, decode, encode_target, pool_of, pool_student
+from attnfd_pipeline.cache.plan import measure_storage, storage_variants, variant_name
 from attnfd_pipeline.cache.schema import cache_target_names
 from attnfd_pipeline.losses.attnfd import attnfd_loss
 from attnfd_pipeline.errors import UserError
@@ -78,47 +78,46 @@ def teacher_from_checkpoint(cfg, path) -> Any:
 
 def teacher_maps(cfg, teacher, source, crop: int, images: int) -> dict[str, np.ndarray]:
     """float32 targets ``(n, C, H, W)`` of the first ``images`` images, resized to ``crop`` × ``crop``."""
-    from attnfd_pipeline.cache.build import run_teacher, shard_samples, teacher_device
+    from attnfd_pipeline.cache.build import run_teacher, teacher_device
+
+    outs, _ = run_teacher(teacher, _crops(cfg, source, crop, images), cache_target_names(cfg.cache), 4,
+                          teacher_device(teacher))
+    return outs
+
+
+def _crops(cfg, source, crop: int, images: int) -> list:
+    """The first ``images`` training images resized to ``crop`` × ``crop``, no random augmentation."""
+    from attnfd_pipeline.cache.build import shard_samples
     from attnfd_pipeline.cache.schema import ShardRange
 
     aug = dataclasses.replace(cfg.augment, crop_size=(crop, crop), base_size=crop, scale_min=1.0, scale_max=1.0,
                               flip_p=0.0, blur_p=0.0)
     one = dataclasses.replace(cfg, augment=aug, cache=dataclasses.replace(cfg.cache, K=1))
-    _, crops, _ = shard_samples(one, source, ShardRange(0, 0, min(images, len(source))), source.ids)
-    outs, _ = run_teacher(teacher, crops, cache_target_names(cfg.cache), 4, teacher_device(teacher))
-    return outs
+    return shard_samples(one, source, ShardRange(0, 0, min(images, len(source))), source.ids)[1]
 
 
 TIMING_PASSES = 3
 
 
-def _zstd():
+def _timed(x: np.ndarray, encoding: str, pool: int, name: str) -> tuple[float, float]:
+    """CPU seconds of one thread to encode (pool + convert/quantise + checksum + zstd level 1 per sample) and to
+    decode (zstd + checksum + dequantise) ``x``."""
     import numcodecs
 
-    return numcodecs.Zstd(level=1)
-
-
-def _encode(x: np.ndarray, encoding: str, pool: int, name: str) -> tuple[list[np.ndarray], list[list[bytes]], float]:
-    """Stored arrays, their per-sample zstd frames and the seconds it took (one thread)."""
-    comp = _zstd()
-    n = len(x)
+    comp, n = numcodecs.Zstd(level=1), len(x)
     t0 = time.thread_time()
     parts = encode_target(x, encoding, 0, pool, target=name, ids=[str(i) for i in range(n)], seeds=[0] * n)
     for j in range(n):
         checksum([p[j] for p in parts], CHECKSUM)
     frames = [[comp.encode(np.ascontiguousarray(p[j])) for p in parts] for j in range(n)]
-    return parts, frames, time.thread_time() - t0
-
-
-def _decode(parts: list[np.ndarray], frames: list[list[bytes]], encoding: str) -> tuple[np.ndarray, float]:
-    comp = _zstd()
+    t1 = time.thread_time()
     out = []
-    t0 = time.thread_time()
-    for j, fr in enumerate(frames):
+    for fr in frames:
         got = [np.frombuffer(comp.decode(f), dtype=p.dtype).reshape(p.shape[1:]) for f, p in zip(fr, parts)]
         checksum(got, CHECKSUM)
         out.append(decode(encoding, got))
-    return np.stack(out).astype(np.float32), time.thread_time() - t0
+    np.stack(out).astype(np.float32)
+    return t1 - t0, time.thread_time() - t1
 
 
 def noise_students(ref32: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
@@ -158,14 +157,9 @@ def untrained_student_maps(cfg, source, crop: int, images: int, shapes: dict[str
     """The config's student at initialisation (seeded), each point through a seeded 1×1 connector to the
     teacher's channels and resized to the teacher's map: spatially realistic maps of a student at the start
     of distillation (``norm`` makes their scale irrelevant)."""
-    from attnfd_pipeline.cache.build import shard_samples
-    from attnfd_pipeline.cache.schema import ShardRange
     from attnfd_pipeline.models import build_model
 
-    aug = dataclasses.replace(cfg.augment, crop_size=(crop, crop), base_size=crop, scale_min=1.0, scale_max=1.0,
-                              flip_p=0.0, blur_p=0.0)
-    one = dataclasses.replace(cfg, augment=aug, cache=dataclasses.replace(cfg.cache, K=1))
-    _, crops, _ = shard_samples(one, source, ShardRange(0, 0, min(images, len(source))), source.ids)
+    crops = _crops(cfg, source, crop, images)
     m = cfg.student.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -188,21 +182,17 @@ def _variant_at_crop(maps: dict[str, np.ndarray], encoding: str, pool, norm: str
         f = pool_of(pool, name)
         # the fastest of a few passes: CPU time of one thread still grows when other processes share the
         # caches and memory bandwidth, and the least disturbed pass is the steadiest estimate
-        e = d = float("inf")
-        for _ in range(TIMING_PASSES):
-            parts, frames, e1 = _encode(x, encoding, f, name)
-            y, d1 = _decode(parts, frames, encoding)
-            e, d = min(e, e1), min(d, d1)
-        nbytes = sum(len(b) for fr in frames for b in fr)
-        per[name] = {"chw": list(y.shape[1:]), **precision_stats(pool_maps(x, f), y),
+        times = [_timed(x, encoding, f, name) for _ in range(TIMING_PASSES)]
+        m = measure_storage(x, encoding, 0, f, "zstd", 1, target=name)
+        y = m["decoded"]
+        per[name] = {"chw": list(y.shape[1:]), "rel_error": m["rel_error"], "tiny_channels": m["tiny_channels"],
                      **grad_fidelity(x, y, f, norm, {**noise_students(x), "untrained": student[name]}),
-                     "stored_bytes_per_sample": nbytes / len(x),
-                     "raw_bytes_per_sample": sum(p[0].nbytes for p in parts)}
+                     "stored_bytes_per_sample": m["stored_bytes"], "raw_bytes_per_sample": m["raw_bytes"]}
         f32_bytes += x.nbytes
-        stored_bytes += nbytes
-        enc_s += e
-        dec_s += d
-    return {"targets": per, "stored_bytes_per_sample": stored_bytes / len(next(iter(maps.values()))),
+        stored_bytes += m["stored_bytes"]
+        enc_s += min(t[0] for t in times)
+        dec_s += min(t[1] for t in times)
+    return {"targets": per, "stored_bytes_per_sample": stored_bytes,
             "rel_error": max(t["rel_error"] for t in per.values()),
             "grad_cosine": min(t["grad_cosine"] for t in per.values()),
             "grad_rel_error": max(t["grad_rel_error"] for t in per.values()),
@@ -238,7 +228,8 @@ def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
         for crop, r in v["crops"].items():
             r["compression_vs_float16"] = (out["variants"]["float16"]["crops"][crop]["stored_bytes_per_sample"]
                                            / r["stored_bytes_per_sample"])
-            r["zstd_ratio"] = sum(t["raw_bytes_per_sample"] for t in r["targets"].values()) / r["stored_bytes_per_sample"]
+            raw = sum(t["raw_bytes_per_sample"] for t in r["targets"].values())
+            r["zstd_ratio"] = raw / r["stored_bytes_per_sample"]
         worst = lambda k, f: f(r[k] for r in v["crops"].values())  # noqa: E731
         v.update(grad_cosine=worst("grad_cosine", min), rel_error=worst("rel_error", max),
                  compression_vs_float16=worst("compression_vs_float16", min), zstd_ratio=worst("zstd_ratio", min))
@@ -288,8 +279,8 @@ class FeedAssumption:
 # An RTX 4090 (165 TFLOPS dense fp16 tensor throughput) at ~30 % of peak: the DeepLabV3+ R101 teacher's forward
 # at 513 px is 186 GFLOP and the R18 student's 85 GFLOP (torch.utils.flop_counter on the meta device), a
 # training step ~3 forwards.
-RTX_CLASS = FeedAssumption("RTX 4090", 250.0, 200.0, 513,
-                           "165 TFLOPS fp16 at ~30 % of peak; teacher forward 186 GFLOP, student step ~256 GFLOP at 513 px")
+RTX_CLASS = FeedAssumption("RTX 4090", 250.0, 200.0, 513, "165 TFLOPS fp16 at ~30 % of peak; teacher forward "
+                           "186 GFLOP, student step ~256 GFLOP at 513 px")
 
 
 def feed_projection(fig: dict, sample_bytes: float, assume: FeedAssumption = RTX_CLASS) -> dict[str, dict]:

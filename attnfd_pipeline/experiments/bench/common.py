@@ -1,5 +1,6 @@
 """What the bench reports and how a figure is judged: the variants, the keys of ``results.json``, the
-goals, and the few helpers every bench module shares (logging, medians, JSON-safe numbers)."""
+goals, and the few helpers every bench module shares (logging, medians, JSON-safe numbers, report
+tables)."""
 
 from __future__ import annotations
 
@@ -76,20 +77,34 @@ def num(x):
     return x if math.isfinite(x) else None
 
 
-def goal_met(key: str, value: float) -> bool | None:
-    if key not in GOALS or value is None or not math.isfinite(value):
+def fmt(x, spec=".3f", none="n/a") -> str:
+    """A figure for a report (``none`` where it is missing or not finite)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return format(x, spec)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    """A Markdown table; cells are written as given."""
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
+        "| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
+def goal_met(key: str, value: float, goals: dict = GOALS) -> bool | None:
+    if key not in goals or value is None or not math.isfinite(value):
         return None
-    op, thr = GOALS[key]
-    return bool(value <= thr) if op == "<=" else bool(value >= thr)
+    op, thr = goals[key]
+    return bool({"<=": value <= thr, ">=": value >= thr, "<": value < thr}[op])
 
 
-def metric(key: str, value: float, **extra) -> dict:
-    """A figure of ``results.json``: ``{"value": …}`` plus its goal and whether it is met, plus ``extra``."""
+def metric(key: str, value: float, goals: dict = GOALS, **extra) -> dict:
+    """A figure of ``results.json``: ``{"value": …}`` plus its goal (of ``goals``) and whether it is met, plus
+    ``extra``."""
     out: dict[str, Any] = {"value": num(value)}
-    if key in GOALS:
-        op, thr = GOALS[key]
+    if key in goals:
+        op, thr = goals[key]
         out["goal"] = f"{op} {thr:g}"
-        out["met"] = goal_met(key, value)
+        out["met"] = goal_met(key, value, goals)
     out.update(extra)
     return out
 

@@ -34,14 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnfd_pipeline.experiments.bench.common import log, num
+from attnfd_pipeline.experiments.bench.common import fmt, log, num, sync, table
+from attnfd_pipeline.experiments.fidelity import RTX_CLASS
 
 PASSES = 3
 ENCODINGS = ("int8", "float16")
 # the feed goals at the paper's shapes (int8, B + E + D, 513 px), per sample of host CPU
 GOALS_MS = {"target_read_ms": 5.0, "image_side_ms": 10.0, "targets_plus_image_ms": 15.0, "build_host_ms": 4.0}
-# the throughputs the core counts assume (fidelity.RTX_CLASS: an RTX 4090 at ~30 % of its fp16 peak)
-R_TEACHER, S_STUDENT = 250.0, 200.0
+# the throughputs the core counts assume: an RTX 4090 at ~30 % of its fp16 peak
+R_TEACHER, S_STUDENT = RTX_CLASS.teacher_images_per_s, RTX_CLASS.student_samples_per_s
 VOC_HW = (375, 500)  # a VOC-sized image (height, width)
 BLOSC_LEVEL = 5  # blosc's own default clevel, for blosc-lz4 in the codec table and the store
 
@@ -76,10 +77,6 @@ def cpu_ms(fn: Callable[[], Any], passes: int = PASSES) -> float:
         fn()
         best = min(best, time.process_time() - t0)
     return best * 1e3
-
-
-def nbytes(parts: Sequence[np.ndarray]) -> int:
-    return int(sum(p.nbytes for p in parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,11 +229,6 @@ def shard_files(cache_dir: Path, info) -> list[Path]:
             for n in info.target_names for a, _ in stored_arrays(n, info.encoding)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def build_figures(side: TeacherSide, info, cache_dir, arrays, device) -> tuple[dict, dict]:
     """(figures, stored arrays): device encode, host build work and its checksum part, device decode."""
     from attnfd_pipeline.cache.encoding import checksum
@@ -245,13 +237,13 @@ def build_figures(side: TeacherSide, info, cache_dir, arrays, device) -> tuple[d
 
     def encode():
         encode_stored(side.maps, info)
-        _sync(device)
+        sync(device)
 
     stored = encode_stored(side.maps, info)
 
     def decode():
         decode_stored(stored, info.encoding, device)
-        _sync(device)
+        sync(device)
 
     def checksums():
         for parts in stored.values():
@@ -326,7 +318,7 @@ def encoding_figures(side: TeacherSide, encoding: str, root: Path, device: torch
     n = len(side.rows)
     fig, stored = build_figures(side, info, cache_dir, arrays, device)
     fig.update(read_figures(side, cfg, cache_dir, info, pin=device.type == "cuda" and torch.cuda.is_available()))
-    stored_bytes = sum(nbytes(p) for p in stored.values()) // n
+    stored_bytes = tensor_bytes(stored) // n
     if stored_bytes != sum(t.bytes_per_sample for t in info.targets.values()):
         raise AssertionError(f"{encoding}: stored arrays hold {stored_bytes} B per sample, cache.json says "
                              f"{sum(t.bytes_per_sample for t in info.targets.values())}")
@@ -542,12 +534,12 @@ def goals(fig: dict) -> list[dict]:
     """The feed goals on one encoding's figures, each met / missed with where its time goes."""
     out = []
     where = {
-        "target_read_ms": f"Zarr read {fig['read_zarr_ms']:.1f} (of which its own work beyond decompression and crc32c "
-                          f"{_f(fig.get('read_zarr_own_ms'), 1)}), manifest checksum "
-                          f"{fig['read_checksum_ms']:.1f}, collate/pin "
-                          f"{fig['read_collate_pin_ms']:.1f} ms",
-        "image_side_ms": f"JPEG + PNG decode {fig['image_decode_ms']:.1f}, draw + apply {fig['image_draw_apply_ms']:.1f}, "
-                         f"replay hashes {fig['image_hash_ms']:.1f}, host normalise {fig['image_normalise_ms']:.1f} ms",
+        "target_read_ms": f"Zarr read {fig['read_zarr_ms']:.1f} (of which its own work beyond decompression and "
+                          f"crc32c {_f(fig.get('read_zarr_own_ms'), 1)}), manifest checksum "
+                          f"{fig['read_checksum_ms']:.1f}, collate/pin {fig['read_collate_pin_ms']:.1f} ms",
+        "image_side_ms": f"JPEG + PNG decode {fig['image_decode_ms']:.1f}, draw + apply "
+                         f"{fig['image_draw_apply_ms']:.1f}, replay hashes {fig['image_hash_ms']:.1f}, host normalise "
+                         f"{fig['image_normalise_ms']:.1f} ms",
         "targets_plus_image_ms": f"targets {fig['target_read_ms']:.1f} + image {fig['image_side_ms']:.1f} ms",
         "build_host_ms": f"checksum {fig['build_checksum_ms']:.1f}, compress + write + manifest "
                          f"{fig['build_compress_write_ms']:.1f} ms",
@@ -620,94 +612,72 @@ def run_feed_bench(out: str | Path, *, quick: bool = False, recipe: str | Path |
 
 
 def _f(x, nd: int = 2) -> str:
-    return "–" if x is None else f"{x:,.{nd}f}"
+    return fmt(x, f",.{nd}f", "–")
 
 
 def _mb(b) -> str:
     return f"{b / 1e6:.2f} MB"
 
 
-def target_table(res: dict) -> list[str]:
-    rows = [("target read (store → batch in stored form), `CacheReader.read_stored`", "target_read_ms"),
-            ("… of which Zarr read (decompress + crc32c)", "read_zarr_ms"),
-            ("… … of which its own work (beyond decompression + crc32c)", "read_zarr_own_ms"),
-            ("… of which manifest checksum", "read_checksum_ms"),
-            ("image side (current implementation)", "image_side_ms"),
-            ("targets + image side", "targets_plus_image_ms"),
-            ("build host work (stored arrays → committed shard)", "build_host_ms"),
-            ("… of which checksum", "build_checksum_ms"),
-            ("device encode (float32 maps → stored arrays)", "device_encode_ms"),
-            ("device decode (stored arrays → float32)", "device_decode_ms"),
-            ("floor: memcpy of the stored bytes", "floor_memcpy_ms"),
-            ("floor: page-cache read of the shard files", "floor_page_cache_ms")]
-    out = ["| per sample, host CPU ms | " + " | ".join(f"`{e}`" for e in ENCODINGS) + " |",
-           "| --- |" + " --- |" * len(ENCODINGS)]
-    out += [f"| {label} | " + " | ".join(_f(res[e][k]) for e in ENCODINGS) + " |" for label, k in rows]
-    for label, k in (("stored bytes", "stored_bytes_per_sample"), ("on disk", "disk_bytes_per_sample"),
-                     ("targets through shared memory", "shm_bytes_per_sample"),
-                     ("targets host → device", "h2d_bytes_per_sample"),
-                     ("image through shared memory", "image_shm_bytes_per_sample"),
-                     ("float32 teacher output", "float32_bytes_per_sample")):
-        out.append(f"| {label} | " + " | ".join(_mb(res[e][k]) for e in ENCODINGS) + " |")
-    for label, k in ((f"cores for the build at R = {R_TEACHER:g}/s (host work)", "cores_build_at_R"),
-                     ("… with the encode on the host", "cores_build_at_R_with_host_encode"),
-                     (f"cores for the targets at S = {S_STUDENT:g}/s", "cores_targets_at_S"),
-                     (f"cores for targets + image at S = {S_STUDENT:g}/s", "cores_feed_at_S")):
-        out.append(f"| {label} | " + " | ".join(_f(res[e][k], 1) for e in ENCODINGS) + " |")
-    return out
-
-
-def image_table(image: dict) -> list[str]:
-    keys = ("decode_ms", "draw_apply_ms", "hash_ms", "normalise_ms", "image_side_ms")
-    out = ["| implementation | JPEG + PNG decode | draw + apply | replay hashes | host normalise "
-           "| total (fastest pass) "
-           "| bytes through shm |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, f in image.items():
-        how = "whole image resized, float32 from the loader" if f["host_normalise"] else \
-            "crop region only, uint8 from the loader"
-        out.append(f"| {name[4:]} ({how}) | " + " | ".join(_f(f[k]) for k in keys)
-                   + f" | {_mb(f['image_shm_bytes_per_sample'])} |")
-    return out
-
-
-def codec_rows(table: dict, teacher: str) -> list[str]:
-    out = []
-    for enc, codecs in table.items():
-        for name, c in codecs.items():
-            out.append(f"| {teacher} | `{enc}` | {name} | {c['ratio']:.2f} | {c['encode_MBps']:,.0f} | "
-                       f"{c['decode_MBps']:,.0f} |")
-    return out
+TARGET_ROWS = (  # (label, figure, format) of the per-sample table
+    ("target read (store → batch in stored form), `CacheReader.read_stored`", "target_read_ms", _f),
+    ("… of which Zarr read (decompress + crc32c)", "read_zarr_ms", _f),
+    ("… … of which its own work (beyond decompression + crc32c)", "read_zarr_own_ms", _f),
+    ("… of which manifest checksum", "read_checksum_ms", _f),
+    ("image side (current implementation)", "image_side_ms", _f),
+    ("targets + image side", "targets_plus_image_ms", _f),
+    ("build host work (stored arrays → committed shard)", "build_host_ms", _f),
+    ("… of which checksum", "build_checksum_ms", _f),
+    ("device encode (float32 maps → stored arrays)", "device_encode_ms", _f),
+    ("device decode (stored arrays → float32)", "device_decode_ms", _f),
+    ("floor: memcpy of the stored bytes", "floor_memcpy_ms", _f),
+    ("floor: page-cache read of the shard files", "floor_page_cache_ms", _f),
+    ("stored bytes", "stored_bytes_per_sample", _mb),
+    ("on disk", "disk_bytes_per_sample", _mb),
+    ("targets through shared memory", "shm_bytes_per_sample", _mb),
+    ("targets host → device", "h2d_bytes_per_sample", _mb),
+    ("image through shared memory", "image_shm_bytes_per_sample", _mb),
+    ("float32 teacher output", "float32_bytes_per_sample", _mb),
+    (f"cores for the build at R = {R_TEACHER:g}/s (host work)", "cores_build_at_R", lambda x: _f(x, 1)),
+    ("… with the encode on the host", "cores_build_at_R_with_host_encode", lambda x: _f(x, 1)),
+    (f"cores for the targets at S = {S_STUDENT:g}/s", "cores_targets_at_S", lambda x: _f(x, 1)),
+    (f"cores for targets + image at S = {S_STUDENT:g}/s", "cores_feed_at_S", lambda x: _f(x, 1)),
+)
 
 
 def feed_markdown(res: dict) -> str:
-    d, w = res["device"], res["workload"]
-    lines = [f"# bench-feed: the host cost of the feed ({w['teacher']}, {w['crop']} px, "
-             f"{' + '.join(w['points'])})", "",
-             f"Device `{d['device']}`{', ' + d['gpu'] if 'gpu' in d else ''}; {d['threads']} torch thread, "
-             f"process CPU time, the fastest of {PASSES} passes; load average at start "
-             f"{' / '.join(str(x) for x in d['load_average_start'])} on {d['cores']} cores."
-             + (" **--quick: tiny shapes, the figures mean nothing.**" if res.get("quick") else ""), "",
-             "## Per sample", "", *target_table(res), "",
-             f"Cores assume R = {R_TEACHER:g} teacher images/s and S = {S_STUDENT:g} student samples/s "
-             f"({res['assumptions']['basis']}).", "", "## Goals (int8)", "",
-             "| figure | value | goal | status | where the time goes |", "| --- | --- | --- | --- | --- |"]
-    for g in res["int8"]["goals"]:
-        v = g["value"] if isinstance(g["value"], int) else _f(g["value"])
-        lines.append(f"| `{g['figure']}` | {v} | {g['goal']} | {'met' if g['met'] else '**missed**'} | {g['where']} |")
-    lines += ["", "## Image side (500×375 JPEG, the recipe's replay at the crop, hash check)", "",
-              *image_table(res["image_side"]), "",
-              "## Codecs (lossless step on the stored chunks, one thread)", "",
-              "| teacher maps | encoding | codec | ratio | encode MB/s | decode MB/s |",
-              "| --- | --- | --- | --- | --- | --- |",
-              *codec_rows(res["codecs"]["workload_teacher"], f"{w['teacher']} (workload, random weights)")]
-    if "demo_teacher" in res["codecs"]:
-        lines += codec_rows(res["codecs"]["demo_teacher"], "demo teacher (trained)")
-    lines += ["", "Read path by store codec (`cache.codec`-`level`; Zarr read of one sample's arrays: decompression + "
-                  "crc32c + Zarr's own work, no manifest checksum):", "",
-              "| encoding | codec | Zarr read ms | on disk |", "| --- | --- | --- | --- |"]
-    for enc in ENCODINGS:
-        for name, c in res[enc]["store_codecs"].items():
-            lines.append(f"| `{enc}` | {name} | {c['read_zarr_ms']:.2f} | {_mb(c['disk_bytes_per_sample'])} |")
-    lines += ["", f"crc32c (in every variant): {_f(res['codecs']['crc32c_MBps'], 0)} MB/s; blosc clevel "
-                  f"{res['codecs']['blosc_level']}; demo teacher: {res['codecs']['demo_teacher_source']}.", ""]
-    return "\n".join(lines)
+    d, w, c = res["device"], res["workload"], res["codecs"]
+    image = [[f"{name[4:]} (" + ("whole image resized, float32 from the loader" if f["host_normalise"] else
+                                 "crop region only, uint8 from the loader") + ")"]
+             + [_f(f[k]) for k in ("decode_ms", "draw_apply_ms", "hash_ms", "normalise_ms", "image_side_ms")]
+             + [_mb(f["image_shm_bytes_per_sample"])] for name, f in res["image_side"].items()]
+    codecs = [[teacher, f"`{enc}`", name, f"{x['ratio']:.2f}", f"{x['encode_MBps']:,.0f}", f"{x['decode_MBps']:,.0f}"]
+              for key, teacher in (("workload_teacher", f"{w['teacher']} (workload, random weights)"),
+                                   ("demo_teacher", "demo teacher (trained)"))
+              for enc, by in c.get(key, {}).items() for name, x in by.items()]
+    return "\n".join([
+        f"# bench-feed: the host cost of the feed ({w['teacher']}, {w['crop']} px, {' + '.join(w['points'])})", "",
+        f"Device `{d['device']}`{', ' + d['gpu'] if 'gpu' in d else ''}; {d['threads']} torch thread, "
+        f"process CPU time, the fastest of {PASSES} passes; load average at start "
+        f"{' / '.join(str(x) for x in d['load_average_start'])} on {d['cores']} cores."
+        + (" **--quick: tiny shapes, the figures mean nothing.**" if res.get("quick") else ""), "",
+        "## Per sample", "",
+        *table(["per sample, host CPU ms"] + [f"`{e}`" for e in ENCODINGS],
+               [[label] + [f(res[e][k]) for e in ENCODINGS] for label, k, f in TARGET_ROWS]), "",
+        f"Cores assume R = {R_TEACHER:g} teacher images/s and S = {S_STUDENT:g} student samples/s "
+        f"({res['assumptions']['basis']}).", "", "## Goals (int8)", "",
+        *table(["figure", "value", "goal", "status", "where the time goes"],
+               [[f"`{g['figure']}`", g["value"] if isinstance(g["value"], int) else _f(g["value"]), g["goal"],
+                 "met" if g["met"] else "**missed**", g["where"]] for g in res["int8"]["goals"]]), "",
+        "## Image side (500×375 JPEG, the recipe's replay at the crop, hash check)", "",
+        *table(["implementation", "JPEG + PNG decode", "draw + apply", "replay hashes", "host normalise",
+                "total (fastest pass)", "bytes through shm"], image), "",
+        "## Codecs (lossless step on the stored chunks, one thread)", "",
+        *table(["teacher maps", "encoding", "codec", "ratio", "encode MB/s", "decode MB/s"], codecs), "",
+        "Read path by store codec (`cache.codec`-`level`; Zarr read of one sample's arrays: decompression + crc32c "
+        "+ Zarr's own work, no manifest checksum):", "",
+        *table(["encoding", "codec", "Zarr read ms", "on disk"],
+               [[f"`{enc}`", name, f"{x['read_zarr_ms']:.2f}", _mb(x["disk_bytes_per_sample"])]
+                for enc in ENCODINGS for name, x in res[enc]["store_codecs"].items()]), "",
+        f"crc32c (in every variant): {_f(c['crc32c_MBps'], 0)} MB/s; blosc clevel {c['blosc_level']}; demo "
+        f"teacher: {c['demo_teacher_source']}.", ""])

@@ -15,11 +15,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from attnfd_pipeline.experiments.bench.common import log, median, num
+from attnfd_pipeline.experiments.bench.common import fmt, log, median, metric, table
 from attnfd_pipeline.experiments.bench.workload import Workload
 
 # VOC-sized generated images: sides 375..500 px (× the 513 crop)
@@ -35,11 +34,7 @@ GOALS = {"step_ratio_cached_over_online": ("<=", 0.6), "peak_mem_ratio_cached_ov
 
 
 def _metric(key: str, value: float | None) -> dict:
-    out: dict[str, Any] = {"value": num(value)}
-    if key in GOALS and value is not None:
-        op, thr = GOALS[key]
-        out.update(goal=f"{op} {thr:g}", met=bool(value <= thr if op == "<=" else value < thr))
-    return out
+    return metric(key, value, GOALS)
 
 
 def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, workers=FEED_WORKERS) -> dict:
@@ -149,16 +144,15 @@ def gpu_markdown(res: dict) -> str:
     name = d.get("name", d.get("cpu", d["type"]))
     lines = [f"# bench-gpu: {w['teacher']} → {w['student']}, {w['crop']} px, batch {w['batch_size']}, AMP", "",
              f"Device: {name}." + (" **--quick: CPU, tiny sizes, the figures mean nothing.**" if res["quick"] else ""),
-             "", "| figure | value | goal |", "| --- | --- | --- |"]
-    for key in ("step_ratio_cached_over_online", "step_ratio_cached_over_inmemory",
-                "peak_mem_ratio_cached_over_online", "cache_build_over_teacher_inference"):
-        m = res[key]
-        goal = f"{m['goal']}: {'met' if m['met'] else '**missed**'}" if "goal" in m else "–"
-        lines.append(f"| `{key}` | {m['value'] if m['value'] is None else round(m['value'], 3)} | {goal} |")
-    lines += ["", "| variant | step (s, median) | peak memory (MiB) |", "| --- | --- | --- |"]
-    for v, s in res["step_s"].items():
-        mem = res["peak_memory_bytes"].get(v)
-        lines.append(f"| {v} | {s:.4f} | {'–' if mem is None else f'{mem / 2**20:,.0f}'} |")
+             ""]
+    lines += table(["figure", "value", "goal"], [
+        [f"`{k}`", res[k]["value"] if res[k]["value"] is None else round(res[k]["value"], 3),
+         f"{res[k]['goal']}: {'met' if res[k]['met'] else '**missed**'}" if res[k].get("met") is not None else "–"]
+        for k in ("step_ratio_cached_over_online", "step_ratio_cached_over_inmemory",
+                  "peak_mem_ratio_cached_over_online", "cache_build_over_teacher_inference")])
+    mib = {v: b / 2**20 for v, b in res["peak_memory_bytes"].items() if b is not None}
+    lines += [""] + table(["variant", "step (s, median)", "peak memory (MiB)"],
+                          [[v, f"{s:.4f}", fmt(mib.get(v), ",.0f", "–")] for v, s in res["step_s"].items()])
     lines += ["", f"Cache build {res['build_samples_per_s']:.1f} samples/s vs bare teacher "
                   f"{res['bare_teacher_samples_per_s']:.1f}; the cached step consumes "
                   f"{res['cached_consumes_samples_per_s']:.1f} samples/s; the DataLoader alone delivers "

@@ -24,29 +24,22 @@ def storage_options(codec: str, level: int, mantissa_options: Sequence[int]) -> 
 
 
 def _option_figures(outs: dict[str, np.ndarray], opt: dict) -> dict:
-    """One option: per target and overall, with the cache's own lossy step (``encoding.to_float16``) and
-    per-sample compression (``plan.compression_ratio``, each sample compressed alone as in the store)."""
-    from attnfd_pipeline.cache.plan import CHUNK_OVERHEAD, compression_ratio, precision_stats
-    from attnfd_pipeline.cache.encoding import to_float16
+    """One option, per target and overall (``plan.measure_storage`` plus the store's chunk overhead)."""
+    from attnfd_pipeline.cache.plan import CHUNK_OVERHEAD, measure_storage
 
-    per_target, f32_total, stored_total, worst = {}, 0, 0.0, 0.0
+    per_target = {}
     for name, x32 in outs.items():
-        n = x32.shape[0]
-        x16 = to_float16(x32, opt["mantissa_bits"], target=name, ids=[str(i) for i in range(n)], seeds=[0] * n)
-        ratio16 = compression_ratio(x16, opt["codec"], opt["level"])
-        raw16 = int(np.prod(x32.shape[1:])) * 2
-        stored = raw16 / ratio16 + CHUNK_OVERHEAD
-        prec = precision_stats(x32, x16)
-        per_target[name] = {"chw": list(x32.shape[1:]), "float32_bytes_per_sample": raw16 * 2,
-                            "bytes_per_sample": stored, "compression_vs_float32": raw16 * 2 / stored,
-                            "rel_error": prec["rel_error"], "tiny_channels": prec["tiny_channels"],
-                            "zero_fraction": float((x16 == 0).mean())}
-        f32_total += raw16 * 2
-        stored_total += stored
-        worst = max(worst, prec["rel_error"])
+        m = measure_storage(x32, "float16", opt["mantissa_bits"], 1, opt["codec"], opt["level"], target=name)
+        stored, f32 = m["stored_bytes"] + CHUNK_OVERHEAD, 2 * m["raw_bytes"]
+        per_target[name] = {"chw": list(x32.shape[1:]), "float32_bytes_per_sample": f32, "bytes_per_sample": stored,
+                            "compression_vs_float32": f32 / stored,
+                            **{k: m[k] for k in ("rel_error", "tiny_channels", "zero_fraction")}}
+    f32_total = sum(t["float32_bytes_per_sample"] for t in per_target.values())
+    stored_total = sum(t["bytes_per_sample"] for t in per_target.values())
     return {**{k: opt[k] for k in ("codec", "level", "mantissa_bits")},
             "targets": per_target, "bytes_per_sample": stored_total, "float32_bytes_per_sample": f32_total,
-            "compression_vs_float32": f32_total / stored_total, "rel_error": worst}
+            "compression_vs_float32": f32_total / stored_total,
+            "rel_error": max(t["rel_error"] for t in per_target.values())}
 
 
 def storage_analysis(outs: dict[str, np.ndarray], options: Sequence[dict]) -> dict:
