@@ -388,9 +388,9 @@ def test_every_registered_method_has_its_config_section_label_and_citation():
         section = getattr(StudentConfig(), name)
         assert type(section) is cls.params_type and isinstance(section, MethodSection), name
         assert section.method == name and {"weight", "alpha"} <= {f.name for f in dataclasses.fields(section)}, name
-        assert cls.label and cls.paper and report.DISPLAY[name] == method_label(name) == cls.label
+        assert cls.label and cls.paper and report.row_label(name) == f"S + {method_label(name)}" == f"S + {cls.label}"
         assert report.USES[name] == set(cls.uses)
-    assert report.DISPLAY["afdcd"] == "Af-DCD" and accuracy.LABELS["dist"] == "S + DIST"
+    assert report.row_label("afdcd+kd", "online") == "S + Af-DCD + KD (online)" and accuracy.LABELS["dist"] == "S + DIST"
     assert report.METHOD_ORDER[-1] == "attnfd" and "dist" in report.METHOD_ORDER
 
 

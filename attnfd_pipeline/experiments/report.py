@@ -45,9 +45,8 @@ from attnfd_pipeline.losses import get_method, list_methods, method_label
 from attnfd_pipeline.records import CENTER_CROP, read_record
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
-# display names and the run settings a method's result depends on (the others are ignored when matching the
-# reference), as each method declares them (``DistillMethod.label`` / ``uses``)
-DISPLAY = {n: method_label(n) for n in list_methods()}
+# the run settings a method's result depends on (the others are ignored when matching the reference), as each
+# method declares them (``DistillMethod.uses``)
 METHOD_ORDER = [*(n for n in list_methods() if n != "attnfd"), "attnfd"]  # paper table order: rivals, then AttnFD
 USES = {n: set(get_method(n).uses) for n in list_methods()}
 CBAM_MODES = ("inpath", "fitted", "parameter_free", "untrained")
@@ -129,10 +128,11 @@ def collect_runs(cfg: Config, extra_roots: Iterable[str | Path] = ()) -> tuple[l
 # labels
 
 
-def method_label(method: str, mode: str = CACHED) -> str:
+def row_label(method: str, mode: str = CACHED) -> str:
+    """``S + AttnFD + KD (online)``: a (possibly combined) method's row, by each method's display name."""
     if method == "none":
         return "Student"
-    names = " + ".join(DISPLAY.get(m, m) for m in method.split("+"))
+    names = " + ".join(method_label(m) for m in method.split("+"))
     suffix = {ONLINE: " (online)", FRESH: " (online, fresh augmentation)"}.get(mode, "")
     return f"S + {names}{suffix}"
 
@@ -254,7 +254,7 @@ def _main_rows(teachers: list[dict], students: list[dict], cfg: Config, base: li
             alpha = ref.alpha
         else:  # the α with the most seeds (then the best mean)
             alpha = max(by_alpha, key=lambda a: (len(by_alpha[a]), Row.of("", by_alpha[a]).miou.mean))
-        rows.append({"label": method_label(method, mode), "method": method, "alpha": alpha, "mode": mode,
+        rows.append({"label": row_label(method, mode), "method": method, "alpha": alpha, "mode": mode,
                      "runs": by_alpha[alpha]})
     return rows
 
@@ -488,25 +488,28 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     return files
 
 
+def _series(label: str, groups: Sequence[tuple[Any, list[dict]]], color=None):
+    """A figure's line: the mean ± std mIoU of each (x, runs) group."""
+    from attnfd_pipeline.experiments import plotting
+
+    stats = [Row.of(label, runs).miou for _, runs in groups]
+    return plotting.Series(label, [x for x, _ in groups], [s.mean for s in stats],
+                           [s.std if s.std is not None else float("nan") for s in stats], color)
+
+
 def _alpha_figure(out_dir: Path, groups: dict, base_m: Stat | None, teacher: dict | None,
                   files: dict[str, Path]) -> list[str]:
     """alpha_sweep.png (mean ± std per α and mode) into ``files``; the Markdown line that shows it."""
     from attnfd_pipeline.experiments import plotting
 
-    if not groups:
-        return []
-    series = []
-    for mode, color in ((CACHED, plotting.cycle_color(0)), (ONLINE, plotting.cycle_color(1)), (FRESH, plotting.cycle_color(2))):
-        g = [(a, runs) for a, runs in groups[mode] if a > 0]
-        if g:
-            stats = [Stat.of([r["miou"] for r in runs]) for _, runs in g]
-            series.append(plotting.Series(f"AttnFD ({mode})", [a for a, _ in g], [s.mean for s in stats],
-                                          [s.std if s.std is not None else float("nan") for s in stats], color))
+    series = [_series(f"AttnFD ({mode})", g, plotting.cycle_color(i)) for i, mode in enumerate(MODES)
+              if (g := [(a, runs) for a, runs in groups.get(mode, ()) if a > 0])]
     if not series:
         return []
+    hlines = [plotting.HLine("student (alpha = 0)", base_m.mean)] if base_m is not None else []
     files["alpha_sweep"] = plotting.line_plot(
         out_dir / "alpha_sweep.png", series, title="mIoU vs alpha (AttnFD)", xlabel="alpha (log scale)",
-        ylabel="val mIoU (%)", logx=True, hlines=_reference_lines(base_m, teacher))
+        ylabel="val mIoU (%)", logx=True, hlines=hlines + _teacher_line(teacher))
     return ["![mIoU vs α](alpha_sweep.png)", ""]
 
 
@@ -517,30 +520,27 @@ def _k_figure(out_dir: Path, groups: dict, crops: dict[Any, list[dict]], teacher
 
     if not groups or not groups[CACHED]:
         return []
-    base_by_k = {k: Stat.of([r["miou"] for r in runs]) for k, runs in crops.items()}
     ks = [k for k, _ in groups[CACHED]]
-    stats = [Stat.of([r["miou"] for r in runs]) for _, runs in groups[CACHED]]
-    series = [plotting.Series("AttnFD (cached)", ks, [s.mean for s in stats],
-                              [s.std if s.std is not None else float("nan") for s in stats])]
-    bk = [(k, base_by_k[k]) for k in ks if base_by_k.get(k) is not None]
-    if bk:
-        series.append(plotting.Series("student (alpha = 0)", [k for k, _ in bk], [s.mean for _, s in bk],
-                                      [s.std if s.std is not None else float("nan") for _, s in bk],
-                                      plotting.cycle_color(7)))
-    hlines = []
-    for _, runs in groups[ONLINE]:
-        hlines.append(plotting.HLine("AttnFD (online)", Stat.of([r["miou"] for r in runs]).mean, plotting.cycle_color(1)))
-    for _, runs in groups[FRESH]:
-        hlines.append(plotting.HLine("AttnFD (online, fresh aug.)", Stat.of([r["miou"] for r in runs]).mean,
-                                     plotting.cycle_color(2)))
-    if base_by_k.get(FRESH) is not None:
-        hlines.append(plotting.HLine("student (fresh aug.)", base_by_k[FRESH].mean, plotting.cycle_color(7)))
-    if teacher is not None and teacher["miou"] is not None:
-        hlines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.cycle_color(3), dashed=False))
+    series = [_series("AttnFD (cached)", groups[CACHED])]
+    if students := [(k, crops[k]) for k in ks if crops.get(k)]:
+        series.append(_series("student (alpha = 0)", students, plotting.cycle_color(7)))
+    hlines = [plotting.HLine(label, Row.of(label, runs).miou.mean, plotting.cycle_color(c))
+              for mode, label, c in ((ONLINE, "AttnFD (online)", 1), (FRESH, "AttnFD (online, fresh aug.)", 2))
+              for _, runs in groups[mode]]
+    if crops.get(FRESH):
+        hlines.append(plotting.HLine("student (fresh aug.)", Row.of("", crops[FRESH]).miou.mean, plotting.cycle_color(7)))
     files["k_study"] = plotting.line_plot(out_dir / "k_study.png", series, title="mIoU vs cached seeds K",
                                           xlabel="K (log scale)", ylabel="val mIoU (%)", logx=True,
-                                          hlines=hlines, xticks=ks)
+                                          hlines=hlines + _teacher_line(teacher), xticks=ks)
     return ["![mIoU vs K](k_study.png)", ""]
+
+
+def _teacher_line(teacher: dict | None) -> list:
+    from attnfd_pipeline.experiments import plotting
+
+    if teacher is None or teacher["miou"] is None:
+        return []
+    return [plotting.HLine("teacher", teacher["miou"] * 100, plotting.cycle_color(3), dashed=False)]
 
 
 def _per_class_section(out_dir: Path, data: dict, students: list[dict], base: list[dict],
@@ -599,17 +599,6 @@ def _curves_section(students: list[dict], ref: Reference, base: list[dict], out_
             f"Plain student vs AttnFD at the reference setting ({len(paths)} runs; per-step curves for runs "
             f"with `steps.parquet`). `attnfd curves --runs GLOB` draws any other runs.", "",
             "![training curves](curves/overview.png)", "", f"Every quantity: {links}.", ""]
-
-
-def _reference_lines(base_m: Stat | None, teacher: dict | None) -> list:
-    from attnfd_pipeline.experiments import plotting
-
-    lines = []
-    if base_m is not None:
-        lines.append(plotting.HLine("student (alpha = 0)", base_m.mean))
-    if teacher is not None and teacher["miou"] is not None:
-        lines.append(plotting.HLine("teacher", teacher["miou"] * 100, plotting.cycle_color(3), dashed=False))
-    return lines
 
 
 def _nan_none(v: float) -> float | None:
