@@ -51,13 +51,9 @@ MIN_COSINE = 0.999
 
 def teacher_from_checkpoint(cfg, path) -> Any:
     """The frozen ``inpath`` teacher of a teacher training checkpoint (``runs/<name>/teacher/train/last.pt``),
-    for measuring before the run has written its bundle. Loaded with ``weights_only=True``; the numpy
-    types of its RNG state are allowed explicitly."""
-    from pathlib import Path
-
-    from numpy._core.multiarray import _reconstruct
-
-    from attnfd_pipeline.engine.checkpoint import load_modules
+    for measuring before the run has written its bundle; read as every checkpoint is
+    (``engine.checkpoint.load_checkpoint``: hash-checked, weights-only, migrated)."""
+    from attnfd_pipeline.engine.checkpoint import load_checkpoint, load_modules
     from attnfd_pipeline.models import build_model
     from attnfd_pipeline.teacher import FrozenTeacher
 
@@ -65,9 +61,7 @@ def teacher_from_checkpoint(cfg, path) -> Any:
     if t.cbam_mode != "inpath":
         raise UserError(f"{path}: only an inpath teacher's checkpoint holds its CBAMs (teacher.cbam_mode is "
                          f"{t.cbam_mode!r}); use its bundle")
-    allowed = [_reconstruct, np.ndarray, np.dtype] + [type(np.dtype(c)) for c in ("uint32", "float64", "int64")]
-    with torch.serialization.safe_globals(allowed):
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)
     model = build_model(t.model.name, cfg.data.num_classes,
                         output_stride=t.model.output_stride, inpath_attention=t.points)
     load_modules(model, state["modules"], path)
