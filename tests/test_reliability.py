@@ -2,7 +2,7 @@
 on one cache, changed inputs. Each test fails if the protection it names is removed.
 
 Cache-only tests use the fake teacher and source of ``fakes``; kills are real SIGKILLs of real
-processes (the random cache-build kills go through ``attnfd cache build``, see ``attnfd_pipeline.experiments.chaos``).
+processes (the random cache-build kills go through ``attnfd cache build``, see ``tests/chaos.py``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attnfd_pipeline.experiments import chaos
 from attnfd_pipeline.cache import CacheError, build_cache, verify_cache
 from attnfd_pipeline.cache.writer import shard_file
 from attnfd_pipeline.engine.checkpoint import load_checkpoint
 from attnfd_pipeline.engine.train import read_log
+import chaos
 from fakes import TESTS, FakeSource, FakeTeacher, cache_cli, fake_cfg, share_teacher, with_overrides
 
 runner = CliRunner()
