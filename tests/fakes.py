@@ -10,6 +10,7 @@ teacher whose B/E are at stride 16 and D/logits at stride 4.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -143,6 +144,31 @@ def with_overrides(cfg, tmp_path, *overrides):
 def share_teacher(cfg, new):
     """Copy cfg's trained teacher into new's runs root, so new trains no teacher of its own."""
     shutil.copytree(cfg.teacher_dir, new.teacher_dir, dirs_exist_ok=True)
+
+
+@contextlib.contextmanager
+def interrupted_after(epochs: int):
+    """Ctrl-C in ``engine.train.fit`` as the next epoch starts, after ``epochs`` epochs of this call: the call
+    ends in RunInterrupted (swallowed here) with last.pt and the log of the finished epochs, as a run a user
+    interrupts. Yields a dict whose "interrupted" says whether the call got that far (a run with fewer
+    epochs left ends normally)."""
+    import attnfd_pipeline.engine.train as train
+
+    real, state = train.train_one_epoch, {"epochs": 0, "interrupted": False}
+
+    def one_epoch(*args, **kwargs):
+        if state["epochs"] >= epochs:
+            raise KeyboardInterrupt
+        state["epochs"] += 1
+        return real(*args, **kwargs)
+
+    train.train_one_epoch = one_epoch
+    try:
+        yield state
+    except train.RunInterrupted:
+        state["interrupted"] = True
+    finally:
+        train.train_one_epoch = real
 
 
 # synthetic result.json files of finished runs (the report and the curves read them)

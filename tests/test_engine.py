@@ -8,6 +8,7 @@ from attnfd_pipeline.engine.train import fit, read_log
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.teacher import SegTask
 from attnfd_pipeline.utils import seed_everything
+from fakes import interrupted_after
 from hand_metrics import hand_metrics
 
 
@@ -62,7 +63,9 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
 
     cfg = make_cfg(tiny_data, tmp_path, "teacher.train.epochs=2")
     full, _ = _train(cfg, tmp_path / "full")
-    _train(cfg, tmp_path / "cut", stop_after_epochs=1)  # "killed" after epoch 1
+    with interrupted_after(1) as cut:  # Ctrl-C as epoch 2 starts
+        _train(cfg, tmp_path / "cut")
+    assert cut["interrupted"] and len(read_log(tmp_path / "cut" / "metrics.parquet")) == 1
     resumed, res = _train(cfg, tmp_path / "cut", resume=True)
     assert res.epochs_done == 2
     # the run's time counts both calls' epochs (and evaluations), not just the resumed call's
@@ -85,7 +88,9 @@ def test_resume_refuses_another_recipe(tiny_data, tmp_path):
     from conftest import make_cfg
 
     cfg = make_cfg(tiny_data, tmp_path, "teacher.train.epochs=2")
-    _train(cfg, tmp_path / "cut", stop_after_epochs=1)
+    with interrupted_after(1) as cut:
+        _train(cfg, tmp_path / "cut")
+    assert cut["interrupted"]
     before = (tmp_path / "cut" / "last.pt").read_bytes()
     changed = dataclasses.replace(cfg, teacher=dataclasses.replace(
         cfg.teacher, train=dataclasses.replace(cfg.teacher.train, lr=cfg.teacher.train.lr * 2)))
