@@ -52,7 +52,8 @@ def test_teacher_evaluate_student_results(tiny_cfg, tmp_path):
         result, log = json.loads((run / "result.json").read_text()), read_log(run / "metrics.parquet")
         # the flags reach the run, and result.json reports what the run logged
         assert (result["alpha"], result["seed"], result["method"]) == (alpha, 1, "attnfd" if alpha else "none")
-        assert result["final_miou"] == log[-1]["miou"] and result["best_miou"] == max(e["miou"] for e in log if e["miou"] is not None)
+        assert result["final_miou"] == log[-1]["miou"]
+        assert result["best_miou"] == max(e["miou"] for e in log if e["miou"] is not None)
         assert (Path(result["cache"]).name == cache_dir.name) if alpha else result["cache"] is None  # α = 0: no teacher
         # the loss trained on is CE + α·distillation (epoch means of per-step float32 values: rel 1e-5)
         want = log[-1]["train_ce"] + alpha * log[-1].get("train_distill", 0.0)
