@@ -44,6 +44,10 @@ def test_loss_goes_down(tiny_data, tmp_path):
     log = read_log(tmp_path / "run" / "metrics.parquet")
     losses = [r["train_loss"] for r in log]
     assert len(log) == 6 and losses[-1] < 0.8 * losses[0]
+    # the per-iteration poly schedule spans the whole run (6 epochs × 2 steps), ending at 0
+    t = cfg.teacher.train
+    assert t.schedule == "poly" and [r["step"] for r in log] == [2, 4, 6, 8, 10, 12]
+    assert [r["lr"] for r in log] == pytest.approx([t.lr * (1 - r["step"] / 12) ** t.poly_power for r in log])
     # one evaluation (epoch 6): best = the logged one = the final network scored class by class by hand
     assert [r["miou"] is not None for r in log] == [False] * 5 + [True]
     hand = hand_metrics(model, _setup(cfg)[2], 11)

@@ -1,13 +1,14 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 import attnfd_pipeline.teacher as teacher_mod
 from attnfd_pipeline import augment
-from attnfd_pipeline.engine.train import to_device
+from attnfd_pipeline.engine.train import read_log, to_device
 from attnfd_pipeline.cache import CacheError, CacheReader, find_cache
-from attnfd_pipeline.config import TargetSource
+from attnfd_pipeline.config import TargetSource, load_config
 from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.data.stage2 import StudentDataset
 from attnfd_pipeline.distill import StudentTask
@@ -30,8 +31,11 @@ def test_cached_student_never_builds_the_teacher(tiny_pipeline, tmp_path, monkey
     monkeypatch.setattr(teacher_mod, "load_teacher", forbidden)
     monkeypatch.setattr(teacher_mod, "build_teacher_model", forbidden)
     result = run_student(new, progress=False)
-    assert result["mode"] == "cached" and result["cache"] and 0 <= result["best_miou"] <= 1
-    assert (student_dir(new) / "config.resolved.toml").is_file()
+    built = find_cache(new, load_teacher_info(new.teacher_dir / "teacher_bundle.pt"), ImageSource.from_config(new))
+    assert result["mode"] == "cached" and Path(result["cache"]) == Path(built)  # the tiny pipeline's cache
+    log = read_log(student_dir(new) / "metrics.parquet")
+    assert result["best_miou"] == max(row["miou"] for row in log if row["miou"] is not None)
+    assert load_config(student_dir(new) / "config.resolved.toml") == new  # the run records the config it ran
 
 
 @pytest.mark.slow
