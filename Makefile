@@ -100,4 +100,4 @@ sweep: $(STAMPS)/cache-$(CFG_NAME) ## α × seed grid on one cache via dask (ALP
 	$(ATTNFD) sweep --config $(CONFIG) --alpha $(ALPHAS) --seed $(SEEDS)
 
 chaos: $(VENV)/.installed ## SIGKILL `cache build` 20× at random moments, resume, compare bitwise; prints the tally
-	$(BIN)/python scripts/chaos.py --kills 20
+	$(BIN)/python tests/chaos.py --kills 20

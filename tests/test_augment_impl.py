@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_cache import FakeSource, FakeTeacher, make_cfg
+from fakes import FakeSource, FakeTeacher, fake_cfg
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import CacheError, CacheReader, build_cache, cache_fingerprint
@@ -23,7 +23,7 @@ def _with_impl(cfg, impl):
 
 
 def test_impl_1_fingerprint_is_the_one_without_the_setting(tmp_path):
-    cfg, teacher, source = make_cfg(tmp_path), FakeTeacher(), FakeSource(3)
+    cfg, teacher, source = fake_cfg(tmp_path), FakeTeacher(), FakeSource(3)
     inputs = cache_inputs(cfg, teacher, source)
     assert "impl" not in inputs["augment"]  # as written before the setting existed: old caches are found
     two = cache_inputs(_with_impl(cfg, 2), teacher, source)
@@ -33,7 +33,7 @@ def test_impl_1_fingerprint_is_the_one_without_the_setting(tmp_path):
 
 @pytest.mark.parametrize("impl", [1, 2])
 def test_cache_replays_with_its_recorded_implementation(tmp_path, impl):
-    cfg = _with_impl(make_cfg(tmp_path), impl)
+    cfg = _with_impl(fake_cfg(tmp_path), impl)
     teacher, source = FakeTeacher(), FakeSource(3)
     r = build_cache(cfg, teacher, source, progress=False)
     reader = CacheReader(r.path)
@@ -51,7 +51,7 @@ def test_cache_replays_with_its_recorded_implementation(tmp_path, impl):
 
 def test_replaying_with_the_other_implementation_is_caught(tmp_path):
     """Implementation 2's bytes differ from 1's on some crops: the stored hashes catch a mix-up."""
-    cfg = make_cfg(tmp_path)
+    cfg = fake_cfg(tmp_path)
     source = FakeSource(3)
     r = build_cache(cfg, FakeTeacher(), source, progress=False)
     reader = CacheReader(r.path)

@@ -17,9 +17,7 @@ from attnfd_pipeline.config import dump_toml
 from attnfd_pipeline.data import DataError, write_palette_png
 from attnfd_pipeline.data.source import ImageSource
 from stages.cli import app
-from test_cache import FakeTeacher
-from test_cache_cli import env  # noqa: F401 - fixture: CLI config + fake teacher/source loaders
-from test_cache_cli import invoke as cache_cli
+from fakes import FakeTeacher, cache_cli
 
 runner = CliRunner()
 
@@ -267,12 +265,12 @@ class HugeTeacher(FakeTeacher):
     (FakeTeacher(poison="E"), "target 'E': 2 non-finite teacher values (first at image 'img_000', aug seed 0"),
     (HugeTeacher(), "target 'D'"),
 ], ids=["non-finite", "float16 overflow"])
-def test_teacher_outputs_that_cannot_be_stored_are_refused(teacher, words, env, monkeypatch):  # noqa: F811
+def test_teacher_outputs_that_cannot_be_stored_are_refused(teacher, words, cache_cli_env, monkeypatch):
     """Non-finite teacher outputs or values beyond float16's range: `cache build` names the target, image
     and seed, exits 2, and commits nothing (no manifest part, no shard data)."""
     import stages.cache as cache_stage
 
-    cfg_path, tmp_path, _ = env
+    cfg_path, tmp_path, _ = cache_cli_env
     monkeypatch.setattr(cache_stage, "load_teacher", lambda path, device: teacher)
     monkeypatch.setattr(cache_stage, "load_teacher_info", lambda path: teacher.info())
     r = cache_cli("build", "--config", cfg_path, "--no-progress")

@@ -1,13 +1,11 @@
 """Stage 1b cache: round trip, fingerprint, resume, multi-writer, lossy steps, corruption detection.
 
-Tiny everything: 5 images of 40–60 px, 32-px crops, K=2, shards of 2 images, a 4-conv fake teacher
-whose B/E are at stride 16 and D/logits at stride 4.
+Tiny everything: the fake teacher and source of fakes.py, the reference build is conftest's ``built``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -19,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import (CacheError, CacheInfo, CacheReader, build_cache, cache_fingerprint, check_compatible,
@@ -29,121 +26,8 @@ from attnfd_pipeline.cache.lock import BuildLock
 from attnfd_pipeline.cache.encoding import round_mantissa, to_float16
 from attnfd_pipeline.cache.schema import ShardRange
 from attnfd_pipeline.cache.writer import shard_file
-from attnfd_pipeline.config import AugmentConfig, CacheConfig, Config
 from attnfd_pipeline.data.stage2 import replay_cached
-from attnfd_pipeline.utils import sha256_state_dict
-
-TESTS = Path(__file__).parent
-
-
-# ---------------------------------------------------------------------------------------------
-# fakes (also imported by test_cache_cli.py and by the killed subprocess below)
-
-
-class FakeTeacher(nn.Module):
-    """Deterministic frozen teacher: D (8 ch, stride 4, post-ReLU), B (16 ch, stride 16, pre-ReLU),
-    E (8 ch, stride 16), logits (5 ch, stride 4); refined = parameter-free spatial gate."""
-
-    def __init__(self, seed: int = 0, fail_at_call: int | None = None, poison: str | None = None):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.d = nn.Conv2d(3, 8, 3, stride=4, padding=1)
-        self.b = nn.Conv2d(8, 16, 3, stride=4, padding=1)
-        self.e = nn.Conv2d(16, 8, 1)
-        self.cls = nn.Conv2d(8, 5, 1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        self.requires_grad_(False)
-        self.eval()
-        self.fail_at_call, self.poison, self.calls = fail_at_call, poison, 0
-        self.sha256 = sha256_state_dict(self.state_dict())
-
-    def info(self) -> dict:
-        return {"model": "fake", "cbam_mode": "parameter_free", "num_classes": 5, "sha256": self.sha256}
-
-    @staticmethod
-    def _gate(x):
-        return x * torch.sigmoid(x.mean(1, keepdim=True) + x.amax(1, keepdim=True))
-
-    @torch.no_grad()
-    def targets(self, x, names):
-        self.calls += 1
-        if self.fail_at_call is not None and self.calls >= self.fail_at_call:
-            raise RuntimeError("injected teacher failure")
-        d = torch.relu(self.d(x))
-        b = self.b(d)
-        e = torch.relu(self.e(torch.relu(b)))
-        raw = {"D": d, "B": b, "E": e}
-        out = {}
-        for n in names:
-            if n == "logits":
-                out[n] = self.cls(d)
-            elif n.startswith("raw_"):
-                out[n] = raw[n[4:]].clone()
-            else:
-                out[n] = self._gate(raw[n])
-        if self.poison in out:
-            out[self.poison][0, 0, 0, 0] = float("inf")
-        return out
-
-    def target_specs(self, crop_hw, names):
-        calls = self.calls
-        t = self.targets(torch.zeros(1, 3, *crop_hw), names)
-        self.calls = calls
-        return {k: tuple(v.shape[1:]) for k, v in t.items()}
-
-
-class FakeSource:
-    """Random uint8 images of varied sizes with 5-class labels."""
-
-    def __init__(self, n: int = 5, seed: int = 0, slow_from: int | None = None):
-        rng = np.random.default_rng(seed)
-        self.ids = np.array([f"img_{i:03d}" for i in range(n)])
-        self._images, self._labels = [], []
-        for _ in range(n):
-            h, w = (int(v) for v in rng.integers(40, 61, size=2))
-            # smooth-ish images so blur/resize matter but stay cheap
-            base = rng.integers(0, 256, size=(3, h // 4 + 1, w // 4 + 1), dtype=np.uint8)
-            img = np.repeat(np.repeat(base, 4, axis=1), 4, axis=2)[:, :h, :w]
-            self._images.append(torch.from_numpy(np.ascontiguousarray(img)))
-            self._labels.append(torch.from_numpy(rng.integers(0, 5, size=(h, w), dtype=np.uint8)))
-        self.slow_from = slow_from
-
-    def __len__(self):
-        return len(self.ids)
-
-    def load(self, index):
-        if self.slow_from is not None and index >= self.slow_from:
-            time.sleep(3600)  # the subprocess is killed while it waits here
-        return self._images[index].clone(), self._labels[index].clone()
-
-    def identity(self):
-        h = hashlib.sha256()
-        for i, img in zip(self.ids, self._images):
-            h.update(f"{i}:{tuple(img.shape)}:{hashlib.sha256(img.numpy().tobytes()).hexdigest()}".encode())
-        return {"dataset": "fake", "split": "train", "count": len(self), "listing_sha256": h.hexdigest()}
-
-
-def make_cfg(root, **cache) -> Config:
-    c = dict(root=str(root), K=2, points=("B", "E", "D"), shard_size=2, batch_size=3)
-    c.update(cache)
-    return Config(augment=AugmentConfig(crop_size=(32, 32), base_size=48, scale_min=0.75, scale_max=1.5),
-                  cache=CacheConfig(**c))
-
-
-def tree_bytes(d: Path, sub: str = "features.zarr") -> dict[str, bytes]:
-    base = Path(d) / sub
-    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """One complete reference build (shared by read-only tests)."""
-    root = tmp_path_factory.mktemp("ref")
-    cfg, teacher, source = make_cfg(root), FakeTeacher(), FakeSource()
-    r = build_cache(cfg, teacher, source, progress=False)
-    return cfg, teacher, source, r
+from fakes import TESTS, FakeSource, FakeTeacher, fake_cfg, tree_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +145,7 @@ def test_manifest_columns_and_replay(built):
 def test_fill_nan_and_uncommitted(tmp_path):
     import zarr
 
-    cfg, teacher, source = make_cfg(tmp_path), FakeTeacher(), FakeSource()
+    cfg, teacher, source = fake_cfg(tmp_path), FakeTeacher(), FakeSource()
     r = build_cache(cfg, teacher, source, rank=0, world=2, progress=False)  # shards 0, 2 only
     assert r.shards_written == 2 and r.shards_skipped == 1
     arr = zarr.open_array(r.path / "features.zarr" / "B", mode="r")
@@ -300,21 +184,21 @@ def test_reader_pickles_and_reopens(built):
 
 def test_fingerprint_stable_and_sensitive(tmp_path):
     teacher, source = FakeTeacher(), FakeSource()
-    base = make_cfg(tmp_path)
+    base = fake_cfg(tmp_path)
     fp = cache_fingerprint(base, teacher, source)
-    assert fp == cache_fingerprint(make_cfg(tmp_path), FakeTeacher(), FakeSource())
+    assert fp == cache_fingerprint(fake_cfg(tmp_path), FakeTeacher(), FakeSource())
     assert fp == cache_fingerprint(base, teacher.info(), source.identity())  # no teacher needed
     assert fp == cache_fingerprint(base, teacher.sha256, source)
-    assert fp == cache_fingerprint(make_cfg(tmp_path / "elsewhere", batch_size=7), teacher, source)  # not inputs
+    assert fp == cache_fingerprint(fake_cfg(tmp_path / "elsewhere", batch_size=7), teacher, source)  # not inputs
     changed = {
         "teacher": cache_fingerprint(base, FakeTeacher(seed=1), source),
-        "K": cache_fingerprint(make_cfg(tmp_path, K=3), teacher, source),
-        "points": cache_fingerprint(make_cfg(tmp_path, points=("B", "D")), teacher, source),
-        "extra": cache_fingerprint(make_cfg(tmp_path, extra=("logits",)), teacher, source),
-        "codec": cache_fingerprint(make_cfg(tmp_path, codec="blosc"), teacher, source),
-        "level": cache_fingerprint(make_cfg(tmp_path, level=3), teacher, source),
-        "mantissa": cache_fingerprint(make_cfg(tmp_path, mantissa_bits=8), teacher, source),
-        "shard": cache_fingerprint(make_cfg(tmp_path, shard_size=3), teacher, source),
+        "K": cache_fingerprint(fake_cfg(tmp_path, K=3), teacher, source),
+        "points": cache_fingerprint(fake_cfg(tmp_path, points=("B", "D")), teacher, source),
+        "extra": cache_fingerprint(fake_cfg(tmp_path, extra=("logits",)), teacher, source),
+        "codec": cache_fingerprint(fake_cfg(tmp_path, codec="blosc"), teacher, source),
+        "level": cache_fingerprint(fake_cfg(tmp_path, level=3), teacher, source),
+        "mantissa": cache_fingerprint(fake_cfg(tmp_path, mantissa_bits=8), teacher, source),
+        "shard": cache_fingerprint(fake_cfg(tmp_path, shard_size=3), teacher, source),
         "dataset": cache_fingerprint(base, teacher, FakeSource(seed=1)),
         "crop": cache_fingerprint(dataclasses.replace(base, augment=dataclasses.replace(base.augment, crop_size=(24, 24))),
                                   teacher, source),
@@ -344,7 +228,7 @@ def test_check_compatible_names_fields(built):
 
 def test_resume_after_injected_failure_is_bitwise_identical(tmp_path, built):
     _, _, _, ref = built
-    cfg = make_cfg(tmp_path)
+    cfg = fake_cfg(tmp_path)
     source = FakeSource()
     # shard 0 needs 2 teacher calls (4 samples, batch 3); the 3rd call (shard 1) fails
     with pytest.raises(RuntimeError, match="injected"):
@@ -375,12 +259,12 @@ def test_build_takes_shapes_from_the_first_shard_not_a_dry_forward(tmp_path, bui
     outputs, a build with nothing left from cache.json); the store is the reference's, byte for byte."""
     _, _, _, ref = built
     teacher = NoDryForward()
-    r = build_cache(make_cfg(tmp_path), teacher, FakeSource(), progress=False)
+    r = build_cache(fake_cfg(tmp_path), teacher, FakeSource(), progress=False)
     assert teacher.calls == 5  # shards of 4, 4, 2 samples in batches of 3: 2 + 2 + 1
     assert tree_bytes(r.path) == tree_bytes(ref.path) and (r.path / "cache.json").read_bytes() == (
         ref.path / "cache.json").read_bytes()
     again = NoDryForward()
-    assert build_cache(make_cfg(tmp_path), again, FakeSource(), progress=False).shards_written == 0
+    assert build_cache(fake_cfg(tmp_path), again, FakeSource(), progress=False).shards_written == 0
     assert again.calls == 0
 
 
@@ -389,9 +273,9 @@ def test_killed_build_resumes_bitwise_identical(tmp_path, built):
     _, _, _, ref = built
     script = (
         "import sys; sys.path.insert(0, {tests!r})\n"
-        "from test_cache import FakeTeacher, FakeSource, make_cfg\n"
+        "from fakes import FakeTeacher, FakeSource, fake_cfg\n"
         "from attnfd_pipeline.cache import build_cache\n"
-        "build_cache(make_cfg({root!r}), FakeTeacher(), FakeSource(slow_from=2), progress=False)\n"
+        "build_cache(fake_cfg({root!r}), FakeTeacher(), FakeSource(slow_from=2), progress=False)\n"
     ).format(tests=str(TESTS), root=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     part = tmp_path / ref.path.name / "manifest" / "part-00000.parquet"
@@ -405,7 +289,7 @@ def test_killed_build_resumes_bitwise_identical(tmp_path, built):
         proc.wait()
     lock = tmp_path / ref.path.name / ".lock"
     assert lock.exists() and json.loads(lock.read_text())["pid"] == proc.pid
-    r = build_cache(make_cfg(tmp_path), FakeTeacher(), FakeSource(), progress=False)
+    r = build_cache(fake_cfg(tmp_path), FakeTeacher(), FakeSource(), progress=False)
     assert r.shards_written == 2
     assert tree_bytes(r.path) == tree_bytes(ref.path)
     assert tree_bytes(r.path, "manifest") == tree_bytes(ref.path, "manifest")
@@ -415,7 +299,7 @@ def test_two_writers_equal_one(tmp_path, built):
     import pyarrow.parquet as pq
 
     _, _, _, ref = built
-    cfg, source = make_cfg(tmp_path), FakeSource()
+    cfg, source = fake_cfg(tmp_path), FakeSource()
     r1 = build_cache(cfg, FakeTeacher(), source, rank=1, world=2, progress=False)
     assert r1.shards_written == 1  # shard 1 only; metadata created by whichever rank comes first
     r0 = build_cache(cfg, FakeTeacher(), source, rank=0, world=2, progress=False)
@@ -429,7 +313,7 @@ def test_two_writers_equal_one(tmp_path, built):
 
 
 def test_lock_refuses_live_and_takes_over_stale(tmp_path):
-    cfg, teacher, source = make_cfg(tmp_path), FakeTeacher(), FakeSource()
+    cfg, teacher, source = fake_cfg(tmp_path), FakeTeacher(), FakeSource()
     d = tmp_path / cache_fingerprint(cfg, teacher, source)[:16]
     d.mkdir(parents=True)
     import socket
@@ -465,7 +349,7 @@ def test_mantissa_rounding_bound_and_size(tmp_path, built):
     assert round_mantissa(ties, 8).tolist() == [1.0, 1 + 4 / 512]  # ties to even
 
     _, teacher, source, ref = built
-    r = build_cache(make_cfg(tmp_path, mantissa_bits=8), teacher, source, progress=False)
+    r = build_cache(fake_cfg(tmp_path, mantissa_bits=8), teacher, source, progress=False)
     assert r.fingerprint != ref.fingerprint
     full, lossy = CacheReader(ref.path), CacheReader(r.path)
 
@@ -473,7 +357,7 @@ def test_mantissa_rounding_bound_and_size(tmp_path, built):
         a = a.astype(np.float64)
         return a / np.maximum(np.linalg.norm(a.reshape(a.shape[0], -1), axis=1), 1e-12)[:, None, None]
 
-    cfg = make_cfg(tmp_path)
+    cfg = fake_cfg(tmp_path)
     for n in ("B", "E", "D"):
         num = den = 0.0
         for s in range(3):
@@ -490,7 +374,7 @@ def test_mantissa_rounding_bound_and_size(tmp_path, built):
 
 
 def test_refuses_non_finite_and_overflow(tmp_path):
-    cfg, source = make_cfg(tmp_path), FakeSource()
+    cfg, source = fake_cfg(tmp_path), FakeSource()
     with pytest.raises(CacheError, match=r"target 'E'.*non-finite.*image 'img_000', aug seed 0"):
         build_cache(cfg, FakeTeacher(poison="E"), source, progress=False)
     d = tmp_path / cache_fingerprint(cfg, FakeTeacher(), source)[:16]
@@ -510,7 +394,7 @@ def test_refuses_non_finite_and_overflow(tmp_path):
 def test_flipped_byte_and_checksum_mismatch_detected(tmp_path):
     import zarr
 
-    cfg, teacher, source = make_cfg(tmp_path), FakeTeacher(), FakeSource()
+    cfg, teacher, source = fake_cfg(tmp_path), FakeTeacher(), FakeSource()
     r = build_cache(cfg, teacher, source, progress=False)
     assert verify_cache(r.path, source=source).ok
     f = shard_file(r.path, "D", 1)  # images 2, 3; the first chunk is (2, 0)
@@ -533,7 +417,7 @@ def test_flipped_byte_and_checksum_mismatch_detected(tmp_path):
 
 
 def test_verify_catches_deleted_chunk_and_manifest_without_data(tmp_path):
-    cfg, teacher, source = make_cfg(tmp_path), FakeTeacher(), FakeSource()
+    cfg, teacher, source = fake_cfg(tmp_path), FakeTeacher(), FakeSource()
     r = build_cache(cfg, teacher, source, progress=False)
     shard_file(r.path, "E", 2).unlink()  # image 4's data gone, its manifest rows remain
     rep = verify_cache(r.path, source=source, replay=4)
@@ -571,7 +455,7 @@ def test_plan_measures_and_refuses(tmp_path, built, monkeypatch):
     assert plan.estimated_seconds == 0.0 and plan.seconds_per_sample > 0
     text = "\n".join(plan.lines())
     assert "kB/sample" in text and "free" in text
-    fresh = make_cfg(tmp_path)
+    fresh = fake_cfg(tmp_path)
     nocomp = plan_cache(fresh, source, teacher_info=teacher.sha256, target_specs={"B": (16, 2, 2), "E": (8, 2, 2),
                                                                                    "D": (8, 8, 8)})
     assert not nocomp.measured and nocomp.targets["D"]["ratio"] == 1.0 and nocomp.remaining_bytes > 10 * 1200

@@ -1,88 +1,58 @@
-"""`attnfd cache plan|build|info|verify` through typer's CliRunner on the fake teacher and dataset."""
+"""`attnfd cache plan|build|info|verify` through typer's CliRunner on the fake teacher and dataset
+(the cache_cli_env fixture of conftest.py)."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
-from typer.testing import CliRunner
-
-import stages.cache as cache_cli
-from test_cache import FakeSource, FakeTeacher, tree_bytes
 from attnfd_pipeline.cache.writer import shard_file
-
-runner = CliRunner()
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    cfg_path = tmp_path / "tiny.toml"
-    cfg_path.write_text(
-        f'name = "tiny"\nruns_root = "{tmp_path / "runs"}"\n'
-        "[augment]\ncrop_size = [32, 32]\nbase_size = 48\nscale_min = 0.75\nscale_max = 1.5\n"
-        f'[cache]\nroot = "{tmp_path / "cache"}"\nK = 2\nshard_size = 2\nbatch_size = 3\n'
-        '[teacher.train]\ndevice = "cpu"\n')
-    teacher = FakeTeacher()
-    seen = {}
-
-    def load_teacher(path, device):
-        seen["teacher"] = path
-        return teacher
-
-    monkeypatch.setattr(cache_cli, "load_teacher", load_teacher)
-    monkeypatch.setattr(cache_cli, "load_teacher_info", lambda path: teacher.info())
-    monkeypatch.setattr(cache_cli, "make_source", lambda cfg: FakeSource())
-    return cfg_path, tmp_path, seen
+from fakes import cache_cli, tree_bytes
 
 
-def invoke(*args):
-    return runner.invoke(cache_cli.app, [str(a) for a in args])
-
-
-def test_plan_build_info_verify(env):
-    cfg_path, tmp_path, seen = env
-    r = invoke("plan", "--config", cfg_path)
+def test_plan_build_info_verify(cache_cli_env):
+    cfg_path, tmp_path, seen = cache_cli_env
+    r = cache_cli("plan", "--config", cfg_path)
     assert r.exit_code == 0, r.output
     assert "samples: 5 images × K=2 = 10" in r.output and "fits on disk" in r.output
     assert str(seen["teacher"]).endswith("runs/tiny/teacher/teacher_bundle.pt")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("part-*"))  # plan writes nothing
 
-    r = invoke("build", "--config", cfg_path, "--no-progress", "--teacher", tmp_path / "t.pt")
+    r = cache_cli("build", "--config", cfg_path, "--no-progress", "--teacher", tmp_path / "t.pt")
     assert r.exit_code == 0, r.output
     assert "shards written 3, skipped 0 of 3" in r.output and seen["teacher"] == tmp_path / "t.pt"
     (cache_dir,) = [p for p in (tmp_path / "cache").iterdir()]
     before = tree_bytes(cache_dir)
-    r = invoke("build", "--config", cfg_path, "--no-progress")
+    r = cache_cli("build", "--config", cfg_path, "--no-progress")
     assert r.exit_code == 0 and "shards written 0, skipped 3 of 3" in r.output
     assert tree_bytes(cache_dir) == before
 
-    r = invoke("info", "--config", cfg_path, "--json")
+    r = cache_cli("info", "--config", cfg_path, "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["complete"] and d["targets"]["D"]["shape"] == [5, 2, 8, 8, 8] and d["codec"] == "zstd"
-    r = invoke("info", "--path", cache_dir)
+    r = cache_cli("info", "--path", cache_dir)
     assert r.exit_code == 0 and "complete: yes (3/3 shards, 10/10 samples)" in r.output
 
-    r = invoke("verify", "--config", cfg_path)
+    r = cache_cli("verify", "--config", cfg_path)
     assert r.exit_code == 0, r.output
     assert "OK" in r.output and "replayed: 8" in r.output
 
     shard_file(cache_dir, "B", 1).unlink()
-    r = invoke("verify", "--config", cfg_path)
+    r = cache_cli("verify", "--config", cfg_path)
     assert r.exit_code == 1
     assert "image 'img_002' (index 2), aug seed 0, target 'B'" in r.output
     assert "image 'img_003' (index 3), aug seed 1, target 'B'" in r.output
 
 
-def test_errors_are_one_line_exit_2(env):
-    cfg_path, tmp_path, _ = env
-    r = invoke("build", "--config", tmp_path / "missing.toml")
+def test_errors_are_one_line_exit_2(cache_cli_env):
+    cfg_path, tmp_path, _ = cache_cli_env
+    r = cache_cli("build", "--config", tmp_path / "missing.toml")
     assert r.exit_code == 2 and "config file not found" in r.output
-    r = invoke("plan", "--config", cfg_path, "--set", "cache.K=0")
+    r = cache_cli("plan", "--config", cfg_path, "--set", "cache.K=0")
     assert r.exit_code == 2 and "cache.K" in r.output
-    r = invoke("info", "--config", cfg_path)  # nothing built yet
+    r = cache_cli("info", "--config", cfg_path)  # nothing built yet
     assert r.exit_code == 2 and "no cache" in r.output
-    r = invoke("plan", "--config", cfg_path, "--set", "cache.points=['E']", "--set", "cache.extra=['raw']")
+    r = cache_cli("plan", "--config", cfg_path, "--set", "cache.points=['E']", "--set", "cache.extra=['raw']")
     assert r.exit_code == 0 and "raw_E" in r.output
-    r = invoke("verify", "--config", cfg_path, "--set", "cache.K=3")
+    r = cache_cli("verify", "--config", cfg_path, "--set", "cache.K=3")
     assert r.exit_code == 2 and "no cache" in r.output and "Traceback" not in r.output

@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-from test_cache import FakeSource, FakeTeacher, make_cfg
+from fakes import FakeSource, FakeTeacher, fake_cfg
 
 from attnfd_pipeline.cache import (CacheError, CacheReader, build_cache, describe_cache, find_cache, list_caches,
                                    verify_cache)
@@ -41,7 +41,7 @@ def clean_memory_fs():
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     """The reference: the same cache built in a local directory."""
-    return build_cache(make_cfg(tmp_path_factory.mktemp("plain")), FakeTeacher(), FakeSource(), progress=False)
+    return build_cache(fake_cfg(tmp_path_factory.mktemp("plain")), FakeTeacher(), FakeSource(), progress=False)
 
 
 def stored_bytes(cache_dir) -> dict[str, bytes]:
@@ -63,7 +63,7 @@ def assert_same_cache(got, ref) -> None:
 
 # ---------------------------------------------------------------------------------------------
 def test_memory_cache_round_trips_bitwise(plain):
-    cfg = make_cfg(ROOT)
+    cfg = fake_cfg(ROOT)
     r = build_cache(cfg, FakeTeacher(), FakeSource(), progress=False)
     assert r.path == f"{ROOT}/{plain.path.name}" and r.shards_written == 3
     assert r.bytes_written == plain.bytes_written
@@ -89,7 +89,7 @@ def test_interrupted_memory_build_keeps_whole_shards_and_resumes(plain, monkeypa
     """Shard 1 fails in the teacher (nothing written) or after its arrays landed but before its manifest
     part (data without commit record): shard 0 stays committed, shard 1 is not, and a rerun completes
     bitwise equal to the plain cache."""
-    cfg = make_cfg(ROOT)
+    cfg = fake_cfg(ROOT)
     teacher = FakeTeacher(fail_at_call=3) if failure == "teacher" else FakeTeacher()
     if failure == "commit":
         import attnfd_pipeline.cache.writer as writer
@@ -139,7 +139,7 @@ class SecondBuildInside(FakeSource):
 
 
 def test_memory_cache_lock_refuses_a_second_build_and_names_the_fix():
-    cfg = make_cfg(ROOT)
+    cfg = fake_cfg(ROOT)
     source = SecondBuildInside(cfg)
     r = build_cache(cfg, FakeTeacher(), source, progress=False)
     lock = f"{r.path}/.lock"
@@ -163,7 +163,7 @@ def test_unusable_roots_are_refused_naming_cache_root_and_the_fix():
 
     def refused(root, match):
         with pytest.raises(CacheError, match=match):
-            build_cache(make_cfg(root), FakeTeacher(), FakeSource(), progress=False)
+            build_cache(fake_cfg(root), FakeTeacher(), FakeSource(), progress=False)
 
     if importlib.util.find_spec("s3fs") is None:
         refused("s3://bucket/cache", r"cache\.root = 's3://bucket/cache'.*s3fs.*pip install 'attnfd-pipeline\[s3\]'")
@@ -181,7 +181,7 @@ def test_student_dataset_reads_a_memory_cache(plain):
     from attnfd_pipeline.data.stage2 import StudentDataset
     from attnfd_pipeline.runs import open_cache
 
-    cfg = make_cfg(ROOT)
+    cfg = fake_cfg(ROOT)
     build_cache(cfg, FakeTeacher(), FakeSource(), progress=False)
     names = ("B", "E", "D")
     reader = open_cache(cfg, FakeTeacher().info(), FakeSource(), names)

@@ -1,10 +1,12 @@
 """The `attnfd` CLI end to end on tiny data: exit codes, messages, files written."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from attnfd_pipeline.engine.train import read_log
 from attnfd_pipeline.teacher import load_teacher
 from hand_metrics import hand_metrics, val_loader
 from stages.cli import app
@@ -43,6 +45,20 @@ def test_teacher_evaluate_student_results(tiny_cfg, tmp_path):
     for alpha in ("0", "2"):
         r = runner.invoke(app, ["student", *_opts(p), "--alpha", alpha, "--seed", "1"])
         assert r.exit_code == 0, r.output
+    (cache_dir,) = [d for d in Path(tiny_cfg.cache.root).iterdir() if d.is_dir()]
+    runs = {json.loads((d / "result.json").read_text())["alpha"]: d for d in tiny_cfg.run_root.glob("student/*")}
+    assert sorted(runs) == [0.0, 2.0]
+    for alpha, run in runs.items():
+        result, log = json.loads((run / "result.json").read_text()), read_log(run / "metrics.parquet")
+        # the flags reach the run, and result.json reports what the run logged
+        assert (result["alpha"], result["seed"], result["method"]) == (alpha, 1, "attnfd" if alpha else "none")
+        assert result["final_miou"] == log[-1]["miou"]
+        assert result["best_miou"] == max(e["miou"] for e in log if e["miou"] is not None)
+        assert (Path(result["cache"]).name == cache_dir.name) if alpha else result["cache"] is None  # α = 0: no teacher
+        # the loss trained on is CE + α·distillation (epoch means of per-step float32 values: rel 1e-5)
+        want = log[-1]["train_ce"] + alpha * log[-1].get("train_distill", 0.0)
+        assert log[-1]["train_loss"] == pytest.approx(want, rel=1e-5)
+        assert (log[-1]["train_distill"] > 0) if alpha else ("train_distill" not in log[-1])
     r = runner.invoke(app, ["results", *_opts(p)])
     assert r.exit_code == 0
     lines = [line for line in r.output.splitlines() if line.startswith("| ")]

@@ -188,12 +188,12 @@ def test_file_url_cache_root_round_trips(tmp_path):
     """file:// is a local root (LocalStore, the POSIX commit protocol); other fsspec stores: test_cache_remote."""
     import dataclasses
 
-    from test_cache import FakeSource, FakeTeacher, make_cfg
+    from fakes import FakeSource, FakeTeacher, fake_cfg
 
     from attnfd_pipeline.cache import CacheReader, build_cache, find_cache
 
-    plain = build_cache(make_cfg(tmp_path / "plain"), FakeTeacher(), FakeSource(), progress=False)
-    cfg = make_cfg(tmp_path / "x")
+    plain = build_cache(fake_cfg(tmp_path / "plain"), FakeTeacher(), FakeSource(), progress=False)
+    cfg = fake_cfg(tmp_path / "x")
     cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, root=(tmp_path / "url").as_uri()))
     assert cfg.cache.root.startswith("file:///")
     r = build_cache(cfg, FakeTeacher(), FakeSource(), progress=False)

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 import stages.cache as cache_cli
-from test_cache import FakeSource, FakeTeacher, make_cfg
+from fakes import FakeSource, FakeTeacher, fake_cfg
 from attnfd_pipeline.cache import (CacheError, CacheInfo, CacheReader, build_cache, cache_fingerprint, cache_inputs,
                                    describe_cache, verify_cache)
 from attnfd_pipeline.cache.build import run_teacher, shard_samples
@@ -96,12 +96,12 @@ def test_config_pool_table_and_fingerprint(tmp_path):
     cfg = load_config("configs/demo.toml", ["cache.pool={D=2}", 'cache.encoding="int8"'])
     assert cfg.cache.pool == (("D", 2),) and cfg.cache.encoding == "int8"
     t, s = FakeTeacher(), FakeSource()
-    base = make_cfg(tmp_path)
+    base = fake_cfg(tmp_path)
     fp = cache_fingerprint(base, t, s)
     # defaults add nothing to the fingerprint's inputs: caches built before these settings existed are reused
     assert "encoding" not in cache_inputs(base, t, s) and "pool" not in cache_inputs(base, t, s)
-    assert fp == cache_fingerprint(make_cfg(tmp_path, encoding="float16", pool=(("D", 1),)), t, s)
-    fps = {cache_fingerprint(make_cfg(tmp_path, **kw), t, s) for kw in
+    assert fp == cache_fingerprint(fake_cfg(tmp_path, encoding="float16", pool=(("D", 1),)), t, s)
+    fps = {cache_fingerprint(fake_cfg(tmp_path, **kw), t, s) for kw in
            ({"encoding": "int8"}, {"pool": (("D", 2),)}, {"pool": (("D", 4),)}, {"encoding": "int8", "pool": (("D", 2),)},
             {"pool": (("B", 2),)})}
     assert len(fps | {fp}) == 6
@@ -110,7 +110,7 @@ def test_config_pool_table_and_fingerprint(tmp_path):
 @pytest.fixture(scope="module")
 def int8_built(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
-    cfg, teacher, source = make_cfg(root, encoding="int8", pool=(("D", 2),)), FakeTeacher(), FakeSource()
+    cfg, teacher, source = fake_cfg(root, encoding="int8", pool=(("D", 2),)), FakeTeacher(), FakeSource()
     return cfg, teacher, source, build_cache(cfg, teacher, source, progress=False)
 
 
@@ -169,7 +169,7 @@ def test_int8_checksum_covers_scale(tmp_path, int8_built):
 def test_a_current_cache_json_without_its_encoding_is_refused_naming_the_key(tmp_path):
     """Only attnfd-cache/1 files predate ``encoding`` (their migration reads them as float16:
     tests/test_formats.py); a current-format file without it is damaged, and says which key is missing."""
-    cfg, teacher, source = make_cfg(tmp_path), FakeTeacher(), FakeSource(n=2)
+    cfg, teacher, source = fake_cfg(tmp_path), FakeTeacher(), FakeSource(n=2)
     r = build_cache(cfg, teacher, source, progress=False)
     info = json.loads((r.path / "cache.json").read_text())
     assert info["format"] == "attnfd-cache/2" and info["encoding"] == "float16"
@@ -222,7 +222,7 @@ def test_storage_figures_on_fake_teacher(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
     same = grad_fidelity(x, x.copy(), 1, "batch")
     assert same["grad_cosine"] == pytest.approx(1.0, abs=1e-12) and same["grad_rel_error"] == 0.0
-    cfg = make_cfg(tmp_path)
+    cfg = fake_cfg(tmp_path)
     fig = storage_figures(cfg, FakeTeacher(), FakeSource(n=2), crops=(32,), images=2)
     v = fig["variants"]
     assert set(v) == {"float16", "int8", "float16+poolD2", "int8+poolD2"}

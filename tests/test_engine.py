@@ -8,6 +8,7 @@ from attnfd_pipeline.engine.train import fit, read_log
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.teacher import SegTask
 from attnfd_pipeline.utils import seed_everything
+from fakes import interrupted_after
 from hand_metrics import hand_metrics
 
 
@@ -43,6 +44,10 @@ def test_loss_goes_down(tiny_data, tmp_path):
     log = read_log(tmp_path / "run" / "metrics.parquet")
     losses = [r["train_loss"] for r in log]
     assert len(log) == 6 and losses[-1] < 0.8 * losses[0]
+    # the per-iteration poly schedule spans the whole run (6 epochs × 2 steps), ending at 0
+    t = cfg.teacher.train
+    assert t.schedule == "poly" and [r["step"] for r in log] == [2, 4, 6, 8, 10, 12]
+    assert [r["lr"] for r in log] == pytest.approx([t.lr * (1 - r["step"] / 12) ** t.poly_power for r in log])
     # one evaluation (epoch 6): best = the logged one = the final network scored class by class by hand
     assert [r["miou"] is not None for r in log] == [False] * 5 + [True]
     hand = hand_metrics(model, _setup(cfg)[2], 11)
@@ -62,7 +67,9 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
 
     cfg = make_cfg(tiny_data, tmp_path, "teacher.train.epochs=2")
     full, _ = _train(cfg, tmp_path / "full")
-    _train(cfg, tmp_path / "cut", stop_after_epochs=1)  # "killed" after epoch 1
+    with interrupted_after(1) as cut:  # Ctrl-C as epoch 2 starts
+        _train(cfg, tmp_path / "cut")
+    assert cut["interrupted"] and len(read_log(tmp_path / "cut" / "metrics.parquet")) == 1
     resumed, res = _train(cfg, tmp_path / "cut", resume=True)
     assert res.epochs_done == 2
     # the run's time counts both calls' epochs (and evaluations), not just the resumed call's
@@ -85,7 +92,9 @@ def test_resume_refuses_another_recipe(tiny_data, tmp_path):
     from conftest import make_cfg
 
     cfg = make_cfg(tiny_data, tmp_path, "teacher.train.epochs=2")
-    _train(cfg, tmp_path / "cut", stop_after_epochs=1)
+    with interrupted_after(1) as cut:
+        _train(cfg, tmp_path / "cut")
+    assert cut["interrupted"]
     before = (tmp_path / "cut" / "last.pt").read_bytes()
     changed = dataclasses.replace(cfg, teacher=dataclasses.replace(
         cfg.teacher, train=dataclasses.replace(cfg.teacher.train, lr=cfg.teacher.train.lr * 2)))

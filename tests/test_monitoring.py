@@ -208,18 +208,18 @@ def test_curves_draws_one_png_per_quantity_for_two_runs(tiny_cfg, tmp_path):
 
 def test_the_report_links_the_curves_of_the_student_and_attnfd(tmp_path):
     """The report draws the plain student and AttnFD at the reference setting (its first seeds)."""
-    from test_report import _student, _teacher
+    from fakes import write_student_result, write_teacher_result
 
     from attnfd_pipeline.config import load_config
     from attnfd_pipeline.experiments.curves import _series, load_run
     from attnfd_pipeline.experiments.report import build_report
 
     root = tmp_path / "runs" / "demo"
-    _teacher(root)
+    write_teacher_result(root)
     for seed in range(4):
-        _student(root, alpha=0, seed=seed)
-        _student(root, seed=seed)
-    _student(root, method="kd", alpha=1.0)  # not in the curves
+        write_student_result(root, alpha=0, seed=seed)
+        write_student_result(root, seed=seed)
+    write_student_result(root, method="kd", alpha=1.0)  # not in the curves
     runs = sorted((root / "student").iterdir())
     for i, d in enumerate(runs):
         _fake_run(d, i)

@@ -21,6 +21,7 @@ from attnfd_pipeline.engine.optim import build_optimizer, build_scheduler
 from attnfd_pipeline.engine.train import fit
 from attnfd_pipeline.layers.cbam import ChannelGate
 from attnfd_pipeline.runs.naming import run_name
+from fakes import interrupted_after
 
 torch.set_num_threads(2)
 
@@ -73,7 +74,8 @@ def _per_epoch_changes(cfg, tmp_path):
     kinds, before = [], _snapshot(task)
     for epoch in range(cfg.student.train.epochs):
         task = build_task(cfg.student, NC, SHAPES)  # a fresh process: everything comes from last.pt
-        _fit(cfg, tmp_path / "run", task, resume=epoch > 0, stop_after_epochs=1)
+        with interrupted_after(1):  # Ctrl-C after this epoch (the last epoch ends the run itself)
+            _fit(cfg, tmp_path / "run", task, resume=epoch > 0)
         after = _snapshot(task)
         kinds.append(sorted({_kind(n) for n in _changed(before, after)}))
         before = after

@@ -1,8 +1,8 @@
 """Reliability: a build or a training run killed at any moment, a full disk, a corrupted cache, two builds
 on one cache, changed inputs. Each test fails if the protection it names is removed.
 
-Cache-only tests use the fake teacher and source of ``test_cache``; kills are real SIGKILLs of real
-processes (the random cache-build kills go through ``attnfd cache build``, see ``attnfd_pipeline.experiments.chaos``).
+Cache-only tests use the fake teacher and source of ``fakes``; kills are real SIGKILLs of real
+processes (the random cache-build kills go through ``attnfd cache build``, see ``tests/chaos.py``).
 """
 
 from __future__ import annotations
@@ -24,18 +24,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attnfd_pipeline.experiments import chaos
 from attnfd_pipeline.cache import CacheError, build_cache, verify_cache
 from attnfd_pipeline.cache.writer import shard_file
 from attnfd_pipeline.engine.checkpoint import load_checkpoint
 from attnfd_pipeline.engine.train import read_log
-from test_cache import TESTS, FakeSource, FakeTeacher, built  # noqa: F401 - `built` is a fixture
-from test_cache import make_cfg as fake_cfg
-from test_cache_cli import env  # noqa: F401 - fixture: CLI config + fake teacher/source loaders
-from test_cache_cli import invoke as cache_cli
+import chaos
+from fakes import TESTS, FakeSource, FakeTeacher, cache_cli, fake_cfg, share_teacher, with_overrides
 
 runner = CliRunner()
-REPO = TESTS.parent
 
 
 def full_tree(d: Path) -> dict[str, bytes]:
@@ -113,15 +109,15 @@ W.atomic_write_json = _write
 
 @pytest.mark.slow
 @pytest.mark.parametrize("site", sorted(_KILL_SITES))
-def test_cache_build_killed_while_writing_resumes_bitwise(site, tmp_path, built):  # noqa: F811
+def test_cache_build_killed_while_writing_resumes_bitwise(site, tmp_path, built):
     """A kill in the middle of a chunk, manifest-part or cache.json write leaves a temp file and no commit
     record; the rerun removes the debris (remove_debris), rewrites what was not committed and ends
     bitwise identical — the whole directory, not only the arrays."""
     _, _, _, ref = built
     script = (f"import json, os, signal, sys; sys.path.insert(0, {str(TESTS)!r})\n" + _KILL_SITES[site] +
-              "from test_cache import FakeTeacher, FakeSource, make_cfg\n"
+              "from fakes import FakeTeacher, FakeSource, fake_cfg\n"
               "from attnfd_pipeline.cache import build_cache\n"
-              f"build_cache(make_cfg({str(tmp_path)!r}), FakeTeacher(), FakeSource(), progress=False)\n")
+              f"build_cache(fake_cfg({str(tmp_path)!r}), FakeTeacher(), FakeSource(), progress=False)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     d = tmp_path / ref.path.name
@@ -226,12 +222,10 @@ def _kill_teacher_after(cfg, cfg_path: Path, delay: float) -> bool:
 
 
 def _student_cfg(tiny_pipeline, tmp_path: Path, name: str, *extra):
-    from test_student import _share_teacher, _with
-
     cfg, _ = tiny_pipeline
-    new = _with(cfg, tmp_path, f'runs_root="{tmp_path / name}"', "student.train.epochs=2",
+    new = with_overrides(cfg, tmp_path, f'runs_root="{tmp_path / name}"', "student.train.epochs=2",
                 "student.train.batch_size=8", *extra)
-    _share_teacher(cfg, new)
+    share_teacher(cfg, new)
     return new
 
 
@@ -302,7 +296,7 @@ class DiskBudget:
 
 
 @pytest.mark.filterwarnings("ignore:Object at .* is not recognized as a component of a Zarr hierarchy")
-def test_disk_full_clear_error_nothing_half_committed_rerun_equal(tmp_path, built, monkeypatch):  # noqa: F811
+def test_disk_full_clear_error_nothing_half_committed_rerun_equal(tmp_path, built, monkeypatch):
     """ENOSPC at five points of a build (early metadata, inside shards' chunk writes, inside a manifest
     part): a CacheError naming the disk and the cache path; every committed shard verifies (no part for
     data that did not fully land), no temp file is left; after "freeing space" the rerun completes
@@ -334,8 +328,8 @@ def test_disk_full_clear_error_nothing_half_committed_rerun_equal(tmp_path, buil
     assert len(seen_parts) >= 3  # the failures did land in different shards
 
 
-def test_disk_full_through_the_cli_exits_non_zero(env, monkeypatch):  # noqa: F811
-    cfg_path, tmp_path, _ = env
+def test_disk_full_through_the_cli_exits_non_zero(cache_cli_env, monkeypatch):
+    cfg_path, tmp_path, _ = cache_cli_env
     DiskBudget(monkeypatch, 3000)
     r = cache_cli("build", "--config", cfg_path, "--no-progress")
     assert r.exit_code == 2 and "disk full" in r.output and str(tmp_path / "cache") in r.output
@@ -346,12 +340,12 @@ def test_disk_full_through_the_cli_exits_non_zero(env, monkeypatch):  # noqa: F8
 # corruption
 
 
-def test_verify_names_every_corrupt_sample_and_exits_non_zero(env):  # noqa: F811
+def test_verify_names_every_corrupt_sample_and_exits_non_zero(cache_cli_env):
     """A flipped byte in a chunk, a truncated shard, a NaN sample that has a manifest row and a deleted
     manifest part, all in one cache: `attnfd cache verify` names each (image id, seed, target) and exits 1."""
     import zarr
 
-    cfg_path, tmp_path, _ = env
+    cfg_path, tmp_path, _ = cache_cli_env
     assert cache_cli("build", "--config", cfg_path, "--no-progress").exit_code == 0
     (d,) = (tmp_path / "cache").iterdir()
     f = shard_file(d, "D", 0)  # first chunk of the shard = image 0, seed 0
@@ -406,16 +400,16 @@ def test_student_refuses_a_sample_whose_checksum_fails(tiny_pipeline, tmp_path):
 
 
 @pytest.mark.slow
-def test_second_build_on_a_live_cache_refuses_and_writes_nothing(env, monkeypatch):  # noqa: F811
+def test_second_build_on_a_live_cache_refuses_and_writes_nothing(cache_cli_env, monkeypatch):
     """While one process builds (and holds the lock), `attnfd cache build` on the same directory refuses
     naming the owner's pid and host — at once, after --wait, and with another --world (whose shards
     would overlap) — and the directory is byte-identical before and after: no interleaved writes."""
-    cfg_path, tmp_path, _ = env
+    cfg_path, tmp_path, _ = cache_cli_env
     script = (
         "import sys; sys.path.insert(0, {tests!r})\n"
-        "from test_cache import FakeTeacher, FakeSource, make_cfg\n"
+        "from fakes import FakeTeacher, FakeSource, fake_cfg\n"
         "from attnfd_pipeline.cache import build_cache\n"
-        "build_cache(make_cfg({root!r}), FakeTeacher(), FakeSource(slow_from=2), progress=False)\n"
+        "build_cache(fake_cfg({root!r}), FakeTeacher(), FakeSource(slow_from=2), progress=False)\n"
     ).format(tests=str(TESTS), root=str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_cache import FakeSource, FakeTeacher, make_cfg
+from fakes import FakeSource, FakeTeacher, fake_cfg
 from attnfd_pipeline.cache import CacheError, CacheReader, build_cache, find_cache, verify_cache
 from attnfd_pipeline.cache import encoding as enc
 from attnfd_pipeline.cache.manifest import list_parts, read_part, write_part
@@ -143,7 +143,7 @@ def test_checksum_algorithms_cover_every_stored_byte_in_order():
 @pytest.fixture(scope="module")
 def int8_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("stored-int8")
-    cfg, teacher, source = make_cfg(root, encoding="int8"), FakeTeacher(), FakeSource()
+    cfg, teacher, source = fake_cfg(root, encoding="int8"), FakeTeacher(), FakeSource()
     return cfg, teacher, source, build_cache(cfg, teacher, source, progress=False)
 
 
@@ -223,7 +223,7 @@ def test_format1_cache_reads_verifies_and_resumes_with_blake2b(tmp_path, int8_ca
     old = root / r.path.name
     shutil.copytree(d, old)
     (old / "manifest" / "part-00001.parquet").unlink()
-    cfg2 = make_cfg(root, encoding="int8")
+    cfg2 = fake_cfg(root, encoding="int8")
     assert find_cache(cfg2, teacher, source) == old  # the fingerprint (and folder name) did not change
     res = build_cache(cfg2, teacher, source, progress=False)
     assert res.path == old and res.shards_written == 1
@@ -291,7 +291,7 @@ def test_stage2_batches_carry_stored_bytes_and_decode_on_device(int8_cache):
 
 
 def test_stage2_float16_targets_are_the_stored_values(tmp_path):
-    cfg, teacher, source = make_cfg(tmp_path), FakeTeacher(), FakeSource(n=2)
+    cfg, teacher, source = fake_cfg(tmp_path), FakeTeacher(), FakeSource(n=2)
     r = build_cache(cfg, teacher, source, progress=False)
     reader = CacheReader(r.path)
     sample = _stage2(cfg, source, reader)[(1, 1)]
@@ -311,7 +311,7 @@ def test_direct_chunk_reads_equal_zarr_on_every_codec(tmp_path, codec):
 
     from attnfd_pipeline.cache.shards import ChunkFile
 
-    cfg = make_cfg(tmp_path, encoding="int8", codec=codec, level=0 if codec == "none" else 1, shard_size=3)
+    cfg = fake_cfg(tmp_path, encoding="int8", codec=codec, level=0 if codec == "none" else 1, shard_size=3)
     r = build_cache(cfg, FakeTeacher(), FakeSource(), progress=False)  # 5 images: the last shard is partial
     feat = r.path / "features.zarr"
     group = zarr.open_group(str(feat), mode="r")
@@ -329,7 +329,7 @@ def test_direct_read_detects_a_flipped_byte_and_fills_a_missing_shard(tmp_path):
     from attnfd_pipeline.cache.shards import ChunkFile
     from attnfd_pipeline.cache.writer import shard_file
 
-    cfg = make_cfg(tmp_path, codec="none", level=0)
+    cfg = fake_cfg(tmp_path, codec="none", level=0)
     r = build_cache(cfg, FakeTeacher(), FakeSource(), progress=False)
     f = shard_file(r.path, "D", 1)
     data = bytearray(f.read_bytes())

@@ -1,11 +1,12 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 import attnfd_pipeline.teacher as teacher_mod
 from attnfd_pipeline import augment
-from attnfd_pipeline.engine.train import to_device
+from attnfd_pipeline.engine.train import read_log, to_device
 from attnfd_pipeline.cache import CacheError, CacheReader, find_cache
 from attnfd_pipeline.config import TargetSource, load_config
 from attnfd_pipeline.data.source import ImageSource
@@ -14,28 +15,14 @@ from attnfd_pipeline.distill import StudentTask
 from attnfd_pipeline.runs import run_student, student_dir
 from attnfd_pipeline.data.loaders import CachedSeeds
 from attnfd_pipeline.teacher import load_teacher, load_teacher_info
-
-
-def _with(cfg, tmp_path, *overrides):
-    """Same config, fresh runs root, plus overrides (caches and teacher stay shared)."""
-    from attnfd_pipeline.config import dump_toml
-
-    p = tmp_path / "cfg.toml"
-    p.write_text(dump_toml(cfg))
-    return load_config(p, list(overrides))
-
-
-def _share_teacher(cfg, new):
-    import shutil
-
-    shutil.copytree(cfg.teacher_dir, new.teacher_dir, dirs_exist_ok=True)
+from fakes import share_teacher, with_overrides
 
 
 @pytest.mark.slow
 def test_cached_student_never_builds_the_teacher(tiny_pipeline, tmp_path, monkeypatch):
     cfg, _ = tiny_pipeline
-    new = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"')
-    _share_teacher(cfg, new)
+    new = with_overrides(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"')
+    share_teacher(cfg, new)
 
     def forbidden(*a, **k):
         raise AssertionError("Stage 2 from cache must not load or build the teacher")
@@ -44,8 +31,11 @@ def test_cached_student_never_builds_the_teacher(tiny_pipeline, tmp_path, monkey
     monkeypatch.setattr(teacher_mod, "load_teacher", forbidden)
     monkeypatch.setattr(teacher_mod, "build_teacher_model", forbidden)
     result = run_student(new, progress=False)
-    assert result["mode"] == "cached" and result["cache"] and 0 <= result["best_miou"] <= 1
-    assert (student_dir(new) / "config.resolved.toml").is_file()
+    built = find_cache(new, load_teacher_info(new.teacher_dir / "teacher_bundle.pt"), ImageSource.from_config(new))
+    assert result["mode"] == "cached" and Path(result["cache"]) == Path(built)  # the tiny pipeline's cache
+    log = read_log(student_dir(new) / "metrics.parquet")
+    assert result["best_miou"] == max(row["miou"] for row in log if row["miou"] is not None)
+    assert load_config(student_dir(new) / "config.resolved.toml") == new  # the run records the config it ran
 
 
 @pytest.mark.slow
@@ -94,7 +84,7 @@ def test_online_and_cached_losses_agree(tiny_pipeline):
 @pytest.mark.slow
 def test_alpha_zero_is_exactly_the_plain_student(tiny_pipeline, tmp_path):
     cfg, _ = tiny_pipeline
-    a0 = _with(cfg, tmp_path, f'runs_root="{tmp_path / "a0"}"', "student.alpha=0")
+    a0 = with_overrides(cfg, tmp_path, f'runs_root="{tmp_path / "a0"}"', "student.alpha=0")
     r = run_student(a0, progress=False)
     assert r["method"] == "none" and r["cache"] is None
     # the same run by hand: plain CE on the same crops, no distiller
@@ -121,8 +111,8 @@ def test_alpha_zero_is_exactly_the_plain_student(tiny_pipeline, tmp_path):
 @pytest.mark.slow
 def test_refuses_a_cache_that_does_not_match(tiny_pipeline, tmp_path):
     cfg, _ = tiny_pipeline
-    new = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "cache.K=3")
-    _share_teacher(cfg, new)
+    new = with_overrides(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "cache.K=3")
+    share_teacher(cfg, new)
     with pytest.raises(CacheError, match="K"):
         run_student(new, progress=False)
 
@@ -152,9 +142,9 @@ def test_replay_hash_mismatch_names_the_image(tiny_pipeline, tmp_path):
 @pytest.mark.slow
 def test_online_mode_runs(tiny_pipeline, tmp_path):
     cfg, _ = tiny_pipeline
-    new = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', 'student.mode="online"',
+    new = with_overrides(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', 'student.mode="online"',
                 "student.connector_warmup_epochs=1", "student.train.epochs=2")
-    _share_teacher(cfg, new)
+    share_teacher(cfg, new)
     r = run_student(new, progress=False)
     assert r["mode"] == "online" and r["epochs"] == 2
     assert dataclasses.replace(new.student, targets=TargetSource.CACHED) != new.student
@@ -166,7 +156,7 @@ def test_resume_with_a_checkpoint_that_does_not_fit_writes_nothing(tiny_pipeline
     from attnfd_pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
 
     cfg, _ = tiny_pipeline
-    a0 = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "student.alpha=0")
+    a0 = with_overrides(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "student.alpha=0")
     d = student_dir(a0)
     d.mkdir(parents=True)
     other = torch.nn.Conv2d(3, 4, 1)  # a checkpoint of some other model
@@ -237,7 +227,7 @@ def test_resume_keeps_the_seed_order_of_the_first_epochs(tiny_pipeline, tmp_path
     from attnfd_pipeline.engine.checkpoint import load_checkpoint
 
     cfg, _ = tiny_pipeline
-    one = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "student.alpha=0")
+    one = with_overrides(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "student.alpha=0")
     run_student(one, progress=False)
     d = student_dir(one)
     assert load_checkpoint(d / "last.pt")["extra"]["seed_order"] == "cycle"
@@ -251,5 +241,5 @@ def test_resume_keeps_the_seed_order_of_the_first_epochs(tiny_pipeline, tmp_path
                                          r"'random'.*student\.seed_order = 'cycle'"):
         run_student(one, resume=True, progress=False)
     assert not (d / "result.json").exists()
-    legacy = _with(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "student.alpha=0", 'student.seed_order="random"')
+    legacy = with_overrides(cfg, tmp_path, f'runs_root="{tmp_path / "runs"}"', "student.alpha=0", 'student.seed_order="random"')
     assert student_dir(legacy) == d and run_student(legacy, resume=True, progress=False)["epochs"] == 1

@@ -44,9 +44,13 @@ def test_sweep_on_a_local_cluster_skips_finished_runs(tiny_pipeline):
 @pytest.mark.slow
 def test_sweep_reuses_one_cache_without_the_teacher(tiny_pipeline, monkeypatch):
     """2 α × 2 seeds on one cache: no cache build, no teacher load or forward (threads, so the
-    monkeypatched guards are seen by the runs)."""
+    monkeypatched guards are seen by the runs); the seeds give different runs, a rerun the same one."""
+    import shutil
+
     import attnfd_pipeline.cache as cache_mod
     import attnfd_pipeline.teacher as teacher_mod
+    from attnfd_pipeline.engine.train import read_log
+    from attnfd_pipeline.runs import student_dir
 
     def forbidden(*a, **k):
         raise AssertionError("a cached sweep must not build a cache or touch the teacher")
@@ -60,6 +64,20 @@ def test_sweep_reuses_one_cache_without_the_teacher(tiny_pipeline, monkeypatch):
     assert sorted((r["alpha"], r["seed"]) for r in done) == [(1.0, 5), (1.0, 6), (2.0, 5), (2.0, 6)]
     assert len({r["cache"] for r in done}) == 1
     assert run_sweep(cfg, [1.0, 2.0], [5, 6], workers=1, processes=False) == []
+    # the seed is the run's: other seeds train otherwise, and a deleted run reruns to the same numbers (one
+    # thread both times, no data workers: bitwise, so exact equality)
+    logs = {(c.student.alpha, c.student.train.seed): read_log(student_dir(c) / "metrics.parquet")
+            for c in sweep_configs(cfg, [1.0, 2.0], [5, 6])}
+    losses = {k: [row["train_loss"] for row in log] for k, log in logs.items()}
+    assert losses[(1.0, 5)] != losses[(1.0, 6)] and losses[(2.0, 5)] != losses[(2.0, 6)]
+    (again,) = sweep_configs(cfg, [2.0], [5])
+    shutil.rmtree(student_dir(again))
+    (redone,) = run_sweep(cfg, [1.0, 2.0], [5, 6], workers=1, processes=False)
+    assert (redone["alpha"], redone["seed"]) == (2.0, 5)
+    keys = ("train_loss", "train_ce", "train_distill", "miou", "pixel_acc")
+    assert [[row[k] for k in keys] for row in read_log(student_dir(again) / "metrics.parquet")] == [
+        [row[k] for k in keys] for row in logs[(2.0, 5)]]
+    assert redone["best_miou"] == next(r for r in done if (r["alpha"], r["seed"]) == (2.0, 5))["best_miou"]
 
 
 @pytest.mark.slow

@@ -3,8 +3,10 @@ import json
 import pytest
 import torch
 
+from attnfd_pipeline.config import load_config
 from attnfd_pipeline.runs import evaluate_bundle, run_teacher
-from attnfd_pipeline.teacher import FrozenTeacher, load_teacher, load_teacher_info
+from attnfd_pipeline.teacher import FrozenTeacher, build_teacher_model, load_teacher, load_teacher_info
+from attnfd_pipeline.utils import seed_everything
 from hand_metrics import hand_metrics, val_loader
 
 
@@ -17,9 +19,16 @@ def test_teacher_modes_write_a_frozen_bundle(tiny_data, tmp_path, mode):
     path = run_teacher(cfg, progress=False)
     info = load_teacher_info(path)
     assert info["cbam_mode"] == mode and info["num_classes"] == 11 and len(info["sha256"]) == 64
-    assert (cfg.teacher_dir / "config.resolved.toml").is_file()
+    assert load_config(cfg.teacher_dir / "config.resolved.toml") == cfg  # the run records the config it ran
     teacher = load_teacher(path)
     assert isinstance(teacher, FrozenTeacher) and teacher.sha256 == info["sha256"]
+    # what is frozen is the trained network (the best checkpoint of the CE run), not its seeded initialisation
+    best = torch.load(cfg.teacher_dir / "train" / "best.pt", weights_only=True)["modules"]
+    trained = teacher.model.state_dict()
+    assert set(best) == set(trained) and all(torch.equal(trained[k], v) for k, v in best.items())
+    seed_everything(cfg.teacher.train.seed)  # the network run_teacher starts from
+    initial = build_teacher_model(cfg, 11)
+    assert [n for n, p in initial.named_parameters() if torch.equal(trained[n], p)] == []  # every one stepped
     teacher.train()  # cannot be switched back to train mode
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())

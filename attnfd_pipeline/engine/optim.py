@@ -3,7 +3,6 @@ head at 10×lr."""
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -41,11 +40,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_it
         return CosineAnnealingLR(optimizer, T_max=total_iters, eta_min=0.0)
     power = cfg.poly_power
     return LambdaLR(optimizer, lambda it: max(0.0, 1.0 - min(it, total_iters) / total_iters) ** power)
-
-
-def poly_factor(it: int, total: int, power: float) -> float:  # used by tests as the formula's reference
-    return max(0.0, 1.0 - it / total) ** power if total else 0.0
-
-
-def cosine_factor(it: int, total: int) -> float:
-    return 0.5 * (1 + math.cos(math.pi * it / total))

@@ -299,11 +299,10 @@ def _save(path: Path, task: Task, optim_state: tuple, epoch: int, step: int, bes
 def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: TrainConfig, run_dir: str | Path,
         num_classes: int, device: torch.device, config_dict: dict, class_names=None, resume: bool = False,
         extra_state: dict | None = None, progress: bool = True, desc: str = "train",
-        stop_after_epochs: int | None = None, eval_protocol: EvalProtocol | None = None) -> FitResult:
+        eval_protocol: EvalProtocol | None = None) -> FitResult:
     """Train ``task`` for ``cfg.epochs`` epochs; evaluate every ``cfg.eval_every`` epochs and after the
     last; keep ``last.pt`` (full state, for ``resume``) and ``best.pt`` (weights and metrics of the best val
     mIoU, without optimizer state: half the size).
-    ``stop_after_epochs`` ends the call early (tests use it to simulate an interrupted run).
     ``eval_protocol``: how ``val_loader``'s images are scored (recorded with the metrics).
     A task with a ``deploy_model`` (the plain network inside its modules) has that network's state dict
     stored on its own in ``best.pt``, so evaluation and export need none of the training-only modules.
@@ -338,8 +337,6 @@ def fit(task: Task, *, train_loader_for: Callable[[int], Any], val_loader, cfg: 
     bar = Progress(cfg.epochs * iters_per_epoch, desc, "it", enabled=progress, done=step, epochs=cfg.epochs)
     try:  # Ctrl-C: the files are those of the last finished epoch; say where the run stopped
         for epoch in range(start_epoch, cfg.epochs):
-            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-                break
             te = time.perf_counter()
             train_logs = train_one_epoch(task, train_loader_for(epoch), optimizer, scheduler, scaler, device, epoch,
                                          amp=cfg.amp, desc=desc, progress=progress, step=step_fn, bar=bar,

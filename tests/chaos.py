@@ -1,4 +1,6 @@
-"""Kill-and-resume harness for ``attnfd cache build`` (``make chaos``; the test suite runs 3 kill points).
+"""Kill-and-resume harness for ``attnfd cache build`` (``make chaos``; tests/test_reliability.py runs 3 kill points).
+
+A test harness, not part of the library: it lives beside the tests and runs as a script.
 
 A trial runs the real command line (``python -m stages.cli cache build``) on a tiny generated dataset with a
 deterministic untrained teacher bundle, SIGKILLs it at a random moment after it took the build lock (one
@@ -11,7 +13,7 @@ finish. The trial is then checked against an uninterrupted build of the same inp
 - **lost**: a manifest part committed before a kill was later rewritten or removed (its inode or bytes
   changed), or samples are missing at the end.
 
-``python scripts/chaos.py --kills 20`` prints ``20 kills, 20 resumed, 0 corrupt, 0 lost`` when all is well.
+``python tests/chaos.py --kills 20`` prints ``20 kills, 20 resumed, 0 corrupt, 0 lost`` when all is well.
 All builds run single-threaded (``OMP_NUM_THREADS=1`` in the children, ``torch.set_num_threads(1)`` here) so
 the teacher's float32 outputs, and so the stored float16 bytes, are identical between processes.
 """
