@@ -184,3 +184,18 @@ def test_the_length_check_counts_lines():
     src = PACKAGE / "cache" / "errors.py"
     lines = {f"attnfd_pipeline/cache/errors.py:{k}": v for k, v in {"is_disk_full": 3, "disk_full_error": 5}.items()}
     assert long_functions([src], limit=2) == lines
+
+
+def test_no_test_file_imports_another():
+    """Shared fakes live in tests/fakes.py and fixtures in tests/conftest.py (docs/architecture.md): a test
+    module importing another would run the other's module-level code and hide where a helper lives."""
+    tests = PACKAGE.parent / "tests"
+    names = {p.stem for p in tests.glob("test_*.py")}
+    found = []
+    for path in tests.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found += [f"{path.name} imports {m}" for m in mods if m.split(".")[0] in names]
+        found += [f"{path.name} imports {n} in a string" for n in names if f"from {n} import" in path.read_text()]
+    assert not found, found

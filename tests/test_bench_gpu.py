@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_script_quick(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "bench"), "FEED": "0", "ATTNFD": f"{sys.executable} -m stages.cli",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "TMPDIR": str(tmp_path)}

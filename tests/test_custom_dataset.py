@@ -247,6 +247,7 @@ def test_shipped_example_declares_the_demo_classes(layouts):
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.slow
 def test_predict_export_and_cache_plan_on_a_declared_dataset(layouts, tmp_path):
     """Every command that needs the dataset's classes resolves the declared one (an untrained bundle: only
     the commands' plumbing is under test)."""

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from attnfd_pipeline.config import dump_toml
@@ -90,6 +91,7 @@ def _kill_loop(path: Path, kills: int) -> dict:
     return tally
 
 
+@pytest.mark.slow
 def test_kills_during_checkpoint_saves_never_leave_a_refused_checkpoint(tmp_path):
     tally = _kill_loop(tmp_path / "last.pt", KILLS)
     print(f"{tally['kills']} kills, {tally['resumed']} resumed, {tally['refused']} refused")
@@ -108,6 +110,7 @@ def test_the_old_single_hash_sidecar_layout_still_loads(tmp_path):
     assert load_checkpoint(path)["n"] == 8 and len(path.with_name("last.pt.sha256").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_student_run_says_where_and_how_to_resume(tiny_cfg, tmp_path):
     from attnfd_pipeline.config import load_config
     from attnfd_pipeline.runs import student_dir

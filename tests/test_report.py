@@ -13,35 +13,8 @@ from typer.testing import CliRunner
 
 from attnfd_pipeline.config import dump_toml, load_config
 from attnfd_pipeline.experiments.report import build_report, collect_runs
-
-CLASSES = ["background", "circle", "square"]
-
-
-def _student(root, *, method="attnfd", alpha=2.0, seed=0, miou=0.6, acc=0.9, K=4, norm="batch",
-             points=("B", "E", "D"), mode="cached", teacher_mode="inpath", per_class=None,
-             model="deeplabv3plus_resnet18", seed_order="cycle"):
-    name = f"{method}_a{alpha:g}_{norm}_{'-'.join(points)}_{mode}_K{K}_{teacher_mode}_s{seed}"
-    d = root / "student" / name
-    d.mkdir(parents=True)
-    distilled = alpha > 0
-    rec = {"run": name, "model": model, "method": method if distilled else "none",
-           "methods": method.split("+") if distilled else [], "alpha": alpha, "norm": norm, "points": list(points),
-           "mode": mode, "seed": seed, "K": K, "teacher": {"cbam_mode": teacher_mode} if distilled else None,
-           "final_miou": miou, "final_pixel_acc": acc, "best_miou": miou,
-           "per_class_iou": per_class if per_class is not None else [miou, miou, None], "class_names": CLASSES,
-           "train_seconds": 1.0, "epochs": 1}
-    if seed_order is not None:  # None: a result.json that does not record the order
-        rec["seed_order"] = seed_order
-    (d / "result.json").write_text(json.dumps(rec))
-
-
-def _teacher(root, miou=0.8, mode="inpath"):
-    d = root / "teacher"
-    d.mkdir(parents=True)
-    (d / "result.json").write_text(json.dumps({"miou": miou, "pixel_acc": 0.95, "seconds": 3.0, "epochs": 1}))
-    (d / "teacher_bundle.json").write_text(json.dumps({"model": "deeplabv3plus_resnet101", "cbam_mode": mode,
-                                                       "metrics": {"per_class_iou": [0.9, 0.8, 0.7]}}))
-
+from fakes import write_student_result as _student
+from fakes import write_teacher_result as _teacher
 
 @pytest.fixture
 def runs(tmp_path):

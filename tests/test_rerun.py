@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from attnfd_pipeline.config import dump_toml
@@ -27,6 +28,7 @@ def _config(cfg, tmp_path):
     return p
 
 
+@pytest.mark.slow
 def test_a_finished_student_run_is_reused_refused_or_replaced_with_force(tiny_cfg, tmp_path):
     p = _config(tiny_cfg, tmp_path)
     r = _cli("student", "-c", p, "--alpha", "0")
