@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from attnfd_pipeline import augment
-from attnfd_pipeline.config import Config, DataConfig, from_dict
+from attnfd_pipeline.config import Config
 from attnfd_pipeline.data import datasets
 from attnfd_pipeline.data.datasets import DataError, DatasetInfo
 from attnfd_pipeline.data.io import read_image, write_jpeg, write_palette_png
@@ -161,15 +161,7 @@ def _load_student(path: Path, device) -> Segmenter:
     if not weights:
         raise UserError(f"{path}: a checkpoint without a student network (a teacher's training checkpoint?); "
                          f"give a student run folder, its best.pt, or a teacher bundle ({BUNDLE_NAME})")
-    cfg = state.get("config") or {}
-    spec = dict((state.get("extra") or {}).get("model_spec") or {})
-    if not spec:
-        try:
-            m, dataset = cfg["student"]["model"], cfg["data"]["dataset"]
-            nc = cfg.get("num_classes") or from_dict(DataConfig, cfg["data"], "data").num_classes
-            spec = {"name": m["name"], "output_stride": m["output_stride"], "num_classes": nc, "dataset": dataset}
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path}: the checkpoint does not say which student it holds ({e})") from None
+    cfg, spec = state["config"], state["extra"]["model_spec"]
     model = build_model(spec["name"], spec["num_classes"], output_stride=spec["output_stride"])
     load_modules(model, weights, path)
     net = SegmentationNet(model).eval().to(device)

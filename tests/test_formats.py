@@ -95,13 +95,16 @@ def test_result_json_format_1_migrates_with_its_resolved_config(tmp_path):
 def test_checkpoint_format_1_migrates_its_student_weights_rng_and_seed_order(tmp_path):
     """A /1 student checkpoint as the first versions wrote it: no ``model_state`` (the plain student is its
     ``student.*`` modules), Python and NumPy RNG states as the raw ``getstate()`` tuples, no recorded
-    cached-seed order (those runs followed ``random``); no sidecar."""
+    cached-seed order (those runs followed ``random``), no ``extra.model_spec`` (the student model and dataset
+    of its recorded config say which network it holds); no sidecar."""
     import random
 
     import numpy as np
     import torch
 
+    from attnfd_pipeline.config import Config
     from attnfd_pipeline.engine.checkpoint import CHECKPOINT, FORMAT, load_checkpoint
+    from attnfd_pipeline.runs import model_spec
     from attnfd_pipeline.utils import set_rng_state
 
     modules = torch.nn.ModuleDict({"student": torch.nn.Linear(3, 2), "connectors": torch.nn.Linear(2, 2)})
@@ -109,13 +112,14 @@ def test_checkpoint_format_1_migrates_its_student_weights_rng_and_seed_order(tmp
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     expected = random.random(), float(np.random.rand())
     old = {"format": "attnfd-checkpoint/1", "modules": modules.state_dict(), "optimizer": None, "scheduler": None,
-           "scaler": None, "epoch": 1, "step": 10, "best": 0.2, "rng": rng, "config": {}, "extra": {}}
+           "scaler": None, "epoch": 1, "step": 10, "best": 0.2, "rng": rng, "config": Config().to_dict(), "extra": {}}
     torch.save(old, tmp_path / "last.pt")
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["format"] == FORMAT == CHECKPOINT.current == "attnfd-checkpoint/2"
     assert set(state["model_state"]) == {"weight", "bias"}
     assert torch.equal(state["model_state"]["weight"], modules["student"].weight)
     assert state["extra"]["seed_order"] == "random"
+    assert state["extra"]["model_spec"] == model_spec(Config(), Config().data.num_classes, "demo")
     assert isinstance(state["rng"]["python"][1], torch.Tensor) and isinstance(state["rng"]["numpy"], dict)
     set_rng_state(state["rng"])
     assert (random.random(), float(np.random.rand())) == expected
@@ -123,7 +127,10 @@ def test_checkpoint_format_1_migrates_its_student_weights_rng_and_seed_order(tmp
     teacher = {**old, "modules": torch.nn.ModuleDict({"model": torch.nn.Linear(3, 2)}).state_dict()}
     torch.save(teacher, tmp_path / "teacher.pt")
     t = load_checkpoint(tmp_path / "teacher.pt")
-    assert t["model_state"] is None and "seed_order" not in t["extra"]
+    assert t["model_state"] is None and "seed_order" not in t["extra"] and "model_spec" not in t["extra"]
+    torch.save({**old, "config": {"data": {}}}, tmp_path / "unsaid.pt")  # a student its config does not name
+    with pytest.raises(UserError, match=r"unsaid.pt: the checkpoint does not say which student it holds"):
+        load_checkpoint(tmp_path / "unsaid.pt")
     torch.save({**old, "format": "attnfd-checkpoint/7"}, tmp_path / "new.pt")
     with pytest.raises(UserError, match=r"new.pt: checkpoint format 'attnfd-checkpoint/7' is not one this release"):
         load_checkpoint(tmp_path / "new.pt")
