@@ -145,8 +145,9 @@ class FrozenTeacher(nn.Module):
     image, augmentation), never on the batch it was computed in."""
 
     def __init__(self, model: nn.Module, attention: nn.ModuleDict | None, mode: str, points: Sequence[str],
-                 info: dict):
+                 info: dict, path: Path | None = None):
         super().__init__()
+        self.path = path  # the bundle it was loaded from, for messages
         self.model = model
         self.attention = attention
         self.mode = mode
@@ -285,7 +286,7 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Frozen
                          f"(file modified or corrupt)")
     info = {k: state[k] for k in ("model", "output_stride", "num_classes", "cbam_mode", "points", "sha256",
                                   "package_version")}
-    return FrozenTeacher(model, attention, state["cbam_mode"], state["points"], info).to(device)
+    return FrozenTeacher(model, attention, state["cbam_mode"], state["points"], info, path).to(device)
 
 
 def export_state_dict(bundle: str | Path, out: str | Path) -> Path:

@@ -30,6 +30,7 @@ from attnfd_pipeline.cache.encoding import round_mantissa, to_float16
 from attnfd_pipeline.cache.schema import ShardRange
 from attnfd_pipeline.cache.writer import shard_file
 from attnfd_pipeline.config import AugmentConfig, CacheConfig, Config
+from attnfd_pipeline.data.source import SampleSource
 from attnfd_pipeline.data.stage2 import replay_cached
 from attnfd_pipeline.utils import sha256_state_dict
 
@@ -94,7 +95,7 @@ class FakeTeacher(nn.Module):
         return {k: tuple(v.shape[1:]) for k, v in t.items()}
 
 
-class FakeSource:
+class FakeSource(SampleSource):
     """Random uint8 images of varied sizes with 5-class labels."""
 
     def __init__(self, n: int = 5, seed: int = 0, slow_from: int | None = None):
