@@ -28,7 +28,7 @@ import torch
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache import encoding as enc
-from attnfd_pipeline.cache.encoding import (DEFAULT_ENCODING, HostCopies, encode, lossy_steps, pool_of, pooled_hw,
+from attnfd_pipeline.cache.encoding import (HostCopies, encode, lossy_steps, pool_of, pooled_hw,
                                             to_host)
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_fingerprint, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.info import CacheInfo, TargetInfo, load_info
@@ -111,11 +111,11 @@ def cache_info(cfg, teacher: Any, source: Any, specs: dict[str, Sequence[int]]) 
     missing = [n for n in names if n not in specs]
     if missing:
         raise CacheError(f"teacher gives no spec for target(s) {missing}")
-    encoding = getattr(c, "encoding", DEFAULT_ENCODING)
+    encoding = c.encoding
     targets = {}
     for n in names:
         C, H, W = (int(v) for v in specs[n])
-        f = pool_of(getattr(c, "pool", ()), n)
+        f = pool_of(c.pool, n)
         h, w = pooled_hw(H, W, f)
         targets[n] = TargetInfo(chw=(C, h, w), kind=target_kind(n), point=target_point(n), stride=_stride(crop_h, h),
                                 bytes_per_sample=enc.bytes_per_sample((C, h, w), encoding), pool=f,
@@ -268,7 +268,7 @@ def run_teacher_stored(teacher, crops: Sequence[torch.Tensor], rows: Sequence[di
     after its forward (``encoding.encode``); only the stored arrays cross to the host. Returns the host
     stored arrays (n, …) per array name (``encoding.stored_arrays`` of each target), the teacher's (C, H, W)
     per target, and the seconds spent. ``rows`` (the manifest rows of ``crops``) name samples in refusals."""
-    encoding = getattr(cache_cfg, "encoding", DEFAULT_ENCODING)
+    encoding = cache_cfg.encoding
     copies = HostCopies(device)
     host: dict[str, list[list[torch.Tensor]]] = {n: [] for n in names}
     specs: dict[str, tuple] = {}
@@ -285,7 +285,7 @@ def run_teacher_stored(teacher, crops: Sequence[torch.Tensor], rows: Sequence[di
                     raise CacheError(f"teacher returned no target {n!r} (got {sorted(got)})")
                 specs[n] = tuple(int(v) for v in got[n].shape[1:])
                 parts = encode(got[n].detach(), encoding, mantissa_bits=cache_cfg.mantissa_bits,
-                               pool=pool_of(getattr(cache_cfg, "pool", ()), n), target=n, ids=ids, seeds=seeds)
+                               pool=pool_of(cache_cfg.pool, n), target=n, ids=ids, seeds=seeds)
                 host[n].append(to_host(parts, copies))
         seconds += time.perf_counter() - t0
     t0 = time.perf_counter()
