@@ -518,6 +518,14 @@ def _student_targets(data: dict[str, Any], where: str) -> dict[str, Any]:
     return {**data, "targets": implied}
 
 
+def targets_of(student: dict[str, Any]) -> TargetSource:
+    """The target source a student table names in either spelling (``_student_targets`` is the one place the
+    older ``student.mode`` / ``student.online_fresh`` is translated); ``cached`` where it names none, a
+    ``ConfigError`` naming the key where it names one this version does not know."""
+    targets = _student_targets(dict(student), "student").get("targets", TargetSource.CACHED)
+    return _coerce(TargetSource, targets, "student.targets")
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 

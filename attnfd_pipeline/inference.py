@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from attnfd_pipeline import augment
-from attnfd_pipeline.config import Config, DataConfig, from_dict
+from attnfd_pipeline.config import Config
 from attnfd_pipeline.data import datasets
 from attnfd_pipeline.data.datasets import DataError, DatasetInfo
 from attnfd_pipeline.data.io import read_image, write_jpeg, write_palette_png
@@ -41,7 +41,7 @@ from attnfd_pipeline.engine.protocol import EvalProtocol
 from attnfd_pipeline.engine.train import evaluate
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.progress import Progress
-from attnfd_pipeline.teacher import BUNDLE_FORMAT, BUNDLE_NAME, load_teacher
+from attnfd_pipeline.teacher import BUNDLE, BUNDLE_NAME, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import resolve_device
 from attnfd_pipeline.errors import UserError
 
@@ -140,7 +140,8 @@ def _archive_kind(path: Path) -> str:
             if any("/code/" in n for n in names):
                 return "torchscript"
             pickle = next((n for n in names if n.endswith("/data.pkl")), None)
-            if pickle is not None and BUNDLE_FORMAT.encode() in z.read(pickle):
+            data = z.read(pickle) if pickle is not None else b""
+            if any(version.encode() in data for version in BUNDLE.versions):
                 return "bundle"
     except (zipfile.BadZipFile, OSError) as e:
         raise UserError(f"{path}: not a teacher bundle, student checkpoint or exported model ({e})") from None
@@ -148,12 +149,8 @@ def _archive_kind(path: Path) -> str:
 
 
 def _teacher_info(path: Path, info: dict) -> dict:
-    out = {k: info[k] for k in ("model", "cbam_mode", "sha256") if k in info}
-    side = path.with_suffix(".json")
-    try:
-        out["dataset"] = json.loads(side.read_text())["config"]["data"]["dataset"]
-    except (OSError, KeyError, TypeError, ValueError):
-        pass  # the sidecar is optional here: the weights are what is evaluated
+    out = {k: info[k] for k in ("model", "cbam_mode", "sha256")}
+    out["dataset"] = load_teacher_info(path)["config"]["data"]["dataset"]  # load_teacher read this sidecar
     return out
 
 
@@ -164,15 +161,7 @@ def _load_student(path: Path, device) -> Segmenter:
     if not weights:
         raise UserError(f"{path}: a checkpoint without a student network (a teacher's training checkpoint?); "
                          f"give a student run folder, its best.pt, or a teacher bundle ({BUNDLE_NAME})")
-    cfg = state.get("config") or {}
-    spec = dict((state.get("extra") or {}).get("model_spec") or {})
-    if not spec:
-        try:
-            m, dataset = cfg["student"]["model"], cfg["data"]["dataset"]
-            nc = cfg.get("num_classes") or from_dict(DataConfig, cfg["data"], "data").num_classes
-            spec = {"name": m["name"], "output_stride": m["output_stride"], "num_classes": nc, "dataset": dataset}
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path}: the checkpoint does not say which student it holds ({e})") from None
+    cfg, spec = state["config"], state["extra"]["model_spec"]
     model = build_model(spec["name"], spec["num_classes"], output_stride=spec["output_stride"])
     load_modules(model, weights, path)
     net = SegmentationNet(model).eval().to(device)

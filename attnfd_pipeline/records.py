@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnfd_pipeline.config import LEGACY_SEED_ORDER, TargetSource
-from attnfd_pipeline.errors import UserError
+from attnfd_pipeline.config import LEGACY_SEED_ORDER, TargetSource, targets_of
+from attnfd_pipeline.errors import ConfigError, UserError
 from attnfd_pipeline.formats import SavedFormat
 
 RESULT_JSON = "result.json"
@@ -135,14 +135,12 @@ class RunRecord:
 
 
 def _configured_source(s: dict) -> TargetSource:
-    """The target source a resolved student table names (``targets``, or the older ``mode`` /
-    ``online_fresh``); cached where it names none or one this version does not know."""
-    if "targets" in s:
-        try:
-            return TargetSource(s["targets"])
-        except ValueError:
-            return TargetSource.CACHED
-    return TargetSource.of(s.get("mode", "cached"), "fresh" if s.get("online_fresh") else "replay")
+    """The target source a resolved student table names (``config.targets_of``: ``targets``, or the older
+    spelling); cached where it names none or one this version does not know."""
+    try:
+        return targets_of(s)
+    except ConfigError:
+        return TargetSource.CACHED
 
 
 def _read_toml(path: Path) -> dict:

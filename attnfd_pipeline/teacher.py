@@ -11,7 +11,8 @@ Teacher CBAM modes:
   reference code effectively does.
 
 The bundle (``teacher_bundle.pt`` + a ``teacher_bundle.json`` sidecar with everything but the
-weights) is what Stage 1b fingerprints; Stage 2 reads only the sidecar and never builds the teacher.
+weights) is what Stage 1b fingerprints; Stage 2 reads only the sidecar and never builds the teacher. Both
+carry the bundle's format version; ``BUNDLE.migrate`` brings an older one to the current shape.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 import attnfd_pipeline
 from attnfd_pipeline.config import Config
 from attnfd_pipeline.engine.optim import param_groups
+from attnfd_pipeline.formats import SavedFormat
 from attnfd_pipeline.layers import build_attention
 from attnfd_pipeline.models import build_model
 from attnfd_pipeline.safe_load import load_torch_file, to_plain
@@ -36,8 +38,28 @@ from attnfd_pipeline.targets import LOGITS, is_raw, target_names, target_point
 from attnfd_pipeline.utils import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_state_dict
 from attnfd_pipeline.errors import UserError
 
-BUNDLE_FORMAT = "attnfd-teacher-bundle/1"
+BUNDLE_FORMATS = ("attnfd-teacher-bundle/1", "attnfd-teacher-bundle/2")
+BUNDLE_FORMAT = BUNDLE_FORMATS[-1]
 BUNDLE_NAME = "teacher_bundle.pt"
+
+
+def _v1_to_v2(d: dict, **_) -> dict:
+    """A /2 sidecar always records ``file_sha256``, the SHA-256 of the ``.pt``'s bytes, checked before they are
+    deserialised. The first /1 bundles recorded none: theirs is None, so their ``.pt`` is read weights-only
+    without that check, and its weights hash (checked on every bundle after loading) is what vouches for it."""
+    d.setdefault("file_sha256", None)
+    return d
+
+
+BUNDLE = SavedFormat("teacher bundle", BUNDLE_FORMATS, {BUNDLE_FORMATS[0]: _v1_to_v2})
+
+
+def _migrated(d, where: str) -> dict:
+    """``d`` (a sidecar or the ``.pt``'s state) at the current bundle format; refused naming ``where`` when it
+    is not a teacher bundle or one of a version this release does not read."""
+    if not isinstance(d, dict) or not str(d.get("format", "")).startswith("attnfd-teacher-bundle/"):
+        raise UserError(f"{where}: not a teacher bundle (format {d.get('format') if isinstance(d, dict) else None!r})")
+    return BUNDLE.migrate(d, where)
 
 
 def bundle_path(cfg: Config) -> Path:
@@ -123,8 +145,9 @@ class FrozenTeacher(nn.Module):
     image, augmentation), never on the batch it was computed in."""
 
     def __init__(self, model: nn.Module, attention: nn.ModuleDict | None, mode: str, points: Sequence[str],
-                 info: dict):
+                 info: dict, path: Path | None = None):
         super().__init__()
+        self.path = path  # the bundle it was loaded from, for messages
         self.model = model
         self.attention = attention
         self.mode = mode
@@ -217,7 +240,8 @@ def save_bundle(path: str | Path, cfg: Config, model: nn.Module, attention: nn.M
 
 
 def load_teacher_info(path: str | Path) -> dict:
-    """The bundle's metadata (sha256, model, mode, points…) from its JSON sidecar — no weights."""
+    """The bundle's metadata (sha256, model, mode, points, ``file_sha256``…) from its JSON sidecar, at the
+    current format — no weights."""
     path = Path(path)
     side = path.with_suffix(".json")
     if not side.is_file():
@@ -226,18 +250,10 @@ def load_teacher_info(path: str | Path) -> dict:
         info = json.loads(side.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{side}: unreadable teacher bundle metadata ({e})") from None
-    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
-        raise UserError(f"{side}: not a teacher bundle (format {info.get('format') if isinstance(info, dict) else None!r})")
+    info = _migrated(info, str(side))
+    if not isinstance(info.get("file_sha256", 0), (str, type(None))):
+        raise UserError(f"{side}: key 'file_sha256' is missing or not a SHA-256")
     return info
-
-
-def _recorded_file_sha(path: Path) -> str | None:
-    """The ``.pt``'s SHA-256 from the sidecar; None for a bundle without one (written before it was
-    recorded, or copied without its sidecar): such a bundle is still only loaded weights-only."""
-    if not path.with_suffix(".json").is_file():
-        return None
-    sha = load_teacher_info(path).get("file_sha256")
-    return sha if isinstance(sha, str) else None
 
 
 def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> FrozenTeacher:
@@ -248,10 +264,14 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Frozen
         raise FileNotFoundError(f"{path}: teacher bundle not found (train it with `attnfd teacher -c CONFIG` first)")
     from attnfd_pipeline.engine.checkpoint import load_modules
 
-    state, _ = load_torch_file(path, what="teacher bundle", expected_sha256=_recorded_file_sha(path),
-                               sha_source=str(path.with_suffix(".json")))
-    if not isinstance(state, dict) or state.get("format") != BUNDLE_FORMAT:
-        raise UserError(f"{path}: not a teacher bundle")
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        raise UserError(f"{side}: not found beside {path.name}. A teacher bundle is read with its sidecar, which "
+                        f"records the SHA-256 the .pt's bytes are checked against before they are deserialised: "
+                        f"copy it along, or import the .pt alone as a new bundle (`attnfd teacher import {path}`)")
+    state, _ = load_torch_file(path, what="teacher bundle", expected_sha256=load_teacher_info(path)["file_sha256"],
+                               sha_source=str(side))
+    state = _migrated(state, str(path))
     model = build_model(state["model"], state["num_classes"], output_stride=state["output_stride"],
                         inpath_attention=state["points"] if state["cbam_mode"] == "inpath" else None)
     load_modules(model, state["model_state"], path)  # a clear error naming the file if it does not fit
@@ -266,7 +286,7 @@ def load_teacher(path: str | Path, device: torch.device | str = "cpu") -> Frozen
                          f"(file modified or corrupt)")
     info = {k: state[k] for k in ("model", "output_stride", "num_classes", "cbam_mode", "points", "sha256",
                                   "package_version")}
-    return FrozenTeacher(model, attention, state["cbam_mode"], state["points"], info).to(device)
+    return FrozenTeacher(model, attention, state["cbam_mode"], state["points"], info, path).to(device)
 
 
 def export_state_dict(bundle: str | Path, out: str | Path) -> Path:

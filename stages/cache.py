@@ -58,23 +58,6 @@ def _device(cfg, device: str | None):
     return resolve_device(device or cfg.teacher.train.device)
 
 
-def _check_inputs(cfg, source, teacher_path: Path, t) -> None:
-    """Before anything is written: a real dataset's files are usable, and the teacher bundle was trained
-    for the dataset's number of classes."""
-    from attnfd_pipeline.data.source import ImageSource
-
-    if not isinstance(source, ImageSource):  # test fakes
-        return
-    from attnfd_pipeline.runs import check_dataset_inputs
-
-    check_dataset_inputs(cfg, [cfg.data.train_split])
-    info = t.info() if callable(getattr(t, "info", None)) else {}
-    nc = info.get("num_classes")
-    if nc is not None and nc != source.info.num_classes:
-        raise UserError(f"{teacher_path}: teacher bundle has {nc} classes, dataset {source.info.name!r} has "
-                         f"{source.info.num_classes}")
-
-
 def _locate(cfg, teacher: Path | None, path: str | None):
     """A cache location: ``--path`` as given (a directory or an fsspec URL), else the fingerprinted one."""
     from attnfd_pipeline.cache import find_cache
@@ -181,28 +164,21 @@ def _usage(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _checked(cfg, teacher_path: Path, t, source) -> None:
-    """``prepare_store``'s hook: the input checks, where the teacher and source are loaded."""
-    _check_inputs(cfg, source, teacher_path, t)
-
-
 def _build_one(cfg, teacher, device, rank, world, wait, progress) -> None:
-    from attnfd_pipeline.cache import build_cache, plan_cache
+    from attnfd_pipeline.cache import build_cache
+    from attnfd_pipeline.cache.plan import plan_build
 
     with errors():
         source = make_source(cfg)
         t = load_teacher(_teacher_path(cfg, teacher), _device(cfg, device))
-        _check_inputs(cfg, source, _teacher_path(cfg, teacher), t)
-        plan = plan_cache(cfg, source, teacher=t, check=False)
+        plan = plan_build(cfg, t, source)
         typer.echo("\n".join(plan.lines()))
         plan.check()
-        r = build_cache(cfg, t, source, rank=rank, world=world, progress=progress, lock_wait=wait)
-    _report(cfg, r)
+        r = build_cache(cfg, t, source, rank=rank, world=world, progress=progress, lock_wait=wait, record=True)
+    _report(r)
 
 
 def _build_torchrun(cfg, teacher, device, wait, progress) -> None:
-    import functools
-
     from attnfd_pipeline.cache.distributed import build_cache_torchrun
     from attnfd_pipeline.engine import distributed
 
@@ -212,10 +188,10 @@ def _build_torchrun(cfg, teacher, device, wait, progress) -> None:
         source = make_source(cfg)
         t = load_teacher(_teacher_path(cfg, teacher), ctx.device)
         r = build_cache_torchrun(cfg, t, source, progress=progress and ctx.is_main, lock_wait=wait, plan=True,
-                                 before=functools.partial(_checked, cfg, _teacher_path(cfg, teacher)))
+                                 record=True)
     if ctx.is_main:
         typer.echo("\n".join(r.plan_lines))
-        _report(cfg, r, f"{r.world} torchrun writers")
+        _report(r, f"{r.world} torchrun writers")
 
 
 def _worker_teacher(path: Path, device_spec: str):
@@ -235,26 +211,17 @@ def _build_dask(cfg, teacher, device, world, wait, scheduler, workers, gpus_per_
     with errors():
         r = build_cache_dask(cfg, functools.partial(_worker_teacher, path, dev), functools.partial(make_source, cfg),
                              scheduler=scheduler, workers=workers, world=world if world > 1 else None,
-                             gpus_per_writer=gpus_per_writer, lock_wait=wait, plan=True,
-                             before=functools.partial(_checked, cfg, path))
+                             gpus_per_writer=gpus_per_writer, lock_wait=wait, plan=True, record=True)
     typer.echo("\n".join(r.plan_lines))
-    _report(cfg, r, f"{r.world} dask writers" + (f" on {scheduler}" if scheduler else f", {workers} local workers"))
+    _report(r, f"{r.world} dask writers" + (f" on {scheduler}" if scheduler else f", {workers} local workers"))
 
 
-def _report(cfg, r, writers: str | None = None) -> None:
+def _report(r, writers: str | None = None) -> None:
     typer.echo(f"cache: {r.path}")
     typer.echo(f"shards written {r.shards_written}, skipped {r.shards_skipped} of {r.shards_total}; "
                f"{r.samples_written} samples, {r.bytes_written / 1e6:.1f} MB in {r.seconds:.1f} s "
                f"({r.samples_per_s:.1f} samples/s; teacher alone {r.teacher_samples_per_s:.1f} samples/s"
                f"{' per writer' if writers else ''})" + (f" with {writers}" if writers else ""))
-    if r.shards_written:
-        from attnfd_pipeline.utils import atomic_write_json
-
-        atomic_write_json(cfg.run_root / "cache_build.json", {
-            "path": str(r.path), "seconds": r.seconds, "samples_written": r.samples_written,
-            "bytes_written": r.bytes_written, "samples_per_s": r.samples_per_s,
-            "teacher_samples_per_s": r.teacher_samples_per_s, "resumed": r.shards_skipped > 0,
-            "writers": getattr(r, "world", 1)})
 
 
 @app.command("info")

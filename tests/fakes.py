@@ -23,6 +23,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from attnfd_pipeline.config import AugmentConfig, CacheConfig, Config, dump_toml, load_config
+from attnfd_pipeline.data.source import SampleSource
 from attnfd_pipeline.utils import sha256_state_dict
 
 TESTS = Path(__file__).parent
@@ -82,7 +83,7 @@ class FakeTeacher(nn.Module):
         return {k: tuple(v.shape[1:]) for k, v in t.items()}
 
 
-class FakeSource:
+class FakeSource(SampleSource):
     """Random uint8 images of varied sizes with 5-class labels."""
 
     def __init__(self, n: int = 5, seed: int = 0, slow_from: int | None = None):

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from attnfd_pipeline.config import dump_toml
 from attnfd_pipeline.data import DataError, write_palette_png
 from attnfd_pipeline.data.source import ImageSource
+from attnfd_pipeline.utils import sha256_file
 from stages.cli import app
 from fakes import FakeTeacher, cache_cli
 
@@ -179,6 +180,8 @@ def test_teacher_bundle_for_other_classes_names_it(setup, five_class_model):
     state["num_classes"] = 11  # claims 11, holds 5-class weights
     tampered = tmp / "tampered.pt"
     torch.save(state, tampered)
+    side = json.loads(bundle.with_suffix(".json").read_text())  # with its sidecar: the bytes hash as recorded
+    tampered.with_suffix(".json").write_text(json.dumps({**side, "file_sha256": sha256_file(tampered)}))
     assert state["format"] == BUNDLE_FORMAT
     r = cli("evaluate", "--config", p, "--bundle", tampered)
     assert r.exit_code == 2 and str(tampered) in r.output and "does not fit this model" in r.output, r.output

@@ -4,9 +4,11 @@ naming the file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,13 +95,16 @@ def test_result_json_format_1_migrates_with_its_resolved_config(tmp_path):
 def test_checkpoint_format_1_migrates_its_student_weights_rng_and_seed_order(tmp_path):
     """A /1 student checkpoint as the first versions wrote it: no ``model_state`` (the plain student is its
     ``student.*`` modules), Python and NumPy RNG states as the raw ``getstate()`` tuples, no recorded
-    cached-seed order (those runs followed ``random``); no sidecar."""
+    cached-seed order (those runs followed ``random``), no ``extra.model_spec`` (the student model and dataset
+    of its recorded config say which network it holds); no sidecar."""
     import random
 
     import numpy as np
     import torch
 
+    from attnfd_pipeline.config import Config
     from attnfd_pipeline.engine.checkpoint import CHECKPOINT, FORMAT, load_checkpoint
+    from attnfd_pipeline.runs import model_spec
     from attnfd_pipeline.utils import set_rng_state
 
     modules = torch.nn.ModuleDict({"student": torch.nn.Linear(3, 2), "connectors": torch.nn.Linear(2, 2)})
@@ -107,13 +112,14 @@ def test_checkpoint_format_1_migrates_its_student_weights_rng_and_seed_order(tmp
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     expected = random.random(), float(np.random.rand())
     old = {"format": "attnfd-checkpoint/1", "modules": modules.state_dict(), "optimizer": None, "scheduler": None,
-           "scaler": None, "epoch": 1, "step": 10, "best": 0.2, "rng": rng, "config": {}, "extra": {}}
+           "scaler": None, "epoch": 1, "step": 10, "best": 0.2, "rng": rng, "config": Config().to_dict(), "extra": {}}
     torch.save(old, tmp_path / "last.pt")
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["format"] == FORMAT == CHECKPOINT.current == "attnfd-checkpoint/2"
     assert set(state["model_state"]) == {"weight", "bias"}
     assert torch.equal(state["model_state"]["weight"], modules["student"].weight)
     assert state["extra"]["seed_order"] == "random"
+    assert state["extra"]["model_spec"] == model_spec(Config(), Config().data.num_classes, "demo")
     assert isinstance(state["rng"]["python"][1], torch.Tensor) and isinstance(state["rng"]["numpy"], dict)
     set_rng_state(state["rng"])
     assert (random.random(), float(np.random.rand())) == expected
@@ -121,7 +127,62 @@ def test_checkpoint_format_1_migrates_its_student_weights_rng_and_seed_order(tmp
     teacher = {**old, "modules": torch.nn.ModuleDict({"model": torch.nn.Linear(3, 2)}).state_dict()}
     torch.save(teacher, tmp_path / "teacher.pt")
     t = load_checkpoint(tmp_path / "teacher.pt")
-    assert t["model_state"] is None and "seed_order" not in t["extra"]
+    assert t["model_state"] is None and "seed_order" not in t["extra"] and "model_spec" not in t["extra"]
+    torch.save({**old, "config": {"data": {}}}, tmp_path / "unsaid.pt")  # a student its config does not name
+    with pytest.raises(UserError, match=r"unsaid.pt: the checkpoint does not say which student it holds"):
+        load_checkpoint(tmp_path / "unsaid.pt")
     torch.save({**old, "format": "attnfd-checkpoint/7"}, tmp_path / "new.pt")
     with pytest.raises(UserError, match=r"new.pt: checkpoint format 'attnfd-checkpoint/7' is not one this release"):
         load_checkpoint(tmp_path / "new.pt")
+
+
+def _first_bundle(tmp_path):
+    """A /1 teacher bundle as the first versions wrote it: ``torch.save`` of the metadata with the weights,
+    and a sidecar of the metadata alone, without ``file_sha256``."""
+    import torch
+
+    from attnfd_pipeline.config import Config
+    from attnfd_pipeline.models import build_model
+    from attnfd_pipeline.teacher import save_bundle
+
+    cfg = Config()
+    cfg = replace(cfg, teacher=replace(cfg.teacher, model=replace(cfg.teacher.model, name="deeplabv3plus_resnet18")))
+    torch.manual_seed(0)
+    model = build_model(cfg.teacher.model.name, 3, inpath_attention=cfg.teacher.points)
+    current = save_bundle(tmp_path / "now" / "teacher_bundle.pt", cfg, model, None, 3)
+    state = torch.load(current, weights_only=True)
+    info = {k: v for k, v in state.items() if k not in ("model_state", "attention_state")}
+    path = tmp_path / "old" / "teacher_bundle.pt"
+    path.parent.mkdir()
+    torch.save({**state, "format": "attnfd-teacher-bundle/1"}, path)
+    path.with_suffix(".json").write_text(json.dumps({**info, "format": "attnfd-teacher-bundle/1"}))
+    return current, path, model
+
+
+def test_teacher_bundle_format_1_migrates_and_a_pt_alone_is_refused(tmp_path):
+    """A /1 sidecar records no SHA-256 of the .pt's bytes: the .pt is read weights-only without that check and
+    its weights hash is checked after; a /2 bundle (written now) records it. A .pt without its sidecar is
+    refused naming what to do, and a newer version naming the file."""
+    import torch
+
+    from attnfd_pipeline.inference import load_segmenter
+    from attnfd_pipeline.teacher import BUNDLE, BUNDLE_FORMAT, load_teacher, load_teacher_info
+
+    current, old, model = _first_bundle(tmp_path)
+    assert BUNDLE.current == BUNDLE_FORMAT == "attnfd-teacher-bundle/2"
+    info = load_teacher_info(old)
+    assert info["format"] == BUNDLE_FORMAT and info["file_sha256"] is None
+    assert load_teacher_info(current)["file_sha256"] == hashlib.sha256(current.read_bytes()).hexdigest()
+    teacher = load_teacher(old)
+    assert teacher.sha256 == info["sha256"] == load_teacher(current).sha256
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in teacher.model.state_dict().items())
+    assert load_segmenter(old).kind == "teacher bundle"  # inference tells a /1 bundle from a checkpoint too
+    side = old.with_suffix(".json")
+    side.write_text(json.dumps({**info, "format": "attnfd-teacher-bundle/3"}))
+    with pytest.raises(UserError, match=r"old/teacher_bundle.json: teacher bundle format 'attnfd-teacher-bundle/3' "
+                                        r"is not one this release reads"):
+        load_teacher_info(old)
+    side.unlink()
+    with pytest.raises(UserError, match=r"teacher_bundle.json: not found beside teacher_bundle.pt.*attnfd teacher "
+                                        r"import"):
+        load_teacher(old)

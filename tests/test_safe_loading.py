@@ -70,11 +70,10 @@ def test_crafted_files_are_refused_by_every_command(cli_cfg):
     cfg, p, tmp = cli_cfg
     marker = tmp / "pwned"
     evil = craft(tmp / "evil_bundle.pt", marker, format=BUNDLE_FORMAT)
-    _refused(runner.invoke(app, ["evaluate", "--config", str(p), "--bundle", str(evil)]), evil, marker)
-
     sha = hashlib.sha256(evil.read_bytes()).hexdigest()
     evil.with_suffix(".json").write_text(json.dumps({"format": BUNDLE_FORMAT, "file_sha256": sha, "sha256": "0" * 64,
                                                      "num_classes": 11, "model": "x", "points": ["D"]}))
+    _refused(runner.invoke(app, ["evaluate", "--config", str(p), "--bundle", str(evil)]), evil, marker)
     _refused(runner.invoke(app, ["cache", "build", "--config", str(p), "--teacher", str(evil), "--no-progress"]),
              evil, marker)
 

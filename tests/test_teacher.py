@@ -82,8 +82,14 @@ def test_bundle_tampering_is_detected(tiny_data, tmp_path):
     torch.save(state, path)
     with pytest.raises(ValueError, match="SHA-256 of the file"):  # the bytes, before deserialising
         load_teacher(path)
-    path.with_suffix(".json").unlink()  # without the sidecar's file hash, the weights hash still catches it
+    side = path.with_suffix(".json")
+    info = json.loads(side.read_text())
+    del info["file_sha256"]  # a /1 sidecar as the first versions wrote it: the weights hash still catches it
+    side.write_text(json.dumps({**info, "format": "attnfd-teacher-bundle/1"}))
     with pytest.raises(ValueError, match="does not match the recorded"):
+        load_teacher(path)
+    side.unlink()  # a .pt alone is not read: nothing records the hash of its bytes
+    with pytest.raises(ValueError, match="not found beside teacher_bundle.pt"):
         load_teacher(path)
     with pytest.raises(FileNotFoundError, match="teacher bundle not found"):
         load_teacher(tmp_path / "nope.pt")

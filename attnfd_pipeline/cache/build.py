@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from attnfd_pipeline import augment
 from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache import encoding as enc
-from attnfd_pipeline.cache.encoding import (DEFAULT_ENCODING, HostCopies, encode, lossy_steps, pool_of, pooled_hw,
+from attnfd_pipeline.cache.encoding import (HostCopies, encode, lossy_steps, pool_of, pooled_hw,
                                             to_host)
 from attnfd_pipeline.cache.fingerprint import cache_dir_for, cache_fingerprint, cache_inputs, fingerprint_of
 from attnfd_pipeline.cache.info import CacheInfo, TargetInfo, load_info
@@ -42,6 +43,7 @@ from attnfd_pipeline.data.replay import replay
 from attnfd_pipeline.engine.logging import begin as begin_run_log
 from attnfd_pipeline.engine.logging import get_logger, run_log
 from attnfd_pipeline.progress import Progress
+from attnfd_pipeline.utils import atomic_write_json
 
 
 @dataclass
@@ -67,6 +69,26 @@ class BuildResult:
         return self.samples_written / self.teacher_seconds if self.teacher_seconds > 0 else 0.0
 
 
+BUILD_RECORD = "cache_build.json"  # in the run folder (``cfg.run_root``): what the last build of its cache did
+
+
+def write_build_record(cfg, r: Any, writers: int = 1) -> Path | None:
+    """``runs/<name>/cache_build.json`` of a build ``r`` (a ``BuildResult``, or a many-writer result with
+    ``writers`` writers) that wrote any shard; a build with nothing left to write leaves the record as it is."""
+    if not r.shards_written:
+        return None
+    return atomic_write_json(Path(cfg.run_root) / BUILD_RECORD, {
+        "path": str(r.path), "seconds": r.seconds, "samples_written": r.samples_written,
+        "bytes_written": r.bytes_written, "samples_per_s": r.samples_per_s,
+        "teacher_samples_per_s": r.teacher_samples_per_s, "resumed": r.shards_skipped > 0, "writers": writers})
+
+
+def read_build_record(cfg) -> dict | None:
+    """The run's ``cache_build.json`` (``write_build_record``); None before any build of its cache wrote one."""
+    path = Path(cfg.run_root) / BUILD_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def teacher_device(teacher: Any) -> torch.device:
     try:
         return next(teacher.parameters()).device
@@ -89,11 +111,11 @@ def cache_info(cfg, teacher: Any, source: Any, specs: dict[str, Sequence[int]]) 
     missing = [n for n in names if n not in specs]
     if missing:
         raise CacheError(f"teacher gives no spec for target(s) {missing}")
-    encoding = getattr(c, "encoding", DEFAULT_ENCODING)
+    encoding = c.encoding
     targets = {}
     for n in names:
         C, H, W = (int(v) for v in specs[n])
-        f = pool_of(getattr(c, "pool", ()), n)
+        f = pool_of(c.pool, n)
         h, w = pooled_hw(H, W, f)
         targets[n] = TargetInfo(chw=(C, h, w), kind=target_kind(n), point=target_point(n), stride=_stride(crop_h, h),
                                 bytes_per_sample=enc.bytes_per_sample((C, h, w), encoding), pool=f,
@@ -207,9 +229,10 @@ def run_teacher(teacher, crops: Sequence[torch.Tensor], names: Sequence[str], ba
 
 
 def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1, progress: bool = True,
-                lock_wait: float = 0.0, device: torch.device | str | None = None) -> BuildResult:
+                lock_wait: float = 0.0, device: torch.device | str | None = None, record: bool = False) -> BuildResult:
     """Build (or resume) the cache of ``cfg`` for ``teacher`` on ``source``; this writer commits shards
-    ``range(rank, n_shards, world)`` that are not committed yet. Returns a ``BuildResult``.
+    ``range(rank, n_shards, world)`` that are not committed yet. Returns a ``BuildResult``; ``record``: also
+    write the run's ``cache_build.json`` (``write_build_record``).
 
     Raises ``CacheError`` for refused values (non-finite / float16 overflow, naming image, seed and
     target), a held lock (also one of a build with another ``world``), a full disk, or an inconsistent
@@ -228,12 +251,15 @@ def build_cache(cfg, teacher: Any, source: Any, *, rank: int = 0, world: int = 1
         # log.txt only in a local folder: an object store cannot append to an object
         with run_log(cache_dir if storage.is_local(cache_dir) else None):
             get_logger().info(f"cache build {fp[:16]} rank {rank}/{world} in {cache_dir}")
-            return _build_locked(cfg, teacher, source, fp, cache_dir, device, rank=rank, world=world,
-                                 progress=progress, lock_wait=lock_wait, start_time=start_time)
+            result = _build_locked(cfg, teacher, source, fp, cache_dir, device, rank=rank, world=world,
+                                   progress=progress, lock_wait=lock_wait, start_time=start_time)
     except OSError as e:
         if is_disk_full(e):  # metadata, lock or anything outside a shard commit
             raise disk_full_error(cache_dir, e, "writing the cache") from e
         raise
+    if record:
+        write_build_record(cfg, result)
+    return result
 
 
 def run_teacher_stored(teacher, crops: Sequence[torch.Tensor], rows: Sequence[dict], names: Sequence[str],
@@ -242,7 +268,7 @@ def run_teacher_stored(teacher, crops: Sequence[torch.Tensor], rows: Sequence[di
     after its forward (``encoding.encode``); only the stored arrays cross to the host. Returns the host
     stored arrays (n, …) per array name (``encoding.stored_arrays`` of each target), the teacher's (C, H, W)
     per target, and the seconds spent. ``rows`` (the manifest rows of ``crops``) name samples in refusals."""
-    encoding = getattr(cache_cfg, "encoding", DEFAULT_ENCODING)
+    encoding = cache_cfg.encoding
     copies = HostCopies(device)
     host: dict[str, list[list[torch.Tensor]]] = {n: [] for n in names}
     specs: dict[str, tuple] = {}
@@ -259,7 +285,7 @@ def run_teacher_stored(teacher, crops: Sequence[torch.Tensor], rows: Sequence[di
                     raise CacheError(f"teacher returned no target {n!r} (got {sorted(got)})")
                 specs[n] = tuple(int(v) for v in got[n].shape[1:])
                 parts = encode(got[n].detach(), encoding, mantissa_bits=cache_cfg.mantissa_bits,
-                               pool=pool_of(getattr(cache_cfg, "pool", ()), n), target=n, ids=ids, seeds=seeds)
+                               pool=pool_of(cache_cfg.pool, n), target=n, ids=ids, seeds=seeds)
                 host[n].append(to_host(parts, copies))
         seconds += time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -26,18 +26,16 @@ from typing import Any
 import torch
 
 from attnfd_pipeline.cache.build import (BuildResult, build_cache, cache_info, check_no_other_layout, lock_path,
-                                         remove_debris)
+                                         remove_debris, write_build_record)
 from attnfd_pipeline.cache import storage
 from attnfd_pipeline.cache.fingerprint import cache_dir_for
 from attnfd_pipeline.cache.lock import BuildLock
 from attnfd_pipeline.cache.errors import CacheError
+from attnfd_pipeline.cache.plan import plan_build
 from attnfd_pipeline.cache.schema import cache_target_names
 from attnfd_pipeline.cache.storage import Location
 from attnfd_pipeline.cache.writer import create_store
 from attnfd_pipeline.errors import UserError
-
-Hook = Callable[[Any, Any], None]  # (teacher, source) → None; raises to refuse the build
-
 
 @dataclass
 class Prepared:
@@ -89,22 +87,17 @@ class MultiBuildResult:
         return self.samples_written / t if t > 0 else 0.0
 
 
-def prepare_store(cfg, teacher: Any, source: Any, *, plan: bool = False, before: Hook | None = None,
-                  lock_wait: float = 0.0) -> Prepared:
-    """Create the cache's metadata once, before the writers start. ``before(teacher, source)`` runs
-    first (input checks); ``plan``: estimate the size and refuse (CacheError) if it does not fit.
+def prepare_store(cfg, teacher: Any, source: Any, *, plan: bool = False, lock_wait: float = 0.0) -> Prepared:
+    """Create the cache's metadata once, before the writers start. ``plan``: check the inputs and estimate
+    the size first (``plan.plan_build``), refusing what a build could not use or what does not fit.
     Takes the single-writer lock for the moment it runs: refuses while any build of this cache is live."""
-    from attnfd_pipeline.cache.plan import plan_cache
-
-    if before is not None:
-        before(teacher, source)
-    if len(source) == 0:
-        raise CacheError("the sample source is empty: nothing to cache")
     lines: list[str] = []
     if plan:
-        p = plan_cache(cfg, source, teacher=teacher, check=False)
+        p = plan_build(cfg, teacher, source)
         lines = p.lines()
         p.check()
+    if len(source) == 0:
+        raise CacheError("the sample source is empty: nothing to cache")
     names = cache_target_names(cfg.cache)
     info = cache_info(cfg, teacher, source, teacher.target_specs(tuple(cfg.augment.crop_size), names))
     cache_dir = cache_dir_for(cfg, info.fingerprint)
@@ -122,10 +115,11 @@ def prepare_store(cfg, teacher: Any, source: Any, *, plan: bool = False, before:
 
 
 def build_cache_torchrun(cfg, teacher: Any, source: Any, *, progress: bool = True, lock_wait: float = 0.0,
-                         plan: bool = False, before: Hook | None = None, device=None) -> MultiBuildResult:
+                         plan: bool = False, device=None, record: bool = False) -> MultiBuildResult:
     """This rank's share of a build with one writer per rank of the process group (``engine.distributed.
     setup`` first; any backend — only objects are exchanged). Every rank returns the same result; an
-    error on any rank is raised on every rank (naming that rank)."""
+    error on any rank is raised on every rank (naming that rank). ``record``: rank 0 writes the run's
+    ``cache_build.json`` (``build.write_build_record``)."""
     from attnfd_pipeline.engine import distributed
 
     rank, world = distributed.rank(), distributed.world_size()
@@ -134,7 +128,7 @@ def build_cache_torchrun(cfg, teacher: Any, source: Any, *, progress: bool = Tru
     own_error: BaseException | None = None
     if rank == 0:
         try:
-            prepared = prepare_store(cfg, teacher, source, plan=plan, before=before, lock_wait=lock_wait)
+            prepared = prepare_store(cfg, teacher, source, plan=plan, lock_wait=lock_wait)
         except Exception as e:  # noqa: BLE001 - every rank must learn of it, or they wait forever
             own_error, prepared = e, f"{type(e).__name__}: {e}"
     prepared = distributed.broadcast_object(prepared)  # also the barrier: metadata exists from here on
@@ -154,8 +148,11 @@ def build_cache_torchrun(cfg, teacher: Any, source: Any, *, progress: bool = Tru
     if failed:
         raise CacheError("; ".join(f"writer rank {r} of {world} failed: {x}" for r, x in failed)
                          + " (committed shards are kept: rerun to resume)")
-    return MultiBuildResult(prepared.path, prepared.fingerprint, world, everyone, time.perf_counter() - t0,
-                            prepared.plan_lines)
+    result = MultiBuildResult(prepared.path, prepared.fingerprint, world, everyone, time.perf_counter() - t0,
+                              prepared.plan_lines)
+    if record and rank == 0:
+        write_build_record(cfg, result, world)
+    return result
 
 
 # -----------------------------------------------------------------------------------------------
@@ -168,9 +165,9 @@ def _threads(n: int | None) -> None:
 
 
 def _prepare_task(cfg, load_teacher: Callable[[], Any], make_source: Callable[[], Any], plan: bool,
-                  before: Hook | None, lock_wait: float, threads: int | None) -> Prepared:
+                  lock_wait: float, threads: int | None) -> Prepared:
     _threads(threads)
-    return prepare_store(cfg, load_teacher(), make_source(), plan=plan, before=before, lock_wait=lock_wait)
+    return prepare_store(cfg, load_teacher(), make_source(), plan=plan, lock_wait=lock_wait)
 
 
 def _writer_task(cfg, load_teacher: Callable[[], Any], make_source: Callable[[], Any], rank: int, world: int,
@@ -183,15 +180,16 @@ def _writer_task(cfg, load_teacher: Callable[[], Any], make_source: Callable[[],
 def build_cache_dask(cfg, load_teacher: Callable[[], Any], make_source: Callable[[], Any], *,
                      scheduler: str | None = None, workers: int = 2, world: int | None = None,
                      gpus_per_writer: int = 0, lock_wait: float = 0.0, plan: bool = False,
-                     before: Hook | None = None, processes: bool = True,
-                     threads_per_writer: int | None = None) -> MultiBuildResult:
+                     processes: bool = True, threads_per_writer: int | None = None,
+                     record: bool = False) -> MultiBuildResult:
     """Build with ``world`` writers, each a task ``build_cache(rank=r, world=world)`` that loads the
     teacher (``load_teacher()``) and the source (``make_source()``) in its worker — both picklable
     callables, e.g. ``functools.partial``. ``scheduler``: address of an existing cluster (``world``
     defaults to its number of workers; ``gpus_per_writer`` claims the ``GPU`` worker resource); else a
     LocalCluster of ``workers`` single-threaded processes (``world`` defaults to ``workers``), each
     with torch using ``threads_per_writer`` threads (default: this process's torch threads / workers).
-    A first task creates the metadata.
+    A first task creates the metadata (``plan``: after checking the inputs and the size, ``prepare_store``);
+    ``record``: this process then writes the run's ``cache_build.json`` (``build.write_build_record``).
 
     On CPU the teacher's float32 outputs depend on torch's thread count (parallel reductions sum in
     another order), so "bitwise equal to a single-process build" holds against a build that ran with
@@ -218,7 +216,7 @@ def build_cache_dask(cfg, load_teacher: Callable[[], Any], make_source: Callable
             if world < 1:
                 raise UserError("no dask workers to write the cache")
             resources = {"GPU": gpus_per_writer} if gpus_per_writer else None
-            prepared = client.submit(_prepare_task, cfg, load_teacher, make_source, plan, before, lock_wait, threads,
+            prepared = client.submit(_prepare_task, cfg, load_teacher, make_source, plan, lock_wait, threads,
                                      resources=resources, pure=False).result()
             futures = [client.submit(_writer_task, cfg, load_teacher, make_source, r, world, lock_wait, threads,
                                      resources=resources, pure=False,
@@ -229,5 +227,8 @@ def build_cache_dask(cfg, load_teacher: Callable[[], Any], make_source: Callable
             client.close()
             if cluster is not None:
                 cluster.close()
-    return MultiBuildResult(prepared.path, prepared.fingerprint, world, list(results), time.perf_counter() - t0,
-                            prepared.plan_lines)
+    result = MultiBuildResult(prepared.path, prepared.fingerprint, world, list(results), time.perf_counter() - t0,
+                              prepared.plan_lines)
+    if record:
+        write_build_record(cfg, result, world)
+    return result

@@ -50,7 +50,7 @@ def cache_inputs(cfg, teacher: Any, source: Any) -> dict[str, Any]:
     ``source``: sample source or its identity dict."""
     c = cfg.cache
     augment = json.loads(json.dumps(dataclasses.asdict(cfg.augment)))
-    if augment.get("impl") == 1:  # recorded only when not the first implementation: older caches keep theirs
+    if augment.get("impl") == 1:  # part of the fingerprint definition: ``impl`` counts only when it is not 1
         del augment["impl"]
     inputs = {
         "format": FINGERPRINT_FORMAT,
@@ -66,11 +66,11 @@ def cache_inputs(cfg, teacher: Any, source: Any) -> dict[str, Any]:
         "mantissa_bits": 10 if c.mantissa_bits in (0, 10) else c.mantissa_bits,
         "shard_size": c.shard_size,
     }
-    # only when they differ from the defaults: a float16, unpooled config keeps the fingerprint it had
-    # before these choices existed, so its caches are found and reused
-    if getattr(c, "encoding", "float16") != "float16":
+    # part of the fingerprint definition: encoding and pooling count only when they are not the defaults
+    # (float16, unpooled), so a config of the defaults fingerprints to the caches built before these settings
+    if c.encoding != "float16":
         inputs["encoding"] = c.encoding
-    if getattr(c, "pool", ()):
+    if c.pool:
         inputs["pool"] = {p: f for p, f in c.pool}
     return inputs
 

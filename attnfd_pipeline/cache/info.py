@@ -92,7 +92,7 @@ class TargetInfo:
     def to_json(self) -> dict[str, Any]:
         out = {"chw": list(self.chw), "kind": self.kind, "point": self.point, "stride": self.stride,
                "bytes_per_sample": self.bytes_per_sample}
-        if self.pool > 1:  # only then: an unpooled entry stays as it was, so older caches still resume
+        if self.pool > 1:  # part of the cache.json definition: an unpooled entry is the same as before pooling
             out.update(pool=self.pool, full_chw=list(self.teacher_chw))
         return out
 

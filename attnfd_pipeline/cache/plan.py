@@ -320,3 +320,13 @@ def encoding_lines(t: dict) -> list[str]:
         out.append(f"build time at {t['teacher_images_per_s']:g} teacher images/s (assumed; one forward per "
                    f"sample): {t['build_seconds'] / 60:,.0f} min")
     return out
+
+
+def plan_build(cfg, teacher: Any, source: Any) -> Plan:
+    """What a build settles before it writes anything: its inputs (``source.check(teacher)``: an image split's
+    files are usable and the teacher was trained for its classes; the source is not empty), then the plan of
+    its cache (``Plan.check()`` refuses one that does not fit)."""
+    source.check(teacher)
+    if len(source) == 0:
+        raise CacheError("the sample source is empty: nothing to cache")
+    return plan_cache(cfg, source, teacher=teacher, check=False)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from attnfd_pipeline.config import LEGACY_SEED_ORDER
+from attnfd_pipeline.config import LEGACY_SEED_ORDER, DataConfig, from_dict
 from attnfd_pipeline.formats import SavedFormat
 from attnfd_pipeline.safe_load import (load_torch_file, read_sha256s, sidecar_path, state_mismatch, to_plain,
                                       write_sha256)
@@ -23,11 +23,12 @@ FORMATS = ("attnfd-checkpoint/1", "attnfd-checkpoint/2")
 FORMAT = FORMATS[-1]
 
 
-def _v1_to_v2(d: dict) -> dict:
+def _v1_to_v2(d: dict, file: str) -> dict:
     """attnfd-checkpoint/2 always holds ``model_state`` (the plain student, None for a teacher), its RNG
-    states as tensors and, for a student, the cached-seed order it followed. A /1 checkpoint may predate
-    each: its student weights are then its ``student.*`` modules, its Python and NumPy RNG states the raw
-    ``getstate()`` tuples, and its order ``random``."""
+    states as tensors and, for a student, the cached-seed order it followed and ``extra.model_spec`` (what
+    rebuilds the plain student). A /1 checkpoint may predate each: its student weights are then its
+    ``student.*`` modules, its Python and NumPy RNG states the raw ``getstate()`` tuples, its order
+    ``random``, and its model spec the student model and dataset of its recorded config."""
     student = {k[len("student."):]: v for k, v in d.get("modules", {}).items() if k.startswith("student.")}
     if d.get("model_state") is None:
         d["model_state"] = student or None
@@ -43,8 +44,20 @@ def _v1_to_v2(d: dict) -> dict:
     extra = dict(d.get("extra") or {})
     if student:
         extra.setdefault("seed_order", LEGACY_SEED_ORDER)
+    if d["model_state"] and "model_spec" not in extra:
+        extra["model_spec"] = _model_spec_of(d.get("config") or {}, file)
     d["extra"] = extra
     return d
+
+
+def _model_spec_of(cfg: dict, where: str) -> dict:
+    """``runs.student.model_spec`` of a recorded config (a /1 student checkpoint's)."""
+    try:
+        m, dataset = cfg["student"]["model"], cfg["data"]["dataset"]
+        nc = cfg.get("num_classes") or from_dict(DataConfig, cfg["data"], "data").num_classes
+        return {"name": m["name"], "num_classes": nc, "output_stride": m["output_stride"], "dataset": dataset}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{where}: the checkpoint does not say which student it holds ({e})") from None
 
 
 CHECKPOINT = SavedFormat("checkpoint", FORMATS, {FORMATS[0]: _v1_to_v2})
@@ -112,16 +125,17 @@ def _current_hashes(path: Path) -> tuple[str, ...]:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` in the current format (``CHECKPOINT.migrate``). A checkpoint without a
+    ``.sha256`` sidecar is loaded weights-only without the byte check: the first versions wrote none, and
+    which version a file is can only be read after it is deserialised."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    """The checkpoint at ``path`` in the current format (``CHECKPOINT.migrate``). A checkpoint without a
-    ``.sha256`` sidecar (copied alone) is still loaded weights-only."""
     state, _ = load_torch_file(path, what="checkpoint", expected_sha256=read_sha256s(path),
                                sha_source=str(sidecar_path(path)))
     if not isinstance(state, dict) or not str(state.get("format", "")).startswith("attnfd-checkpoint/"):
         raise UserError(f"{path}: not an attnfd checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
-    return CHECKPOINT.migrate(state, str(path))
+    return CHECKPOINT.migrate(state, str(path), file=str(path))
 
 
 def check_fits(modules: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:

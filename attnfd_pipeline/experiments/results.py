@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
+from attnfd_pipeline.cache.build import read_build_record
 from attnfd_pipeline.config import Config
 from attnfd_pipeline.experiments.table import Row, cell, markdown, number, paired_header
 from attnfd_pipeline.records import RESULT_JSON, read_record
@@ -38,12 +40,10 @@ def collect_stages(cfg: Config) -> list[str]:
     if teacher.is_file():
         r = json.loads(teacher.read_text())
         lines.append(f"teacher: {r['epochs']} epochs in {r['seconds']:.0f} s")
-    build = cfg.run_root / "cache_build.json"
-    if build.is_file():
-        from pathlib import Path
-
-        r = json.loads(build.read_text())
-        size = sum(f.stat().st_size for f in Path(r["path"]).rglob("*") if f.is_file()) if Path(r["path"]).is_dir() else 0
+    r = read_build_record(cfg)
+    if r is not None:
+        where = Path(r["path"])
+        size = sum(f.stat().st_size for f in where.rglob("*") if f.is_file()) if where.is_dir() else 0
         lines.append(f"cache: {r['samples_written']} samples in {r['seconds']:.0f} s "
                      f"({r['samples_per_s']:.1f} samples/s), {size / 1e6:.1f} MB on disk at {r['path']}")
     return lines

@@ -91,8 +91,8 @@ def finished_run_differences(cfg: Config) -> str | None:
     result = json.loads((run_dir / RESULT_JSON).read_text())
     recorded = (result.get("teacher") or {}).get("sha256")
     if cfg.student.alpha > 0 and recorded and bundle_path(cfg).is_file():
-        current = load_teacher_info(bundle_path(cfg)).get("sha256")
-        if current and recorded != current:
+        current = load_teacher_info(bundle_path(cfg))["sha256"]
+        if recorded != current:
             return f"distilled from teacher {recorded[:12]}, the bundle is now {current[:12]}"
     resolved = run_dir / "config.resolved.toml"
     if not resolved.is_file():

@@ -103,10 +103,10 @@ def _whole_bundle(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        recorded = load_teacher_info(path).get("file_sha256")
+        recorded = load_teacher_info(path)["file_sha256"]
     except (FileNotFoundError, ValueError):
         return False
-    return recorded is None or recorded == sha256_file(path)
+    return recorded is None or recorded == sha256_file(path)  # None: a /1 bundle that recorded none
 
 
 def reusable_teacher(cfg: Config) -> Path | None:
