@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import attnfd_pipeline.experiments.accuracy as acc
+import attnfd_pipeline.experiments.plan as plan_mod
 from attnfd_pipeline.config import TargetSource, dump_toml, load_config, write_resolved
 from attnfd_pipeline.runs import finished_result, run_name, student_dir
 
@@ -80,8 +81,9 @@ def test_tiny_bench_writes_results_and_resumes(tiny_pipeline, tmp_path, monkeypa
         assert text in md
 
     # second call: everything is done, nothing trains or builds (also through the CLI)
-    for name in ("run_student", "run_teacher", "build_cache", "load_teacher"):
+    for name in ("run_teacher", "build_cache", "load_teacher"):
         monkeypatch.setattr(acc, name, _forbidden)
+    monkeypatch.setattr(plan_mod, "run_student", _forbidden)
     assert acc.run_accuracy_bench(cfg, out, seeds=1, extra_seeds=1, progress=False) == results
     from stages.cli import app
 
@@ -164,7 +166,7 @@ def test_compact_rows_get_caches_of_their_own_paired_with_float16():
     assert (pooled.cache.encoding, pooled.cache.pool) == ("int8", (("D", 2),))
     assert f16.cache.extra == ("logits", "raw")  # the rivals' targets go to the float16 cache only
     assert i8.cache.extra == pooled.cache.extra == ()  # AttnFD reads refined maps: nothing extra to store
-    assert len({acc.cache_key(c) for _, c in runs if acc.reads_cache(c)}) == 3
+    assert len({plan_mod.cache_key(c) for _, c in runs if plan_mod.reads_cache(c)}) == 3
     assert run_name(i8).endswith("_int8_s1") and run_name(pooled).endswith("_int8_poolD2_s0")
     assert acc.storage_label(pooled) == "int8+poolD2" and acc.storage_label(f16) is None
     with pytest.raises(ValueError, match="--compact 'int4'"):

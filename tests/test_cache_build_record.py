@@ -13,9 +13,9 @@ from attnfd_pipeline.cache import build_cache
 from attnfd_pipeline.cache.build import BUILD_RECORD, read_build_record
 from attnfd_pipeline.cache.plan import plan_build
 from attnfd_pipeline.errors import UserError
-from test_cache import FakeSource, FakeTeacher, make_cfg
-from test_cache_cli import env  # noqa: F401 - fixture: CLI config + fake teacher/source loaders
-from test_cache_cli import invoke
+from fakes import FakeSource, FakeTeacher
+from fakes import fake_cfg as make_cfg
+from fakes import cache_cli as invoke
 
 KEYS = {"path", "seconds", "samples_written", "bytes_written", "samples_per_s", "teacher_samples_per_s", "resumed",
         "writers"}
@@ -53,8 +53,8 @@ def test_plan_build_checks_the_source_before_it_plans(tmp_path):
     assert not (tmp_path / "cache").exists()  # refused before the plan probed anything
 
 
-def test_cache_build_cli_writes_the_same_record(env):  # noqa: F811
-    cfg_path, tmp_path, _ = env
+def test_cache_build_cli_writes_the_same_record(cache_cli_env):
+    cfg_path, tmp_path, _ = cache_cli_env
     r = invoke("build", "--config", cfg_path, "--no-progress")
     assert r.exit_code == 0 and "shards written 3, skipped 0 of 3" in r.output, r.output
     rec = json.loads((tmp_path / "runs" / "tiny" / BUILD_RECORD).read_text())

@@ -135,8 +135,8 @@ def test_tiny_studies_train_once_and_report_every_study(tiny_pipeline, tmp_path,
     assert [r["K"] for r in report["K"]] == [1, 2, "online-fresh"]
 
     # second call: everything is finished, nothing trains or builds (also through the CLI)
-    for name in ("run_student", "complete_cache"):
-        monkeypatch.setattr(st, name, _forbidden)
+    monkeypatch.setattr(st, "complete_cache", _forbidden)
+    monkeypatch.setattr("attnfd_pipeline.experiments.plan.run_student", _forbidden)
     monkeypatch.setattr("attnfd_pipeline.experiments.accuracy.run_teacher", _forbidden)
     from stages.cli import app
 

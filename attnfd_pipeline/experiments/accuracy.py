@@ -40,14 +40,13 @@ from attnfd_pipeline.losses import list_methods, method_label
 from attnfd_pipeline.records import CENTER_CROP, RunRecord
 from attnfd_pipeline.engine.logging import get_logger
 from attnfd_pipeline.progress import job
-from attnfd_pipeline.runs import check_student_inputs, evaluate_bundle, finished_result, run_student, run_teacher
-from attnfd_pipeline.experiments.plan import (PlannedRun, cache_extra, cache_key,
-                                              reads_cache, run_config, seed_range, with_cache_extra)
+from attnfd_pipeline.runs import evaluate_bundle, run_teacher
+from attnfd_pipeline.experiments.plan import (PlannedRun, cache_extra, finished_runs, pending_caches, run_config,
+                                              seed_range, train_runs, with_cache_extra)
 from attnfd_pipeline.experiments.plan import schedule as plan_schedule
 from attnfd_pipeline.experiments.report import PAIRED_NOTE, evaluation_line
 from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, equivalent, paired
 from attnfd_pipeline.experiments.table import Row, cell, markdown, number, paired_header, resolved_sentence
-from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text, resolve_device
 from attnfd_pipeline.errors import UserError
@@ -209,51 +208,32 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
     meta: dict[str, Any] = {"command": command or DEFAULT_COMMAND, "config": cfg.name, "K": cfg.cache.K,
                             "dataset": cfg.data.dataset, "crop": list(cfg.augment.crop_size),
                             "planned": {p.label: len(p.seeds) for p in plan} | {"teacher": 1}}
-    n_caches = len({cache_key(c) for _, c in runs if reads_cache(c) and not is_done(c)})
-    with job("bench-accuracy", int(not bundle_path(cfg).is_file()) + n_caches + len(runs)) as j:
-        return _run_bench(cfg, out_dir, runs, meta, j, t0=t0, progress=progress, say=say)
+    finished = finished_runs(cfg, runs)
+    with job("bench-accuracy", int(not bundle_path(cfg).is_file()) + pending_caches(runs, finished) + len(runs)) as j:
+        return _run_bench(cfg, out_dir, runs, finished, meta, j, t0=t0, progress=progress, say=say)
 
 
-def _run_bench(cfg: Config, out_dir: Path, runs, meta: dict, j, *, t0: float, progress: bool, say) -> list[dict]:
+def _run_bench(cfg: Config, out_dir: Path, runs, finished, meta: dict, j, *, t0: float, progress: bool,
+               say) -> list[dict]:
     if not bundle_path(cfg).is_file():
         j.next("teacher")
         if progress:
             say(f"[bench-accuracy] no teacher bundle at {bundle_path(cfg)}: training the teacher")
     bundle = ensure_teacher(cfg, progress=progress)
-    results = [teacher_entry(cfg, bundle)]
-    record = _cache_record(out_dir)
+    results, record = [teacher_entry(cfg, bundle)], _cache_record(out_dir)
 
-    def publish() -> None:
+    def cache(c: Config) -> None:
+        nonlocal record
+        record = ensure_cache(c, bundle, out_dir, progress=progress)
+
+    def publish(method: str | None = None, rec: RunRecord | None = None, trained: bool = False) -> None:
+        if rec is not None:
+            results.append(run_entry(method, rec))
         meta.update(wall_seconds=time.perf_counter() - t0, cache=record)
         write_outputs(out_dir, results, meta)
 
     publish()
-    # finished runs are checked before anything trains: one from another config stops the bench now
-    finished = {i: RunRecord.from_dict(finished_result(c)) for i, (_, c) in enumerate(runs, 1) if is_done(c)}
-    pending = [(m, c) for i, (m, c) in enumerate(runs, 1) if i not in finished]
-    if pending:
-        check_student_inputs(cfg)  # dataset files, backbone weights: before any run writes
-    for c in {cache_key(c): c for _, c in pending if reads_cache(c)}.values():
-        j.next("cache")
-        if progress:
-            say(f"[bench-accuracy] {storage_label(c) or 'float16'} cache with extra targets {list(c.cache.extra)} "
-                f"(K = {c.cache.K}): reused when complete, else built")
-        record = ensure_cache(c, bundle, out_dir, progress=progress)
-    for i, (method, run_cfg) in enumerate(runs, 1):
-        if i in finished:
-            j.skip(f"{method} seed {run_cfg.student.train.seed}")
-            result, state = finished[i], "done before"
-        else:
-            j.next(f"{method} seed {run_cfg.student.train.seed}")
-            if progress:
-                say(f"[bench-accuracy] {i}/{len(runs)} {method} seed {run_cfg.student.train.seed}: training")
-            result = RunRecord.from_dict(run_student(run_cfg, resume=True, progress=progress))
-            state = f"trained in {result.train_seconds:.0f} s"
-        results.append(run_entry(method, result))
-        if progress:
-            say(f"[bench-accuracy] {i}/{len(runs)} {method} seed {result.seed}: mIoU "
-                f"{result.final_miou * 100:.2f} ({state})")
-        publish()
+    train_runs(runs, finished, j, tag="bench-accuracy", cache=cache, after=publish, progress=progress, say=say)
     return sorted_results(results)
 
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from attnfd_pipeline.cache.schema import extra_for
 from attnfd_pipeline.config import Config, ConfigError, TargetSource
 from attnfd_pipeline.losses import required_targets
+from attnfd_pipeline.records import RunRecord
+from attnfd_pipeline.runs import check_student_inputs, finished_result, run_student
+from attnfd_pipeline.experiments.sweep import is_done
 
 
 class PlannedRun(NamedTuple):
@@ -104,3 +107,51 @@ def schedule(cfg: Config, plan: Sequence[PlannedRun]) -> list[tuple[PlannedRun, 
 
 def count_runs(plan: Sequence[PlannedRun]) -> int:
     return sum(len(p.seeds) for p in plan)
+
+
+def finished_runs(cfg: Config, runs: Sequence[tuple[str, Config]]) -> dict[int, RunRecord]:
+    """The runs already finished (1-based index → record), checked before anything trains: one trained under
+    another config stops the plan now (``runs.finished_result`` refuses it). With runs still to train, the
+    dataset files and backbone weights are checked too, before any run writes."""
+    done = {i: RunRecord.from_dict(finished_result(c)) for i, (_, c) in enumerate(runs, 1) if is_done(c)}
+    if len(done) < len(runs):
+        check_student_inputs(cfg)
+    return done
+
+
+def train_runs(runs: Sequence[tuple[str, Config]], finished: dict[int, RunRecord], j, *, tag: str,
+               cache: Callable[[Config], Any], after: Callable[[str, RunRecord, bool], None], progress: bool,
+               say: Callable[[str], None]) -> None:
+    """Train the scheduled ``(label, config)`` runs in order (``resume=True``: an interrupted one goes on from
+    its ``last.pt``), reusing the finished ones: ``cache(cfg)`` completes a cache before the first run that
+    reads it, ``after(label, record, trained)`` follows every run, trained or reused (the caller rewrites its
+    outputs)."""
+    caches: set[tuple] = set()
+    for i, (label, c) in enumerate(runs, 1):
+        what = f"{label}, seed {c.student.train.seed}"
+        if i in finished:
+            j.skip(what)
+            rec, state, trained = finished[i], "done before", False
+        else:
+            key = (*cache_key(c), c.cache.extra)
+            if reads_cache(c) and key not in caches:
+                j.next(f"cache {c.name} K={c.cache.K}")
+                if progress:
+                    say(f"[{tag}] cache of {c.name} at K = {c.cache.K} (extra {list(c.cache.extra)}): reused when "
+                        f"complete, else built")
+                cache(c)
+                caches.add(key)
+            j.next(what)
+            if progress:
+                say(f"[{tag}] {i}/{len(runs)} {what}: training")
+            rec = RunRecord.from_dict(run_student(c, resume=True, progress=progress))
+            state, trained = f"trained in {rec.train_seconds:.0f} s", True
+        if progress:
+            say(f"[{tag}] {i}/{len(runs)} {what}: mIoU {rec.final_miou * 100:.2f} ({state})")
+        after(label, rec, trained)
+
+
+def pending_caches(runs: Sequence[tuple[str, Config]], finished: dict[int, RunRecord]) -> int:
+    """How many caches the runs still to train read (the job's cache steps)."""
+    return len({(*cache_key(c), c.cache.extra) for i, (_, c) in enumerate(runs, 1) if i not in finished
+                and reads_cache(c)})

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,13 +42,10 @@ from attnfd_pipeline.experiments.accuracy import complete_cache, ensure_teacher
 from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.experiments.report import CBAM_MODES, NORM_ORDER, build_report
 from attnfd_pipeline.losses import list_methods
-from attnfd_pipeline.records import RunRecord
 from attnfd_pipeline.engine.logging import get_logger
-from attnfd_pipeline.progress import Job, current_job, job
-from attnfd_pipeline.runs import check_student_inputs, finished_result, run_student
-from attnfd_pipeline.experiments.plan import (PlannedRun, cache_key, reads_cache, schedule,
+from attnfd_pipeline.progress import current_job, job
+from attnfd_pipeline.experiments.plan import (PlannedRun, finished_runs, pending_caches, schedule, train_runs,
                                               seed_range, teacher_config)
-from attnfd_pipeline.experiments.sweep import is_done
 from attnfd_pipeline.teacher import bundle_path
 from attnfd_pipeline.errors import UserError
 
@@ -175,45 +171,18 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
     plan = plan_studies(cfg, studies=studies, seeds=seeds, extra_seeds=extra_seeds, ks=ks, alphas=alphas)
     runs = schedule(cfg, plan)
     roots = extra_roots(cfg, plan)
-    # finished runs are checked before anything trains: one from another recipe stops the studies now
-    finished = {i for i, (_, c) in enumerate(runs) if is_done(c) and finished_result(c)}
-    pending = [(p, c) for i, (p, c) in enumerate(runs) if i not in finished]
-    if pending:
-        check_student_inputs(cfg)
-    teachers = {c.name for _, c in [(None, cfg), *runs] if not bundle_path(c).is_file()}
-    cache_keys = {_cache_key(c) for _, c in pending if reads_cache(c)}
-    with job("studies", len(teachers) + len(cache_keys) + len(runs)) as j:
-        return _train_studies(cfg, out_dir, runs, finished, roots, j, progress=progress, say=say)
-
-
-def _cache_key(c: Config) -> tuple:
-    return *cache_key(c), c.cache.extra
-
-
-def _train_studies(cfg: Config, out_dir, runs, finished: set[int], roots, j: Job, *, progress: bool,
-                   say: Callable[[str], None]) -> dict[str, Path]:
-    bundles = ensure_teachers(cfg, runs, progress=progress, say=say)
-    files = build_report(cfg, out_dir, extra_roots=roots)
-    caches: dict[tuple, Path] = {}
-    for i, (p, c) in enumerate(runs, 1):
-        if i - 1 in finished:
-            j.skip(f"{p.label}, seed {c.student.train.seed}")
-            continue
-        if reads_cache(c):
-            key = _cache_key(c)
-            if key not in caches:
-                j.next(f"cache {c.name} K={c.cache.K}")
-                if progress:
-                    say(f"[studies] cache of {c.name} at K = {c.cache.K} (extra {list(c.cache.extra)}): reused when "
-                        f"complete, else built")
-                caches[key] = complete_cache(c, bundles[c.name], progress=progress)[0]
-        if progress:
-            say(f"[studies] {i}/{len(runs)} {p.study}: {p.label}, seed {c.student.train.seed}: training")
-        t0 = time.perf_counter()
-        j.next(f"{p.label}, seed {c.student.train.seed}")
-        rec = RunRecord.from_dict(run_student(c, resume=True, progress=progress))
-        if progress:
-            say(f"[studies] {i}/{len(runs)} {p.label}, seed {rec.seed}: mIoU {rec.final_miou * 100:.2f} "
-                f"({time.perf_counter() - t0:.0f} s)")
+    finished = finished_runs(cfg, [(p.label, c) for p, c in runs])
+    teachers = {c.name for c in [cfg, *(c for _, c in runs)] if not bundle_path(c).is_file()}
+    with job("studies", len(teachers) + pending_caches([(p.label, c) for p, c in runs], finished) + len(runs)) as j:
+        bundles = ensure_teachers(cfg, runs, progress=progress, say=say)
         files = build_report(cfg, out_dir, extra_roots=roots)
+
+        def report(label, rec, trained: bool) -> None:
+            nonlocal files
+            if trained:  # a reused run changes nothing the report shows
+                files = build_report(cfg, out_dir, extra_roots=roots)
+
+        train_runs([(f"{p.study}: {p.label}", c) for p, c in runs], finished, j, tag="studies",
+                   cache=lambda c: complete_cache(c, bundles[c.name], progress=progress), after=report,
+                   progress=progress, say=say)
     return files
