@@ -1,5 +1,5 @@
-"""The lab's statistics on hand-made numbers: t quantiles against printed tables, paired differences,
-Welch's interval and the two decision rules (lower bound, equivalence)."""
+"""The lab's statistics on hand-made numbers: t quantiles against printed tables, paired differences and
+the equivalence rule."""
 
 from __future__ import annotations
 
@@ -24,26 +24,16 @@ def test_t_quantiles_match_the_printed_table(df):
     assert stats.t_quantile(0.025, df) == pytest.approx(-stats.t_quantile(0.975, df), abs=1e-12)
 
 
-def test_t_distribution_closed_forms():
-    # df = 1 is Cauchy: F(t) = 1/2 + atan(t)/π; df = 2: F(t) = 1/2 + t / (2 √(2 + t²)); both exact
-    for t in (-3.0, -0.5, 0.0, 0.7, 4.0, 30.0):
-        assert stats.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
-        assert stats.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
-    assert stats.t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-10)
+def test_t_quantile_closed_forms():
+    assert stats.t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-10)  # df = 1: Cauchy
     assert stats.t_quantile(0.975, 1e6) == pytest.approx(1.959964, abs=1e-5)  # → the normal quantile
-    assert stats.t_quantile(0.975, 2.5) == pytest.approx(3.5747, abs=1e-3)  # non-integer df (Welch)
     for p in (0.6, 0.9, 0.975, 0.999):  # df = 2 inverts in closed form: t = u √(2 / (1 − u²)), u = 2p − 1
         u = 2 * p - 1
         assert stats.t_quantile(p, 2) == pytest.approx(u * math.sqrt(2 / (1 - u * u)), rel=1e-12)
-    for t in (-2.0, 0.3, 3.182, 10.0):  # df = 3: F(t) = 1/2 + (θ + sin θ cos θ) / π, θ = atan(t / √3)
-        th = math.atan(t / math.sqrt(3))
-        assert stats.t_cdf(t, 3) == pytest.approx(0.5 + (th + math.sin(th) * math.cos(th)) / math.pi, abs=1e-12)
     with pytest.raises(ValueError, match="probability 1"):
         stats.t_quantile(1.0, 3)
     with pytest.raises(ValueError, match="degrees of freedom -1"):
         stats.t_quantile(0.9, -1)
-    with pytest.raises(ValueError, match="degrees of freedom 0"):
-        stats.t_cdf(1.0, 0)
 
 
 def test_paired_difference_of_the_issue_example():
@@ -57,9 +47,6 @@ def test_paired_difference_of_the_issue_example():
     assert d.se == pytest.approx(sd / math.sqrt(3), rel=1e-12) and round(d.se, 2) == 0.11
     assert (d.lo, d.hi) == pytest.approx((0.20 - 4.3027 * d.se, 0.20 + 4.3027 * d.se), abs=1e-4)
     assert d.fmt() == "+0.20 [-0.28, +0.68] (n = 3)" and d.resolved is False
-    # unpaired, the same numbers cannot tell the rows apart: Welch's interval is far wider
-    w = stats.welch(list(attnfd.values()), list(lad.values()))
-    assert w.mean == pytest.approx(d.mean) and not w.paired and (w.hi - w.lo) > 3 * (d.hi - d.lo)
 
 
 def test_paired_uses_only_the_shared_seeds():
@@ -75,24 +62,13 @@ def test_paired_uses_only_the_shared_seeds():
     assert (same.se, same.lo, same.hi) == (0.0, 1.0, 1.0)
 
 
-def test_welch_interval():
-    a, b = [1.0, 2.0, 3.0], [2.0, 4.0, 7.0]
-    w = stats.welch(a, b)
-    va, vb = statistics.variance(a) / 3, statistics.variance(b) / 3
-    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
-    assert w.mean == pytest.approx(-7 / 3) and w.se == pytest.approx(math.sqrt(va + vb)) and w.df == pytest.approx(df)
-    assert w.hi - w.mean == pytest.approx(stats.t_quantile(0.975, df) * w.se)
-    assert stats.welch([1.0], b) is None
-
-
 def test_decision_rules():
     d = stats.Difference(mean=2.5, n=8, se=0.5, lo=2.1, hi=2.9, df=7.0)
-    assert stats.at_least(d, 2.0) is True and stats.at_least(d, 2.2) is False
     assert stats.equivalent(d, 3.0) is True and stats.equivalent(d, 2.5) is False
     near = stats.Difference(mean=0.1, n=8, se=0.3, lo=-0.6, hi=0.8, df=7.0)
     assert stats.equivalent(near, 1.0) is True and stats.equivalent(near, 0.7) is False
     single = stats.Difference(mean=0.1, n=1, se=None, lo=None, hi=None, df=None)
-    assert stats.equivalent(single, 1.0) is None and stats.at_least(single, 0.0) is None and stats.at_least(None, 0) is None
+    assert stats.equivalent(single, 1.0) is None and stats.equivalent(None, 1.0) is None
 
 
 def test_stat_and_seed_values():

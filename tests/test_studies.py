@@ -153,14 +153,13 @@ def test_every_shipped_config_plans_paired_studies_and_bench(config):
     """`attnfd studies` and `attnfd bench-accuracy` plan on any config: every compared row shares its
     reference's seeds, and each (root, K) cache carries what its cached methods read."""
     from attnfd_pipeline.experiments import accuracy as acc
-    from attnfd_pipeline.experiments.plan import count_runs
 
     cfg = load_config(config)
     plan = st.plan_studies(cfg)
     ref = next(p for p in plan if p.label == "attnfd").seeds
     assert all(p.seeds == ref for p in plan if not p.label.startswith("student K="))
     runs = st.schedule(cfg, plan)
-    assert len(runs) == count_runs(plan) and len({(c.name, run_name(c)) for _, c in runs}) == len(runs)
+    assert len(runs) == sum(len(p.seeds) for p in plan) and len({(c.name, run_name(c)) for _, c in runs}) == len(runs)
     assert {c.cache.extra for _, c in runs if c.name == cfg.name and c.cache.K == cfg.cache.K} == {("logits", "raw")}
     bench = acc.bench_config(cfg, acc.plan_runs(cfg))
     assert bench.cache.extra == ("logits", "raw") and len(acc.schedule(bench, acc.plan_runs(cfg))) == 3 * 3 + len(acc.RIVALS)

@@ -105,10 +105,6 @@ def schedule(cfg: Config, plan: Sequence[PlannedRun]) -> list[tuple[PlannedRun, 
     return [(p, with_cache_extra(c, extra)) for p, c in order]
 
 
-def count_runs(plan: Sequence[PlannedRun]) -> int:
-    return sum(len(p.seeds) for p in plan)
-
-
 def finished_runs(cfg: Config, runs: Sequence[tuple[str, Config]]) -> dict[int, RunRecord]:
     """The runs already finished (1-based index → record), checked before anything trains: one trained under
     another config stops the plan now (``runs.finished_result`` refuses it). With runs still to train, the

@@ -4,11 +4,9 @@ Runs of one config that share a seed share the student's initialisation, its dat
 runs) the cached crops, so the comparison this design allows is the *paired* one: the difference of two
 rows at each seed both have, then its mean, standard error and a Student-t interval over those seeds. It
 removes the seed-to-seed spread both rows share, which the unpaired summary (mean ± sample std of each
-row, ``Stat``) keeps. Rows without a shared seed cannot be paired; ``welch`` gives their unpaired
-interval when each has two or more runs.
+row, ``Stat``) keeps. Rows without a shared seed cannot be paired: the tables say so.
 
-The t quantiles are scipy's (``scipy.stats.t``, the lab extra), for any degrees of freedom (Welch's are
-not integers).
+The t quantiles are scipy's (``scipy.stats.t``, the lab extra).
 """
 
 from __future__ import annotations
@@ -28,13 +26,6 @@ LEVEL = f"{CONFIDENCE * 100:g} %"  # how tables name it
 
 # ---------------------------------------------------------------------------------------------
 # Student's t distribution
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T ≤ t) for Student's t with ``df`` > 0 degrees of freedom."""
-    if df <= 0:
-        raise UserError(f"degrees of freedom {df}: must be > 0")
-    return float(student_t.cdf(t, df))
 
 
 def t_quantile(p: float, df: float) -> float:
@@ -80,8 +71,8 @@ class Stat:
 @dataclass(frozen=True)
 class Difference:
     """A difference of two rows (row − reference) with its standard error and two-sided t-interval.
-    ``n``: the shared seeds (paired) or the smaller row (Welch); ``se``, ``lo``, ``hi`` and ``df`` are
-    None when there is no spread to estimate (a single shared seed)."""
+    ``n``: the shared seeds; ``se``, ``lo``, ``hi`` and ``df`` are None when there is no spread to estimate
+    (a single shared seed). ``paired`` stays in report.json's records (every difference the lab prints is)."""
 
     mean: float
     n: int
@@ -114,11 +105,6 @@ class Difference:
                 "seeds": list(self.seeds), "paired": self.paired, "confidence": self.confidence}
 
 
-def _interval(mean: float, se: float, df: float, confidence: float) -> tuple[float, float]:
-    half = t_quantile(0.5 + confidence / 2.0, df) * se
-    return mean - half, mean + half
-
-
 def paired(row: Mapping[int, float], reference: Mapping[int, float], *,
            confidence: float = CONFIDENCE) -> Difference | None:
     """``row − reference`` over the seeds both have (values keyed by seed): mean of the per-seed
@@ -132,29 +118,9 @@ def paired(row: Mapping[int, float], reference: Mapping[int, float], *,
     if n < 2:
         return Difference(mean, n, None, None, None, None, seeds, True, confidence)
     se = float(d.std(ddof=1)) / math.sqrt(n)
-    lo, hi = _interval(mean, se, n - 1, confidence) if se > 0 else (mean, mean)
+    half = t_quantile(0.5 + confidence / 2.0, n - 1) * se
+    lo, hi = mean - half, mean + half
     return Difference(mean, n, se, lo, hi, float(n - 1), seeds, True, confidence)
-
-
-def welch(row: Sequence[float], reference: Sequence[float], *, confidence: float = CONFIDENCE) -> Difference | None:
-    """Unpaired difference of means with Welch's standard error and Welch–Satterthwaite degrees of freedom;
-    None unless both rows have two or more values."""
-    a, b = np.asarray(row, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    if a.size < 2 or b.size < 2:
-        return None
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    mean, se = float(a.mean() - b.mean()), math.sqrt(va + vb)
-    if se == 0:
-        return Difference(mean, min(a.size, b.size), 0.0, mean, mean, None, (), False, confidence)
-    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
-    lo, hi = _interval(mean, se, df, confidence)
-    return Difference(mean, min(a.size, b.size), se, lo, hi, float(df), (), False, confidence)
-
-
-def at_least(d: Difference | None, threshold: float) -> bool | None:
-    """Whether the interval's lower end is ≥ ``threshold`` (the difference is established to reach it);
-    None without an interval."""
-    return None if d is None or not d.has_interval else bool(d.lo >= threshold)
 
 
 def equivalent(d: Difference | None, margin: float) -> bool | None:
