@@ -230,3 +230,35 @@ def test_visualize_teacher_and_student_maps(tiny_pipeline, tmp_path):
     r = CliRunner().invoke(app, ["visualize", "--config", str(p2), "--image-index", "99", "--out",
                                  str(tmp_path / "bad.png")])
     assert r.exit_code == 2 and "image index 99" in r.output
+
+
+def test_runs_of_another_recipe_are_never_pooled_with_the_reference(tmp_path):
+    """Runs that differ only in a recipe switch or a method setting (their run names' variant: ``_ceavg``,
+    ``_p<hash>``) are other settings: the report takes the config's own variant, or the largest one when the
+    config's has no runs, instead of averaging them into one row."""
+    cfg = load_config("configs/demo.toml", [f'runs_root="{tmp_path / "runs"}"'])
+    stem = f"{cfg.student.model.name}_{{m}}_a30_batch_D_cached_K4{{v}}_s{{s}}"
+
+    def write(name, miou, method="attnfd", alpha=30.0):
+        d = cfg.run_root / "student" / name
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({
+            "run": name, "model": cfg.student.model.name, "method": method if alpha else "none", "alpha": alpha,
+            "norm": "batch", "points": ["D"], "mode": "cached", "seed": int(name.rsplit("_s", 1)[1]), "K": 4,
+            "final_miou": miou, "final_pixel_acc": 0.8, "best_miou": miou, "train_seconds": 1.0, "epochs": 1}))
+
+    for s in (0, 1):
+        write(f"{cfg.student.model.name}_baseline_K4_s{s}", 0.10 + s / 100, alpha=0.0)
+        write(stem.format(m="attnfd", v="", s=s), 0.20 + s / 100)  # the config's own recipe
+        write(stem.format(m="attnfd", v="_ceavg_convbn_connwarm", s=s), 0.50)  # the released switches
+    # two settings of a method the config does not name
+    write(stem.format(m="aicsd", v="_p0000dead", s=0), 0.30, "aicsd")
+    write(stem.format(m="aicsd", v="_p0000beef", s=0), 0.40, "aicsd")
+    write(stem.format(m="aicsd", v="_p0000beef", s=1), 0.42, "aicsd")
+    md = build_report(cfg, tmp_path / "report")["report"].read_text()
+    main = {r[0]: r for r in _rows(md, "Methods")}
+    assert main["S + AttnFD"][2:4] == ["2", "20.50 ± 0.71"]  # not 35.25: the released-switch runs stay out
+    assert main["S + AttnFD"][5] == "+10.00 [+10.00, +10.00] (n = 2)"
+    assert main["S + AICSD"][2:4] == ["2", "41.00 ± 1.41"]  # the variant with the most runs, alone
+    alpha = {(r[0], r[1]): r for r in _rows(md, "α sweep")}
+    assert alpha[("30", "cached")][2:4] == ["2", "20.50 ± 0.71"]

@@ -57,3 +57,19 @@ def test_alpha_cell():
     assert alpha_cell(2.0, {"attnfd": 1.0}) == "2"
     assert alpha_cell(100.0, {"kd": 0.01}) == "1 (= 100 × 0.01)"
     assert alpha_cell(100.0, {"attnfd": 1.0, "kd": 0.01}) == "100 × (attnfd 1, kd 0.01)"
+
+
+def test_runs_of_another_variant_are_rows_of_their_own(tmp_path):
+    """A recipe switch or method setting (the run name's variant tag) makes another row, tagged, never a
+    seed of the same row."""
+    cfg = load_config(None, [f"runs_root={tmp_path.as_posix()}", "name=t"])
+    for seed in (0, 1):
+        _student(cfg.run_root, f"m_baseline_K4_s{seed}", alpha=0.0, seed=seed, miou=0.10)
+        _student(cfg.run_root, f"m_attnfd_a30_batch_D_cached_K4_s{seed}", alpha=30.0, seed=seed, miou=0.20)
+        _student(cfg.run_root, f"m_attnfd_a30_batch_D_cached_K4_ceavg_s{seed}", alpha=30.0, seed=seed, miou=0.40)
+        _student(cfg.run_root, f"m_baseline_K4_ceavg_s{seed}", alpha=0.0, seed=seed, miou=0.30)
+    table = format_table(collect_results(cfg)).splitlines()
+    rows = {line.split("|")[3].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in table[2:]}
+    assert rows["attnfd"][5:8] == ["2", "20.00 ± 0.00", "+10.00"]  # against the default recipe's plain student
+    assert rows["attnfd [ceavg]"][5:8] == ["2", "40.00 ± 0.00", "+30.00"]
+    assert rows["none [ceavg]"][5:8] == ["2", "30.00 ± 0.00", ""]

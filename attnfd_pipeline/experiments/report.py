@@ -27,22 +27,24 @@ float16) or ``online-fresh`` (``student.targets = "online-fresh"``: a fresh augm
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from attnfd_pipeline.config import Config, TargetSource
+from attnfd_pipeline.config import Config, ConfigError, TargetSource
 from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat
 from attnfd_pipeline.experiments.table import (Row, cell, markdown, number, paired_header, resolved_sentence, signed,
                                                stat_dict)
 from attnfd_pipeline.losses import get_method, list_methods, method_label
 from attnfd_pipeline.records import CENTER_CROP, read_record
+from attnfd_pipeline.runs import run_name, variant_tag
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
 # the run settings a method's result depends on (the others are ignored when matching the reference), as each
@@ -99,7 +101,7 @@ def _student_record(path: Path, root: Path, teacher: dict | None) -> dict:
         "miou": rec.final_miou, "pixel_acc": rec.final_pixel_acc, "best_miou": rec.best_miou,
         "per_class_iou": list(rec.per_class_iou) if rec.per_class_iou is not None else None,
         "class_names": list(rec.class_names) or None, "seconds": rec.train_seconds, "epochs": rec.epochs,
-        "dataset": rec.dataset, "eval_protocol": rec.eval_protocol,
+        "dataset": rec.dataset, "eval_protocol": rec.eval_protocol, "variant": variant_tag(rec.run),
     }
 
 
@@ -159,11 +161,39 @@ class Reference:
     points: tuple[str, ...]
     K: int
     teacher_mode: str
+    cfg: Config | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, cfg: Config) -> "Reference":
         s = cfg.student
-        return cls(s.model.name, float(s.alpha), s.norm, tuple(s.points), int(cfg.cache.K), cfg.teacher.cbam_mode)
+        return cls(s.model.name, float(s.alpha), s.norm, tuple(s.points), int(cfg.cache.K), cfg.teacher.cbam_mode,
+                   cfg)
+
+    def as_dict(self) -> dict:
+        return {k: list(v) if k == "points" else v for k, v in self.__dict__.items() if k != "cfg"}
+
+    def variant(self, method: str, alpha: float, mode: str) -> str | None:
+        """The variant (``runs.variant_tag``: method settings, storage, recipe switches) a run of ``method`` at
+        ``alpha`` and ``mode`` has under the reference config; None when the config cannot name one."""
+        if self.cfg is None or mode not in MODES:
+            return None
+        s = self.cfg.student
+        try:
+            student = dataclasses.replace(s, method=s.method if method == "none" else method, alpha=float(alpha),
+                                          targets=next(t for t in TargetSource if t.tag == mode))
+        except (ConfigError, ValueError):
+            return None
+        return variant_tag(run_name(dataclasses.replace(self.cfg, student=student)))
+
+
+def _one_variant(runs: list[dict], own: str | None) -> list[dict]:
+    """The runs of one variant: the reference config's own when it has runs, else the variant with the most
+    runs. Runs that trained differently (another recipe switch, method setting or storage) are never pooled
+    into one row."""
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by[r["variant"]].append(r)
+    return by[own] if own in by else max(by.values(), key=len, default=[])
 
 
 def _uses(method: str) -> set[str]:
@@ -195,7 +225,7 @@ def _baseline(students: list[dict], ref: Reference) -> list[dict]:
     there are such runs."""
     base = [r for r in students if r["method"] == "none" and r["model"] == ref.model and r["mode"] != FRESH]
     at_k = [r for r in base if r["K"] == ref.K]
-    return at_k or base
+    return _one_variant(at_k or base, ref.variant("none", 0.0, CACHED))
 
 
 def _teacher_at_ref(teachers: list[dict], cfg: Config) -> dict | None:
@@ -255,7 +285,7 @@ def _main_rows(teachers: list[dict], students: list[dict], cfg: Config, base: li
         else:  # the α with the most seeds (then the best mean)
             alpha = max(by_alpha, key=lambda a: (len(by_alpha[a]), Row.of("", by_alpha[a]).miou.mean))
         rows.append({"label": row_label(method, mode), "method": method, "alpha": alpha, "mode": mode,
-                     "runs": by_alpha[alpha]})
+                     "runs": _one_variant(by_alpha[alpha], ref.variant(method, alpha, mode))})
     return rows
 
 
@@ -298,13 +328,13 @@ def _study(students: list[dict], ref: Reference, vary: str, key, order: Sequence
             continue
         groups[key(r)].append(r)
     keys = sorted(groups, key=lambda k: (order.index(k) if order is not None and k in order else len(order or ()), k))
-    return [(k, groups[k]) for k in keys]
+    return [(k, _one_variant(groups[k], ref.variant("attnfd", groups[k][0]["alpha"], mode))) for k in keys]
 
 
 def reference_attnfd(students: list[dict], ref: Reference) -> list[dict]:
     """AttnFD (cached) at the reference setting: the row every ablation is paired with."""
-    return [r for r in students if r["method"] == "attnfd" and r["mode"] == CACHED and r["alpha"] == ref.alpha
-            and _matches(r, ref)]
+    return _one_variant([r for r in students if r["method"] == "attnfd" and r["mode"] == CACHED
+                         and r["alpha"] == ref.alpha and _matches(r, ref)], ref.variant("attnfd", ref.alpha, CACHED))
 
 
 @dataclass(frozen=True)
@@ -433,7 +463,7 @@ def _crop_baselines(students: list[dict], ref: Reference) -> dict[Any, list[dict
     for r in students:
         if r["method"] == "none" and r["model"] == ref.model and (r["mode"] == FRESH or r["K"] is not None):
             crops[FRESH if r["mode"] == FRESH else r["K"]].append(r)
-    return dict(crops)
+    return {k: _one_variant(g, ref.variant("none", 0.0, FRESH if k == FRESH else CACHED)) for k, g in crops.items()}
 
 
 def _header(cfg: Config, ref: Reference, teachers: list[dict], students: list[dict]) -> list[str]:
@@ -459,7 +489,7 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
     ref_runs = reference_attnfd(students, ref)
     teacher = _teacher_at_ref(teachers, cfg)
     files: dict[str, Path] = {}
-    data: dict[str, Any] = {"reference": ref.__dict__ | {"points": list(ref.points)}, "runs": len(students)}
+    data: dict[str, Any] = {"reference": ref.as_dict(), "runs": len(students)}
     md = _header(cfg, ref, teachers, students)
 
     table, rows = main_table(teachers, students, cfg)
@@ -585,9 +615,8 @@ def _curves_section(students: list[dict], ref: Reference, base: list[dict], out_
     drawn into ``out_dir/curves``; ``attnfd curves`` draws any other selection."""
     from attnfd_pipeline.experiments.curves import draw_runs, load_run
 
-    attnfd = [r for r in students if r["method"] == "attnfd" and r["mode"] == CACHED and r["alpha"] == ref.alpha
-              and _matches(r, ref)]
-    picked = [r for group in (base, attnfd) for r in sorted(group, key=lambda r: r["seed"] or 0)[:CURVE_SEEDS]]
+    picked = [r for group in (base, reference_attnfd(students, ref))
+              for r in sorted(group, key=lambda r: r["seed"] or 0)[:CURVE_SEEDS]]
     paths = [Path(r["root"]) / "student" / r["run"] for r in picked]
     paths = [p for p in paths if (p / "metrics.parquet").is_file()]
     if not paths:

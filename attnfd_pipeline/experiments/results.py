@@ -12,6 +12,7 @@ from attnfd_pipeline.cache.build import read_build_record
 from attnfd_pipeline.config import Config
 from attnfd_pipeline.experiments.table import Row, cell, markdown, number, paired_header
 from attnfd_pipeline.records import RESULT_JSON, read_record
+from attnfd_pipeline.runs import variant_tag
 
 
 def collect_results(cfg: Config) -> list[dict]:
@@ -28,8 +29,8 @@ def collect_results(cfg: Config) -> list[dict]:
         # the plain student's crops: cached seeds ("") or a fresh draw every epoch ("fresh")
         mode = r.mode_tag if r.distilled else ("fresh" if r.fresh else "")
         rows.append({"role": "student", "model": r.model, "method": r.method, "alpha": r.alpha,
-                     "weights": r.weights, "mode": mode, "seed": r.seed, "miou": r.final_miou,
-                     "pixel_acc": r.final_pixel_acc, "seconds": r.train_seconds})
+                     "weights": r.weights, "mode": mode, "variant": variant_tag(r.run), "seed": r.seed,
+                     "miou": r.final_miou, "pixel_acc": r.final_pixel_acc, "seconds": r.train_seconds})
     return rows
 
 
@@ -63,18 +64,22 @@ def alpha_cell(alpha: float | None, weights: dict[str, float]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table; runs that differ only by seed are merged into mean ± std, and each distilled row is
-    compared with the plain student as the report does (``experiments.table``): the difference of the
-    means and the paired Δ over the seeds both have."""
+    """Markdown table; runs that differ only by seed are merged into mean ± std (a run of another variant —
+    recipe switch, method setting, storage: ``runs.variant_tag`` — is a row of its own, its tag in brackets),
+    and each distilled row is compared with the plain student as the report does (``experiments.table``): the
+    difference of the means and the paired Δ over the seeds both have."""
     if not rows:
-        return "no results yet (run `attnfd teacher -c CONFIG`, `attnfd cache build -c CONFIG`, `attnfd student -c CONFIG`)"
+        return ("no results yet (run `attnfd teacher -c CONFIG`, `attnfd cache build -c CONFIG`, "
+                "`attnfd student -c CONFIG`)")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["role"], r["model"], r["method"], alpha_cell(r["alpha"], r.get("weights") or {}), r["mode"])].append(r)
-    base = next((Row.of("student", g) for k, g in groups.items() if k[0] == "student" and k[2] == "none"), None)
+        method = r["method"] + (f" [{r['variant']}]" if r.get("variant") else "")
+        groups[(r["role"], r["model"], method, alpha_cell(r["alpha"], r.get("weights") or {}), r["mode"])].append(r)
+    plain = sorted((k[2] != "none", k) for k in groups if k[0] == "student" and k[2].split(" [")[0] == "none")
+    base = Row.of("student", groups[plain[0][1]]) if plain else None  # the default recipe's plain student first
     cells = []
     for (role, model, method, alpha, mode), g in groups.items():
-        row, compared = Row.of(method, g), role != "teacher" and method != "none"
+        row, compared = Row.of(method, g), role != "teacher" and not method.startswith("none")
         cells.append([role, model, method, alpha, mode, len(g), cell(row.miou), row.delta(base) if compared else "",
                       row.pair_cell(base) if compared else "", number(row.pixel_acc.mean if row.pixel_acc else None),
                       f"{np.mean([r['seconds'] for r in g]):.0f}"])

@@ -62,6 +62,16 @@ def run_name(cfg: Config) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", tag)
 
 
+def variant_tag(name: str) -> str:
+    """What a student run name says after its crops (``K<n>``, or a plain student's ``fresh``) and before its
+    seed: the method settings hash, the storage and the released-recipe switches (``"p6031d366_int8_ceavg"``;
+    "" at the defaults). Two runs that agree on everything else but this trained differently: the lab's
+    tables never pool them."""
+    stem = re.sub(r"_s\d+$", "", name)
+    m = re.search(r"_(K\d+|baseline_fresh)(?=_|$)", stem)
+    return stem[m.end():].lstrip("_") if m else ""
+
+
 def storage_tag(cfg: Config) -> str:
     """``_int8``, ``_poolD2`` … for a cached run on a cache that is not float16 at full resolution (its
     targets, and with pooling its loss, differ); "" otherwise, so the names of earlier runs are kept."""
