@@ -20,9 +20,8 @@ from attnfd_pipeline.experiments.bench.measure import (profile_variants, reader_
                                                        time_cache_build, time_steps)
 from attnfd_pipeline.experiments.bench.memory import measure_memory
 from attnfd_pipeline.experiments.bench.storage import on_disk, storage_analysis, storage_options
-from attnfd_pipeline.experiments.bench.workload import (DEFAULT, QUICK, Workload, block_keys, build_setup,
-                                                        make_dataset, make_teacher_bundle, param_counts,
-                                                        workload_config)
+from attnfd_pipeline.experiments.bench.workload import (DEFAULT, QUICK, Workload, build_setup, make_dataset,
+                                                        make_teacher_bundle, param_counts, workload_config)
 from attnfd_pipeline.errors import UserError
 
 
@@ -183,9 +182,8 @@ def measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool,
         shutdown(s)
     del setups
 
-    mem_keys = block_keys(cfg, len(source), max(1, w.memory_steps) * w.batch_size, first_epoch=77_000)
-    memory = measure_memory(cfg, VARIANTS, num_classes=w.num_classes, bundle=bundle, cache_dir=cache_dir,
-                            device=device, keys=mem_keys, work=work, mode=w.memory_mode)
+    memory = measure_memory(cfg, w, VARIANTS, bundle=bundle, cache_dir=cache_dir, device=device,
+                            n_images=len(source), work=work)
 
     results, med = figures(steps, reader_rows, build_rows, memory, w, device)
     results.update({

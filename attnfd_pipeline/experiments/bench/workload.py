@@ -39,7 +39,7 @@ class Workload:
     timed_steps: int = 4  # timed training steps per variant per repeat
     reader_batches: int = 12  # batches timed per reader block
     memory_steps: int = 2  # training steps in each peak-memory process
-    memory_mode: str = "each"  # "each" | "parallel" | "one" (see memory.measure_memory)
+    memory_mode: str = "each"  # "each" | "one" | "inline" (see memory.measure_memory)
     threads: int = 0  # torch intra-op threads (0 = auto: the cores the loader workers leave, at least 1)
     calib_batches: int = 2  # teacher BatchNorm calibration batches (random weights)
     mantissa_options: tuple[int, ...] = (9, 8)  # storage options with the mantissa rounded
