@@ -71,10 +71,7 @@ def ratios(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
 
 def num(x):
     """JSON-safe float (NaN/inf → None)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+    return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
 def fmt(x, spec=".3f", none="n/a") -> str:

@@ -93,8 +93,7 @@ def memory_child(spec_path: str) -> None:
     variants = spec["variants"]
     results = {}
     for i, variant in enumerate(variants):
-        if i > 0:
-            gc.collect()
+        if i > 0:  # the previous variant's garbage is collected at the end of its turn
             reset_peak_rss()
         shared = "own" if len(variants) == 1 else f"shared ({i + 1}/{len(variants)})"
         results[variant] = _measure_variant(spec, variant, device, cfg, keys, shared)

@@ -166,10 +166,8 @@ class InMemoryLoader:
         return len(self.sampler) // self.batch_size  # drop_last, as the cached loader
 
     def __iter__(self):
-        keys = list(self.sampler)
-        bs = self.batch_size
-        batches = [default_collate([self.dataset[k] for k in keys[b * bs:(b + 1) * bs]]) for b in range(len(self))]
-        return iter(batches)
+        keys, bs = list(self.sampler), self.batch_size
+        return iter([default_collate([self.dataset[k] for k in keys[b * bs:(b + 1) * bs]]) for b in range(len(self))])
 
 
 @dataclass
