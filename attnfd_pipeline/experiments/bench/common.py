@@ -12,9 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-# plain: α = 0, no targets; inmemory: the cached step with its targets already in memory (no DataLoader
-# reads, the physical limit of any cache); cached: targets read by the DataLoader; online: the teacher
-# every step
+# where each variant's targets come from: docs/bench.md "Workload"
 VARIANTS = ("plain", "inmemory", "cached", "online")
 SWEEP_N = (1, 4, 12)
 

@@ -1,6 +1,5 @@
-"""The figures of ``results.json``, derived from the raw measurements: every ratio is taken per
-repeat between blocks measured side by side, then the median over repeats; CPU-second ratios sit
-beside the wall-clock ones because they barely move with other load on the machine."""
+"""The figures of ``results.json`` from the raw measurements: medians of per-repeat ratios, CPU-second
+ratios beside the wall-clock ones (why: docs/bench.md "How it measures")."""
 
 from __future__ import annotations
 

@@ -12,7 +12,11 @@ from pathlib import Path
 import torch
 
 from attnfd_pipeline.experiments.bench.common import VARIANTS, fmt, log, median, metric, ratios, table
-from attnfd_pipeline.experiments.bench.workload import Workload
+from attnfd_pipeline.experiments.bench.measure import reader_block, shutdown, time_cache_build, time_steps
+from attnfd_pipeline.experiments.bench.memory import measure_memory
+from attnfd_pipeline.experiments.bench.run import auto_threads, device_info
+from attnfd_pipeline.experiments.bench.workload import (Workload, block_keys, build_setup, make_dataset,
+                                                        make_teacher_bundle, workload_config)
 
 # VOC-sized generated images: sides 375..500 px (× the 513 crop)
 GPU = Workload(teacher="deeplabv3plus_resnet101", student="deeplabv3plus_resnet18", crop=513, batch_size=6,
@@ -32,9 +36,6 @@ MEMORY_VARIANTS = ("inmemory", "cached", "online")
 
 def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, workers=FEED_WORKERS) -> dict:
     """Samples/s the cached variant's DataLoader delivers with nothing consuming, per worker count."""
-    from attnfd_pipeline.experiments.bench.measure import reader_block, shutdown
-    from attnfd_pipeline.experiments.bench.workload import block_keys, build_setup
-
     out = {}
     for n in workers:
         c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=n))
@@ -74,11 +75,6 @@ def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str
     """Measure, write ``gpu.json`` / ``gpu.md`` under ``out``, return the record."""
     from attnfd_pipeline.cache.schema import cache_target_names
     from attnfd_pipeline.data.source import ImageSource
-    from attnfd_pipeline.experiments.bench.measure import shutdown, time_cache_build, time_steps
-    from attnfd_pipeline.experiments.bench.memory import measure_memory
-    from attnfd_pipeline.experiments.bench.run import auto_threads, device_info
-    from attnfd_pipeline.experiments.bench.workload import (build_setup, make_dataset, make_teacher_bundle,
-                                                            workload_config)
     from attnfd_pipeline.teacher import load_teacher
     from attnfd_pipeline.utils import atomic_write_json
 

@@ -36,20 +36,21 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def worker_pids(setup: Setup) -> list[int]:
+def _workers_iterator(setup: Setup):
     # DataLoader offers no public handle on its persistent workers; its iterator holds them
-    loader = setup.loader
-    if loader.num_workers == 0 or loader._iterator is None:
-        return []
-    return [w.pid for w in loader._iterator._workers if w.pid is not None]
+    return setup.loader._iterator if setup.loader.num_workers > 0 else None
+
+
+def worker_pids(setup: Setup) -> list[int]:
+    it = _workers_iterator(setup)
+    return [] if it is None else [w.pid for w in it._workers if w.pid is not None]
 
 
 def shutdown(setup: Setup) -> None:
     """Stop the persistent loader workers of a setup (DataLoader keeps them until collected)."""
-    loader = setup.loader
-    if loader.num_workers > 0 and loader._iterator is not None:
-        loader._iterator._shutdown_workers()
-        loader._iterator = None
+    if (it := _workers_iterator(setup)) is not None:
+        it._shutdown_workers()
+        setup.loader._iterator = None
 
 
 def one_step(setup: Setup, it) -> dict[str, float]:
@@ -206,14 +207,13 @@ def profile_variants(cfg, setups: dict[str, Setup], w, n_images: int, device: to
 # cache build vs bare teacher inference
 
 
-def prepare_crops(cfg, source) -> list[tuple[Any, list[dict], list[torch.Tensor]]]:
-    """Per shard: (range, manifest rows, normalised crops), as ``build_cache`` prepares them."""
+def prepare_crops(cfg, source) -> list[list[torch.Tensor]]:
+    """Per shard, the normalised crops ``build_cache`` prepares."""
     from attnfd_pipeline.cache.build import shard_samples
     from attnfd_pipeline.cache.schema import ShardRange, num_shards, shard_range
 
-    ranges = [ShardRange(s, *shard_range(s, cfg.cache.shard_size, len(source)))
-              for s in range(num_shards(len(source), cfg.cache.shard_size))]
-    return [(r, *shard_samples(cfg, source, r, source.ids)[:2]) for r in ranges]
+    return [shard_samples(cfg, source, ShardRange(s, *shard_range(s, cfg.cache.shard_size, len(source))),
+                          source.ids)[1] for s in range(num_shards(len(source), cfg.cache.shard_size))]
 
 
 def bare_inference(teacher, shards, names: Sequence[str], batch_size: int, device: torch.device,
@@ -221,20 +221,19 @@ def bare_inference(teacher, shards, names: Sequence[str], batch_size: int, devic
     """The teacher alone on the build's batches (same batching: per shard, ``batch_size`` crops)."""
     from attnfd_pipeline.cache.build import run_teacher
 
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    outs: list[dict[str, np.ndarray]] = []
     n = 0
     sync(device)
     t0, c0 = time.perf_counter(), cpu_seconds()
-    for _, _, crops in shards:
+    for crops in shards:
         got, _ = run_teacher(teacher, crops, names, batch_size, device)
         n += len(crops)
         if keep:
-            for k in names:
-                outs[k].append(got[k])
+            outs.append(got)
     sync(device)
     dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     res = {"samples": n, "seconds": dt, "cpu_seconds": cpu, "samples_per_s": n / dt if dt > 0 else float("nan")}
-    return res, ({k: np.concatenate(v) for k, v in outs.items()} if keep else None)
+    return res, ({k: np.concatenate([got[k] for got in outs]) for k in names} if keep else None)
 
 
 def timed_build(cfg, teacher, source, work: Path, r: int) -> tuple[dict, Path]:
