@@ -227,11 +227,10 @@ def build_setup(cfg, variant: str, *, num_classes: int, bundle: str | Path | Non
 
 
 def param_counts(setups: dict[str, Setup]) -> dict:
-    out = {}
-    for v, s in setups.items():
-        d = s.task.distiller
-        out[v] = {"student": sum(p.numel() for p in d.student.parameters()),
-                  "trainable": sum(p.numel() for p in d.parameters() if p.requires_grad)}
-        if s.task.teacher is not None:
-            out[v]["teacher"] = sum(p.numel() for p in s.task.teacher.parameters())
-    return out
+    def count(params) -> int:
+        return sum(p.numel() for p in params)
+
+    return {v: {"student": count(s.task.distiller.student.parameters()),
+                "trainable": count(p for p in s.task.distiller.parameters() if p.requires_grad)}
+            | ({"teacher": count(s.task.teacher.parameters())} if s.task.teacher is not None else {})
+            for v, s in setups.items()}
