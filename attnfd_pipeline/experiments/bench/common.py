@@ -12,9 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-# plain: α = 0, no targets; inmemory: the cached step with its targets already in memory (no DataLoader
-# reads, the physical limit of any cache); cached: targets read by the DataLoader; online: the teacher
-# every step
+# where each variant's targets come from: docs/bench.md "Workload"
 VARIANTS = ("plain", "inmemory", "cached", "online")
 SWEEP_N = (1, 4, 12)
 
@@ -71,10 +69,7 @@ def ratios(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
 
 def num(x):
     """JSON-safe float (NaN/inf → None)."""
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+    return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
 def fmt(x, spec=".3f", none="n/a") -> str:

@@ -1,6 +1,5 @@
-"""The figures of ``results.json``, derived from the raw measurements: every ratio is taken per
-repeat between blocks measured side by side, then the median over repeats; CPU-second ratios sit
-beside the wall-clock ones because they barely move with other load on the machine."""
+"""The figures of ``results.json`` from the raw measurements: medians of per-repeat ratios, CPU-second
+ratios beside the wall-clock ones (why: docs/bench.md "How it measures")."""
 
 from __future__ import annotations
 
@@ -12,32 +11,32 @@ import torch
 from attnfd_pipeline.experiments.bench.common import SWEEP_N, VARIANTS, median, metric, num, ratios
 
 
+def _efficiency(rep: dict) -> list[float]:
+    """(online − cached) / (online − plain) per repeat: the part of online's extra cost the cache removes."""
+    return [(o - c) / (o - p) if o != p else float("nan")
+            for p, c, o in zip(rep["plain"], rep["cached"], rep["online"])]
+
+
 def _step_figures(per_rep: dict, cpu_rep: dict, med: dict, cpu_med: dict, breakdown: dict) -> dict:
     step_abs = {f"{v}_s_per_step": num(med[v]) for v in VARIANTS}
-    eff = [(o - c) / (o - p) if o != p else float("nan")
-           for p, c, o in zip(per_rep["plain"], per_rep["cached"], per_rep["online"])]
-    eff_cpu = [(o - c) / (o - p) if o != p else float("nan")
-               for p, c, o in zip(cpu_rep["plain"], cpu_rep["cached"], cpu_rep["online"])]
-    r_ci = ratios(per_rep["cached"], per_rep["inmemory"])
+
+    def step_ratio(a: str, b: str, **extra) -> dict:
+        r = ratios(per_rep[a], per_rep[b])
+        return metric(f"step_ratio_{a}_over_{b}", median(r), per_repeat=r, **step_abs,
+                      cpu_ratio=num(median(ratios(cpu_rep[a], cpu_rep[b]))), **extra)
+
+    eff, eff_cpu = _efficiency(per_rep), _efficiency(cpu_rep)
     return {
-        "step_ratio_cached_over_plain": metric(
-            "step_ratio_cached_over_plain", median(ratios(per_rep["cached"], per_rep["plain"])),
-            per_repeat=ratios(per_rep["cached"], per_rep["plain"]), **step_abs,
-            cpu_s_per_step={v: num(cpu_med[v]) for v in VARIANTS},
-            cpu_ratio=num(median(ratios(cpu_rep["cached"], cpu_rep["plain"]))),
+        "step_ratio_cached_over_plain": step_ratio(
+            "cached", "plain", cpu_s_per_step={v: num(cpu_med[v]) for v in VARIANTS},
             breakdown_s={v: {p: num(x) for p, x in breakdown[v].items()} for v in VARIANTS}),
-        "step_ratio_online_over_cached": metric(
-            "step_ratio_online_over_cached", median(ratios(per_rep["online"], per_rep["cached"])),
-            per_repeat=ratios(per_rep["online"], per_rep["cached"]), **step_abs,
-            cpu_ratio=num(median(ratios(cpu_rep["online"], cpu_rep["cached"])))),
+        "step_ratio_online_over_cached": step_ratio("online", "cached"),
         "saving_efficiency": metric("saving_efficiency", median(eff), per_repeat=eff,
                                     formula="(online - cached) / (online - plain)",
                                     cpu_value=num(median(eff_cpu)), cpu_per_repeat=eff_cpu),
-        "step_ratio_cached_over_inmemory": metric(
-            "step_ratio_cached_over_inmemory", median(r_ci), per_repeat=r_ci, **step_abs,
-            cpu_ratio=num(median(ratios(cpu_rep["cached"], cpu_rep["inmemory"]))),
-            meaning="the cached step over the same step with its targets already in memory: the cost of "
-                    "reading targets, 1.0 at best"),
+        "step_ratio_cached_over_inmemory": step_ratio(
+            "cached", "inmemory", meaning="the cached step over the same step with its targets already in memory: "
+                                          "the cost of reading targets, 1.0 at best"),
         "head_share_of_cached_over_plain": _head_share(per_rep, cpu_rep),
     }
 
@@ -48,50 +47,39 @@ def _head_share(per_rep: dict, cpu_rep: dict) -> dict:
     def split(rep):
         head = [i - p for i, p in zip(rep["inmemory"], rep["plain"])]
         read = [c - i for c, i in zip(rep["cached"], rep["inmemory"])]
-        share = [h / (h + r) if (h + r) else float("nan") for h, r in zip(head, read)]
-        return head, read, share
+        return head, read, ratios(head, [h + r for h, r in zip(head, read)])
 
     head, read, share = split(per_rep)
     cpu_head, cpu_read, cpu_share = split(cpu_rep)
     return metric("head_share_of_cached_over_plain", median(share), per_repeat=share,
                   formula="(inmemory - plain) / (cached - plain)",
                   head_s_per_step=num(median(head)), read_s_per_step=num(median(read)),
-                  head_over_plain=num(median([h / p if p else float("nan") for h, p in zip(head, per_rep["plain"])])),
+                  head_over_plain=num(median(ratios(head, per_rep["plain"]))),
                   cpu_value=num(median(cpu_share)), cpu_head_s_per_step=num(median(cpu_head)),
                   cpu_read_s_per_step=num(median(cpu_read)))
 
 
 def _memory_figures(memory: dict, device: torch.device) -> dict:
-    def mem_of(v):
-        m = memory[v]
-        return m["cuda_max_allocated_bytes"] if device.type == "cuda" else m["rss_peak_bytes"]
-
-    def with_workers(v):
-        m = memory[v]
-        return m["rss_peak_bytes"] + (m.get("workers_rss_peak_sum_bytes") or 0)
-
-    kind = "cuda_max_memory_allocated" if device.type == "cuda" else "peak RSS of the training process (main)"
-    by = {v: mem_of(v) for v in VARIANTS}
-    out = {}
-    for key, (num_v, den_v) in {"peak_mem_ratio_cached_over_plain": ("cached", "plain"),
-                                "peak_mem_ratio_online_over_plain": ("online", "plain"),
-                                "peak_mem_ratio_cached_over_inmemory": ("cached", "inmemory")}.items():
-        out[key] = metric(key, by[num_v] / by[den_v], measure=kind, bytes=by,
-                          with_workers_ratio=num(with_workers(num_v) / with_workers(den_v)))
-    return out
+    cuda = device.type == "cuda"
+    kind = "cuda_max_memory_allocated" if cuda else "peak RSS of the training process (main)"
+    by = {v: memory[v]["cuda_max_allocated_bytes" if cuda else "rss_peak_bytes"] for v in VARIANTS}
+    with_workers = {v: m["rss_peak_bytes"] + (m.get("workers_rss_peak_sum_bytes") or 0) for v, m in memory.items()}
+    return {f"peak_mem_ratio_{a}_over_{b}": metric(f"peak_mem_ratio_{a}_over_{b}", by[a] / by[b], measure=kind,
+                                                   bytes=by, with_workers_ratio=num(with_workers[a] / with_workers[b]))
+            for a, b in (("cached", "plain"), ("online", "plain"), ("cached", "inmemory"))}
 
 
 def _build_figure(build_rows: list[dict]) -> dict:
-    build_ratio = [row["ratio"] for row in build_rows]
+    col = {k: [r[k] for r in build_rows] for k in build_rows[0]}
     return metric(
-        "cache_build_over_teacher_inference", median(build_ratio), per_repeat=build_ratio,
-        build_samples_per_s=num(median([r["build_samples_per_s"] for r in build_rows])),
-        teacher_samples_per_s=num(median([r["bare_samples_per_s"] for r in build_rows])),
+        "cache_build_over_teacher_inference", median(col["ratio"]), per_repeat=col["ratio"],
+        build_samples_per_s=num(median(col["build_samples_per_s"])),
+        teacher_samples_per_s=num(median(col["bare_samples_per_s"])),
         # same-run diagnostics: the build's own teacher time vs its wall time, and vs the bare teacher
-        teacher_share_in_build=num(median([r["teacher_seconds"] / r["build_seconds"] for r in build_rows])),
-        teacher_in_build_over_bare=num(median([r["teacher_samples_per_s_in_build"] / r["bare_samples_per_s"]
-                                               for r in build_rows])),
-        cpu_ratio=num(median([r["cpu_ratio"] for r in build_rows])))
+        teacher_share_in_build=num(median(ratios(col["teacher_seconds"], col["build_seconds"]))),
+        teacher_in_build_over_bare=num(median(ratios(col["teacher_samples_per_s_in_build"],
+                                                     col["bare_samples_per_s"]))),
+        cpu_ratio=num(median(col["cpu_ratio"])))
 
 
 def figures(steps: dict, reader_rows: list[dict], build_rows: list[dict], memory: dict, w, device: torch.device

@@ -1,12 +1,5 @@
-"""`attnfd bench-gpu` (``scripts/gpu_check.sh``): the few GPU minutes a check gets, spent on the figures a CPU
-cannot give — at the paper's shapes (R101 teacher → R18 student, 513 px, batch 6, B + E + D, AMP, random
-weights, synthetic VOC-sized images): cached vs online vs in-memory step time and peak GPU memory, the cache
-build against bare teacher inference, and the DataLoader's feed rate with 4 and 8 workers against what the
-cached step consumes. Writes ``gpu.json`` (and ``gpu.md``).
-
-Sized for ≤ 8 minutes on one GPU: one dataset, one teacher bundle, one cache, the bench's own timed blocks
-(``measure.time_steps``, interleaved, 2 repeats) and a peak-memory process per variant
-(``memory.measure_memory``). ``--quick`` runs the same code on CPU at tiny sizes (a test)."""
+"""`attnfd bench-gpu` (``scripts/gpu_check.sh``): the figures a CPU cannot give, at the paper's shapes, with the
+bench's own timed blocks; writes ``gpu.json`` and ``gpu.md`` (docs/bench.md "GPU check")."""
 
 from __future__ import annotations
 
@@ -18,8 +11,12 @@ from pathlib import Path
 
 import torch
 
-from attnfd_pipeline.experiments.bench.common import fmt, log, median, metric, table
-from attnfd_pipeline.experiments.bench.workload import Workload
+from attnfd_pipeline.experiments.bench.common import VARIANTS, fmt, log, median, metric, ratios, table
+from attnfd_pipeline.experiments.bench.measure import reader_block, shutdown, time_cache_build, time_steps
+from attnfd_pipeline.experiments.bench.memory import measure_memory
+from attnfd_pipeline.experiments.bench.run import auto_threads, device_info
+from attnfd_pipeline.experiments.bench.workload import (Workload, block_keys, build_setup, make_dataset,
+                                                        make_teacher_bundle, workload_config)
 
 # VOC-sized generated images: sides 375..500 px (× the 513 crop)
 GPU = Workload(teacher="deeplabv3plus_resnet101", student="deeplabv3plus_resnet18", crop=513, batch_size=6,
@@ -31,17 +28,14 @@ QUICK = dataclasses.replace(GPU, teacher="deeplabv3plus_resnet18", crop=48, batc
                             memory_steps=1, memory_mode="inline", threads=1)
 FEED_WORKERS = (4, 8)
 GOALS = {"step_ratio_cached_over_online": ("<=", 0.6), "peak_mem_ratio_cached_over_online": ("<", 1.0)}
-
-
-def _metric(key: str, value: float | None) -> dict:
-    return metric(key, value, GOALS)
+# the figures of gpu.md's table, in order
+FIGURES = ("step_ratio_cached_over_online", "step_ratio_cached_over_inmemory", "peak_mem_ratio_cached_over_online",
+           "cache_build_over_teacher_inference")
+MEMORY_VARIANTS = ("inmemory", "cached", "online")
 
 
 def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, workers=FEED_WORKERS) -> dict:
     """Samples/s the cached variant's DataLoader delivers with nothing consuming, per worker count."""
-    from attnfd_pipeline.experiments.bench.measure import reader_block, shutdown
-    from attnfd_pipeline.experiments.bench.workload import block_keys, build_setup
-
     out = {}
     for n in workers:
         c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=n))
@@ -58,21 +52,14 @@ def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, worke
 
 def gpu_figures(steps: dict, build_rows: list[dict], memory: dict, feeds: dict, batch: int) -> dict:
     """gpu.json's figures from the raw blocks: per-repeat ratios (median), absolute medians, memory."""
-    from attnfd_pipeline.experiments.bench.common import ratios
-
     per = {v: [median([x["total"] for x in block]) for block in steps[v]] for v in steps}
     mem = {v: memory[v].get("cuda_max_allocated_bytes") or memory[v]["rss_peak_bytes"] for v in memory}
     source = "cuda_max_allocated_bytes" if any("cuda_max_allocated_bytes" in m for m in memory.values()) else "rss"
     cached_sps = batch / median(per["cached"])
-    res = {
-        "step_ratio_cached_over_online": _metric("step_ratio_cached_over_online",
-                                                 median(ratios(per["cached"], per["online"]))),
-        "step_ratio_cached_over_inmemory": _metric("step_ratio_cached_over_inmemory",
-                                                   median(ratios(per["cached"], per["inmemory"]))),
-        "peak_mem_ratio_cached_over_online": _metric("peak_mem_ratio_cached_over_online",
-                                                     mem["cached"] / mem["online"]),
-        "cache_build_over_teacher_inference": _metric("cache_build_over_teacher_inference",
-                                                      median([r["ratio"] for r in build_rows])),
+    values = (median(ratios(per["cached"], per["online"])), median(ratios(per["cached"], per["inmemory"])),
+              mem["cached"] / mem["online"], median([r["ratio"] for r in build_rows]))
+    return {
+        **{key: metric(key, v, GOALS) for key, v in zip(FIGURES, values)},
         "step_s": {v: median(per[v]) for v in per},
         "peak_memory_bytes": mem, "peak_memory_source": source,
         "build_samples_per_s": median([r["build_samples_per_s"] for r in build_rows]),
@@ -81,7 +68,6 @@ def gpu_figures(steps: dict, build_rows: list[dict], memory: dict, feeds: dict, 
         "feed_samples_per_s": feeds,
         "feed_over_consumption": {k: v / cached_sps for k, v in feeds.items()},
     }
-    return res
 
 
 def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str | Path | None = "configs/voc.toml",
@@ -89,11 +75,6 @@ def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str
     """Measure, write ``gpu.json`` / ``gpu.md`` under ``out``, return the record."""
     from attnfd_pipeline.cache.schema import cache_target_names
     from attnfd_pipeline.data.source import ImageSource
-    from attnfd_pipeline.experiments.bench.measure import shutdown, time_cache_build, time_steps
-    from attnfd_pipeline.experiments.bench.memory import measure_memory, peak_rss_bytes
-    from attnfd_pipeline.experiments.bench.run import auto_threads, device_info
-    from attnfd_pipeline.experiments.bench.workload import (block_keys, build_setup, make_dataset,
-                                                            make_teacher_bundle, workload_config)
     from attnfd_pipeline.teacher import load_teacher
     from attnfd_pipeline.utils import atomic_write_json
 
@@ -114,19 +95,14 @@ def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str
         build_rows, cache_dir, _ = time_cache_build(cfg, load_teacher(bundle, dev), source, work, w.repeats,
                                                     cache_target_names(cfg.cache), dev)
         setups = {v: build_setup(cfg, v, num_classes=w.num_classes, bundle=bundle, cache_dir=cache_dir, device=dev)
-                  for v in ("plain", "inmemory", "cached", "online")}
+                  for v in VARIANTS}
         steps, _ = time_steps(cfg, setups, w, len(source))
         for s in setups.values():
             shutdown(s)
         del setups
         feeds = feed_rates(cfg, w, bundle, cache_dir, dev, len(source), workers=(0,) if quick else FEED_WORKERS)
-        keys = block_keys(cfg, len(source), max(1, w.memory_steps) * w.batch_size, first_epoch=77_000)
-        if w.memory_mode == "inline":  # --quick: no process per variant (the harness only; peaks are shared)
-            memory = {v: {"rss_peak_bytes": peak_rss_bytes(), "process": "shared"}
-                      for v in ("inmemory", "cached", "online")}
-        else:
-            memory = measure_memory(cfg, ("inmemory", "cached", "online"), num_classes=w.num_classes, bundle=bundle,
-                                    cache_dir=cache_dir, device=dev, keys=keys, work=work, mode=w.memory_mode)
+        memory = measure_memory(cfg, w, MEMORY_VARIANTS, bundle=bundle, cache_dir=cache_dir, device=dev,
+                                n_images=len(source), work=work)
     res = gpu_figures(steps, build_rows, memory, feeds, w.batch_size)
     res.update(device=device_info(dev, load), workload=w.to_dict(), quick=quick, wall_s=time.perf_counter() - t0,
                samples={"steps_s": {v: [[x["total"] for x in b] for b in steps[v]] for v in steps},
@@ -148,8 +124,7 @@ def gpu_markdown(res: dict) -> str:
     lines += table(["figure", "value", "goal"], [
         [f"`{k}`", res[k]["value"] if res[k]["value"] is None else round(res[k]["value"], 3),
          f"{res[k]['goal']}: {'met' if res[k]['met'] else '**missed**'}" if res[k].get("met") is not None else "–"]
-        for k in ("step_ratio_cached_over_online", "step_ratio_cached_over_inmemory",
-                  "peak_mem_ratio_cached_over_online", "cache_build_over_teacher_inference")])
+        for k in FIGURES])
     mib = {v: b / 2**20 for v, b in res["peak_memory_bytes"].items() if b is not None}
     lines += [""] + table(["variant", "step (s, median)", "peak memory (MiB)"],
                           [[v, f"{s:.4f}", fmt(mib.get(v), ",.0f", "–")] for v, s in res["step_s"].items()])

@@ -49,10 +49,8 @@ def format_markdown(res: dict) -> str:
 
 
 def _header(res: dict) -> list[str]:
-    w = res["config"]["workload"]
-    s = res["samples"]
+    w, s, dev = res["config"]["workload"], res["samples"], res["device"]
     c = s["counts"]
-    dev = res["device"]
     dev_s = dev.get("name") or dev.get("cpu") or dev["type"]
     repro = ("`attnfd bench --quick --out DIR` (tiny sizes: the figures mean nothing)" if res["config"].get("quick")
              else "`make bench` (= `attnfd bench --out bench`)")

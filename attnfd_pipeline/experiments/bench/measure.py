@@ -4,6 +4,7 @@ interleaved between the variants so slow drifts of a shared machine hit them ali
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -35,56 +36,57 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def worker_pids(setup: Setup) -> list[int]:
+def _workers_iterator(setup: Setup):
     # DataLoader offers no public handle on its persistent workers; its iterator holds them
-    loader = setup.loader
-    if loader.num_workers == 0 or loader._iterator is None:
-        return []
-    return [w.pid for w in loader._iterator._workers if w.pid is not None]
+    return setup.loader._iterator if setup.loader.num_workers > 0 else None
+
+
+def worker_pids(setup: Setup) -> list[int]:
+    it = _workers_iterator(setup)
+    return [] if it is None else [w.pid for w in it._workers if w.pid is not None]
 
 
 def shutdown(setup: Setup) -> None:
     """Stop the persistent loader workers of a setup (DataLoader keeps them until collected)."""
-    loader = setup.loader
-    if loader.num_workers > 0 and loader._iterator is not None:
-        loader._iterator._shutdown_workers()
-        loader._iterator = None
+    if (it := _workers_iterator(setup)) is not None:
+        it._shutdown_workers()
+        setup.loader._iterator = None
 
 
 def one_step(setup: Setup, it) -> dict[str, float]:
     """``engine.train.train_one_epoch``'s step, with clocks between its phases."""
     from attnfd_pipeline.engine.train import autocast_for, to_device
 
-    device = setup.device
-    sync(device)
-    t0, c0 = time.perf_counter(), time.process_time()
+    device, scaler = setup.device, setup.scaler
+    clock = []
+
+    def tick():  # the end of a phase: the device has finished it too
+        sync(device)
+        clock.append(time.perf_counter())
+
+    tick()
+    c0 = time.process_time()
     batch = to_device(next(it), device)
-    sync(device)
-    t1 = time.perf_counter()
+    tick()
     with autocast_for(device, setup.amp):
         loss, logs = setup.task.train_step(batch, 0)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"bench {setup.name}: loss is {loss.item()} (not finite)")
-    sync(device)
-    t2 = time.perf_counter()
+    tick()
     setup.optimizer.zero_grad(set_to_none=True)
-    if setup.scaler is not None:
-        setup.scaler.scale(loss).backward()
-    else:
-        loss.backward()
-    sync(device)
-    t3 = time.perf_counter()
-    if setup.scaler is not None:
-        setup.scaler.step(setup.optimizer)
-        setup.scaler.update()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    tick()
+    if scaler is not None:
+        scaler.step(setup.optimizer)
+        scaler.update()
     else:
         setup.optimizer.step()
     setup.scheduler.step()
     _ = {"loss": float(loss.detach()), **logs}
-    sync(device)
-    t4, c4 = time.perf_counter(), time.process_time()
-    return {"wait": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3, "total": t4 - t0,
-            "cpu_main": c4 - c0}
+    tick()
+    cpu = time.process_time() - c0
+    phases = {p: b - a for p, a, b in zip(("wait", "forward", "backward", "optimizer"), clock, clock[1:])}
+    return {**phases, "total": clock[-1] - clock[0], "cpu_main": cpu}
 
 
 def train_block(setup: Setup, keys: Sequence[tuple[int, int]], warmup: int, profiler_factory: Callable | None = None
@@ -100,13 +102,9 @@ def train_block(setup: Setup, keys: Sequence[tuple[int, int]], warmup: int, prof
     pids = worker_pids(setup)
     wcpu0 = sum(proc_cpu_s(p) for p in pids)
     for j in range(n):
-        ctx = profiler_factory() if (profiler_factory is not None and j == n - 1) else None
-        if ctx is not None:
-            ctx.__enter__()
-        rec = one_step(setup, it)
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-            prof = ctx
+        prof = profiler_factory() if profiler_factory is not None and j == n - 1 else None
+        with prof if prof is not None else contextlib.nullcontext():
+            rec = one_step(setup, it)
         if j >= warmup:
             records.append(rec)
     for _ in it:  # the sampler holds exactly n batches; this only closes the pass
@@ -123,12 +121,9 @@ def reader_block(setup: Setup, keys: Sequence[tuple[int, int]]) -> dict[str, flo
     fill after the reset) is not timed."""
     setup.sampler.keys = list(keys)
     it = iter(setup.loader)
-    first = next(it)
-    bs = len(first["index"])
+    bs = len(next(it)["index"])
     t0 = time.perf_counter()
-    n = 0
-    for batch in it:
-        n += len(batch["index"])
+    n = sum(len(batch["index"]) for batch in it)
     dt = time.perf_counter() - t0
     return {"samples": n, "seconds": dt, "samples_per_s": n / dt if dt > 0 else float("nan"), "batch_size": bs}
 
@@ -163,45 +158,33 @@ def reader_breakdown(cached: Setup, plain: Setup, source, n: int) -> dict:
     from attnfd_pipeline.data.stage2 import replay_cached
 
     reader = cached.dataset.reader
-    names = cached.dataset.names
-    t_plain, t_replay, t_read = [], [], []
+    times: dict[str, list[float]] = {"plain_crop_ms": [], "cached_replay_ms": [], "target_read_ms": []}
     for i in range(n):
         k = cached.dataset.seed_fn(0, i)
-        t0 = time.perf_counter()
+        clock = [time.perf_counter()]
         plain.dataset.crop(0, i)
-        t1 = time.perf_counter()
-        img, _ = replay_cached(reader, source, i, k, check=True)
-        augment.normalize(img)
-        t2 = time.perf_counter()
-        reader.read(i, k, names)
-        t3 = time.perf_counter()
-        t_plain.append(t1 - t0)
-        t_replay.append(t2 - t1)
-        t_read.append(t3 - t2)
-    return {"samples": n, "plain_crop_ms": median(t_plain) * 1e3, "cached_replay_ms": median(t_replay) * 1e3,
-            "target_read_ms": median(t_read) * 1e3}
+        clock.append(time.perf_counter())
+        augment.normalize(replay_cached(reader, source, i, k, check=True)[0])
+        clock.append(time.perf_counter())
+        reader.read(i, k, cached.dataset.names)
+        clock.append(time.perf_counter())
+        for ts, a, b in zip(times.values(), clock, clock[1:]):
+            ts.append(b - a)
+    return {"samples": n, **{key: median(ts) * 1e3 for key, ts in times.items()}}
 
 
-def topk_memory(prof, n: int, device: torch.device) -> list[dict]:
-    """Ops that allocated the most memory (self, net of what they freed) in the profiled step."""
-    key = "self_device_memory_usage" if device.type == "cuda" else "self_cpu_memory_usage"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return [{"op": e.key, "calls": int(e.count), "self_mib": getattr(e, key) / 2**20} for e in events[:n]]
-
-
-def topk_ops(prof, n: int, device: torch.device) -> list[dict]:
-    """Ops with the most self time (device time on CUDA) in the profiled step."""
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    rows = []
-    for e in events[:n]:
-        row = {"op": e.key, "calls": int(e.count), "self_cpu_ms": e.self_cpu_time_total / 1e3,
-               "cpu_total_ms": e.cpu_time_total / 1e3}
-        if device.type == "cuda":
-            row["self_device_ms"] = e.self_device_time_total / 1e3
-        rows.append(row)
-    return rows
+def top_ops(prof, n: int, device: torch.device) -> tuple[list[dict], list[dict]]:
+    """The ``n`` ops of the profiled step with the most self time (device time on CUDA), and the ``n`` that
+    allocated the most memory (self, net of what they freed)."""
+    where = "device" if device.type == "cuda" else "cpu"
+    events = prof.key_averages()
+    by_time = sorted(events, key=lambda e: getattr(e, f"self_{where}_time_total"), reverse=True)[:n]
+    mem = f"self_{where}_memory_usage"
+    by_mem = sorted((e for e in events if getattr(e, mem) > 0), key=lambda e: getattr(e, mem), reverse=True)[:n]
+    times = [{"op": e.key, "calls": int(e.count), "self_cpu_ms": e.self_cpu_time_total / 1e3,
+              "cpu_total_ms": e.cpu_time_total / 1e3}
+             | ({"self_device_ms": e.self_device_time_total / 1e3} if where == "device" else {}) for e in by_time]
+    return times, [{"op": e.key, "calls": int(e.count), "self_mib": getattr(e, mem) / 2**20} for e in by_mem]
 
 
 def profile_variants(cfg, setups: dict[str, Setup], w, n_images: int, device: torch.device
@@ -215,8 +198,7 @@ def profile_variants(cfg, setups: dict[str, Setup], w, n_images: int, device: to
         keys = block_keys(cfg, n_images, 2 * w.batch_size, first_epoch=99_000)[:w.batch_size]
         _, prof = train_block(setups[v], keys, warmup=1,
                               profiler_factory=lambda: profile(activities=acts, profile_memory=True))
-        times[v] = topk_ops(prof, w.profile_rows, device)
-        mems[v] = topk_memory(prof, w.profile_rows, device)
+        times[v], mems[v] = top_ops(prof, w.profile_rows, device)
     log("profiled one step of each variant")
     return times, mems
 
@@ -225,17 +207,13 @@ def profile_variants(cfg, setups: dict[str, Setup], w, n_images: int, device: to
 # cache build vs bare teacher inference
 
 
-def prepare_crops(cfg, source) -> list[tuple[Any, list[dict], list[torch.Tensor]]]:
-    """Per shard: (range, manifest rows, normalised crops), as ``build_cache`` prepares them."""
+def prepare_crops(cfg, source) -> list[list[torch.Tensor]]:
+    """Per shard, the normalised crops ``build_cache`` prepares."""
     from attnfd_pipeline.cache.build import shard_samples
     from attnfd_pipeline.cache.schema import ShardRange, num_shards, shard_range
 
-    out = []
-    for s in range(num_shards(len(source), cfg.cache.shard_size)):
-        start, stop = shard_range(s, cfg.cache.shard_size, len(source))
-        rows, crops, _ = shard_samples(cfg, source, ShardRange(s, start, stop), source.ids)
-        out.append((ShardRange(s, start, stop), rows, crops))
-    return out
+    return [shard_samples(cfg, source, ShardRange(s, *shard_range(s, cfg.cache.shard_size, len(source))),
+                          source.ids)[1] for s in range(num_shards(len(source), cfg.cache.shard_size))]
 
 
 def bare_inference(teacher, shards, names: Sequence[str], batch_size: int, device: torch.device,
@@ -243,35 +221,33 @@ def bare_inference(teacher, shards, names: Sequence[str], batch_size: int, devic
     """The teacher alone on the build's batches (same batching: per shard, ``batch_size`` crops)."""
     from attnfd_pipeline.cache.build import run_teacher
 
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    outs: list[dict[str, np.ndarray]] = []
     n = 0
     sync(device)
     t0, c0 = time.perf_counter(), cpu_seconds()
-    for _, _, crops in shards:
+    for crops in shards:
         got, _ = run_teacher(teacher, crops, names, batch_size, device)
         n += len(crops)
         if keep:
-            for k in names:
-                outs[k].append(got[k])
+            outs.append(got)
     sync(device)
     dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     res = {"samples": n, "seconds": dt, "cpu_seconds": cpu, "samples_per_s": n / dt if dt > 0 else float("nan")}
-    return res, ({k: np.concatenate(v) for k, v in outs.items()} if keep else None)
+    return res, ({k: np.concatenate([got[k] for got in outs]) for k in names} if keep else None)
 
 
-def _timed_build(cfg, teacher, source, work: Path, r: int) -> tuple[dict, Any]:
+def timed_build(cfg, teacher, source, work: Path, r: int) -> tuple[dict, Path]:
+    """``build_cache`` once; repeats after the first build into their own root, removed after."""
     from attnfd_pipeline.cache import build_cache
 
-    row: dict[str, Any] = {}
     root = work / "cache" if r == 0 else work / f"cache-r{r}"
     cfg_r = cfg if r == 0 else dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, root=str(root)))
     c0 = cpu_seconds()
     res = build_cache(cfg_r, teacher, source, progress=False)
-    row.update({"build_samples_per_s": res.samples_per_s, "build_seconds": res.seconds,
-                "build_cpu_seconds": cpu_seconds() - c0, "build_samples": res.samples_written,
-                "teacher_seconds": res.teacher_seconds, "teacher_samples_per_s_in_build": res.teacher_samples_per_s,
-                "load_seconds": res.load_seconds, "writer_seconds": res.writer_seconds,
-                "bytes_written": res.bytes_written})
+    row = {"build_samples_per_s": res.samples_per_s, "build_seconds": res.seconds,
+           "build_cpu_seconds": cpu_seconds() - c0, "build_samples": res.samples_written,
+           "teacher_seconds": res.teacher_seconds, "teacher_samples_per_s_in_build": res.teacher_samples_per_s,
+           "load_seconds": res.load_seconds, "writer_seconds": res.writer_seconds, "bytes_written": res.bytes_written}
     if r > 0:
         shutil.rmtree(root, ignore_errors=True)
     return row, res.path
@@ -288,15 +264,14 @@ def time_cache_build(cfg, teacher, source, work: Path, repeats: int, names, devi
         row: dict[str, Any] = {"repeat": r, "order": list(order)}
         for what in order:
             if what == "build":
-                got_row, path = _timed_build(cfg, teacher, source, work, r)
+                got_row, path = timed_build(cfg, teacher, source, work, r)
                 row.update(got_row)
-                cache_dir = path if r == 0 else cache_dir
+                cache_dir = cache_dir or path
             else:
                 res_b, got = bare_inference(teacher, shards, names, cfg.cache.batch_size, device,
                                             keep=outs32 is None)
-                outs32 = outs32 if got is None else got
-                row.update({"bare_samples_per_s": res_b["samples_per_s"], "bare_seconds": res_b["seconds"],
-                            "bare_cpu_seconds": res_b["cpu_seconds"], "bare_samples": res_b["samples"]})
+                outs32 = outs32 or got
+                row.update({f"bare_{k}": v for k, v in res_b.items()})
         row["ratio"] = row["build_samples_per_s"] / row["bare_samples_per_s"]
         row["cpu_ratio"] = row["bare_cpu_seconds"] / row["build_cpu_seconds"] if row["build_cpu_seconds"] else None
         rows.append(row)

@@ -3,6 +3,7 @@ setup in a fresh interpreter, so one setup's allocations never count in another'
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import resource
@@ -15,7 +16,7 @@ import torch
 
 from attnfd_pipeline.experiments.bench.common import log
 from attnfd_pipeline.experiments.bench.measure import shutdown, train_block, worker_pids
-from attnfd_pipeline.experiments.bench.workload import build_setup
+from attnfd_pipeline.experiments.bench.workload import Workload, block_keys, build_setup
 from attnfd_pipeline.errors import UserError
 
 
@@ -39,13 +40,10 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def reset_peak_rss() -> bool:
+def reset_peak_rss() -> None:
     """Reset this process's VmHWM to its current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _measure_variant(spec: dict, variant: str, device: torch.device, cfg, keys, shared: str) -> dict:
@@ -95,8 +93,7 @@ def memory_child(spec_path: str) -> None:
     variants = spec["variants"]
     results = {}
     for i, variant in enumerate(variants):
-        if i > 0:
-            gc.collect()
+        if i > 0:  # the previous variant's garbage is collected at the end of its turn
             reset_peak_rss()
         shared = "own" if len(variants) == 1 else f"shared ({i + 1}/{len(variants)})"
         results[variant] = _measure_variant(spec, variant, device, cfg, keys, shared)
@@ -104,22 +101,18 @@ def memory_child(spec_path: str) -> None:
     Path(spec["out"]).write_text(json.dumps(results))
 
 
-def _start_child(spec: dict, group: Sequence[str], work: Path):
+def _run_child(spec: dict, group: Sequence[str], work: Path) -> dict:
+    """One peak-memory process for the variants of ``group``; its records."""
     tag = "-".join(group)
-    out = work / f"mem-{tag}.json"
-    spec_path = work / f"mem-{tag}.spec.json"
+    out, spec_path = work / f"mem-{tag}.json", work / f"mem-{tag}.spec.json"
     spec_path.write_text(json.dumps({**spec, "variants": list(group), "out": str(out)}))
     cmd = [sys.executable, "-c",
            "import sys; from attnfd_pipeline.experiments.bench.memory import memory_child; memory_child(sys.argv[1])",
            str(spec_path)]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out
-
-
-def _finish_child(group: Sequence[str], proc, out: Path) -> dict:
-    _, err = proc.communicate()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory process for {'/'.join(group)} failed (exit {proc.returncode}):\n"
-                           f"{err[-4000:]}")
+                           f"{proc.stderr[-4000:]}")
     res = json.loads(out.read_text())
     for v, r in res.items():
         log(f"memory {v}: peak RSS {r['rss_peak_bytes'] / 2**20:.0f} MiB"
@@ -128,28 +121,25 @@ def _finish_child(group: Sequence[str], proc, out: Path) -> dict:
     return res
 
 
-def measure_memory(cfg, variants: Sequence[str], *, num_classes: int, bundle: Path, cache_dir: Path,
-                   device: torch.device, keys: Sequence[tuple[int, int]], work: Path, mode: str = "each"
-                   ) -> dict[str, dict]:
-    """Peak memory of each variant's training process in a fresh interpreter: ``each`` (one process per
-    variant, one after the other: the measurement), ``parallel`` (one per variant, all at once: same
-    peaks, less wall time, more load) or ``one`` (a single process for all, peak reset between them:
-    only keeps the harness working in ``--quick``)."""
+def measure_memory(cfg, w: Workload, variants: Sequence[str], *, bundle: Path, cache_dir: Path,
+                   device: torch.device, n_images: int, work: Path) -> dict[str, dict]:
+    """Peak memory of each variant's training process over ``w.memory_steps`` steps, by ``w.memory_mode``:
+    ``each`` (a fresh interpreter per variant: the measurement), ``one`` (a single process for all, peak reset
+    between them) or ``inline`` (this process's peak, nothing trained); the last two only keep the harness
+    working in ``--quick``."""
     from attnfd_pipeline.config import dump_toml
 
-    if mode not in ("each", "parallel", "one"):
-        raise UserError(f"memory mode {mode!r}: expected each, parallel or one")
+    if w.memory_mode == "inline":
+        return {v: {"rss_peak_bytes": peak_rss_bytes(), "process": "shared"} for v in variants}
+    if w.memory_mode not in ("each", "one"):
+        raise UserError(f"memory mode {w.memory_mode!r}: expected each, one or inline")
+    keys = block_keys(cfg, n_images, max(1, w.memory_steps) * w.batch_size, first_epoch=77_000)
     cfg_path = work / "mem.toml"
     cfg_path.write_text(dump_toml(cfg))
-    spec = {"config": str(cfg_path), "num_classes": num_classes, "bundle": str(bundle), "cache_dir": str(cache_dir),
-            "device": str(device), "threads": torch.get_num_threads(), "keys": [list(k) for k in keys]}
-    groups = [list(variants)] if mode == "one" else [[v] for v in variants]
+    spec = {"config": str(cfg_path), "num_classes": w.num_classes, "bundle": str(bundle),
+            "cache_dir": str(cache_dir), "device": str(device), "threads": torch.get_num_threads(),
+            "keys": [list(k) for k in keys]}
     results: dict[str, dict] = {}
-    if mode == "parallel":
-        running = [(g, *_start_child(spec, g, work)) for g in groups]
-        for g, proc, out in running:
-            results.update(_finish_child(g, proc, out))
-    else:
-        for g in groups:
-            results.update(_finish_child(g, *_start_child(spec, g, work)))
+    for group in [variants] if w.memory_mode == "one" else [[v] for v in variants]:
+        results.update(_run_child(spec, group, work))
     return results

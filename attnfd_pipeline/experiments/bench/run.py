@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -20,9 +21,8 @@ from attnfd_pipeline.experiments.bench.measure import (profile_variants, reader_
                                                        time_cache_build, time_steps)
 from attnfd_pipeline.experiments.bench.memory import measure_memory
 from attnfd_pipeline.experiments.bench.storage import on_disk, storage_analysis, storage_options
-from attnfd_pipeline.experiments.bench.workload import (DEFAULT, QUICK, Workload, block_keys, build_setup,
-                                                        make_dataset, make_teacher_bundle, param_counts,
-                                                        workload_config)
+from attnfd_pipeline.experiments.bench.workload import (DEFAULT, QUICK, Workload, build_setup, make_dataset,
+                                                        make_teacher_bundle, param_counts, workload_config)
 from attnfd_pipeline.errors import UserError
 
 
@@ -67,15 +67,12 @@ def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: in
     from attnfd_pipeline.config import load_config
     from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
-    w = workload or (QUICK if quick else DEFAULT)
-    if repeats is not None:
-        if repeats < 1:
-            raise UserError("repeats must be >= 1")
-        w = dataclasses.replace(w, repeats=repeats)
-    if threads is not None:
-        if threads < 0:
-            raise UserError("threads must be >= 0 (0 = auto)")
-        w = dataclasses.replace(w, threads=threads)
+    if repeats is not None and repeats < 1:
+        raise UserError("repeats must be >= 1")
+    if threads is not None and threads < 0:
+        raise UserError("threads must be >= 0 (0 = auto)")
+    given = {k: v for k, v in (("repeats", repeats), ("threads", threads)) if v is not None}
+    w = dataclasses.replace(workload or (QUICK if quick else DEFAULT), **given)
     load = check_load(quick, allow_busy, wait_quiet=wait_quiet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,23 +121,17 @@ def recommended_storage(recipe_cfg, out_dir: Path, quick: bool, *, crops=(64, 25
 
 
 def auto_threads(workers: int) -> int:
-    """Intra-op threads that leave one core per loader worker: on a small CPU machine a 2-thread team
-    sharing 2 cores with 2 workers (or other load) stalls at every barrier, and step times then vary
-    several-fold between identical steps (measured here: 2 threads 4–10 s, 1 thread 2.3–3 s per teacher
-    batch under load)."""
+    """Intra-op threads that leave one core per loader worker (docs/bench.md "How it measures": on 2 shared
+    cores, 2 threads took 4–10 s and 1 thread 2.3–3 s per teacher batch)."""
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - max(0, workers)))
 
 
 def device_info(device: torch.device, load: list[float]) -> dict:
     info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        info |= next(({"cpu": line.split(":", 1)[1].strip()} for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), {})
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -183,9 +174,8 @@ def measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool,
         shutdown(s)
     del setups
 
-    mem_keys = block_keys(cfg, len(source), max(1, w.memory_steps) * w.batch_size, first_epoch=77_000)
-    memory = measure_memory(cfg, VARIANTS, num_classes=w.num_classes, bundle=bundle, cache_dir=cache_dir,
-                            device=device, keys=mem_keys, work=work, mode=w.memory_mode)
+    memory = measure_memory(cfg, w, VARIANTS, bundle=bundle, cache_dir=cache_dir, device=device,
+                            n_images=len(source), work=work)
 
     results, med = figures(steps, reader_rows, build_rows, memory, w, device)
     results.update({

@@ -5,7 +5,7 @@ cache holds on disk."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -45,22 +45,18 @@ def _option_figures(outs: dict[str, np.ndarray], opt: dict) -> dict:
 def storage_analysis(outs: dict[str, np.ndarray], options: Sequence[dict]) -> dict:
     """Bytes per sample, compression vs float32 and rel. L2 error (channel-normalised) per option and
     target; the figure is the best compression among the options within ``STORAGE_MAX_REL_ERROR``."""
-    result: dict[str, Any] = {"options": {opt["name"]: _option_figures(outs, opt) for opt in options},
-                              "rel_error_limit": STORAGE_MAX_REL_ERROR}
-    ok = {k: v for k, v in result["options"].items() if v["rel_error"] <= STORAGE_MAX_REL_ERROR}
+    figs = {opt["name"]: _option_figures(outs, opt) for opt in options}
+    ok = {k: v for k, v in figs.items() if v["rel_error"] <= STORAGE_MAX_REL_ERROR}
     best = max(ok, key=lambda k: ok[k]["compression_vs_float32"]) if ok else None
-    default = next(iter(result["options"]))
-    result["recipe_option"] = default
-    result["best_option"] = best
-    result["value"] = num(ok[best]["compression_vs_float32"]) if best else None
-    result["goal"] = f">= {GOALS['storage'][1]:g} at rel_error <= {STORAGE_MAX_REL_ERROR:g}"
-    result["met"] = goal_met("storage", result["value"]) if best else False
-    # per-target figures of the recipe's option
-    rec = result["options"][default]
-    result["bytes_per_sample"] = {k: v["bytes_per_sample"] for k, v in rec["targets"].items()}
-    result["compression_vs_float32"] = rec["compression_vs_float32"]
-    result["rel_error"] = {k: v["rel_error"] for k, v in result["options"].items()}
-    return result
+    value = num(ok[best]["compression_vs_float32"]) if best else None
+    default = next(iter(figs))
+    rec = figs[default]  # the recipe's option: its per-target figures
+    return {"options": figs, "rel_error_limit": STORAGE_MAX_REL_ERROR, "recipe_option": default, "best_option": best,
+            "value": value, "goal": f">= {GOALS['storage'][1]:g} at rel_error <= {STORAGE_MAX_REL_ERROR:g}",
+            "met": goal_met("storage", value) if best else False,
+            "bytes_per_sample": {k: v["bytes_per_sample"] for k, v in rec["targets"].items()},
+            "compression_vs_float32": rec["compression_vs_float32"],
+            "rel_error": {k: v["rel_error"] for k, v in figs.items()}}
 
 
 def on_disk(cache_dir: Path, samples: int) -> dict:

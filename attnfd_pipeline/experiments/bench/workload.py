@@ -39,7 +39,7 @@ class Workload:
     timed_steps: int = 4  # timed training steps per variant per repeat
     reader_batches: int = 12  # batches timed per reader block
     memory_steps: int = 2  # training steps in each peak-memory process
-    memory_mode: str = "each"  # "each" | "parallel" | "one" (see memory.measure_memory)
+    memory_mode: str = "each"  # "each" | "one" | "inline" (see memory.measure_memory)
     threads: int = 0  # torch intra-op threads (0 = auto: the cores the loader workers leave, at least 1)
     calib_batches: int = 2  # teacher BatchNorm calibration batches (random weights)
     mantissa_options: tuple[int, ...] = (9, 8)  # storage options with the mantissa rounded
@@ -166,10 +166,8 @@ class InMemoryLoader:
         return len(self.sampler) // self.batch_size  # drop_last, as the cached loader
 
     def __iter__(self):
-        keys = list(self.sampler)
-        bs = self.batch_size
-        batches = [default_collate([self.dataset[k] for k in keys[b * bs:(b + 1) * bs]]) for b in range(len(self))]
-        return iter(batches)
+        keys, bs = list(self.sampler), self.batch_size
+        return iter([default_collate([self.dataset[k] for k in keys[b * bs:(b + 1) * bs]]) for b in range(len(self))])
 
 
 @dataclass
@@ -229,11 +227,10 @@ def build_setup(cfg, variant: str, *, num_classes: int, bundle: str | Path | Non
 
 
 def param_counts(setups: dict[str, Setup]) -> dict:
-    out = {}
-    for v, s in setups.items():
-        d = s.task.distiller
-        out[v] = {"student": sum(p.numel() for p in d.student.parameters()),
-                  "trainable": sum(p.numel() for p in d.parameters() if p.requires_grad)}
-        if s.task.teacher is not None:
-            out[v]["teacher"] = sum(p.numel() for p in s.task.teacher.parameters())
-    return out
+    def count(params) -> int:
+        return sum(p.numel() for p in params)
+
+    return {v: {"student": count(s.task.distiller.student.parameters()),
+                "trainable": count(p for p in s.task.distiller.parameters() if p.requires_grad)}
+            | ({"teacher": count(s.task.teacher.parameters())} if s.task.teacher is not None else {})
+            for v, s in setups.items()}
