@@ -1,31 +1,21 @@
 """`attnfd bench-feed`: the host CPU cost of feeding a GPU at the paper's shapes, per sample, measured
-through the library's own cache code (docs/bench.md "bench-feed").
+through the library's own cache code. What each figure times: docs/bench.md "bench-feed".
 
-What is timed (one torch thread, process CPU seconds, the fastest of ``PASSES`` passes, so other load on a
-shared machine counts as little as possible):
-
-- ``build_host_ms``: the build's host work once the stored arrays exist (what a device-side encoder hands
-  over): per-sample checksum, compression, the Zarr shard write and the manifest part (``commit_encoded``);
-- ``device_encode_ms`` / ``device_decode_ms``: float32 maps → stored arrays and back, on the bench's device
-  (CPU here, CUDA when present), apart from the host figures;
-- ``target_read_ms``: Stage 2's target read, store → batch (pinned when CUDA is present), through
-  ``CacheReader.read``, with its parts (Zarr read, checksum, decode) beside it;
-- ``image_side_ms``: Stage 2's image side for one VOC-sized 500×375 JPEG + PNG label: decode, the recipe's
-  replay at the crop, the two replay hashes, and normalisation where the loader still does it; every
-  augmentation implementation (``augment.AUGMENT_IMPLS``) is measured, the current one is the figure;
-- floors: a memcpy of the stored bytes and a page-cache read of the shard files.
-
-The target-path measurements are small functions over the public cache API (``encode_stored``,
-``commit_encoded``, ``read_batch``, ``decode_stored``), so they follow the cache code when it changes.
+Every figure is process CPU time of one torch thread, the fastest of ``PASSES`` passes, so other load on a
+shared machine counts as little as possible. The target-path measurements are small functions over the
+public cache API (``encode_stored``, ``commit_encoded``, ``read_batch``, ``decode_stored``), so they follow
+the cache code when it changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import tempfile
 import time
+import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +33,8 @@ ENCODINGS = ("int8", "float16")
 GOALS_MS = {"target_read_ms": 5.0, "image_side_ms": 10.0, "targets_plus_image_ms": 15.0, "build_host_ms": 4.0}
 # the throughputs the core counts assume: an RTX 4090 at ~30 % of its fp16 peak
 R_TEACHER, S_STUDENT = RTX_CLASS.teacher_images_per_s, RTX_CLASS.student_samples_per_s
-VOC_HW = (375, 500)  # a VOC-sized image (height, width)
 BLOSC_LEVEL = 5  # blosc's own default clevel, for blosc-lz4 in the codec table and the store
+IMAGE_PARTS = ("decode_ms", "draw_apply_ms", "hash_ms", "normalise_ms")  # the image side, in order
 
 
 @dataclass(frozen=True)
@@ -55,13 +45,10 @@ class FeedWorkload:
     crop: int = 513
     points: tuple[str, ...] = ("B", "E", "D")
     samples: int = 2  # teacher crops: one shard of the bench's cache
-    image_hw: tuple[int, int] = VOC_HW
+    image_hw: tuple[int, int] = (375, 500)  # a VOC-sized image (height, width)
     image_seeds: int = 12  # augmentation draws averaged in the image-side figure
     demo_images: int = 2  # demo-teacher maps for the codec table
     calib_batches: int = 1
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 DEFAULT = FeedWorkload()
@@ -70,13 +57,8 @@ QUICK = FeedWorkload(teacher="deeplabv3plus_resnet18", crop=48, samples=2, image
 
 
 def cpu_ms(fn: Callable[[], Any], passes: int = PASSES) -> float:
-    """Process CPU milliseconds of ``fn()``, the fastest of ``passes`` runs."""
-    best = float("inf")
-    for _ in range(passes):
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return best * 1e3
+    """Process CPU milliseconds of ``fn()``, the fastest of ``passes`` runs (garbage collection left on)."""
+    return min(timeit.Timer(fn, gc.enable, time.process_time).repeat(passes, 1)) * 1e3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,23 +88,22 @@ def decode_stored(stored: dict[str, list[np.ndarray]], encoding: str, device: to
             for name, parts in stored.items()}
 
 
-def commit_encoded(arrays: dict, cache_dir: Path, info, shard: int, start: int,
-                   stored: dict[str, list[np.ndarray]], rows: list[dict]) -> None:
-    """The build's host work for one shard whose stored arrays exist: per-sample checksums, one slice write
-    per array (compression + crc32c + the shard file), then the manifest part."""
+def commit_encoded(arrays: dict, cache_dir: Path, info, stored: dict[str, list[np.ndarray]],
+                   rows: list[dict]) -> None:
+    """The build's host work for shard 0 once its stored arrays exist: per-sample checksums (into copies of
+    ``rows``), one slice write per array (compression + crc32c + the shard file), then the manifest part."""
     from attnfd_pipeline.cache.encoding import checksum, stored_arrays
     from attnfd_pipeline.cache.manifest import write_part
     from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, paths
 
+    rows = [dict(r, rank=0) for r in rows]
     for name, parts in stored.items():
         for j, row in enumerate(rows):
             row[CHECKSUM_PREFIX + name] = checksum([p[j] for p in parts], info.checksum)
     for name, parts in stored.items():
         for (array, _), p in zip(stored_arrays(name, info.encoding), parts):
-            arrays[array][start:start + len(rows)] = p.reshape(len(rows), info.K, *p.shape[1:])
-    for row in rows:
-        row["rank"] = 0
-    write_part(paths(cache_dir)["manifest"], shard, rows, list(info.target_names), info.fingerprint)
+            arrays[array][:len(rows)] = p.reshape(len(rows), info.K, *p.shape[1:])
+    write_part(paths(cache_dir)["manifest"], 0, rows, list(info.target_names), info.fingerprint)
 
 
 def read_batch(reader, keys: Sequence[tuple[int, int]], names: Sequence[str], *, pin: bool = False) -> dict[str, Any]:
@@ -140,25 +121,18 @@ def read_batch(reader, keys: Sequence[tuple[int, int]], names: Sequence[str], *,
 
 
 def _pin(x):
-    if isinstance(x, torch.Tensor):
-        return x.pin_memory()
     if isinstance(x, dict):
         return {k: _pin(v) for k, v in x.items()}
     if isinstance(x, list):
         return [_pin(v) for v in x]
-    return x
+    return x.pin_memory() if isinstance(x, torch.Tensor) else x
 
 
 def tensor_bytes(x) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, np.ndarray):
-        return int(x.nbytes)
-    if isinstance(x, dict):
-        return sum(tensor_bytes(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return sum(tensor_bytes(v) for v in x)
-    return 0
+    """Bytes of the tensors and arrays in ``x`` (nested dicts, lists, tuples)."""
+    if isinstance(x, (dict, list, tuple)):
+        return sum(map(tensor_bytes, x.values() if isinstance(x, dict) else x))
+    return int(x.nbytes) if isinstance(x, (torch.Tensor, np.ndarray)) else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,30 +203,30 @@ def shard_files(cache_dir: Path, info) -> list[Path]:
             for n in info.target_names for a, _ in stored_arrays(n, info.encoding)]
 
 
+def zarr_read_ms(cache_dir: Path, info, n: int) -> float:
+    """The Zarr read of one sample's stored arrays (decompression + crc32c + Zarr's own work, no manifest
+    checksum), per sample over the shard's ``n``."""
+    from attnfd_pipeline.cache import CacheReader
+
+    raw, names = CacheReader(cache_dir, verify=False), list(info.target_names)
+    return cpu_ms(lambda: [raw.read_stored(i, 0, names) for i in range(n)]) / n
+
+
+def disk_bytes(cache_dir: Path, info, n: int) -> float:
+    return sum(f.stat().st_size for f in shard_files(cache_dir, info)) / n
+
+
 def build_figures(side: TeacherSide, info, cache_dir, arrays, device) -> tuple[dict, dict]:
     """(figures, stored arrays): device encode, host build work and its checksum part, device decode."""
     from attnfd_pipeline.cache.encoding import checksum
 
     n = len(side.rows)
-
-    def encode():
-        encode_stored(side.maps, info)
-        sync(device)
-
     stored = encode_stored(side.maps, info)
-
-    def decode():
-        decode_stored(stored, info.encoding, device)
-        sync(device)
-
-    def checksums():
-        for parts in stored.values():
-            for j in range(n):
-                checksum([p[j] for p in parts], info.checksum)
-
-    commit = lambda: commit_encoded(arrays, cache_dir, info, 0, 0, stored, [dict(r) for r in side.rows])  # noqa: E731
-    fig = {"device_encode_ms": cpu_ms(encode) / n, "device_decode_ms": cpu_ms(decode) / n,
-           "build_host_ms": cpu_ms(commit) / n, "build_checksum_ms": cpu_ms(checksums) / n}
+    fig = {"device_encode_ms": cpu_ms(lambda: (encode_stored(side.maps, info), sync(device))) / n,
+           "device_decode_ms": cpu_ms(lambda: (decode_stored(stored, info.encoding, device), sync(device))) / n,
+           "build_host_ms": cpu_ms(lambda: commit_encoded(arrays, cache_dir, info, stored, side.rows)) / n,
+           "build_checksum_ms": cpu_ms(lambda: [checksum([p[j] for p in parts], info.checksum)
+                                                for parts in stored.values() for j in range(n)]) / n}
     fig["build_compress_write_ms"] = max(0.0, fig["build_host_ms"] - fig["build_checksum_ms"])
     return fig, stored
 
@@ -270,7 +244,7 @@ def read_figures(side: TeacherSide, cfg, cache_dir, info, pin: bool) -> dict:
     reader, raw = CacheReader(cache_dir), CacheReader(cache_dir, verify=False)
     parts = [raw.read_stored(i, k, names) for i, k in keys]
     fig = {"target_read_ms": cpu_ms(lambda: read_batch(reader, keys, names, pin=pin)) / n,
-           "read_zarr_ms": cpu_ms(lambda: [raw.read_stored(i, k, names) for i, k in keys]) / n,
+           "read_zarr_ms": zarr_read_ms(cache_dir, info, n),
            "read_checksum_ms": cpu_ms(lambda: [checksum(ps, info.checksum) for p in parts for ps in p.values()]) / n}
     fig["read_collate_pin_ms"] = max(0.0, fig["target_read_ms"] - fig["read_zarr_ms"] - fig["read_checksum_ms"])
     item = student_dataset(cfg, side.source, reader, names)[keys[0]]
@@ -290,49 +264,34 @@ def floor_figures(stored_bytes: int, files: Sequence[Path], n: int) -> dict:
             "floor_page_cache_ms": cpu_ms(lambda: [f.read_bytes() for f in files]) / n}
 
 
-# the store's codecs (``cache.codec``, ``cache.level``) the read path is measured with
-STORE_CODECS = (("zstd", 1), ("blosc", BLOSC_LEVEL), ("none", 0))
-
-
-def store_codec_figures(side: TeacherSide, encoding: str, stored: dict, root: Path) -> dict:
-    """Per store codec: the Zarr read of one sample's stored arrays (decompression + crc32c + Zarr's own
-    work, no manifest checksum) and the bytes on disk — the read-path side of the codec choice."""
-    from attnfd_pipeline.cache import CacheReader
-
-    out = {}
-    n = len(side.rows)
-    for codec, level in STORE_CODECS:
-        _, cache_dir, info, arrays = open_shard_store(side, encoding, root, (codec, level))
-        commit_encoded(arrays, cache_dir, info, 0, 0, stored, [dict(r) for r in side.rows])
-        raw = CacheReader(cache_dir, verify=False)
-        names = list(info.target_names)
-        ms = cpu_ms(lambda: [raw.read_stored(i, 0, names) for i in range(n)]) / n
-        disk = sum(f.stat().st_size for f in shard_files(cache_dir, info)) / n
-        out[f"{codec}-{level}" if codec != "none" else "none"] = {"read_zarr_ms": ms, "disk_bytes_per_sample": disk}
-    return out
+# the store's codecs (``cache.codec``, ``cache.level``) the read path is measured with, by their report label
+STORE_CODECS = {"zstd-1": ("zstd", 1), f"blosc-{BLOSC_LEVEL}": ("blosc", BLOSC_LEVEL), "none": ("none", 0)}
 
 
 def encoding_figures(side: TeacherSide, encoding: str, root: Path, device: torch.device) -> tuple[dict, dict]:
-    """Every target-path figure of one encoding (and its stored arrays, for the codec table)."""
+    """Every target-path figure of one encoding (and its stored arrays, for the codec table); ``store_codecs``:
+    the Zarr read and the bytes on disk of the same arrays with each store codec."""
     cfg, cache_dir, info, arrays = open_shard_store(side, encoding, root)
     n = len(side.rows)
     fig, stored = build_figures(side, info, cache_dir, arrays, device)
     fig.update(read_figures(side, cfg, cache_dir, info, pin=device.type == "cuda" and torch.cuda.is_available()))
-    stored_bytes = tensor_bytes(stored) // n
-    if stored_bytes != sum(t.bytes_per_sample for t in info.targets.values()):
-        raise AssertionError(f"{encoding}: stored arrays hold {stored_bytes} B per sample, cache.json says "
-                             f"{sum(t.bytes_per_sample for t in info.targets.values())}")
-    files = shard_files(cache_dir, info)
-    fig.update(stored_bytes_per_sample=stored_bytes, disk_bytes_per_sample=sum(f.stat().st_size for f in files) / n,
+    stored_bytes, expected = tensor_bytes(stored) // n, sum(t.bytes_per_sample for t in info.targets.values())
+    if stored_bytes != expected:
+        raise AssertionError(f"{encoding}: stored arrays hold {stored_bytes} B per sample, cache.json says {expected}")
+    fig.update(stored_bytes_per_sample=stored_bytes, disk_bytes_per_sample=disk_bytes(cache_dir, info, n),
                float32_bytes_per_sample=sum(x[0].numel() * 4 for x in side.maps.values()),
-               **floor_figures(stored_bytes, files, n))
-    fig["store_codecs"] = store_codec_figures(side, encoding, stored, root)
+               **floor_figures(stored_bytes, shard_files(cache_dir, info), n))
+    fig["store_codecs"] = {}
+    for label, codec in STORE_CODECS.items():
+        _, d, i, a = open_shard_store(side, encoding, root, codec)
+        commit_encoded(a, d, i, stored, side.rows)
+        fig["store_codecs"][label] = {"read_zarr_ms": zarr_read_ms(d, i, n),
+                                      "disk_bytes_per_sample": disk_bytes(d, i, n)}
     return fig, stored
 
 
 # ---------------------------------------------------------------------------------------------
 # the image side: one VOC-sized JPEG + PNG label through decode, replay, hash check (and normalisation)
-
 
 def write_voc_pair(folder: Path, hw: tuple[int, int]) -> tuple[Path, Path]:
     """A ``hw`` JPEG (quality 90) of a natural photograph (matplotlib's sample, when installed; smooth
@@ -362,10 +321,9 @@ def write_voc_pair(folder: Path, hw: tuple[int, int]) -> tuple[Path, Path]:
     return jpg, png
 
 
-def image_sample(jpg: Path, png: Path, aug_cfg, seed: int, impl: int, host_normalise: bool,
-                 parts: dict[str, float] | None = None) -> None:
+def image_sample(jpg: Path, png: Path, aug_cfg, seed: int, impl: int, host_normalise: bool) -> list[float]:
     """One Stage 2 image-side sample: decode, draw + apply (implementation ``impl``), both replay hashes,
-    and the float32 normalisation when the loader does it on the host; ``parts`` accumulates CPU s."""
+    and the float32 normalisation when the loader does it on the host; the CPU ms of each of ``IMAGE_PARTS``."""
     from attnfd_pipeline import augment
     from attnfd_pipeline.data.io import read_image, read_label
 
@@ -380,9 +338,7 @@ def image_sample(jpg: Path, png: Path, aug_cfg, seed: int, impl: int, host_norma
     if host_normalise:
         augment.normalize(img)
     t.append(time.process_time())
-    if parts is not None:
-        for key, a, b in zip(("decode_ms", "draw_apply_ms", "hash_ms", "normalise_ms"), t, t[1:]):
-            parts[key] = parts.get(key, 0.0) + (b - a) * 1e3
+    return [(b - a) * 1e3 for a, b in zip(t, t[1:])]
 
 
 def image_figures(w: FeedWorkload, aug_cfg, folder: Path) -> dict:
@@ -392,16 +348,13 @@ def image_figures(w: FeedWorkload, aug_cfg, folder: Path) -> dict:
     from attnfd_pipeline import augment
 
     jpg, png = write_voc_pair(folder, w.image_hw)
+    seeds, (ch, cw) = range(w.image_seeds), aug_cfg.crop_size
     out = {}
     for impl in augment.AUGMENT_IMPLS:
         host_norm = impl < augment.AUGMENT_IMPL  # the loader before the current implementation normalised
-        seeds = range(w.image_seeds)
         total = cpu_ms(lambda: [image_sample(jpg, png, aug_cfg, s, impl, host_norm) for s in seeds]) / len(seeds)
-        parts: dict[str, float] = {}
-        for s in seeds:
-            image_sample(jpg, png, aug_cfg, s, impl, host_norm, parts)
-        ch, cw = aug_cfg.crop_size
-        out[f"impl{impl}"] = {"image_side_ms": total, **{k: v / len(seeds) for k, v in parts.items()},
+        parts = np.mean([image_sample(jpg, png, aug_cfg, s, impl, host_norm) for s in seeds], axis=0)
+        out[f"impl{impl}"] = {"image_side_ms": total, **dict(zip(IMAGE_PARTS, map(float, parts))),
                               "host_normalise": host_norm,
                               "image_shm_bytes_per_sample": 3 * ch * cw * (4 if host_norm else 1)}
     return out
@@ -410,32 +363,25 @@ def image_figures(w: FeedWorkload, aug_cfg, folder: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # codecs: ratio and per-core speed of the lossless step, per stored chunk (one sample of one array)
 
-CODECS = ("zstd-1", "blosc-lz4-shuffle", "blosc-lz4-noshuffle", "none")
-
-
-def make_codec(name: str):
-    import numcodecs
-
-    numcodecs.blosc.use_threads = False  # per-core figures
-    if name == "zstd-1":
-        return numcodecs.Zstd(level=1)
-    if name == "blosc-lz4-shuffle":
-        return numcodecs.Blosc(cname="lz4", clevel=BLOSC_LEVEL, shuffle=numcodecs.Blosc.SHUFFLE)
-    if name == "blosc-lz4-noshuffle":
-        return numcodecs.Blosc(cname="lz4", clevel=BLOSC_LEVEL, shuffle=numcodecs.Blosc.NOSHUFFLE)
-    if name == "none":
-        return None
-    raise ValueError(f"unknown codec {name!r} (known: {', '.join(CODECS)})")
+CODECS = {  # name → its numcodecs codec (None: a plain copy)
+    "zstd-1": lambda nc: nc.Zstd(level=1),
+    "blosc-lz4-shuffle": lambda nc: nc.Blosc(cname="lz4", clevel=BLOSC_LEVEL, shuffle=nc.Blosc.SHUFFLE),
+    "blosc-lz4-noshuffle": lambda nc: nc.Blosc(cname="lz4", clevel=BLOSC_LEVEL, shuffle=nc.Blosc.NOSHUFFLE),
+    "none": lambda nc: None,
+}
 
 
 def codec_figures(stored: dict[str, list[np.ndarray]]) -> dict:
     """``{codec: {"ratio", "encode_MBps", "decode_MBps"}}`` over every stored chunk (one sample of one
     array, as the cache chunks them); MB of stored bytes per CPU-second of one thread. ``none`` is a copy."""
+    import numcodecs
+
+    numcodecs.blosc.use_threads = False  # per-core figures
     chunks = [np.ascontiguousarray(p[j]) for parts in stored.values() for p in parts for j in range(len(p))]
     raw = sum(c.nbytes for c in chunks)
     out = {}
-    for name in CODECS:
-        codec = make_codec(name)
+    for name, make in CODECS.items():
+        codec = make(numcodecs)
         enc = (lambda c: c.tobytes()) if codec is None else codec.encode
         dec = (lambda f: bytearray(f)) if codec is None else codec.decode
         frames = [enc(c) for c in chunks]
@@ -475,8 +421,7 @@ def demo_teacher_maps(w: FeedWorkload, demo_config: Path) -> tuple[dict | None, 
 
     if not demo_config.is_file():
         return None, f"no demo config at {demo_config}"
-    cfg = load_config(demo_config, [f"cache.points=[{', '.join(repr(p) for p in w.points)}]".replace("'", '"'),
-                                    "cache.extra=[]"])
+    cfg = load_config(demo_config, [f"cache.points={json.dumps(list(w.points))}", "cache.extra=[]"])
     bundle = bundle_path(cfg)
     if not bundle.is_file():
         return None, f"no demo teacher bundle at {bundle} (run `make teacher`)"
@@ -504,10 +449,8 @@ def codec_table(side_stored: dict[str, dict], w: FeedWorkload, demo_config: Path
 
 def add_totals(fig: dict, image: dict) -> dict:
     """The image side (current implementation) beside the targets, the totals and the cores they need."""
-    fig["image_side_ms"] = image["image_side_ms"]
-    for part in ("decode_ms", "draw_apply_ms", "hash_ms", "normalise_ms"):
-        fig["image_" + part] = image[part]
-    fig["image_shm_bytes_per_sample"] = image["image_shm_bytes_per_sample"]
+    fig.update({"image_" + k: image[k] for k in IMAGE_PARTS}, image_side_ms=image["image_side_ms"],
+               image_shm_bytes_per_sample=image["image_shm_bytes_per_sample"])
     fig["targets_plus_image_ms"] = fig["target_read_ms"] + fig["image_side_ms"]
     fig["cores_build_at_R"] = R_TEACHER * fig["build_host_ms"] / 1e3
     fig["cores_build_at_R_with_host_encode"] = R_TEACHER * (fig["build_host_ms"] + fig["device_encode_ms"]) / 1e3
@@ -532,7 +475,6 @@ def zarr_own_ms(fig: dict, codecs: dict, crc_MBps: float | None, codec: str = "z
 
 def goals(fig: dict) -> list[dict]:
     """The feed goals on one encoding's figures, each met / missed with where its time goes."""
-    out = []
     where = {
         "target_read_ms": f"Zarr read {fig['read_zarr_ms']:.1f} (of which its own work beyond decompression and "
                           f"crc32c {_f(fig.get('read_zarr_own_ms'), 1)}), manifest checksum "
@@ -544,9 +486,8 @@ def goals(fig: dict) -> list[dict]:
         "build_host_ms": f"checksum {fig['build_checksum_ms']:.1f}, compress + write + manifest "
                          f"{fig['build_compress_write_ms']:.1f} ms",
     }
-    for key, thr in GOALS_MS.items():
-        out.append({"figure": key, "value": num(fig[key]), "goal": f"<= {thr:g} ms", "met": bool(fig[key] <= thr),
-                    "where": where[key]})
+    out = [{"figure": key, "value": num(fig[key]), "goal": f"<= {thr:g} ms", "met": bool(fig[key] <= thr),
+            "where": where[key]} for key, thr in GOALS_MS.items()]
     same = fig["h2d_bytes_per_sample"] == fig["stored_bytes_per_sample"]
     times = fig["h2d_bytes_per_sample"] / fig["stored_bytes_per_sample"]
     out.append({"figure": "h2d_bytes_per_sample", "value": fig["h2d_bytes_per_sample"],
@@ -599,7 +540,8 @@ def run_feed_bench(out: str | Path, *, quick: bool = False, recipe: str | Path |
                                                            res["codecs"]["crc32c_MBps"], side.cfg.cache.codec))
             res[enc]["goals"] = goals(res[enc])
     res["image_side"] = image
-    res["workload"] = {**w.to_dict(), "augment": dataclasses.asdict(aug), "recipe": str(recipe) if recipe else None}
+    res["workload"] = {**dataclasses.asdict(w), "augment": dataclasses.asdict(aug),
+                       "recipe": str(recipe) if recipe else None}
     res["assumptions"] = {"teacher_images_per_s": R_TEACHER, "student_samples_per_s": S_STUDENT,
                           "basis": "fidelity.RTX_CLASS: an RTX 4090 at ~30 % of its fp16 peak (docs/storage.md)"}
     res["device"] = device_info(dev, load)
@@ -649,7 +591,7 @@ def feed_markdown(res: dict) -> str:
     d, w, c = res["device"], res["workload"], res["codecs"]
     image = [[f"{name[4:]} (" + ("whole image resized, float32 from the loader" if f["host_normalise"] else
                                  "crop region only, uint8 from the loader") + ")"]
-             + [_f(f[k]) for k in ("decode_ms", "draw_apply_ms", "hash_ms", "normalise_ms", "image_side_ms")]
+             + [_f(f[k]) for k in (*IMAGE_PARTS, "image_side_ms")]
              + [_mb(f["image_shm_bytes_per_sample"])] for name, f in res["image_side"].items()]
     codecs = [[teacher, f"`{enc}`", name, f"{x['ratio']:.2f}", f"{x['encode_MBps']:,.0f}", f"{x['decode_MBps']:,.0f}"]
               for key, teacher in (("workload_teacher", f"{w['teacher']} (workload, random weights)"),
