@@ -1,29 +1,14 @@
 """What a compact cache costs: fidelity, size and encode/decode speed of each storage variant
-(``cache.encoding`` × ``cache.pool``) on a teacher's real maps.
+(``cache.encoding`` × ``cache.pool``) on a teacher's real maps; what each figure measures, and why:
+docs/storage.md "Fidelity".
 
-``storage_figures(cfg, teacher, crops=(64, 257))`` runs the teacher on a few training images at each crop
-(images resized to a square crop, no random augmentation), stores the maps with every variant of
-``cache.plan.storage_variants`` in memory, and reports per variant and crop:
-
-- ``rel_error``: relative L2 error of the channel-normalised maps (each (sample, channel) map divided by
-  its float32 norm) against float32 — against the pooled float32 map for a pooled variant, whose pooling
-  is a variant of the loss and measured by the next two;
-- ``grad_cosine`` / ``grad_rel_error`` / ``loss_rel_error``: the AttnFD loss (``student.norm``) and its
-  gradient with respect to the student's refined map, against the same loss on float32 targets at full
-  resolution. The student map is an assumption, three of them: the teacher's map plus white Gaussian
-  noise of ``rho`` times its RMS (rho = 1: far from the teacher; 0.3: close to it, where target errors
-  weigh most), and the config's student at initialisation through a random connector (spatially
-  realistic, ``untrained_student_maps``); the worst is reported, and each in ``grad_cosine_by_student``;
-- ``compression_vs_float16``: stored bytes after zstd level 1 (the default codec), float16 / variant;
-- ``encode_mb_s`` / ``decode_mb_s``: float32 teacher-output MB per CPU-second of one thread (``thread_time``, so
-  other processes on a busy machine do not count) — encode = pool +
-  convert/quantise + checksum + compress; decode = decompress + checksum + dequantise, in memory (the
-  store adds its crc32c, shard index and file I/O on top: see docs/storage.md).
-
-``recommended`` is the smallest variant whose worst gradient cosine is ≥ ``min_cosine`` (0.999) at every
-crop. ``feed_projection`` turns the per-core speeds into the CPU cores a cache build and a DataLoader need
-to keep up with a GPU, at throughputs that are stated assumptions (``RTX_CLASS``). ``attnfd bench-storage``
-writes ``bench/storage.{json,md}``.
+``storage_figures`` reports per variant and crop the error of the channel-normalised maps, the AttnFD loss
+gradient against float32 targets for three assumed student maps (``noise_students`` at each of ``RHOS``, and
+``untrained_student_maps``; the worst is reported), the zstd-1 size and the per-core MB/s (``thread_time``, so
+other processes on a busy machine do not count). ``recommended`` is the smallest variant whose worst gradient
+cosine is ≥ ``MIN_COSINE`` at every crop. ``feed_projection`` turns the per-core speeds into the CPU cores a
+cache build and a DataLoader need at the assumed throughputs of ``RTX_CLASS``. ``attnfd bench-storage`` writes
+``bench/storage.{json,md}``.
 """
 
 from __future__ import annotations
@@ -43,10 +28,18 @@ from attnfd_pipeline.losses.attnfd import attnfd_loss
 from attnfd_pipeline.errors import UserError
 
 RHOS = (1.0, 0.3)
-
-
 # a compact encoding is recommended when the distillation gradient it gives points within ~2.6° of float16's
 MIN_COSINE = 0.999
+# how a figure's worst is taken over targets, students and crops
+WORST = {"rel_error": max, "grad_cosine": min, "grad_rel_error": max, "loss_rel_error": max,
+         "compression_vs_float16": min, "zstd_ratio": min}
+GRAD_KEYS = ("grad_cosine", "grad_rel_error", "loss_rel_error")
+
+
+def worst(rows, keys) -> dict[str, float]:
+    """The worst of each of ``keys`` (by ``WORST``) over the dicts ``rows``."""
+    rows = list(rows)
+    return {k: WORST[k](r[k] for r in rows) for k in keys}
 
 
 def teacher_from_checkpoint(cfg, path) -> Any:
@@ -142,9 +135,7 @@ def grad_fidelity(ref32: np.ndarray, stored: np.ndarray, pool: int, norm: str,
         each[label] = {"grad_cosine": float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300)),
                        "grad_rel_error": float((b - a).norm() / a.norm().clamp_min(1e-300)),
                        "loss_rel_error": abs(losses[1] - losses[0]) / max(abs(losses[0]), 1e-300)}
-    return {"grad_cosine": min(v["grad_cosine"] for v in each.values()),
-            "grad_rel_error": max(v["grad_rel_error"] for v in each.values()),
-            "loss_rel_error": max(v["loss_rel_error"] for v in each.values()), "students": each}
+    return {**worst(each.values(), GRAD_KEYS), "students": each}
 
 
 def untrained_student_maps(cfg, source, crop: int, images: int, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
@@ -171,29 +162,24 @@ def untrained_student_maps(cfg, source, crop: int, images: int, shapes: dict[str
 def _variant_at_crop(maps: dict[str, np.ndarray], encoding: str, pool, norm: str,
                      student: dict[str, np.ndarray]) -> dict[str, Any]:
     """One variant on one crop's maps: per-target figures and their totals."""
-    per, f32_bytes, stored_bytes, enc_s, dec_s = {}, 0, 0, 0.0, 0.0
+    per, enc_s, dec_s = {}, 0.0, 0.0
     for name, x in maps.items():
         f = pool_of(pool, name)
         # the fastest of a few passes: CPU time of one thread still grows when other processes share the
         # caches and memory bandwidth, and the least disturbed pass is the steadiest estimate
-        times = [_timed(x, encoding, f, name) for _ in range(TIMING_PASSES)]
+        enc, dec = zip(*(_timed(x, encoding, f, name) for _ in range(TIMING_PASSES)))
+        enc_s, dec_s = enc_s + min(enc), dec_s + min(dec)
         m = measure_storage(x, encoding, 0, f, "zstd", 1, target=name)
         y = m["decoded"]
         per[name] = {"chw": list(y.shape[1:]), "rel_error": m["rel_error"], "tiny_channels": m["tiny_channels"],
                      **grad_fidelity(x, y, f, norm, {**noise_students(x), "untrained": student[name]}),
                      "stored_bytes_per_sample": m["stored_bytes"], "raw_bytes_per_sample": m["raw_bytes"]}
-        f32_bytes += x.nbytes
-        stored_bytes += m["stored_bytes"]
-        enc_s += min(t[0] for t in times)
-        dec_s += min(t[1] for t in times)
-    return {"targets": per, "stored_bytes_per_sample": stored_bytes,
-            "rel_error": max(t["rel_error"] for t in per.values()),
-            "grad_cosine": min(t["grad_cosine"] for t in per.values()),
-            "grad_rel_error": max(t["grad_rel_error"] for t in per.values()),
+    f32_mb = sum(x.nbytes for x in maps.values()) / 1e6
+    return {"targets": per, "stored_bytes_per_sample": sum(t["stored_bytes_per_sample"] for t in per.values()),
+            **worst(per.values(), ("rel_error", *GRAD_KEYS)),
             "grad_cosine_by_student": {k: min(t["students"][k]["grad_cosine"] for t in per.values())
                                        for k in next(iter(per.values()))["students"]},
-            "loss_rel_error": max(t["loss_rel_error"] for t in per.values()),
-            "encode_mb_s": f32_bytes / 1e6 / enc_s, "decode_mb_s": f32_bytes / 1e6 / dec_s}
+            "encode_mb_s": f32_mb / enc_s, "decode_mb_s": f32_mb / dec_s}
 
 
 def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
@@ -224,14 +210,11 @@ def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
                                            / r["stored_bytes_per_sample"])
             raw = sum(t["raw_bytes_per_sample"] for t in r["targets"].values())
             r["zstd_ratio"] = raw / r["stored_bytes_per_sample"]
-        worst = lambda k, f: f(r[k] for r in v["crops"].values())  # noqa: E731
-        v.update(grad_cosine=worst("grad_cosine", min), rel_error=worst("rel_error", max),
-                 compression_vs_float16=worst("compression_vs_float16", min), zstd_ratio=worst("zstd_ratio", min))
+        v.update(worst(v["crops"].values(), ("grad_cosine", "rel_error", "compression_vs_float16", "zstd_ratio")))
     ok = [n for n, v in out["variants"].items() if v["grad_cosine"] >= min_cosine]
     best = max(ok, key=lambda n: out["variants"][n]["compression_vs_float16"]) if ok else "float16"
     b = out["variants"][best]
-    out["recommended"] = {"encoding": best, "compression_vs_float16": b["compression_vs_float16"],
-                          "grad_cosine": b["grad_cosine"], "rel_error": b["rel_error"]}
+    out["recommended"] = {"encoding": best, **{k: b[k] for k in ("compression_vs_float16", "grad_cosine", "rel_error")}}
     out["min_cosine"] = min_cosine
     return out
 
@@ -241,7 +224,8 @@ def storage_markdown(fig: dict) -> str:
     L = ["# Storage variants: fidelity, size, speed", "",
          f"Teacher maps of {fig['images']} training images at crops {fig['crops']} (points "
          f"{', '.join(fig['points'])}); loss norm `{fig['norm']}`; student maps: teacher map + rho·RMS·white noise, "
-         f"rho ∈ {fig['student_noise_rho']}, and the student at initialisation (worst reported). Speeds: float32 MB of teacher output per CPU-second of one thread.",
+         f"rho ∈ {fig['student_noise_rho']}, and the student at initialisation (worst reported). Speeds: "
+         "float32 MB of teacher output per CPU-second of one thread.",
          "", "| storage | crop | rel. error (ch.-norm.) | grad cosine (worst) | cosine: untrained student | "
              "grad rel. error | loss rel. error | zstd ratio | vs float16 | encode MB/s | decode MB/s |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -300,10 +284,11 @@ def projection_markdown(proj: dict[str, dict], sample_bytes: float, assume: Feed
          f"per sample). **Assumed, not measured**: teacher R = {assume.teacher_images_per_s:g} images/s, student "
          f"S = {assume.student_samples_per_s:g} samples/s ({assume.basis}). Measured: MB/s per core at "
          f"{next(iter(proj.values()))['measured_crop']} px.", "",
-         "| storage | encode MB/s per core | decode MB/s per core | (a) build: cores for R | (b) DataLoader: cores for S |",
+         "| storage | encode MB/s per core | decode MB/s per core | (a) build: cores for R "
+         "| (b) DataLoader: cores for S |",
          "| --- | --- | --- | --- | --- |"]
-    L += [f"| `{n}` | {p['encode_mb_s']:.0f} | {p['decode_mb_s']:.0f} | {p['build_cores']:.1f} | {p['loader_cores']:.1f} |"
-          for n, p in proj.items()]
+    L += [f"| `{n}` | {p['encode_mb_s']:.0f} | {p['decode_mb_s']:.0f} | {p['build_cores']:.1f} "
+          f"| {p['loader_cores']:.1f} |" for n, p in proj.items()]
     return "\n".join(L) + "\n"
 
 
