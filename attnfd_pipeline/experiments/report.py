@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from attnfd_pipeline.config import Config, ConfigError, TargetSource
+from attnfd_pipeline.experiments import plotting
 from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat
 from attnfd_pipeline.experiments.table import (Row, cell, markdown, number, paired_header, resolved_sentence, signed,
                                                stat_dict)
@@ -58,6 +59,13 @@ NO_RUNS = "no runs"
 CACHED, ONLINE, FRESH = (t.tag for t in TargetSource)
 MODES = (CACHED, ONLINE, FRESH)
 
+
+def _group(runs: Iterable[dict], key: Callable[[dict], Any]) -> dict[Any, list[dict]]:
+    """The runs by ``key(run)``, in the order of their first run."""
+    groups: dict[Any, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[key(r)].append(r)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,14 +116,11 @@ def _student_record(path: Path, root: Path, teacher: dict | None) -> dict:
 def collect_runs(cfg: Config, extra_roots: Iterable[str | Path] = ()) -> tuple[list[dict], list[dict]]:
     """(teachers, students) of ``cfg.run_root`` and of every extra run root (a run folder such as
     ``runs/demo_fitted``). Runs without a final mIoU (unfinished) are left out."""
-    roots, seen = [], set()
+    roots: dict[Path, Path] = {}  # by resolved path: the first spelling of a root is the one kept
     for root in [cfg.run_root, *map(Path, extra_roots)]:
-        key = Path(root).resolve()
-        if key not in seen:
-            seen.add(key)
-            roots.append(Path(root))
+        roots.setdefault(Path(root).resolve(), Path(root))
     teachers, students = [], []
-    for root in roots:
+    for root in roots.values():
         teacher = _teacher_record(root)
         if teacher is not None:
             teachers.append(teacher)
@@ -190,17 +195,12 @@ def _one_variant(runs: list[dict], own: str | None) -> list[dict]:
     """The runs of one variant: the reference config's own when it has runs, else the variant with the most
     runs. Runs that trained differently (another recipe switch, method setting or storage) are never pooled
     into one row."""
-    by: dict[str, list[dict]] = defaultdict(list)
-    for r in runs:
-        by[r["variant"]].append(r)
+    by = _group(runs, lambda r: r["variant"])
     return by[own] if own in by else max(by.values(), key=len, default=[])
 
 
 def _uses(method: str) -> set[str]:
-    out: set[str] = set()
-    for m in method.split("+"):
-        out |= USES.get(m, {"points", "norm"})
-    return out
+    return set().union(*(USES.get(m, {"points", "norm"}) for m in method.split("+")))
 
 
 def _matches(r: dict, ref: Reference, *, vary: str = "", method_aware: bool = False) -> bool:
@@ -229,11 +229,7 @@ def _baseline(students: list[dict], ref: Reference) -> list[dict]:
 
 
 def _teacher_at_ref(teachers: list[dict], cfg: Config) -> dict | None:
-    root = str(cfg.run_root)
-    for t in teachers:
-        if t["root"] == root:
-            return t
-    return None
+    return next((t for t in teachers if t["root"] == str(cfg.run_root)), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,14 +268,10 @@ def _main_rows(teachers: list[dict], students: list[dict], cfg: Config, base: li
                      "alpha": None, "mode": "", "runs": [teacher]})
     if base:
         rows.append({"label": f"Student ({ref.model})", "method": "none", "alpha": 0.0, "mode": "", "runs": base})
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for r in students:
-        if r["method"] != "none" and _matches(r, ref, method_aware=True):
-            groups[(r["method"], r["mode"])].append(r)
+    groups = _group((r for r in students if r["method"] != "none" and _matches(r, ref, method_aware=True)),
+                    lambda r: (r["method"], r["mode"]))
     for (method, mode) in sorted(groups, key=lambda k: _method_sort_key(*k)):
-        by_alpha: dict[float, list[dict]] = defaultdict(list)
-        for r in groups[(method, mode)]:
-            by_alpha[r["alpha"]].append(r)
+        by_alpha = _group(groups[(method, mode)], lambda r: r["alpha"])
         if ref.alpha in by_alpha:
             alpha = ref.alpha
         else:  # the α with the most seeds (then the best mean)
@@ -320,13 +312,8 @@ def _difference(d: dict | None) -> Difference | None:
 def _study(students: list[dict], ref: Reference, vary: str, key, order: Sequence | None = None, *,
            mode: str = CACHED) -> list[tuple[Any, list[dict]]]:
     """AttnFD runs at the reference except for ``vary``, grouped by ``key(run)``."""
-    groups: dict[Any, list[dict]] = defaultdict(list)
-    for r in students:
-        if r["method"] != "attnfd" or r["mode"] != mode or not _matches(r, ref, vary=vary):
-            continue
-        if vary != "alpha" and r["alpha"] != ref.alpha:
-            continue
-        groups[key(r)].append(r)
+    groups = _group((r for r in students if r["method"] == "attnfd" and r["mode"] == mode
+                     and _matches(r, ref, vary=vary) and (vary == "alpha" or r["alpha"] == ref.alpha)), key)
     keys = sorted(groups, key=lambda k: (order.index(k) if order is not None and k in order else len(order or ()), k))
     return [(k, _one_variant(groups[k], ref.variant("attnfd", groups[k][0]["alpha"], mode))) for k in keys]
 
@@ -379,9 +366,7 @@ def ablation_table(study: Ablation, students, teachers, ref: Reference, base: Ro
     if not any(by_mode.values()):
         return NO_RUNS, [], {}
     reference, json_key = Row.of("reference", ref_runs), study.json_key or study.vary
-    teacher_by_mode: dict[str, list[dict]] = defaultdict(list)
-    for t in teachers:
-        teacher_by_mode[t["cbam_mode"]].append(t)
+    teacher_by_mode = _group(teachers, lambda t: t["cbam_mode"])
     multi = len(study.modes) > 1
     rows, data = [], []
     if study.student_row and base.miou is not None:
@@ -459,10 +444,8 @@ def _per_class(runs: list[dict]) -> tuple[np.ndarray | None, list[str] | None]:
 def _crop_baselines(students: list[dict], ref: Reference) -> dict[Any, list[dict]]:
     """The plain student per crop regime: each cached K, and FRESH (a new crop every epoch: online-fresh's
     baseline)."""
-    crops: dict[Any, list[dict]] = defaultdict(list)
-    for r in students:
-        if r["method"] == "none" and r["model"] == ref.model and (r["mode"] == FRESH or r["K"] is not None):
-            crops[FRESH if r["mode"] == FRESH else r["K"]].append(r)
+    crops = _group((r for r in students if r["method"] == "none" and r["model"] == ref.model
+                    and (r["mode"] == FRESH or r["K"] is not None)), lambda r: FRESH if r["mode"] == FRESH else r["K"])
     return {k: _one_variant(g, ref.variant("none", 0.0, FRESH if k == FRESH else CACHED)) for k, g in crops.items()}
 
 
@@ -507,9 +490,10 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
         md += [f"## {study.title}", "", table, ""]
         if study.vary == "alpha":  # the K study, with its own baseline per crop regime, follows the α sweep
             md += _alpha_figure(out_dir, groups, base.miou, teacher, files)
-            table, data["K"], groups = k_study(students, ref, _crop_baselines(students, ref))
+            crops = _crop_baselines(students, ref)
+            table, data["K"], groups = k_study(students, ref, crops)
             md += ["## Cached augmentation seeds K vs online distillation", "", table, ""]
-            md += _k_figure(out_dir, groups, _crop_baselines(students, ref), teacher, files)
+            md += _k_figure(out_dir, groups, crops, teacher, files)
     md += _per_class_section(out_dir, data, students, base.runs, files)
     md += _curves_section(students, ref, base.runs, out_dir, files)
 
@@ -520,8 +504,6 @@ def build_report(cfg: Config, out_dir: str | Path, *, extra_roots: Iterable[str 
 
 def _series(label: str, groups: Sequence[tuple[Any, list[dict]]], color=None):
     """A figure's line: the mean ± std mIoU of each (x, runs) group."""
-    from attnfd_pipeline.experiments import plotting
-
     stats = [Row.of(label, runs).miou for _, runs in groups]
     return plotting.Series(label, [x for x, _ in groups], [s.mean for s in stats],
                            [s.std if s.std is not None else float("nan") for s in stats], color)
@@ -530,8 +512,6 @@ def _series(label: str, groups: Sequence[tuple[Any, list[dict]]], color=None):
 def _alpha_figure(out_dir: Path, groups: dict, base_m: Stat | None, teacher: dict | None,
                   files: dict[str, Path]) -> list[str]:
     """alpha_sweep.png (mean ± std per α and mode) into ``files``; the Markdown line that shows it."""
-    from attnfd_pipeline.experiments import plotting
-
     series = [_series(f"AttnFD ({mode})", g, plotting.cycle_color(i)) for i, mode in enumerate(MODES)
               if (g := [(a, runs) for a, runs in groups.get(mode, ()) if a > 0])]
     if not series:
@@ -546,8 +526,6 @@ def _alpha_figure(out_dir: Path, groups: dict, base_m: Stat | None, teacher: dic
 def _k_figure(out_dir: Path, groups: dict, crops: dict[Any, list[dict]], teacher: dict | None,
               files: dict[str, Path]) -> list[str]:
     """k_study.png (AttnFD and the student per K, the online references as lines) into ``files``."""
-    from attnfd_pipeline.experiments import plotting
-
     if not groups or not groups[CACHED]:
         return []
     ks = [k for k, _ in groups[CACHED]]
@@ -558,7 +536,8 @@ def _k_figure(out_dir: Path, groups: dict, crops: dict[Any, list[dict]], teacher
               for mode, label, c in ((ONLINE, "AttnFD (online)", 1), (FRESH, "AttnFD (online, fresh aug.)", 2))
               for _, runs in groups[mode]]
     if crops.get(FRESH):
-        hlines.append(plotting.HLine("student (fresh aug.)", Row.of("", crops[FRESH]).miou.mean, plotting.cycle_color(7)))
+        hlines.append(plotting.HLine("student (fresh aug.)", Row.of("", crops[FRESH]).miou.mean,
+                                     plotting.cycle_color(7)))
     files["k_study"] = plotting.line_plot(out_dir / "k_study.png", series, title="mIoU vs cached seeds K",
                                           xlabel="K (log scale)", ylabel="val mIoU (%)", logx=True,
                                           hlines=hlines + _teacher_line(teacher), xticks=ks)
@@ -566,8 +545,6 @@ def _k_figure(out_dir: Path, groups: dict, crops: dict[Any, list[dict]], teacher
 
 
 def _teacher_line(teacher: dict | None) -> list:
-    from attnfd_pipeline.experiments import plotting
-
     if teacher is None or teacher["miou"] is None:
         return []
     return [plotting.HLine("teacher", teacher["miou"] * 100, plotting.cycle_color(3), dashed=False)]
@@ -576,8 +553,6 @@ def _teacher_line(teacher: dict | None) -> list:
 def _per_class_section(out_dir: Path, data: dict, students: list[dict], base: list[dict],
                        files: dict[str, Path]) -> list[str]:
     """Per-class IoU of the best method vs the student (table, figure); sets ``data["per_class"]``."""
-    from attnfd_pipeline.experiments import plotting
-
     md = ["## Per-class IoU: best method vs student (paper Fig. 7)", ""]
     methods = [r for r in data["main"] if r["method"] not in ("teacher", "none") and r["miou"]]
     # a single run is one draw of a training whose seed std is about a point: when some method has seeds to
