@@ -17,10 +17,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from attnfd_pipeline.config import Config
+from attnfd_pipeline.experiments.plotting import DPI, Series, curve_plot, integer_ticks, pyplot, save_figure, series_rgb
 
 STEP_SKIP = ("step", "epoch")
 EPOCH_QUANTITIES = ("miou", "pixel_acc", "class_acc", "fwiou")  # evaluation, in %
-PERCENT = set(EPOCH_QUANTITIES)
 LABELS = {"miou": "val mIoU (%)", "pixel_acc": "val pixel accuracy (%)", "class_acc": "val class accuracy (%)",
           "fwiou": "val FWIoU (%)", "loss": "loss (total)", "ce": "CE", "distill": "distillation loss (weighted sum)",
           "lr": "learning rate", "samples_per_s": "samples / s", "data_wait_s": "data wait per step (s)",
@@ -63,23 +63,20 @@ def _value(row: dict, key: str):
     if v is None or isinstance(v, (list, dict, str)):
         return None
     v = float(v)
-    if key in PERCENT:
+    if key in EPOCH_QUANTITIES:
         return v * 100
     return v / 2**20 if key == "peak_mem_bytes" else v
 
 
 def _numeric_keys(rows: list[dict], skip=()) -> list[str]:
-    keys = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in skip)
-    return list(keys)
+    return list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in skip))
 
 
 def _series(runs: list[RunCurves], key: str, axis: str):
-    from attnfd_pipeline.experiments.plotting import Series
-
     out = []
     for r in runs:
         rows = r.steps if axis == "step" else r.epochs
-        pts = [(row[axis], _value(row, key)) for row in rows if _value(row, key) is not None]
+        pts = [(row[axis], v) for row in rows if (v := _value(row, key)) is not None]
         if pts:
             out.append(Series(r.name, [x for x, _ in pts], [y for _, y in pts]))
     return out
@@ -87,7 +84,7 @@ def _series(runs: list[RunCurves], key: str, axis: str):
 
 def epoch_quantities(runs: list[RunCurves]) -> list[str]:
     keys = _numeric_keys([row for r in runs for row in r.epochs])
-    return [k for k in keys if k in EPOCH_QUANTITIES or (k.startswith("train_"))]
+    return [k for k in keys if k in EPOCH_QUANTITIES or k.startswith("train_")]
 
 
 def _label(key: str) -> str:
@@ -105,8 +102,6 @@ def draw_curves(cfg: Config, *, runs: str = "student/*", out: str | Path | None 
 
 def draw_runs(loaded: list[RunCurves], out: Path, *, title: str = "") -> list[Path]:
     """One PNG per quantity of ``loaded`` into ``out`` (``overview.png`` first); returns the paths."""
-    from attnfd_pipeline.experiments.plotting import curve_plot
-
     files = [overview(loaded, out / "overview.png", title=title)]
     stepped = [r for r in loaded if r.steps]
     for key in _numeric_keys([row for r in stepped for row in r.steps], STEP_SKIP):
@@ -120,8 +115,6 @@ def draw_runs(loaded: list[RunCurves], out: Path, *, title: str = "") -> list[Pa
 
 def overview(runs: list[RunCurves], path: Path, *, title: str = "") -> Path:
     """Train loss, train CE and val mIoU against the epoch, one panel each, runs overlaid."""
-    from attnfd_pipeline.experiments.plotting import DPI, integer_ticks, pyplot, save_figure, series_rgb
-
     plt = pyplot()
     keys = [k for k in ("train_loss", "train_ce", "miou") if any(_series(runs, k, "epoch"))]
     fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.2 * max(len(keys), 1), 3.4), dpi=DPI, squeeze=False)

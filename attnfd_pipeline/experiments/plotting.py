@@ -17,6 +17,7 @@ import numpy as np
 from attnfd_pipeline.errors import UserError
 
 DPI = 100
+SIZE = (760, 460)  # pixels of a line or curve figure (and the width of a bar figure)
 # A colour is matplotlib's "CN" spec (the N-th colour of its own property cycle, wrapping around) or a
 # 0–255 RGB triple of the caller's.
 Color = str | tuple[int, int, int]
@@ -55,7 +56,6 @@ class Series:
     y: Sequence[float]
     yerr: Sequence[float] | None = None  # half-length of the error bar per point (None / nan = none)
     color: Color | None = None
-    dashed: bool = False
 
 
 @dataclass
@@ -71,11 +71,10 @@ def _finite(v) -> bool:
 
 
 def line_plot(path: str | Path, series: Sequence[Series], *, title: str = "", xlabel: str = "", ylabel: str = "",
-              logx: bool = False, hlines: Sequence[HLine] = (), xticks: Sequence[float] | None = None,
-              size: tuple[int, int] = (760, 460)) -> Path:
+              logx: bool = False, hlines: Sequence[HLine] = (), xticks: Sequence[float] | None = None) -> Path:
     """Lines with markers and error bars; ``logx`` puts x on a log10 axis (x must be > 0)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(SIZE[0] / DPI, SIZE[1] / DPI), dpi=DPI)
     for i, s in enumerate(series):
         pts = [(float(x), float(y), s.yerr[j] if s.yerr is not None else None)
                for j, (x, y) in enumerate(zip(s.x, s.y)) if _finite(y) and (not logx or float(x) > 0)]
@@ -84,7 +83,7 @@ def line_plot(path: str | Path, series: Sequence[Series], *, title: str = "", xl
         xs, ys, es = zip(*pts)
         err = [float(e) if _finite(e) else 0.0 for e in es]
         ax.errorbar(xs, ys, yerr=err if any(err) else None, label=s.label, color=series_rgb(s.color, i), marker="o",
-                    markersize=5, linestyle="--" if s.dashed else "-", linewidth=2, capsize=4)
+                    markersize=5, linestyle="-", linewidth=2, capsize=4)
     for h in hlines:
         if _finite(h.y):
             ax.axhline(h.y, label=h.label, color=series_rgb(h.color, 0), linestyle="--" if h.dashed else "-",
@@ -98,16 +97,16 @@ def line_plot(path: str | Path, series: Sequence[Series], *, title: str = "", xl
 
 
 def curve_plot(path: str | Path, series: Sequence[Series], *, title: str = "", xlabel: str = "", ylabel: str = "",
-               logy: bool = False, size: tuple[int, int] = (760, 460)) -> Path:
+               logy: bool = False) -> Path:
     """Training curves: one line per run (markers only where a run has few points), legend by run."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(SIZE[0] / DPI, SIZE[1] / DPI), dpi=DPI)
     for i, s in enumerate(series):
         pts = [(float(x), float(y)) for x, y in zip(s.x, s.y) if _finite(y) and (not logy or float(y) > 0)]
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, label=s.label, color=series_rgb(s.color, i), linestyle="--" if s.dashed else "-",
-                    linewidth=1.6, marker="o" if len(pts) <= 30 else None, markersize=4)
+            ax.plot(xs, ys, label=s.label, color=series_rgb(s.color, i), linestyle="-", linewidth=1.6,
+                    marker="o" if len(pts) <= 30 else None, markersize=4)
     if logy:
         ax.set_yscale("log")
     integer_ticks(ax)
@@ -133,13 +132,12 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, *, legend: bool) -> N
 
 
 def barh_plot(path: str | Path, categories: Sequence[str], groups: Sequence[tuple[str, Sequence[float]]], *,
-              title: str = "", xlabel: str = "", x_max: float | None = None, width: int = 760,
-              bar_h: int = 9) -> Path:
+              title: str = "", xlabel: str = "", x_max: float | None = None) -> Path:
     """Grouped horizontal bars: one band per category, one bar per group (nan = no bar)."""
     plt = pyplot()
-    band = bar_h * len(groups) + 8
+    band = 9 * len(groups) + 8  # 9 px a bar
     height = 100 + band * max(len(categories), 1)
-    fig, ax = plt.subplots(figsize=(width / DPI, height / DPI), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(SIZE[0] / DPI, height / DPI), dpi=DPI)
     n = max(len(groups), 1)
     for g, (label, vs) in enumerate(groups):
         ys = [i + (g - (n - 1) / 2) / (n + 1) for i in range(len(categories))]
