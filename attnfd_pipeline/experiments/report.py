@@ -14,10 +14,8 @@ teachers' ``result.json`` and bundle sidecars, and writes into ``out/``:
 A study varies one factor of AttnFD (cached) and holds the others at the config's values (the
 *reference*: α, norm, points, K, teacher CBAM mode, student model). mIoU is each run's final-epoch
 validation mIoU under the evaluation protocol its result.json names; ± is the sample standard deviation
-over seeds (shown when n > 1). Every row compared with a reference row — the plain student for the
-methods and the K study, AttnFD at the reference setting for the α, points, norm and teacher-CBAM-mode
-ablations — also gets the paired difference over the seeds both rows have, with its 95 % t-interval and
-n (``experiments.stats.paired``); a row sharing no seed with its reference says so.
+over seeds (shown when n > 1). Every compared row also gets its paired difference with its reference row
+(``experiments.stats.paired``; docs/statistics.md says which row is paired with which, and how).
 
 A run's mode is ``cached``, ``online`` (teacher online on the replayed cached crops: equal to cached up to
 float16) or ``online-fresh`` (``student.targets = "online-fresh"``: a fresh augmentation every epoch, result.json

@@ -1,12 +1,6 @@
-"""The statistics of the lab's comparisons (docs/statistics.md).
-
-Runs of one config that share a seed share the student's initialisation, its data order and (for cached
-runs) the cached crops, so the comparison this design allows is the *paired* one: the difference of two
-rows at each seed both have, then its mean, standard error and a Student-t interval over those seeds. It
-removes the seed-to-seed spread both rows share, which the unpaired summary (mean ± sample std of each
-row, ``Stat``) keeps. Rows without a shared seed cannot be paired: the tables say so.
-
-The t quantiles are scipy's (``scipy.stats.t``, the lab extra).
+"""The statistics of the lab's comparisons: the paired difference of two rows over the seeds both have, with
+its Student-t interval (``paired``, ``Difference``; quantiles from ``scipy.stats.t``), beside the unpaired
+mean ± sample std of each row (``Stat``). docs/statistics.md says why paired and defines every quantity.
 """
 
 from __future__ import annotations
@@ -119,8 +113,7 @@ def paired(row: Mapping[int, float], reference: Mapping[int, float], *,
         return Difference(mean, n, None, None, None, None, seeds, True, confidence)
     se = float(d.std(ddof=1)) / math.sqrt(n)
     half = t_quantile(0.5 + confidence / 2.0, n - 1) * se
-    lo, hi = mean - half, mean + half
-    return Difference(mean, n, se, lo, hi, float(n - 1), seeds, True, confidence)
+    return Difference(mean, n, se, mean - half, mean + half, float(n - 1), seeds, True, confidence)
 
 
 def equivalent(d: Difference | None, margin: float) -> bool | None:
