@@ -51,11 +51,8 @@ def find_runs(cfg: Config, pattern: str = "student/*") -> list[Path]:
 def load_run(path: Path, root: Path | None = None) -> RunCurves:
     name = path.relative_to(root).as_posix() if root is not None else path.name
     name = name.removeprefix("student/")
-    run = RunCurves(name, path)
-    run.epochs = pq.read_table(path / "metrics.parquet").to_pylist()
-    if (path / "steps.parquet").is_file():
-        run.steps = pq.read_table(path / "steps.parquet").to_pylist()
-    return run
+    steps = pq.read_table(path / "steps.parquet").to_pylist() if (path / "steps.parquet").is_file() else []
+    return RunCurves(name, path, steps, pq.read_table(path / "metrics.parquet").to_pylist())
 
 
 def _value(row: dict, key: str):

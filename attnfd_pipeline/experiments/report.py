@@ -142,10 +142,6 @@ def row_label(method: str, mode: str = CACHED) -> str:
     return f"S + {names}{suffix}"
 
 
-def _points_label(points: Sequence[str]) -> str:
-    return "+".join(points)
-
-
 def _method_sort_key(method: str, mode: str):
     parts = method.split("+")
     first = METHOD_ORDER.index(parts[0]) if parts[0] in METHOD_ORDER else len(METHOD_ORDER)
@@ -349,7 +345,7 @@ ABLATIONS = (
              student_row=True, value_header="mIoU (%)"),
     Ablation("points", "Distillation points (paper Table 5)", "points", lambda r: tuple(r["points"]),
              lambda ref: tuple(ref.points), order=[("B",), ("E",), ("D",), ("B", "E"), ("B", "D"), ("E", "D"),
-                                                  ("B", "E", "D")], show=lambda p: _points_label(p)),
+                                                  ("B", "E", "D")], show="+".join),
     Ablation("norm", "Normalisation of L_Attn", "norm", lambda r: r["norm"], lambda ref: ref.norm, order=NORM_ORDER),
     Ablation("teacher_mode", "Teacher CBAM mode", "teacher CBAM mode", lambda r: r["teacher_mode"],
              lambda ref: ref.teacher_mode, lambda ref: f"`{ref.teacher_mode}`", order=CBAM_MODES,
@@ -455,7 +451,7 @@ def _header(cfg: Config, ref: Reference, teachers: list[dict], students: list[di
     protocols = sorted({r["eval_protocol"] for r in students}) or [CENTER_CROP]
     return [f"# {cfg.name}: distillation results", "",
             f"{len(students)} student runs, {len(teachers)} teacher(s). Reference setting: student "
-            f"`{ref.model}`, α = {ref.alpha:g}, norm `{ref.norm}`, points {_points_label(ref.points)}, K = {ref.K}, "
+            f"`{ref.model}`, α = {ref.alpha:g}, norm `{ref.norm}`, points {'+'.join(ref.points)}, K = {ref.K}, "
             f"teacher CBAM `{ref.teacher_mode}`, cached seed order {orders}.", "",
             evaluation_line(", ".join(datasets), protocols, cfg.augment.crop_size) + " " + PAIRED_NOTE, ""]
 
