@@ -39,11 +39,9 @@ from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.losses import list_methods, method_label
 from attnfd_pipeline.records import CENTER_CROP, RunRecord
 from attnfd_pipeline.engine.logging import get_logger
-from attnfd_pipeline.progress import job
 from attnfd_pipeline.runs import evaluate_bundle, run_teacher
-from attnfd_pipeline.experiments.plan import (PlannedRun, cache_extra, finished_runs, pending_caches, run_config,
-                                              seed_range, train_runs, with_cache_extra)
-from attnfd_pipeline.experiments.plan import schedule as plan_schedule
+from attnfd_pipeline.experiments.plan import (PlannedRun, cache_extra, plan_job, run_config, schedule, seed_range,
+                                              train_runs, with_cache_extra)
 from attnfd_pipeline.experiments.report import PAIRED_NOTE, evaluation_line
 from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, equivalent, paired
 from attnfd_pipeline.experiments.table import Row, cell, markdown, number, paired_header, resolved_sentence
@@ -105,12 +103,6 @@ def bench_config(cfg: Config, plan: Sequence[PlannedRun]) -> Config:
     return with_cache_extra(cfg, cache_extra([run_config(cfg, p, p.seeds[0]) for p in plan]))
 
 
-def schedule(cfg: Config, plan: Sequence[PlannedRun]) -> list[tuple[str, Config]]:
-    """(method, run config) in running order: every method's first seed, then the second seeds …, so a
-    bench run in parts covers every row early."""
-    return [(p.label, c) for p, c in plan_schedule(cfg, plan)]
-
-
 # ---------------------------------------------------------------------------------------------
 # teacher and cache
 
@@ -159,8 +151,7 @@ def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = T
     """The complete cache of ``cfg`` (with its extra targets), built or resumed when it is not; its record
     (path, build seconds summed over the parts that built it) is kept in ``accuracy_cache.json`` — the
     float16 cache at the top level, a compact one under ``variants.<storage>``."""
-    record_path = out_dir / CACHE_JSON
-    top = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    top = _cache_record(out_dir)
     label = storage_label(cfg)
     record = top.get("variants", {}).get(label, {}) if label else top
     path, seconds = complete_cache(cfg, bundle, progress=progress)
@@ -175,7 +166,7 @@ def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = T
         top = top | {"variants": top.get("variants", {}) | {label: record}}
     else:
         top = record | ({"variants": top["variants"]} if "variants" in top else {})
-    atomic_write_json(record_path, top)
+    atomic_write_json(out_dir / CACHE_JSON, top)
     return top
 
 
@@ -183,9 +174,8 @@ def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = T
 # runs
 
 
-def run_entry(method: str, result: dict | RunRecord) -> dict:
+def run_entry(method: str, r: RunRecord) -> dict:
     """accuracy.json's row of one student run (from its result.json record)."""
-    r = result if isinstance(result, RunRecord) else RunRecord.from_dict(result)
     return {"method": method, "seed": r.seed, "miou": r.final_miou, "pixel_acc": r.final_pixel_acc,
             "best_miou": r.best_miou, "run": r.run, "alpha": r.alpha, "student_method": r.method, "mode": r.mode,
             "augment": r.augment, "epochs": r.epochs, "train_seconds": r.train_seconds, "dataset": r.dataset,
@@ -208,38 +198,33 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
     meta: dict[str, Any] = {"command": command or DEFAULT_COMMAND, "config": cfg.name, "K": cfg.cache.K,
                             "dataset": cfg.data.dataset, "crop": list(cfg.augment.crop_size),
                             "planned": {p.label: len(p.seeds) for p in plan} | {"teacher": 1}}
-    finished = finished_runs(cfg, runs)
-    with job("bench-accuracy", int(not bundle_path(cfg).is_file()) + pending_caches(runs, finished) + len(runs)) as j:
-        return _run_bench(cfg, out_dir, runs, finished, meta, j, t0=t0, progress=progress, say=say)
+    with plan_job("bench-accuracy", cfg, runs) as (j, finished):
+        if not bundle_path(cfg).is_file():
+            j.next("teacher")
+            if progress:
+                say(f"[bench-accuracy] no teacher bundle at {bundle_path(cfg)}: training the teacher")
+        bundle = ensure_teacher(cfg, progress=progress)
+        results, record = [teacher_entry(cfg, bundle)], _cache_record(out_dir)
 
+        def cache(c: Config) -> None:
+            nonlocal record
+            record = ensure_cache(c, bundle, out_dir, progress=progress)
 
-def _run_bench(cfg: Config, out_dir: Path, runs, finished, meta: dict, j, *, t0: float, progress: bool,
-               say) -> list[dict]:
-    if not bundle_path(cfg).is_file():
-        j.next("teacher")
-        if progress:
-            say(f"[bench-accuracy] no teacher bundle at {bundle_path(cfg)}: training the teacher")
-    bundle = ensure_teacher(cfg, progress=progress)
-    results, record = [teacher_entry(cfg, bundle)], _cache_record(out_dir)
+        def publish(method: str | None = None, rec: RunRecord | None = None, trained: bool = False) -> None:
+            if rec is not None:
+                results.append(run_entry(method, rec))
+            meta.update(wall_seconds=time.perf_counter() - t0, cache=record)
+            write_outputs(out_dir, results, meta)
 
-    def cache(c: Config) -> None:
-        nonlocal record
-        record = ensure_cache(c, bundle, out_dir, progress=progress)
-
-    def publish(method: str | None = None, rec: RunRecord | None = None, trained: bool = False) -> None:
-        if rec is not None:
-            results.append(run_entry(method, rec))
-        meta.update(wall_seconds=time.perf_counter() - t0, cache=record)
-        write_outputs(out_dir, results, meta)
-
-    publish()
-    train_runs(runs, finished, j, tag="bench-accuracy", cache=cache, after=publish, progress=progress, say=say)
+        publish()
+        train_runs(runs, finished, j, tag="bench-accuracy", cache=cache, after=publish, progress=progress, say=say)
     return sorted_results(results)
 
 
-def _cache_record(out_dir: Path) -> dict | None:
+def _cache_record(out_dir: Path) -> dict:
+    """``accuracy_cache.json`` as the bench last wrote it ({} before its first cache)."""
     path = out_dir / CACHE_JSON
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def sorted_results(results: Sequence[dict]) -> list[dict]:

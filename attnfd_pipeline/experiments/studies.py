@@ -43,9 +43,8 @@ from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.experiments.report import CBAM_MODES, NORM_ORDER, build_report
 from attnfd_pipeline.losses import list_methods
 from attnfd_pipeline.engine.logging import get_logger
-from attnfd_pipeline.progress import current_job, job
-from attnfd_pipeline.experiments.plan import (PlannedRun, finished_runs, pending_caches, schedule, train_runs,
-                                              seed_range, teacher_config)
+from attnfd_pipeline.progress import current_job
+from attnfd_pipeline.experiments.plan import PlannedRun, plan_job, schedule, seed_range, teacher_config, train_runs
 from attnfd_pipeline.teacher import bundle_path
 from attnfd_pipeline.errors import UserError
 
@@ -171,9 +170,7 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
     plan = plan_studies(cfg, studies=studies, seeds=seeds, extra_seeds=extra_seeds, ks=ks, alphas=alphas)
     runs = schedule(cfg, plan)
     roots = extra_roots(cfg, plan)
-    finished = finished_runs(cfg, [(p.label, c) for p, c in runs])
-    teachers = {c.name for c in [cfg, *(c for _, c in runs)] if not bundle_path(c).is_file()}
-    with job("studies", len(teachers) + pending_caches([(p.label, c) for p, c in runs], finished) + len(runs)) as j:
+    with plan_job("studies", cfg, runs) as (j, finished):
         bundles = ensure_teachers(cfg, runs, progress=progress, say=say)
         files = build_report(cfg, out_dir, extra_roots=roots)
 
@@ -182,7 +179,6 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
             if trained:  # a reused run changes nothing the report shows
                 files = build_report(cfg, out_dir, extra_roots=roots)
 
-        train_runs([(f"{p.study}: {p.label}", c) for p, c in runs], finished, j, tag="studies",
-                   cache=lambda c: complete_cache(c, bundles[c.name], progress=progress), after=report,
-                   progress=progress, say=say)
+        train_runs(runs, finished, j, tag="studies", after=report, progress=progress, say=say,
+                   cache=lambda c: complete_cache(c, bundles[c.name], progress=progress))
     return files
