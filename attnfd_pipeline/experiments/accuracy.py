@@ -10,12 +10,10 @@ by method) on the config's own run folder, so the demo teacher and finished runs
    ``required_targets`` ask, at the config's K), built (or resumed) only when a cached run still needs it;
 3. the student runs, one seed of every method first, then the remaining seeds: every row a goal compares —
    the student (α = 0), AttnFD (cached) and AttnFD online (fresh augmentation, ``student.targets``
-   ``online-fresh``) —
-   with ``seeds`` seeds (a goal on one seed would compare a mean with a single draw), every other registered
-   method (``RIVALS``: KD, LAD, AICSD, Af-DCD, CIRKD, DIST) with ``extra_seeds``; methods use the config's α and their own config
-   section (``student.<method>``). A finished run is reused (``sweep.is_done``) unless it was trained
-   under another config (``runs.finished_result`` refuses it), an interrupted one resumes from its
-   ``last.pt``.
+   ``online-fresh``) — with ``seeds`` seeds (a goal on one seed would compare a mean with a single draw),
+   every other registered method (``RIVALS``: KD, LAD, AICSD, Af-DCD, CIRKD, DIST) with ``extra_seeds``;
+   methods use the config's α and their own config section (``student.<method>``). Finished runs are reused
+   and interrupted ones resumed as ``experiments.plan`` does it (``finished_runs``, ``train_runs``).
 
 After the teacher and after every run, ``accuracy.json`` (a list of runs: ``method``, ``seed``, ``miou``,
 ``pixel_acc`` as fractions, plus ``run``, ``train_seconds`` …) and ``accuracy.md`` (``format_markdown``:
@@ -43,7 +41,7 @@ from attnfd_pipeline.runs import evaluate_bundle, run_teacher
 from attnfd_pipeline.experiments.plan import (PlannedRun, cache_extra, plan_job, run_config, schedule, seed_range,
                                               train_runs, with_cache_extra)
 from attnfd_pipeline.experiments.report import PAIRED_NOTE, evaluation_line
-from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, equivalent, paired
+from attnfd_pipeline.experiments.stats import LEVEL, Difference, equivalent, paired
 from attnfd_pipeline.experiments.table import Row, cell, markdown, number, paired_header, resolved_sentence
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -267,9 +265,9 @@ class Goal:
         return "not measured yet" if self.met is None else ("met" if self.met else self.missed_as)
 
 
-def _teacher_goal(st: dict[str, Stat | None]) -> Goal:
+def _teacher_goal(results: Sequence[dict]) -> Goal:
     text = f"teacher − student ≥ {TEACHER_GAP:g} mIoU (the teacher's run minus the student's mean)"
-    teacher, student = st.get("teacher"), st.get("student")
+    teacher, student = (method_row(results, m).miou for m in ("teacher", "student"))
     if teacher is None or student is None:
         return Goal(text, None, None, "needs the teacher and the student runs")
     gap = teacher.mean - student.mean
@@ -277,8 +275,6 @@ def _teacher_goal(st: dict[str, Stat | None]) -> Goal:
 
 
 def _gain_goal(results: Sequence[dict]) -> Goal:
-    """AttnFD (cached) − student ≥ 2, decided by the paired mean over shared seeds, with the 95 % interval
-    required to exclude 0 (the gain is resolved); whether the interval's lower end reaches 2 too is said."""
     text = (f"AttnFD (cached) − student ≥ {ATTNFD_GAIN:g} mIoU, decided by the paired mean over shared seeds, "
             f"with its {LEVEL} interval above 0")
     d = paired_vs(results, "attnfd")
@@ -293,8 +289,6 @@ def _gain_goal(results: Sequence[dict]) -> Goal:
 
 
 def _online_goal(results: Sequence[dict]) -> Goal:
-    """|AttnFD cached − AttnFD online| ≤ 1 as an equivalence: the 95 % interval of the paired difference
-    inside [−1, 1] (a conservative two one-sided test: each side at 2.5 %)."""
     text = (f"|AttnFD cached − AttnFD online| ≤ {ONLINE_GAP:g} mIoU, as equivalence: the {LEVEL} interval "
             f"of the paired difference inside [−{ONLINE_GAP:g}, {ONLINE_GAP:g}]")
     d = paired_vs(results, "attnfd", "attnfd_online")
@@ -309,9 +303,9 @@ def _online_goal(results: Sequence[dict]) -> Goal:
 
 
 def goals(results: Sequence[dict]) -> list[Goal]:
-    """The three goals of the bench on ``results`` (mIoU points), each decided by the statistic its text names."""
-    st = {m: method_row(results, m).miou for m in ("teacher", "student")}
-    return [_teacher_goal(st), _gain_goal(results), _online_goal(results)]
+    """The three goals of the bench on ``results`` (mIoU points), each decided by the statistic its text names
+    (docs/statistics.md "The goals of the accuracy bench")."""
+    return [_teacher_goal(results), _gain_goal(results), _online_goal(results)]
 
 
 def _secs(v: float | None) -> str:
@@ -365,7 +359,7 @@ def compact_comparison(rows: Sequence[dict], method: str) -> dict | None:
     d = paired(row, ref)
     if d is None:
         return None
-    abs_mean = sum(abs(row[k] - ref[k]) for k in d.seeds) / len(d.seeds) if d.seeds else None
+    abs_mean = sum(abs(row[k] - ref[k]) for k in d.seeds) / len(d.seeds)  # a Difference has ≥ 1 shared seed
     return {"difference": d, "mean_abs": abs_mean, "equivalent": equivalent(d, ONLINE_GAP)}
 
 
@@ -416,6 +410,6 @@ def _time_lines(rows: Sequence[dict], meta: dict) -> list[str]:
         extra = ", ".join(c.get("extra") or []) or "none"
         lines.append(f"| cache build ({label}, K = {c.get('K')}, extra: {extra}) |  | `{c.get('path')}` | "
                      f"{_secs(c.get('seconds'))} |")
-    lines += [f"| {LABELS.get(r['method'], r['method'])} | {r['seed']} | `{r['run']}` | {_secs(r.get('train_seconds'))} |"
-              for r in rows if r["method"] != "teacher"]
+    lines += [f"| {LABELS.get(r['method'], r['method'])} | {r['seed']} | `{r['run']}` | "
+              f"{_secs(r.get('train_seconds'))} |" for r in rows if r["method"] != "teacher"]
     return lines

@@ -5,19 +5,18 @@ and trains the missing ones, so the studies of the paper (and the K study no pee
 command on one config:
 
 - ``reference``: the plain student (α = 0) and AttnFD at the config's setting, ``seeds`` seeds each;
-- ``K``: AttnFD from caches of K ∈ ``ks`` cached augmentation seeds (``seeds`` seeds each), the student at
-  each K (``extra_seeds``), and AttnFD online with a fresh augmentation every epoch (``student.targets = "online-fresh"``,
-  ``seeds`` seeds) — the reference the K cached seeds approximate — with the plain student on fresh crops
-  (``seeds`` seeds), so online's gain is measured against the student of its own augmentation regime;
+- ``K``: AttnFD from caches of K ∈ ``ks`` cached augmentation seeds, the student at each K (``extra_seeds``),
+  and AttnFD online with a fresh augmentation every epoch (``student.targets = "online-fresh"``) — the
+  reference the K cached seeds approximate — with the plain student on fresh crops, so online's gain is
+  measured against the student of its own augmentation regime;
 - ``methods``: every registered rival (KD, LAD, AICSD, Af-DCD, CIRKD, DIST) and AttnFD + KD on the same cache;
 - ``alpha``: AttnFD at each α of ``alphas``;
 - ``points``: B, E, D and B+E+D (paper Table 5); ``norm``: batch, sample and channel normalisation;
 - ``teacher_mode``: AttnFD distilled from teachers whose CBAMs are ``fitted``, ``parameter_free`` or
   ``untrained`` (docs/method.md "Teacher CBAM modes"); each has its own run root ``runs/<name>_<mode>``.
 
-Every row compared with a reference row (the student, or AttnFD at the reference setting for the α,
-points, norm and teacher-CBAM-mode ablations) has ``seeds`` seeds, the same seeds as its reference, so the
-report can give each difference as a paired mean with a 95 % interval (``experiments.stats``).
+Every row compared with a reference row has ``seeds`` seeds, its reference's, so the report gives each
+difference as a paired mean with a 95 % interval (docs/statistics.md: the references, "Studies: seeds and cost").
 
 Every factor a study does not vary stays at the config's value. Runs come in rounds, like the accuracy
 bench: the first seed of every planned run, then the second seeds …, so a study run in parts covers every
@@ -62,9 +61,8 @@ RIVALS = (*(m for m in list_methods() if m != "attnfd"), "attnfd+kd")  # every r
 def plan_studies(cfg: Config, *, studies: Sequence[str] = STUDIES, seeds: int = 3, extra_seeds: int = 1,
                  ks: Sequence[int] = DEFAULT_KS, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[PlannedRun]:
     """The runs of ``studies`` in plan order; a setting equal to the reference is not planned twice (the
-    reference rows serve it). ``seeds``: every row compared with a reference row (the reference itself,
-    the methods, the K study's AttnFD and online rows, the α, points, norm and teacher-CBAM-mode rows), so
-    each difference is paired over that many seeds; ``extra_seeds``: the plain student at each other K."""
+    reference rows serve it). The rows of ``seeds`` and ``extra_seeds``: docs/statistics.md "Studies: seeds
+    and cost"."""
     unknown = [s for s in studies if s not in STUDIES]
     if unknown:
         raise UserError(f"--study {unknown[0]!r}: not a study (choose from {', '.join(STUDIES)})")
