@@ -202,16 +202,15 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
             if progress:
                 say(f"[bench-accuracy] no teacher bundle at {bundle_path(cfg)}: training the teacher")
         bundle = ensure_teacher(cfg, progress=progress)
-        results, record = [teacher_entry(cfg, bundle)], _cache_record(out_dir)
+        results, meta["cache"] = [teacher_entry(cfg, bundle)], _cache_record(out_dir)
 
         def cache(c: Config) -> None:
-            nonlocal record
-            record = ensure_cache(c, bundle, out_dir, progress=progress)
+            meta["cache"] = ensure_cache(c, bundle, out_dir, progress=progress)
 
         def publish(method: str | None = None, rec: RunRecord | None = None, trained: bool = False) -> None:
             if rec is not None:
                 results.append(run_entry(method, rec))
-            meta.update(wall_seconds=time.perf_counter() - t0, cache=record)
+            meta["wall_seconds"] = time.perf_counter() - t0
             write_outputs(out_dir, results, meta)
 
         publish()
