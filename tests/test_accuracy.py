@@ -37,7 +37,7 @@ def test_plan_has_every_method_with_its_seeds():
     assert {p.label: len(p.seeds) for p in acc.plan_runs(cfg, seeds=2, extra_seeds=2)}["kd"] == 2
     bench = acc.bench_config(cfg, plan)
     assert bench.cache.extra == ("logits", "raw") and bench.cache.K == cfg.cache.K == 4
-    runs = acc.schedule(bench, plan)
+    runs = [(p.label, c) for p, c in plan_mod.schedule(bench, plan)]
     assert len(runs) == 3 * 3 + 6 and len({run_name(c) for _, c in runs}) == len(runs)
     assert [m for m, _ in runs[:9]] == ["student", *acc.RIVALS, "attnfd", "attnfd_online"]
     by = {(m, c.student.train.seed): c.student for m, c in runs}
@@ -159,8 +159,8 @@ def test_format_markdown_statistics_and_goals():
 def test_compact_rows_get_caches_of_their_own_paired_with_float16():
     cfg = load_config("configs/demo.toml")
     plan = acc.plan_runs(cfg, seeds=2, extra_seeds=1, compact=("int8", "int8+poolD2"))
-    runs = acc.schedule(acc.bench_config(cfg, plan), plan)
-    by = {(m, c.student.train.seed): c for m, c in runs}
+    runs = plan_mod.schedule(acc.bench_config(cfg, plan), plan)
+    by = {(p.label, c.student.train.seed): c for p, c in runs}
     f16, i8, pooled = by[("attnfd", 0)], by[("attnfd_int8", 1)], by[("attnfd_int8_poolD2", 0)]
     assert (i8.cache.encoding, i8.cache.pool) == ("int8", ())
     assert (pooled.cache.encoding, pooled.cache.pool) == ("int8", (("D", 2),))

@@ -162,4 +162,5 @@ def test_every_shipped_config_plans_paired_studies_and_bench(config):
     assert len(runs) == sum(len(p.seeds) for p in plan) and len({(c.name, run_name(c)) for _, c in runs}) == len(runs)
     assert {c.cache.extra for _, c in runs if c.name == cfg.name and c.cache.K == cfg.cache.K} == {("logits", "raw")}
     bench = acc.bench_config(cfg, acc.plan_runs(cfg))
-    assert bench.cache.extra == ("logits", "raw") and len(acc.schedule(bench, acc.plan_runs(cfg))) == 3 * 3 + len(acc.RIVALS)
+    assert bench.cache.extra == ("logits", "raw")
+    assert len(st.schedule(bench, acc.plan_runs(cfg))) == 3 * 3 + len(acc.RIVALS)

@@ -10,12 +10,10 @@ by method) on the config's own run folder, so the demo teacher and finished runs
    ``required_targets`` ask, at the config's K), built (or resumed) only when a cached run still needs it;
 3. the student runs, one seed of every method first, then the remaining seeds: every row a goal compares —
    the student (α = 0), AttnFD (cached) and AttnFD online (fresh augmentation, ``student.targets``
-   ``online-fresh``) —
-   with ``seeds`` seeds (a goal on one seed would compare a mean with a single draw), every other registered
-   method (``RIVALS``: KD, LAD, AICSD, Af-DCD, CIRKD, DIST) with ``extra_seeds``; methods use the config's α and their own config
-   section (``student.<method>``). A finished run is reused (``sweep.is_done``) unless it was trained
-   under another config (``runs.finished_result`` refuses it), an interrupted one resumes from its
-   ``last.pt``.
+   ``online-fresh``) — with ``seeds`` seeds (a goal on one seed would compare a mean with a single draw),
+   every other registered method (``RIVALS``: KD, LAD, AICSD, Af-DCD, CIRKD, DIST) with ``extra_seeds``;
+   methods use the config's α and their own config section (``student.<method>``). Finished runs are reused
+   and interrupted ones resumed as ``experiments.plan`` does it (``finished_runs``, ``train_runs``).
 
 After the teacher and after every run, ``accuracy.json`` (a list of runs: ``method``, ``seed``, ``miou``,
 ``pixel_acc`` as fractions, plus ``run``, ``train_seconds`` …) and ``accuracy.md`` (``format_markdown``:
@@ -39,13 +37,11 @@ from attnfd_pipeline.data.source import ImageSource
 from attnfd_pipeline.losses import list_methods, method_label
 from attnfd_pipeline.records import CENTER_CROP, RunRecord
 from attnfd_pipeline.engine.logging import get_logger
-from attnfd_pipeline.progress import job
 from attnfd_pipeline.runs import evaluate_bundle, run_teacher
-from attnfd_pipeline.experiments.plan import (PlannedRun, cache_extra, finished_runs, pending_caches, run_config,
-                                              seed_range, train_runs, with_cache_extra)
-from attnfd_pipeline.experiments.plan import schedule as plan_schedule
+from attnfd_pipeline.experiments.plan import (PlannedRun, cache_extra, plan_job, run_config, schedule, seed_range,
+                                              train_runs, with_cache_extra)
 from attnfd_pipeline.experiments.report import PAIRED_NOTE, evaluation_line
-from attnfd_pipeline.experiments.stats import LEVEL, Difference, Stat, equivalent, paired
+from attnfd_pipeline.experiments.stats import LEVEL, Difference, equivalent, paired
 from attnfd_pipeline.experiments.table import Row, cell, markdown, number, paired_header, resolved_sentence
 from attnfd_pipeline.teacher import bundle_path, load_teacher, load_teacher_info
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text, resolve_device
@@ -105,12 +101,6 @@ def bench_config(cfg: Config, plan: Sequence[PlannedRun]) -> Config:
     return with_cache_extra(cfg, cache_extra([run_config(cfg, p, p.seeds[0]) for p in plan]))
 
 
-def schedule(cfg: Config, plan: Sequence[PlannedRun]) -> list[tuple[str, Config]]:
-    """(method, run config) in running order: every method's first seed, then the second seeds …, so a
-    bench run in parts covers every row early."""
-    return [(p.label, c) for p, c in plan_schedule(cfg, plan)]
-
-
 # ---------------------------------------------------------------------------------------------
 # teacher and cache
 
@@ -159,8 +149,7 @@ def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = T
     """The complete cache of ``cfg`` (with its extra targets), built or resumed when it is not; its record
     (path, build seconds summed over the parts that built it) is kept in ``accuracy_cache.json`` — the
     float16 cache at the top level, a compact one under ``variants.<storage>``."""
-    record_path = out_dir / CACHE_JSON
-    top = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    top = _cache_record(out_dir)
     label = storage_label(cfg)
     record = top.get("variants", {}).get(label, {}) if label else top
     path, seconds = complete_cache(cfg, bundle, progress=progress)
@@ -175,7 +164,7 @@ def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = T
         top = top | {"variants": top.get("variants", {}) | {label: record}}
     else:
         top = record | ({"variants": top["variants"]} if "variants" in top else {})
-    atomic_write_json(record_path, top)
+    atomic_write_json(out_dir / CACHE_JSON, top)
     return top
 
 
@@ -183,9 +172,8 @@ def ensure_cache(cfg: Config, bundle: Path, out_dir: Path, *, progress: bool = T
 # runs
 
 
-def run_entry(method: str, result: dict | RunRecord) -> dict:
+def run_entry(method: str, r: RunRecord) -> dict:
     """accuracy.json's row of one student run (from its result.json record)."""
-    r = result if isinstance(result, RunRecord) else RunRecord.from_dict(result)
     return {"method": method, "seed": r.seed, "miou": r.final_miou, "pixel_acc": r.final_pixel_acc,
             "best_miou": r.best_miou, "run": r.run, "alpha": r.alpha, "student_method": r.method, "mode": r.mode,
             "augment": r.augment, "epochs": r.epochs, "train_seconds": r.train_seconds, "dataset": r.dataset,
@@ -208,38 +196,32 @@ def run_accuracy_bench(cfg: Config, out_dir: str | Path, *, seeds: int = 3, extr
     meta: dict[str, Any] = {"command": command or DEFAULT_COMMAND, "config": cfg.name, "K": cfg.cache.K,
                             "dataset": cfg.data.dataset, "crop": list(cfg.augment.crop_size),
                             "planned": {p.label: len(p.seeds) for p in plan} | {"teacher": 1}}
-    finished = finished_runs(cfg, runs)
-    with job("bench-accuracy", int(not bundle_path(cfg).is_file()) + pending_caches(runs, finished) + len(runs)) as j:
-        return _run_bench(cfg, out_dir, runs, finished, meta, j, t0=t0, progress=progress, say=say)
+    with plan_job("bench-accuracy", cfg, runs) as (j, finished):
+        if not bundle_path(cfg).is_file():
+            j.next("teacher")
+            if progress:
+                say(f"[bench-accuracy] no teacher bundle at {bundle_path(cfg)}: training the teacher")
+        bundle = ensure_teacher(cfg, progress=progress)
+        results, meta["cache"] = [teacher_entry(cfg, bundle)], _cache_record(out_dir)
 
+        def cache(c: Config) -> None:
+            meta["cache"] = ensure_cache(c, bundle, out_dir, progress=progress)
 
-def _run_bench(cfg: Config, out_dir: Path, runs, finished, meta: dict, j, *, t0: float, progress: bool,
-               say) -> list[dict]:
-    if not bundle_path(cfg).is_file():
-        j.next("teacher")
-        if progress:
-            say(f"[bench-accuracy] no teacher bundle at {bundle_path(cfg)}: training the teacher")
-    bundle = ensure_teacher(cfg, progress=progress)
-    results, record = [teacher_entry(cfg, bundle)], _cache_record(out_dir)
+        def publish(method: str | None = None, rec: RunRecord | None = None, trained: bool = False) -> None:
+            if rec is not None:
+                results.append(run_entry(method, rec))
+            meta["wall_seconds"] = time.perf_counter() - t0
+            write_outputs(out_dir, results, meta)
 
-    def cache(c: Config) -> None:
-        nonlocal record
-        record = ensure_cache(c, bundle, out_dir, progress=progress)
-
-    def publish(method: str | None = None, rec: RunRecord | None = None, trained: bool = False) -> None:
-        if rec is not None:
-            results.append(run_entry(method, rec))
-        meta.update(wall_seconds=time.perf_counter() - t0, cache=record)
-        write_outputs(out_dir, results, meta)
-
-    publish()
-    train_runs(runs, finished, j, tag="bench-accuracy", cache=cache, after=publish, progress=progress, say=say)
+        publish()
+        train_runs(runs, finished, j, tag="bench-accuracy", cache=cache, after=publish, progress=progress, say=say)
     return sorted_results(results)
 
 
-def _cache_record(out_dir: Path) -> dict | None:
+def _cache_record(out_dir: Path) -> dict:
+    """``accuracy_cache.json`` as the bench last wrote it ({} before its first cache)."""
     path = out_dir / CACHE_JSON
-    return json.loads(path.read_text()) if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def sorted_results(results: Sequence[dict]) -> list[dict]:
@@ -282,9 +264,9 @@ class Goal:
         return "not measured yet" if self.met is None else ("met" if self.met else self.missed_as)
 
 
-def _teacher_goal(st: dict[str, Stat | None]) -> Goal:
+def _teacher_goal(results: Sequence[dict]) -> Goal:
     text = f"teacher − student ≥ {TEACHER_GAP:g} mIoU (the teacher's run minus the student's mean)"
-    teacher, student = st.get("teacher"), st.get("student")
+    teacher, student = (method_row(results, m).miou for m in ("teacher", "student"))
     if teacher is None or student is None:
         return Goal(text, None, None, "needs the teacher and the student runs")
     gap = teacher.mean - student.mean
@@ -292,8 +274,6 @@ def _teacher_goal(st: dict[str, Stat | None]) -> Goal:
 
 
 def _gain_goal(results: Sequence[dict]) -> Goal:
-    """AttnFD (cached) − student ≥ 2, decided by the paired mean over shared seeds, with the 95 % interval
-    required to exclude 0 (the gain is resolved); whether the interval's lower end reaches 2 too is said."""
     text = (f"AttnFD (cached) − student ≥ {ATTNFD_GAIN:g} mIoU, decided by the paired mean over shared seeds, "
             f"with its {LEVEL} interval above 0")
     d = paired_vs(results, "attnfd")
@@ -308,8 +288,6 @@ def _gain_goal(results: Sequence[dict]) -> Goal:
 
 
 def _online_goal(results: Sequence[dict]) -> Goal:
-    """|AttnFD cached − AttnFD online| ≤ 1 as an equivalence: the 95 % interval of the paired difference
-    inside [−1, 1] (a conservative two one-sided test: each side at 2.5 %)."""
     text = (f"|AttnFD cached − AttnFD online| ≤ {ONLINE_GAP:g} mIoU, as equivalence: the {LEVEL} interval "
             f"of the paired difference inside [−{ONLINE_GAP:g}, {ONLINE_GAP:g}]")
     d = paired_vs(results, "attnfd", "attnfd_online")
@@ -324,9 +302,9 @@ def _online_goal(results: Sequence[dict]) -> Goal:
 
 
 def goals(results: Sequence[dict]) -> list[Goal]:
-    """The three goals of the bench on ``results`` (mIoU points), each decided by the statistic its text names."""
-    st = {m: method_row(results, m).miou for m in ("teacher", "student")}
-    return [_teacher_goal(st), _gain_goal(results), _online_goal(results)]
+    """The three goals of the bench on ``results`` (mIoU points), each decided by the statistic its text names
+    (docs/statistics.md "The goals of the accuracy bench")."""
+    return [_teacher_goal(results), _gain_goal(results), _online_goal(results)]
 
 
 def _secs(v: float | None) -> str:
@@ -380,7 +358,7 @@ def compact_comparison(rows: Sequence[dict], method: str) -> dict | None:
     d = paired(row, ref)
     if d is None:
         return None
-    abs_mean = sum(abs(row[k] - ref[k]) for k in d.seeds) / len(d.seeds) if d.seeds else None
+    abs_mean = sum(abs(row[k] - ref[k]) for k in d.seeds) / len(d.seeds)  # a Difference has ≥ 1 shared seed
     return {"difference": d, "mean_abs": abs_mean, "equivalent": equivalent(d, ONLINE_GAP)}
 
 
@@ -431,6 +409,6 @@ def _time_lines(rows: Sequence[dict], meta: dict) -> list[str]:
         extra = ", ".join(c.get("extra") or []) or "none"
         lines.append(f"| cache build ({label}, K = {c.get('K')}, extra: {extra}) |  | `{c.get('path')}` | "
                      f"{_secs(c.get('seconds'))} |")
-    lines += [f"| {LABELS.get(r['method'], r['method'])} | {r['seed']} | `{r['run']}` | {_secs(r.get('train_seconds'))} |"
-              for r in rows if r["method"] != "teacher"]
+    lines += [f"| {LABELS.get(r['method'], r['method'])} | {r['seed']} | `{r['run']}` | "
+              f"{_secs(r.get('train_seconds'))} |" for r in rows if r["method"] != "teacher"]
     return lines

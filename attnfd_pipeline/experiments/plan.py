@@ -12,15 +12,18 @@ Seeds count up from ``student.train.seed`` in every row, so rows share seeds and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import defaultdict
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from attnfd_pipeline.cache.schema import extra_for
 from attnfd_pipeline.config import Config, ConfigError, TargetSource
 from attnfd_pipeline.losses import required_targets
+from attnfd_pipeline.progress import Job, job
 from attnfd_pipeline.records import RunRecord
 from attnfd_pipeline.runs import check_student_inputs, finished_result, run_student
+from attnfd_pipeline.teacher import bundle_path
 from attnfd_pipeline.experiments.sweep import is_done
 
 
@@ -105,7 +108,7 @@ def schedule(cfg: Config, plan: Sequence[PlannedRun]) -> list[tuple[PlannedRun, 
     return [(p, with_cache_extra(c, extra)) for p, c in order]
 
 
-def finished_runs(cfg: Config, runs: Sequence[tuple[str, Config]]) -> dict[int, RunRecord]:
+def finished_runs(cfg: Config, runs: Sequence[tuple[PlannedRun, Config]]) -> dict[int, RunRecord]:
     """The runs already finished (1-based index → record), checked before anything trains: one trained under
     another config stops the plan now (``runs.finished_result`` refuses it). With runs still to train, the
     dataset files and backbone weights are checked too, before any run writes."""
@@ -115,16 +118,28 @@ def finished_runs(cfg: Config, runs: Sequence[tuple[str, Config]]) -> dict[int, 
     return done
 
 
-def train_runs(runs: Sequence[tuple[str, Config]], finished: dict[int, RunRecord], j, *, tag: str,
+@contextlib.contextmanager
+def plan_job(tag: str, cfg: Config, runs: Sequence[tuple[PlannedRun, Config]]) -> Iterator[tuple[Job, dict]]:
+    """The ``progress.job`` of the scheduled runs and their ``finished_runs``: its steps are every teacher
+    bundle still to train, every cache the runs still to train read, and every run."""
+    finished = finished_runs(cfg, runs)
+    teachers = {c.name for c in [cfg, *(c for _, c in runs)] if not bundle_path(c).is_file()}
+    caches = {(*cache_key(c), c.cache.extra) for i, (_, c) in enumerate(runs, 1) if i not in finished
+              and reads_cache(c)}
+    with job(tag, len(teachers) + len(caches) + len(runs)) as j:
+        yield j, finished
+
+
+def train_runs(runs: Sequence[tuple[PlannedRun, Config]], finished: dict[int, RunRecord], j: Job, *, tag: str,
                cache: Callable[[Config], Any], after: Callable[[str, RunRecord, bool], None], progress: bool,
                say: Callable[[str], None]) -> None:
-    """Train the scheduled ``(label, config)`` runs in order (``resume=True``: an interrupted one goes on from
-    its ``last.pt``), reusing the finished ones: ``cache(cfg)`` completes a cache before the first run that
-    reads it, ``after(label, record, trained)`` follows every run, trained or reused (the caller rewrites its
-    outputs)."""
+    """Train the scheduled runs in order (``resume=True``: an interrupted one goes on from its ``last.pt``),
+    reusing the finished ones: ``cache(cfg)`` completes a cache before the first run that reads it,
+    ``after(label, record, trained)`` follows every run, trained or reused (the caller rewrites its
+    outputs). A row serving a study is named after it in the progress lines."""
     caches: set[tuple] = set()
-    for i, (label, c) in enumerate(runs, 1):
-        what = f"{label}, seed {c.student.train.seed}"
+    for i, (p, c) in enumerate(runs, 1):
+        what = f"{p.study + ': ' if p.study else ''}{p.label}, seed {c.student.train.seed}"
         if i in finished:
             j.skip(what)
             rec, state, trained = finished[i], "done before", False
@@ -144,10 +159,4 @@ def train_runs(runs: Sequence[tuple[str, Config]], finished: dict[int, RunRecord
             state, trained = f"trained in {rec.train_seconds:.0f} s", True
         if progress:
             say(f"[{tag}] {i}/{len(runs)} {what}: mIoU {rec.final_miou * 100:.2f} ({state})")
-        after(label, rec, trained)
-
-
-def pending_caches(runs: Sequence[tuple[str, Config]], finished: dict[int, RunRecord]) -> int:
-    """How many caches the runs still to train read (the job's cache steps)."""
-    return len({(*cache_key(c), c.cache.extra) for i, (_, c) in enumerate(runs, 1) if i not in finished
-                and reads_cache(c)})
+        after(p.label, rec, trained)

@@ -5,19 +5,18 @@ and trains the missing ones, so the studies of the paper (and the K study no pee
 command on one config:
 
 - ``reference``: the plain student (α = 0) and AttnFD at the config's setting, ``seeds`` seeds each;
-- ``K``: AttnFD from caches of K ∈ ``ks`` cached augmentation seeds (``seeds`` seeds each), the student at
-  each K (``extra_seeds``), and AttnFD online with a fresh augmentation every epoch (``student.targets = "online-fresh"``,
-  ``seeds`` seeds) — the reference the K cached seeds approximate — with the plain student on fresh crops
-  (``seeds`` seeds), so online's gain is measured against the student of its own augmentation regime;
+- ``K``: AttnFD from caches of K ∈ ``ks`` cached augmentation seeds, the student at each K (``extra_seeds``),
+  and AttnFD online with a fresh augmentation every epoch (``student.targets = "online-fresh"``) — the
+  reference the K cached seeds approximate — with the plain student on fresh crops, so online's gain is
+  measured against the student of its own augmentation regime;
 - ``methods``: every registered rival (KD, LAD, AICSD, Af-DCD, CIRKD, DIST) and AttnFD + KD on the same cache;
 - ``alpha``: AttnFD at each α of ``alphas``;
 - ``points``: B, E, D and B+E+D (paper Table 5); ``norm``: batch, sample and channel normalisation;
 - ``teacher_mode``: AttnFD distilled from teachers whose CBAMs are ``fitted``, ``parameter_free`` or
   ``untrained`` (docs/method.md "Teacher CBAM modes"); each has its own run root ``runs/<name>_<mode>``.
 
-Every row compared with a reference row (the student, or AttnFD at the reference setting for the α,
-points, norm and teacher-CBAM-mode ablations) has ``seeds`` seeds, the same seeds as its reference, so the
-report can give each difference as a paired mean with a 95 % interval (``experiments.stats``).
+Every row compared with a reference row has ``seeds`` seeds, its reference's, so the report gives each
+difference as a paired mean with a 95 % interval (docs/statistics.md: the references, "Studies: seeds and cost").
 
 Every factor a study does not vary stays at the config's value. Runs come in rounds, like the accuracy
 bench: the first seed of every planned run, then the second seeds …, so a study run in parts covers every
@@ -43,9 +42,8 @@ from attnfd_pipeline.config import Config, TargetSource
 from attnfd_pipeline.experiments.report import CBAM_MODES, NORM_ORDER, build_report
 from attnfd_pipeline.losses import list_methods
 from attnfd_pipeline.engine.logging import get_logger
-from attnfd_pipeline.progress import current_job, job
-from attnfd_pipeline.experiments.plan import (PlannedRun, finished_runs, pending_caches, schedule, train_runs,
-                                              seed_range, teacher_config)
+from attnfd_pipeline.progress import current_job
+from attnfd_pipeline.experiments.plan import PlannedRun, plan_job, schedule, seed_range, teacher_config, train_runs
 from attnfd_pipeline.teacher import bundle_path
 from attnfd_pipeline.errors import UserError
 
@@ -63,9 +61,8 @@ RIVALS = (*(m for m in list_methods() if m != "attnfd"), "attnfd+kd")  # every r
 def plan_studies(cfg: Config, *, studies: Sequence[str] = STUDIES, seeds: int = 3, extra_seeds: int = 1,
                  ks: Sequence[int] = DEFAULT_KS, alphas: Sequence[float] = DEFAULT_ALPHAS) -> list[PlannedRun]:
     """The runs of ``studies`` in plan order; a setting equal to the reference is not planned twice (the
-    reference rows serve it). ``seeds``: every row compared with a reference row (the reference itself,
-    the methods, the K study's AttnFD and online rows, the α, points, norm and teacher-CBAM-mode rows), so
-    each difference is paired over that many seeds; ``extra_seeds``: the plain student at each other K."""
+    reference rows serve it). The rows of ``seeds`` and ``extra_seeds``: docs/statistics.md "Studies: seeds
+    and cost"."""
     unknown = [s for s in studies if s not in STUDIES]
     if unknown:
         raise UserError(f"--study {unknown[0]!r}: not a study (choose from {', '.join(STUDIES)})")
@@ -171,9 +168,7 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
     plan = plan_studies(cfg, studies=studies, seeds=seeds, extra_seeds=extra_seeds, ks=ks, alphas=alphas)
     runs = schedule(cfg, plan)
     roots = extra_roots(cfg, plan)
-    finished = finished_runs(cfg, [(p.label, c) for p, c in runs])
-    teachers = {c.name for c in [cfg, *(c for _, c in runs)] if not bundle_path(c).is_file()}
-    with job("studies", len(teachers) + pending_caches([(p.label, c) for p, c in runs], finished) + len(runs)) as j:
+    with plan_job("studies", cfg, runs) as (j, finished):
         bundles = ensure_teachers(cfg, runs, progress=progress, say=say)
         files = build_report(cfg, out_dir, extra_roots=roots)
 
@@ -182,7 +177,6 @@ def run_studies(cfg: Config, out_dir: str | Path, *, studies: Sequence[str] = ST
             if trained:  # a reused run changes nothing the report shows
                 files = build_report(cfg, out_dir, extra_roots=roots)
 
-        train_runs([(f"{p.study}: {p.label}", c) for p, c in runs], finished, j, tag="studies",
-                   cache=lambda c: complete_cache(c, bundles[c.name], progress=progress), after=report,
-                   progress=progress, say=say)
+        train_runs(runs, finished, j, tag="studies", after=report, progress=progress, say=say,
+                   cache=lambda c: complete_cache(c, bundles[c.name], progress=progress))
     return files

@@ -64,7 +64,7 @@ def run_sweep(cfg: Config, alphas: Sequence[float], seeds: Sequence[int], *, sch
     """Run every missing (α, seed) run on a dask cluster; returns the results of the runs it ran.
     ``processes=False`` runs the LocalCluster's workers as threads of this process (tests)."""
     import dask
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import Client, as_completed
 
     from attnfd_pipeline.runs import finished_result
 
@@ -77,22 +77,14 @@ def run_sweep(cfg: Config, alphas: Sequence[float], seeds: Sequence[int], *, sch
         return []
     # Runs start DataLoader worker processes: dask workers must not be daemonic.
     with dask.config.set({"distributed.worker.daemon": False}):
-        if scheduler:
-            client = Client(scheduler)
-            cluster = None
-        else:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
-                                   dashboard_address=None)
-            client = Client(cluster)
-        try:
+        # without a scheduler the client starts a LocalCluster of its own, and closes it with itself
+        client = Client(scheduler) if scheduler else Client(n_workers=workers, threads_per_worker=1,
+                                                            processes=processes, dashboard_address=None)
+        with client:
             resources = {"GPU": gpus_per_run} if gpus_per_run else None
             futures = [client.submit(_run_one, c, key=f"attnfd-{c.name}-a{c.student.alpha:g}-s{c.student.train.seed}",
                                      resources=resources, pure=False) for c in todo]
             return _collect(as_completed(futures), len(todo), skipped=len(configs) - len(todo))
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
 
 
 def _collect(completed, n: int, *, skipped: int) -> list[dict]:
