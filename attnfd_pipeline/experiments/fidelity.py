@@ -107,9 +107,9 @@ def _timed(x: np.ndarray, encoding: str, pool: int, name: str) -> tuple[float, f
     return t1 - t0, time.thread_time() - t1
 
 
-def noise_students(ref32: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-    """Student maps ``teacher + rho · RMS · white noise`` for each rho in ``RHOS``."""
-    g = np.random.default_rng(seed)
+def noise_students(ref32: np.ndarray) -> dict[str, np.ndarray]:
+    """Student maps ``teacher + rho · RMS · white noise`` (seeded) for each rho in ``RHOS``."""
+    g = np.random.default_rng(0)
     rms = float(np.sqrt(np.mean(ref32.astype(np.float64) ** 2)))
     return {f"noise{rho:g}": (ref32 + rho * rms * g.standard_normal(ref32.shape)).astype(np.float32) for rho in RHOS}
 
@@ -182,8 +182,7 @@ def _variant_at_crop(maps: dict[str, np.ndarray], encoding: str, pool, norm: str
             "encode_mb_s": f32_mb / enc_s, "decode_mb_s": f32_mb / dec_s}
 
 
-def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
-                    min_cosine: float = MIN_COSINE) -> dict:
+def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8) -> dict:
     """Fidelity, size and speed of every storage variant at each crop (see the module docstring)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per-core figures
@@ -211,11 +210,11 @@ def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
             raw = sum(t["raw_bytes_per_sample"] for t in r["targets"].values())
             r["zstd_ratio"] = raw / r["stored_bytes_per_sample"]
         v.update(worst(v["crops"].values(), ("grad_cosine", "rel_error", "compression_vs_float16", "zstd_ratio")))
-    ok = [n for n, v in out["variants"].items() if v["grad_cosine"] >= min_cosine]
+    ok = [n for n, v in out["variants"].items() if v["grad_cosine"] >= MIN_COSINE]
     best = max(ok, key=lambda n: out["variants"][n]["compression_vs_float16"]) if ok else "float16"
     b = out["variants"][best]
     out["recommended"] = {"encoding": best, **{k: b[k] for k in ("compression_vs_float16", "grad_cosine", "rel_error")}}
-    out["min_cosine"] = min_cosine
+    out["min_cosine"] = MIN_COSINE
     return out
 
 

@@ -56,9 +56,9 @@ QUICK = FeedWorkload(teacher="deeplabv3plus_resnet18", crop=48, samples=2, image
                      demo_images=1)
 
 
-def cpu_ms(fn: Callable[[], Any], passes: int = PASSES) -> float:
-    """Process CPU milliseconds of ``fn()``, the fastest of ``passes`` runs (garbage collection left on)."""
-    return min(timeit.Timer(fn, gc.enable, time.process_time).repeat(passes, 1)) * 1e3
+def cpu_ms(fn: Callable[[], Any]) -> float:
+    """Process CPU milliseconds of ``fn()``, the fastest of ``PASSES`` runs (garbage collection left on)."""
+    return min(timeit.Timer(fn, gc.enable, time.process_time).repeat(PASSES, 1)) * 1e3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def commit_encoded(arrays: dict, cache_dir: Path, info, stored: dict[str, list[n
     write_part(paths(cache_dir)["manifest"], 0, rows, list(info.target_names), info.fingerprint)
 
 
-def read_batch(reader, keys: Sequence[tuple[int, int]], names: Sequence[str], *, pin: bool = False) -> dict[str, Any]:
+def read_batch(reader, keys: Sequence[tuple[int, int]], names: Sequence[str], *, pin: bool) -> dict[str, Any]:
     """Stage 2's target read of a batch: each sample's stored arrays read (checksum-verified) and collated
     in their stored form (``encoding.batch_item``), as the loader hands them on; pinned when the batch is
     bound for a GPU."""
@@ -462,7 +462,7 @@ def add_totals(fig: dict, image: dict) -> dict:
 STORE_CODEC = {"zstd": "zstd-1", "blosc": "blosc-lz4-shuffle", "none": "none"}  # cache.codec → its CODECS row
 
 
-def zarr_own_ms(fig: dict, codecs: dict, crc_MBps: float | None, codec: str = "zstd") -> float | None:
+def zarr_own_ms(fig: dict, codecs: dict, crc_MBps: float | None, codec: str) -> float | None:
     """What the read costs beyond decompressing the stored bytes at the store codec's own speed (``codec``:
     ``cache.codec``) and their crc32c: the per-array work (shard index, chunk lookup, buffers)."""
     row = codecs.get(STORE_CODEC.get(codec, ""))

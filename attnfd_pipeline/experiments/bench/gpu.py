@@ -34,7 +34,7 @@ FIGURES = ("step_ratio_cached_over_online", "step_ratio_cached_over_inmemory", "
 MEMORY_VARIANTS = ("inmemory", "cached", "online")
 
 
-def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, workers=FEED_WORKERS) -> dict:
+def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, workers: tuple[int, ...]) -> dict:
     """Samples/s the cached variant's DataLoader delivers with nothing consuming, per worker count."""
     out = {}
     for n in workers:

@@ -3,8 +3,8 @@ advice (with its profile tables) for each missed goal."""
 
 from __future__ import annotations
 
-from attnfd_pipeline.experiments.bench.common import (GOALS, STORAGE_MAX_REL_ERROR, TABLE_KEYS, VARIANTS, fmt,
-                                                      goal_met, table)
+from attnfd_pipeline.experiments.bench.common import (GOALS, QUIET_LOAD, STORAGE_MAX_REL_ERROR, TABLE_KEYS, VARIANTS,
+                                                      fmt, goal_met, table)
 from attnfd_pipeline.experiments.fidelity import MIN_COSINE
 
 
@@ -59,7 +59,7 @@ def _header(res: dict) -> list[str]:
             f"Reproduce: {repro}. Device: {dev['type']} ({dev_s}, "
             f"{dev.get('torch_threads')} torch threads, {dev.get('cpu_count')} CPUs), torch {res['torch_version']}; "
             f"wall time {fmt(s.get('wall_s'), '.0f')} s; load average at start {fmt(load[0], '.2f')}"
-            + (" (not a quiet machine: read the CPU-second ratios)" if (load[0] or 0) >= 0.5 else "") + ".", "",
+            + (" (not a quiet machine: read the CPU-second ratios)" if (load[0] or 0) >= QUIET_LOAD else "") + ".", "",
             f"Workload: teacher `{w['teacher']}`, student `{w['student']}`, {w['num_classes']} classes, "
             f"crop {w['crop']}, "
             f"batch {w['batch_size']}, targets {'+'.join(w['points'])}, {w['workers']} DataLoader workers; "

@@ -217,7 +217,7 @@ def prepare_crops(cfg, source) -> list[list[torch.Tensor]]:
 
 
 def bare_inference(teacher, shards, names: Sequence[str], batch_size: int, device: torch.device,
-                   keep: bool = False) -> tuple[dict, dict[str, np.ndarray] | None]:
+                   keep: bool) -> tuple[dict, dict[str, np.ndarray] | None]:
     """The teacher alone on the build's batches (same batching: per shard, ``batch_size`` crops)."""
     from attnfd_pipeline.cache.build import run_teacher
 

@@ -30,23 +30,23 @@ class BusyMachineError(RuntimeError):
     """The machine is too busy at the start for wall-clock figures to mean what they say."""
 
 
-def check_load(quick: bool, allow_busy: bool, max_load: float = QUIET_LOAD, wait_quiet: float = 0.0) -> list[float]:
-    """Print the load average; refuse a full run at or above ``max_load`` unless ``allow_busy``. With
-    ``wait_quiet`` > 0, first wait up to that many seconds for the load to fall below ``max_load`` (the 1-minute
+def check_load(quick: bool, allow_busy: bool, wait_quiet: float = 0.0) -> list[float]:
+    """Print the load average; refuse a full run at or above ``QUIET_LOAD`` unless ``allow_busy``. With
+    ``wait_quiet`` > 0, first wait up to that many seconds for the load to fall below ``QUIET_LOAD`` (the 1-minute
     average takes a few minutes to decay after a job such as `make teacher`)."""
     load = list(os.getloadavg())
     deadline = time.monotonic() + wait_quiet
-    if load[0] >= max_load and wait_quiet > 0 and not quick:
-        log(f"load average {load[0]:.2f} ≥ {max_load:g}: waiting up to {wait_quiet:.0f} s for a quiet machine")
-    while load[0] >= max_load and time.monotonic() < deadline and not quick:
+    if load[0] >= QUIET_LOAD and wait_quiet > 0 and not quick:
+        log(f"load average {load[0]:.2f} ≥ {QUIET_LOAD:g}: waiting up to {wait_quiet:.0f} s for a quiet machine")
+    while load[0] >= QUIET_LOAD and time.monotonic() < deadline and not quick:
         time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
         load = list(os.getloadavg())
-    busy = load[0] >= max_load
+    busy = load[0] >= QUIET_LOAD
     log(f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-        + (f" (≥ {max_load:g}: other load will move the wall-clock figures)" if busy else " (quiet)"))
+        + (f" (≥ {QUIET_LOAD:g}: other load will move the wall-clock figures)" if busy else " (quiet)"))
     if busy and not (quick or allow_busy):
         raise BusyMachineError(
-            f"load average {load[0]:.2f} ≥ {max_load:g} at start: the bench would measure the other load as much "
+            f"load average {load[0]:.2f} ≥ {QUIET_LOAD:g} at start: the bench would measure the other load as much "
             f"as the pipeline. Run it on a quiet machine, or pass --allow-busy to measure anyway (the CPU-second "
             f"ratios in results.md are then the steadier figures).")
     return load
