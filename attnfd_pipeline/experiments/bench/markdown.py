@@ -12,6 +12,11 @@ def met_cell(m) -> str:
     return {True: "yes", False: "**no**", None: "–"}[m]
 
 
+def cpu_figure(m: dict):
+    """A figure's CPU-second counterpart (a ratio, else a value; None where it has none)."""
+    return m.get("cpu_ratio", m.get("cpu_value"))
+
+
 # what closes each goal when it is missed, and the profiled steps (``samples.profile``: time,
 # ``samples.profile_memory``: memory) that show where it goes
 _READ = ("a cheaper codec for the large maps (`cache.codec = \"none\"` or blosc), skipping the per-read checksum "
@@ -73,7 +78,7 @@ def _figure_table(res: dict) -> list[str]:
     rows = []
     for key in TABLE_KEYS:
         m = res[key]
-        cpu = m.get("cpu_ratio", m.get("cpu_value"))
+        cpu = cpu_figure(m)
         rows.append([f"`{key}`", fmt(m["value"]), m.get("goal", "–"), met_cell(m.get("met")),
                      fmt(cpu) if cpu is not None else "–",
                      ", ".join(fmt(x, ".2f") for x in m.get("per_repeat", [])) or "–"])
@@ -152,17 +157,20 @@ def _other_section(res: dict) -> list[str]:
     return ["## Throughput and the other figures", ""] + table(["figure", "value"], rows) + [""]
 
 
+def _kb(b) -> str:
+    return f"{b / 1e3:,.1f} kB"
+
+
 def _storage_section(res: dict) -> list[str]:
     st = res["storage"]
     targets = list(st["options"][st["recipe_option"]]["targets"])
-    kb = lambda b: f"{b / 1e3:,.1f} kB"  # noqa: E731
-    rows = [[f"`{name}`"] + [kb(o["targets"][t]["bytes_per_sample"]) for t in targets]
-            + [kb(o["bytes_per_sample"]), f"{o['compression_vs_float32']:.2f}", f"{o['rel_error']:.1e}"]
+    rows = [[f"`{name}`"] + [_kb(o["targets"][t]["bytes_per_sample"]) for t in targets]
+            + [_kb(o["bytes_per_sample"]), f"{o['compression_vs_float32']:.2f}", f"{o['rel_error']:.1e}"]
             for name, o in st["options"].items()]
     od = st["on_disk"]
     rows.append([f"on disk (the built cache, `{od['codec']}`, mantissa bits {od['mantissa_bits']})"]
-                + [kb(od["bytes_per_sample"][t]) if t in od["bytes_per_sample"] else "–" for t in targets]
-                + [kb(sum(od["bytes_per_sample"].values())), "–", "–"])
+                + [_kb(od["bytes_per_sample"][t]) if t in od["bytes_per_sample"] else "–" for t in targets]
+                + [_kb(sum(od["bytes_per_sample"].values())), "–", "–"])
     return ["## Storage per sample (teacher outputs of this run: random weights, re-measure a trained teacher with "
             "`attnfd cache plan`)", ""] + table(["option"] + [f"{t} bytes" for t in targets]
                                                + ["total bytes", "× vs float32", "max rel_error"], rows) + [""]
@@ -188,9 +196,8 @@ def profile_table(rows: list[dict], device_type: str) -> list[str]:
 
 def missed(res: dict, key: str) -> bool:
     """A goal is missed on the wall clock or in CPU seconds (the steadier figure on a shared machine)."""
-    m = res[key]
-    cpu = m.get("cpu_ratio", m.get("cpu_value"))
-    return m.get("met") is False or (cpu is not None and goal_met(key, cpu) is False)
+    cpu = cpu_figure(res[key])
+    return res[key].get("met") is False or (cpu is not None and goal_met(key, cpu) is False)
 
 
 def advice(res: dict) -> list[str]:
@@ -201,7 +208,7 @@ def advice(res: dict) -> list[str]:
         if not missed(res, key):
             continue
         m = res[key]
-        cpu = m.get("cpu_ratio", m.get("cpu_value"))
+        cpu = cpu_figure(m)
         L += [f"### `{key}` = {fmt(m['value'])} (goal {m['goal']}"
               + (f"; from CPU seconds {fmt(cpu)})" if cpu is not None else ")"), "", text]
         for v in (v for v in times if prof.get(v)):
