@@ -62,6 +62,16 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+def step_totals(steps: dict[str, list[list[dict]]]) -> dict[str, list[list[float]]]:
+    """Each variant's step times (the records' ``total``), per repeat."""
+    return {v: [[x["total"] for x in block] for block in blocks] for v, blocks in steps.items()}
+
+
+def repeat_medians(steps: dict[str, list[list[dict]]]) -> dict[str, list[float]]:
+    """Each variant's median step time of every repeat."""
+    return {v: [median(block) for block in blocks] for v, blocks in step_totals(steps).items()}
+
+
 def ratios(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
     """Element-wise x / y (NaN where y is 0)."""
     return [x / y if y else float("nan") for x, y in zip(xs, ys)]

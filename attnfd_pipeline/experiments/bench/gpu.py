@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from attnfd_pipeline.experiments.bench.common import VARIANTS, fmt, log, median, metric, ratios, table
+from attnfd_pipeline.experiments.bench.common import (VARIANTS, fmt, log, median, metric, ratios, repeat_medians,
+                                                      step_totals, table)
 from attnfd_pipeline.experiments.bench.measure import reader_block, shutdown, time_cache_build, time_steps
 from attnfd_pipeline.experiments.bench.memory import measure_memory
 from attnfd_pipeline.experiments.bench.run import auto_threads, device_info
@@ -52,7 +53,7 @@ def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, worke
 
 def gpu_figures(steps: dict, build_rows: list[dict], memory: dict, feeds: dict, batch: int) -> dict:
     """gpu.json's figures from the raw blocks: per-repeat ratios (median), absolute medians, memory."""
-    per = {v: [median([x["total"] for x in block]) for block in steps[v]] for v in steps}
+    per = repeat_medians(steps)
     mem = {v: memory[v].get("cuda_max_allocated_bytes") or memory[v]["rss_peak_bytes"] for v in memory}
     source = "cuda_max_allocated_bytes" if any("cuda_max_allocated_bytes" in m for m in memory.values()) else "rss"
     cached_sps = batch / median(per["cached"])
@@ -105,7 +106,7 @@ def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str
                                 n_images=len(source), work=work)
     res = gpu_figures(steps, build_rows, memory, feeds, w.batch_size)
     res.update(device=device_info(dev, load), workload=w.to_dict(), quick=quick, wall_s=time.perf_counter() - t0,
-               samples={"steps_s": {v: [[x["total"] for x in b] for b in steps[v]] for v in steps},
+               samples={"steps_s": step_totals(steps),
                         "cache_build": build_rows, "memory": memory})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

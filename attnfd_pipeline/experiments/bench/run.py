@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from attnfd_pipeline.experiments.bench.common import QUIET_LOAD, TOP_KEYS, VARIANTS, log, median
+from attnfd_pipeline.experiments.bench.common import QUIET_LOAD, TOP_KEYS, VARIANTS, log, median, step_totals
 from attnfd_pipeline.experiments.bench.figures import figures, sweep
 from attnfd_pipeline.experiments.bench.markdown import format_markdown
 from attnfd_pipeline.experiments.bench.measure import (profile_variants, reader_breakdown, shutdown,
@@ -202,7 +202,7 @@ def samples_block(w: Workload, n_images: int, steps, reader_rows, build_rows, me
                    "timed_steps_per_block": w.timed_steps, "timed_steps_per_variant": w.repeats * w.timed_steps,
                    "reader_batches_per_block": w.reader_batches, "memory_steps": max(1, w.memory_steps),
                    "storage_samples": n_images * w.K},
-        "step_s": {v: [[x["total"] for x in recs] for recs in steps[v]] for v in VARIANTS},
+        "step_s": step_totals(steps),
         "step_phases_s": {v: [[{p: x[p] for p in phases} for x in recs] for recs in steps[v]] for v in VARIANTS},
         "reader": reader_rows,
         "memory": memory,
