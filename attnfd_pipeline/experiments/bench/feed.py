@@ -162,7 +162,7 @@ def teacher_side(w: FeedWorkload, work: Path, recipe, device: torch.device) -> T
                   n_train=w.samples, K=1, shard_size=w.samples, calib_batches=w.calib_batches)
     cfg = workload_config(bw, make_dataset(bw, work / "data"), work, recipe)
     source = ImageSource.from_config(cfg, cfg.data.train_split)
-    bundle = make_teacher_bundle(cfg, bw.num_classes, source, bw.calib_batches, bw.batch_size)
+    bundle = make_teacher_bundle(cfg, bw, source)
     teacher = load_teacher(bundle, device)
     rows, crops, _ = shard_samples(cfg, source, ShardRange(0, 0, len(source)), source.ids)
     with torch.no_grad():

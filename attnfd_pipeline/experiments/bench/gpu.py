@@ -74,7 +74,6 @@ def gpu_figures(steps: dict, build_rows: list[dict], memory: dict, feeds: dict, 
 def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str | Path | None = "configs/voc.toml",
                   work_dir: str | Path | None = None, device: str = "cuda") -> dict:
     """Measure, write ``gpu.json`` / ``gpu.md`` under ``out``, return the record."""
-    from attnfd_pipeline.cache.schema import cache_target_names
     from attnfd_pipeline.data.source import ImageSource
     from attnfd_pipeline.teacher import load_teacher
     from attnfd_pipeline.utils import atomic_write_json
@@ -92,9 +91,8 @@ def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str
                               [f'student.train.device="{dev.type}"', "student.train.amp=true"])
         source = ImageSource.from_config(cfg, cfg.data.train_split)
         log(f"bench-gpu: {w.teacher} → {w.student}, {w.crop} px, batch {w.batch_size}, {len(source)} images on {dev}")
-        bundle = make_teacher_bundle(cfg, w.num_classes, source, w.calib_batches, w.batch_size)
-        build_rows, cache_dir, _ = time_cache_build(cfg, load_teacher(bundle, dev), source, work, w.repeats,
-                                                    cache_target_names(cfg.cache), dev)
+        bundle = make_teacher_bundle(cfg, w, source)
+        build_rows, cache_dir, _ = time_cache_build(cfg, load_teacher(bundle, dev), source, work, w.repeats, dev)
         setups = {v: build_setup(cfg, v, num_classes=w.num_classes, bundle=bundle, cache_dir=cache_dir, device=dev)
                   for v in VARIANTS}
         steps, _ = time_steps(cfg, setups, w, len(source))

@@ -253,10 +253,13 @@ def timed_build(cfg, teacher, source, work: Path, r: int) -> tuple[dict, Path]:
     return row, res.path
 
 
-def time_cache_build(cfg, teacher, source, work: Path, repeats: int, names, device: torch.device
+def time_cache_build(cfg, teacher, source, work: Path, repeats: int, device: torch.device
                      ) -> tuple[list[dict], Path, dict[str, np.ndarray]]:
     """``build_cache`` and the bare teacher on the same batches, interleaved (order reversed on odd
     repeats). Returns the rows, the first build's cache and the teacher's float32 outputs."""
+    from attnfd_pipeline.cache.schema import cache_target_names
+
+    names = cache_target_names(cfg.cache)
     shards = prepare_crops(cfg, source)
     rows, cache_dir, outs32 = [], None, None
     for r in range(repeats):

@@ -142,7 +142,6 @@ def device_info(device: torch.device, load: list[float]) -> dict:
 def measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool, load: list[float]) -> dict:
     """Every block of the bench, in order: cache build vs bare teacher and storage, interleaved steps and
     reader, profiles, peak memory (a process per variant); then the figures."""
-    from attnfd_pipeline.cache.schema import cache_target_names
     from attnfd_pipeline.data.source import ImageSource
     from attnfd_pipeline.teacher import load_teacher
     from attnfd_pipeline.utils import resolve_device
@@ -153,11 +152,9 @@ def measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool,
     log(f"workload: teacher {w.teacher}, student {w.student}, {w.num_classes} classes, crop {w.crop}, "
         f"batch {w.batch_size}, points {'+'.join(w.points)}, {w.workers} workers, {len(source)} images × K={w.K}, "
         f"{w.repeats} repeats on {device}")
-    bundle = make_teacher_bundle(cfg, w.num_classes, source, w.calib_batches, w.batch_size)
-    names = cache_target_names(cfg.cache)
+    bundle = make_teacher_bundle(cfg, w, source)
 
-    build_rows, cache_dir, outs32 = time_cache_build(cfg, load_teacher(bundle, device), source, work, w.repeats,
-                                                     names, device)
+    build_rows, cache_dir, outs32 = time_cache_build(cfg, load_teacher(bundle, device), source, work, w.repeats, device)
     storage = storage_analysis(outs32, storage_options(cfg.cache.codec, cfg.cache.level, w.mantissa_options))
     storage["on_disk"] = on_disk(cache_dir, len(source) * w.K)
     storage["weights"] = "random (BatchNorm calibrated): compression depends on the value distribution"

@@ -106,30 +106,31 @@ def calibrate_batchnorm(model: torch.nn.Module, batches: Sequence[torch.Tensor])
     model.eval()
 
 
-def make_teacher_bundle(cfg, num_classes: int, source, calib_batches: int, batch_size: int) -> Path:
-    """A teacher bundle with random weights (calibrated BatchNorm), written where the config expects it."""
+def make_teacher_bundle(cfg, w: Workload, source) -> Path:
+    """A teacher bundle with random weights (BatchNorm calibrated on ``w.calib_batches`` batches), written where
+    the config expects it."""
     from attnfd_pipeline.augment import normalize
     from attnfd_pipeline.data.loaders import AugmentedDataset, FreshSeeds
     from attnfd_pipeline.teacher import build_side_attention, build_teacher_model, bundle_path, save_bundle
     from attnfd_pipeline.utils import seed_everything
 
     seed_everything(cfg.teacher.train.seed)
-    model = build_teacher_model(cfg, num_classes)
+    model = build_teacher_model(cfg, w.num_classes)
     ds = AugmentedDataset(source, cfg.augment, FreshSeeds())
     n = len(source)
-    per = max(2, batch_size)  # BatchNorm in train mode needs more than one value per channel (image pool)
+    per = max(2, w.batch_size)  # BatchNorm in train mode needs more than one value per channel (image pool)
     batches = [normalize(torch.stack([ds[(0, (b * per + j) % n)]["image"] for j in range(per)]))
-               for b in range(max(1, calib_batches))]
+               for b in range(max(1, w.calib_batches))]
     calibrate_batchnorm(model, batches)
     attention = build_side_attention(cfg, model)  # non-inpath CBAM modes: seeded side branches
-    return save_bundle(bundle_path(cfg), cfg, model.eval(), attention, num_classes)
+    return save_bundle(bundle_path(cfg), cfg, model.eval(), attention, w.num_classes)
 
 
 class KeySampler(Sampler):
     """Yields the ``(epoch, index)`` keys set before each block (same keys for every variant)."""
 
-    def __init__(self, keys: Sequence[tuple[int, int]] = ()):
-        self.keys = [tuple(k) for k in keys]
+    def __init__(self):
+        self.keys: list[tuple[int, int]] = []
 
     def __iter__(self):
         return iter(list(self.keys))
