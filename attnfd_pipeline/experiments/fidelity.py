@@ -2,13 +2,12 @@
 (``cache.encoding`` × ``cache.pool``) on a teacher's real maps; what each figure measures, and why:
 docs/storage.md "Fidelity".
 
-``storage_figures`` reports per variant and crop the error of the channel-normalised maps, the AttnFD loss
-gradient against float32 targets for three assumed student maps (``noise_students`` at each of ``RHOS``, and
-``untrained_student_maps``; the worst is reported), the zstd-1 size and the per-core MB/s (``thread_time``, so
-other processes on a busy machine do not count). ``recommended`` is the smallest variant whose worst gradient
-cosine is ≥ ``MIN_COSINE`` at every crop. ``feed_projection`` turns the per-core speeds into the CPU cores a
-cache build and a DataLoader need at the assumed throughputs of ``RTX_CLASS``. ``attnfd bench-storage`` writes
-``bench/storage.{json,md}``.
+``storage_figures`` measures those figures per variant and crop: the gradient ones the worst over the assumed
+student maps (``noise_students`` at each of ``RHOS``, ``untrained_student_maps``), the speeds per core
+(``thread_time``, so other processes on a busy machine do not count). ``recommended`` is the smallest variant
+whose worst gradient cosine is ≥ ``MIN_COSINE`` at every crop. ``feed_projection`` turns the per-core speeds into
+the CPU cores a cache build and a DataLoader need at the assumed throughputs of ``RTX_CLASS``.
+``attnfd bench-storage`` writes ``bench/storage.{json,md}``.
 """
 
 from __future__ import annotations
@@ -309,15 +308,15 @@ def write_storage_bench(cfg, teacher, source, out_dir, *, crops=(64, 257), image
     return fig
 
 
-def paper_sample_bytes(cfg, assume: FeedAssumption = RTX_CLASS) -> int:
+def paper_sample_bytes(cfg) -> int:
     """float32 bytes of one sample's cached points (``cache.points``) for the paper's teacher (DeepLabV3+
-    ResNet-101) at ``assume.crop`` px, from the model config alone (meta device)."""
+    ResNet-101) at ``RTX_CLASS.crop`` px, from the model config alone (meta device)."""
     from attnfd_pipeline.cache.plan import model_target_specs
 
     t = cfg.teacher
     paper = dataclasses.replace(
         cfg, teacher=dataclasses.replace(t, model=dataclasses.replace(t.model, name="deeplabv3plus_resnet101")),
-        augment=dataclasses.replace(cfg.augment, crop_size=(assume.crop, assume.crop),
-                                    base_size=max(cfg.augment.base_size, assume.crop)))
+        augment=dataclasses.replace(cfg.augment, crop_size=(RTX_CLASS.crop, RTX_CLASS.crop),
+                                    base_size=max(cfg.augment.base_size, RTX_CLASS.crop)))
     specs = model_target_specs(paper, list(cfg.cache.points))
     return int(sum(4 * c * h * w for c, h, w in specs.values()))

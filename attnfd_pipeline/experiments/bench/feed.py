@@ -1,11 +1,7 @@
 """`attnfd bench-feed`: the host CPU cost of feeding a GPU at the paper's shapes, per sample, measured
-through the library's own cache code. What each figure times: docs/bench.md "bench-feed".
-
-Every figure is process CPU time of one torch thread, the fastest of ``PASSES`` passes, so other load on a
-shared machine counts as little as possible. The target-path measurements are small functions over the
-public cache API (``encode_stored``, ``commit_encoded``, ``read_batch``, ``decode_stored``), so they follow
-the cache code when it changes.
-"""
+through the library's own cache code. What each figure times, how (process CPU time of one torch thread, the
+fastest of ``PASSES`` passes) and why the target path is four functions over the public cache API: docs/bench.md
+"bench-feed"."""
 
 from __future__ import annotations
 
