@@ -557,6 +557,10 @@ def _mb(b) -> str:
     return f"{b / 1e6:.2f} MB"
 
 
+def _cores(x) -> str:
+    return _f(x, 1)
+
+
 TARGET_ROWS = (  # (label, figure, format) of the per-sample table
     ("target read (store → batch in stored form), `CacheReader.read_stored`", "target_read_ms", _f),
     ("… of which Zarr read (decompress + crc32c)", "read_zarr_ms", _f),
@@ -576,10 +580,10 @@ TARGET_ROWS = (  # (label, figure, format) of the per-sample table
     ("targets host → device", "h2d_bytes_per_sample", _mb),
     ("image through shared memory", "image_shm_bytes_per_sample", _mb),
     ("float32 teacher output", "float32_bytes_per_sample", _mb),
-    (f"cores for the build at R = {R_TEACHER:g}/s (host work)", "cores_build_at_R", lambda x: _f(x, 1)),
-    ("… with the encode on the host", "cores_build_at_R_with_host_encode", lambda x: _f(x, 1)),
-    (f"cores for the targets at S = {S_STUDENT:g}/s", "cores_targets_at_S", lambda x: _f(x, 1)),
-    (f"cores for targets + image at S = {S_STUDENT:g}/s", "cores_feed_at_S", lambda x: _f(x, 1)),
+    (f"cores for the build at R = {R_TEACHER:g}/s (host work)", "cores_build_at_R", _cores),
+    ("… with the encode on the host", "cores_build_at_R_with_host_encode", _cores),
+    (f"cores for the targets at S = {S_STUDENT:g}/s", "cores_targets_at_S", _cores),
+    (f"cores for targets + image at S = {S_STUDENT:g}/s", "cores_feed_at_S", _cores),
 )
 
 
