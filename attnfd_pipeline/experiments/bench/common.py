@@ -15,6 +15,8 @@ import torch
 # where each variant's targets come from: docs/bench.md "Workload"
 VARIANTS = ("plain", "inmemory", "cached", "online")
 SWEEP_N = (1, 4, 12)
+# the clocked phases of a training step, in order (``measure.one_step``)
+STEP_PHASES = ("wait", "forward", "backward", "optimizer")
 
 # results.json: exactly these keys at top level; the first TABLE_KEYS are the single-number figures of
 # the headline table

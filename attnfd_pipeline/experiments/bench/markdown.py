@@ -3,8 +3,8 @@ advice (with its profile tables) for each missed goal."""
 
 from __future__ import annotations
 
-from attnfd_pipeline.experiments.bench.common import (GOALS, QUIET_LOAD, STORAGE_MAX_REL_ERROR, TABLE_KEYS, VARIANTS,
-                                                      fmt, goal_met, table)
+from attnfd_pipeline.experiments.bench.common import (GOALS, QUIET_LOAD, STEP_PHASES, STORAGE_MAX_REL_ERROR, TABLE_KEYS,
+                                                      VARIANTS, fmt, goal_met, table)
 from attnfd_pipeline.experiments.fidelity import MIN_COSINE
 
 
@@ -101,8 +101,7 @@ def _figure_table(res: dict) -> list[str]:
 def _step_section(res: dict) -> list[str]:
     sc = res["step_ratio_cached_over_plain"]
     cpu = sc.get("cpu_s_per_step") or {}
-    rows = [[v, fmt(sc[f"{v}_s_per_step"])] + [fmt(sc["breakdown_s"][v][p]) for p in
-                                              ("wait", "forward", "backward", "optimizer")] + [fmt(cpu.get(v))]
+    rows = [[v, fmt(sc[f"{v}_s_per_step"])] + [fmt(sc["breakdown_s"][v][p]) for p in STEP_PHASES] + [fmt(cpu.get(v))]
             for v in VARIANTS]
     return ["## Step time (data loading included), median s/step", ""] + table(
         ["variant", "total (wall)", "data wait", "forward + loss", "backward", "optimizer", "CPU s (main + workers)"],

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from attnfd_pipeline.experiments.bench.common import VARIANTS, log, median, sync
+from attnfd_pipeline.experiments.bench.common import STEP_PHASES, VARIANTS, log, median, sync
 from attnfd_pipeline.experiments.bench.workload import Setup, block_keys
 
 
@@ -85,7 +85,7 @@ def one_step(setup: Setup, it) -> dict[str, float]:
     _ = {"loss": float(loss.detach()), **logs}
     tick()
     cpu = time.process_time() - c0
-    phases = {p: b - a for p, a, b in zip(("wait", "forward", "backward", "optimizer"), clock, clock[1:])}
+    phases = {p: b - a for p, a, b in zip(STEP_PHASES, clock, clock[1:])}
     return {**phases, "total": clock[-1] - clock[0], "cpu_main": cpu}
 
 

@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from attnfd_pipeline.experiments.bench.common import QUIET_LOAD, TOP_KEYS, VARIANTS, log, median, step_totals
+from attnfd_pipeline.experiments.bench.common import (QUIET_LOAD, STEP_PHASES, TOP_KEYS, VARIANTS, log, median,
+                                                      step_totals)
 from attnfd_pipeline.experiments.bench.figures import figures, sweep
 from attnfd_pipeline.experiments.bench.markdown import format_markdown
 from attnfd_pipeline.experiments.bench.measure import (profile_variants, reader_breakdown, shutdown,
@@ -191,7 +192,7 @@ def measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool,
 
 def samples_block(w: Workload, n_images: int, steps, reader_rows, build_rows, memory, extra: dict) -> dict:
     """``results.json["samples"]``: the raw measurements behind every figure."""
-    phases = ("wait", "forward", "backward", "optimizer", "cpu_main", "cpu_workers")
+    phases = (*STEP_PHASES, "cpu_main", "cpu_workers")
     return {
         "cache_build": build_rows,
         "counts": {"train_images": n_images, "K": w.K, "cache_samples": n_images * w.K,
