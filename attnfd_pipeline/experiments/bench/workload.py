@@ -57,11 +57,12 @@ QUICK = Workload(teacher="deeplabv3plus_resnet18", crop=48, batch_size=2, worker
                  threads=1, calib_batches=1, mantissa_options=(9,), profile_rows=6)
 
 
-def workload_config(w: Workload, data_root: Path, work: Path, recipe: str | Path | None = None,
-                    overrides: Sequence[str] = ()):
-    """The recipe (augmentation, codec, norm, lr …) at the workload's sizes, pointing into ``work``."""
+def workload_config(w: Workload, work: Path, recipe: str | Path | None = None, overrides: Sequence[str] = ()):
+    """The recipe (augmentation, codec, norm, lr …) at the workload's sizes, pointing into ``work``, over the
+    dataset it generates there (``make_dataset``)."""
     from attnfd_pipeline.config import load_config
 
+    data_root = make_dataset(w, work / "data")
     pts = "[" + ", ".join(f'"{p}"' for p in w.points) + "]"
     o = [
         'name="bench"', f'runs_root="{work / "runs"}"', 'data.dataset="demo"', f'data.root="{data_root}"',
