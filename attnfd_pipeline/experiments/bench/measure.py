@@ -1,6 +1,6 @@
 """The timed parts of the bench: training steps with a clock between their phases, the DataLoader's
-throughput, torch.profiler tables, and the cache build against bare teacher inference — each block
-interleaved between the variants so slow drifts of a shared machine hit them alike."""
+throughput, torch.profiler tables, and the cache build against bare teacher inference, each block
+interleaved between the variants (why: docs/bench.md "How it measures")."""
 
 from __future__ import annotations
 
