@@ -503,12 +503,12 @@ def device_info(device: torch.device, load: Sequence[float]) -> dict:
 
 def run_feed_bench(out: str | Path, *, quick: bool = False, recipe: str | Path | None = None,
                    work_dir: str | Path | None = None, device: str = "cpu",
-                   demo_config: str | Path = "configs/demo.toml", workload: FeedWorkload | None = None) -> dict:
+                   demo_config: str | Path = "configs/demo.toml") -> dict:
     """Measure every feed figure, write ``feed.json`` and ``feed.md`` under ``out``; returns the record."""
     from attnfd_pipeline import augment
     from attnfd_pipeline.utils import atomic_write_json
 
-    w = workload or (QUICK if quick else DEFAULT)
+    w = QUICK if quick else DEFAULT
     dev = torch.device(device)
     torch.set_num_threads(1)
     load = os.getloadavg()

@@ -54,17 +54,17 @@ def check_load(quick: bool, allow_busy: bool, wait_quiet: float = 0.0) -> list[f
 
 
 def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: int | None = None,
-              recipe: str | Path | None = "configs/demo.toml", workload: Workload | None = None,
-              overrides: Sequence[str] = (), work_dir: str | Path | None = None, threads: int | None = None,
-              allow_busy: bool = False, wait_quiet: float = 0.0) -> dict:
+              recipe: str | Path | None = "configs/demo.toml", overrides: Sequence[str] = (),
+              work_dir: str | Path | None = None, threads: int | None = None, allow_busy: bool = False,
+              wait_quiet: float = 0.0) -> dict:
     """Measure everything, write ``results.json`` and ``results.md`` into ``out_dir``, return the dict.
 
-    ``workload`` (default ``QUICK`` or ``DEFAULT``) sets the sizes; ``repeats`` and ``threads`` override
-    it; ``recipe`` + ``overrides`` give the augmentation, codec, loss norm, optimiser and the sweep's
-    epochs and K; the dataset, teacher bundle and caches live in a temp dir under ``work_dir``. A full
-    run refuses to start on a busy machine (``BusyMachineError``) unless ``allow_busy``; ``wait_quiet``: seconds
-    to wait for a quiet machine first. With the recipe's trained teacher present, the storage fidelity bench
-    runs last (``recommended_storage``)."""
+    The sizes are ``QUICK`` or ``DEFAULT``, ``repeats`` and ``threads`` overriding theirs; ``recipe`` +
+    ``overrides`` give the augmentation, codec, loss norm, optimiser and the sweep's epochs and K; the dataset,
+    teacher bundle and caches live in a temp dir under ``work_dir``. A full run refuses to start on a busy
+    machine (``BusyMachineError``) unless ``allow_busy``; ``wait_quiet``: seconds to wait for a quiet machine
+    first. With the recipe's trained teacher present, the storage fidelity bench runs last
+    (``recommended_storage``)."""
     from attnfd_pipeline.config import load_config
     from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
@@ -73,7 +73,7 @@ def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: in
     if threads is not None and threads < 0:
         raise UserError("threads must be >= 0 (0 = auto)")
     given = {k: v for k, v in (("repeats", repeats), ("threads", threads)) if v is not None}
-    w = dataclasses.replace(workload or (QUICK if quick else DEFAULT), **given)
+    w = dataclasses.replace(QUICK if quick else DEFAULT, **given)
     load = check_load(quick, allow_busy, wait_quiet=wait_quiet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
