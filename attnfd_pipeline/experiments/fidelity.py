@@ -2,13 +2,12 @@
 (``cache.encoding`` × ``cache.pool``) on a teacher's real maps; what each figure measures, and why:
 docs/storage.md "Fidelity".
 
-``storage_figures`` reports per variant and crop the error of the channel-normalised maps, the AttnFD loss
-gradient against float32 targets for three assumed student maps (``noise_students`` at each of ``RHOS``, and
-``untrained_student_maps``; the worst is reported), the zstd-1 size and the per-core MB/s (``thread_time``, so
-other processes on a busy machine do not count). ``recommended`` is the smallest variant whose worst gradient
-cosine is ≥ ``MIN_COSINE`` at every crop. ``feed_projection`` turns the per-core speeds into the CPU cores a
-cache build and a DataLoader need at the assumed throughputs of ``RTX_CLASS``. ``attnfd bench-storage`` writes
-``bench/storage.{json,md}``.
+``storage_figures`` measures those figures per variant and crop: the gradient ones the worst over the assumed
+student maps (``noise_students`` at each of ``RHOS``, ``untrained_student_maps``), the speeds per core
+(``thread_time``, so other processes on a busy machine do not count). ``recommended`` is the smallest variant
+whose worst gradient cosine is ≥ ``MIN_COSINE`` at every crop. ``feed_projection`` turns the per-core speeds into
+the CPU cores a cache build and a DataLoader need at the assumed throughputs of ``RTX_CLASS``.
+``attnfd bench-storage`` writes ``bench/storage.{json,md}``.
 """
 
 from __future__ import annotations
@@ -107,9 +106,9 @@ def _timed(x: np.ndarray, encoding: str, pool: int, name: str) -> tuple[float, f
     return t1 - t0, time.thread_time() - t1
 
 
-def noise_students(ref32: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-    """Student maps ``teacher + rho · RMS · white noise`` for each rho in ``RHOS``."""
-    g = np.random.default_rng(seed)
+def noise_students(ref32: np.ndarray) -> dict[str, np.ndarray]:
+    """Student maps ``teacher + rho · RMS · white noise`` (seeded) for each rho in ``RHOS``."""
+    g = np.random.default_rng(0)
     rms = float(np.sqrt(np.mean(ref32.astype(np.float64) ** 2)))
     return {f"noise{rho:g}": (ref32 + rho * rms * g.standard_normal(ref32.shape)).astype(np.float32) for rho in RHOS}
 
@@ -182,8 +181,7 @@ def _variant_at_crop(maps: dict[str, np.ndarray], encoding: str, pool, norm: str
             "encode_mb_s": f32_mb / enc_s, "decode_mb_s": f32_mb / dec_s}
 
 
-def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
-                    min_cosine: float = MIN_COSINE) -> dict:
+def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8) -> dict:
     """Fidelity, size and speed of every storage variant at each crop (see the module docstring)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per-core figures
@@ -211,11 +209,11 @@ def storage_figures(cfg, teacher, source, *, crops=(64, 257), images: int = 8,
             raw = sum(t["raw_bytes_per_sample"] for t in r["targets"].values())
             r["zstd_ratio"] = raw / r["stored_bytes_per_sample"]
         v.update(worst(v["crops"].values(), ("grad_cosine", "rel_error", "compression_vs_float16", "zstd_ratio")))
-    ok = [n for n, v in out["variants"].items() if v["grad_cosine"] >= min_cosine]
+    ok = [n for n, v in out["variants"].items() if v["grad_cosine"] >= MIN_COSINE]
     best = max(ok, key=lambda n: out["variants"][n]["compression_vs_float16"]) if ok else "float16"
     b = out["variants"][best]
     out["recommended"] = {"encoding": best, **{k: b[k] for k in ("compression_vs_float16", "grad_cosine", "rel_error")}}
-    out["min_cosine"] = min_cosine
+    out["min_cosine"] = MIN_COSINE
     return out
 
 
@@ -310,15 +308,15 @@ def write_storage_bench(cfg, teacher, source, out_dir, *, crops=(64, 257), image
     return fig
 
 
-def paper_sample_bytes(cfg, assume: FeedAssumption = RTX_CLASS) -> int:
+def paper_sample_bytes(cfg) -> int:
     """float32 bytes of one sample's cached points (``cache.points``) for the paper's teacher (DeepLabV3+
-    ResNet-101) at ``assume.crop`` px, from the model config alone (meta device)."""
+    ResNet-101) at ``RTX_CLASS.crop`` px, from the model config alone (meta device)."""
     from attnfd_pipeline.cache.plan import model_target_specs
 
     t = cfg.teacher
     paper = dataclasses.replace(
         cfg, teacher=dataclasses.replace(t, model=dataclasses.replace(t.model, name="deeplabv3plus_resnet101")),
-        augment=dataclasses.replace(cfg.augment, crop_size=(assume.crop, assume.crop),
-                                    base_size=max(cfg.augment.base_size, assume.crop)))
+        augment=dataclasses.replace(cfg.augment, crop_size=(RTX_CLASS.crop, RTX_CLASS.crop),
+                                    base_size=max(cfg.augment.base_size, RTX_CLASS.crop)))
     specs = model_target_specs(paper, list(cfg.cache.points))
     return int(sum(4 * c * h * w for c, h, w in specs.values()))

@@ -15,6 +15,8 @@ import torch
 # where each variant's targets come from: docs/bench.md "Workload"
 VARIANTS = ("plain", "inmemory", "cached", "online")
 SWEEP_N = (1, 4, 12)
+# the clocked phases of a training step, in order (``measure.one_step``)
+STEP_PHASES = ("wait", "forward", "backward", "optimizer")
 
 # results.json: exactly these keys at top level; the first TABLE_KEYS are the single-number figures of
 # the headline table
@@ -60,6 +62,16 @@ def log(msg: str) -> None:
 def median(xs: Sequence[float]) -> float:
     xs = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
     return float(statistics.median(xs)) if xs else float("nan")
+
+
+def step_totals(steps: dict[str, list[list[dict]]]) -> dict[str, list[list[float]]]:
+    """Each variant's step times (the records' ``total``), per repeat."""
+    return {v: [[x["total"] for x in block] for block in blocks] for v, blocks in steps.items()}
+
+
+def repeat_medians(steps: dict[str, list[list[dict]]]) -> dict[str, list[float]]:
+    """Each variant's median step time of every repeat."""
+    return {v: [median(block) for block in blocks] for v, blocks in step_totals(steps).items()}
 
 
 def ratios(xs: Sequence[float], ys: Sequence[float]) -> list[float]:

@@ -1,11 +1,7 @@
 """`attnfd bench-feed`: the host CPU cost of feeding a GPU at the paper's shapes, per sample, measured
-through the library's own cache code. What each figure times: docs/bench.md "bench-feed".
-
-Every figure is process CPU time of one torch thread, the fastest of ``PASSES`` passes, so other load on a
-shared machine counts as little as possible. The target-path measurements are small functions over the
-public cache API (``encode_stored``, ``commit_encoded``, ``read_batch``, ``decode_stored``), so they follow
-the cache code when it changes.
-"""
+through the library's own cache code. What each figure times, how (process CPU time of one torch thread, the
+fastest of ``PASSES`` passes) and why the target path is four functions over the public cache API: docs/bench.md
+"bench-feed"."""
 
 from __future__ import annotations
 
@@ -56,9 +52,9 @@ QUICK = FeedWorkload(teacher="deeplabv3plus_resnet18", crop=48, samples=2, image
                      demo_images=1)
 
 
-def cpu_ms(fn: Callable[[], Any], passes: int = PASSES) -> float:
-    """Process CPU milliseconds of ``fn()``, the fastest of ``passes`` runs (garbage collection left on)."""
-    return min(timeit.Timer(fn, gc.enable, time.process_time).repeat(passes, 1)) * 1e3
+def cpu_ms(fn: Callable[[], Any]) -> float:
+    """Process CPU milliseconds of ``fn()``, the fastest of ``PASSES`` runs (garbage collection left on)."""
+    return min(timeit.Timer(fn, gc.enable, time.process_time).repeat(PASSES, 1)) * 1e3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +102,7 @@ def commit_encoded(arrays: dict, cache_dir: Path, info, stored: dict[str, list[n
     write_part(paths(cache_dir)["manifest"], 0, rows, list(info.target_names), info.fingerprint)
 
 
-def read_batch(reader, keys: Sequence[tuple[int, int]], names: Sequence[str], *, pin: bool = False) -> dict[str, Any]:
+def read_batch(reader, keys: Sequence[tuple[int, int]], names: Sequence[str], *, pin: bool) -> dict[str, Any]:
     """Stage 2's target read of a batch: each sample's stored arrays read (checksum-verified) and collated
     in their stored form (``encoding.batch_item``), as the loader hands them on; pinned when the batch is
     bound for a GPU."""
@@ -154,15 +150,14 @@ def teacher_side(w: FeedWorkload, work: Path, recipe, device: torch.device) -> T
     from attnfd_pipeline.cache.build import shard_samples
     from attnfd_pipeline.cache.schema import ShardRange, cache_target_names
     from attnfd_pipeline.data.source import ImageSource
-    from attnfd_pipeline.experiments.bench.workload import (Workload, make_dataset, make_teacher_bundle,
-                                                            workload_config)
+    from attnfd_pipeline.experiments.bench.workload import Workload, make_teacher_bundle, workload_config
     from attnfd_pipeline.teacher import load_teacher
 
     bw = Workload(teacher=w.teacher, crop=w.crop, batch_size=w.samples, points=w.points, workers=0,
                   n_train=w.samples, K=1, shard_size=w.samples, calib_batches=w.calib_batches)
-    cfg = workload_config(bw, make_dataset(bw, work / "data"), work, recipe)
+    cfg = workload_config(bw, work, recipe)
     source = ImageSource.from_config(cfg, cfg.data.train_split)
-    bundle = make_teacher_bundle(cfg, bw.num_classes, source, bw.calib_batches, bw.batch_size)
+    bundle = make_teacher_bundle(cfg, bw, source)
     teacher = load_teacher(bundle, device)
     rows, crops, _ = shard_samples(cfg, source, ShardRange(0, 0, len(source)), source.ids)
     with torch.no_grad():
@@ -393,12 +388,10 @@ def codec_figures(stored: dict[str, list[np.ndarray]]) -> dict:
     return out
 
 
-def crc32c_MBps(stored: dict[str, list[np.ndarray]]) -> float | None:
+def crc32c_MBps(stored: dict[str, list[np.ndarray]]) -> float:
     """crc32c (the store's integrity codec, in every variant) over the stored bytes, MB per CPU-second."""
-    try:
-        import google_crc32c
-    except ImportError:
-        return None
+    import google_crc32c
+
     data = [np.ascontiguousarray(p).tobytes() for parts in stored.values() for p in parts]
     ms = cpu_ms(lambda: [google_crc32c.value(d) for d in data])
     return sum(len(d) for d in data) / 1e6 / max(ms / 1e3, 1e-9)
@@ -462,7 +455,7 @@ def add_totals(fig: dict, image: dict) -> dict:
 STORE_CODEC = {"zstd": "zstd-1", "blosc": "blosc-lz4-shuffle", "none": "none"}  # cache.codec → its CODECS row
 
 
-def zarr_own_ms(fig: dict, codecs: dict, crc_MBps: float | None, codec: str = "zstd") -> float | None:
+def zarr_own_ms(fig: dict, codecs: dict, crc_MBps: float | None, codec: str) -> float | None:
     """What the read costs beyond decompressing the stored bytes at the store codec's own speed (``codec``:
     ``cache.codec``) and their crc32c: the per-array work (shard index, chunk lookup, buffers)."""
     row = codecs.get(STORE_CODEC.get(codec, ""))
@@ -510,12 +503,12 @@ def device_info(device: torch.device, load: Sequence[float]) -> dict:
 
 def run_feed_bench(out: str | Path, *, quick: bool = False, recipe: str | Path | None = None,
                    work_dir: str | Path | None = None, device: str = "cpu",
-                   demo_config: str | Path = "configs/demo.toml", workload: FeedWorkload | None = None) -> dict:
+                   demo_config: str | Path = "configs/demo.toml") -> dict:
     """Measure every feed figure, write ``feed.json`` and ``feed.md`` under ``out``; returns the record."""
     from attnfd_pipeline import augment
     from attnfd_pipeline.utils import atomic_write_json
 
-    w = workload or (QUICK if quick else DEFAULT)
+    w = QUICK if quick else DEFAULT
     dev = torch.device(device)
     torch.set_num_threads(1)
     load = os.getloadavg()
@@ -561,6 +554,10 @@ def _mb(b) -> str:
     return f"{b / 1e6:.2f} MB"
 
 
+def _cores(x) -> str:
+    return _f(x, 1)
+
+
 TARGET_ROWS = (  # (label, figure, format) of the per-sample table
     ("target read (store → batch in stored form), `CacheReader.read_stored`", "target_read_ms", _f),
     ("… of which Zarr read (decompress + crc32c)", "read_zarr_ms", _f),
@@ -580,10 +577,10 @@ TARGET_ROWS = (  # (label, figure, format) of the per-sample table
     ("targets host → device", "h2d_bytes_per_sample", _mb),
     ("image through shared memory", "image_shm_bytes_per_sample", _mb),
     ("float32 teacher output", "float32_bytes_per_sample", _mb),
-    (f"cores for the build at R = {R_TEACHER:g}/s (host work)", "cores_build_at_R", lambda x: _f(x, 1)),
-    ("… with the encode on the host", "cores_build_at_R_with_host_encode", lambda x: _f(x, 1)),
-    (f"cores for the targets at S = {S_STUDENT:g}/s", "cores_targets_at_S", lambda x: _f(x, 1)),
-    (f"cores for targets + image at S = {S_STUDENT:g}/s", "cores_feed_at_S", lambda x: _f(x, 1)),
+    (f"cores for the build at R = {R_TEACHER:g}/s (host work)", "cores_build_at_R", _cores),
+    ("… with the encode on the host", "cores_build_at_R_with_host_encode", _cores),
+    (f"cores for the targets at S = {S_STUDENT:g}/s", "cores_targets_at_S", _cores),
+    (f"cores for targets + image at S = {S_STUDENT:g}/s", "cores_feed_at_S", _cores),
 )
 
 

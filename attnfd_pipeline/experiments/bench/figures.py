@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from attnfd_pipeline.experiments.bench.common import SWEEP_N, VARIANTS, median, metric, num, ratios
+from attnfd_pipeline.experiments.bench.common import (STEP_PHASES, SWEEP_N, VARIANTS, median, metric, num, ratios,
+                                                      repeat_medians)
 
 
 def _efficiency(rep: dict) -> list[float]:
@@ -86,9 +87,9 @@ def figures(steps: dict, reader_rows: list[dict], build_rows: list[dict], memory
             ) -> tuple[dict[str, Any], dict[str, float]]:
     """The figures of ``results.json`` (all but storage, sweep and the run's description), and the
     median step time of each variant."""
-    per_rep = {v: [median([x["total"] for x in recs]) for recs in steps[v]] for v in VARIANTS}
+    per_rep = repeat_medians(steps)
     med = {v: median(per_rep[v]) for v in VARIANTS}
-    phases = ("wait", "forward", "backward", "optimizer", "total", "cpu_main", "cpu_workers")
+    phases = (*STEP_PHASES, "total", "cpu_main", "cpu_workers")
     breakdown = {v: {p: median([x[p] for recs in steps[v] for x in recs]) for p in phases} for v in VARIANTS}
     cpu_rep = {v: [median([x["cpu_main"] + x["cpu_workers"] for x in recs]) for recs in steps[v]] for v in VARIANTS}
     cpu_med = {v: median(cpu_rep[v]) for v in VARIANTS}

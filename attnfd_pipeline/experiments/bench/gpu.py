@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from attnfd_pipeline.experiments.bench.common import VARIANTS, fmt, log, median, metric, ratios, table
+from attnfd_pipeline.experiments.bench.common import (VARIANTS, fmt, log, median, metric, ratios, repeat_medians,
+                                                      step_totals, table)
 from attnfd_pipeline.experiments.bench.measure import reader_block, shutdown, time_cache_build, time_steps
 from attnfd_pipeline.experiments.bench.memory import measure_memory
 from attnfd_pipeline.experiments.bench.run import auto_threads, device_info
-from attnfd_pipeline.experiments.bench.workload import (Workload, block_keys, build_setup, make_dataset,
-                                                        make_teacher_bundle, workload_config)
+from attnfd_pipeline.experiments.bench.workload import (Workload, block_keys, build_setup, make_teacher_bundle,
+                                                        workload_config)
 
 # VOC-sized generated images: sides 375..500 px (× the 513 crop)
 GPU = Workload(teacher="deeplabv3plus_resnet101", student="deeplabv3plus_resnet18", crop=513, batch_size=6,
@@ -34,7 +35,7 @@ FIGURES = ("step_ratio_cached_over_online", "step_ratio_cached_over_inmemory", "
 MEMORY_VARIANTS = ("inmemory", "cached", "online")
 
 
-def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, workers=FEED_WORKERS) -> dict:
+def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, workers: tuple[int, ...]) -> dict:
     """Samples/s the cached variant's DataLoader delivers with nothing consuming, per worker count."""
     out = {}
     for n in workers:
@@ -52,7 +53,7 @@ def feed_rates(cfg, w: Workload, bundle, cache_dir, device, n_images: int, worke
 
 def gpu_figures(steps: dict, build_rows: list[dict], memory: dict, feeds: dict, batch: int) -> dict:
     """gpu.json's figures from the raw blocks: per-repeat ratios (median), absolute medians, memory."""
-    per = {v: [median([x["total"] for x in block]) for block in steps[v]] for v in steps}
+    per = repeat_medians(steps)
     mem = {v: memory[v].get("cuda_max_allocated_bytes") or memory[v]["rss_peak_bytes"] for v in memory}
     source = "cuda_max_allocated_bytes" if any("cuda_max_allocated_bytes" in m for m in memory.values()) else "rss"
     cached_sps = batch / median(per["cached"])
@@ -73,7 +74,6 @@ def gpu_figures(steps: dict, build_rows: list[dict], memory: dict, feeds: dict, 
 def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str | Path | None = "configs/voc.toml",
                   work_dir: str | Path | None = None, device: str = "cuda") -> dict:
     """Measure, write ``gpu.json`` / ``gpu.md`` under ``out``, return the record."""
-    from attnfd_pipeline.cache.schema import cache_target_names
     from attnfd_pipeline.data.source import ImageSource
     from attnfd_pipeline.teacher import load_teacher
     from attnfd_pipeline.utils import atomic_write_json
@@ -87,13 +87,11 @@ def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str
     load = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="attnfd-gpu-", dir=work_dir) as tmp:
         work = Path(tmp)
-        cfg = workload_config(w, make_dataset(w, work / "data"), work, recipe,
-                              [f'student.train.device="{dev.type}"', "student.train.amp=true"])
+        cfg = workload_config(w, work, recipe, [f'student.train.device="{dev.type}"', "student.train.amp=true"])
         source = ImageSource.from_config(cfg, cfg.data.train_split)
         log(f"bench-gpu: {w.teacher} → {w.student}, {w.crop} px, batch {w.batch_size}, {len(source)} images on {dev}")
-        bundle = make_teacher_bundle(cfg, w.num_classes, source, w.calib_batches, w.batch_size)
-        build_rows, cache_dir, _ = time_cache_build(cfg, load_teacher(bundle, dev), source, work, w.repeats,
-                                                    cache_target_names(cfg.cache), dev)
+        bundle = make_teacher_bundle(cfg, w, source)
+        build_rows, cache_dir, _ = time_cache_build(cfg, load_teacher(bundle, dev), source, work, w.repeats, dev)
         setups = {v: build_setup(cfg, v, num_classes=w.num_classes, bundle=bundle, cache_dir=cache_dir, device=dev)
                   for v in VARIANTS}
         steps, _ = time_steps(cfg, setups, w, len(source))
@@ -105,7 +103,7 @@ def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str
                                 n_images=len(source), work=work)
     res = gpu_figures(steps, build_rows, memory, feeds, w.batch_size)
     res.update(device=device_info(dev, load), workload=w.to_dict(), quick=quick, wall_s=time.perf_counter() - t0,
-               samples={"steps_s": {v: [[x["total"] for x in b] for b in steps[v]] for v in steps},
+               samples={"steps_s": step_totals(steps),
                         "cache_build": build_rows, "memory": memory})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

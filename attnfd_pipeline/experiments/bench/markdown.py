@@ -3,13 +3,18 @@ advice (with its profile tables) for each missed goal."""
 
 from __future__ import annotations
 
-from attnfd_pipeline.experiments.bench.common import (GOALS, STORAGE_MAX_REL_ERROR, TABLE_KEYS, VARIANTS, fmt,
-                                                      goal_met, table)
+from attnfd_pipeline.experiments.bench.common import (GOALS, QUIET_LOAD, STEP_PHASES, STORAGE_MAX_REL_ERROR, TABLE_KEYS,
+                                                      VARIANTS, fmt, goal_met, table)
 from attnfd_pipeline.experiments.fidelity import MIN_COSINE
 
 
 def met_cell(m) -> str:
     return {True: "yes", False: "**no**", None: "–"}[m]
+
+
+def cpu_figure(m: dict):
+    """A figure's CPU-second counterpart (a ratio, else a value; None where it has none)."""
+    return m.get("cpu_ratio", m.get("cpu_value"))
 
 
 # what closes each goal when it is missed, and the profiled steps (``samples.profile``: time,
@@ -59,7 +64,7 @@ def _header(res: dict) -> list[str]:
             f"Reproduce: {repro}. Device: {dev['type']} ({dev_s}, "
             f"{dev.get('torch_threads')} torch threads, {dev.get('cpu_count')} CPUs), torch {res['torch_version']}; "
             f"wall time {fmt(s.get('wall_s'), '.0f')} s; load average at start {fmt(load[0], '.2f')}"
-            + (" (not a quiet machine: read the CPU-second ratios)" if (load[0] or 0) >= 0.5 else "") + ".", "",
+            + (" (not a quiet machine: read the CPU-second ratios)" if (load[0] or 0) >= QUIET_LOAD else "") + ".", "",
             f"Workload: teacher `{w['teacher']}`, student `{w['student']}`, {w['num_classes']} classes, "
             f"crop {w['crop']}, "
             f"batch {w['batch_size']}, targets {'+'.join(w['points'])}, {w['workers']} DataLoader workers; "
@@ -73,7 +78,7 @@ def _figure_table(res: dict) -> list[str]:
     rows = []
     for key in TABLE_KEYS:
         m = res[key]
-        cpu = m.get("cpu_ratio", m.get("cpu_value"))
+        cpu = cpu_figure(m)
         rows.append([f"`{key}`", fmt(m["value"]), m.get("goal", "–"), met_cell(m.get("met")),
                      fmt(cpu) if cpu is not None else "–",
                      ", ".join(fmt(x, ".2f") for x in m.get("per_repeat", [])) or "–"])
@@ -96,8 +101,7 @@ def _figure_table(res: dict) -> list[str]:
 def _step_section(res: dict) -> list[str]:
     sc = res["step_ratio_cached_over_plain"]
     cpu = sc.get("cpu_s_per_step") or {}
-    rows = [[v, fmt(sc[f"{v}_s_per_step"])] + [fmt(sc["breakdown_s"][v][p]) for p in
-                                              ("wait", "forward", "backward", "optimizer")] + [fmt(cpu.get(v))]
+    rows = [[v, fmt(sc[f"{v}_s_per_step"])] + [fmt(sc["breakdown_s"][v][p]) for p in STEP_PHASES] + [fmt(cpu.get(v))]
             for v in VARIANTS]
     return ["## Step time (data loading included), median s/step", ""] + table(
         ["variant", "total (wall)", "data wait", "forward + loss", "backward", "optimizer", "CPU s (main + workers)"],
@@ -152,17 +156,20 @@ def _other_section(res: dict) -> list[str]:
     return ["## Throughput and the other figures", ""] + table(["figure", "value"], rows) + [""]
 
 
+def _kb(b) -> str:
+    return f"{b / 1e3:,.1f} kB"
+
+
 def _storage_section(res: dict) -> list[str]:
     st = res["storage"]
     targets = list(st["options"][st["recipe_option"]]["targets"])
-    kb = lambda b: f"{b / 1e3:,.1f} kB"  # noqa: E731
-    rows = [[f"`{name}`"] + [kb(o["targets"][t]["bytes_per_sample"]) for t in targets]
-            + [kb(o["bytes_per_sample"]), f"{o['compression_vs_float32']:.2f}", f"{o['rel_error']:.1e}"]
+    rows = [[f"`{name}`"] + [_kb(o["targets"][t]["bytes_per_sample"]) for t in targets]
+            + [_kb(o["bytes_per_sample"]), f"{o['compression_vs_float32']:.2f}", f"{o['rel_error']:.1e}"]
             for name, o in st["options"].items()]
     od = st["on_disk"]
     rows.append([f"on disk (the built cache, `{od['codec']}`, mantissa bits {od['mantissa_bits']})"]
-                + [kb(od["bytes_per_sample"][t]) if t in od["bytes_per_sample"] else "–" for t in targets]
-                + [kb(sum(od["bytes_per_sample"].values())), "–", "–"])
+                + [_kb(od["bytes_per_sample"][t]) if t in od["bytes_per_sample"] else "–" for t in targets]
+                + [_kb(sum(od["bytes_per_sample"].values())), "–", "–"])
     return ["## Storage per sample (teacher outputs of this run: random weights, re-measure a trained teacher with "
             "`attnfd cache plan`)", ""] + table(["option"] + [f"{t} bytes" for t in targets]
                                                + ["total bytes", "× vs float32", "max rel_error"], rows) + [""]
@@ -188,9 +195,8 @@ def profile_table(rows: list[dict], device_type: str) -> list[str]:
 
 def missed(res: dict, key: str) -> bool:
     """A goal is missed on the wall clock or in CPU seconds (the steadier figure on a shared machine)."""
-    m = res[key]
-    cpu = m.get("cpu_ratio", m.get("cpu_value"))
-    return m.get("met") is False or (cpu is not None and goal_met(key, cpu) is False)
+    cpu = cpu_figure(res[key])
+    return res[key].get("met") is False or (cpu is not None and goal_met(key, cpu) is False)
 
 
 def advice(res: dict) -> list[str]:
@@ -201,7 +207,7 @@ def advice(res: dict) -> list[str]:
         if not missed(res, key):
             continue
         m = res[key]
-        cpu = m.get("cpu_ratio", m.get("cpu_value"))
+        cpu = cpu_figure(m)
         L += [f"### `{key}` = {fmt(m['value'])} (goal {m['goal']}"
               + (f"; from CPU seconds {fmt(cpu)})" if cpu is not None else ")"), "", text]
         for v in (v for v in times if prof.get(v)):

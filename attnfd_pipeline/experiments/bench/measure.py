@@ -1,6 +1,6 @@
 """The timed parts of the bench: training steps with a clock between their phases, the DataLoader's
-throughput, torch.profiler tables, and the cache build against bare teacher inference — each block
-interleaved between the variants so slow drifts of a shared machine hit them alike."""
+throughput, torch.profiler tables, and the cache build against bare teacher inference, each block
+interleaved between the variants (why: docs/bench.md "How it measures")."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from attnfd_pipeline.experiments.bench.common import VARIANTS, log, median, sync
+from attnfd_pipeline.experiments.bench.common import STEP_PHASES, VARIANTS, log, median, sync
 from attnfd_pipeline.experiments.bench.workload import Setup, block_keys
 
 
@@ -85,7 +85,7 @@ def one_step(setup: Setup, it) -> dict[str, float]:
     _ = {"loss": float(loss.detach()), **logs}
     tick()
     cpu = time.process_time() - c0
-    phases = {p: b - a for p, a, b in zip(("wait", "forward", "backward", "optimizer"), clock, clock[1:])}
+    phases = {p: b - a for p, a, b in zip(STEP_PHASES, clock, clock[1:])}
     return {**phases, "total": clock[-1] - clock[0], "cpu_main": cpu}
 
 
@@ -217,7 +217,7 @@ def prepare_crops(cfg, source) -> list[list[torch.Tensor]]:
 
 
 def bare_inference(teacher, shards, names: Sequence[str], batch_size: int, device: torch.device,
-                   keep: bool = False) -> tuple[dict, dict[str, np.ndarray] | None]:
+                   keep: bool) -> tuple[dict, dict[str, np.ndarray] | None]:
     """The teacher alone on the build's batches (same batching: per shard, ``batch_size`` crops)."""
     from attnfd_pipeline.cache.build import run_teacher
 
@@ -253,10 +253,13 @@ def timed_build(cfg, teacher, source, work: Path, r: int) -> tuple[dict, Path]:
     return row, res.path
 
 
-def time_cache_build(cfg, teacher, source, work: Path, repeats: int, names, device: torch.device
+def time_cache_build(cfg, teacher, source, work: Path, repeats: int, device: torch.device
                      ) -> tuple[list[dict], Path, dict[str, np.ndarray]]:
     """``build_cache`` and the bare teacher on the same batches, interleaved (order reversed on odd
     repeats). Returns the rows, the first build's cache and the teacher's float32 outputs."""
+    from attnfd_pipeline.cache.schema import cache_target_names
+
+    names = cache_target_names(cfg.cache)
     shards = prepare_crops(cfg, source)
     rows, cache_dir, outs32 = [], None, None
     for r in range(repeats):

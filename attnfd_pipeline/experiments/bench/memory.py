@@ -1,5 +1,5 @@
-"""Peak memory: a process's peak RSS from /proc, and the peak-memory measurement — each training
-setup in a fresh interpreter, so one setup's allocations never count in another's peak."""
+"""Peak memory: a process's peak RSS from /proc, and the peak-memory measurement, each training setup in a
+fresh interpreter (why: docs/bench.md "How it measures")."""
 
 from __future__ import annotations
 

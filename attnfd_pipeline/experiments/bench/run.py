@@ -14,15 +14,16 @@ from typing import Sequence
 
 import torch
 
-from attnfd_pipeline.experiments.bench.common import QUIET_LOAD, TOP_KEYS, VARIANTS, log, median
+from attnfd_pipeline.experiments.bench.common import (QUIET_LOAD, STEP_PHASES, TOP_KEYS, VARIANTS, log, median,
+                                                      step_totals)
 from attnfd_pipeline.experiments.bench.figures import figures, sweep
 from attnfd_pipeline.experiments.bench.markdown import format_markdown
 from attnfd_pipeline.experiments.bench.measure import (profile_variants, reader_breakdown, shutdown,
                                                        time_cache_build, time_steps)
 from attnfd_pipeline.experiments.bench.memory import measure_memory
 from attnfd_pipeline.experiments.bench.storage import on_disk, storage_analysis, storage_options
-from attnfd_pipeline.experiments.bench.workload import (DEFAULT, QUICK, Workload, build_setup, make_dataset,
-                                                        make_teacher_bundle, param_counts, workload_config)
+from attnfd_pipeline.experiments.bench.workload import (DEFAULT, QUICK, Workload, build_setup, make_teacher_bundle,
+                                                        param_counts, workload_config)
 from attnfd_pipeline.errors import UserError
 
 
@@ -30,40 +31,40 @@ class BusyMachineError(RuntimeError):
     """The machine is too busy at the start for wall-clock figures to mean what they say."""
 
 
-def check_load(quick: bool, allow_busy: bool, max_load: float = QUIET_LOAD, wait_quiet: float = 0.0) -> list[float]:
-    """Print the load average; refuse a full run at or above ``max_load`` unless ``allow_busy``. With
-    ``wait_quiet`` > 0, first wait up to that many seconds for the load to fall below ``max_load`` (the 1-minute
+def check_load(quick: bool, allow_busy: bool, wait_quiet: float = 0.0) -> list[float]:
+    """Print the load average; refuse a full run at or above ``QUIET_LOAD`` unless ``allow_busy``. With
+    ``wait_quiet`` > 0, first wait up to that many seconds for the load to fall below ``QUIET_LOAD`` (the 1-minute
     average takes a few minutes to decay after a job such as `make teacher`)."""
     load = list(os.getloadavg())
     deadline = time.monotonic() + wait_quiet
-    if load[0] >= max_load and wait_quiet > 0 and not quick:
-        log(f"load average {load[0]:.2f} ≥ {max_load:g}: waiting up to {wait_quiet:.0f} s for a quiet machine")
-    while load[0] >= max_load and time.monotonic() < deadline and not quick:
+    if load[0] >= QUIET_LOAD and wait_quiet > 0 and not quick:
+        log(f"load average {load[0]:.2f} ≥ {QUIET_LOAD:g}: waiting up to {wait_quiet:.0f} s for a quiet machine")
+    while load[0] >= QUIET_LOAD and time.monotonic() < deadline and not quick:
         time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
         load = list(os.getloadavg())
-    busy = load[0] >= max_load
+    busy = load[0] >= QUIET_LOAD
     log(f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-        + (f" (≥ {max_load:g}: other load will move the wall-clock figures)" if busy else " (quiet)"))
+        + (f" (≥ {QUIET_LOAD:g}: other load will move the wall-clock figures)" if busy else " (quiet)"))
     if busy and not (quick or allow_busy):
         raise BusyMachineError(
-            f"load average {load[0]:.2f} ≥ {max_load:g} at start: the bench would measure the other load as much "
+            f"load average {load[0]:.2f} ≥ {QUIET_LOAD:g} at start: the bench would measure the other load as much "
             f"as the pipeline. Run it on a quiet machine, or pass --allow-busy to measure anyway (the CPU-second "
             f"ratios in results.md are then the steadier figures).")
     return load
 
 
 def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: int | None = None,
-              recipe: str | Path | None = "configs/demo.toml", workload: Workload | None = None,
-              overrides: Sequence[str] = (), work_dir: str | Path | None = None, threads: int | None = None,
-              allow_busy: bool = False, wait_quiet: float = 0.0) -> dict:
+              recipe: str | Path | None = "configs/demo.toml", overrides: Sequence[str] = (),
+              work_dir: str | Path | None = None, threads: int | None = None, allow_busy: bool = False,
+              wait_quiet: float = 0.0) -> dict:
     """Measure everything, write ``results.json`` and ``results.md`` into ``out_dir``, return the dict.
 
-    ``workload`` (default ``QUICK`` or ``DEFAULT``) sets the sizes; ``repeats`` and ``threads`` override
-    it; ``recipe`` + ``overrides`` give the augmentation, codec, loss norm, optimiser and the sweep's
-    epochs and K; the dataset, teacher bundle and caches live in a temp dir under ``work_dir``. A full
-    run refuses to start on a busy machine (``BusyMachineError``) unless ``allow_busy``; ``wait_quiet``: seconds
-    to wait for a quiet machine first. With the recipe's trained teacher present, the storage fidelity bench
-    runs last (``recommended_storage``)."""
+    The sizes are ``QUICK`` or ``DEFAULT``, ``repeats`` and ``threads`` overriding theirs; ``recipe`` +
+    ``overrides`` give the augmentation, codec, loss norm, optimiser and the sweep's epochs and K; the dataset,
+    teacher bundle and caches live in a temp dir under ``work_dir``. A full run refuses to start on a busy
+    machine (``BusyMachineError``) unless ``allow_busy``; ``wait_quiet``: seconds to wait for a quiet machine
+    first. With the recipe's trained teacher present, the storage fidelity bench runs last
+    (``recommended_storage``)."""
     from attnfd_pipeline.config import load_config
     from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
@@ -72,7 +73,7 @@ def run_bench(out_dir: str | Path = "bench", *, quick: bool = False, repeats: in
     if threads is not None and threads < 0:
         raise UserError("threads must be >= 0 (0 = auto)")
     given = {k: v for k, v in (("repeats", repeats), ("threads", threads)) if v is not None}
-    w = dataclasses.replace(workload or (QUICK if quick else DEFAULT), **given)
+    w = dataclasses.replace(QUICK if quick else DEFAULT, **given)
     load = check_load(quick, allow_busy, wait_quiet=wait_quiet)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,22 +143,19 @@ def device_info(device: torch.device, load: list[float]) -> dict:
 def measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool, load: list[float]) -> dict:
     """Every block of the bench, in order: cache build vs bare teacher and storage, interleaved steps and
     reader, profiles, peak memory (a process per variant); then the figures."""
-    from attnfd_pipeline.cache.schema import cache_target_names
     from attnfd_pipeline.data.source import ImageSource
     from attnfd_pipeline.teacher import load_teacher
     from attnfd_pipeline.utils import resolve_device
 
-    cfg = workload_config(w, make_dataset(w, work / "data"), work, recipe, overrides)
+    cfg = workload_config(w, work, recipe, overrides)
     device = resolve_device(cfg.student.train.device)
     source = ImageSource.from_config(cfg, cfg.data.train_split)
     log(f"workload: teacher {w.teacher}, student {w.student}, {w.num_classes} classes, crop {w.crop}, "
         f"batch {w.batch_size}, points {'+'.join(w.points)}, {w.workers} workers, {len(source)} images × K={w.K}, "
         f"{w.repeats} repeats on {device}")
-    bundle = make_teacher_bundle(cfg, w.num_classes, source, w.calib_batches, w.batch_size)
-    names = cache_target_names(cfg.cache)
+    bundle = make_teacher_bundle(cfg, w, source)
 
-    build_rows, cache_dir, outs32 = time_cache_build(cfg, load_teacher(bundle, device), source, work, w.repeats,
-                                                     names, device)
+    build_rows, cache_dir, outs32 = time_cache_build(cfg, load_teacher(bundle, device), source, work, w.repeats, device)
     storage = storage_analysis(outs32, storage_options(cfg.cache.codec, cfg.cache.level, w.mantissa_options))
     storage["on_disk"] = on_disk(cache_dir, len(source) * w.K)
     storage["weights"] = "random (BatchNorm calibrated): compression depends on the value distribution"
@@ -194,7 +192,7 @@ def measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool,
 
 def samples_block(w: Workload, n_images: int, steps, reader_rows, build_rows, memory, extra: dict) -> dict:
     """``results.json["samples"]``: the raw measurements behind every figure."""
-    phases = ("wait", "forward", "backward", "optimizer", "cpu_main", "cpu_workers")
+    phases = (*STEP_PHASES, "cpu_main", "cpu_workers")
     return {
         "cache_build": build_rows,
         "counts": {"train_images": n_images, "K": w.K, "cache_samples": n_images * w.K,
@@ -202,7 +200,7 @@ def samples_block(w: Workload, n_images: int, steps, reader_rows, build_rows, me
                    "timed_steps_per_block": w.timed_steps, "timed_steps_per_variant": w.repeats * w.timed_steps,
                    "reader_batches_per_block": w.reader_batches, "memory_steps": max(1, w.memory_steps),
                    "storage_samples": n_images * w.K},
-        "step_s": {v: [[x["total"] for x in recs] for recs in steps[v]] for v in VARIANTS},
+        "step_s": step_totals(steps),
         "step_phases_s": {v: [[{p: x[p] for p in phases} for x in recs] for recs in steps[v]] for v in VARIANTS},
         "reader": reader_rows,
         "memory": memory,

@@ -57,11 +57,12 @@ QUICK = Workload(teacher="deeplabv3plus_resnet18", crop=48, batch_size=2, worker
                  threads=1, calib_batches=1, mantissa_options=(9,), profile_rows=6)
 
 
-def workload_config(w: Workload, data_root: Path, work: Path, recipe: str | Path | None = None,
-                    overrides: Sequence[str] = ()):
-    """The recipe (augmentation, codec, norm, lr …) at the workload's sizes, pointing into ``work``."""
+def workload_config(w: Workload, work: Path, recipe: str | Path | None = None, overrides: Sequence[str] = ()):
+    """The recipe (augmentation, codec, norm, lr …) at the workload's sizes, pointing into ``work``, over the
+    dataset it generates there (``make_dataset``)."""
     from attnfd_pipeline.config import load_config
 
+    data_root = make_dataset(w, work / "data")
     pts = "[" + ", ".join(f'"{p}"' for p in w.points) + "]"
     o = [
         'name="bench"', f'runs_root="{work / "runs"}"', 'data.dataset="demo"', f'data.root="{data_root}"',
@@ -106,30 +107,31 @@ def calibrate_batchnorm(model: torch.nn.Module, batches: Sequence[torch.Tensor])
     model.eval()
 
 
-def make_teacher_bundle(cfg, num_classes: int, source, calib_batches: int, batch_size: int) -> Path:
-    """A teacher bundle with random weights (calibrated BatchNorm), written where the config expects it."""
+def make_teacher_bundle(cfg, w: Workload, source) -> Path:
+    """A teacher bundle with random weights (BatchNorm calibrated on ``w.calib_batches`` batches), written where
+    the config expects it."""
     from attnfd_pipeline.augment import normalize
     from attnfd_pipeline.data.loaders import AugmentedDataset, FreshSeeds
     from attnfd_pipeline.teacher import build_side_attention, build_teacher_model, bundle_path, save_bundle
     from attnfd_pipeline.utils import seed_everything
 
     seed_everything(cfg.teacher.train.seed)
-    model = build_teacher_model(cfg, num_classes)
+    model = build_teacher_model(cfg, w.num_classes)
     ds = AugmentedDataset(source, cfg.augment, FreshSeeds())
     n = len(source)
-    per = max(2, batch_size)  # BatchNorm in train mode needs more than one value per channel (image pool)
+    per = max(2, w.batch_size)  # BatchNorm in train mode needs more than one value per channel (image pool)
     batches = [normalize(torch.stack([ds[(0, (b * per + j) % n)]["image"] for j in range(per)]))
-               for b in range(max(1, calib_batches))]
+               for b in range(max(1, w.calib_batches))]
     calibrate_batchnorm(model, batches)
     attention = build_side_attention(cfg, model)  # non-inpath CBAM modes: seeded side branches
-    return save_bundle(bundle_path(cfg), cfg, model.eval(), attention, num_classes)
+    return save_bundle(bundle_path(cfg), cfg, model.eval(), attention, w.num_classes)
 
 
 class KeySampler(Sampler):
     """Yields the ``(epoch, index)`` keys set before each block (same keys for every variant)."""
 
-    def __init__(self, keys: Sequence[tuple[int, int]] = ()):
-        self.keys = [tuple(k) for k in keys]
+    def __init__(self):
+        self.keys: list[tuple[int, int]] = []
 
     def __iter__(self):
         return iter(list(self.keys))
@@ -200,7 +202,7 @@ def _targets_side(cfg, variant: str, names: Sequence[str], bundle, cache_dir, de
 
 
 def build_setup(cfg, variant: str, *, num_classes: int, bundle: str | Path | None, cache_dir: str | Path | None,
-                device: torch.device, total_iters: int = 1000) -> Setup:
+                device: torch.device) -> Setup:
     """One of ``VARIANTS``, built by the pieces ``runs.run_student`` is built from (``distill.build_task``,
     ``runs.student_dataset``, ``runs.train_loader``)."""
     from attnfd_pipeline.data.source import ImageSource
@@ -221,7 +223,7 @@ def build_setup(cfg, variant: str, *, num_classes: int, bundle: str | Path | Non
     else:
         loader = train_loader(cfg, s.train, ds, device, sampler=sampler, drop_last=True)
     optimizer = build_optimizer(task.param_groups(s.train), s.train)
-    scheduler = build_scheduler(optimizer, s.train, total_iters)
+    scheduler = build_scheduler(optimizer, s.train, 1000)  # a horizon no bench block reaches
     scaler = torch.amp.GradScaler("cuda") if (s.train.amp and device.type == "cuda") else None
     return Setup(variant, task, ds, loader, sampler, optimizer, scheduler, scaler, device, s.train.amp)
 
