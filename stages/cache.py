@@ -25,7 +25,7 @@ PathOpt = Annotated[Optional[str], typer.Option(
                    "config, teacher and dataset fingerprint to).")]
 
 
-# -- loaders (monkeypatched in tests) ------------------------------------------------------------
+# -- loaders, imported lazily so `--help` starts fast (tests swap them for fakes) ---------------------
 def load_teacher(path: Path, device: str):
     from attnfd_pipeline.teacher import load_teacher as _load
 

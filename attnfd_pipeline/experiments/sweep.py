@@ -62,7 +62,8 @@ def _run_one(cfg: Config) -> dict:
 def run_sweep(cfg: Config, alphas: Sequence[float], seeds: Sequence[int], *, scheduler: str | None = None,
               workers: int = 1, gpus_per_run: int = 0, processes: bool = True) -> list[dict]:
     """Run every missing (α, seed) run on a dask cluster; returns the results of the runs it ran.
-    ``processes=False`` runs the LocalCluster's workers as threads of this process (tests)."""
+    ``processes=False`` runs the LocalCluster's workers as threads of this process (no worker start-up:
+    a small sweep on one machine)."""
     import dask
     from dask.distributed import Client, as_completed
 
