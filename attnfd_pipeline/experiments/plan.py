@@ -80,6 +80,11 @@ def cache_key(c: Config) -> tuple:
     return c.name, c.cache.K, c.cache.encoding, c.cache.pool
 
 
+def _cache_of(c: Config) -> tuple:
+    """The cache a scheduled run reads: its ``cache_key`` and the extra targets it holds."""
+    return *cache_key(c), c.cache.extra
+
+
 def cache_extra(configs: Sequence[Config]) -> dict[tuple, tuple[str, ...]]:
     """Per cache (``cache_key``): the ``cache.extra`` holding every target the cached runs among ``configs``
     read, joined with what each config already asks for."""
@@ -124,8 +129,7 @@ def plan_job(tag: str, cfg: Config, runs: Sequence[tuple[PlannedRun, Config]]) -
     bundle still to train, every cache the runs still to train read, and every run."""
     finished = finished_runs(cfg, runs)
     teachers = {c.name for c in [cfg, *(c for _, c in runs)] if not bundle_path(c).is_file()}
-    caches = {(*cache_key(c), c.cache.extra) for i, (_, c) in enumerate(runs, 1) if i not in finished
-              and reads_cache(c)}
+    caches = {_cache_of(c) for i, (_, c) in enumerate(runs, 1) if i not in finished and reads_cache(c)}
     with job(tag, len(teachers) + len(caches) + len(runs)) as j:
         yield j, finished
 
@@ -144,7 +148,7 @@ def train_runs(runs: Sequence[tuple[PlannedRun, Config]], finished: dict[int, Ru
             j.skip(what)
             rec, state, trained = finished[i], "done before", False
         else:
-            key = (*cache_key(c), c.cache.extra)
+            key = _cache_of(c)
             if reads_cache(c) and key not in caches:
                 j.next(f"cache {c.name} K={c.cache.K}")
                 if progress:

@@ -73,14 +73,17 @@ def format_table(rows: list[dict]) -> str:
                 "`attnfd student -c CONFIG`)")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        method = r["method"] + (f" [{r['variant']}]" if r.get("variant") else "")
-        groups[(r["role"], r["model"], method, alpha_cell(r["alpha"], r.get("weights") or {}), r["mode"])].append(r)
-    plain = sorted((k[2] != "none", k) for k in groups if k[0] == "student" and k[2].split(" [")[0] == "none")
-    base = Row.of("student", groups[plain[0][1]]) if plain else None  # the default recipe's plain student first
+        groups[(r["role"], r["model"], r["method"], r.get("variant") or "",
+                alpha_cell(r["alpha"], r.get("weights") or {}), r["mode"])].append(r)
+    # the plain student every row is compared with: the default recipe's (no variant tag) when it has runs
+    plain = [k for k in groups if k[0] == "student" and k[2] == "none"]
+    base_key = min(plain, key=lambda k: k[3] != "", default=None)
+    base = Row.of("student", groups[base_key]) if base_key else None
     cells = []
-    for (role, model, method, alpha, mode), g in groups.items():
-        row, compared = Row.of(method, g), role != "teacher" and not method.startswith("none")
-        cells.append([role, model, method, alpha, mode, len(g), cell(row.miou), row.delta(base) if compared else "",
+    for (role, model, method, variant, alpha, mode), g in groups.items():
+        label = method + (f" [{variant}]" if variant else "")
+        row, compared = Row.of(label, g), role != "teacher" and method != "none"
+        cells.append([role, model, label, alpha, mode, len(g), cell(row.miou), row.delta(base) if compared else "",
                       row.pair_cell(base) if compared else "", number(row.pixel_acc.mean if row.pixel_acc else None),
                       f"{np.mean([r['seconds'] for r in g]):.0f}"])
     return markdown(["role", "model", "method", "α", "mode", "seeds", "mIoU %", "Δ vs student (means)",
