@@ -43,7 +43,7 @@ from attnfd_pipeline.experiments.table import (Row, cell, markdown, number, pair
                                                stat_dict)
 from attnfd_pipeline.losses import get_method, list_methods, method_label
 from attnfd_pipeline.records import CENTER_CROP, read_record
-from attnfd_pipeline.runs import run_name, variant_tag
+from attnfd_pipeline.runs import run_variant, variant_tag
 from attnfd_pipeline.utils import atomic_write_json, atomic_write_text
 
 # the run settings a method's result depends on (the others are ignored when matching the reference), as each
@@ -172,7 +172,7 @@ class Reference:
         return {k: list(v) if k == "points" else v for k, v in self.__dict__.items() if k != "cfg"}
 
     def variant(self, method: str, alpha: float, mode: str) -> str | None:
-        """The variant (``runs.variant_tag``: method settings, storage, recipe switches) a run of ``method`` at
+        """The variant (``runs.run_variant``: method settings, storage, recipe switches) a run of ``method`` at
         ``alpha`` and ``mode`` has under the reference config; None when the config cannot name one."""
         if self.cfg is None or mode not in MODES:
             return None
@@ -182,7 +182,7 @@ class Reference:
                                           targets=next(t for t in TargetSource if t.tag == mode))
         except (ConfigError, ValueError):
             return None
-        return variant_tag(run_name(dataclasses.replace(self.cfg, student=student)))
+        return run_variant(dataclasses.replace(self.cfg, student=student))
 
 
 def _one_variant(runs: list[dict], own: str | None) -> list[dict]:

@@ -46,27 +46,34 @@ def recipe_tag(s: StudentConfig) -> str:
 
 def run_name(cfg: Config) -> str:
     """Run folder name: everything that makes runs differ (method, α, norm, points, target source — ``cached``,
-    ``online`` or ``online-fresh`` —, K, method settings when not the defaults, storage, seed)."""
+    ``online`` or ``online-fresh`` —, K, the variant: method settings when not the defaults, storage, recipe
+    switches; seed)."""
     s = cfg.student
-    tag = f"{s.model.name}_{s.method}_a{s.alpha:g}_{s.norm}_{'-'.join(s.points)}_{s.targets.tag}_K{cfg.cache.K}"
-    settings = _settings_tag(s)
-    if settings:
-        tag += f"_p{settings}"
-    tag += storage_tag(cfg)
-    tag += recipe_tag(s)
-    tag += f"_s{s.train.seed}"
+    variant = run_variant(cfg)
+    tail = f"{'_' + variant if variant else ''}_s{s.train.seed}"
     if s.alpha == 0:  # the plain student: only its crops (cached seeds at K, or fresh) and its CE set it apart
-        crops = "fresh" if s.targets.fresh else f"K{cfg.cache.K}"
-        ceavg = "_ceavg" if s.ce_batch_average else ""
-        tag = f"{s.model.name}_baseline_{crops}{ceavg}_s{s.train.seed}"
+        tag = f"{s.model.name}_baseline_{'fresh' if s.targets.fresh else f'K{cfg.cache.K}'}{tail}"
+    else:
+        tag = (f"{s.model.name}_{s.method}_a{s.alpha:g}_{s.norm}_{'-'.join(s.points)}_{s.targets.tag}"
+               f"_K{cfg.cache.K}{tail}")
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", tag)
 
 
+def run_variant(cfg: Config) -> str:
+    """The part of ``run_name(cfg)`` between the crops and the seed (``variant_tag`` reads it back from a name):
+    the method settings hash, the storage and the released-recipe switches, ``"p6031d366_int8_ceavg"``; only
+    ``"ceavg"`` can set a plain student apart; "" at the defaults."""
+    s = cfg.student
+    if s.alpha == 0:
+        return "ceavg" if s.ce_batch_average else ""
+    settings = _settings_tag(s)
+    return ((f"_p{settings}" if settings else "") + storage_tag(cfg) + recipe_tag(s)).lstrip("_")
+
+
 def variant_tag(name: str) -> str:
-    """What a student run name says after its crops (``K<n>``, or a plain student's ``fresh``) and before its
-    seed: the method settings hash, the storage and the released-recipe switches (``"p6031d366_int8_ceavg"``;
-    "" at the defaults). Two runs that agree on everything else but this trained differently: the lab's
-    tables never pool them."""
+    """``run_variant`` read back from a student run name (what the lab has of a finished run): the part after
+    its crops (``K<n>``, or a plain student's ``fresh``) and before its seed. Two runs that agree on everything
+    else but this trained differently: the lab's tables never pool them."""
     stem = re.sub(r"_s\d+$", "", name)
     m = re.search(r"_(K\d+|baseline_fresh)(?=_|$)", stem)
     return stem[m.end():].lstrip("_") if m else ""
