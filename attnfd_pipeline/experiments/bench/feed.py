@@ -84,22 +84,17 @@ def decode_stored(stored: dict[str, list[np.ndarray]], encoding: str, device: to
             for name, parts in stored.items()}
 
 
-def commit_encoded(arrays: dict, cache_dir: Path, info, stored: dict[str, list[np.ndarray]],
-                   rows: list[dict]) -> None:
-    """The build's host work for shard 0 once its stored arrays exist: per-sample checksums (into copies of
-    ``rows``), one slice write per array (compression + crc32c + the shard file), then the manifest part."""
-    from attnfd_pipeline.cache.encoding import checksum, stored_arrays
-    from attnfd_pipeline.cache.manifest import write_part
-    from attnfd_pipeline.cache.schema import CHECKSUM_PREFIX, paths
+def commit_encoded(writer, stored: dict[str, list[np.ndarray]], rows: list[dict]) -> None:
+    """The build's host work for shard 0 once its stored arrays exist: the build's own ``ShardWriter.commit``
+    (per-sample checksums into copies of ``rows``, one slice write per array, the shard files made durable,
+    then the manifest part)."""
+    from attnfd_pipeline.cache.encoding import stored_arrays
+    from attnfd_pipeline.cache.writer import ShardBuffer
 
-    rows = [dict(r, rank=0) for r in rows]
-    for name, parts in stored.items():
-        for j, row in enumerate(rows):
-            row[CHECKSUM_PREFIX + name] = checksum([p[j] for p in parts], info.checksum)
-    for name, parts in stored.items():
-        for (array, _), p in zip(stored_arrays(name, info.encoding), parts):
-            arrays[array][:len(rows)] = p.reshape(len(rows), info.K, *p.shape[1:])
-    write_part(paths(cache_dir)["manifest"], 0, rows, list(info.target_names), info.fingerprint)
+    K = writer.info.K
+    arrays = {a: p.reshape(len(rows) // K, K, *p.shape[1:]) for name, parts in stored.items()
+              for (a, _), p in zip(stored_arrays(name, writer.info.encoding), parts)}
+    writer.commit(ShardBuffer(0, 0, len(rows) // K, arrays, [dict(r) for r in rows]))
 
 
 def read_batch(reader, keys: Sequence[tuple[int, int]], names: Sequence[str], *, pin: bool) -> dict[str, Any]:
@@ -166,17 +161,12 @@ def teacher_side(w: FeedWorkload, work: Path, recipe, device: torch.device) -> T
 
 
 def open_shard_store(side: TeacherSide, encoding: str, root: Path, codec: tuple[str, int] | None = None):
-    """(config, cache dir, CacheInfo, writable arrays) of a one-shard cache of ``encoding`` laid out as the build
-    lays it out (chunk = one sample, shard = S × K samples, the recipe's codec — or ``codec`` = (name, level) —
-    then crc32c)."""
-    import zarr
-
-    from attnfd_pipeline.cache import storage
+    """(config, cache dir, CacheInfo, its ``ShardWriter``: close it) of a one-shard cache of ``encoding`` laid out
+    as the build lays it out (chunk = one sample, shard = S × K samples, the recipe's codec — or ``codec`` =
+    (name, level) — then crc32c)."""
     from attnfd_pipeline.cache.build import cache_info
-    from attnfd_pipeline.cache.encoding import stored_arrays
     from attnfd_pipeline.cache.fingerprint import cache_dir_for
-    from attnfd_pipeline.cache.schema import paths
-    from attnfd_pipeline.cache.writer import create_store
+    from attnfd_pipeline.cache.writer import ShardWriter, create_store
 
     name, level = codec or (side.cfg.cache.codec, side.cfg.cache.level)
     cfg = dataclasses.replace(side.cfg, cache=dataclasses.replace(side.cfg.cache, encoding=encoding, codec=name,
@@ -185,9 +175,7 @@ def open_shard_store(side: TeacherSide, encoding: str, root: Path, codec: tuple[
     info = cache_info(cfg, side.teacher, side.source, specs)
     cache_dir = cache_dir_for(cfg, info.fingerprint)
     create_store(cache_dir, info)
-    group = zarr.open_group(storage.zarr_store(paths(cache_dir)["features"], read_only=False), mode="r+")
-    arrays = {a: group[a] for n in info.target_names for a, _ in stored_arrays(n, encoding)}
-    return cfg, cache_dir, info, arrays
+    return cfg, cache_dir, info, ShardWriter(cache_dir, info)
 
 
 def shard_files(cache_dir: Path, info) -> list[Path]:
@@ -211,7 +199,7 @@ def disk_bytes(cache_dir: Path, info, n: int) -> float:
     return sum(f.stat().st_size for f in shard_files(cache_dir, info)) / n
 
 
-def build_figures(side: TeacherSide, info, cache_dir, arrays, device) -> tuple[dict, dict]:
+def build_figures(side: TeacherSide, info, writer, device) -> tuple[dict, dict]:
     """(figures, stored arrays): device encode, host build work and its checksum part, device decode."""
     from attnfd_pipeline.cache.encoding import checksum
 
@@ -219,7 +207,7 @@ def build_figures(side: TeacherSide, info, cache_dir, arrays, device) -> tuple[d
     stored = encode_stored(side.maps, info)
     fig = {"device_encode_ms": cpu_ms(lambda: (encode_stored(side.maps, info), sync(device))) / n,
            "device_decode_ms": cpu_ms(lambda: (decode_stored(stored, info.encoding, device), sync(device))) / n,
-           "build_host_ms": cpu_ms(lambda: commit_encoded(arrays, cache_dir, info, stored, side.rows)) / n,
+           "build_host_ms": cpu_ms(lambda: commit_encoded(writer, stored, side.rows)) / n,
            "build_checksum_ms": cpu_ms(lambda: [checksum([p[j] for p in parts], info.checksum)
                                                 for parts in stored.values() for j in range(n)]) / n}
     fig["build_compress_write_ms"] = max(0.0, fig["build_host_ms"] - fig["build_checksum_ms"])
@@ -266,9 +254,10 @@ STORE_CODECS = {"zstd-1": ("zstd", 1), f"blosc-{BLOSC_LEVEL}": ("blosc", BLOSC_L
 def encoding_figures(side: TeacherSide, encoding: str, root: Path, device: torch.device) -> tuple[dict, dict]:
     """Every target-path figure of one encoding (and its stored arrays, for the codec table); ``store_codecs``:
     the Zarr read and the bytes on disk of the same arrays with each store codec."""
-    cfg, cache_dir, info, arrays = open_shard_store(side, encoding, root)
+    cfg, cache_dir, info, writer = open_shard_store(side, encoding, root)
     n = len(side.rows)
-    fig, stored = build_figures(side, info, cache_dir, arrays, device)
+    fig, stored = build_figures(side, info, writer, device)
+    writer.close()
     fig.update(read_figures(side, cfg, cache_dir, info, pin=device.type == "cuda" and torch.cuda.is_available()))
     stored_bytes, expected = tensor_bytes(stored) // n, sum(t.bytes_per_sample for t in info.targets.values())
     if stored_bytes != expected:
@@ -278,8 +267,9 @@ def encoding_figures(side: TeacherSide, encoding: str, root: Path, device: torch
                **floor_figures(stored_bytes, shard_files(cache_dir, info), n))
     fig["store_codecs"] = {}
     for label, codec in STORE_CODECS.items():
-        _, d, i, a = open_shard_store(side, encoding, root, codec)
-        commit_encoded(a, d, i, stored, side.rows)
+        _, d, i, wr = open_shard_store(side, encoding, root, codec)
+        commit_encoded(wr, stored, side.rows)
+        wr.close()
         fig["store_codecs"][label] = {"read_zarr_ms": zarr_read_ms(d, i, n),
                                       "disk_bytes_per_sample": disk_bytes(d, i, n)}
     return fig, stored
