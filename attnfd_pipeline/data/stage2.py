@@ -52,7 +52,10 @@ class StudentDataset(AugmentedDataset):
             return super().__getitem__(key)
         k = self.seed_fn(epoch, index)
         image, label = replay_cached(self.reader, self.source, index, k, check=True)
-        enc = self.reader.encoding
-        targets = {n: batch_item(enc, parts) for n, parts in self.reader.read_stored(index, k, self.names).items()}
         return {"image": image, "label": label, "index": index, "aug_seed": k,  # uint8, as AugmentedDataset
-                "targets": targets}
+                "targets": self.stored_targets(index, k)}
+
+    def stored_targets(self, index: int, aug_seed: int) -> dict:
+        """Sample ``(index, aug_seed)``'s cached targets (checksum-verified) in their stored form."""
+        enc = self.reader.encoding
+        return {n: batch_item(enc, ps) for n, ps in self.reader.read_stored(index, aug_seed, self.names).items()}

@@ -97,17 +97,12 @@ def commit_encoded(writer, stored: dict[str, list[np.ndarray]], rows: list[dict]
     writer.commit(ShardBuffer(0, 0, len(rows) // K, arrays, [dict(r) for r in rows]))
 
 
-def read_batch(reader, keys: Sequence[tuple[int, int]], names: Sequence[str], *, pin: bool) -> dict[str, Any]:
-    """Stage 2's target read of a batch: each sample's stored arrays read (checksum-verified) and collated
-    in their stored form (``encoding.batch_item``), as the loader hands them on; pinned when the batch is
-    bound for a GPU."""
+def read_batch(ds, keys: Sequence[tuple[int, int]], *, pin: bool) -> dict[str, Any]:
+    """Stage 2's target read of a batch: each sample's targets as the training dataset reads them
+    (``StudentDataset.stored_targets``), collated as the loader hands them on; pinned when bound for a GPU."""
     from torch.utils.data import default_collate
 
-    from attnfd_pipeline.cache.encoding import batch_item
-
-    enc = reader.encoding
-    items = [{n: batch_item(enc, ps) for n, ps in reader.read_stored(i, k, names).items()} for i, k in keys]
-    batch = default_collate(items)
+    batch = default_collate([ds.stored_targets(i, k) for i, k in keys])
     return _pin(batch) if pin else batch
 
 
@@ -224,13 +219,14 @@ def read_figures(side: TeacherSide, cfg, cache_dir, info, pin: bool) -> dict:
     names = list(info.target_names)
     keys = [(i, 0) for i in range(len(side.rows))]
     n = len(keys)
-    reader, raw = CacheReader(cache_dir), CacheReader(cache_dir, verify=False)
+    raw = CacheReader(cache_dir, verify=False)
+    ds = student_dataset(cfg, side.source, CacheReader(cache_dir), names)
     parts = [raw.read_stored(i, k, names) for i, k in keys]
-    fig = {"target_read_ms": cpu_ms(lambda: read_batch(reader, keys, names, pin=pin)) / n,
+    fig = {"target_read_ms": cpu_ms(lambda: read_batch(ds, keys, pin=pin)) / n,
            "read_zarr_ms": zarr_read_ms(cache_dir, info, n),
            "read_checksum_ms": cpu_ms(lambda: [checksum(ps, info.checksum) for p in parts for ps in p.values()]) / n}
     fig["read_collate_pin_ms"] = max(0.0, fig["target_read_ms"] - fig["read_zarr_ms"] - fig["read_checksum_ms"])
-    item = student_dataset(cfg, side.source, reader, names)[keys[0]]
+    item = ds[keys[0]]
     fig["shm_bytes_per_sample"] = tensor_bytes(item["targets"])  # what a worker hands over for the targets
     fig["h2d_bytes_per_sample"] = fig["shm_bytes_per_sample"]  # the pinned batch is copied as collated
     fig["image_shm_bytes_per_sample"] = tensor_bytes(item["image"])
