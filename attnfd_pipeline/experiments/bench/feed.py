@@ -140,12 +140,12 @@ def teacher_side(w: FeedWorkload, work: Path, recipe, device: torch.device) -> T
     from attnfd_pipeline.cache.build import shard_samples
     from attnfd_pipeline.cache.schema import ShardRange, cache_target_names
     from attnfd_pipeline.data.source import ImageSource
-    from attnfd_pipeline.experiments.bench.workload import Workload, make_teacher_bundle, workload_config
+    from attnfd_pipeline.experiments.bench.workload import Workload, make_dataset, make_teacher_bundle, workload_config
     from attnfd_pipeline.teacher import load_teacher
 
     bw = Workload(teacher=w.teacher, crop=w.crop, batch_size=w.samples, points=w.points, workers=0,
                   n_train=w.samples, K=1, shard_size=w.samples, calib_batches=w.calib_batches)
-    cfg = workload_config(bw, work, recipe)
+    cfg = workload_config(bw, work, make_dataset(bw, work / "data"), recipe)
     source = ImageSource.from_config(cfg, cfg.data.train_split)
     bundle = make_teacher_bundle(cfg, bw, source)
     teacher = load_teacher(bundle, device)

@@ -16,8 +16,8 @@ from attnfd_pipeline.experiments.bench.common import (VARIANTS, fmt, log, median
 from attnfd_pipeline.experiments.bench.measure import reader_block, shutdown, time_cache_build, time_steps
 from attnfd_pipeline.experiments.bench.memory import measure_memory
 from attnfd_pipeline.experiments.bench.run import auto_threads, device_info
-from attnfd_pipeline.experiments.bench.workload import (Workload, block_keys, build_setup, make_teacher_bundle,
-                                                        workload_config)
+from attnfd_pipeline.experiments.bench.workload import (Workload, block_keys, build_setup, make_dataset,
+                                                        make_teacher_bundle, workload_config)
 
 # VOC-sized generated images: sides 375..500 px (× the 513 crop)
 GPU = Workload(teacher="deeplabv3plus_resnet101", student="deeplabv3plus_resnet18", crop=513, batch_size=6,
@@ -87,7 +87,8 @@ def run_gpu_check(out: str | Path = "bench", *, quick: bool = False, recipe: str
     load = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="attnfd-gpu-", dir=work_dir) as tmp:
         work = Path(tmp)
-        cfg = workload_config(w, work, recipe, [f'student.train.device="{dev.type}"', "student.train.amp=true"])
+        cfg = workload_config(w, work, make_dataset(w, work / "data"), recipe,
+                              [f'student.train.device="{dev.type}"', "student.train.amp=true"])
         source = ImageSource.from_config(cfg, cfg.data.train_split)
         log(f"bench-gpu: {w.teacher} → {w.student}, {w.crop} px, batch {w.batch_size}, {len(source)} images on {dev}")
         bundle = make_teacher_bundle(cfg, w, source)

@@ -23,7 +23,7 @@ from attnfd_pipeline.experiments.bench.measure import (profile_variants, reader_
 from attnfd_pipeline.experiments.bench.memory import measure_memory
 from attnfd_pipeline.experiments.bench.storage import on_disk, storage_analysis, storage_options
 from attnfd_pipeline.experiments.bench.workload import (DEFAULT, QUICK, Workload, build_setup, make_teacher_bundle,
-                                                        param_counts, workload_config)
+                                                        make_dataset, param_counts, workload_config)
 from attnfd_pipeline.errors import UserError
 
 
@@ -147,7 +147,7 @@ def measure(w: Workload, work: Path, recipe, recipe_cfg, overrides, quick: bool,
     from attnfd_pipeline.teacher import load_teacher
     from attnfd_pipeline.utils import resolve_device
 
-    cfg = workload_config(w, work, recipe, overrides)
+    cfg = workload_config(w, work, make_dataset(w, work / "data"), recipe, overrides)
     device = resolve_device(cfg.student.train.device)
     source = ImageSource.from_config(cfg, cfg.data.train_split)
     log(f"workload: teacher {w.teacher}, student {w.student}, {w.num_classes} classes, crop {w.crop}, "

@@ -57,12 +57,12 @@ QUICK = Workload(teacher="deeplabv3plus_resnet18", crop=48, batch_size=2, worker
                  threads=1, calib_batches=1, mantissa_options=(9,), profile_rows=6)
 
 
-def workload_config(w: Workload, work: Path, recipe: str | Path | None = None, overrides: Sequence[str] = ()):
+def workload_config(w: Workload, work: Path, data_root: Path, recipe: str | Path | None = None,
+                    overrides: Sequence[str] = ()):
     """The recipe (augmentation, codec, norm, lr …) at the workload's sizes, pointing into ``work``, over the
-    dataset it generates there (``make_dataset``)."""
+    dataset at ``data_root`` (``make_dataset``)."""
     from attnfd_pipeline.config import load_config
 
-    data_root = make_dataset(w, work / "data")
     pts = "[" + ", ".join(f'"{p}"' for p in w.points) + "]"
     o = [
         'name="bench"', f'runs_root="{work / "runs"}"', 'data.dataset="demo"', f'data.root="{data_root}"',
@@ -83,6 +83,7 @@ def workload_config(w: Workload, work: Path, recipe: str | Path | None = None, o
 
 
 def make_dataset(w: Workload, root: Path) -> Path:
+    """The workload's generated training images (sides ``w.image_scale`` × the crop) under ``root``."""
     from attnfd_pipeline.data.demo import generate_demo
 
     lo, hi = (max(8, int(round(w.crop * s))) for s in w.image_scale)
