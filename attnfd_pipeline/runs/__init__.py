@@ -20,6 +20,6 @@ from attnfd_pipeline.runs.teacher import evaluate_bundle, run_teacher, run_teach
 __all__ = [
     "FinishedWorkError", "check_dataset_inputs", "check_student_inputs", "epoch_loaders", "evaluate_bundle", "finished_result", "forget_finished_student",
     "finished_run_differences", "model_spec", "num_classes_of", "open_cache", "reusable_student", "reusable_teacher", "run_name", "run_student",
-    "run_teacher", "run_teacher_import", "seed_order", "storage_tag", "student_dataset", "student_dir",
-    "train_loader", "train_seeds", "run_variant", "variant_tag",
+    "run_teacher", "run_teacher_import", "run_variant", "seed_order", "storage_tag", "student_dataset", "student_dir",
+    "train_loader", "train_seeds", "variant_tag",
 ]

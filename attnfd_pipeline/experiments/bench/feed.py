@@ -5,6 +5,7 @@ fastest of ``PASSES`` passes) and why the target path is four functions over the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -155,10 +156,11 @@ def teacher_side(w: FeedWorkload, work: Path, recipe, device: torch.device) -> T
     return TeacherSide(cfg, source, teacher, rows, maps)
 
 
+@contextlib.contextmanager
 def open_shard_store(side: TeacherSide, encoding: str, root: Path, codec: tuple[str, int] | None = None):
-    """(config, cache dir, CacheInfo, its ``ShardWriter``: close it) of a one-shard cache of ``encoding`` laid out
-    as the build lays it out (chunk = one sample, shard = S × K samples, the recipe's codec — or ``codec`` =
-    (name, level) — then crc32c)."""
+    """(config, cache dir, CacheInfo, the build's ``ShardWriter``, closed on exit) of a one-shard cache of
+    ``encoding`` laid out as the build lays it out (chunk = one sample, shard = S × K samples, the recipe's
+    codec — or ``codec`` = (name, level) — then crc32c)."""
     from attnfd_pipeline.cache.build import cache_info
     from attnfd_pipeline.cache.fingerprint import cache_dir_for
     from attnfd_pipeline.cache.writer import ShardWriter, create_store
@@ -170,7 +172,11 @@ def open_shard_store(side: TeacherSide, encoding: str, root: Path, codec: tuple[
     info = cache_info(cfg, side.teacher, side.source, specs)
     cache_dir = cache_dir_for(cfg, info.fingerprint)
     create_store(cache_dir, info)
-    return cfg, cache_dir, info, ShardWriter(cache_dir, info)
+    writer = ShardWriter(cache_dir, info)
+    try:
+        yield cfg, cache_dir, info, writer
+    finally:
+        writer.close()
 
 
 def shard_files(cache_dir: Path, info) -> list[Path]:
@@ -250,10 +256,9 @@ STORE_CODECS = {"zstd-1": ("zstd", 1), f"blosc-{BLOSC_LEVEL}": ("blosc", BLOSC_L
 def encoding_figures(side: TeacherSide, encoding: str, root: Path, device: torch.device) -> tuple[dict, dict]:
     """Every target-path figure of one encoding (and its stored arrays, for the codec table); ``store_codecs``:
     the Zarr read and the bytes on disk of the same arrays with each store codec."""
-    cfg, cache_dir, info, writer = open_shard_store(side, encoding, root)
+    with open_shard_store(side, encoding, root) as (cfg, cache_dir, info, writer):
+        fig, stored = build_figures(side, info, writer, device)
     n = len(side.rows)
-    fig, stored = build_figures(side, info, writer, device)
-    writer.close()
     fig.update(read_figures(side, cfg, cache_dir, info, pin=device.type == "cuda" and torch.cuda.is_available()))
     stored_bytes, expected = tensor_bytes(stored) // n, sum(t.bytes_per_sample for t in info.targets.values())
     if stored_bytes != expected:
@@ -263,9 +268,8 @@ def encoding_figures(side: TeacherSide, encoding: str, root: Path, device: torch
                **floor_figures(stored_bytes, shard_files(cache_dir, info), n))
     fig["store_codecs"] = {}
     for label, codec in STORE_CODECS.items():
-        _, d, i, wr = open_shard_store(side, encoding, root, codec)
-        commit_encoded(wr, stored, side.rows)
-        wr.close()
+        with open_shard_store(side, encoding, root, codec) as (_, d, i, wr):
+            commit_encoded(wr, stored, side.rows)
         fig["store_codecs"][label] = {"read_zarr_ms": zarr_read_ms(d, i, n),
                                       "disk_bytes_per_sample": disk_bytes(d, i, n)}
     return fig, stored

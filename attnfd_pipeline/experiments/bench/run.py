@@ -22,8 +22,8 @@ from attnfd_pipeline.experiments.bench.measure import (profile_variants, reader_
                                                        time_cache_build, time_steps)
 from attnfd_pipeline.experiments.bench.memory import measure_memory
 from attnfd_pipeline.experiments.bench.storage import on_disk, storage_analysis, storage_options
-from attnfd_pipeline.experiments.bench.workload import (DEFAULT, QUICK, Workload, build_setup, make_teacher_bundle,
-                                                        make_dataset, param_counts, workload_config)
+from attnfd_pipeline.experiments.bench.workload import (DEFAULT, QUICK, Workload, build_setup, make_dataset,
+                                                        make_teacher_bundle, param_counts, workload_config)
 from attnfd_pipeline.errors import UserError
 
 
