@@ -9,13 +9,13 @@ from attnfd_pipeline.experiments.results import alpha_cell, collect_results, for
 
 
 def _student(run_root, name, *, method="attnfd", alpha=2.0, seed=0, miou=0.2, weights=None, mode="cached",
-             augment="replay"):
+             augment="replay", **settings):
     d = run_root / "student" / name
     d.mkdir(parents=True)
     methods = [] if alpha == 0 else method.split("+")
     r = {"model": "deeplabv3plus_resnet18", "method": method if alpha else "none", "alpha": alpha, "mode": mode,
          "augment": augment, "seed": seed, "final_miou": miou, "final_pixel_acc": 0.9, "train_seconds": 10.0,
-         "weights": weights if weights is not None else {m: 1.0 for m in methods}}
+         "weights": weights if weights is not None else {m: 1.0 for m in methods}, **settings}
     (d / "result.json").write_text(json.dumps(r))
 
 
@@ -73,3 +73,37 @@ def test_runs_of_another_variant_are_rows_of_their_own(tmp_path):
     assert rows["attnfd"][5:8] == ["2", "20.00 ± 0.00", "+10.00"]  # against the default recipe's plain student
     assert rows["attnfd [ceavg]"][5:8] == ["2", "40.00 ± 0.00", "+30.00"]
     assert rows["none [ceavg]"][5:8] == ["2", "30.00 ± 0.00", ""]
+
+
+def test_runs_at_another_k_norm_or_points_are_rows_of_their_own_each_against_its_models_student(tmp_path):
+    """The K, norm and points studies write into the config's run root: their runs are tagged rows, never seeds
+    of the reference row; and a row is compared with the plain student of its own model."""
+    cfg = load_config(None, [f"runs_root={tmp_path.as_posix()}", "name=t"])
+    ref = {"K": cfg.cache.K, "norm": cfg.student.norm, "points": list(cfg.student.points)}
+    other_points = ["B", "E", "D"] if ref["points"] != ["B", "E", "D"] else ["D"]
+    for seed in (0, 1):
+        _student(cfg.run_root, f"r18_plain_s{seed}", alpha=0.0, seed=seed, miou=0.10, **ref)
+        _student(cfg.run_root, f"r18_plain_K8_s{seed}", alpha=0.0, seed=seed, miou=0.12, **ref | {"K": 8})
+        _student(cfg.run_root, f"r18_ref_s{seed}", alpha=30.0, seed=seed, miou=0.20, **ref)
+        _student(cfg.run_root, f"r18_K8_s{seed}", alpha=30.0, seed=seed, miou=0.30, **ref | {"K": 8})
+        _student(cfg.run_root, f"r18_norm_s{seed}", alpha=30.0, seed=seed, miou=0.40, **ref | {"norm": "channel"})
+        _student(cfg.run_root, f"r18_points_s{seed}", alpha=30.0, seed=seed, miou=0.50,
+                 **ref | {"points": other_points})
+    table = format_table(collect_results(cfg)).splitlines()
+    rows = {line.split("|")[3].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in table[2:]}
+    assert rows["none"][5:7] == ["2", "10.00 ± 0.00"]
+    assert rows["none [K8]"][5:7] == ["2", "12.00 ± 0.00"]
+    assert rows["attnfd"][5:8] == ["2", "20.00 ± 0.00", "+10.00"]
+    assert rows["attnfd [K8]"][5:8] == ["2", "30.00 ± 0.00", "+20.00"]
+    assert rows["attnfd [norm channel]"][5:8] == ["2", "40.00 ± 0.00", "+30.00"]
+    assert rows[f"attnfd [points {'+'.join(other_points)}]"][5:8] == ["2", "50.00 ± 0.00", "+40.00"]
+
+    # a second student model in the same root: its rows against its own plain student, not the other model's
+    mnv2 = {"model": "deeplabv3plus_mobilenetv2", **ref}
+    for seed in (0, 1):
+        _student(cfg.run_root, f"a_mnv2_plain_s{seed}", alpha=0.0, seed=seed, miou=0.05, **mnv2)
+        _student(cfg.run_root, f"a_mnv2_ref_s{seed}", alpha=30.0, seed=seed, miou=0.08, **mnv2)
+    table = format_table(collect_results(cfg)).splitlines()
+    by = {(c[1], c[2]): c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in table[2:])}
+    assert by[("deeplabv3plus_mobilenetv2", "attnfd")][7] == "+3.00"
+    assert by[("deeplabv3plus_resnet18", "attnfd")][7] == "+10.00"

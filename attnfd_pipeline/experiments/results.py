@@ -11,8 +11,20 @@ import numpy as np
 from attnfd_pipeline.cache.build import read_build_record
 from attnfd_pipeline.config import Config
 from attnfd_pipeline.experiments.table import Row, cell, markdown, number, paired_header
-from attnfd_pipeline.records import RESULT_JSON, read_record
+from attnfd_pipeline.records import RESULT_JSON, RunRecord, read_record
 from attnfd_pipeline.runs import variant_tag
+
+
+def setting_tag(r: RunRecord, cfg: Config) -> str:
+    """The settings of a run that no column shows and that differ from the config's: K (the cached seeds; not
+    for fresh crops), the loss norm and the points (distilled runs); "" at the config's values. Runs that differ
+    here trained differently, so they are rows of their own."""
+    parts = [f"K{r.K}"] if r.K is not None and not r.fresh and r.K != cfg.cache.K else []
+    if r.distilled and r.norm and r.norm != cfg.student.norm:
+        parts.append(f"norm {r.norm}")
+    if r.distilled and r.points and tuple(r.points) != tuple(cfg.student.points):
+        parts.append("points " + "+".join(r.points))
+    return ", ".join(parts)
 
 
 def collect_results(cfg: Config) -> list[dict]:
@@ -29,7 +41,8 @@ def collect_results(cfg: Config) -> list[dict]:
         # the plain student's crops: cached seeds ("") or a fresh draw every epoch ("fresh")
         mode = r.mode_tag if r.distilled else ("fresh" if r.fresh else "")
         rows.append({"role": "student", "model": r.model, "method": r.method, "alpha": r.alpha,
-                     "weights": r.weights, "mode": mode, "variant": variant_tag(r.run), "seed": r.seed,
+                     "weights": r.weights, "mode": mode, "variant": variant_tag(r.run),
+                     "setting": setting_tag(r, cfg), "seed": r.seed,
                      "miou": r.final_miou, "pixel_acc": r.final_pixel_acc, "seconds": r.train_seconds})
     return rows
 
@@ -67,24 +80,31 @@ def format_table(rows: list[dict]) -> str:
     """Markdown table; runs that differ only by seed are merged into mean ± std (a run of another variant —
     recipe switch, method setting, storage: ``runs.variant_tag`` — is a row of its own, its tag in brackets),
     and each distilled row is compared with the plain student as the report does (``experiments.table``): the
-    difference of the means and the paired Δ over the seeds both have."""
+    difference of the means and the paired Δ over the seeds both have. A run at another K, norm or point set
+    than the config's is a row of its own too (``setting_tag``)."""
     if not rows:
         return ("no results yet (run `attnfd teacher -c CONFIG`, `attnfd cache build -c CONFIG`, "
                 "`attnfd student -c CONFIG`)")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["role"], r["model"], r["method"], r.get("variant") or "",
+        groups[(r["role"], r["model"], r["method"], r.get("setting") or "", r.get("variant") or "",
                 alpha_cell(r["alpha"], r.get("weights") or {}), r["mode"])].append(r)
-    # the plain student every row is compared with: the default recipe's (no variant tag) when it has runs
-    plain = [k for k in groups if k[0] == "student" and k[2] == "none"]
-    base_key = min(plain, key=lambda k: k[3] != "", default=None)
-    base = Row.of("student", groups[base_key]) if base_key else None
     cells = []
-    for (role, model, method, variant, alpha, mode), g in groups.items():
-        label = method + (f" [{variant}]" if variant else "")
+    for (role, model, method, *tags, alpha, mode), g in groups.items():
+        label = method + (f" [{', '.join(t for t in tags if t)}]" if any(tags) else "")
         row, compared = Row.of(label, g), role != "teacher" and method != "none"
+        base = _plain_student(groups, model) if compared else None
         cells.append([role, model, label, alpha, mode, len(g), cell(row.miou), row.delta(base) if compared else "",
                       row.pair_cell(base) if compared else "", number(row.pixel_acc.mean if row.pixel_acc else None),
                       f"{np.mean([r['seconds'] for r in g]):.0f}"])
     return markdown(["role", "model", "method", "α", "mode", "seeds", "mIoU %", "Δ vs student (means)",
                      paired_header("student"), "pixel acc %", "train s"], cells)
+
+
+def _plain_student(groups: dict[tuple, list[dict]], model: str) -> Row | None:
+    """The plain student a row of ``model`` is compared with: that model's on the cached crops at the config's
+    settings and the default recipe (no tag) when it has runs, else its first plain row; None without a plain
+    run of ``model``."""
+    plain = [k for k in groups if k[0] == "student" and k[1] == model and k[2] == "none"]
+    key = min(plain, key=lambda k: (k[3] != "", k[4] != "", k[6] != ""), default=None)  # setting, variant, crops
+    return Row.of("student", groups[key]) if key else None
